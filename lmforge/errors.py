@@ -1,0 +1,5 @@
+"""The one exception type for mistakes a user can make; the CLI turns it into one line and exit code 2."""
+
+
+class UserError(Exception):
+    """Bad input from the user (missing file, bad config key, ...): reported without a traceback."""

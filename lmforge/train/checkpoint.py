@@ -1,0 +1,146 @@
+"""Checkpoints: written whole to a temporary directory and renamed, so a crash never leaves half of one.
+
+Layout of `RUN/checkpoints/step_0000100/`:
+- `model.safetensors`: the weights, by parameter name (float32 as trained)
+- `optimizer.safetensors`: every optimizer's per-parameter state, keys `{optimizer}.{param}.{name}`
+- `state.json`: step, tokens, elapsed time, best val loss, data-loader position, RNG states and the
+  optimizers' hyperparameter groups: everything else needed to continue the exact same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorsError
+from safetensors.torch import load_file, save_file
+
+from lmforge.config import Config, load_config
+from lmforge.data.tokenizer import Tokenizer, load_tokenizer
+from lmforge.errors import UserError
+from lmforge.model.gpt import GPT
+
+PREFIX = "step_"
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"{PREFIX}{step:07d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary directories are not listed)."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def _flatten_optimizers(optimizers: list[torch.optim.Optimizer]) -> tuple[dict, list]:
+    tensors: dict[str, torch.Tensor] = {}
+    groups = []
+    for index, optimizer in enumerate(optimizers):
+        state = optimizer.state_dict()
+        for param_id, values in state["state"].items():
+            for name, value in values.items():
+                tensors[f"{index}.{param_id}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        groups.append(state["param_groups"])
+    return tensors, groups
+
+
+def _unflatten_optimizers(tensors: dict[str, torch.Tensor], groups: list) -> list[dict]:
+    states: list[dict] = [{"state": {}, "param_groups": g} for g in groups]
+    for key, tensor in tensors.items():
+        index, param_id, name = key.split(".", 2)
+        states[int(index)]["state"].setdefault(int(param_id), {})[name] = tensor
+    return states
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor],
+                    optimizers: list[torch.optim.Optimizer], trainer_state: dict) -> Path:
+    """Write a complete checkpoint under a temporary name, then rename it into place."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(f".tmp-{final.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
+    tensors, groups = _flatten_optimizers(optimizers)
+    save_file(tensors, tmp / "optimizer.safetensors")
+    state = dict(trainer_state, optimizer_groups=groups, rng=rng_state())
+    (tmp / "state.json").write_text(json.dumps(state))
+    for file in tmp.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():  # re-saving a step (e.g. interrupted right after a save): swap, then drop the old
+        old = final.with_name(f".old-{final.name}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
+    """Model weights, optimizer state dicts and trainer state of one checkpoint directory."""
+    try:
+        weights = load_file(path / "model.safetensors")
+        state = json.loads((path / "state.json").read_text())
+        optimizer_tensors = load_file(path / "optimizer.safetensors")
+    except (OSError, SafetensorsError, json.JSONDecodeError) as err:
+        raise UserError(f"checkpoint {path} is unreadable ({err}); pass an earlier checkpoint") from None
+    return weights, _unflatten_optimizers(optimizer_tensors, state["optimizer_groups"]), state
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, keep_step: int | None) -> None:
+    """Delete all but the newest `keep_last` checkpoints and the one at `keep_step` (the best)."""
+    checkpoints = list_checkpoints(run_dir)
+    keep = set(checkpoints[-keep_last:]) if keep_last > 0 else set()
+    if keep_step is not None:
+        keep.add(checkpoint_dir(run_dir, keep_step))
+    for path in checkpoints:
+        if path not in keep:
+            shutil.rmtree(path)
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(run dir, checkpoint dir) for a run dir (its newest checkpoint) or a checkpoint dir inside one."""
+    path = Path(path)
+    if (path / "model.safetensors").is_file():
+        return path.parent.parent, path
+    if not path.is_dir():
+        raise UserError(f"run directory not found: {path}")
+    checkpoints = list_checkpoints(path)
+    if not checkpoints:
+        raise UserError(f"{path} holds no checkpoint; train it first (lmforge train --out {path})")
+    return path, checkpoints[-1]
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Config, Tokenizer, Path]:
+    """The trained model of a run (in eval mode), its config and tokenizer, and the checkpoint used."""
+    run_dir, checkpoint = resolve_checkpoint(path)
+    config = load_config(run_dir / "config.toml")
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    model = GPT(config.model)
+    try:
+        weights = load_file(checkpoint / "model.safetensors")
+    except (OSError, SafetensorsError) as err:
+        raise UserError(f"checkpoint {checkpoint} is unreadable ({err})") from None
+    model.load_state_dict(weights)
+    return model.to(device).eval(), config, tokenizer, checkpoint

@@ -1,0 +1,115 @@
+"""Which device and precision to run on, and the peak FLOP rate MFU is measured against."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+from lmforge.errors import UserError
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s, from the vendors' data sheets.
+GPU_PEAK_BF16 = {
+    "H200": 989e12,
+    "H100 SXM": 989e12,
+    "H100 NVL": 835e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "A10G": 70e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "RTX 4090": 165e12,
+    "RTX 3090": 71e12,
+}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is cuda but no CUDA device is available; use --train.device cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("train.device is mps but MPS is not available; use --train.device cpu")
+    if name not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown train.device '{name}'; choose auto, cpu, cuda or mps")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"unknown train.precision '{name}'; choose auto, fp32, bf16 or fp16")
+    if name == "fp16" and device.type == "cpu":
+        raise UserError("train.precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
+    return name
+
+
+def resolve_compile(name: str, device: torch.device) -> bool:
+    if name == "auto":
+        return device.type == "cuda"
+    if name.lower() in ("true", "false"):
+        return name.lower() == "true"
+    raise UserError(f"train.compile must be auto, true or false, not '{name}'")
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def configure_fast_math(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024,
+                         seconds: float = 0.3) -> float:
+    """FLOP/s of square matmuls on this device: the reference for MFU where no data-sheet peak is known."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up: thread pools, kernel selection
+    synchronize(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+        if device.type != "cpu":
+            synchronize(device)
+    return 2 * size**3 * count / (time.perf_counter() - start)
+
+
+def peak_flops(device: torch.device, precision: str) -> float:
+    """The FLOP/s that 100% MFU means here: data-sheet bf16 peak for known GPUs, else measured."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_BF16.items():
+            if key in name:
+                return flops if precision != "fp32" else flops / 2
+        return measure_matmul_flops(device, torch.bfloat16 if precision != "fp32" else torch.float32, 8192)
+    return measure_matmul_flops(device, torch.float32)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: allocator peak on CUDA, resident set size high-water mark on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,31 @@
+"""Learning-rate schedules: linear warmup, then cosine, linear, constant or warmup-stable-decay (wsd).
+
+`progress` runs from 0 to 1 over the run. The trainer measures it in steps (step / max_steps) or, when a
+time budget ends the run sooner, in time (elapsed / max_time), so the decay always finishes with the run.
+"""
+
+from __future__ import annotations
+
+import math
+
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+
+
+def lr_multiplier(schedule: str, step: int, progress: float, *, warmup_steps: int, min_lr_ratio: float,
+                  cooldown_fraction: float) -> float:
+    """The factor applied to the peak learning rate at this step (1.0 at the peak)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    elif schedule == "linear":
+        decay = 1.0 - progress
+    elif schedule == "wsd":
+        cooldown_start = 1.0 - cooldown_fraction
+        decay = 1.0 if progress < cooldown_start else (1.0 - progress) / max(cooldown_fraction, 1e-12)
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}")
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay

@@ -1,0 +1,374 @@
+"""The training loop, steps 4-8 of the recipe: forward, loss, backward, update, and iterate over the data.
+
+One step = `accumulation` micro-batches of `batch_size x block_size` tokens whose gradients add up to
+one global batch of `tokens_per_step` tokens, then one clipped optimizer update at the scheduled rate.
+Around the loop: evaluation, samples, atomic checkpoints, logs, and exact resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lmforge.config import Config, dumps_config
+from lmforge.data.loader import TokenWindows, TrainLoader
+from lmforge.data.prepare import load_meta
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.errors import UserError
+from lmforge.infer.generate import generate
+from lmforge.model.gpt import GPT
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.evaluate import evaluate
+from lmforge.train.hardware import (
+    autocast,
+    configure_fast_math,
+    peak_flops,
+    resolve_compile,
+    resolve_device,
+    resolve_precision,
+)
+from lmforge.train.optim import build_optimizers, set_lr
+from lmforge.train.schedule import SCHEDULES, lr_multiplier
+
+RUN_FILES = ("config.toml", "tokenizer.json", "log.jsonl", "checkpoints", "report", "tensorboard")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def accumulation_steps(config: Config, world_size: int = 1) -> int:
+    """Micro-steps per optimizer step so that every step sees exactly `tokens_per_step` tokens."""
+    micro_tokens = config.train.batch_size * config.model.block_size * world_size
+    tokens_per_step = config.train.tokens_per_step or micro_tokens
+    if tokens_per_step % micro_tokens:
+        raise UserError(
+            f"train.tokens_per_step ({tokens_per_step}) must be a multiple of batch_size x block_size x ranks "
+            f"= {micro_tokens}"
+        )
+    return tokens_per_step // micro_tokens
+
+
+def optimizer_step(model: torch.nn.Module, forward, optimizers: list[torch.optim.Optimizer], next_batch,
+                   accumulation: int, *, device: torch.device, precision: str,
+                   scaler: torch.amp.GradScaler | None, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over `accumulation` micro-batches, then one clipped update.
+
+    `forward` is the model itself or its compiled version. Returns the mean loss over the global batch and
+    the gradient norm before clipping, both still on the device (reading them costs a sync).
+    """
+    loss_sum = torch.zeros((), device=device)
+    for _ in range(accumulation):
+        inputs, targets = next_batch()
+        with autocast(device, precision):
+            _, loss = forward(inputs, targets)
+        loss_sum += loss.detach()
+        loss = loss / accumulation  # gradients of the mean over the whole global batch
+        (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    for optimizer in optimizers:
+        scaler.step(optimizer) if scaler else optimizer.step()
+    if scaler:
+        scaler.update()
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    return loss_sum / accumulation, grad_norm
+
+
+@dataclass
+class Progress:
+    """What the loop has done so far; saved in every checkpoint."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0  # seconds spent in the loop, summed over launches
+    best_val_loss: float = math.inf  # best of all evaluations so far, and its step
+    best_step: int | None = None
+    best_checkpoint_loss: float = math.inf  # best among saved checkpoints (evaluated at their step): kept
+    best_checkpoint_step: int | None = None
+
+
+class Trainer:
+    def __init__(self, config: Config, data_dir: str | Path, run_dir: str | Path, *, resume: bool = False,
+                 overwrite: bool = False, quiet: bool = False):
+        self.config = config
+        self.data_dir = Path(data_dir)
+        self.run_dir = Path(run_dir)
+        self.quiet = quiet
+        self.meta = load_meta(self.data_dir)
+        self.tokenizer = load_tokenizer(self.data_dir / "tokenizer.json")
+        self._check_config()
+        resume_from = self._prepare_run_dir(resume, overwrite)
+
+        train = config.train
+        self.device = resolve_device(train.device)
+        self.precision = resolve_precision(train.precision, self.device)
+        configure_fast_math(self.device)
+        torch.manual_seed(train.seed)
+        self.model = GPT(config.model).to(self.device)
+        self.optimizers = build_optimizers(self.model, config.optim, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.loader = TrainLoader(self.data_dir, config.model.block_size, train.batch_size,
+                                  shuffle=config.data.shuffle, seed=train.seed, device=self.device)
+        self.val_windows = TokenWindows(self.data_dir, "val", config.model.block_size)
+        self.accumulation = accumulation_steps(config)
+        self.tokens_per_step = self.accumulation * train.batch_size * config.model.block_size
+        self.progress = Progress()
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.forward = torch.compile(self.model) if resolve_compile(train.compile, self.device) else self.model
+        self.log_file = open(self.run_dir / "log.jsonl", "a")
+        self.tensorboard = self._open_tensorboard() if train.tensorboard else None
+        self.stop_signal: str | None = None
+        self.last_eval: tuple[int, float] = (-1, math.inf)  # (step, val loss) of the latest evaluation
+
+    # ----- set-up -----
+    def _check_config(self) -> None:
+        model, train = self.config.model, self.config.train
+        if model.vocab_size == 0:
+            model.vocab_size = self.tokenizer.vocab_size
+        elif model.vocab_size < self.tokenizer.vocab_size:
+            raise UserError(f"model.vocab_size {model.vocab_size} is smaller than the data's tokenizer "
+                            f"({self.tokenizer.vocab_size}); leave it at 0 to take the tokenizer's")
+        for key in ("batch_size", "max_steps", "log_every"):
+            if getattr(train, key) <= 0:
+                raise UserError(f"train.{key} must be positive")
+        if train.schedule not in SCHEDULES:
+            raise UserError(f"unknown train.schedule '{train.schedule}'; choose one of {', '.join(SCHEDULES)}")
+
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> Path | None:
+        """Refuse to clobber a previous run; return the checkpoint to resume from, if any."""
+        run = self.run_dir
+        if resume:
+            checkpoints = ckpt.list_checkpoints(run)
+            if not checkpoints:
+                raise UserError(f"--resume: {run} holds no checkpoint to resume from")
+            return checkpoints[-1]
+        existing = [name for name in RUN_FILES if (run / name).exists()]
+        if existing and not overwrite:
+            raise UserError(f"{run} already holds a run ({', '.join(existing)}); "
+                            f"continue it with --resume or replace it with --overwrite")
+        for name in existing:
+            path = run / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        run.mkdir(parents=True, exist_ok=True)
+        write_atomic(run / "config.toml", dumps_config(self.config))
+        shutil.copyfile(self.data_dir / "tokenizer.json", run / "tokenizer.json")
+        return None
+
+    def _restore(self, path: Path) -> None:
+        weights, optimizer_states, state = ckpt.load_checkpoint(path)
+        self.model.load_state_dict(weights)
+        if len(optimizer_states) != len(self.optimizers):
+            raise UserError(f"checkpoint {path} was written with another optim.name; resume with the same one")
+        for optimizer, optimizer_state in zip(self.optimizers, optimizer_states, strict=True):
+            optimizer.load_state_dict(optimizer_state)
+        self.loader.load_state_dict(state["loader"])
+        self.progress = Progress(**state["progress"])
+        ckpt.set_rng_state(state["rng"])
+        write_atomic(self.run_dir / "config.toml", dumps_config(self.config))
+
+    def _open_tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    # ----- the loop -----
+    def schedule_progress(self, elapsed: float) -> float:
+        train = self.config.train
+        progress = self.progress.step / train.max_steps
+        if train.max_time > 0:
+            progress = max(progress, elapsed / train.max_time)
+        if train.max_epochs > 0:
+            progress = max(progress, self.loader.epoch / train.max_epochs)
+        return progress
+
+    def stop_reason(self, elapsed: float) -> str | None:
+        train = self.config.train
+        if self.stop_signal:
+            return "interrupted"
+        if self.progress.step >= train.max_steps:
+            return "max_steps"
+        if 0 < train.max_time <= elapsed:
+            return "max_time"
+        if 0 < train.max_epochs <= self.loader.epoch:
+            return "max_epochs"
+        return None
+
+    def run(self) -> dict:
+        """Train until a limit is reached or a signal arrives; then a full evaluation and a checkpoint."""
+        config, train, progress = self.config, self.config.train, self.progress
+        peak = peak_flops(self.device, self.precision)
+        flops_per_token = self.model.flops_per_token()
+        train_tokens = self.meta["splits"]["train"]["tokens"]
+        start = {
+            "kind": "start", "time": time.time(), "params": self.model.num_params(),
+            "params_non_embedding": self.model.num_params(include_embeddings=False),
+            "flops_per_token": flops_per_token, "train_tokens": train_tokens,
+            "val_tokens": self.meta["splits"]["val"]["tokens"], "tokens_per_step": self.tokens_per_step,
+            "iters_per_epoch": train_tokens / self.tokens_per_step, "device": str(self.device),
+            "precision": self.precision, "world_size": 1, "resumed_from_step": progress.step,
+        }
+        self.log(start)
+        self.say(f"model: {start['params']:,} parameters, {flops_per_token / 1e6:.1f} MFLOPs per token; "
+                 f"device {self.device}, {self.precision}")
+        self.say(f"data: {train_tokens:,} training tokens / {self.tokens_per_step:,} tokens per step "
+                 f"({train.batch_size} x {config.model.block_size} x {self.accumulation} accumulation) = "
+                 f"{start['iters_per_epoch']:.1f} iterations per epoch"
+                 + (f"; resuming at step {progress.step}" if progress.step else ""))
+
+        previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        bar = tqdm(total=train.max_steps, initial=progress.step, disable=True if self.quiet else None,
+                   unit="step", dynamic_ncols=True, file=sys.stdout)
+        launch_start = time.perf_counter() - progress.elapsed
+        self.launch = (progress.step, progress.elapsed)
+        window_start, window_tokens = time.perf_counter(), 0
+        try:
+            while (reason := self.stop_reason(time.perf_counter() - launch_start)) is None:
+                elapsed = time.perf_counter() - launch_start
+                multiplier = lr_multiplier(train.schedule, progress.step, self.schedule_progress(elapsed),
+                                           warmup_steps=train.warmup_steps, min_lr_ratio=train.min_lr_ratio,
+                                           cooldown_fraction=train.cooldown_fraction)
+                lr = set_lr(self.optimizers, multiplier)
+                loss, grad_norm = optimizer_step(
+                    self.model, self.forward, self.optimizers, self.loader.next_batch, self.accumulation,
+                    device=self.device, precision=self.precision, scaler=self.scaler, grad_clip=train.grad_clip)
+                progress.step += 1
+                progress.tokens += self.tokens_per_step
+                window_tokens += self.tokens_per_step
+                progress.elapsed = time.perf_counter() - launch_start
+                step = progress.step
+                if step % train.log_every == 0 or step == 1:
+                    loss_value = loss.item()  # the one host-device sync of a step, and only when logging
+                    self._stop_if_not_finite(loss_value)
+                    tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+                    window_start, window_tokens = time.perf_counter(), 0
+                    record = {"kind": "train", "step": step, "loss": loss_value, "lr": lr,
+                              "grad_norm": grad_norm.item(), "tokens": progress.tokens,
+                              "tokens_per_s": tokens_per_s, "epoch": self.loader.epoch,
+                              "mfu": flops_per_token * tokens_per_s / peak, "elapsed": progress.elapsed}
+                    self.log(record)
+                    self._update_bar(bar, record)
+                if train.eval_every and step % train.eval_every == 0:
+                    self.run_eval(max_windows=max(1, train.eval_tokens // config.model.block_size), bar=bar)
+                if train.sample_every and step % train.sample_every == 0:
+                    self.run_sample(bar)
+                if train.checkpoint_every and step % train.checkpoint_every == 0:
+                    self._stop_if_not_finite(loss.item())
+                    self.save()
+        finally:
+            bar.close()
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
+
+        final = self.run_eval(max_windows=None, final=True)
+        self.save()
+        self.log({"kind": "end", "step": progress.step, "tokens": progress.tokens,
+                  "elapsed": progress.elapsed, "reason": reason})
+        self.say(f"stopped ({reason}) at step {progress.step}, {progress.tokens:,} tokens, "
+                 f"{progress.elapsed:.0f}s; checkpoint saved in {self.run_dir / 'checkpoints'}")
+        if reason == "interrupted":
+            self.say(f"continue with: lmforge train --resume --data {self.data_dir} --out {self.run_dir}")
+        self.close()
+        return {"reason": reason, "step": progress.step, "val": final}
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.stop_signal:  # a second Ctrl-C: the user does not want to wait for the checkpoint
+            raise KeyboardInterrupt
+        self.stop_signal = signal.Signals(signum).name
+        print(f"\n{self.stop_signal}: finishing this step, then saving a checkpoint", file=sys.stderr)
+
+    def _stop_if_not_finite(self, loss: float) -> None:
+        if math.isfinite(loss):
+            return
+        saved = ckpt.list_checkpoints(self.run_dir)
+        kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint had been saved yet"
+        self.log({"kind": "end", "step": self.progress.step, "tokens": self.progress.tokens,
+                  "elapsed": self.progress.elapsed, "reason": "non_finite_loss"})
+        self.close()
+        raise UserError(f"training loss became {loss} at step {self.progress.step}; {kept}; "
+                        f"lower optim.lr or raise train.warmup_steps and resume or restart")
+
+    def _update_bar(self, bar: tqdm, record: dict) -> None:
+        train = self.config.train
+        if train.max_time > 0:  # when the clock will end the run first, show the steps it leaves room for
+            launch_step, launch_elapsed = self.launch
+            seconds_per_step = (record["elapsed"] - launch_elapsed) / max(record["step"] - launch_step, 1)
+            by_time = record["step"] + (train.max_time - record["elapsed"]) / max(seconds_per_step, 1e-9)
+            bar.total = int(min(train.max_steps, max(by_time, record["step"])))
+        bar.n = record["step"]
+        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                        tok_s=f"{record['tokens_per_s']:,.0f}", mfu=f"{record['mfu']:.1%}",
+                        epoch=f"{record['epoch']:.2f}", refresh=False)
+        bar.refresh()
+
+    # ----- evaluation, samples, checkpoints -----
+    def run_eval(self, max_windows: int | None, *, final: bool = False, bar: tqdm | None = None) -> dict:
+        val = self.meta["splits"]["val"]
+        result = evaluate(self.forward, self.val_windows, batch_size=self.config.train.batch_size,
+                          max_windows=max_windows, device=self.device, precision=self.precision,
+                          bytes_per_token=val["bytes"] / val["tokens"])
+        progress = self.progress
+        if result["loss"] < progress.best_val_loss:
+            progress.best_val_loss, progress.best_step = result["loss"], progress.step
+        self.last_eval = (progress.step, result["loss"])
+        self.log({"kind": "eval", "step": progress.step, "tokens": progress.tokens, "val_loss": result["loss"],
+                  "val_ppl": result["perplexity"], "val_bpb": result["bpb"], "elapsed": progress.elapsed,
+                  "final": final})
+        message = (f"step {progress.step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
+                   f"{result['bpb']:.4f} bits/byte" + (" (full validation split)" if final else ""))
+        (bar.write(message) if bar is not None and not bar.disable else self.say(message))
+        return result
+
+    def run_sample(self, bar: tqdm) -> None:
+        tokenizer = self.tokenizer
+        ids = list(generate(self.model, [tokenizer.eot_id], self.config.train.sample_tokens, temperature=0.8,
+                            top_k=200, stop_token=tokenizer.eot_id))
+        text = tokenizer.decode(ids)
+        self.log({"kind": "sample", "step": self.progress.step, "prompt": "", "text": text})
+        (bar.write if not bar.disable else self.say)(f"--- sample at step {self.progress.step} ---\n{text}\n---")
+
+    def save(self) -> Path:
+        progress = self.progress
+        eval_step, eval_loss = self.last_eval
+        if eval_step == progress.step and eval_loss < progress.best_checkpoint_loss:
+            progress.best_checkpoint_loss, progress.best_checkpoint_step = eval_loss, progress.step
+        state = {"progress": vars(progress).copy(), "loader": self.loader.state_dict()}
+        path = ckpt.save_checkpoint(self.run_dir, progress.step, self.model.state_dict(), self.optimizers, state)
+        ckpt.prune_checkpoints(self.run_dir, self.config.train.keep_last, progress.best_checkpoint_step)
+        return path
+
+    # ----- output -----
+    def log(self, record: dict) -> None:
+        self.log_file.write(json.dumps(record) + "\n")
+        self.log_file.flush()
+        if self.tensorboard is not None and record["kind"] in ("train", "eval"):
+            for key, value in record.items():
+                if key not in ("kind", "step", "final") and isinstance(value, int | float):
+                    self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+
+    def say(self, message: str) -> None:
+        if not self.quiet:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        self.log_file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
