@@ -55,7 +55,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             raise UserError(f"cannot read --prompt-file: {err}") from None
     if args.temperature < 0:
         raise UserError("--temperature must be 0 (greedy) or positive")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     model, _, tokenizer, _ = load_model(args.run, device)
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -85,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from lmforge.train.evaluate import evaluate
     from lmforge.train.hardware import resolve_device, resolve_precision
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     model, config, tokenizer, checkpoint = load_model(args.run, device)
     meta = load_meta(args.data)
     if load_tokenizer(Path(args.data) / "tokenizer.json").to_dict() != tokenizer.to_dict():
@@ -96,7 +96,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     split = meta["splits"][args.split]
     windows = TokenWindows(args.data, args.split, config.model.block_size)
     result = evaluate(model, windows, batch_size=args.batch_size, max_windows=None, device=device,
-                      precision=resolve_precision(config.train.precision, device),
+                      precision=resolve_precision("fp32" if device.type == "cpu" else config.train.precision,
+                                                  device),
                       bytes_per_token=split["bytes"] / split["tokens"])
     # Bits per character, for character-level comparisons (equal to bits per byte on ASCII text).
     result["bpc"] = result["bpb"] * split["bytes"] / split["chars"]

@@ -362,6 +362,15 @@ def test_val_sources_hold_out_text_and_count_unknown_chars(tmp_path):
     assert documents_of(tmp_path / "out", "val") == ["ab\ufffd \ufffd\ufffd\ufffd\n"]
 
 
+def test_summary_names_each_way_of_splitting(tmp_path, capsys):
+    write(tmp_path / "train.txt", "abc abc\n")
+    write(tmp_path / "val.txt", "abd xyz\n")
+    prepare([str(tmp_path / "train.txt")], tmp_path / "held", "char", val_sources=[str(tmp_path / "val.txt")])
+    assert "validation  from --val-source" in capsys.readouterr().out
+    prepare([str(tmp_path / "train.txt")], tmp_path / "cut", "char", val_fraction=0.25)
+    assert "the last 0.25 of the characters held out" in capsys.readouterr().out
+
+
 def test_meta_counts_bytes_chars_and_tokens(tmp_path):
     write(tmp_path / "c" / "a.txt", "héllo wörld\n")
     write(tmp_path / "c" / "b.txt", "日本語のテキスト\n")

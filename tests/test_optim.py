@@ -29,13 +29,15 @@ def test_decay_shapes():
 
 
 def test_orthogonalize_pushes_singular_values_toward_one():
+    # Five quintic iterations lift a singular value by at most ~3.4^5 = 490 relative to the Frobenius norm,
+    # so the spread is kept to 100x: enough that the input is far from orthogonal.
     torch.manual_seed(0)
     for shape in [(64, 32), (32, 64)]:
-        matrix = torch.randn(*shape) @ torch.diag(torch.logspace(-2, 1, shape[1])) if shape[0] > shape[1] \
-            else torch.diag(torch.logspace(-2, 1, shape[0])) @ torch.randn(*shape)
+        matrix = torch.randn(*shape) @ torch.diag(torch.logspace(-1, 1, shape[1])) if shape[0] > shape[1] \
+            else torch.diag(torch.logspace(-1, 1, shape[0])) @ torch.randn(*shape)
         singular = torch.linalg.svdvals(orthogonalize(matrix))
         before = torch.linalg.svdvals(matrix)
-        assert before.max() / before.min() > 100
+        assert before.max() / before.min() > 30
         assert singular.min() > 0.5 and singular.max() < 1.3
 
 

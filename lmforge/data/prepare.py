@@ -298,9 +298,12 @@ def _plan_split(plan: SplitPlan, stats: CorpusStats, documents: dict[str, int], 
 def _summary(out: Path, meta: dict[str, Any], stats: CorpusStats) -> str:
     tokenizer, splits = meta["tokenizer"], meta["splits"]
     total = {key: splits["train"][key] + splits["val"][key] for key in ("tokens", "chars", "bytes")}
-    split_by = {"documents": f"{meta['val_fraction']:g} of the documents held out (seed {meta['seed']})",
-                "position": f"the last {meta['val_fraction']:g} of the characters held out",
-                "val_sources": "from --val-source"}[meta["split_by"]]
+    if meta["split_by"] == "val_sources":
+        split_by = "from --val-source"
+    elif meta["split_by"] == "documents":
+        split_by = f"{meta['val_fraction']:g} of the documents held out (seed {meta['seed']})"
+    else:
+        split_by = f"the last {meta['val_fraction']:g} of the characters held out"
     lines = [
         f"prepared {out}: {tokenizer['kind']} tokenizer, vocabulary {tokenizer['vocab_size']:,}, "
         f"end-of-text id {tokenizer['eot_id']}",

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lmforge.config import Config, load_config
@@ -97,13 +97,22 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
     return final
 
 
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], origin: Path) -> None:
+    """Copy checkpoint weights into a model, with a clear error when the two do not match."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError:  # parameter shapes or names differ: model.* changed since the checkpoint
+        raise UserError(f"checkpoint {origin} does not fit this model: it was written with other model.* "
+                        "settings (the run's own are in RUN/config.toml)") from None
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
     """Model weights, optimizer state dicts and trainer state of one checkpoint directory."""
     try:
         weights = load_file(path / "model.safetensors")
         state = json.loads((path / "state.json").read_text())
         optimizer_tensors = load_file(path / "optimizer.safetensors")
-    except (OSError, SafetensorsError, json.JSONDecodeError) as err:
+    except (OSError, SafetensorError, json.JSONDecodeError) as err:
         raise UserError(f"checkpoint {path} is unreadable ({err}); pass an earlier checkpoint") from None
     return weights, _unflatten_optimizers(optimizer_tensors, state["optimizer_groups"]), state
 
@@ -111,7 +120,7 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], list[dict], di
 def prune_checkpoints(run_dir: Path, keep_last: int, keep_step: int | None) -> None:
     """Delete all but the newest `keep_last` checkpoints and the one at `keep_step` (the best)."""
     checkpoints = list_checkpoints(run_dir)
-    keep = set(checkpoints[-keep_last:]) if keep_last > 0 else set()
+    keep = set(checkpoints[-max(keep_last, 1):])  # the newest always stays: it is where resume starts
     if keep_step is not None:
         keep.add(checkpoint_dir(run_dir, keep_step))
     for path in checkpoints:
@@ -140,7 +149,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
     model = GPT(config.model)
     try:
         weights = load_file(checkpoint / "model.safetensors")
-    except (OSError, SafetensorsError) as err:
+    except (OSError, SafetensorError) as err:
         raise UserError(f"checkpoint {checkpoint} is unreadable ({err})") from None
-    model.load_state_dict(weights)
+    load_weights(model, weights, checkpoint)
     return model.to(device).eval(), config, tokenizer, checkpoint

@@ -25,7 +25,8 @@ GPU_PEAK_BF16 = {
 }
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, option: str = "--train.device") -> torch.device:
+    """The torch device for a device setting; `option` is the flag that set it, named in errors."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -33,11 +34,11 @@ def resolve_device(name: str) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is cuda but no CUDA device is available; use --train.device cpu")
+        raise UserError(f"{option} is cuda but no CUDA device is available; use {option} cpu")
     if name == "mps" and not torch.backends.mps.is_available():
-        raise UserError("train.device is mps but MPS is not available; use --train.device cpu")
+        raise UserError(f"{option} is mps but MPS is not available; use {option} cpu")
     if name not in ("cpu", "cuda", "mps"):
-        raise UserError(f"unknown train.device '{name}'; choose auto, cpu, cuda or mps")
+        raise UserError(f"unknown {option} '{name}'; choose auto, cpu, cuda or mps")
     return torch.device(name)
 
 
@@ -75,8 +76,9 @@ def configure_fast_math(device: torch.device) -> None:
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024,
                          seconds: float = 0.3) -> float:
     """FLOP/s of square matmuls on this device: the reference for MFU where no data-sheet peak is known."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    generator = torch.Generator(device=device).manual_seed(0)  # not the global RNG: resume must stay exact
+    a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     a @ b  # warm-up: thread pools, kernel selection
     synchronize(device)
     count, start = 0, time.perf_counter()

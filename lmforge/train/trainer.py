@@ -113,7 +113,6 @@ class Trainer:
         self.meta = load_meta(self.data_dir)
         self.tokenizer = load_tokenizer(self.data_dir / "tokenizer.json")
         self._check_config()
-        resume_from = self._prepare_run_dir(resume, overwrite)
 
         train = config.train
         self.device = resolve_device(train.device)
@@ -128,6 +127,7 @@ class Trainer:
         self.val_windows = TokenWindows(self.data_dir, "val", config.model.block_size)
         self.accumulation = accumulation_steps(config)
         self.tokens_per_step = self.accumulation * train.batch_size * config.model.block_size
+        resume_from = self._prepare_run_dir(resume, overwrite)  # last: a failed check leaves no run behind
         self.progress = Progress()
         if resume_from is not None:
             self._restore(resume_from)
@@ -173,7 +173,7 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         weights, optimizer_states, state = ckpt.load_checkpoint(path)
-        self.model.load_state_dict(weights)
+        ckpt.load_weights(self.model, weights, path)
         if len(optimizer_states) != len(self.optimizers):
             raise UserError(f"checkpoint {path} was written with another optim.name; resume with the same one")
         for optimizer, optimizer_state in zip(self.optimizers, optimizer_states, strict=True):
@@ -182,6 +182,23 @@ class Trainer:
         self.progress = Progress(**state["progress"])
         ckpt.set_rng_state(state["rng"])
         write_atomic(self.run_dir / "config.toml", dumps_config(self.config))
+        self._trim_log(self.progress.step)
+
+    def _trim_log(self, step: int) -> None:
+        """Drop what the log says happened after the checkpoint we resume from (those steps run again) and
+        any line a kill cut short, so log.jsonl reads as one consistent history."""
+        path = self.run_dir / "log.jsonl"
+        if not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record.get("kind") in ("start", "end") or record.get("step", 0) <= step:
+                kept.append(line + "\n")
+        write_atomic(path, "".join(kept))
 
     def _open_tensorboard(self):
         try:
@@ -278,6 +295,8 @@ class Trainer:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
 
+        if progress.step > self.launch[0]:  # the last steps may not have been logged: never save a NaN model
+            self._stop_if_not_finite(loss.item())
         final = self.run_eval(max_windows=None, final=True)
         self.save()
         self.log({"kind": "end", "step": progress.step, "tokens": progress.tokens,
@@ -339,8 +358,10 @@ class Trainer:
 
     def run_sample(self, bar: tqdm) -> None:
         tokenizer = self.tokenizer
+        # A generator of its own: sampling must not move the training RNG (dropout, resume).
+        generator = torch.Generator(self.device).manual_seed(self.config.train.seed + self.progress.step)
         ids = list(generate(self.model, [tokenizer.eot_id], self.config.train.sample_tokens, temperature=0.8,
-                            top_k=200, stop_token=tokenizer.eot_id))
+                            top_k=200, generator=generator, stop_token=tokenizer.eot_id))
         text = tokenizer.decode(ids)
         self.log({"kind": "sample", "step": self.progress.step, "prompt": "", "text": text})
         (bar.write if not bar.disable else self.say)(f"--- sample at step {self.progress.step} ---\n{text}\n---")

@@ -1,0 +1,67 @@
+"""Generation: sample one token at a time from a model's next-token distribution, with a KV cache.
+
+The cache keeps every layer's keys and values, so each new token costs one token's forward pass instead
+of the whole context's. The context is the last `block_size` tokens, as without a cache: once the window
+is full, every new token slides it by one, and the window is run through the model afresh (positions
+shift, so cached keys no longer apply).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from lmforge.model.gpt import GPT, KVCache
+
+
+def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator | None) -> int:
+    """One token id from logits (vocab,): greedy at temperature 0, else softmax(logits / T), optionally
+    kept to the k likeliest tokens and to the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # tokens entirely beyond the nucleus
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
+             stop_token: int | None = None, use_cache: bool = True) -> Iterator[int]:
+    """Yield up to max_new_tokens new token ids after the prompt (stopping after stop_token, not
+    yielding it)."""
+    if not prompt:
+        raise ValueError("generation needs a prompt of at least one token (e.g. the end-of-text id)")
+    was_training = model.training
+    model.eval()
+    device = model.wte.weight.device
+    block_size = model.config.block_size
+    tokens = list(prompt)[-block_size:]
+    cache: KVCache | None = None
+    try:
+        for _ in range(max_new_tokens):
+            window = tokens[-block_size:]
+            if not use_cache:
+                logits, _ = model(torch.tensor([window], device=device))
+            elif cache is None or cache.length >= block_size:  # first step, or the window slid
+                cache = KVCache.empty(model.config, 1, device, model.wte.weight.dtype)
+                logits, _ = model(torch.tensor([window], device=device), cache=cache)
+            else:
+                logits, _ = model(torch.tensor([window[-1:]], device=device), cache=cache)
+            token = sample_next(logits[0, -1], temperature=temperature, top_k=top_k, top_p=top_p,
+                                generator=generator)
+            if token == stop_token:
+                return
+            tokens.append(token)
+            yield token
+    finally:
+        model.train(was_training)

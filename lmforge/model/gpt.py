@@ -1,0 +1,255 @@
+"""One configurable decoder-only transformer: GPT-2 by default, the modern choices as small branches.
+
+GPT-2 style: learned positions, LayerNorm with bias, GELU MLP 4x, tied embedding and head. Options:
+rotary positions, RMSNorm, SwiGLU or ReLU² MLP, QK-norm, grouped-query attention (`n_kv_head`), untied
+head, no biases, logit soft-cap, dropout. The vocabulary is padded to a multiple of 64 inside the
+embedding (faster matmuls); logits and losses only ever cover the real `vocab_size` tokens.
+
+Parameter names (`wte`, `wpe`, `blocks.{i}.norm_1`, `.attn.qkv`, `.attn.proj`, `.norm_2`, `.mlp.fc`,
+`.mlp.proj`, `norm_f`, `lm_head`) are the checkpoint format every engine and exporter reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import ModelConfig
+from lmforge.errors import UserError
+from lmforge.model.init import init_weights
+
+VOCAB_MULTIPLE = 64
+CHOICES = {"mlp": ("gelu", "swiglu", "relu2"), "norm": ("layernorm", "rmsnorm"),
+           "position": ("learned", "rope"), "init": ("normal", "xavier", "kaiming")}
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def mlp_hidden_size(config: ModelConfig) -> int:
+    """4x the width; SwiGLU has three matrices instead of two, so 2/3 of that (rounded up to 64) matches
+    the parameter count."""
+    if config.mlp_hidden:
+        return config.mlp_hidden
+    if config.mlp == "swiglu":
+        return -(-(8 * config.n_embd // 3) // 64) * 64
+    return 4 * config.n_embd
+
+
+def check_model_config(config: ModelConfig) -> None:
+    """Clear errors for settings that cannot build a model."""
+    if config.arch != "gpt":
+        raise UserError(f"unknown model.arch '{config.arch}'; this version builds 'gpt'")
+    for key, allowed in CHOICES.items():
+        if getattr(config, key) not in allowed:
+            raise UserError(f"unknown model.{key} '{getattr(config, key)}'; choose one of {', '.join(allowed)}")
+    for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        if getattr(config, key) <= 0:
+            raise UserError(f"model.{key} must be positive, got {getattr(config, key)}")
+    if config.n_embd % config.n_head:
+        raise UserError(f"model.n_embd ({config.n_embd}) must be a multiple of model.n_head ({config.n_head})")
+    n_kv_head = config.n_kv_head or config.n_head
+    if n_kv_head < 0 or config.n_head % n_kv_head:
+        raise UserError(f"model.n_head ({config.n_head}) must be a multiple of model.n_kv_head ({n_kv_head})")
+    if config.position == "rope" and (config.n_embd // config.n_head) % 2:
+        raise UserError("rotary positions need an even head size (model.n_embd / model.n_head)")
+    if not 0 <= config.dropout < 1:
+        raise UserError(f"model.dropout must be in [0, 1), got {config.dropout}")
+
+
+def norm_layer(config: ModelConfig, size: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(size, eps=1e-6)
+    return nn.LayerNorm(size, bias=config.bias, eps=1e-5)
+
+
+def rotary_tables(head_size: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency, (length, head_size / 2), for rotating pairs of channels."""
+    frequencies = theta ** (-torch.arange(0, head_size, 2, dtype=torch.float64) / head_size)
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), frequencies)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (first half, second half) channel pair of x (B, H, T, D) by its position's angle."""
+    first, second = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+    return rotated.type_as(x)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of the tokens seen so far, per layer: (batch, n_kv_head, capacity, head_size)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @classmethod
+    def empty(cls, config: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        shape = (batch, config.n_kv_head or config.n_head, config.block_size, config.n_embd // config.n_head)
+        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)])
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head or config.n_head
+        self.head_size = config.n_embd // config.n_head
+        self.qk_norm = config.qk_norm
+        self.dropout = config.dropout
+        qkv_size = (self.n_head + 2 * self.n_kv_head) * self.head_size
+        self.qkv = nn.Linear(config.n_embd, qkv_size, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.proj.residual = True  # init: scaled down by depth
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).split([self.n_head * self.head_size, self.n_kv_head * self.head_size,
+                                     self.n_kv_head * self.head_size], dim=-1)
+        q = q.view(batch, length, self.n_head, self.head_size).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(batch, length, self.n_kv_head, self.head_size).transpose(1, 2)
+        v = v.view(batch, length, self.n_kv_head, self.head_size).transpose(1, 2)
+        if self.qk_norm:  # unit-RMS queries and keys keep attention logits bounded at high learning rates
+            q, k = F.rms_norm(q, (self.head_size,)), F.rms_norm(k, (self.head_size,))
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            cache.keys[layer][:, :, start : start + length] = k
+            cache.values[layer][:, :, start : start + length] = v
+            k = cache.keys[layer][:, :, : start + length]
+            v = cache.values[layer][:, :, : start + length]
+        if self.n_kv_head != self.n_head:  # each key/value head serves a group of query heads
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        dropout = self.dropout if self.training else 0.0
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:  # new tokens after cached ones: token i may see every cached token and new tokens up to i
+            mask = torch.ones(length, start + length, dtype=torch.bool, device=x.device).tril(start)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return self.proj(y.transpose(1, 2).reshape(batch, length, width))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.kind = config.mlp
+        hidden = mlp_hidden_size(config)
+        # SwiGLU: one matrix computes gate and value side by side, split in forward.
+        self.fc = nn.Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.proj.residual = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")  # GPT-2's tanh approximation
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, value = h.chunk(2, dim=-1)
+            h = F.silu(gate) * value
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.norm_1 = norm_layer(config, config.n_embd)
+        self.attn = Attention(config)
+        self.norm_2 = norm_layer(config, config.n_embd)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rotary, cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm_1(x), rotary, cache, layer))
+        return x + self.dropout(self.mlp(self.norm_2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        check_model_config(config)
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.padded_vocab_size = padded_vocab_size(config.vocab_size)
+        self.wte = nn.Embedding(self.padded_vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = norm_layer(config, config.n_embd)
+        self.lm_head = None if config.tie_embeddings else \
+            nn.Linear(config.n_embd, self.padded_vocab_size, bias=False)
+        if config.position == "rope":
+            cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        init_weights(self, config)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.wte.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab_size) for token ids idx (B, T); with targets, also the mean cross-entropy.
+        With a cache, idx continues the cached tokens and the cache grows by T."""
+        length = idx.size(1)
+        start = cache.length if cache is not None else 0
+        if start + length > self.config.block_size:
+            raise ValueError(f"sequence of {start + length} tokens exceeds block_size {self.config.block_size}")
+        x = self.wte(idx)
+        rotary = None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(start, start + length, device=idx.device))
+        else:
+            rotary = (self.rope_cos[start : start + length], self.rope_sin[start : start + length])
+        x = self.dropout(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rotary, cache, layer)
+        if cache is not None:
+            cache.length += length
+        x = self.norm_f(x)
+        logits = F.linear(x, self.head_weight())
+        if self.padded_vocab_size != self.vocab_size:
+            logits = logits[..., : self.vocab_size]
+        if self.config.logit_softcap > 0:
+            cap = self.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().reshape(-1, self.vocab_size), targets.reshape(-1))
+        return logits, loss
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Trainable parameters, the vocabulary padding not counted; without embeddings: minus wte and wpe
+        (an untied head still counts)."""
+        total = sum(p.numel() for p in self.parameters())
+        padding = (self.padded_vocab_size - self.vocab_size) * self.config.n_embd
+        total -= padding if self.lm_head is None else 2 * padding  # an untied head is padded too
+        if not include_embeddings:
+            total -= self.wte.weight.numel() - padding
+            if self.wpe is not None:
+                total -= self.wpe.weight.numel()
+        return total
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM paper's MFU: 6 per
+        weight of every matmul (the head included, at its padded size) plus 12 * layers * width * context for
+        the attention scores and the weighted sum."""
+        matmul_weights = sum(p.numel() for name, p in self.named_parameters()
+                             if p.dim() == 2 and name.startswith("blocks."))
+        matmul_weights += self.head_weight().numel()
+        config = self.config
+        return 6 * matmul_weights + 12 * config.n_layer * config.n_embd * config.block_size

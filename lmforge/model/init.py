@@ -1,0 +1,45 @@
+"""Initialization, step 3 of the recipe: the starting weights, by one of three schemes.
+
+- normal: every matrix and embedding N(0, init_std) (GPT-2's 0.02); the projections that write into the
+  residual stream (`attn.proj`, `mlp.proj`) get init_std / sqrt(2 * n_layer), so that the sum of
+  2 * n_layer residual branches starts with about the variance of one.
+- xavier: matrices uniform in ±sqrt(6 / (fan_in + fan_out)), which keeps activation and gradient variance
+  alike through tanh-like layers.
+- kaiming: matrices N(0, 2 / fan_in), which keeps activation variance through ReLU-like layers.
+Under every scheme embeddings are N(0, init_std), biases start at 0 and norm gains at 1; the rows that only
+pad the vocabulary start (and stay) at 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from lmforge.config import ModelConfig
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, config: ModelConfig) -> None:
+    residual_std = config.init_std / math.sqrt(2 * config.n_layer)
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=config.init_std)
+        elif isinstance(module, nn.Linear):
+            if config.init == "xavier":
+                nn.init.xavier_uniform_(module.weight)
+            elif config.init == "kaiming":
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+            else:
+                std = residual_std if getattr(module, "residual", False) else config.init_std
+                nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm | nn.RMSNorm):
+            if module.weight is not None:
+                nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+    for weight in (model.wte.weight, model.head_weight()):
+        weight[config.vocab_size :] = 0

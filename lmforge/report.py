@@ -1,0 +1,326 @@
+"""`lmforge report RUN`: turn a run directory into RUN/report/report.md with PNG plots beside it.
+
+Everything comes from what the trainer wrote (log.jsonl, config.toml, the newest checkpoint); nothing is
+recomputed except one fresh sample from the checkpoint. Files are written under a temporary name and
+renamed, so a reader never sees half a report.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter, MaxNLocator
+
+from lmforge.errors import UserError
+
+SAMPLES_SHOWN = 3  # the last few samples logged during training
+# The fresh sample: seeded, so that writing the report twice writes the same report.
+FRESH_TOKENS = 200
+FRESH_TEMPERATURE = 0.8
+FRESH_TOP_K = 200
+FRESH_SEED = 1337
+
+# The fields the report reads from each kind of record: numbers, then strings.
+NUMBER_FIELDS = {
+    "start": ("params", "params_non_embedding", "flops_per_token", "resumed_from_step"),
+    "train": ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed"),
+    "eval": ("step", "tokens", "val_loss", "val_ppl", "val_bpb", "elapsed"),
+    "sample": ("step",),
+    "end": ("step", "tokens", "elapsed"),
+}
+TEXT_FIELDS = {"start": ("device", "precision"), "sample": ("text",), "end": ("reason",)}
+
+
+@dataclass
+class RunLog:
+    """The records of one log.jsonl, by kind, in file order."""
+
+    starts: list[dict] = field(default_factory=list)
+    train: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)
+    end: dict | None = None  # the latest launch's end record; None while it runs or after a hard kill
+
+
+def read_log(path: str | Path) -> RunLog:
+    """Parse log.jsonl; a line that is not a complete record raises UserError naming its line number.
+
+    An unfinished last line (no newline yet) is skipped: the trainer may be writing it right now.
+    """
+    path = Path(path)
+    log = RunLog()
+    lists = {"start": log.starts, "train": log.train, "eval": log.evals, "sample": log.samples}
+    with open(path, "rb") as file:  # bytes, so that invalid UTF-8 is reported with its line like bad JSON
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = _parse_record(line, f"{path}, line {number}")
+            except UserError:
+                if line.endswith(b"\n"):
+                    raise
+                break
+            kind = record["kind"]
+            if kind == "start":
+                log.end = None  # a new launch: the end of an earlier one no longer describes the run
+            if kind == "end":
+                log.end = record
+            elif kind in lists:
+                lists[kind].append(record)
+    return log
+
+
+def _parse_record(line: bytes, where: str) -> dict:
+    fix = "repair or delete that line and run the report again"
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError:
+        raise UserError(f"{where} of the log is not UTF-8 text; {fix}") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where} of the log is not valid JSON ({err.msg}); {fix}") from None
+    if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
+        raise UserError(f"{where} of the log is not a record (a JSON object with a 'kind'); {fix}")
+    kind = record["kind"]
+    bad = [key for key in NUMBER_FIELDS.get(kind, ()) if not _is_number(record.get(key))]
+    bad += [key for key in TEXT_FIELDS.get(kind, ()) if not isinstance(record.get(key), str)]
+    if bad:
+        raise UserError(f"{where} of the log: the {kind} record lacks {', '.join(bad)} "
+                        f"(or has the wrong type); {fix}")
+    return record
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def last_per_step(records: list[dict]) -> list[dict]:
+    """One record per step, the last one logged, in step order.
+
+    A run interrupted after logging steps that no checkpoint holds logs those steps again when resumed from
+    its earlier checkpoint; the later records are the ones the run went on from.
+    """
+    by_step = {record["step"]: record for record in records}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def write_report(run: str | Path) -> Path:
+    """Write RUN/report/report.md and its plots from the run's files; return the path of report.md."""
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"run directory not found: {run}")
+    log_path = run / "log.jsonl"
+    if not log_path.is_file():
+        raise UserError(f"{run} has no log.jsonl; train it first (lmforge train --out {run})")
+    log = read_log(log_path)
+    if not log.train:
+        raise UserError(f"{log_path} holds no training steps yet; train the run until it logs a step")
+
+    out = run / "report"
+    out.mkdir(exist_ok=True)
+    train, evals = last_per_step(log.train), last_per_step(log.evals)
+    plots = write_plots(train, evals, out)
+    sections = [
+        f"# Training report: {run.resolve().name}",
+        _summary_section(log, train, evals),
+        _model_section(log),
+        _config_section(run),
+        _plots_section(plots, evals),
+        _samples_section(log),
+        _fresh_sample_section(run),
+    ]
+    path = out / "report.md"
+    _write_atomic(path, ("\n\n".join(sections) + "\n").encode("utf-8"))
+    return path
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ----- plots -----
+def write_plots(train: list[dict], evals: list[dict], out: Path) -> dict[str, str]:
+    """Write the PNG plots into `out` from per-step records; return {file name: caption}."""
+    steps = [record["step"] for record in train]
+    figures = {
+        "loss.png": (_loss_figure(train, evals), "Train and validation loss against step and against tokens"),
+        "lr.png": (_step_figure(steps, [r["lr"] for r in train], "learning rate", "Learning rate"),
+                   "Learning rate against step"),
+        "grad_norm.png": (_step_figure(steps, [r["grad_norm"] for r in train], "norm before clipping",
+                                       "Gradient norm"), "Gradient norm against step"),
+        "tokens_per_s.png": (_step_figure(steps, [r["tokens_per_s"] for r in train], "tokens/s", "Throughput",
+                                          EngFormatter()), "Training tokens per second against step"),
+    }
+    for name, (figure, _) in figures.items():
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100)
+        _write_atomic(out / name, buffer.getvalue())
+    return {name: caption for name, (_, caption) in figures.items()}
+
+
+def _new_figure(width: float) -> Figure:
+    figure = Figure(figsize=(width, 4), layout="constrained")
+    # The Agg canvas renders to files with no display and without pyplot's process-wide state, so a
+    # report written from a notebook or a server leaves the caller's matplotlib backend alone.
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _loss_figure(train: list[dict], evals: list[dict]) -> Figure:
+    figure = _new_figure(11)
+    by_step, by_tokens = figure.subplots(1, 2)
+    for axes, x_key, x_label in ((by_step, "step", "step"), (by_tokens, "tokens", "tokens seen")):
+        axes.plot([r[x_key] for r in train], [r["loss"] for r in train], linewidth=1, label="train")
+        if evals:
+            axes.plot([r[x_key] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
+        _style(axes, x_label, "loss (nats per token)",
+               f"Loss against {x_key}" + ("" if evals else " (no evaluation logged)"))
+        axes.legend()
+    by_tokens.xaxis.set_major_formatter(EngFormatter())  # 1.2 M rather than 1200000
+    return figure
+
+
+def _step_figure(steps: list[int], values: list[float], y_label: str, title: str,
+                 y_formatter: EngFormatter | None = None) -> Figure:
+    figure = _new_figure(7)
+    axes = figure.subplots()
+    axes.plot(steps, values, linewidth=1)
+    _style(axes, "step", y_label, f"{title} against step")
+    if y_formatter is not None:
+        axes.yaxis.set_major_formatter(y_formatter)
+    return figure
+
+
+def _style(axes: Axes, x_label: str, y_label: str, title: str) -> None:
+    if x_label == "step":
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 2.5 on short runs
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(y_label)
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+
+
+# ----- report.md sections -----
+def _summary_section(log: RunLog, train: list[dict], evals: list[dict]) -> str:
+    last_train = train[-1]
+    # The end record counts steps after the last logged one (log_every > 1); without it, the newest record.
+    newest = log.end or max(train[-1:] + evals[-1:], key=lambda record: record["step"])
+    reason = log.end["reason"] if log.end else "none logged (still running, or stopped by a kill or a crash)"
+    lines = [
+        "## Summary",
+        "",
+        f"- **final step**: {newest['step']:,}",
+        f"- **tokens seen**: {newest['tokens']:,}",
+        f"- **elapsed**: {_duration(newest['elapsed'])}",
+        f"- **stop reason**: {reason}",
+        f"- **last train loss**: {last_train['loss']:.4f} at step {last_train['step']:,}",
+    ]
+    if not evals:
+        lines.append("- **validation**: no evaluation was logged, so there is no validation curve "
+                     "(evaluations run every train.eval_every steps and once when training ends)")
+        return "\n".join(lines)
+    finite = [record for record in evals if math.isfinite(record["val_loss"])]
+    if finite:  # a diverged run logs nan
+        best = min(finite, key=lambda record: record["val_loss"])
+        lines.append(f"- **best val loss**: {best['val_loss']:.4f} at step {best['step']:,}")
+    final = evals[-1]
+    split = "full validation split" if final.get("final") else "validation subset used during training"
+    lines.append(f"- **final val loss**: {final['val_loss']:.4f} at step {final['step']:,} ({split}): "
+                 f"perplexity {final['val_ppl']:.2f}, {final['val_bpb']:.4f} bits per byte")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
+
+
+def _model_section(log: RunLog) -> str:
+    if not log.starts:
+        return "## Model\n\nlog.jsonl holds no start record, so the model's size and device are unknown."
+    start = log.starts[-1]  # the latest launch: device and precision can change on resume
+    lines = [
+        "## Model",
+        "",
+        f"- **parameters**: {start['params']:,} ({start['params_non_embedding']:,} without embeddings)",
+        f"- **FLOPs per token**: {start['flops_per_token']:,} (forward and backward)",
+        f"- **device**: {start['device']}",
+        f"- **precision**: {start['precision']}",
+    ]
+    if len(log.starts) > 1:
+        steps = [f"{record['resumed_from_step']:,}" for record in log.starts[1:]]
+        lines.append(f"- **launches**: {len(log.starts)} (resumed at step{'s' * (len(steps) > 1)} "
+                     f"{', '.join(steps)})")
+    return "\n".join(lines)
+
+
+def _config_section(run: Path) -> str:
+    path = run / "config.toml"
+    if not path.is_file():
+        return "## Config\n\nThe run has no config.toml."
+    return "## Config\n\n" + _fenced(path.read_text(encoding="utf-8").rstrip("\n"), "toml")
+
+
+def _plots_section(plots: dict[str, str], evals: list[dict]) -> str:
+    lines = ["## Plots"]
+    if not evals:
+        lines += ["", "No evaluation was logged, so the loss plots show the training loss only."]
+    for name, caption in plots.items():
+        lines += ["", f"![{caption}]({name})"]
+    return "\n".join(lines)
+
+
+def _samples_section(log: RunLog) -> str:
+    samples = last_per_step(log.samples)[-SAMPLES_SHOWN:]
+    if not samples:
+        return "## Samples during training\n\nNo samples were logged (set train.sample_every to log some)."
+    lines = ["## Samples during training"]
+    for sample in samples:
+        prompt = sample.get("prompt") or ""
+        origin = f"prompt {prompt!r}" if prompt else "empty prompt"
+        text = sample["text"] or "(empty: the model ended the text at once)"
+        lines += ["", f"Step {sample['step']:,}, {origin}:", "", _fenced(text)]
+    return "\n".join(lines)
+
+
+def _fresh_sample_section(run: Path) -> str:
+    # Imported here: torch and the model are needed only for this section, and only when a checkpoint exists.
+    import torch
+
+    from lmforge.infer.generate import generate
+    from lmforge.train.checkpoint import list_checkpoints, load_model
+
+    title = "## Fresh sample"
+    if not list_checkpoints(run):
+        return f"{title}\n\nThe run has no checkpoint, so no fresh sample."
+    try:
+        model, _, tokenizer, checkpoint = load_model(run, "cpu")
+    except UserError as err:  # the rest of the report still stands without the sample
+        return f"{title}\n\nThe newest checkpoint could not be loaded: {err}"
+    ids = list(generate(model, [tokenizer.eot_id], FRESH_TOKENS, temperature=FRESH_TEMPERATURE,
+                        top_k=FRESH_TOP_K, generator=torch.Generator().manual_seed(FRESH_SEED),
+                        stop_token=tokenizer.eot_id))
+    text = tokenizer.decode(ids) or "(empty: the model ended the text at once)"
+    settings = f"temperature {FRESH_TEMPERATURE}, top-k {FRESH_TOP_K}, seed {FRESH_SEED}"
+    return (f"{title}\n\nFrom checkpoint `{checkpoint.name}`, an empty prompt, {settings}, "
+            f"up to {FRESH_TOKENS} tokens:\n\n{_fenced(text)}")
+
+
+def _fenced(text: str, language: str = "") -> str:
+    """A code block the text cannot close early: its fence is longer than any run of backticks inside."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{text}\n{fence}"
