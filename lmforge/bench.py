@@ -12,6 +12,7 @@ import torch
 
 from lmforge.config import Config
 from lmforge.model.gpt import GPT
+from lmforge.train.engine import ScratchEngine, check_engine
 from lmforge.train.hardware import (
     configure_fast_math,
     peak_flops,
@@ -32,13 +33,16 @@ def bench(config: Config, steps: int = 10, warmup: int = 2) -> dict:
     train = config.train
     if config.model.vocab_size == 0:
         config.model.vocab_size = DEFAULT_BENCH_VOCAB
-    device = resolve_device(train.device)
-    precision = resolve_precision(train.precision, device)
+    check_engine(config)
+    scratch = train.engine == "scratch"
+    device = torch.device("cpu") if scratch else resolve_device(train.device)
+    precision = "fp32" if scratch else resolve_precision(train.precision, device)
     configure_fast_math(device)
     torch.manual_seed(train.seed)
     model = GPT(config.model).to(device)
-    optimizers = build_optimizers(model, config.optim, device)
-    forward = torch.compile(model) if resolve_compile(train.compile, device) else model
+    engine = ScratchEngine(model, config) if scratch else None
+    optimizers = [] if engine else build_optimizers(model, config.optim, device)
+    forward = torch.compile(model) if not engine and resolve_compile(train.compile, device) else model
     accumulation = accumulation_steps(config)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     shape = (train.batch_size, config.model.block_size + 1)
@@ -49,8 +53,11 @@ def bench(config: Config, steps: int = 10, warmup: int = 2) -> dict:
 
     def run(count: int) -> None:
         for _ in range(count):
-            optimizer_step(model, forward, optimizers, next_batch, accumulation, device=device,
-                           precision=precision, scaler=scaler, grad_clip=train.grad_clip)
+            if engine:
+                engine.step(next_batch, accumulation, train.grad_clip)
+            else:
+                optimizer_step(model, forward, optimizers, next_batch, accumulation, device=device,
+                               precision=precision, scaler=scaler, grad_clip=train.grad_clip)
 
     run(warmup)  # compilation, allocator and thread-pool warm-up stay out of the timing
     synchronize(device)
@@ -66,7 +73,7 @@ def bench(config: Config, steps: int = 10, warmup: int = 2) -> dict:
     peak = peak_flops(device, precision)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-        "precision": precision, "compile": forward is not model, "params": model.num_params(),
+        "precision": precision, "engine": train.engine, "compile": forward is not model, "params": model.num_params(),
         "tokens_per_step": tokens_per_step, "steps": steps, "ms_per_step": 1000 * seconds / steps,
         "tokens_per_s": tokens_per_s, "tflops": flops / 1e12, "peak_tflops": peak / 1e12, "mfu": flops / peak,
         "peak_mem_mb": peak_memory_mb(device),

@@ -35,6 +35,7 @@ class ModelConfig:
     mlp: str = "gelu"  # gelu | swiglu | relu2
     mlp_hidden: int = 0  # 0: 4 * n_embd (gelu, relu2) or the parameter-matched 8/3 * n_embd (swiglu)
     norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 0.0  # 0: the usual epsilon of the norm (1e-5 for layernorm, 1e-6 for rmsnorm)
     position: str = "learned"  # learned | rope
     rope_theta: float = 10000.0
     qk_norm: bool = False
@@ -75,6 +76,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     compile: str = "auto"  # auto (on for CUDA) | true | false
     tensorboard: bool = False
+    engine: str = "torch"  # torch (autograd) | scratch (NumPy, every backward by hand: lmforge/scratch)
 
 
 @dataclass

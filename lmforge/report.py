@@ -33,7 +33,7 @@ FRESH_SEED = 1337
 NUMBER_FIELDS = {
     "start": ("params", "params_non_embedding", "flops_per_token", "resumed_from_step"),
     "train": ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed"),
-    "eval": ("step", "tokens", "val_loss", "val_ppl", "val_bpb", "elapsed"),
+    "eval": ("step", "tokens", "val_loss", "val_ppl", "elapsed"),  # val_bpb: null on data without byte counts
     "sample": ("step",),
     "end": ("step", "tokens", "elapsed"),
 }
@@ -236,7 +236,8 @@ def _summary_section(log: RunLog, train: list[dict], evals: list[dict]) -> str:
     final = evals[-1]
     split = "full validation split" if final.get("final") else "validation subset used during training"
     lines.append(f"- **final val loss**: {final['val_loss']:.4f} at step {final['step']:,} ({split}): "
-                 f"perplexity {final['val_ppl']:.2f}, {final['val_bpb']:.4f} bits per byte")
+                 f"perplexity {final['val_ppl']:.2f}, " + (f"{final['val_bpb']:.4f} bits per byte"
+                 if _is_number(final.get("val_bpb")) else "bits per byte unknown (no byte counts in the data)"))
     return "\n".join(lines)
 
 

@@ -8,7 +8,8 @@ Kinds:
 
 tokenizer.json is one JSON object {"kind", "vocab_size", "eot_id", ...}: char adds "chars" (id i is
 chars[i]) and "unknown_id"; bpe adds "hf", the complete Hugging Face tokenizer JSON, so
-`tokenizers.Tokenizer.from_str(json.dumps(data["hf"]))` recovers it; gpt2 adds nothing.
+`tokenizers.Tokenizer.from_str(json.dumps(data["hf"]))` recovers it (an imported Hugging Face tokenizer
+whose end-of-text token is not "<|endoftext|>" also has "eot_text"); gpt2 adds nothing.
 
 `encode` never adds the end-of-text token, and treats a literal "<|endoftext|>" in the text as text;
 prepare puts the end-of-text id between documents. `decode` writes that id as "<|endoftext|>".
@@ -127,14 +128,16 @@ class CharTokenizer(Tokenizer):
 class BPETokenizer(Tokenizer):
     kind = "bpe"
 
-    def __init__(self, hf: Any):
+    def __init__(self, hf: Any, eot_text: str = EOT_TEXT):
         self.hf = hf
         # A document that quotes "<|endoftext|>" is text; only prepare places real boundaries.
         hf.encode_special_tokens = True
         self.vocab_size = hf.get_vocab_size()
-        eot_id = hf.token_to_id(EOT_TEXT)
+        # An imported tokenizer (Llama's "</s>", ...) names its own end-of-text token.
+        self.eot_text = eot_text
+        eot_id = hf.token_to_id(eot_text)
         if eot_id is None:
-            raise UserError(f"bpe tokenizer has no {EOT_TEXT} token (corrupt tokenizer.json?)")
+            raise UserError(f"bpe tokenizer has no {eot_text} token (corrupt tokenizer.json?)")
         self.eot_id = eot_id
 
     @classmethod
@@ -167,8 +170,11 @@ class BPETokenizer(Tokenizer):
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "bpe", "vocab_size": self.vocab_size, "eot_id": self.eot_id,
+        data = {"kind": "bpe", "vocab_size": self.vocab_size, "eot_id": self.eot_id,
                 "hf": json.loads(self.hf.to_str())}
+        if self.eot_text != EOT_TEXT:
+            data["eot_text"] = self.eot_text
+        return data
 
 
 class GPT2Tokenizer(Tokenizer):
@@ -225,7 +231,7 @@ def tokenizer_from_dict(data: dict[str, Any], origin: str = "tokenizer.json") ->
         elif kind == "bpe":
             from tokenizers import Tokenizer as HFTokenizer
 
-            tokenizer = BPETokenizer(HFTokenizer.from_str(json.dumps(data["hf"])))
+            tokenizer = BPETokenizer(HFTokenizer.from_str(json.dumps(data["hf"])), data.get("eot_text", EOT_TEXT))
         else:
             tokenizer = GPT2Tokenizer()
     except UserError:

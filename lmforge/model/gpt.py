@@ -59,12 +59,20 @@ def check_model_config(config: ModelConfig) -> None:
         raise UserError("rotary positions need an even head size (model.n_embd / model.n_head)")
     if not 0 <= config.dropout < 1:
         raise UserError(f"model.dropout must be in [0, 1), got {config.dropout}")
+    if config.norm_eps < 0:
+        raise UserError(f"model.norm_eps must be 0 (the norm's usual epsilon) or positive, got {config.norm_eps}")
+
+
+def norm_eps(config: ModelConfig) -> float:
+    if config.norm_eps > 0:
+        return config.norm_eps
+    return 1e-6 if config.norm == "rmsnorm" else 1e-5
 
 
 def norm_layer(config: ModelConfig, size: int) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(size, eps=1e-6)
-    return nn.LayerNorm(size, bias=config.bias, eps=1e-5)
+        return nn.RMSNorm(size, eps=norm_eps(config))
+    return nn.LayerNorm(size, bias=config.bias, eps=norm_eps(config))
 
 
 def rotary_tables(head_size: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

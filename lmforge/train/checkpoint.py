@@ -9,6 +9,7 @@ Layout of `RUN/checkpoints/step_0000100/`:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,10 +19,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lmforge.config import Config, load_config
+from lmforge.config import Config, ModelConfig, load_config
 from lmforge.data.tokenizer import Tokenizer, load_tokenizer
 from lmforge.errors import UserError
-from lmforge.model.gpt import GPT
+from lmforge.model.gpt import GPT, mlp_hidden_size, norm_eps
 
 PREFIX = "step_"
 
@@ -153,3 +154,35 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GP
         raise UserError(f"checkpoint {checkpoint} is unreadable ({err})") from None
     load_weights(model, weights, checkpoint)
     return model.to(device).eval(), config, tokenizer, checkpoint
+
+
+def architecture(config: ModelConfig) -> dict:
+    """The model settings that decide the shapes and the function computed (not dropout or initialization),
+    with defaults spelled out, so that `n_kv_head = 0` and `n_kv_head = n_head` compare equal."""
+    values = dataclasses.asdict(config)
+    for key in ("dropout", "init", "init_std"):
+        del values[key]
+    values.update(n_kv_head=config.n_kv_head or config.n_head, mlp_hidden=mlp_hidden_size(config),
+                  norm_eps=norm_eps(config))
+    return values
+
+
+def run_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a run (given as the run or a checkpoint inside it)."""
+    return load_tokenizer(resolve_checkpoint(path)[0] / "tokenizer.json")
+
+
+def init_from_run(model: GPT, path: str | Path) -> Path:
+    """Copy a run's weights into a new model (`train --init-from`): the model settings must be the run's."""
+    run_dir, checkpoint = resolve_checkpoint(path)
+    theirs, ours = architecture(load_config(run_dir / "config.toml").model), architecture(model.config)
+    differences = [f"model.{key} is {theirs[key]} there, {ours[key]} here" for key in ours if ours[key] != theirs[key]]
+    if differences:
+        raise UserError(f"--init-from {path}: the model settings differ from that run's ({'; '.join(differences)}); "
+                        f"keep its [model] section (in {run_dir / 'config.toml'})")
+    try:
+        weights = load_file(checkpoint / "model.safetensors")
+    except (OSError, SafetensorError) as err:
+        raise UserError(f"checkpoint {checkpoint} is unreadable ({err})") from None
+    load_weights(model, weights, checkpoint)
+    return checkpoint

@@ -13,8 +13,9 @@ from lmforge.train.hardware import autocast
 
 @torch.no_grad()
 def evaluate(model: nn.Module, windows: TokenWindows, *, batch_size: int, max_windows: int | None,
-             device: torch.device, precision: str, bytes_per_token: float) -> dict:
-    """Loss in nats per token; bits per byte = loss / ln 2 * tokens / bytes, comparable across tokenizers."""
+             device: torch.device, precision: str, bytes_per_token: float | None) -> dict:
+    """Loss in nats per token; bits per byte = loss / ln 2 * tokens / bytes, comparable across tokenizers
+    (None when the byte count of the text is unknown)."""
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -27,4 +28,4 @@ def evaluate(model: nn.Module, windows: TokenWindows, *, batch_size: int, max_wi
     model.train(was_training)
     mean = (loss_sum / count).item()
     return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)),
-            "bpb": mean / math.log(2) / bytes_per_token, "tokens": count}
+            "bpb": mean / math.log(2) / bytes_per_token if bytes_per_token else None, "tokens": count}

@@ -21,13 +21,13 @@ import torch
 from tqdm import tqdm
 
 from lmforge.config import Config, dumps_config
+from lmforge.data.datadir import describe_data
 from lmforge.data.loader import TokenWindows, TrainLoader
-from lmforge.data.prepare import load_meta
-from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import UserError
 from lmforge.infer.generate import generate
 from lmforge.model.gpt import GPT
 from lmforge.train import checkpoint as ckpt
+from lmforge.train.engine import ScratchEngine, check_engine
 from lmforge.train.evaluate import evaluate
 from lmforge.train.hardware import (
     autocast,
@@ -105,22 +105,28 @@ class Progress:
 
 class Trainer:
     def __init__(self, config: Config, data_dir: str | Path, run_dir: str | Path, *, resume: bool = False,
-                 overwrite: bool = False, quiet: bool = False):
+                 overwrite: bool = False, quiet: bool = False, init_from: str | Path | None = None):
         self.config = config
         self.data_dir = Path(data_dir)
         self.run_dir = Path(run_dir)
         self.quiet = quiet
-        self.meta = load_meta(self.data_dir)
-        self.tokenizer = load_tokenizer(self.data_dir / "tokenizer.json")
+        # Starting from another run's weights means using its tokenizer (bare llm.c shards have none).
+        self.meta, self.tokenizer = describe_data(self.data_dir, ckpt.run_tokenizer(init_from) if init_from else None)
         self._check_config()
 
         train = config.train
-        self.device = resolve_device(train.device)
-        self.precision = resolve_precision(train.precision, self.device)
+        check_engine(config)
+        scratch = train.engine == "scratch"
+        self.device = torch.device("cpu") if scratch else resolve_device(train.device)  # NumPy runs on the CPU
+        self.precision = "fp32" if scratch else resolve_precision(train.precision, self.device)
         configure_fast_math(self.device)
         torch.manual_seed(train.seed)
         self.model = GPT(config.model).to(self.device)
-        self.optimizers = build_optimizers(self.model, config.optim, self.device)
+        if init_from is not None:
+            ckpt.init_from_run(self.model, init_from)
+        self.engine = ScratchEngine(self.model, config) if scratch else None
+        self.optimizers = [self.engine.optimizer] if self.engine else \
+            build_optimizers(self.model, config.optim, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.loader = TrainLoader(self.data_dir, config.model.block_size, train.batch_size,
                                   shuffle=config.data.shuffle, seed=train.seed, device=self.device)
@@ -131,7 +137,10 @@ class Trainer:
         self.progress = Progress()
         if resume_from is not None:
             self._restore(resume_from)
-        self.forward = torch.compile(self.model) if resolve_compile(train.compile, self.device) else self.model
+        if self.engine:
+            self.forward = self.engine.forward
+        else:
+            self.forward = torch.compile(self.model) if resolve_compile(train.compile, self.device) else self.model
         self.log_file = open(self.run_dir / "log.jsonl", "a")
         self.tensorboard = self._open_tensorboard() if train.tensorboard else None
         self.stop_signal: str | None = None
@@ -168,7 +177,7 @@ class Trainer:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
         run.mkdir(parents=True, exist_ok=True)
         write_atomic(run / "config.toml", dumps_config(self.config))
-        shutil.copyfile(self.data_dir / "tokenizer.json", run / "tokenizer.json")
+        self.tokenizer.save(run / "tokenizer.json")
         return None
 
     def _restore(self, path: Path) -> None:
@@ -241,7 +250,7 @@ class Trainer:
             "flops_per_token": flops_per_token, "train_tokens": train_tokens,
             "val_tokens": self.meta["splits"]["val"]["tokens"], "tokens_per_step": self.tokens_per_step,
             "iters_per_epoch": train_tokens / self.tokens_per_step, "device": str(self.device),
-            "precision": self.precision, "world_size": 1, "resumed_from_step": progress.step,
+            "precision": self.precision, "engine": train.engine, "world_size": 1, "resumed_from_step": progress.step,
         }
         self.log(start)
         self.say(f"model: {start['params']:,} parameters, {flops_per_token / 1e6:.1f} MFLOPs per token; "
@@ -264,9 +273,12 @@ class Trainer:
                                            warmup_steps=train.warmup_steps, min_lr_ratio=train.min_lr_ratio,
                                            cooldown_fraction=train.cooldown_fraction)
                 lr = set_lr(self.optimizers, multiplier)
-                loss, grad_norm = optimizer_step(
-                    self.model, self.forward, self.optimizers, self.loader.next_batch, self.accumulation,
-                    device=self.device, precision=self.precision, scaler=self.scaler, grad_clip=train.grad_clip)
+                if self.engine:
+                    loss, grad_norm = self.engine.step(self.loader.next_batch, self.accumulation, train.grad_clip)
+                else:
+                    loss, grad_norm = optimizer_step(
+                        self.model, self.forward, self.optimizers, self.loader.next_batch, self.accumulation,
+                        device=self.device, precision=self.precision, scaler=self.scaler, grad_clip=train.grad_clip)
                 progress.step += 1
                 progress.tokens += self.tokens_per_step
                 window_tokens += self.tokens_per_step
@@ -343,7 +355,7 @@ class Trainer:
         val = self.meta["splits"]["val"]
         result = evaluate(self.forward, self.val_windows, batch_size=self.config.train.batch_size,
                           max_windows=max_windows, device=self.device, precision=self.precision,
-                          bytes_per_token=val["bytes"] / val["tokens"])
+                          bytes_per_token=val["bytes"] / val["tokens"] if val["bytes"] else None)
         progress = self.progress
         if result["loss"] < progress.best_val_loss:
             progress.best_val_loss, progress.best_step = result["loss"], progress.step
@@ -352,7 +364,8 @@ class Trainer:
                   "val_ppl": result["perplexity"], "val_bpb": result["bpb"], "elapsed": progress.elapsed,
                   "final": final})
         message = (f"step {progress.step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
-                   f"{result['bpb']:.4f} bits/byte" + (" (full validation split)" if final else ""))
+                   + (f"{result['bpb']:.4f} bits/byte" if result["bpb"] is not None else "bits/byte unknown (no byte "
+                    "counts: not a prepared data directory)") + (" (full validation split)" if final else ""))
         (bar.write(message) if bar is not None and not bar.disable else self.say(message))
         return result
 
