@@ -11,7 +11,7 @@ import time
 import torch
 
 from lmforge.config import Config
-from lmforge.model.gpt import GPT
+from lmforge.model.factory import build_model
 from lmforge.train.engine import ScratchEngine, check_engine
 from lmforge.train.hardware import (
     configure_fast_math,
@@ -39,7 +39,7 @@ def bench(config: Config, steps: int = 10, warmup: int = 2) -> dict:
     precision = "fp32" if scratch else resolve_precision(train.precision, device)
     configure_fast_math(device)
     torch.manual_seed(train.seed)
-    model = GPT(config.model).to(device)
+    model = build_model(config.model).to(device)
     engine = ScratchEngine(model, config) if scratch else None
     optimizers = [] if engine else build_optimizers(model, config.optim, device)
     forward = torch.compile(model) if not engine and resolve_compile(train.compile, device) else model

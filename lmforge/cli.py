@@ -46,6 +46,8 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> None:
         overrides["train.compile"] = "true"
     if args.engine is not None:
         overrides["train.engine"] = args.engine
+    if args.parallel is not None:
+        overrides["train.parallel"] = args.parallel
     config = load_config(config_path, overrides)
     Trainer(config, args.data, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
             init_from=args.init_from).run()
@@ -185,7 +187,26 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> None:
     from lmforge.report import write_report
 
-    print(f"report written to {write_report(args.run)}")
+    print(f"report written to {write_report(args.run, attention_layer=args.attention_layer)}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from lmforge.lab.compare import compare
+
+    print(f"comparison written to {compare(args.runs, args.out)}")
+
+
+def cmd_sweep(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    from lmforge.lab.sweep import sweep
+
+    sweep(args.config, args.data, args.out, args.param or [], method=args.method, trials=args.trials,
+          budget_time=args.budget_time, overrides=overrides, quiet=args.quiet)
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from lmforge.lab.activations import plot_activations
+
+    print(f"wrote {plot_activations(args.out)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (default on CUDA)")
     p.add_argument("--engine", choices=ENGINES, help="sets train.engine: torch (default) or scratch (NumPy)")
     p.add_argument("--init-from", help="start from this run's weights (and its config unless --config is given)")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), help="sets train.parallel, under torchrun: ddp (default) "
+                                                               "or fsdp (shards parameters and optimizer state)")
     p.add_argument("--quiet", action="store_true")
 
     p = commands.add_parser("sample", help="generate text from a trained run")
@@ -271,6 +294,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("report", help="write RUN/report/report.md with plots")
     p.add_argument("run")
+    p.add_argument("--attention-layer", type=int, default=-1,
+                   help="transformer layer whose attention maps are drawn (default -1: the last)")
+
+    p = commands.add_parser("compare", help="runs side by side: a Markdown table and overlaid val-loss curves")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
+    p.add_argument("--out", required=True, help="directory for compare.md and the PNG curves")
+
+    p = commands.add_parser("sweep", help="hyperparameter search with Optuna (extra --section.key value flags "
+                                          "override the config)")
+    p.add_argument("--config", help="TOML config every trial starts from")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="sweep directory: sweep.db, trial_000/, ..., results, best.toml")
+    p.add_argument("--param", action="append", help="KEY=a,b,c or KEY=log:LOW:HIGH or KEY=lin:LOW:HIGH "
+                                                    "(repeatable)")
+    p.add_argument("--method", default="tpe", help="grid, random or tpe (default)")
+    p.add_argument("--trials", type=int, help="trials in all, counting finished ones (default: the grid's "
+                                              "size, else 10)")
+    p.add_argument("--budget-time", type=float, help="seconds of training per trial")
+    p.add_argument("--quiet", action="store_true")
+
+    p = commands.add_parser("plot", help="teaching plots")
+    p.add_argument("what", choices=("activations",), help="activations: the functions and their derivatives")
+    p.add_argument("--out", required=True, help="PNG file to write")
     return parser
 
 
@@ -278,15 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
-        if args.command in ("train", "bench"):
+        if args.command in ("train", "bench", "sweep"):
             from lmforge.config import parse_overrides
 
-            {"train": cmd_train, "bench": cmd_bench}[args.command](args, parse_overrides(extra))
+            {"train": cmd_train, "bench": cmd_bench, "sweep": cmd_sweep}[args.command](args, parse_overrides(extra))
         else:
             if extra:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
             {"prepare": cmd_prepare, "sample": cmd_sample, "eval": cmd_eval, "report": cmd_report,
-             "gradcheck": cmd_gradcheck, "import": cmd_import, "export": cmd_export}[
+             "gradcheck": cmd_gradcheck, "import": cmd_import, "export": cmd_export, "compare": cmd_compare,
+             "plot": cmd_plot}[
                 args.command](args)
     except UserError as err:
         print(f"lmforge {args.command}: error: {err}", file=sys.stderr)

@@ -25,7 +25,7 @@ else:  # pragma: no cover
 
 @dataclass
 class ModelConfig:
-    arch: str = "gpt"
+    arch: str = "gpt"  # gpt | bigram | mlp (Bengio) | rnn (Elman) | lstm | gru: lmforge/model/factory.py
     vocab_size: int = 0  # 0: taken from the prepared data's tokenizer
     block_size: int = 256  # context length in tokens
     n_layer: int = 6
@@ -45,11 +45,16 @@ class ModelConfig:
     dropout: float = 0.0
     init: str = "normal"  # normal | xavier | kaiming
     init_std: float = 0.02
+    activation: str = ""  # tanh | relu | gelu | sigmoid; "": the arch's own (gpt: model.mlp; mlp, rnn: tanh)
+    context: int = 3  # arch = mlp: how many previous tokens the Bengio MLP sees
 
 
 @dataclass
 class DataConfig:
-    shuffle: bool = True  # epochs without replacement over shuffled windows; false: uniform random windows
+    shuffle: bool = True  # epochs without replacement over shuffled windows; false: windows in corpus order
+    # true: batch row i reads its own contiguous stretch of the corpus and each batch continues every row
+    # where the previous one stopped, so recurrent models carry their hidden state (truncated BPTT)
+    sequential: bool = False
 
 
 @dataclass
@@ -77,6 +82,8 @@ class TrainConfig:
     compile: str = "auto"  # auto (on for CUDA) | true | false
     tensorboard: bool = False
     engine: str = "torch"  # torch (autograd) | scratch (NumPy, every backward by hand: lmforge/scratch)
+    parallel: str = "ddp"  # under torchrun: ddp (a replica per rank) | fsdp (parameters and state sharded)
+    dist_timeout: float = 600.0  # seconds a rank waits in a collective for the others before giving up
 
 
 @dataclass

@@ -28,6 +28,8 @@ FRESH_TOKENS = 200
 FRESH_TEMPERATURE = 0.8
 FRESH_TOP_K = 200
 FRESH_SEED = 1337
+GRADIENT_WINDOWS = 8  # the validation windows whose loss gives the gradient histograms
+ATTENTION_SENTENCE = "ROMEO: But soft, what light through yonder window breaks?"
 
 # The fields the report reads from each kind of record: numbers, then strings.
 NUMBER_FIELDS = {
@@ -112,8 +114,9 @@ def last_per_step(records: list[dict]) -> list[dict]:
     return [by_step[step] for step in sorted(by_step)]
 
 
-def write_report(run: str | Path) -> Path:
-    """Write RUN/report/report.md and its plots from the run's files; return the path of report.md."""
+def write_report(run: str | Path, attention_layer: int = -1) -> Path:
+    """Write RUN/report/report.md and its plots from the run's files; return the path of report.md.
+    `attention_layer`: the transformer layer whose attention maps are drawn (negative: from the last)."""
     run = Path(run)
     if not run.is_dir():
         raise UserError(f"run directory not found: {run}")
@@ -135,6 +138,7 @@ def write_report(run: str | Path) -> Path:
         _config_section(run),
         _plots_section(plots, evals),
         _samples_section(log),
+        _inside_section(run, out, log, attention_layer),
         _fresh_sample_section(run),
     ]
     path = out / "report.md"
@@ -318,6 +322,52 @@ def _fresh_sample_section(run: Path) -> str:
     settings = f"temperature {FRESH_TEMPERATURE}, top-k {FRESH_TOP_K}, seed {FRESH_SEED}"
     return (f"{title}\n\nFrom checkpoint `{checkpoint.name}`, an empty prompt, {settings}, "
             f"up to {FRESH_TOKENS} tokens:\n\n{_fenced(text)}")
+
+
+def _inside_section(run: Path, out: Path, log: RunLog, attention_layer: int) -> str:
+    """Weight and gradient histograms per layer at the newest checkpoint, and a transformer's attention maps."""
+    import numpy as np
+    import torch
+
+    from lmforge.data.loader import TokenWindows, to_batch
+    from lmforge.lab.inside import attention_png, histograms_png, layer_gradients
+    from lmforge.train.checkpoint import list_checkpoints, load_model
+
+    title = "## Inside the model"
+    if not list_checkpoints(run):
+        return f"{title}\n\nThe run has no checkpoint, so there is nothing to look inside."
+    try:
+        model, config, tokenizer, checkpoint = load_model(run, "cpu")
+    except UserError as err:
+        return f"{title}\n\nThe newest checkpoint could not be loaded: {err}"
+    matrices = {name: p for name, p in model.named_parameters() if p.dim() >= 2}
+    _write_atomic(out / "weights.png", histograms_png(matrices, f"Weights per layer at {checkpoint.name}"))
+    lines = [title, "", f"At checkpoint `{checkpoint.name}`: every weight matrix, its values and the gradient of "
+             f"the loss on the first {GRADIENT_WINDOWS} validation windows.", "",
+             "![Weight histograms per layer](weights.png)"]
+    data = log.starts[-1].get("data") if log.starts else None
+    try:
+        windows = TokenWindows(data, "val", config.model.block_size) if data else None
+    except (UserError, OSError):
+        windows = None
+    if windows is None:
+        lines += ["", f"No gradient histograms: the run's data directory ({data or 'not logged'}) cannot be read."]
+    else:
+        ids = np.arange(min(GRADIENT_WINDOWS, windows.num_windows))
+        grads = layer_gradients(model, *to_batch(windows.gather(ids), torch.device("cpu")))
+        _write_atomic(out / "gradients.png", histograms_png(grads, f"Gradients per layer at {checkpoint.name}"))
+        lines += ["", "![Gradient histograms per layer](gradients.png)"]
+    if config.model.arch == "gpt":
+        n_layer = config.model.n_layer
+        if not -n_layer <= attention_layer < n_layer:
+            raise UserError(f"--attention-layer {attention_layer}: the model has {n_layer} layers (0 to {n_layer - 1})")
+        layer = attention_layer % n_layer
+        ids = tokenizer.encode(ATTENTION_SENTENCE)[: config.model.block_size]
+        weights = model.attention_maps(torch.tensor([ids]), layer)[0]
+        _write_atomic(out / "attention.png", attention_png(weights, [tokenizer.decode([i]) for i in ids], layer))
+        lines += ["", f"Attention maps of layer {layer} for {ATTENTION_SENTENCE!r}, one image per head:", "",
+                  f"![Attention maps of layer {layer}](attention.png)"]
+    return "\n".join(lines)
 
 
 def _fenced(text: str, language: str = "") -> str:

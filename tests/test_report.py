@@ -20,6 +20,7 @@ from lmforge.train.trainer import Trainer
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png")
+CHECKPOINT_PLOTS = ("weights.png", "gradients.png", "attention.png")  # drawn from the newest checkpoint
 OVERRIDES = {"model.n_layer": "1", "model.n_head": "2", "model.n_embd": "16", "model.block_size": "16",
              "train.batch_size": "4", "train.max_steps": "20", "train.eval_every": "10",
              "train.log_every": "1", "train.warmup_steps": "2", "train.checkpoint_every": "10",
@@ -68,7 +69,8 @@ def test_every_plot_is_a_png_that_report_md_embeds_by_relative_path(trained_run,
         sizes[name] = struct.unpack(">II", data[16:24])  # width and height from the IHDR chunk
     assert sizes["loss.png"][0] > sizes["lr.png"][0]  # two panels side by side
     embedded = re.findall(r"!\[[^\]]+\]\(([^)]+)\)", report.read_text())
-    assert sorted(embedded) == sorted(PLOTS)  # relative to report.md, so the report folder can move
+    # relative to report.md, so the report folder can move
+    assert sorted(embedded) == sorted(PLOTS + CHECKPOINT_PLOTS)
     assert not [p.name for p in report.parent.iterdir() if p.name.startswith(".tmp-")]
 
 

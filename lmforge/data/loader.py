@@ -4,6 +4,11 @@ The training tokens are cut into non-overlapping windows of `block_size + 1` tok
 next-token targets share the boundary token), never crossing a shard boundary. One epoch visits every
 window exactly once, in a fresh seeded permutation (or in corpus order with `shuffle=False`).
 
+With `sequential=True` (for recurrent models' truncated BPTT) the windows are instead dealt into parallel
+streams, one per row of the global batch: row j reads windows j*L, j*L + 1, ... (L = windows // rows), so
+each batch continues every row exactly where the previous batch left it, and an epoch is L batches (the
+few windows past rows * L are left out).
+
 The loader's whole state is one integer, `cursor`: how many windows the whole job (every rank) has
 consumed. Window number g of the job is window perm_e[g mod n] of epoch e = g div n. At each micro-step
 the ranks take consecutive, disjoint slices of the next `batch_size * world_size` windows, so the data a
@@ -62,10 +67,17 @@ class TrainLoader:
     """Endless stream of training batches; `epoch` and `state_dict` describe where it stands."""
 
     def __init__(self, data_dir: str | Path, block_size: int, batch_size: int, *, shuffle: bool = True,
-                 seed: int = 1337, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu"):
+                 seed: int = 1337, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
+                 sequential: bool = False):
         self.windows = TokenWindows(data_dir, "train", block_size)
         self.batch_size = batch_size
         self.shuffle = shuffle
+        self.sequential = sequential
+        self.streams = batch_size * world_size  # sequential: one stream per row of the global batch
+        self.stream_windows = self.windows.num_windows // self.streams
+        if sequential and self.stream_windows == 0:
+            raise UserError(f"data.sequential needs at least one window per batch row: {self.streams} rows, "
+                            f"{self.windows.num_windows} training windows; use a smaller train.batch_size")
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
@@ -79,9 +91,13 @@ class TrainLoader:
         return self.windows.num_windows * self.windows.block_size
 
     @property
+    def windows_per_epoch(self) -> int:
+        return self.stream_windows * self.streams if self.sequential else self.windows.num_windows
+
+    @property
     def epoch(self) -> float:
         """Epochs completed so far, fractional: windows consumed / windows per epoch."""
-        return self.cursor / self.windows.num_windows
+        return self.cursor / self.windows_per_epoch
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if epoch != self._order_epoch:
@@ -94,6 +110,9 @@ class TrainLoader:
         return self._order
 
     def _window_ids(self, first: int, count: int) -> np.ndarray:
+        if self.sequential:  # global window g: row g mod streams of batch g div streams
+            batch, row = np.divmod(np.arange(first, first + count), self.streams)
+            return row * self.stream_windows + batch % self.stream_windows
         ids = np.empty(count, dtype=np.int64)
         per_epoch = self.windows.num_windows
         for i in range(count):  # a batch rarely spans more than two epochs, so this stays cheap
@@ -108,7 +127,7 @@ class TrainLoader:
         return to_batch(self.windows.gather(ids), self.device)
 
     def state_dict(self) -> dict:
-        return {"cursor": self.cursor, "seed": self.seed, "shuffle": self.shuffle,
+        return {"cursor": self.cursor, "seed": self.seed, "shuffle": self.shuffle, "sequential": self.sequential,
                 "num_windows": self.windows.num_windows}
 
     def load_state_dict(self, state: dict) -> None:
@@ -120,13 +139,18 @@ class TrainLoader:
         self.cursor = int(state["cursor"])
         self.seed = int(state["seed"])
         self.shuffle = bool(state["shuffle"])
+        self.sequential = bool(state.get("sequential", False))
+
+
+def eval_window_count(windows: TokenWindows, max_windows: int | None) -> int:
+    """How many windows an evaluation of at most `max_windows` windows (all when None) reads, over all ranks."""
+    return windows.num_windows if max_windows is None else min(max_windows, windows.num_windows)
 
 
 def eval_batches(windows: TokenWindows, batch_size: int, max_windows: int | None, *, rank: int = 0,
                  world_size: int = 1, device: str | torch.device = "cpu"
                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The first `max_windows` windows of a split (all when None), in order; each rank takes a stride."""
-    total = windows.num_windows if max_windows is None else min(max_windows, windows.num_windows)
-    mine = np.arange(rank, total, world_size)
+    mine = np.arange(rank, eval_window_count(windows, max_windows), world_size)
     for start in range(0, len(mine), batch_size):
         yield to_batch(windows.gather(mine[start : start + batch_size]), torch.device(device))

@@ -1,9 +1,11 @@
-"""Generation: sample one token at a time from a model's next-token distribution, with a KV cache.
+"""Generation: sample one token at a time from a model's next-token distribution, with a cache.
 
-The cache keeps every layer's keys and values, so each new token costs one token's forward pass instead
-of the whole context's. The context is the last `block_size` tokens, as without a cache: once the window
-is full, every new token slides it by one, and the window is run through the model afresh (positions
-shift, so cached keys no longer apply).
+A transformer's cache (KVCache) keeps every layer's keys and values, so each new token costs one token's
+forward pass instead of the whole context's. The context is the last `block_size` tokens, as without a
+cache: once the window is full, every new token slides it by one, and the window is run through the model
+afresh (positions shift, so cached keys no longer apply). A recurrent model's cache is its hidden state
+(RecurrentState): the prompt goes in once, then one token per step, and the state carries the whole history.
+Models without a cache (bigram, Bengio's MLP) recompute the window.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
+from torch import nn
 
-from lmforge.model.gpt import GPT, KVCache
+from lmforge.model.gpt import KVCache
+from lmforge.model.recurrent import RecurrentState
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
@@ -34,7 +38,7 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, 
 
 
 @torch.no_grad()
-def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,
+def generate(model: nn.Module, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
              stop_token: int | None = None, use_cache: bool = True) -> Iterator[int]:
     """Yield up to max_new_tokens new token ids after the prompt (stopping after stop_token, not
@@ -46,14 +50,18 @@ def generate(model: GPT, prompt: Sequence[int], max_new_tokens: int, *, temperat
     device = model.wte.weight.device
     block_size = model.config.block_size
     tokens = list(prompt)[-block_size:]
-    cache: KVCache | None = None
+    # None: the model has no cache (or none is wanted), so every token recomputes the window.
+    cache: KVCache | RecurrentState | None = model.new_cache(1, device, model.wte.weight.dtype) if use_cache else None
+    started = False
     try:
         for _ in range(max_new_tokens):
             window = tokens[-block_size:]
-            if not use_cache:
+            if cache is None:
                 logits, _ = model(torch.tensor([window], device=device))
-            elif cache is None or cache.length >= block_size:  # first step, or the window slid
-                cache = KVCache.empty(model.config, 1, device, model.wte.weight.dtype)
+            elif not started or (isinstance(cache, KVCache) and cache.length >= block_size):  # first, or slid
+                if started:
+                    cache = model.new_cache(1, device, model.wte.weight.dtype)
+                started = True
                 logits, _ = model(torch.tensor([window], device=device), cache=cache)
             else:
                 logits, _ = model(torch.tensor([window[-1:]], device=device), cache=cache)

@@ -244,6 +244,11 @@ def import_hf(source: str, out: str | Path, *, tokenizer: str | Path | None = No
 def export_family(config: ModelConfig) -> str:
     """gpt2 or llama: the transformers family that computes exactly this model, or a refusal naming the
     option that neither has."""
+    if config.arch != "gpt":
+        raise UserError(f"model.arch = {config.arch}: Hugging Face export covers the transformer (gpt) only")
+    if config.activation not in ("", "gelu"):
+        raise UserError(f"model.activation = {config.activation} has no Hugging Face GPT-2 or Llama equivalent; "
+                        "cannot export")
     if config.qk_norm:
         raise UserError("model.qk_norm = true has no Hugging Face GPT-2 or Llama equivalent; cannot export")
     if config.logit_softcap > 0:

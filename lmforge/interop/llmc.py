@@ -52,7 +52,8 @@ def tensor_shapes(max_seq_len: int, padded_vocab: int, n_layer: int, n_embd: int
 
 def check_llmc_model(config: ModelConfig) -> None:
     """Refuse, naming the option, a model llm.c's GPT-2 cannot compute."""
-    gpt2 = {"position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "tie_embeddings": True,
+    gpt2 = {"arch": "gpt", "activation": "", "position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True,
+            "tie_embeddings": True,
             "qk_norm": False, "logit_softcap": 0.0}
     for key, value in gpt2.items():
         if getattr(config, key) != value:

@@ -19,6 +19,7 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
+from lmforge.model.activations import activation
 from lmforge.model.init import init_weights
 
 VOCAB_MULTIPLE = 64
@@ -43,7 +44,13 @@ def mlp_hidden_size(config: ModelConfig) -> int:
 def check_model_config(config: ModelConfig) -> None:
     """Clear errors for settings that cannot build a model."""
     if config.arch != "gpt":
-        raise UserError(f"unknown model.arch '{config.arch}'; this version builds 'gpt'")
+        raise UserError(f"GPT builds model.arch 'gpt', not '{config.arch}' (lmforge.model.factory.build_model "
+                        "builds every arch)")
+    if config.activation and config.mlp != "gelu":
+        raise UserError(f"model.activation replaces the GELU of model.mlp = 'gelu'; model.mlp = '{config.mlp}' "
+                        "has its own: leave model.activation empty")
+    if config.activation:
+        activation(config.activation)  # raises, naming the choices
     for key, allowed in CHOICES.items():
         if getattr(config, key) not in allowed:
             raise UserError(f"unknown model.{key} '{getattr(config, key)}'; choose one of {', '.join(allowed)}")
@@ -116,6 +123,8 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, qkv_size, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.proj.residual = True  # init: scaled down by depth
+        self.keep_weights = False  # attention_maps() sets it to see the probabilities SDPA keeps to itself
+        self.weights: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
@@ -139,6 +148,10 @@ class Attention(nn.Module):
         if self.n_kv_head != self.n_head:  # each key/value head serves a group of query heads
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        if self.keep_weights:
+            scores = q.float() @ k.float().transpose(-2, -1) / self.head_size**0.5
+            visible = torch.ones(length, start + length, dtype=torch.bool, device=x.device).tril(start)
+            self.weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
         dropout = self.dropout if self.training else 0.0
         if start == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
@@ -152,6 +165,7 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.kind = config.mlp
+        self.act = activation(config.activation or "gelu")  # GPT-2's tanh-approximated GELU by default
         hidden = mlp_hidden_size(config)
         # SwiGLU: one matrix computes gate and value side by side, split in forward.
         self.fc = nn.Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
@@ -161,7 +175,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         if self.kind == "gelu":
-            h = F.gelu(h, approximate="tanh")  # GPT-2's tanh approximation
+            h = self.act(h)
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:
@@ -208,6 +222,21 @@ class GPT(nn.Module):
 
     def head_weight(self) -> torch.Tensor:
         return self.wte.weight if self.lm_head is None else self.lm_head.weight
+
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        return KVCache.empty(self.config, batch, device, dtype)
+
+    @torch.no_grad()
+    def attention_maps(self, idx: torch.Tensor, layer: int) -> torch.Tensor:
+        """The attention probabilities (B, n_head, T, T) of one layer for token ids idx (B, T)."""
+        attention = self.blocks[layer].attn
+        attention.keep_weights = True
+        try:
+            self(idx)
+        finally:
+            attention.keep_weights = False
+        weights, attention.weights = attention.weights, None
+        return weights
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -7,7 +7,8 @@
   alike through tanh-like layers.
 - kaiming: matrices N(0, 2 / fan_in), which keeps activation variance through ReLU-like layers.
 Under every scheme embeddings are N(0, init_std), biases start at 0 and norm gains at 1; the rows that only
-pad the vocabulary start (and stay) at 0.
+pad the vocabulary start (and stay) at 0. The recurrent models' matrices (torch's LSTM and GRU included) follow
+the same schemes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from lmforge.config import ModelConfig
 
 @torch.no_grad()
 def init_weights(model: nn.Module, config: ModelConfig) -> None:
-    residual_std = config.init_std / math.sqrt(2 * config.n_layer)
+    residual_std = config.init_std / math.sqrt(2 * max(config.n_layer, 1))  # a bigram has no layers
     for module in model.modules():
         if isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=config.init_std)
@@ -36,6 +37,16 @@ def init_weights(model: nn.Module, config: ModelConfig) -> None:
                 nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.RNNBase):  # torch's LSTM and GRU: input and hidden matrices of every layer
+            for name, param in module.named_parameters():
+                if name.startswith("bias"):
+                    nn.init.zeros_(param)
+                elif config.init == "xavier":
+                    nn.init.xavier_uniform_(param)
+                elif config.init == "kaiming":
+                    nn.init.kaiming_normal_(param, nonlinearity="relu")
+                else:
+                    nn.init.normal_(param, std=config.init_std)
         elif isinstance(module, nn.LayerNorm | nn.RMSNorm):
             if module.weight is not None:
                 nn.init.ones_(module.weight)

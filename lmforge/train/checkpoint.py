@@ -5,6 +5,9 @@ Layout of `RUN/checkpoints/step_0000100/`:
 - `optimizer.safetensors`: every optimizer's per-parameter state, keys `{optimizer}.{param}.{name}`
 - `state.json`: step, tokens, elapsed time, best val loss, data-loader position, RNG states and the
   optimizers' hyperparameter groups: everything else needed to continue the exact same run.
+
+A run on several ranks writes the same files, with whole tensors (lmforge/train/distributed.py gathers FSDP's
+shards), so a checkpoint resumes on any number of ranks.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from lmforge.config import Config, ModelConfig, load_config
 from lmforge.data.tokenizer import Tokenizer, load_tokenizer
 from lmforge.errors import UserError
-from lmforge.model.gpt import GPT, mlp_hidden_size, norm_eps
+from lmforge.model.factory import build_model
+from lmforge.model.gpt import mlp_hidden_size, norm_eps
 
 PREFIX = "step_"
 
@@ -39,11 +43,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def _flatten_optimizers(optimizers: list[torch.optim.Optimizer]) -> tuple[dict, list]:
+def _flatten_optimizers(optimizer_states: list[dict]) -> tuple[dict, list]:
     tensors: dict[str, torch.Tensor] = {}
     groups = []
-    for index, optimizer in enumerate(optimizers):
-        state = optimizer.state_dict()
+    for index, state in enumerate(optimizer_states):
         for param_id, values in state["state"].items():
             for name, value in values.items():
                 tensors[f"{index}.{param_id}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
@@ -73,15 +76,16 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor],
-                    optimizers: list[torch.optim.Optimizer], trainer_state: dict) -> Path:
-    """Write a complete checkpoint under a temporary name, then rename it into place."""
+                    optimizer_states: list[dict], trainer_state: dict) -> Path:
+    """Write a complete checkpoint under a temporary name, then rename it into place; `optimizer_states` are
+    the optimizers' `state_dict()`s."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
-    tensors, groups = _flatten_optimizers(optimizers)
+    tensors, groups = _flatten_optimizers(optimizer_states)
     save_file(tensors, tmp / "optimizer.safetensors")
     state = dict(trainer_state, optimizer_groups=groups, rng=rng_state())
     (tmp / "state.json").write_text(json.dumps(state))
@@ -142,12 +146,13 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     return path, checkpoints[-1]
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[GPT, Config, Tokenizer, Path]:
+def load_model(path: str | Path, device: str | torch.device = "cpu"
+               ) -> tuple[torch.nn.Module, Config, Tokenizer, Path]:
     """The trained model of a run (in eval mode), its config and tokenizer, and the checkpoint used."""
     run_dir, checkpoint = resolve_checkpoint(path)
     config = load_config(run_dir / "config.toml")
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
-    model = GPT(config.model)
+    model = build_model(config.model)
     try:
         weights = load_file(checkpoint / "model.safetensors")
     except (OSError, SafetensorError) as err:
@@ -172,7 +177,7 @@ def run_tokenizer(path: str | Path) -> Tokenizer:
     return load_tokenizer(resolve_checkpoint(path)[0] / "tokenizer.json")
 
 
-def init_from_run(model: GPT, path: str | Path) -> Path:
+def init_from_run(model: torch.nn.Module, path: str | Path) -> Path:
     """Copy a run's weights into a new model (`train --init-from`): the model settings must be the run's."""
     run_dir, checkpoint = resolve_checkpoint(path)
     theirs, ours = architecture(load_config(run_dir / "config.toml").model), architecture(model.config)

@@ -33,6 +33,12 @@ def check_engine(config: Config) -> None:
         raise UserError(f"unknown engine '{train.engine}'; choose torch or scratch")
     if train.engine != "scratch":
         return
+    if config.model.arch != "gpt":
+        raise UserError(f"the scratch engine implements the GPT-2 transformer only, not model.arch = "
+                        f"'{config.model.arch}'; use --engine torch")
+    if config.model.activation not in ("", "gelu"):
+        raise UserError(f"the scratch engine implements GPT-2's GELU only, not model.activation = "
+                        f"'{config.model.activation}'; use --engine torch")
     check_scratch_config(config.model)
     for option, value, supported in (("optim.name", config.optim.name, ("adamw",)),
                                      ("train.device", train.device, ("auto", "cpu")),

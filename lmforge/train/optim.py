@@ -8,8 +8,11 @@ group by the schedule through the group's `initial_lr`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lmforge.config import OptimConfig
 from lmforge.errors import UserError
@@ -53,12 +56,25 @@ class Muon(torch.optim.Optimizer):
                 buffer = state["momentum_buffer"]
                 buffer.lerp_(param.grad, 1 - group["momentum"])
                 update = param.grad.lerp(buffer, group["momentum"])  # Nesterov: look one step ahead
-                update = orthogonalize(update.reshape(update.size(0), -1), group["ns_steps"]).view_as(param)
+                if isinstance(update, DTensor):
+                    update = _orthogonalize_sharded(update, group["ns_steps"])
+                else:
+                    update = orthogonalize(update.reshape(update.size(0), -1), group["ns_steps"]).view_as(param)
                 # An orthogonal update has RMS 1/sqrt(max dim); rescale so tall and wide matrices move alike.
-                scale = max(1.0, param.size(0) / param[0].numel()) ** 0.5
+                scale = max(1.0, param.size(0) / math.prod(param.shape[1:])) ** 0.5
                 if group["weight_decay"]:
                     param.mul_(1 - group["lr"] * group["weight_decay"])
                 param.add_(update, alpha=-group["lr"] * scale)
+
+
+def _orthogonalize_sharded(update: DTensor, steps: int) -> DTensor:
+    """Under FSDP each rank holds some rows of the update, but Newton-Schulz needs the whole matrix (X·Xᵀ mixes
+    all rows): gather it, orthogonalize it on every rank (the same result everywhere), keep this rank's rows.
+    The momentum buffer stays sharded; only one matrix at a time is ever whole. Each rank repeating the
+    iteration costs compute rather than memory or code; for a few GPUs that is the cheaper side."""
+    whole = update.full_tensor()
+    whole = orthogonalize(whole.reshape(whole.size(0), -1), steps).view_as(whole)
+    return distribute_tensor(whole, update.device_mesh, update.placements, src_data_rank=None)
 
 
 def _adamw(groups: list[dict], config: OptimConfig, device: torch.device) -> torch.optim.AdamW:

@@ -2,11 +2,13 @@
 
 One step = `accumulation` micro-batches of `batch_size x block_size` tokens whose gradients add up to
 one global batch of `tokens_per_step` tokens, then one clipped optimizer update at the scheduled rate.
-Around the loop: evaluation, samples, atomic checkpoints, logs, and exact resume.
+Around the loop: evaluation, samples, atomic checkpoints, logs, and exact resume. Under torchrun every rank
+runs this same loop on its slice of each batch (DDP or FSDP: lmforge/train/distributed.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,8 +27,10 @@ from lmforge.data.datadir import describe_data
 from lmforge.data.loader import TokenWindows, TrainLoader
 from lmforge.errors import UserError
 from lmforge.infer.generate import generate
-from lmforge.model.gpt import GPT
+from lmforge.model.factory import build_model
+from lmforge.model.recurrent import RECURRENT_ARCHS
 from lmforge.train import checkpoint as ckpt
+from lmforge.train.distributed import mean_over_ranks, skip_gradient_sync, start_cluster, whole
 from lmforge.train.engine import ScratchEngine, check_engine
 from lmforge.train.evaluate import evaluate
 from lmforge.train.hardware import (
@@ -66,28 +70,31 @@ def optimizer_step(model: torch.nn.Module, forward, optimizers: list[torch.optim
                    scaler: torch.amp.GradScaler | None, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over `accumulation` micro-batches, then one clipped update.
 
-    `forward` is the model itself or its compiled version. Returns the mean loss over the global batch and
-    the gradient norm before clipping, both still on the device (reading them costs a sync).
+    `forward` is the model itself or its compiled version, or that wrapped in DDP. Returns the mean loss over
+    the global batch (all ranks) and the gradient norm before clipping, both still on the device (reading them
+    costs a sync). Under DDP or FSDP the micro-steps before the last accumulate their gradients unreduced.
     """
     loss_sum = torch.zeros((), device=device)
-    for _ in range(accumulation):
+    for micro_step in range(accumulation):
         inputs, targets = next_batch()
-        with autocast(device, precision):
-            _, loss = forward(inputs, targets)
-        loss_sum += loss.detach()
-        loss = loss / accumulation  # gradients of the mean over the whole global batch
-        (scaler.scale(loss) if scaler else loss).backward()
+        last = micro_step == accumulation - 1
+        with contextlib.nullcontext() if last else skip_gradient_sync(model, forward):
+            with autocast(device, precision):
+                _, loss = forward(inputs, targets)
+            loss_sum += loss.detach()
+            loss = loss / accumulation  # gradients of the mean over the whole global batch
+            (scaler.scale(loss) if scaler else loss).backward()
     if scaler:
         for optimizer in optimizers:
             scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    grad_norm = whole(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf))
     for optimizer in optimizers:
         scaler.step(optimizer) if scaler else optimizer.step()
     if scaler:
         scaler.update()
     for optimizer in optimizers:
         optimizer.zero_grad(set_to_none=True)
-    return loss_sum / accumulation, grad_norm
+    return mean_over_ranks(loss_sum / accumulation), grad_norm
 
 
 @dataclass
@@ -118,21 +125,27 @@ class Trainer:
         check_engine(config)
         scratch = train.engine == "scratch"
         self.device = torch.device("cpu") if scratch else resolve_device(train.device)  # NumPy runs on the CPU
+        self.cluster, self.device = start_cluster(train, self.device)  # torchrun: this rank's place and device
         self.precision = "fp32" if scratch else resolve_precision(train.precision, self.device)
         configure_fast_math(self.device)
         torch.manual_seed(train.seed)
-        self.model = GPT(config.model).to(self.device)
+        self.model = build_model(config.model).to(self.device)
+        if config.model.arch in RECURRENT_ARCHS:  # truncated BPTT needs rows that continue across batches
+            self.model.carry_state(config.data.sequential)
         if init_from is not None:
             ckpt.init_from_run(self.model, init_from)
         self.engine = ScratchEngine(self.model, config) if scratch else None
+        self.cluster.shard(self.model)  # FSDP: before the optimizers, which must hold the shards
         self.optimizers = [self.engine.optimizer] if self.engine else \
             build_optimizers(self.model, config.optim, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.loader = TrainLoader(self.data_dir, config.model.block_size, train.batch_size,
-                                  shuffle=config.data.shuffle, seed=train.seed, device=self.device)
+                                  shuffle=config.data.shuffle, seed=train.seed, rank=self.cluster.rank,
+                                  world_size=self.cluster.world_size, device=self.device,
+                                  sequential=config.data.sequential)
         self.val_windows = TokenWindows(self.data_dir, "val", config.model.block_size)
-        self.accumulation = accumulation_steps(config)
-        self.tokens_per_step = self.accumulation * train.batch_size * config.model.block_size
+        self.accumulation = accumulation_steps(config, self.cluster.world_size)
+        self.tokens_per_step = self.accumulation * train.batch_size * config.model.block_size * self.cluster.world_size
         resume_from = self._prepare_run_dir(resume, overwrite)  # last: a failed check leaves no run behind
         self.progress = Progress()
         if resume_from is not None:
@@ -141,8 +154,10 @@ class Trainer:
             self.forward = self.engine.forward
         else:
             self.forward = torch.compile(self.model) if resolve_compile(train.compile, self.device) else self.model
-        self.log_file = open(self.run_dir / "log.jsonl", "a")
-        self.tensorboard = self._open_tensorboard() if train.tensorboard else None
+        self.train_forward = self.cluster.replicate(self.forward)  # DDP: the forward whose backward syncs
+        main = self.cluster.is_main
+        self.log_file = open(self.run_dir / "log.jsonl", "a") if main else None
+        self.tensorboard = self._open_tensorboard() if train.tensorboard and main else None
         self.stop_signal: str | None = None
         self.last_eval: tuple[int, float] = (-1, math.inf)  # (step, val loss) of the latest evaluation
 
@@ -172,6 +187,9 @@ class Trainer:
         if existing and not overwrite:
             raise UserError(f"{run} already holds a run ({', '.join(existing)}); "
                             f"continue it with --resume or replace it with --overwrite")
+        self.cluster.barrier()  # every rank has looked before rank 0 changes anything
+        if not self.cluster.is_main:
+            return None
         for name in existing:
             path = run / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
@@ -182,16 +200,17 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         weights, optimizer_states, state = ckpt.load_checkpoint(path)
-        ckpt.load_weights(self.model, weights, path)
+        ckpt.load_weights(self.model, self.cluster.shard_like(weights, self.model.state_dict()), path)
         if len(optimizer_states) != len(self.optimizers):
             raise UserError(f"checkpoint {path} was written with another optim.name; resume with the same one")
         for optimizer, optimizer_state in zip(self.optimizers, optimizer_states, strict=True):
-            optimizer.load_state_dict(optimizer_state)
+            optimizer.load_state_dict(self.cluster.shard_optimizer(optimizer, optimizer_state))
         self.loader.load_state_dict(state["loader"])
         self.progress = Progress(**state["progress"])
         ckpt.set_rng_state(state["rng"])
-        write_atomic(self.run_dir / "config.toml", dumps_config(self.config))
-        self._trim_log(self.progress.step)
+        if self.cluster.is_main:
+            write_atomic(self.run_dir / "config.toml", dumps_config(self.config))
+            self._trim_log(self.progress.step)
 
     def _trim_log(self, step: int) -> None:
         """Drop what the log says happened after the checkpoint we resume from (those steps run again) and
@@ -215,6 +234,15 @@ class Trainer:
         except ImportError:
             raise UserError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    def data_order(self) -> dict:
+        """How the loader reads the windows, and so whether a recurrent model carries its hidden state."""
+        data = self.config.data
+        order = "sequential" if data.sequential else "shuffled" if data.shuffle else "corpus"
+        state = None
+        if self.config.model.arch in RECURRENT_ARCHS:
+            state = "carried" if data.sequential else "reset"
+        return {"data_order": order, "recurrent_state": state}
 
     # ----- the loop -----
     def schedule_progress(self, elapsed: float) -> float:
@@ -240,8 +268,19 @@ class Trainer:
 
     def run(self) -> dict:
         """Train until a limit is reached or a signal arrives; then a full evaluation and a checkpoint."""
+        with self.cluster.collective_failures():
+            return self._run()
+
+    def _agreed_elapsed(self, launch_start: float) -> float:
+        """Seconds since the launch, the same on every rank, which also learn of a signal any rank received."""
+        elapsed, stop_requested = self.cluster.agree(time.perf_counter() - launch_start, bool(self.stop_signal))
+        if stop_requested and not self.stop_signal:
+            self.stop_signal = "another rank's signal"
+        return elapsed
+
+    def _run(self) -> dict:
         config, train, progress = self.config, self.config.train, self.progress
-        peak = peak_flops(self.device, self.precision)
+        peak = peak_flops(self.device, self.precision) * self.cluster.world_size
         flops_per_token = self.model.flops_per_token()
         train_tokens = self.meta["splits"]["train"]["tokens"]
         start = {
@@ -250,8 +289,10 @@ class Trainer:
             "flops_per_token": flops_per_token, "train_tokens": train_tokens,
             "val_tokens": self.meta["splits"]["val"]["tokens"], "tokens_per_step": self.tokens_per_step,
             "iters_per_epoch": train_tokens / self.tokens_per_step, "device": str(self.device),
-            "precision": self.precision, "engine": train.engine, "world_size": 1, "resumed_from_step": progress.step,
+            "precision": self.precision, "engine": train.engine, "world_size": self.cluster.world_size,
+            "parallel": train.parallel if self.cluster.distributed else None, "resumed_from_step": progress.step,
         }
+        start.update(self.data_order(), arch=config.model.arch, data=str(self.data_dir.resolve()))
         self.log(start)
         self.say(f"model: {start['params']:,} parameters, {flops_per_token / 1e6:.1f} MFLOPs per token; "
                  f"device {self.device}, {self.precision}")
@@ -259,16 +300,20 @@ class Trainer:
                  f"({train.batch_size} x {config.model.block_size} x {self.accumulation} accumulation) = "
                  f"{start['iters_per_epoch']:.1f} iterations per epoch"
                  + (f"; resuming at step {progress.step}" if progress.step else ""))
+        state = {"carried": "carried from batch to batch (truncated BPTT)",
+                 "reset": "reset to zeros for every window (data.sequential = true carries it)"}
+        self.say(f"data order: {start['data_order']}" + (f"; {config.model.arch} hidden state "
+                 f"{state[start['recurrent_state']]}" if start["recurrent_state"] else ""))
 
         previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-        bar = tqdm(total=train.max_steps, initial=progress.step, disable=True if self.quiet else None,
+        bar = tqdm(total=train.max_steps, initial=progress.step,
+                   disable=True if self.quiet or not self.cluster.is_main else None,
                    unit="step", dynamic_ncols=True, file=sys.stdout)
         launch_start = time.perf_counter() - progress.elapsed
         self.launch = (progress.step, progress.elapsed)
         window_start, window_tokens = time.perf_counter(), 0
         try:
-            while (reason := self.stop_reason(time.perf_counter() - launch_start)) is None:
-                elapsed = time.perf_counter() - launch_start
+            while (reason := self.stop_reason(elapsed := self._agreed_elapsed(launch_start))) is None:
                 multiplier = lr_multiplier(train.schedule, progress.step, self.schedule_progress(elapsed),
                                            warmup_steps=train.warmup_steps, min_lr_ratio=train.min_lr_ratio,
                                            cooldown_fraction=train.cooldown_fraction)
@@ -277,7 +322,7 @@ class Trainer:
                     loss, grad_norm = self.engine.step(self.loader.next_batch, self.accumulation, train.grad_clip)
                 else:
                     loss, grad_norm = optimizer_step(
-                        self.model, self.forward, self.optimizers, self.loader.next_batch, self.accumulation,
+                        self.model, self.train_forward, self.optimizers, self.loader.next_batch, self.accumulation,
                         device=self.device, precision=self.precision, scaler=self.scaler, grad_clip=train.grad_clip)
                 progress.step += 1
                 progress.tokens += self.tokens_per_step
@@ -355,7 +400,8 @@ class Trainer:
         val = self.meta["splits"]["val"]
         result = evaluate(self.forward, self.val_windows, batch_size=self.config.train.batch_size,
                           max_windows=max_windows, device=self.device, precision=self.precision,
-                          bytes_per_token=val["bytes"] / val["tokens"] if val["bytes"] else None)
+                          bytes_per_token=val["bytes"] / val["tokens"] if val["bytes"] else None,
+                          rank=self.cluster.rank, world_size=self.cluster.world_size)
         progress = self.progress
         if result["loss"] < progress.best_val_loss:
             progress.best_val_loss, progress.best_step = result["loss"], progress.step
@@ -370,6 +416,8 @@ class Trainer:
         return result
 
     def run_sample(self, bar: tqdm) -> None:
+        if not (self.cluster.is_main or self.cluster.sharded):  # a sharded forward needs every rank
+            return
         tokenizer = self.tokenizer
         # A generator of its own: sampling must not move the training RNG (dropout, resume).
         generator = torch.Generator(self.device).manual_seed(self.config.train.seed + self.progress.step)
@@ -379,18 +427,25 @@ class Trainer:
         self.log({"kind": "sample", "step": self.progress.step, "prompt": "", "text": text})
         (bar.write if not bar.disable else self.say)(f"--- sample at step {self.progress.step} ---\n{text}\n---")
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
         progress = self.progress
         eval_step, eval_loss = self.last_eval
         if eval_step == progress.step and eval_loss < progress.best_checkpoint_loss:
             progress.best_checkpoint_loss, progress.best_checkpoint_step = eval_loss, progress.step
         state = {"progress": vars(progress).copy(), "loader": self.loader.state_dict()}
-        path = ckpt.save_checkpoint(self.run_dir, progress.step, self.model.state_dict(), self.optimizers, state)
+        # Every rank takes part in gathering the shards (FSDP); rank 0 alone writes.
+        model_state = self.cluster.gather_full(self.model.state_dict())
+        optimizer_states = [self.cluster.gather_optimizer(optimizer.state_dict()) for optimizer in self.optimizers]
+        if not self.cluster.is_main:
+            return None
+        path = ckpt.save_checkpoint(self.run_dir, progress.step, model_state, optimizer_states, state)
         ckpt.prune_checkpoints(self.run_dir, self.config.train.keep_last, progress.best_checkpoint_step)
         return path
 
     # ----- output -----
     def log(self, record: dict) -> None:
+        if self.log_file is None:  # not rank 0
+            return
         self.log_file.write(json.dumps(record) + "\n")
         self.log_file.flush()
         if self.tensorboard is not None and record["kind"] in ("train", "eval"):
@@ -399,10 +454,13 @@ class Trainer:
                     self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
 
     def say(self, message: str) -> None:
-        if not self.quiet:
+        if not self.quiet and self.cluster.is_main:
             print(message, flush=True)
 
     def close(self) -> None:
-        self.log_file.close()
+        if self.log_file is not None:
+            self.log_file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        self.train_forward = self.forward  # DDP's reducer holds the process group: let go of it first
+        self.cluster.close()

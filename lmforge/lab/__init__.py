@@ -1,0 +1,1 @@
+"""The learning lab: runs side by side (compare), hyperparameter search (sweep) and teaching plots."""

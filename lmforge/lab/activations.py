@@ -1,0 +1,49 @@
+"""`lmforge plot activations`: the activation functions a model may use, and their derivatives, on one figure.
+
+The derivatives come from autograd on the very functions the models call (lmforge.model.activations), so
+the picture shows what training sees: where a function saturates its gradient vanishes.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lmforge.errors import UserError
+from lmforge.model.activations import ACTIVATIONS
+
+
+def plot_activations(out: str | Path) -> Path:
+    """Write the PNG (functions left, derivatives right) to `out`, atomically; return its path."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out must name a .png file, got {out}")
+    if not out.parent.is_dir():
+        raise UserError(f"the directory of --out does not exist: {out.parent}")
+    figure = Figure(figsize=(11, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    values_axes, slopes_axes = figure.subplots(1, 2)
+    for name, function in ACTIVATIONS.items():
+        x = torch.linspace(-4, 4, 401, requires_grad=True)
+        y = function(x)
+        (slope,) = torch.autograd.grad(y.sum(), x)
+        values_axes.plot(x.detach(), y.detach(), label=name)
+        slopes_axes.plot(x.detach(), slope, label=name)
+    for axes, title in ((values_axes, "Activation f(x)"), (slopes_axes, "Derivative f'(x)")):
+        axes.set_title(title)
+        axes.set_xlabel("x")
+        axes.axhline(0, color="gray", linewidth=0.5)
+        axes.axvline(0, color="gray", linewidth=0.5)
+        axes.grid(alpha=0.3)
+        axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    tmp = out.with_name(f".tmp-{out.name}")
+    tmp.write_bytes(buffer.getvalue())
+    os.replace(tmp, out)
+    return out

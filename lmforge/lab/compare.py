@@ -1,0 +1,99 @@
+"""`lmforge compare RUN... --out DIR`: several runs side by side, as a Markdown table and overlaid curves.
+
+Every number comes from the runs' log.jsonl: the latest start record (architecture, parameters, training
+tokens), the end record (tokens seen, wall time) and the evaluations (best val loss, and the final one on the
+whole validation split for bits per byte). Epochs are tokens seen / training tokens.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
+
+from lmforge.errors import UserError
+from lmforge.report import last_per_step, read_log
+
+COLUMNS = ("run", "architecture", "parameters", "tokens seen", "wall time (s)", "tokens/s", "best val loss",
+           "val bits/byte", "epochs")
+
+
+def summarize(run: Path) -> dict:
+    """One row of the table, from the run's log."""
+    log_path = run / "log.jsonl"
+    if not log_path.is_file():
+        raise UserError(f"{run} is not a run directory (no log.jsonl); compare takes run directories")
+    log = read_log(log_path)
+    evals = last_per_step(log.evals)
+    if not log.starts or log.end is None or not evals:
+        raise UserError(f"{run} has not finished training (its log has no end record or no evaluation); "
+                        "compare finished runs")
+    start, end = log.starts[-1], log.end
+    final = evals[-1]
+    return {"run": run.name, "architecture": start.get("arch", "gpt"), "parameters": start["params"],
+            "tokens seen": end["tokens"], "wall time (s)": end["elapsed"],
+            "tokens/s": end["tokens"] / end["elapsed"] if end["elapsed"] > 0 else math.nan,
+            "best val loss": min(record["val_loss"] for record in log.evals),
+            "val bits/byte": final.get("val_bpb"), "epochs": end["tokens"] / start["train_tokens"],
+            "evals": evals}
+
+
+def markdown_table(rows: list[dict]) -> str:
+    formats = {"parameters": "{:,}", "tokens seen": "{:,}", "wall time (s)": "{:.1f}", "tokens/s": "{:,.0f}",
+               "best val loss": "{:.4f}", "val bits/byte": "{:.4f}", "epochs": "{:.2f}"}
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = ["n/a" if row[key] is None else formats.get(key, "{}").format(row[key]) for key in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def compare(runs: list[str | Path], out: str | Path) -> Path:
+    """Write OUT/compare.md (the table, sorted by val bits per byte, else loss) and the two curve PNGs."""
+    if not runs:
+        raise UserError("compare needs at least one run directory")
+    rows = [summarize(Path(run)) for run in runs]
+    names = [row["run"] for row in rows]
+    if len(set(names)) != len(names):
+        rows = [dict(row, run=str(Path(run))) for row, run in zip(rows, runs, strict=True)]
+    rows.sort(key=lambda row: (row["val bits/byte"] is None, row["val bits/byte"] or row["best val loss"]))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, x_key, label in (("val_loss_vs_tokens.png", "tokens", "tokens seen"),
+                               ("val_loss_vs_time.png", "elapsed", "wall time (s)")):
+        _write_atomic(out / name, _curves(rows, x_key, label))
+    text = ("# Comparison\n\n" + markdown_table(rows) + "\n\nval bits/byte: the final evaluation, on the whole "
+            "validation split; best val loss: the lowest of all evaluations.\n\n"
+            "![val loss against tokens](val_loss_vs_tokens.png)\n\n"
+            "![val loss against wall time](val_loss_vs_time.png)\n")
+    _write_atomic(out / "compare.md", text.encode("utf-8"))
+    return out / "compare.md"
+
+
+def _curves(rows: list[dict], x_key: str, label: str) -> bytes:
+    figure = Figure(figsize=(8, 5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    for row in rows:
+        axes.plot([r[x_key] for r in row["evals"]], [r["val_loss"] for r in row["evals"]], "o-", markersize=3,
+                  label=f"{row['run']} ({row['architecture']})")
+    axes.set_xlabel(label)
+    axes.set_ylabel("val loss (nats per token)")
+    axes.set_title(f"Validation loss against {label}")
+    axes.xaxis.set_major_formatter(EngFormatter())
+    axes.grid(alpha=0.3)
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,65 @@
+"""Pictures of a trained model's insides, for the report: weight and gradient histograms per layer, and a
+transformer's attention maps (one small image per head of one layer) for a sample sentence.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import nn
+
+
+def layer_gradients(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The gradient of the mean loss on one batch, for every weight matrix (no dropout: the model in eval mode).
+    The model's own .grad fields are left as they were."""
+    was_training = model.training
+    model.eval()
+    matrices = {name: p for name, p in model.named_parameters() if p.dim() >= 2}
+    _, loss = model(inputs, targets)
+    grads = torch.autograd.grad(loss, list(matrices.values()))
+    model.train(was_training)
+    return dict(zip(matrices, grads, strict=True))
+
+
+def histograms_png(tensors: dict[str, torch.Tensor], title: str) -> bytes:
+    """One histogram per named tensor (log-scaled counts), in a grid; the title line gives each tensor's std."""
+    columns = min(4, len(tensors))
+    rows = math.ceil(len(tensors) / columns)
+    figure = Figure(figsize=(3.2 * columns, 2.4 * rows + 0.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    figure.suptitle(title)
+    for index, (name, tensor) in enumerate(tensors.items()):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        values = tensor.detach().float().flatten().cpu().numpy()
+        axes.hist(values, bins=60, log=True)
+        axes.set_title(f"{name}\nstd {values.std():.2e}", fontsize=8)
+        axes.tick_params(labelsize=7)
+    return _png(figure)
+
+
+def attention_png(weights: torch.Tensor, labels: list[str], layer: int) -> bytes:
+    """weights (n_head, T, T), row = query position, column = key position; labels: the tokens as text."""
+    heads = weights.size(0)
+    columns = min(4, heads)
+    rows = math.ceil(heads / columns)
+    size = max(2.5, 0.12 * len(labels))
+    figure = Figure(figsize=(size * columns, size * rows + 0.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    figure.suptitle(f"Attention of layer {layer}, every head (row: query token, column: key token)")
+    for head in range(heads):
+        axes = figure.add_subplot(rows, columns, head + 1)
+        axes.imshow(weights[head].cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
+        axes.set_title(f"head {head}", fontsize=9)
+        axes.set_xticks(range(len(labels)), labels, fontsize=6, rotation=90)
+        axes.set_yticks(range(len(labels)), labels, fontsize=6)
+    return _png(figure)
+
+
+def _png(figure: Figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()

@@ -1,0 +1,294 @@
+"""`lmforge sweep`: hyperparameter search, step 9 of the recipe, on Optuna.
+
+Each trial is an ordinary training run in OUT/trial_000, OUT/trial_001, ... with the swept config keys set
+from `--param` specs: `KEY=a,b,c` (these values), `KEY=log:LOW:HIGH` (log-uniform) or `KEY=lin:LOW:HIGH`
+(uniform; integers for integer keys). The grid sampler tries every combination of value lists once; random
+and TPE sample the ranges. A median pruner stops a trial whose intermediate validation loss is worse than
+the median of earlier trials at the same step. The study lives in OUT/sweep.db (SQLite), so running the same
+command again after an interruption continues it: finished trials are kept, not repeated.
+
+Outputs: OUT/results.md (trials sorted by val loss), OUT/param_KEY.png (val loss against each swept key) and
+OUT/best.toml (the config with the best trial's values, ready for `lmforge train`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lmforge.config import Config, dumps_config, load_config, set_value
+from lmforge.errors import UserError
+from lmforge.train.trainer import Trainer
+
+METHODS = ("grid", "random", "tpe")
+DEFAULT_TRIALS = 10  # random and tpe; a grid's default is its size
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+SPEC_HELP = "KEY=v1,v2,... (values), KEY=log:LOW:HIGH (log-uniform) or KEY=lin:LOW:HIGH (uniform)"
+
+
+@dataclass
+class Param:
+    """One swept config key: a list of values, or a range [low, high] (log-spaced or not)."""
+
+    key: str
+    values: list[Any] | None = None
+    low: float = 0.0
+    high: float = 0.0
+    log: bool = False
+    integer: bool = False
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.values is not None:
+            return trial.suggest_categorical(self.key, self.values)
+        if self.integer:
+            return trial.suggest_int(self.key, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.key, self.low, self.high, log=self.log)
+
+
+def parse_param(spec: str) -> Param:
+    """A `--param` spec as a Param, or a UserError saying what is wrong with it."""
+    key, sep, text = spec.partition("=")
+    if not sep or not key or not text:
+        raise UserError(f"--param '{spec}': expected {SPEC_HELP}")
+    try:
+        set_value(Config(), key, _default(key))  # an unknown key names the closest valid one
+    except UserError as err:
+        raise UserError(f"--param '{spec}': {err}") from None
+    if text.startswith(("log:", "lin:")):
+        parts = text.split(":")
+        kind = type(_default(key))
+        if kind not in (int, float):
+            raise UserError(f"--param '{spec}': a range needs a numeric key; {key} is {kind.__name__}")
+        try:
+            low, high = float(parts[1]), float(parts[2])
+            if len(parts) != 3:
+                raise ValueError
+        except (ValueError, IndexError):
+            raise UserError(f"--param '{spec}': a range is {parts[0]}:LOW:HIGH with two numbers") from None
+        if not low < high:
+            raise UserError(f"--param '{spec}': LOW must be below HIGH")
+        if parts[0] == "log" and low <= 0:
+            raise UserError(f"--param '{spec}': a log range needs LOW > 0")
+        return Param(key, low=low, high=high, log=parts[0] == "log", integer=kind is int)
+    values = []
+    for text_value in text.split(","):
+        config = Config()
+        try:
+            set_value(config, key, text_value.strip())
+        except UserError as err:
+            raise UserError(f"--param '{spec}': {err}") from None
+        values.append(_default(key, config))
+    if len(set(values)) != len(values):
+        raise UserError(f"--param '{spec}': a value is listed twice")
+    return Param(key, values=values)
+
+
+def _default(key: str, config: Config | None = None) -> Any:
+    section, _, name = key.partition(".")
+    return getattr(getattr(config or Config(), section, None), name, None)
+
+
+class TrialTrainer(Trainer):
+    """A Trainer that reports each evaluation to its Optuna trial and stops early when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, *args, **kwargs):
+        self.trial = trial
+        self.pruned = False
+        super().__init__(*args, **kwargs)
+
+    def run_eval(self, max_windows: int | None, *, final: bool = False, bar=None) -> dict:
+        result = super().run_eval(max_windows, final=final, bar=bar)
+        if not final and math.isfinite(result["loss"]):
+            self.trial.report(result["loss"], self.progress.step)
+            self.pruned = self.trial.should_prune()
+        return result
+
+    def stop_reason(self, elapsed: float) -> str | None:
+        return "pruned" if self.pruned else super().stop_reason(elapsed)
+
+
+def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path, specs: list[str], *,
+          method: str = "tpe", trials: int | None = None, budget_time: float | None = None,
+          overrides: dict[str, str] | None = None, seed: int = 1337, quiet: bool = False) -> dict:
+    """Run (or continue) the study in `out`; write its results; return the best finished trial's row."""
+    if method not in METHODS:
+        raise UserError(f"unknown --method '{method}'; choose one of {', '.join(METHODS)}")
+    if not specs:
+        raise UserError(f"sweep needs at least one --param ({SPEC_HELP})")
+    params = [parse_param(spec) for spec in specs]
+    keys = [param.key for param in params]
+    if len(set(keys)) != len(keys):
+        raise UserError("each config key may be swept by one --param only")
+    if method == "grid":
+        ranges = [param.key for param in params if param.values is None]
+        if ranges:
+            raise UserError(f"--method grid needs value lists (KEY=a,b,c), not ranges: {', '.join(ranges)}")
+        size = math.prod(len(param.values) for param in params)
+        trials = size if trials is None else min(trials, size)
+    trials = DEFAULT_TRIALS if trials is None else trials
+    if trials <= 0:
+        raise UserError("--trials must be positive")
+    if budget_time is not None and budget_time <= 0:
+        raise UserError("--budget-time must be positive (seconds of training per trial)")
+    base = load_config(config_path, overrides)  # a bad config fails here, before any trial
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'sweep.db').resolve()}")
+    space = {"method": method, "params": specs}
+    existing = optuna.load_study(study_name="sweep", storage=storage) if _has_study(storage) else None
+    if existing is not None and existing.user_attrs.get("space") != space:
+        raise UserError(f"{out} holds a sweep of other parameters ({existing.user_attrs.get('space')}); "
+                        "use another --out, or the same --method and --param flags to continue it")
+    started = len(existing.trials) if existing is not None else 0
+    sampler_seed = seed + started  # a resumed random search draws new points, not the first ones again
+    # The grid's seed shuffles the order of its points, which its trials refer to by number: it must not change.
+    sampler = {"grid": lambda: optuna.samplers.GridSampler({p.key: p.values for p in params}, seed=seed),
+               "random": lambda: optuna.samplers.RandomSampler(seed=sampler_seed),
+               "tpe": lambda: optuna.samplers.TPESampler(seed=sampler_seed)}[method]()
+    study = optuna.create_study(storage=storage, sampler=sampler, study_name="sweep", direction="minimize",
+                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2), load_if_exists=True)
+    study.set_user_attr("space", space)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        # Left running by a killed sweep: it never finished, so it runs again (as a new trial).
+        _forget_grid_point(study, trial._trial_id)
+        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+
+    def objective(trial: optuna.Trial) -> float:
+        config = load_config(config_path, overrides)
+        chosen = {param.key: param.suggest(trial) for param in params}
+        for key, value in chosen.items():
+            set_value(config, key, value)
+        if budget_time is not None:
+            config.train.max_time = budget_time
+        run_dir = out / f"trial_{trial.number:03d}"
+        say(f"trial {trial.number}: " + ", ".join(f"{key}={_show(value)}" for key, value in chosen.items()))
+        trainer = TrialTrainer(trial, config, data_dir, run_dir, overwrite=True, quiet=True)
+        try:
+            result = trainer.run()
+            if result["reason"] == "interrupted":
+                raise KeyboardInterrupt
+        except UserError:
+            if _end_reason(run_dir) != "non_finite_loss":
+                raise
+            say(f"trial {trial.number}: diverged (non-finite loss)")  # a result of the search, not an error
+            trial.set_user_attr("val_loss", math.inf)
+            return math.inf
+        except BaseException:  # interrupted or crashed: the trial fails, and a resumed grid must run it again
+            _forget_grid_point(study, trial._trial_id)
+            say(f"sweep stopped; run the same command again to continue it ({out / 'sweep.db'})")
+            raise
+        val = result["val"]
+        trial.set_user_attr("run", run_dir.name)
+        trial.set_user_attr("val_loss", val["loss"])
+        trial.set_user_attr("val_bpb", val["bpb"])
+        trial.set_user_attr("steps", result["step"])
+        trial.set_user_attr("elapsed", trainer.progress.elapsed)
+        say(f"trial {trial.number}: val loss {val['loss']:.4f}" + (" (pruned)" if trainer.pruned else ""))
+        if trainer.pruned:
+            raise optuna.TrialPruned()
+        return val["loss"]
+
+    def say(message: str) -> None:
+        if not quiet:
+            print(message, flush=True)
+
+    finished = len(study.get_trials(deepcopy=False, states=FINISHED))
+    if finished < trials:
+        study.optimize(objective, n_trials=trials - finished)
+    rows = result_rows(study)
+    complete = [row for row in rows if row["state"] == "complete"]
+    if not complete:
+        raise UserError(f"no trial of the sweep in {out} completed (all were pruned or failed)")
+    best = complete[0]
+    for key in keys:
+        set_value(base, key, best[key])
+    _write_atomic(out / "best.toml", dumps_config(base).encode("utf-8"))
+    _write_atomic(out / "results.md", results_markdown(rows, keys).encode("utf-8"))
+    for param in params:
+        _write_atomic(out / f"param_{param.key}.png", _param_plot(rows, param))
+    say(f"best: {best['run']}, val loss {best['val_loss']:.4f}: "
+        + ", ".join(f"{key}={_show(best[key])}" for key in keys) + f"; config in {out / 'best.toml'}")
+    return best
+
+
+def _forget_grid_point(study: optuna.Study, trial_id: int) -> None:
+    """Optuna's grid sampler counts a failed trial's grid point as visited; detaching the point from the
+    trial puts it back among those still to run."""
+    study._storage.set_trial_system_attr(trial_id, "search_space", {})
+
+
+def _end_reason(run_dir: Path) -> str | None:
+    lines = (run_dir / "log.jsonl").read_text().splitlines() if (run_dir / "log.jsonl").is_file() else []
+    return json.loads(lines[-1]).get("reason") if lines else None
+
+
+def _has_study(storage: optuna.storages.BaseStorage) -> bool:
+    return any(summary.study_name == "sweep" for summary in optuna.get_all_study_summaries(storage))
+
+
+def result_rows(study: optuna.Study) -> list[dict]:
+    """The finished trials, best val loss first: number, run dir, state, swept values and results."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False, states=FINISHED):
+        if "val_loss" not in trial.user_attrs:
+            continue
+        state = "complete" if trial.state == optuna.trial.TrialState.COMPLETE else "pruned"
+        rows.append({"trial": trial.number, "state": state, **trial.params, **trial.user_attrs})
+    return sorted(rows, key=lambda row: (not math.isfinite(row["val_loss"]), row["val_loss"]))
+
+
+def results_markdown(rows: list[dict], keys: list[str]) -> str:
+    header = ["trial", "run", "state", *keys, "val loss", "val bits/byte", "steps", "wall time (s)"]
+    lines = ["# Sweep results", "", "Sorted by validation loss (the final evaluation, on the whole split).", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        bpb = "n/a" if row["val_bpb"] is None else f"{row['val_bpb']:.4f}"
+        cells = [str(row["trial"]), row["run"], row["state"], *(_show(row[key]) for key in keys),
+                 f"{row['val_loss']:.4f}", bpb, str(row["steps"]), f"{row['elapsed']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _show(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _param_plot(rows: list[dict], param: Param) -> bytes:
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    for state, marker in (("complete", "o"), ("pruned", "x")):
+        chosen = [row for row in rows if row["state"] == state]
+        values = [row[param.key] for row in chosen]
+        if param.values is not None and not all(isinstance(v, int | float) for v in param.values):
+            values = [param.values.index(value) for value in values]  # categories at positions 0, 1, ...
+        axes.plot(values, [row["val_loss"] for row in chosen], marker, linestyle="none", label=state)
+    if param.values is not None and not all(isinstance(v, int | float) for v in param.values):
+        axes.set_xticks(range(len(param.values)), [str(v) for v in param.values])
+    elif param.log:
+        axes.set_xscale("log")
+    axes.set_xlabel(param.key)
+    axes.set_ylabel("val loss (nats per token)")
+    axes.set_title(f"Validation loss against {param.key}")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -1,0 +1,28 @@
+"""The nonlinearities a model may use (`model.activation`), by name, for every architecture that has one.
+
+tanh and sigmoid squash (saturate for large |x|, where their gradient vanishes); relu passes positives and
+zeroes negatives (gradient 0 or 1); gelu is a smooth relu (GPT-2's tanh approximation).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import UserError
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "tanh": torch.tanh,
+    "relu": F.relu,
+    "gelu": lambda x: F.gelu(x, approximate="tanh"),
+    "sigmoid": torch.sigmoid,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function called `name`; a UserError naming the choices for anything else."""
+    if name not in ACTIVATIONS:
+        raise UserError(f"unknown model.activation '{name}'; choose one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]

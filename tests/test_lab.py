@@ -1,0 +1,317 @@
+"""The learning lab: every architecture learns and is causal, recurrent state carries as logged, compare's
+table matches the logs, the sweep searches and resumes, and the pictures are PNGs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.cli import main
+from lmforge.config import ModelConfig
+from lmforge.data.loader import TrainLoader
+from lmforge.errors import UserError
+from lmforge.infer.generate import generate
+from lmforge.model.factory import ARCHS, build_model
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.trainer import Trainer
+
+pytestmark = pytest.mark.usefixtures("no_flops_probe")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ARCH_OVERRIDES = {"model.dropout": "0.0", "model.n_layer": "1"}
+
+
+def records(run_dir, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def small_model(arch: str, **changes) -> torch.nn.Module:
+    torch.manual_seed(0)
+    values = dict(arch=arch, vocab_size=40, block_size=12, n_layer=2, n_head=2, n_embd=16, context=3)
+    return build_model(ModelConfig(**{**values, **changes})).eval()
+
+
+# ---- architectures ----
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_arch_trains_and_its_loss_falls(arch, tiny_data, tiny_config, tmp_path):
+    # A lookup table learns one row per token, and recurrent nets sit on a unigram plateau before they learn to
+    # use their state: both need larger steps than the rest to get going in 100 steps.
+    lr = {"bigram": 0.1, "rnn": 3e-2, "lstm": 3e-2, "gru": 3e-2}.get(arch, 1e-2)
+    config = tiny_config(model__arch=arch, train__max_steps=100, train__batch_size=8, optim__lr=lr,
+                         **{k.replace(".", "__"): v for k, v in ARCH_OVERRIDES.items()})
+    Trainer(config, tiny_data, tmp_path / arch, quiet=True).run()
+    losses = [r["loss"] for r in records(tmp_path / arch, "train")]
+    assert losses[0] == pytest.approx(math.log(config.model.vocab_size), abs=0.3)  # starts near uniform
+    assert np.mean(losses[-5:]) < 0.8 * losses[0]
+    assert records(tmp_path / arch, "start")[0]["arch"] == arch
+    # The saved run loads back as the same architecture and generates.
+    model, loaded, _, _ = ckpt.load_model(tmp_path / arch)
+    assert type(model).__name__ == type(build_model(loaded.model)).__name__
+    assert len(list(generate(model, [1, 2, 3], 20, temperature=1.0, generator=torch.Generator().manual_seed(0)))) == 20
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_changing_a_future_token_never_changes_earlier_logits(arch):
+    model = small_model(arch)
+    idx = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(1))
+    for position in (0, 5, 11):
+        changed = idx.clone()
+        changed[:, position] = (changed[:, position] + 7) % 40
+        before, _ = model(idx)
+        after, _ = model(changed)
+        assert torch.equal(before[:, :position], after[:, :position])
+        if arch != "bigram" or position < 11:  # the changed token's own logits depend on it
+            assert not torch.allclose(before[:, position:], after[:, position:])
+
+
+@pytest.mark.parametrize("arch", ["mlp", "rnn"])
+@pytest.mark.parametrize("name", ["tanh", "relu", "gelu", "sigmoid"])
+def test_the_activation_is_used(arch, name):
+    x = torch.randint(0, 40, (1, 12))
+    default, _ = small_model(arch)(x)
+    chosen, _ = small_model(arch, activation=name)(x)
+    assert torch.equal(default, chosen) == (name == "tanh")  # tanh is the default; others change the function
+
+
+@pytest.mark.parametrize("arch", ["bigram", "lstm"])
+def test_an_activation_where_it_means_nothing_is_refused(arch):
+    with pytest.raises(UserError, match="does not apply"):
+        small_model(arch, activation="relu")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("init", ["xavier", "kaiming"])
+def test_the_init_scheme_changes_the_starting_weights(arch, init):
+    normal = small_model(arch).state_dict()
+    other = small_model(arch, init=init).state_dict()
+    assert any(not torch.equal(normal[name], other[name]) for name in normal)
+
+
+def test_recurrent_generation_with_the_state_equals_recomputing_the_window():
+    model = small_model("lstm", block_size=64)
+    with_state = list(generate(model, [3, 1, 4], 30, temperature=0))
+    recomputed = list(generate(model, [3, 1, 4], 30, temperature=0, use_cache=False))
+    assert with_state == recomputed
+
+
+def test_the_scratch_engine_refuses_other_archs(tiny_data, tiny_config, tmp_path):
+    with pytest.raises(UserError, match="scratch engine implements the GPT-2 transformer only"):
+        Trainer(tiny_config(model__arch="gru", train__engine="scratch"), tiny_data, tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
+# ---- hidden state: carried with sequential reading, reset otherwise ----
+
+
+def test_sequential_batches_continue_every_rows_stream(tiny_data):
+    loader = TrainLoader(tiny_data, 16, 4, sequential=True)
+    per_row = loader.stream_windows
+    batches = [loader.next_batch() for _ in range(per_row)]
+    for (_, targets), (inputs, _) in zip(batches, batches[1:], strict=False):
+        assert torch.equal(targets[:, -1], inputs[:, 0])  # each row picks up where it stopped
+    seen = torch.cat([inputs for inputs, _ in batches])
+    assert len({tuple(row.tolist()) for row in seen}) == 4 * per_row  # one epoch: no window twice
+    assert loader.epoch == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_the_hidden_state_is_carried_or_reset_as_the_log_says(sequential, tiny_data, tiny_config, tmp_path, capsys):
+    config = tiny_config(model__arch="rnn", data__sequential=sequential, train__max_steps=3)
+    trainer = Trainer(config, tiny_data, tmp_path / "run")
+    trainer.run()
+    start = records(tmp_path / "run", "start")[0]
+    assert start["recurrent_state"] == ("carried" if sequential else "reset")
+    assert start["data_order"] == ("sequential" if sequential else "shuffled")
+    assert ("truncated BPTT" in capsys.readouterr().out) == sequential
+    model = trainer.model.train()
+    inputs = torch.randint(0, config.model.vocab_size, (4, 16))
+    first, _ = model(inputs)
+    second, _ = model(inputs)  # the same windows again: different logits only if the state carried over
+    assert torch.equal(first, second) != sequential
+    if sequential:
+        assert not model.carried.requires_grad  # truncated: no gradient into the previous batch
+
+
+def test_gpt_logs_no_recurrent_state(tiny_data, tiny_config, tmp_path):
+    Trainer(tiny_config(train__max_steps=1), tiny_data, tmp_path / "run", quiet=True).run()
+    assert records(tmp_path / "run", "start")[0]["recurrent_state"] is None
+
+
+def test_the_cli_trains_and_samples_a_recurrent_run(tiny_data, tmp_path, capsys):
+    config = tmp_path / "gru.toml"
+    config.write_text('[model]\narch = "gru"\nn_layer = 1\nn_embd = 16\nblock_size = 16\n'
+                      '[train]\nbatch_size = 4\nmax_steps = 2\neval_every = 0\ncheckpoint_every = 0\n'
+                      'device = "cpu"\n')
+    assert main(["train", "--config", str(config), "--data", str(tiny_data), "--out", str(tmp_path / "run"),
+                 "--quiet"]) == 0
+    assert main(["sample", str(tmp_path / "run"), "--prompt", "the", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("the")
+
+
+# ---- compare ----
+
+
+def test_compare_tables_the_numbers_of_the_run_logs(tiny_data, tiny_config, tmp_path, capsys):
+    runs = []
+    for arch in ("bigram", "gpt"):
+        config = tiny_config(model__arch=arch, train__max_steps=6, train__eval_every=3)
+        Trainer(config, tiny_data, tmp_path / arch, quiet=True).run()
+        runs.append(tmp_path / arch)
+    assert main(["compare", *map(str, runs), "--out", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table.splitlines()
+            if line.startswith("| bigram") or line.startswith("| gpt")}
+    for run in runs:
+        start, end = records(run, "start")[0], records(run, "end")[0]
+        evals = records(run, "eval")
+        cells = rows[run.name]
+        assert cells[1] == run.name and cells[2] == f"{start['params']:,}" and cells[3] == f"{end['tokens']:,}"
+        assert cells[4] == f"{end['elapsed']:.1f}"
+        assert cells[5] == f"{end['tokens'] / end['elapsed']:,.0f}"
+        assert cells[6] == f"{min(e['val_loss'] for e in evals):.4f}"
+        assert cells[7] == f"{evals[-1]['val_bpb']:.4f}" and evals[-1]["final"]
+        assert cells[8].strip(" |") == f"{end['tokens'] / start['train_tokens']:.2f}"
+    for name in ("val_loss_vs_tokens.png", "val_loss_vs_time.png"):
+        assert (tmp_path / "cmp" / name).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_compare_refuses_a_directory_that_is_not_a_finished_run(tmp_path, capsys):
+    assert main(["compare", str(tmp_path), "--out", str(tmp_path / "cmp")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+# ---- sweep ----
+
+SWEEP_CONFIG = """[model]
+n_layer = 1
+n_head = 2
+block_size = 16
+[train]
+batch_size = 4
+max_steps = 6
+warmup_steps = 1
+eval_every = 3
+eval_tokens = 64
+checkpoint_every = 0
+log_every = 3
+device = "cpu"
+compile = "false"
+"""
+GRID = ["--param", "optim.lr=0.003,0.03", "--param", "model.n_embd=16,32", "--method", "grid"]
+
+
+def run_sweep(tiny_data, tmp_path, *extra: str) -> int:
+    config = tmp_path / "sweep.toml"
+    config.write_text(SWEEP_CONFIG)
+    return main(["sweep", "--config", str(config), "--data", str(tiny_data), "--out", str(tmp_path / "sw"),
+                 "--quiet", *extra])
+
+
+def combinations(sweep_dir) -> list[tuple[float, int]]:
+    from lmforge.config import load_config
+
+    found = []
+    for run in sorted(sweep_dir.glob("trial_*")):
+        if records(run, "end"):
+            config = load_config(run / "config.toml")
+            found.append((config.optim.lr, config.model.n_embd))
+    return found
+
+
+def test_a_grid_runs_every_combination_once_and_reports_the_best(tiny_data, tmp_path):
+    assert run_sweep(tiny_data, tmp_path, *GRID) == 0
+    out = tmp_path / "sw"
+    assert sorted(combinations(out)) == [(0.003, 16), (0.003, 32), (0.03, 16), (0.03, 32)]
+    results = [line.split(" | ") for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")]
+    losses = [float(row[5]) for row in results[1:]]
+    assert len(losses) == 4 and losses == sorted(losses)
+    best_run = next(row for row in results[1:] if row[2] == "complete")[1]
+    from lmforge.config import load_config
+
+    best = load_config(out / "best.toml")
+    trial = load_config(out / best_run / "config.toml")
+    assert (best.optim.lr, best.model.n_embd) == (trial.optim.lr, trial.model.n_embd)
+    assert best.train.max_steps == 6  # the base config, with only the swept keys changed
+    for name in ("param_optim.lr.png", "param_model.n_embd.png"):
+        assert (out / name).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(tiny_data, tmp_path, monkeypatch):
+    from lmforge.lab import sweep as sweep_module
+
+    original_run = sweep_module.TrialTrainer.run
+    calls = {"n": 0}
+
+    def run_then_interrupt(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # Ctrl-C during the third trial
+        return original_run(self)
+
+    monkeypatch.setattr(sweep_module.TrialTrainer, "run", run_then_interrupt)
+    assert run_sweep(tiny_data, tmp_path, *GRID) == 130
+    first = combinations(tmp_path / "sw")
+    assert len(first) == 2
+    calls["n"] = -100  # no more interruptions
+    assert run_sweep(tiny_data, tmp_path, *GRID) == 0
+    assert calls["n"] == -98  # exactly the two combinations not yet run
+    assert sorted(combinations(tmp_path / "sw")) == [(0.003, 16), (0.003, 32), (0.03, 16), (0.03, 32)]
+    assert run_sweep(tiny_data, tmp_path, *GRID) == 0  # all finished: nothing runs again
+    assert calls["n"] == -98
+
+
+@pytest.mark.parametrize("param, message", [
+    ("optim.lrr=1e-3,1e-2", "did you mean 'optim.lr'"),
+    ("optim.lr", "expected KEY=v1,v2"),
+    ("optim.lr=log:1e-2:1e-4", "LOW must be below HIGH"),
+    ("optim.lr=log:0:1", "LOW > 0"),
+    ("optim.lr=log:a:b", "two numbers"),
+    ("model.n_layer=two,3", "expects int"),
+    ("model.arch=log:1:2", "needs a numeric key"),
+])
+def test_a_bad_param_spec_is_one_clear_line_and_exit_2(param, message, tiny_data, tmp_path, capsys):
+    assert run_sweep(tiny_data, tmp_path, "--param", param) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "sw").exists()
+
+
+def test_a_grid_over_a_range_is_refused(tiny_data, tmp_path, capsys):
+    assert run_sweep(tiny_data, tmp_path, "--param", "optim.lr=log:1e-4:1e-2", "--method", "grid") == 2
+    assert "grid needs value lists" in capsys.readouterr().err
+
+
+# ---- pictures ----
+
+
+def test_plot_activations_writes_a_png(tmp_path, capsys):
+    assert main(["plot", "activations", "--out", str(tmp_path / "act.png")]) == 0
+    data = (tmp_path / "act.png").read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    assert main(["plot", "activations", "--out", str(tmp_path / "missing" / "act.png")]) == 2
+
+
+@pytest.mark.parametrize("arch", ["gpt", "lstm"])
+def test_the_report_shows_weights_gradients_and_a_transformers_attention(arch, tiny_data, tiny_config, tmp_path):
+    from lmforge.report import write_report
+
+    Trainer(tiny_config(model__arch=arch, train__max_steps=2), tiny_data, tmp_path / "run", quiet=True).run()
+    report = write_report(tmp_path / "run").read_text()
+    out = tmp_path / "run" / "report"
+    pictures = ["weights.png", "gradients.png"] + (["attention.png"] if arch == "gpt" else [])
+    for name in pictures:
+        assert f"]({name})" in report and (out / name).read_bytes().startswith(PNG_MAGIC)
+    assert (out / "attention.png").exists() == (arch == "gpt")
+
+
+def test_attention_maps_are_causal_probabilities():
+    model = small_model("gpt")
+    weights = model.attention_maps(torch.randint(0, 40, (1, 12)), layer=1)
+    assert weights.shape == (1, 2, 12, 12)
+    assert torch.allclose(weights.sum(-1), torch.ones(1, 2, 12))
+    assert torch.all(weights.triu(1) == 0) and not model.blocks[1].attn.keep_weights
