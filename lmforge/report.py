@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from lmforge.errors import UserError
+from lmforge.files import write_atomic
 
 SAMPLES_SHOWN = 3  # the last few samples logged during training
 # The fresh sample: seeded, so that writing the report twice writes the same report.
@@ -142,14 +142,9 @@ def write_report(run: str | Path, attention_layer: int = -1) -> Path:
         _fresh_sample_section(run),
     ]
     path = out / "report.md"
-    _write_atomic(path, ("\n\n".join(sections) + "\n").encode("utf-8"))
+    write_atomic(path, "\n\n".join(sections) + "\n")
     return path
 
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # ----- plots -----
@@ -168,7 +163,7 @@ def write_plots(train: list[dict], evals: list[dict], out: Path) -> dict[str, st
     for name, (figure, _) in figures.items():
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", dpi=100)
-        _write_atomic(out / name, buffer.getvalue())
+        write_atomic(out / name, buffer.getvalue())
     return {name: caption for name, (_, caption) in figures.items()}
 
 
@@ -341,7 +336,7 @@ def _inside_section(run: Path, out: Path, log: RunLog, attention_layer: int) -> 
     except UserError as err:
         return f"{title}\n\nThe newest checkpoint could not be loaded: {err}"
     matrices = {name: p for name, p in model.named_parameters() if p.dim() >= 2}
-    _write_atomic(out / "weights.png", histograms_png(matrices, f"Weights per layer at {checkpoint.name}"))
+    write_atomic(out / "weights.png", histograms_png(matrices, f"Weights per layer at {checkpoint.name}"))
     lines = [title, "", f"At checkpoint `{checkpoint.name}`: every weight matrix, its values and the gradient of "
              f"the loss on the first {GRADIENT_WINDOWS} validation windows.", "",
              "![Weight histograms per layer](weights.png)"]
@@ -355,7 +350,7 @@ def _inside_section(run: Path, out: Path, log: RunLog, attention_layer: int) -> 
     else:
         ids = np.arange(min(GRADIENT_WINDOWS, windows.num_windows))
         grads = layer_gradients(model, *to_batch(windows.gather(ids), torch.device("cpu")))
-        _write_atomic(out / "gradients.png", histograms_png(grads, f"Gradients per layer at {checkpoint.name}"))
+        write_atomic(out / "gradients.png", histograms_png(grads, f"Gradients per layer at {checkpoint.name}"))
         lines += ["", "![Gradient histograms per layer](gradients.png)"]
     if config.model.arch == "gpt":
         n_layer = config.model.n_layer
@@ -364,7 +359,7 @@ def _inside_section(run: Path, out: Path, log: RunLog, attention_layer: int) -> 
         layer = attention_layer % n_layer
         ids = tokenizer.encode(ATTENTION_SENTENCE)[: config.model.block_size]
         weights = model.attention_maps(torch.tensor([ids]), layer)[0]
-        _write_atomic(out / "attention.png", attention_png(weights, [tokenizer.decode([i]) for i in ids], layer))
+        write_atomic(out / "attention.png", attention_png(weights, [tokenizer.decode([i]) for i in ids], layer))
         lines += ["", f"Attention maps of layer {layer} for {ATTENTION_SENTENCE!r}, one image per head:", "",
                   f"![Attention maps of layer {layer}](attention.png)"]
     return "\n".join(lines)

@@ -71,7 +71,7 @@ def test_every_plot_is_a_png_that_report_md_embeds_by_relative_path(trained_run,
     embedded = re.findall(r"!\[[^\]]+\]\(([^)]+)\)", report.read_text())
     # relative to report.md, so the report folder can move
     assert sorted(embedded) == sorted(PLOTS + CHECKPOINT_PLOTS)
-    assert not [p.name for p in report.parent.iterdir() if p.name.startswith(".tmp-")]
+    assert not [p.name for p in report.parent.iterdir() if p.name.startswith(".")]
 
 
 def test_summary_and_model_match_the_log(trained_run, report):

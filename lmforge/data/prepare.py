@@ -55,6 +55,7 @@ from lmforge.data.tokenizer import (
     train_tokenizer,
 )
 from lmforge.errors import UserError
+from lmforge.files import write_atomic
 
 SPLITS = ("train", "val")
 DEFAULT_VAL_FRACTION = 0.1
@@ -169,12 +170,6 @@ def _clear_out_dir(out: Path) -> None:
     for path in out.iterdir():
         if OUR_TEMPORARY.match(path.name) or (OUR_FILE.match(path.name) and path.suffix == ".bin"):
             path.unlink()
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def _chunks(stream: Iterator[tuple[str, str, int]], totals: dict[str, dict[str, int]]
@@ -431,7 +426,7 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str, *, val_sources:
         "val_fraction": fraction,
         "settings": settings,  # the arguments, to tell a rerun of the same command from a different one
     }
-    _write_json(out / "meta.json", meta)
+    write_atomic(out / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     if not quiet:
         print(_summary(out, meta, stats))
     return meta

@@ -18,7 +18,6 @@ prepare puts the end-of-text id between documents. `decode` writes that id as "<
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from lmforge.errors import UserError
+from lmforge.files import write_atomic
 
 KINDS = ("char", "bpe", "gpt2")
 EOT_TEXT = "<|endoftext|>"
@@ -68,9 +68,7 @@ class Tokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(json.dumps(self.to_dict(), ensure_ascii=False), encoding="utf-8")
-        os.replace(temporary, path)
+        write_atomic(path, json.dumps(self.to_dict(), ensure_ascii=False))
         return path
 
 

@@ -15,7 +15,6 @@ Only GPT-2's architecture fits: learned positions, LayerNorm with biases, tanh G
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import torch
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import EOT_TEXT, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
+from lmforge.files import write_atomic
 from lmforge.interop.run import pad_rows, write_run
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
 from lmforge.train.checkpoint import load_model
@@ -65,13 +65,6 @@ def check_llmc_model(config: ModelConfig) -> None:
         raise UserError(f"model.mlp_hidden = {config.mlp_hidden}: llm.c's GPT-2 needs 4 * n_embd; cannot export")
     if norm_eps(config) != 1e-5:
         raise UserError(f"model.norm_eps = {config.norm_eps}: llm.c's LayerNorm uses 1e-5; cannot export")
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".tmp-{path.name}")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
 
 
 def tensor_bytes(tensor: torch.Tensor, dtype: str) -> bytes:

@@ -7,7 +7,6 @@ An imported run has no optimizer state or log, so `train --resume` does not appl
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from safetensors.torch import save_file
 
 from lmforge.config import Config, ModelConfig, dumps_config
 from lmforge.errors import UserError
+from lmforge.files import move_into_place
 from lmforge.model.gpt import GPT
 from lmforge.train.checkpoint import checkpoint_dir
 
@@ -35,15 +35,9 @@ def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], origin:
 
 def replace_path(temporary: Path, final: Path, overwrite: bool) -> None:
     """Move a finished file or directory into place; an existing one is replaced only with overwrite."""
-    if final.exists() or final.is_symlink():
-        if not overwrite:
-            raise UserError(f"{final} already exists; pass --overwrite to replace it")
-        old = final.with_name(f".old-{final.name}")
-        os.replace(final, old)
-        os.replace(temporary, final)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        os.replace(temporary, final)
+    if (final.exists() or final.is_symlink()) and not overwrite:
+        raise UserError(f"{final} already exists; pass --overwrite to replace it")
+    move_into_place(temporary, final)
 
 
 def write_run(out: str | Path, model_config: ModelConfig, tokenizer: dict, weights: dict[str, torch.Tensor], *,

@@ -7,7 +7,6 @@ the picture shows what training sees: where a function saturates its gradient va
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lmforge.errors import UserError
+from lmforge.files import write_atomic
 from lmforge.model.activations import ACTIVATIONS
 
 
@@ -43,7 +43,5 @@ def plot_activations(out: str | Path) -> Path:
         axes.legend()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    tmp = out.with_name(f".tmp-{out.name}")
-    tmp.write_bytes(buffer.getvalue())
-    os.replace(tmp, out)
+    write_atomic(out, buffer.getvalue())
     return out

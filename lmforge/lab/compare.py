@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -17,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
 from lmforge.errors import UserError
+from lmforge.files import write_atomic
 from lmforge.report import last_per_step, read_log
 
 COLUMNS = ("run", "architecture", "parameters", "tokens seen", "wall time (s)", "tokens/s", "best val loss",
@@ -66,12 +66,12 @@ def compare(runs: list[str | Path], out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     for name, x_key, label in (("val_loss_vs_tokens.png", "tokens", "tokens seen"),
                                ("val_loss_vs_time.png", "elapsed", "wall time (s)")):
-        _write_atomic(out / name, _curves(rows, x_key, label))
+        write_atomic(out / name, _curves(rows, x_key, label))
     text = ("# Comparison\n\n" + markdown_table(rows) + "\n\nval bits/byte: the final evaluation, on the whole "
             "validation split; best val loss: the lowest of all evaluations.\n\n"
             "![val loss against tokens](val_loss_vs_tokens.png)\n\n"
             "![val loss against wall time](val_loss_vs_time.png)\n")
-    _write_atomic(out / "compare.md", text.encode("utf-8"))
+    write_atomic(out / "compare.md", text)
     return out / "compare.md"
 
 
@@ -91,9 +91,3 @@ def _curves(rows: list[dict], x_key: str, label: str) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from matplotlib.figure import Figure
 
 from lmforge.config import Config, dumps_config, load_config, set_value
 from lmforge.errors import UserError
+from lmforge.files import write_atomic
 from lmforge.train.trainer import Trainer
 
 METHODS = ("grid", "random", "tpe")
@@ -213,10 +213,10 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
     best = complete[0]
     for key in keys:
         set_value(base, key, best[key])
-    _write_atomic(out / "best.toml", dumps_config(base).encode("utf-8"))
-    _write_atomic(out / "results.md", results_markdown(rows, keys).encode("utf-8"))
+    write_atomic(out / "best.toml", dumps_config(base))
+    write_atomic(out / "results.md", results_markdown(rows, keys))
     for param in params:
-        _write_atomic(out / f"param_{param.key}.png", _param_plot(rows, param))
+        write_atomic(out / f"param_{param.key}.png", _param_plot(rows, param))
     say(f"best: {best['run']}, val loss {best['val_loss']:.4f}: "
         + ", ".join(f"{key}={_show(best[key])}" for key in keys) + f"; config in {out / 'best.toml'}")
     return best
@@ -286,9 +286,3 @@ def _param_plot(rows: list[dict], param: Param) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)

@@ -75,6 +75,7 @@ class LanguageModel(nn.Module):
         self.vocab_size = config.vocab_size
 
     def head_weight(self) -> torch.Tensor:
+        """The output matrix (vocab rows): each architecture names its own."""
         raise NotImplementedError
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:

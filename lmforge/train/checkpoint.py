@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from lmforge.config import Config, ModelConfig, load_config
 from lmforge.data.tokenizer import Tokenizer, load_tokenizer
 from lmforge.errors import UserError
+from lmforge.files import move_into_place
 from lmforge.model.factory import build_model
 from lmforge.model.gpt import mlp_hidden_size, norm_eps
 
@@ -92,13 +93,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
     for file in tmp.iterdir():
         with open(file, "rb") as handle:
             os.fsync(handle.fileno())
-    if final.exists():  # re-saving a step (e.g. interrupted right after a save): swap, then drop the old
-        old = final.with_name(f".old-{final.name}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
+    move_into_place(tmp, final)  # re-saving a step (e.g. interrupted right after a save) swaps the old out
     return final
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import signal
 import sys
@@ -26,6 +25,7 @@ from lmforge.config import Config, dumps_config
 from lmforge.data.datadir import describe_data
 from lmforge.data.loader import TokenWindows, TrainLoader
 from lmforge.errors import UserError
+from lmforge.files import write_atomic
 from lmforge.infer.generate import generate
 from lmforge.model.factory import build_model
 from lmforge.model.recurrent import RECURRENT_ARCHS
@@ -45,12 +45,6 @@ from lmforge.train.optim import build_optimizers, set_lr
 from lmforge.train.schedule import SCHEDULES, lr_multiplier
 
 RUN_FILES = ("config.toml", "tokenizer.json", "log.jsonl", "checkpoints", "report", "tensorboard")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def accumulation_steps(config: Config, world_size: int = 1) -> int:

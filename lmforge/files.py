@@ -1,0 +1,30 @@
+"""Atomic writes: a file or directory appears whole under its final name, or not at all.
+
+Each is written under a hidden temporary name beside its destination (same filesystem, so the final
+rename is atomic) and then moved into place; a crash leaves at most a hidden leftover, never half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write `data` (text as UTF-8) to `path` through `.{name}.tmp`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    os.replace(temporary, path)
+
+
+def move_into_place(temporary: Path, final: Path) -> None:
+    """Rename a finished file or directory to `final`; one already there is swapped out, then deleted."""
+    if final.exists() or final.is_symlink():
+        old = final.with_name(f".old-{final.name}")
+        os.replace(final, old)
+        os.replace(temporary, final)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        os.replace(temporary, final)
