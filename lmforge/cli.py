@@ -53,12 +53,27 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> None:
             init_from=args.init_from).run()
 
 
+def load_for_inference(args: argparse.Namespace):
+    """The run's model on --device (the scratch engine: its NumPy forward, on the CPU), config, tokenizer,
+    checkpoint used, and the device."""
+    import torch
+
+    from lmforge.train.checkpoint import load_model
+    from lmforge.train.hardware import resolve_device
+
+    device = torch.device("cpu") if args.engine == "scratch" else resolve_device(args.device, "--device")
+    model, config, tokenizer, checkpoint = load_model(args.run, device)
+    if args.engine == "scratch":
+        from lmforge.train.engine import ScratchForward
+
+        model = ScratchForward(model)
+    return model, config, tokenizer, checkpoint, device
+
+
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
     from lmforge.infer.generate import generate
-    from lmforge.train.checkpoint import load_model
-    from lmforge.train.hardware import resolve_device
 
     if args.prompt is not None and args.prompt_file is not None:
         raise UserError("give either --prompt or --prompt-file, not both")
@@ -70,12 +85,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             raise UserError(f"cannot read --prompt-file: {err}") from None
     if args.temperature < 0:
         raise UserError("--temperature must be 0 (greedy) or positive")
-    device = torch.device("cpu") if args.engine == "scratch" else resolve_device(args.device, "--device")
-    model, _, tokenizer, _ = load_model(args.run, device)
-    if args.engine == "scratch":
-        from lmforge.train.engine import ScratchForward
-
-        model = ScratchForward(model)
+    model, _, tokenizer, _, device = load_for_inference(args)
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for index in range(args.num_samples):
@@ -97,20 +107,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    import torch
 
     from lmforge.data.datadir import describe_data
     from lmforge.data.loader import TokenWindows
-    from lmforge.train.checkpoint import load_model
     from lmforge.train.evaluate import evaluate
-    from lmforge.train.hardware import resolve_device, resolve_precision
+    from lmforge.train.hardware import resolve_precision
 
-    device = torch.device("cpu") if args.engine == "scratch" else resolve_device(args.device, "--device")
-    model, config, tokenizer, checkpoint = load_model(args.run, device)
-    if args.engine == "scratch":
-        from lmforge.train.engine import ScratchForward
-
-        model = ScratchForward(model)
+    model, config, tokenizer, checkpoint, device = load_for_inference(args)
     meta, _ = describe_data(args.data, tokenizer)  # a prepared directory, or bare llm.c shards (no byte counts)
     if args.split not in meta["splits"]:
         raise UserError(f"unknown split '{args.split}'; {args.data} has {', '.join(meta['splits'])}")
