@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 from lmforge import __version__
+from lmforge.config import ENGINES
 from lmforge.errors import UserError
-
-ENGINES = ("torch", "scratch")
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:

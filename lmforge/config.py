@@ -57,6 +57,9 @@ class DataConfig:
     sequential: bool = False
 
 
+ENGINES = ("torch", "scratch")  # train.engine: autograd, or the NumPy backward written by hand
+
+
 @dataclass
 class TrainConfig:
     batch_size: int = 32  # sequences per micro-step

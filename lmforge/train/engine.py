@@ -16,14 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.config import Config, OptimConfig
+from lmforge.config import ENGINES, Config, OptimConfig
 from lmforge.errors import UserError
 from lmforge.model.gpt import GPT
 from lmforge.scratch.adamw import AdamW, clip_grad_norm
 from lmforge.scratch.gpt import check_scratch_config, gpt_backward, gpt_forward
 from lmforge.train.optim import build_optimizers
-
-ENGINES = ("torch", "scratch")
 
 
 def check_engine(config: Config) -> None:
