@@ -50,18 +50,15 @@ def generate(model: nn.Module, prompt: Sequence[int], max_new_tokens: int, *, te
     device = model.wte.weight.device
     block_size = model.config.block_size
     tokens = list(prompt)[-block_size:]
-    # None: the model has no cache (or none is wanted), so every token recomputes the window.
-    cache: KVCache | RecurrentState | None = model.new_cache(1, device, model.wte.weight.dtype) if use_cache else None
-    started = False
+    cache: KVCache | RecurrentState | None = None
     try:
         for _ in range(max_new_tokens):
             window = tokens[-block_size:]
-            if cache is None:
+            if not use_cache:
                 logits, _ = model(torch.tensor([window], device=device))
-            elif not started or (isinstance(cache, KVCache) and cache.length >= block_size):  # first, or slid
-                if started:
-                    cache = model.new_cache(1, device, model.wte.weight.dtype)
-                started = True
+            elif cache is None or (isinstance(cache, KVCache) and cache.length >= block_size):  # first, or slid
+                # A model without a cache (bigram, mlp) gets None here and so recomputes the window each token.
+                cache = model.new_cache(1, device, model.wte.weight.dtype)
                 logits, _ = model(torch.tensor([window], device=device), cache=cache)
             else:
                 logits, _ = model(torch.tensor([window[-1:]], device=device), cache=cache)
