@@ -140,6 +140,20 @@ def test_a_checkpoint_from_one_process_resumes_on_two_ranks(parallel, optimizer,
     assert [r["world_size"] for r in records(run, "start")] == [1, 2]
 
 
+def test_two_ranks_resume_a_recurrent_models_carried_state(runs, tiny_data):
+    # Truncated BPTT on two ranks: each rank carries the hidden state of its own rows of the global batch; the
+    # checkpoint holds every rank's rows, and each takes its own back on resume.
+    options = settings(model__arch="lstm", data__sequential="true")
+    whole = runs.root / "lstm-whole"
+    torchrun(runs.config, tiny_data, whole, options)
+    hidden = ckpt.load_hidden_state(ckpt.checkpoint_dir(whole, 5))
+    assert {name: value.shape[1] for name, value in hidden.items()} == {"h": 2 * 4, "c": 2 * 4}
+    run = rewind(whole, runs.root / "lstm-resumed", 5)
+    torchrun(runs.config, tiny_data, run, options, "--resume")
+    assert_same_losses(train_losses(run), train_losses(whole), range(1, STEPS + 1))
+    assert len(set(train_losses(whole).values())) == STEPS
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

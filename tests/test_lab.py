@@ -266,6 +266,24 @@ def test_an_interrupted_sweep_resumes_without_repeating_finished_trials(tiny_dat
     assert calls["n"] == -98
 
 
+def test_the_median_pruner_stops_a_trial_that_falls_behind(tiny_data, tmp_path):
+    # Four learning rates, one of which (1e-8) cannot learn: once two trials have finished, a trial whose val loss
+    # at its first evaluation (step 3 of 6) is worse than the median of the finished trials there stops.
+    assert run_sweep(tiny_data, tmp_path, "--param", "optim.lr=0.01,0.006,0.003,1e-8", "--method", "grid") == 0
+    trials = sorted((tmp_path / "sw").glob("trial_*"))
+    firsts = [records(run, "eval")[0]["val_loss"] for run in trials]  # each trial's step-3 evaluation
+    pruned = [records(run, "end")[0]["reason"] == "pruned" for run in trials]
+    assert [records(run, "eval")[0]["step"] for run in trials] == [3] * 4
+    assert any(pruned)
+    for number, run in enumerate(trials):
+        earlier = [loss for loss, was_pruned in zip(firsts[:number], pruned[:number], strict=True) if not was_pruned]
+        behind = len(earlier) >= 2 and firsts[number] > float(np.median(earlier))
+        assert pruned[number] == behind
+        assert records(run, "train")[-1]["step"] == (3 if pruned[number] else 6)
+    results = (tmp_path / "sw" / "results.md").read_text()
+    assert results.count("| pruned |") == sum(pruned)
+
+
 @pytest.mark.parametrize("param, message", [
     ("optim.lrr=1e-3,1e-2", "did you mean 'optim.lr'"),
     ("optim.lr", "expected KEY=v1,v2"),

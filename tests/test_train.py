@@ -85,6 +85,8 @@ RESUME_VARIANTS = {
     "adamw": {},
     "accumulation": {"train__tokens_per_step": 2 * 4 * 16},
     "muon": {"optim__name": "muon"},
+    # Truncated BPTT: the hidden state carried into the next batch must come back from the checkpoint too.
+    "lstm_carried_state": {"model__arch": "lstm", "data__sequential": True},
 }
 
 

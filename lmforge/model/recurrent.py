@@ -230,6 +230,20 @@ class RecurrentLM(LanguageModel):
         self.carry = carry
         self.carried = None
 
+    def carried_state(self) -> dict[str, torch.Tensor]:
+        """The hidden state carried to the next training batch, by name (h; the LSTM adds its cell state c),
+        each (layers, B, W); empty before the first carrying batch. Checkpoints keep it, so that a resumed run
+        continues its streams from where they stood instead of from zeros."""
+        if self.carried is None:
+            return {}
+        parts = self.carried if isinstance(self.carried, tuple) else (self.carried,)
+        return dict(zip(("h", "c"), parts, strict=False))
+
+    def restore_carried_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take back what `carried_state` gave (on this model's device)."""
+        parts = tuple(state[name] for name in ("h", "c") if name in state)
+        self.carried = None if not parts else parts if len(parts) == 2 else parts[0]
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: RecurrentState | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
         carrying = cache is None and self.carry and self.training

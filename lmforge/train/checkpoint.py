@@ -5,6 +5,8 @@ Layout of `RUN/checkpoints/step_0000100/`:
 - `optimizer.safetensors`: every optimizer's per-parameter state, keys `{optimizer}.{param}.{name}`
 - `state.json`: step, tokens, elapsed time, best val loss, data-loader position, RNG states and the
   optimizers' hyperparameter groups: everything else needed to continue the exact same run.
+- `hidden.safetensors` (recurrent models reading sequentially): the hidden state carried into the next batch,
+  one row per row of the global batch, so truncated BPTT resumes mid-stream.
 
 A run on several ranks writes the same files, with whole tensors (lmforge/train/distributed.py gathers FSDP's
 shards), so a checkpoint resumes on any number of ranks.
@@ -30,6 +32,7 @@ from lmforge.model.factory import build_model
 from lmforge.model.gpt import mlp_hidden_size, norm_eps
 
 PREFIX = "step_"
+HIDDEN_FILE = "hidden.safetensors"
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -77,9 +80,10 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor],
-                    optimizer_states: list[dict], trainer_state: dict) -> Path:
+                    optimizer_states: list[dict], trainer_state: dict,
+                    hidden_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a complete checkpoint under a temporary name, then rename it into place; `optimizer_states` are
-    the optimizers' `state_dict()`s."""
+    the optimizers' `state_dict()`s, `hidden_state` a recurrent model's carried state (global batch rows)."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
     if tmp.exists():
@@ -88,6 +92,8 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
     save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
     tensors, groups = _flatten_optimizers(optimizer_states)
     save_file(tensors, tmp / "optimizer.safetensors")
+    if hidden_state:
+        save_file({k: v.contiguous() for k, v in hidden_state.items()}, tmp / HIDDEN_FILE)
     state = dict(trainer_state, optimizer_groups=groups, rng=rng_state())
     (tmp / "state.json").write_text(json.dumps(state))
     for file in tmp.iterdir():
@@ -115,6 +121,16 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], list[dict], di
     except (OSError, SafetensorError, json.JSONDecodeError) as err:
         raise UserError(f"checkpoint {path} is unreadable ({err}); pass an earlier checkpoint") from None
     return weights, _unflatten_optimizers(optimizer_tensors, state["optimizer_groups"]), state
+
+
+def load_hidden_state(path: Path) -> dict[str, torch.Tensor]:
+    """The carried hidden state a checkpoint holds (empty: none, the run had not carried one yet)."""
+    if not (path / HIDDEN_FILE).is_file():
+        return {}
+    try:
+        return load_file(path / HIDDEN_FILE)
+    except (OSError, SafetensorError) as err:
+        raise UserError(f"checkpoint {path} is unreadable ({err}); pass an earlier checkpoint") from None
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, keep_step: int | None) -> None:

@@ -126,6 +126,20 @@ class Cluster:
         gathered = {index: self.gather_full(values) for index, values in sorted(state["state"].items())}
         return {"state": gathered, "param_groups": state["param_groups"]} if self.is_main else None
 
+    def gather_rows(self, value: torch.Tensor) -> torch.Tensor | None:
+        """Every rank's batch rows (dim 1) side by side in rank order, the global batch's rows, on rank 0's CPU
+        (None elsewhere). A collective: every rank calls it with a tensor of the same shape."""
+        if not self.distributed:
+            return value.detach().cpu()
+        parts = [torch.empty_like(value) for _ in range(self.world_size)]
+        dist.all_gather(parts, value.detach().contiguous())
+        return torch.cat(parts, dim=1).cpu() if self.is_main else None
+
+    def own_rows(self, value: torch.Tensor) -> torch.Tensor:
+        """This rank's share of global batch rows (dim 1), as `gather_rows` put them together."""
+        rows = value.size(1) // self.world_size
+        return value[:, self.rank * rows : (self.rank + 1) * rows]
+
     def shard_like(self, full: dict[str, torch.Tensor], reference: dict[str, Any]) -> dict[str, Any]:
         """Whole tensors cut to the shards `reference` holds (FSDP), for load_state_dict; else `full` itself.
         Every rank already has the whole tensor (read from the checkpoint), so no communication is needed."""

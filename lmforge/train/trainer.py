@@ -124,8 +124,10 @@ class Trainer:
         configure_fast_math(self.device)
         torch.manual_seed(train.seed)
         self.model = build_model(config.model).to(self.device)
-        if config.model.arch in RECURRENT_ARCHS:  # truncated BPTT needs rows that continue across batches
-            self.model.carry_state(config.data.sequential)
+        # Truncated BPTT: a recurrent model reading sequentially carries its hidden state from batch to batch.
+        self.carries_state = config.model.arch in RECURRENT_ARCHS and config.data.sequential
+        if config.model.arch in RECURRENT_ARCHS:
+            self.model.carry_state(self.carries_state)
         if init_from is not None:
             ckpt.init_from_run(self.model, init_from)
         self.engine = ScratchEngine(self.model, config) if scratch else None
@@ -200,11 +202,25 @@ class Trainer:
         for optimizer, optimizer_state in zip(self.optimizers, optimizer_states, strict=True):
             optimizer.load_state_dict(self.cluster.shard_optimizer(optimizer, optimizer_state))
         self.loader.load_state_dict(state["loader"])
+        if self.carries_state:
+            self._restore_hidden_state(path)
         self.progress = Progress(**state["progress"])
         ckpt.set_rng_state(state["rng"])
         if self.cluster.is_main:
             write_atomic(self.run_dir / "config.toml", dumps_config(self.config))
             self._trim_log(self.progress.step)
+
+    def _restore_hidden_state(self, path: Path) -> None:
+        """Continue every stream from the hidden state the checkpoint carried (zeros if it has none, or if the
+        global batch has another number of rows now: those are other streams)."""
+        hidden = ckpt.load_hidden_state(path)
+        rows = self.loader.streams  # one per row of the global batch
+        if hidden and next(iter(hidden.values())).size(1) != rows:
+            self.say(f"the checkpoint's hidden state has {next(iter(hidden.values())).size(1)} rows, this run's "
+                     f"global batch {rows}: the recurrent state starts again from zeros")
+            hidden = {}
+        self.model.restore_carried_state({name: self.cluster.own_rows(value).to(self.device)
+                                          for name, value in hidden.items()})
 
     def _trim_log(self, step: int) -> None:
         """Drop what the log says happened after the checkpoint we resume from (those steps run again) and
@@ -430,9 +446,11 @@ class Trainer:
         # Every rank takes part in gathering the shards (FSDP); rank 0 alone writes.
         model_state = self.cluster.gather_full(self.model.state_dict())
         optimizer_states = [self.cluster.gather_optimizer(optimizer.state_dict()) for optimizer in self.optimizers]
+        carried = self.model.carried_state() if self.carries_state else {}
+        hidden_state = {name: self.cluster.gather_rows(value) for name, value in carried.items()}
         if not self.cluster.is_main:
             return None
-        path = ckpt.save_checkpoint(self.run_dir, progress.step, model_state, optimizer_states, state)
+        path = ckpt.save_checkpoint(self.run_dir, progress.step, model_state, optimizer_states, state, hidden_state)
         ckpt.prune_checkpoints(self.run_dir, self.config.train.keep_last, progress.best_checkpoint_step)
         return path
 
