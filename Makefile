@@ -30,13 +30,12 @@ demo: $(STAMP)
 	$(BIN)/lmforge eval $(DEMO_RUN) --data $(DEMO_DATA)
 	$(BIN)/lmforge report $(DEMO_RUN)
 
-# Every architecture on the built-in corpus for the same wall-time budget, then the comparison (gpt: the demo's
-# preset). Timings are shared-CPU sensitive: run it alone (flock /tmp/lmforge-cpu.lock make lab).
+# Every architecture on the built-in corpus for the same wall-time budget (configs/ARCH.toml), then the
+# comparison. Timings are shared-CPU sensitive: run it alone (flock /tmp/lmforge-cpu.lock make lab).
 lab: $(STAMP)
 	test -f $(DEMO_DATA)/meta.json || $(BIN)/lmforge prepare --source shakespeare --tokenizer char --val-fraction 0.1 --out $(DEMO_DATA) --overwrite
 	for arch in $(LAB_ARCHS); do \
-		config=configs/$$arch.toml; if [ $$arch = gpt ]; then config=configs/shakespeare-char.toml; fi; \
-		$(BIN)/lmforge train --config $$config --data $(DEMO_DATA) --out $(LAB_RUNS)/$$arch --max-time $(LAB_TIME) --overwrite --quiet || exit 1; \
+		$(BIN)/lmforge train --config configs/$$arch.toml --data $(DEMO_DATA) --out $(LAB_RUNS)/$$arch --max-time $(LAB_TIME) --overwrite --quiet || exit 1; \
 	done
 	$(BIN)/lmforge compare $(addprefix $(LAB_RUNS)/,$(LAB_ARCHS)) --out $(LAB_RUNS)/compare
 	cat $(LAB_RUNS)/compare/compare.md

@@ -65,7 +65,7 @@ def test_train_writes_a_complete_run(trained):
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["kind"] == "train"] == [1, 5, 10, 15, 20]
     evals = [(r["step"], r["final"]) for r in log if r["kind"] == "eval"]
-    assert evals == [(10, False), (20, False), (20, True)]
+    assert evals == [(10, False), (20, True)]  # at the last step only the final (whole-split) evaluation
     assert log[-1]["kind"] == "end" and log[-1]["reason"] == "max_steps"
     assert "n_embd = 16" in (run / "config.toml").read_text()  # the overrides were saved with the run
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000010", "step_0000020"]

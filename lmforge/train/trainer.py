@@ -350,7 +350,7 @@ class Trainer:
                               "mfu": flops_per_token * tokens_per_s / peak, "elapsed": progress.elapsed}
                     self.log(record)
                     self._update_bar(bar, record)
-                if train.eval_every and step % train.eval_every == 0:
+                if train.eval_every and step % train.eval_every == 0 and step < train.max_steps:  # else: final
                     self.run_eval(max_windows=max(1, train.eval_tokens // config.model.block_size), bar=bar)
                 if train.sample_every and step % train.sample_every == 0:
                     self.run_sample(bar)
