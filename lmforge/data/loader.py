@@ -7,7 +7,10 @@ window exactly once, in a fresh seeded permutation (or in corpus order with `shu
 With `sequential=True` (for recurrent models' truncated BPTT) the windows are instead dealt into parallel
 streams, one per row of the global batch: row j reads windows j*L, j*L + 1, ... (L = windows // rows), so
 each batch continues every row exactly where the previous batch left it, and an epoch is L batches (the
-few windows past rows * L are left out).
+few windows past rows * L are left out). The rows are those of one micro-batch on every rank (batch_size *
+world_size): with gradient accumulation the micro-steps of one step continue the same streams, so in this mode
+the order depends on how the global batch is split, and a resume with another batch_size * world_size starts the
+recurrent state again (the trainer says so).
 
 The loader's whole state is one integer, `cursor`: how many windows the whole job (every rank) has
 consumed. Window number g of the job is window perm_e[g mod n] of epoch e = g div n. At each micro-step
