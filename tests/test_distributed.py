@@ -146,7 +146,7 @@ def test_two_ranks_resume_a_recurrent_models_carried_state(runs, tiny_data):
     options = settings(model__arch="lstm", data__sequential="true")
     whole = runs.root / "lstm-whole"
     torchrun(runs.config, tiny_data, whole, options)
-    hidden = ckpt.load_hidden_state(ckpt.checkpoint_dir(whole, 5))
+    hidden = ckpt.load_checkpoint(ckpt.checkpoint_dir(whole, 5))[3]
     assert {name: value.shape[1] for name, value in hidden.items()} == {"h": 2 * 4, "c": 2 * 4}
     run = rewind(whole, runs.root / "lstm-resumed", 5)
     torchrun(runs.config, tiny_data, run, options, "--resume")

@@ -112,25 +112,17 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], origi
                         "settings (the run's own are in RUN/config.toml)") from None
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], list[dict], dict]:
-    """Model weights, optimizer state dicts and trainer state of one checkpoint directory."""
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], list[dict], dict, dict[str, torch.Tensor]]:
+    """Model weights, optimizer state dicts, trainer state and carried hidden state (empty if the run carried
+    none) of one checkpoint directory."""
     try:
         weights = load_file(path / "model.safetensors")
         state = json.loads((path / "state.json").read_text())
         optimizer_tensors = load_file(path / "optimizer.safetensors")
+        hidden = load_file(path / HIDDEN_FILE) if (path / HIDDEN_FILE).is_file() else {}
     except (OSError, SafetensorError, json.JSONDecodeError) as err:
         raise UserError(f"checkpoint {path} is unreadable ({err}); pass an earlier checkpoint") from None
-    return weights, _unflatten_optimizers(optimizer_tensors, state["optimizer_groups"]), state
-
-
-def load_hidden_state(path: Path) -> dict[str, torch.Tensor]:
-    """The carried hidden state a checkpoint holds (empty: none, the run had not carried one yet)."""
-    if not (path / HIDDEN_FILE).is_file():
-        return {}
-    try:
-        return load_file(path / HIDDEN_FILE)
-    except (OSError, SafetensorError) as err:
-        raise UserError(f"checkpoint {path} is unreadable ({err}); pass an earlier checkpoint") from None
+    return weights, _unflatten_optimizers(optimizer_tensors, state["optimizer_groups"]), state, hidden
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, keep_step: int | None) -> None:

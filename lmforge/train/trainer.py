@@ -195,7 +195,7 @@ class Trainer:
         return None
 
     def _restore(self, path: Path) -> None:
-        weights, optimizer_states, state = ckpt.load_checkpoint(path)
+        weights, optimizer_states, state, hidden = ckpt.load_checkpoint(path)
         ckpt.load_weights(self.model, self.cluster.shard_like(weights, self.model.state_dict()), path)
         if len(optimizer_states) != len(self.optimizers):
             raise UserError(f"checkpoint {path} was written with another optim.name; resume with the same one")
@@ -203,21 +203,20 @@ class Trainer:
             optimizer.load_state_dict(self.cluster.shard_optimizer(optimizer, optimizer_state))
         self.loader.load_state_dict(state["loader"])
         if self.carries_state:
-            self._restore_hidden_state(path)
+            self._restore_hidden_state(hidden)
         self.progress = Progress(**state["progress"])
         ckpt.set_rng_state(state["rng"])
         if self.cluster.is_main:
             write_atomic(self.run_dir / "config.toml", dumps_config(self.config))
             self._trim_log(self.progress.step)
 
-    def _restore_hidden_state(self, path: Path) -> None:
+    def _restore_hidden_state(self, hidden: dict[str, torch.Tensor]) -> None:
         """Continue every stream from the hidden state the checkpoint carried (zeros if it has none, or if the
         global batch has another number of rows now: those are other streams)."""
-        hidden = ckpt.load_hidden_state(path)
-        rows = self.loader.streams  # one per row of the global batch
-        if hidden and next(iter(hidden.values())).size(1) != rows:
-            self.say(f"the checkpoint's hidden state has {next(iter(hidden.values())).size(1)} rows, this run's "
-                     f"global batch {rows}: the recurrent state starts again from zeros")
+        saved_rows, rows = next(iter(hidden.values())).size(1) if hidden else 0, self.loader.streams
+        if hidden and saved_rows != rows:
+            self.say(f"the checkpoint's hidden state has {saved_rows} rows, this run's global batch {rows}: "
+                     "the recurrent state starts again from zeros")
             hidden = {}
         self.model.restore_carried_state({name: self.cluster.own_rows(value).to(self.device)
                                           for name, value in hidden.items()})
@@ -251,7 +250,7 @@ class Trainer:
         order = "sequential" if data.sequential else "shuffled" if data.shuffle else "corpus"
         state = None
         if self.config.model.arch in RECURRENT_ARCHS:
-            state = "carried" if data.sequential else "reset"
+            state = "carried" if self.carries_state else "reset"
         return {"data_order": order, "recurrent_state": state}
 
     # ----- the loop -----
