@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input from the user (missing file, bad config key, ...): reported without a traceback."""
+
+
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite; the sweep records such a trial as a result, not a failure."""
