@@ -1,0 +1,1 @@
+"""Fine-tuning tasks: data records, the chat template, heads and metrics."""
