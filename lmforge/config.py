@@ -1,17 +1,27 @@
-"""Run configuration: four dataclass sections, loaded from TOML, overridden by dotted CLI flags, saved back.
+"""Run configuration: four typed dataclass sections, loaded from TOML, overridden by dotted CLI flags, saved back.
 
 A preset in configs/*.toml names only what differs from the defaults below; `--section.key value` on the
-command line wins over the file. Unknown keys are an error that names the closest valid key.
+command line wins over the file. Every key declares what it accepts next to its default: a `Literal` of
+choices, `bool`, or a number with its range (`number(...)`). Values are checked here, once, wherever a config
+is made: loading a file, a command-line override, `from_dict`, or constructing a section directly. A bad value
+is a one-line UserError naming the key, the value and what is allowed; an unknown key names the closest valid
+key in any section. Rules between keys that need the model's code (head divisibility, what the scratch engine
+implements) stay beside that code; the one between keys of this file (`model.activation` and `model.arch`)
+lives here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import tomli_w
 
@@ -22,83 +32,158 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+AUTO = "auto"  # how a key whose value is None ("decide for me") is spelled in TOML and on the command line
+INT64_MAX = 2**63 - 1  # every int key ends up in a torch or NumPy int64 (the seed alone is a uint64)
+TRUE_WORDS = ("true", "1", "yes", "on")
+FALSE_WORDS = ("false", "0", "no", "off")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key allows: `at_least`/`at_most` are inclusive bounds, `above`/`below` exclusive."""
+
+    at_least: float | None = None
+    at_most: float | None = None
+    above: float | None = None
+    below: float | None = None
+
+    def allows(self, value: float) -> bool:
+        return ((self.at_least is None or value >= self.at_least) and (self.at_most is None or value <= self.at_most)
+                and (self.above is None or value > self.above) and (self.below is None or value < self.below))
+
+    def describe(self) -> str:
+        low = f"[{self.at_least}" if self.at_least is not None else f"({self.above}" if self.above is not None else ""
+        high = f"{self.at_most}]" if self.at_most is not None else f"{self.below})" if self.below is not None else ""
+        if low and high:
+            return f"in {low}, {high}"
+        if self.above == 0 and not high:
+            return "positive"
+        if self.at_least is not None:
+            return f"{self.at_least} or more"
+        if self.above is not None:
+            return f"above {self.above}"
+        return f"at most {self.at_most}" if self.at_most is not None else f"below {self.below}"
+
+
+def number(default: float, *, at_least: float | None = None, at_most: float | None = None,
+           above: float | None = None, below: float | None = None) -> Any:
+    """A numeric key's default and its declared range (a dataclass field)."""
+    return field(default=default, metadata={"range": Range(at_least, at_most, above, below)})
+
+
+class Section:
+    """What every config section shares: its values are parsed and checked as it is made."""
+
+    def __post_init__(self) -> None:
+        check_section(self)
+
+    def check_combination(self) -> None:
+        """Rules between keys of this section; none unless a section says otherwise."""
+
+
+Arch = Literal["gpt", "bigram", "mlp", "rnn", "lstm", "gru"]
+Activation = Literal["", "tanh", "relu", "gelu", "sigmoid"]
+# The archs whose nonlinearity model.activation chooses; every other arch has its own, fixed or set elsewhere.
+ACTIVATION_ARCHS = ("mlp", "rnn")
+FIXED_NONLINEARITY = {
+    "gpt": "its MLP's nonlinearity is model.mlp (gelu, swiglu or relu2)",
+    "bigram": "a lookup table has no hidden layer",
+    "lstm": "its gates are fixed sigmoids and tanh (torch's built-in cell)",
+    "gru": "its gates are fixed sigmoids and tanh (torch's built-in cell)",
+}
+
 
 @dataclass
-class ModelConfig:
-    arch: str = "gpt"  # gpt | bigram | mlp (Bengio) | rnn (Elman) | lstm | gru: lmforge/model/factory.py
-    vocab_size: int = 0  # 0: taken from the prepared data's tokenizer
-    block_size: int = 256  # context length in tokens
-    n_layer: int = 6
-    n_head: int = 6
-    n_kv_head: int = 0  # grouped-query attention: 0 means n_head (plain multi-head)
-    n_embd: int = 384
-    mlp: str = "gelu"  # gelu | swiglu | relu2
-    mlp_hidden: int = 0  # 0: 4 * n_embd (gelu, relu2) or the parameter-matched 8/3 * n_embd (swiglu)
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    norm_eps: float = 0.0  # 0: the usual epsilon of the norm (1e-5 for layernorm, 1e-6 for rmsnorm)
-    position: str = "learned"  # learned | rope
-    rope_theta: float = 10000.0
+class ModelConfig(Section):
+    arch: Arch = "gpt"  # gpt | bigram | mlp (Bengio) | rnn (Elman) | lstm | gru: lmforge/model/factory.py
+    vocab_size: int = number(0, at_least=0)  # 0: taken from the prepared data's tokenizer
+    block_size: int = number(256, above=0)  # context length in tokens
+    n_layer: int = number(6, above=0)
+    n_head: int = number(6, above=0)
+    n_kv_head: int = number(0, at_least=0)  # grouped-query attention: 0 means n_head (plain multi-head)
+    n_embd: int = number(384, above=0)
+    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
+    # 0: 4 * n_embd (gelu, relu2) or the parameter-matched 8/3 * n_embd (swiglu)
+    mlp_hidden: int = number(0, at_least=0)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    # 0: the usual epsilon of the norm (1e-5 for layernorm, 1e-6 for rmsnorm)
+    norm_eps: float = number(0.0, at_least=0)
+    position: Literal["learned", "rope"] = "learned"
+    rope_theta: float = number(10000.0, above=0)
     qk_norm: bool = False
     tie_embeddings: bool = True
     bias: bool = True
-    logit_softcap: float = 0.0  # 0: off; else logits = c * tanh(logits / c)
-    dropout: float = 0.0
-    init: str = "normal"  # normal | xavier | kaiming
-    init_std: float = 0.02
-    activation: str = ""  # tanh | relu | gelu | sigmoid; "": the arch's own (gpt: model.mlp; mlp, rnn: tanh)
-    context: int = 3  # arch = mlp: how many previous tokens the Bengio MLP sees
+    logit_softcap: float = number(0.0, at_least=0)  # 0: off; else logits = c * tanh(logits / c)
+    dropout: float = number(0.0, at_least=0, below=1)
+    init: Literal["normal", "xavier", "kaiming"] = "normal"
+    init_std: float = number(0.02, above=0)
+    # mlp, rnn only ("": tanh); gpt's MLP nonlinearity is model.mlp, and bigram, lstm, gru have none to choose
+    activation: Activation = ""
+    context: int = number(3, above=0)  # arch = mlp: how many previous tokens the Bengio MLP sees
+
+    def check_combination(self) -> None:
+        # One key decides each nonlinearity: gpt's is model.mlp, so model.activation may not quietly replace it.
+        if self.activation and self.arch not in ACTIVATION_ARCHS:
+            raise UserError(f"model.activation = '{self.activation}' does not apply to arch '{self.arch}' "
+                            f"({FIXED_NONLINEARITY[self.arch]}); leave model.activation empty")
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     shuffle: bool = True  # epochs without replacement over shuffled windows; false: windows in corpus order
     # true: batch row i reads its own contiguous stretch of the corpus and each batch continues every row
     # where the previous one stopped, so recurrent models carry their hidden state (truncated BPTT)
     sequential: bool = False
 
 
-ENGINES = ("torch", "scratch")  # train.engine: autograd, or the NumPy backward written by hand
+Engine = Literal["torch", "scratch"]  # train.engine: autograd, or the NumPy backward written by hand
+ENGINES: tuple[str, ...] = typing.get_args(Engine)
 
 
 @dataclass
-class TrainConfig:
-    batch_size: int = 32  # sequences per micro-step
-    tokens_per_step: int = 0  # global batch in tokens; 0: batch_size * block_size (no accumulation)
-    max_steps: int = 5000
-    max_time: float = 0.0  # seconds of training; 0: no limit
-    max_epochs: float = 0.0  # 0: no limit
-    schedule: str = "cosine"  # cosine | linear | constant | wsd
-    warmup_steps: int = 100
-    cooldown_fraction: float = 0.2  # wsd: the final fraction of training spent decaying
-    min_lr_ratio: float = 0.1  # the lr at the end of decay, as a fraction of the peak
-    grad_clip: float = 1.0  # 0: off
-    eval_every: int = 250
-    eval_tokens: int = 65536  # size of the fixed validation subset used during training
-    sample_every: int = 0  # 0: no samples during training
-    sample_tokens: int = 200
-    checkpoint_every: int = 1000
-    keep_last: int = 2  # checkpoints kept besides the best by validation loss
-    log_every: int = 10
-    seed: int = 1337
-    device: str = "auto"  # auto | cpu | cuda | mps
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    compile: str = "auto"  # auto (on for CUDA) | true | false
+class TrainConfig(Section):
+    batch_size: int = number(32, above=0)  # sequences per micro-step
+    # global batch in tokens; 0: batch_size * block_size (no accumulation)
+    tokens_per_step: int = number(0, at_least=0)
+    max_steps: int = number(5000, above=0)
+    max_time: float = number(0.0, at_least=0)  # seconds of training; 0: no limit
+    max_epochs: float = number(0.0, at_least=0)  # 0: no limit
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    warmup_steps: int = number(100, at_least=0)
+    # wsd: the final fraction of training spent decaying
+    cooldown_fraction: float = number(0.2, at_least=0, at_most=1)
+    min_lr_ratio: float = number(0.1, at_least=0, at_most=1)  # the lr at the end of decay, as a fraction of the peak
+    grad_clip: float = number(1.0, at_least=0)  # 0: off
+    eval_every: int = number(250, at_least=0)  # 0: only the final evaluation
+    eval_tokens: int = number(65536, above=0)  # size of the fixed validation subset used during training
+    sample_every: int = number(0, at_least=0)  # 0: no samples during training
+    sample_tokens: int = number(200, above=0)
+    checkpoint_every: int = number(1000, at_least=0)  # 0: only the final checkpoint
+    keep_last: int = number(2, above=0)  # checkpoints kept besides the best by validation loss
+    log_every: int = number(10, above=0)
+    seed: int = number(1337, at_least=0, at_most=2**64 - 1)  # torch's generators take an unsigned 64-bit seed
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool | None = None  # None ("auto" in TOML and on the command line): on for CUDA
     tensorboard: bool = False
-    engine: str = "torch"  # torch (autograd) | scratch (NumPy, every backward by hand: lmforge/scratch)
-    parallel: str = "ddp"  # under torchrun: ddp (a replica per rank) | fsdp (parameters and state sharded)
-    dist_timeout: float = 600.0  # seconds a rank waits in a collective for the others before giving up
+    engine: Engine = "torch"  # torch (autograd) | scratch (NumPy, every backward by hand: lmforge/scratch)
+    # under torchrun: ddp (a replica per rank) | fsdp (parameters and state sharded)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # seconds a rank waits in a collective for the others before giving up
+    dist_timeout: float = number(600.0, above=0)
 
 
 @dataclass
-class OptimConfig:
-    name: str = "adamw"  # adamw | muon
-    lr: float = 1e-3  # peak learning rate of AdamW (for muon: of the embeddings, head and scalars)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    muon_lr: float = 0.02  # muon: peak learning rate of the hidden matrices
-    muon_momentum: float = 0.95
+class OptimConfig(Section):
+    name: Literal["adamw", "muon"] = "adamw"
+    # peak learning rate of AdamW (for muon: of the embeddings, head and scalars); 0 leaves the weights as they are
+    lr: float = number(1e-3, at_least=0)
+    weight_decay: float = number(0.1, at_least=0)
+    beta1: float = number(0.9, at_least=0, below=1)
+    beta2: float = number(0.95, at_least=0, below=1)
+    eps: float = number(1e-8, above=0)
+    muon_lr: float = number(0.02, at_least=0)  # muon: peak learning rate of the hidden matrices
+    muon_momentum: float = number(0.95, at_least=0, below=1)
 
 
 @dataclass
@@ -112,87 +197,205 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+@dataclass(frozen=True)
+class Key:
+    """One config key as declared: its dotted name, its type, and the choices or range it allows."""
+
+    name: str
+    kind: type  # bool, int, float or str
+    choices: tuple[str, ...] = ()  # a str key's allowed values
+    optional: bool = False  # None allowed, spelled AUTO
+    range: Range | None = None
+
+    def allowed(self) -> str:
+        if self.choices:
+            shown = [choice or '"" (the default)' for choice in self.choices]
+            return ", ".join(shown[:-1]) + " or " + shown[-1]
+        if self.kind is bool:
+            return f"{AUTO}, true or false" if self.optional else "true or false"
+        return self.range.describe() if self.range else "any value"
 
 
-def _section_fields(section: str) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(getattr(Config(), section))}
+def _declared_keys(name: str, section: type) -> dict[str, Key]:
+    hints = typing.get_type_hints(section)
+    keys = {}
+    for item in dataclasses.fields(section):
+        hint, optional = hints[item.name], False
+        if isinstance(hint, types.UnionType):  # `X | None`
+            (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+            optional = True
+        choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+        dotted = f"{name}.{item.name}"
+        keys[dotted] = Key(dotted, str if choices else hint, choices, optional, item.metadata.get("range"))
+    return keys
 
 
-def _all_keys() -> list[str]:
-    return [f"{s}.{k}" for s in SECTIONS for k in _section_fields(s)]
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+SECTION_NAMES = {section: name for name, section in SECTIONS.items()}
+KEYS: dict[str, Key] = {dotted: key for name, section in SECTIONS.items()
+                        for dotted, key in _declared_keys(name, section).items()}
 
 
-def _unknown(key: str) -> UserError:
-    close = difflib.get_close_matches(key, _all_keys(), n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid sections: {', '.join(SECTIONS)}"
-    return UserError(f"unknown config key '{key}'{hint}")
+def _wrong_type(key: Key, value: Any, what: str) -> UserError:
+    return UserError(f"{key.name} expects {what} ({key.allowed()}), got {value!r}")
 
 
-def _coerce(key: str, value: Any, current: Any) -> Any:
-    """Convert a TOML or command-line value to the type of the field's default."""
-    kind = type(current)
+def _parse_int(key: Key, value: Any) -> int:
+    """A whole number in any spelling (4, 4.0, "4", "4e0", "1_000"); a fraction is refused, never truncated."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer():
+            return int(value)
+        raise _wrong_type(key, value, "int")
     try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).lower()
-            if text in ("true", "1", "yes", "on"):
-                return True
-            if text in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if kind is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
-        if kind is float:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise UserError(f"config key '{key}' expects {kind.__name__}, got {value!r}") from None
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        exact = Decimal(value.strip().replace("_", ""))
+    except InvalidOperation:
+        raise _wrong_type(key, value, "int") from None
+    # adjusted() < 40: int() of 1e999999999 would build a billion-digit number before the range check
+    if exact.is_finite() and exact.adjusted() < 40 and exact == exact.to_integral_value():
+        return int(exact)
+    raise _wrong_type(key, value, "int")
+
+
+def _parse_float(key: Key, value: Any) -> float:
+    try:
+        parsed = float(value)  # int, float, or text such as "3e-4"
+    except (ValueError, OverflowError):
+        raise _wrong_type(key, value, "a finite float") from None
+    if not math.isfinite(parsed):
+        raise _wrong_type(key, value, "a finite float")
+    return parsed
+
+
+def _parse_bool(key: Key, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+        return value.strip().lower() in TRUE_WORDS
+    raise UserError(f"{key.name} expects {key.allowed()}, got {value!r}")
+
+
+def parse_value(key: Key, value: Any) -> Any:
+    """A TOML, command-line (text) or Python value as the key's type, checked against its choices or range."""
+    if key.optional and (value is None or (isinstance(value, str) and value.strip().lower() == AUTO)):
+        return None
+    if key.choices:
+        if isinstance(value, str) and value in key.choices:
+            return value
+        raise UserError(f"unknown {key.name} {value!r}; choose {key.allowed()}")
+    if key.kind is bool:
+        return _parse_bool(key, value)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):  # True is an int to Python, not here
+        raise _wrong_type(key, value, key.kind.__name__)
+    parsed = _parse_int(key, value) if key.kind is int else _parse_float(key, value)
+    if key.range and not key.range.allows(parsed):
+        raise UserError(f"{key.name} must be {key.range.describe()}, got {parsed}")
+    if key.kind is int and key.range and key.range.at_most is None and parsed > INT64_MAX:
+        raise UserError(f"{key.name} must be at most 2**63 - 1 (a 64-bit integer), got {parsed}")
+    return parsed
+
+
+def check_section(part: Section) -> None:
+    """Parse and check every key of one section in place, then the rules between its keys."""
+    name = SECTION_NAMES[type(part)]
+    for item in dataclasses.fields(part):
+        setattr(part, item.name, parse_value(KEYS[f"{name}.{item.name}"], getattr(part, item.name)))
+    part.check_combination()
+
+
+def check_config(config: Config) -> None:
+    """Check every key and every rule between keys: after a series of `set_value` calls (each checks one key
+    alone, so that the order of overrides does not matter)."""
+    for name in SECTIONS:
+        check_section(getattr(config, name))
+
+
+def _unknown(dotted: str) -> UserError:
+    """Name the closest key in any section: `train.n_layer` is most likely `model.n_layer`."""
+    section, _, name = dotted.rpartition(".")
+
+    def likeness(candidate: str) -> float:
+        their_section, their_name = candidate.split(".")
+        return (difflib.SequenceMatcher(None, name, their_name).ratio()
+                + 0.5 * difflib.SequenceMatcher(None, section, their_section).ratio())
+
+    best = max(KEYS, key=likeness)
+    if difflib.SequenceMatcher(None, name, best.split(".")[1]).ratio() >= 0.6:
+        hint = f"; did you mean '{best}'?"
+    else:
+        hint = f"; valid sections: {', '.join(SECTIONS)}"
+    return UserError(f"unknown config key '{dotted}'{hint}")
 
 
 def set_value(config: Config, dotted: str, value: Any) -> None:
-    """Set `section.key` on a config, with type checking and a helpful error for unknown keys."""
-    if dotted.count(".") != 1:
+    """Set `section.key` on a config, checking the value's type and range; an unknown key names the closest."""
+    if dotted not in KEYS:
         raise _unknown(dotted)
-    section, key = dotted.split(".")
-    if section not in SECTIONS or key not in _section_fields(section):
-        raise _unknown(dotted)
-    part = getattr(config, section)
-    setattr(part, key, _coerce(dotted, value, getattr(part, key)))
+    section, name = dotted.split(".")
+    setattr(getattr(config, section), name, parse_value(KEYS[dotted], value))
 
 
-def from_dict(data: dict[str, Any]) -> Config:
-    config = Config()
+def _set_all(config: Config, data: dict[str, Any]) -> None:
     for section, values in data.items():
         if not isinstance(values, dict):
+            if section in SECTIONS:
+                raise UserError(f"config section '{section}' must be a table ([{section}]), got {values!r}")
             raise _unknown(section)
         for key, value in values.items():
             set_value(config, f"{section}.{key}", value)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """A config from parsed TOML: {section: {key: value}} over the defaults, every value and rule checked."""
+    config = Config()
+    _set_all(config, data)
+    check_config(config)
     return config
 
 
+def _read_text(path: Path) -> str:
+    if path.is_dir():
+        raise UserError(f"config path {path} is a directory; pass a TOML file such as configs/gpt.toml")
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+                        f"{err.start}); save it as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"cannot read config file {path}: {err.strerror}") from None
+
+
 def load_config(path: str | Path | None, overrides: dict[str, str] | None = None) -> Config:
-    """Defaults, then the TOML file (if any), then `section.key` overrides."""
+    """Defaults, then the TOML file (if any), then `section.key` overrides; every value and rule checked."""
     config = Config()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
         try:
-            data = tomllib.loads(path.read_text())
+            data = tomllib.loads(_read_text(path))
         except tomllib.TOMLDecodeError as err:
             raise UserError(f"config file {path} is not valid TOML: {err}") from None
-        config = from_dict(data)
+        _set_all(config, data)  # the rules between keys are checked once the overrides are in too
     for dotted, value in (overrides or {}).items():
         set_value(config, dotted, value)
+    check_config(config)
     return config
 
 
 def dumps_config(config: Config) -> str:
-    return tomli_w.dumps(config.to_dict())
+    """The config as TOML; `load_config` reads it back equal. TOML has no null: None is written as AUTO."""
+    data = config.to_dict()
+    for dotted, key in KEYS.items():
+        section, name = dotted.split(".")
+        if key.optional and data[section][name] is None:
+            data[section][name] = AUTO
+    return tomli_w.dumps(data)
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:

@@ -41,7 +41,7 @@ def check_engine(config: Config) -> None:
     for option, value, supported in (("optim.name", config.optim.name, ("adamw",)),
                                      ("train.device", train.device, ("auto", "cpu")),
                                      ("train.precision", train.precision, ("auto", "fp32")),
-                                     ("train.compile", train.compile, ("auto", "false"))):
+                                     ("train.compile", train.compile, (None, False))):
         if value not in supported:
             raise UserError(f"the scratch engine does not support {option} = {value!r} (it runs NumPy float32 "
                             f"on the CPU with AdamW); use --engine torch")

@@ -53,12 +53,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
-def resolve_compile(name: str, device: torch.device) -> bool:
-    if name == "auto":
-        return device.type == "cuda"
-    if name.lower() in ("true", "false"):
-        return name.lower() == "true"
-    raise UserError(f"train.compile must be auto, true or false, not '{name}'")
+def resolve_compile(setting: bool | None, device: torch.device) -> bool:
+    """train.compile: None (auto) compiles on CUDA only, where it pays for its start-up time."""
+    return device.type == "cuda" if setting is None else setting
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
