@@ -86,7 +86,7 @@ Activation = Literal["", "tanh", "relu", "gelu", "sigmoid"]
 # The archs whose nonlinearity model.activation chooses; every other arch has its own, fixed or set elsewhere.
 ACTIVATION_ARCHS = ("mlp", "rnn")
 FIXED_NONLINEARITY = {
-    "gpt": "its MLP's nonlinearity is model.mlp (gelu, swiglu or relu2)",
+    "gpt": "its MLP's nonlinearity is chosen by model.mlp (gelu, swiglu or relu2)",
     "bigram": "a lookup table has no hidden layer",
     "lstm": "its gates are fixed sigmoids and tanh (torch's built-in cell)",
     "gru": "its gates are fixed sigmoids and tanh (torch's built-in cell)",
@@ -124,8 +124,8 @@ class ModelConfig(Section):
     def check_combination(self) -> None:
         # One key decides each nonlinearity: gpt's is model.mlp, so model.activation may not quietly replace it.
         if self.activation and self.arch not in ACTIVATION_ARCHS:
-            raise UserError(f"model.activation = '{self.activation}' does not apply to arch '{self.arch}' "
-                            f"({FIXED_NONLINEARITY[self.arch]}); leave model.activation empty")
+            raise UserError(f"model.activation = '{self.activation}' does not apply to arch '{self.arch}': "
+                            f"{FIXED_NONLINEARITY[self.arch]}; leave model.activation empty")
 
 
 @dataclass
@@ -209,8 +209,9 @@ class Key:
 
     def allowed(self) -> str:
         if self.choices:
-            shown = [choice or '"" (the default)' for choice in self.choices]
-            return ", ".join(shown[:-1]) + " or " + shown[-1]
+            named = [choice for choice in self.choices if choice]
+            listed = ", ".join(named[:-1]) + " or " + named[-1] if len(named) > 1 else named[0]
+            return listed + (' (or "" for the default)' if "" in self.choices else "")
         if self.kind is bool:
             return f"{AUTO}, true or false" if self.optional else "true or false"
         return self.range.describe() if self.range else "any value"
