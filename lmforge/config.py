@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import sys
 import types
 import typing
@@ -243,10 +244,10 @@ def _wrong_type(key: Key, value: Any, what: str) -> UserError:
 
 def _parse_int(key: Key, value: Any) -> int:
     """A whole number in any spelling (4, 4.0, "4", "4e0", "1_000"); a fraction is refused, never truncated."""
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        if math.isfinite(value) and value.is_integer():
+    if isinstance(value, numbers.Integral):  # Python's or NumPy's
+        return int(value)
+    if isinstance(value, numbers.Real):
+        if math.isfinite(value) and float(value).is_integer():
             return int(value)
         raise _wrong_type(key, value, "int")
     try:
@@ -291,7 +292,7 @@ def parse_value(key: Key, value: Any) -> Any:
         raise UserError(f"unknown {key.name} {value!r}; choose {key.allowed()}")
     if key.kind is bool:
         return _parse_bool(key, value)
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):  # True is an int to Python, not here
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):  # True is an int to Python, not here
         raise _wrong_type(key, value, key.kind.__name__)
     parsed = _parse_int(key, value) if key.kind is int else _parse_float(key, value)
     if key.range and not key.range.allows(parsed):

@@ -4,6 +4,7 @@ the config is made, unknown keys name the closest key in any section."""
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lmforge.config import (
@@ -190,6 +191,8 @@ def test_sections_made_directly_are_checked_and_typed():
     refused("train.max_time", lambda: TrainConfig(max_time=float("nan")))
     assert type(TrainConfig(max_time=5).max_time) is float
     assert TrainConfig(compile="false").compile is False
+    numpy_made = ModelConfig(n_layer=np.int32(3), dropout=np.float32(0.5), vocab_size=np.float64(64.0))
+    assert [type(numpy_made.n_layer), type(numpy_made.dropout), type(numpy_made.vocab_size)] == [int, float, int]
 
 
 def test_set_value_checks_one_key_and_check_config_the_rest():
