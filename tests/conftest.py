@@ -59,7 +59,13 @@ def records(run_dir: Path, kind: str | None = None) -> list[dict]:
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records(run_dir, "train")}
+    """Each logged step's training loss. A step logged twice fails: a resumed run trims what it redoes, and
+    under torchrun only rank 0 logs."""
+    losses: dict[int, float] = {}
+    for record in records(run_dir, "train"):
+        assert record["step"] not in losses, f"step {record['step']} was logged twice"
+        losses[record["step"]] = record["loss"]
+    return losses
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
