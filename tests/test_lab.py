@@ -100,8 +100,8 @@ def scheme_std(init: str, weight: torch.Tensor, residual: bool, n_layer: int, in
 @pytest.mark.parametrize("init", ["normal", "xavier", "kaiming"])
 def test_every_weight_starts_with_its_schemes_distribution(arch, init):
     # Wide enough (thousands of entries per matrix) that a sample std lands within a few percent of the truth.
-    vocab, n_layer = 100, 2
-    model = small_model(arch, init=init, vocab_size=vocab, n_embd=64, n_layer=n_layer)
+    vocab, width, n_layer = 100, 64, 2
+    model = small_model(arch, init=init, vocab_size=vocab, n_embd=width, n_layer=n_layer)
     matrices = 0
     for name, weight in model.named_parameters():
         owner = model.get_submodule(name.rpartition(".")[0])
@@ -109,7 +109,7 @@ def test_every_weight_starts_with_its_schemes_distribution(arch, init):
             gain = isinstance(owner, torch.nn.LayerNorm | torch.nn.RMSNorm) and name.endswith(".weight")
             expected_vector = torch.full_like(weight, 1.0 if gain else 0.0)
             if isinstance(owner, torch.nn.LSTM) and name.rpartition(".")[2].startswith("bias_ih"):
-                expected_vector[64:128] = 1.0  # gates in torch's order: input, forget, cell, output
+                expected_vector[width : 2 * width] = 1.0  # gates in torch's order: input, forget, cell, output
             assert torch.equal(weight, expected_vector), name
             continue
         if isinstance(owner, torch.nn.Embedding) and arch != "bigram":  # N(0, init_std) under every scheme
