@@ -107,7 +107,7 @@ def test_ten_steps_reproduce_the_golden_losses(case, golden_data, tmp_path):
         golden["cases"][case] = result
         golden["torch_version"] = torch.__version__
         golden["regenerate"] = "LMFORGE_REGENERATE_GOLDEN=1 python -m pytest tests/test_golden.py"
-        golden["cases"] = dict(sorted(golden["cases"].items()))
+        golden["cases"] = {name: golden["cases"][name] for name in sorted(golden["cases"]) if name in CASES}
         LOSSES_FILE.write_text(json.dumps(golden, indent=1) + "\n")
         pytest.skip(f"regenerated {case} in {LOSSES_FILE}")
     assert case in golden["cases"], f"no golden losses for {case}: regenerate them (see this file's docstring)"
