@@ -11,7 +11,7 @@ LAB_TIME ?= 60
 LAB_RUNS ?= runs/lab
 LAB_ARCHS ?= bigram mlp rnn lstm gru gpt
 
-.PHONY: demo lab test lint install clean
+.PHONY: demo lab test golden lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,11 @@ lab: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# Rewrite tests/golden/losses.json from fresh runs. Only on purpose, when a change is meant to move the
+# training numbers; say why in the commit.
+golden: $(STAMP)
+	LMFORGE_REGENERATE_GOLDEN=1 $(BIN)/python -m pytest tests/test_golden.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

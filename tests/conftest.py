@@ -1,13 +1,16 @@
-"""Shared fixtures: a tiny multi-document corpus, its prepared data directory, and tiny configs."""
+"""Shared fixtures and helpers: a tiny multi-document corpus, its prepared data directory, tiny configs, and
+the readers the tests share (run logs, command-line output, pictures)."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import pytest
 import torch
 
+from lmforge.cli import main
 from lmforge.config import Config, load_config
 from lmforge.data.prepare import prepare
 
@@ -47,6 +50,42 @@ def write_corpus(directory: Path, documents: int = 24, seed: int = 0) -> Path:
         sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) for _ in range(4)]
         (directory / f"doc{index:03d}.txt").write_text(f"story {index}\n" + "\n".join(sentences) + "\n")
     return directory
+
+
+def records(run_dir: Path, kind: str | None = None) -> list[dict]:
+    """The run's log.jsonl records, in order; only those of one kind (train, eval, start, end...) if given."""
+    lines = (run_dir / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if kind is None or r["kind"] == kind]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """Each logged step's training loss. A step logged twice fails: a resumed run trims what it redoes, and
+    under torchrun only rank 0 logs."""
+    losses: dict[int, float] = {}
+    for record in records(run_dir, "train"):
+        assert record["step"] not in losses, f"step {record['step']} was logged twice"
+        losses[record["step"]] = record["loss"]
+    return losses
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run `lmforge ARGV` in this process: the exit code, stdout and stderr."""
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_picture(path: Path, min_width: int = 200, min_height: int = 150) -> None:
+    """A PNG that decodes, is at least this big, and shows something: more than a handful of distinct
+    colours (a blank or single-colour canvas has one or two)."""
+    import matplotlib.image
+
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), f"{path} is not a PNG"
+    pixels = matplotlib.image.imread(path)
+    height, width = pixels.shape[:2]
+    assert width >= min_width and height >= min_height, f"{path} is only {width}x{height} pixels"
+    colours = len(set(map(tuple, pixels.reshape(-1, pixels.shape[-1]).round(3).tolist())))
+    assert colours > 16, f"{path} is nearly blank ({colours} colours)"
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from lmforge.data.loader import TokenWindows
 from lmforge.data.prepare import load_meta
 from lmforge.infer.generate import generate
 from lmforge.train.checkpoint import load_model
+from tests.conftest import records, run_cli
 
 CONFIG_TOML = """
 [train]
@@ -36,12 +37,6 @@ lr = 1e-2
 TINY_FLAGS = ["--model.n_layer", "1", "--model.n_embd", "16", "--model.n_head", "2",
               "--model.block_size", "16", "--train.batch_size", "4", "--max-steps", "20",
               "--train.eval_every", "10"]
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(arg) for arg in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +57,7 @@ def trained(tmp_path_factory, tiny_corpus) -> SimpleNamespace:
 def test_train_writes_a_complete_run(trained):
     run = trained.run
     assert {"config.toml", "tokenizer.json", "log.jsonl", "checkpoints"} <= {p.name for p in run.iterdir()}
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    log = records(run)
     assert [r["step"] for r in log if r["kind"] == "train"] == [1, 5, 10, 15, 20]
     evals = [(r["step"], r["final"]) for r in log if r["kind"] == "eval"]
     assert evals == [(10, False), (20, True)]  # at the last step only the final (whole-split) evaluation
@@ -93,8 +88,7 @@ def test_eval_prints_one_json_object_matching_the_trainers_final_eval(trained, c
     result = json.loads(out)
     assert {"loss", "perplexity", "bpb", "tokens"} <= set(result)
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]), rel=1e-12)
-    log = [json.loads(line) for line in (trained.run / "log.jsonl").read_text().splitlines()]
-    final = [r for r in log if r["kind"] == "eval" and r["final"]][-1]
+    final = [r for r in records(trained.run, "eval") if r["final"]][-1]
     assert abs(result["loss"] - final["val_loss"]) < 1e-5  # same weights, whole split, other batch size
     windows = TokenWindows(trained.data, "val", 16)
     assert result["tokens"] == windows.num_windows * 16

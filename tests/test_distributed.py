@@ -8,7 +8,6 @@ accumulates two micro-steps, each of two ranks runs one.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -25,7 +24,7 @@ from lmforge.config import load_config
 from lmforge.errors import UserError
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.trainer import Trainer
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import TINY_OVERRIDES, records, train_losses
 
 STEPS = 10
 SETTINGS = {**TINY_OVERRIDES, "train.tokens_per_step": str(2 * 4 * 16), "train.max_steps": str(STEPS),
@@ -41,18 +40,6 @@ def settings(**overrides: str) -> dict[str, str]:
 
 def flags(options: dict[str, str]) -> list[str]:
     return [item for key, value in options.items() for item in (f"--{key}", value)]
-
-
-def records(run_dir: Path, kind: str) -> list[dict]:
-    return [r for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines()) if r["kind"] == kind]
-
-
-def train_losses(run_dir: Path) -> dict[int, float]:
-    losses = {}
-    for record in records(run_dir, "train"):
-        assert record["step"] not in losses, "a step was logged twice (only rank 0 may log)"
-        losses[record["step"]] = record["loss"]
-    return losses
 
 
 def assert_same_losses(ours: dict[int, float], reference: dict[int, float], steps: range) -> None:

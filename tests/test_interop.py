@@ -21,6 +21,7 @@ from lmforge.infer.generate import generate
 from lmforge.interop.run import write_run
 from lmforge.model.gpt import GPT
 from lmforge.train.checkpoint import load_model
+from tests.conftest import records, run_cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,12 +31,6 @@ TINY_TRAIN = ["--model.n_layer", "1", "--model.n_embd", "32", "--model.n_head", 
               "--train.device", "cpu", "--train.precision", "fp32", "--train.compile", "false",
               "--train.warmup_steps", "1", "--quiet"]
 TEXT = "the cat sat on a mat . we read books , naïve café!\n"
-
-
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(arg) for arg in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def randomize(model: torch.nn.Module, std: float = 0.3) -> None:
@@ -355,8 +350,7 @@ def test_train_init_from_on_bare_llmc_shards(bpe, tiny_corpus, tmp_path, capsys,
     assert start.keys() == end.keys()
     assert all(torch.equal(start[name], end[name]) for name in start)  # lr 0: training began from them
     assert load_tokenizer(out).to_dict() == load_tokenizer(imported.run).to_dict()
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    evals = [record for record in records if record["kind"] == "eval"]
+    evals = records(out, "eval")
     assert evals and evals[-1]["val_bpb"] is None and np.isfinite(evals[-1]["val_loss"])
     code, printed, err = run_cli(capsys, "eval", out, "--data", shards, "--device", "cpu")
     assert code == 0, err

@@ -17,8 +17,8 @@ from lmforge.data.prepare import prepare
 from lmforge.errors import UserError
 from lmforge.report import last_per_step, read_log, write_report
 from lmforge.train.trainer import Trainer
+from tests.conftest import assert_picture, records
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("loss.png", "lr.png", "grad_norm.png", "tokens_per_s.png")
 CHECKPOINT_PLOTS = ("weights.png", "gradients.png", "attention.png")  # drawn from the newest checkpoint
 OVERRIDES = {"model.n_layer": "1", "model.n_head": "2", "model.n_embd": "16", "model.block_size": "16",
@@ -33,10 +33,6 @@ TOPICS = {
     "letters": "Dear Ann, the parcel came on Tuesday! Thank you. Yours, Tom.",
     "code": "def add(a, b):\n    return a + b  # `add` sums two numbers",
 }
-
-
-def records(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -61,13 +57,10 @@ def report(trained_run) -> Path:
 
 def test_every_plot_is_a_png_that_report_md_embeds_by_relative_path(trained_run, report):
     assert report == trained_run / "report" / "report.md"
-    sizes = {}
-    for name in PLOTS:
-        data = (report.parent / name).read_bytes()
-        assert data.startswith(PNG_SIGNATURE), name
-        assert len(data) > 10_000, name  # drawn curves and labels, not an empty canvas
-        sizes[name] = struct.unpack(">II", data[16:24])  # width and height from the IHDR chunk
-    assert sizes["loss.png"][0] > sizes["lr.png"][0]  # two panels side by side
+    for name in PLOTS + CHECKPOINT_PLOTS:
+        assert_picture(report.parent / name)  # decodes, drawn curves and labels, not an empty canvas
+    widths = {name: struct.unpack(">I", (report.parent / name).read_bytes()[16:20])[0] for name in PLOTS}
+    assert widths["loss.png"] > widths["lr.png"]  # two panels side by side
     embedded = re.findall(r"!\[[^\]]+\]\(([^)]+)\)", report.read_text())
     # relative to report.md, so the report folder can move
     assert sorted(embedded) == sorted(PLOTS + CHECKPOINT_PLOTS)
@@ -75,7 +68,7 @@ def test_every_plot_is_a_png_that_report_md_embeds_by_relative_path(trained_run,
 
 
 def test_summary_and_model_match_the_log(trained_run, report):
-    log = records(trained_run / "log.jsonl")
+    log = records(trained_run)
     start = next(r for r in log if r["kind"] == "start")
     end = [r for r in log if r["kind"] == "end"][-1]
     evals = [r for r in log if r["kind"] == "eval"]
@@ -100,7 +93,7 @@ def test_config_samples_and_a_fresh_sample_are_embedded(trained_run, report):
     text = report.read_text()
     config = (trained_run / "config.toml").read_text().rstrip("\n")
     assert f"```toml\n{config}\n```" in text
-    samples = [r for r in records(trained_run / "log.jsonl") if r["kind"] == "sample"]
+    samples = records(trained_run, "sample")
     assert [r["step"] for r in samples] == [10, 20]
     for sample in samples:
         assert f"Step {sample['step']}, empty prompt:\n\n```\n{sample['text']}\n```" in text
@@ -185,7 +178,8 @@ def test_a_run_without_evaluations_still_gets_a_report_that_says_so(tmp_path):
     text = path.read_text()
     assert "no evaluation was logged, so there is no validation curve" in text
     assert "best val loss" not in text and "final val loss" not in text
-    assert all((path.parent / name).read_bytes().startswith(PNG_SIGNATURE) for name in PLOTS)
+    for name in PLOTS:
+        assert_picture(path.parent / name)
 
 
 @pytest.mark.parametrize("lines, message", [

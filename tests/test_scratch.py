@@ -21,16 +21,12 @@ from lmforge.train import checkpoint as ckpt
 from lmforge.train.engine import ScratchEngine, numpy_parameters
 from lmforge.train.optim import build_optimizers
 from lmforge.train.trainer import Trainer, optimizer_step
+from tests.conftest import train_losses
 
 pytestmark = pytest.mark.usefixtures("no_flops_probe")
 
 LAYERS = {"sigmoid", "tanh", "relu", "gelu", "softmax", "embedding", "linear", "layernorm", "attention",
           "cross_entropy"}
-
-
-def train_losses(run_dir) -> dict[int, float]:
-    lines = (run_dir / "log.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"}
 
 
 # ---- gradients ----

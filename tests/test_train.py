@@ -19,20 +19,12 @@ from lmforge.errors import UserError
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.hardware import peak_flops as real_peak_flops
 from lmforge.train.trainer import Trainer
+from tests.conftest import records, train_losses
 
 pytestmark = pytest.mark.usefixtures("no_flops_probe")
 
 ORIGINAL_OPTIMIZER_STEP = trainer_module.optimizer_step
 CHECKPOINT_FILES = {"model.safetensors", "optimizer.safetensors", "state.json"}
-
-
-def records(run_dir, kind: str | None = None) -> list[dict]:
-    lines = (run_dir / "log.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if kind is None or r["kind"] == kind]
-
-
-def train_losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records(run_dir, "train")}
 
 
 def checkpoint_steps(run_dir) -> list[int]:
