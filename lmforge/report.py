@@ -301,7 +301,8 @@ def _fresh_sample_section(run: Path) -> str:
     import torch
 
     from lmforge.infer.generate import generate
-    from lmforge.train.checkpoint import list_checkpoints, load_model
+    from lmforge.infer.load import load_model
+    from lmforge.run import list_checkpoints
 
     title = "## Fresh sample"
     if not list_checkpoints(run):
@@ -326,7 +327,8 @@ def _inside_section(run: Path, out: Path, log: RunLog, attention_layer: int) -> 
 
     from lmforge.data.loader import TokenWindows, to_batch
     from lmforge.lab.inside import attention_png, histograms_png, layer_gradients
-    from lmforge.train.checkpoint import list_checkpoints, load_model
+    from lmforge.infer.load import load_model
+    from lmforge.run import list_checkpoints
 
     title = "## Inside the model"
     if not list_checkpoints(run):
