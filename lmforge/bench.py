@@ -33,7 +33,7 @@ def bench(config: Config, steps: int = 10, warmup: int = 2, say: Callable[[str],
     configure_fast_math(device)
     torch.manual_seed(train.seed)
     model = build_model(config.model).to(device)
-    engine = build_engine(config, model, device, precision)
+    engine = build_engine(config, model, device, precision, say=say)
     accumulation = accumulation_steps(config)
     shape = (train.batch_size, config.model.block_size + 1)
     windows = torch.randint(0, config.model.vocab_size, shape, device=device)

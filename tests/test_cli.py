@@ -18,7 +18,7 @@ from lmforge.cli import main
 from lmforge.data.loader import TokenWindows
 from lmforge.data.prepare import load_meta
 from lmforge.infer.generate import generate
-from lmforge.train.checkpoint import load_model
+from lmforge.infer.load import load_model
 
 CONFIG_TOML = """
 [train]

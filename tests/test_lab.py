@@ -15,8 +15,8 @@ from lmforge.config import ModelConfig
 from lmforge.data.loader import TrainLoader
 from lmforge.errors import UserError
 from lmforge.infer.generate import generate
+from lmforge.infer.load import load_model
 from lmforge.model.factory import ARCHS, build_model
-from lmforge.train import checkpoint as ckpt
 from lmforge.train.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures("no_flops_probe")
@@ -51,7 +51,7 @@ def test_every_arch_trains_and_its_loss_falls(arch, tiny_data, tiny_config, tmp_
     assert np.mean(losses[-5:]) < 0.8 * losses[0]
     assert records(tmp_path / arch, "start")[0]["arch"] == arch
     # The saved run loads back as the same architecture and generates.
-    model, loaded, _, _ = ckpt.load_model(tmp_path / arch)
+    model, loaded, _, _ = load_model(tmp_path / arch)
     assert type(model).__name__ == type(build_model(loaded.model)).__name__
     assert len(list(generate(model, [1, 2, 3], 20, temperature=1.0, generator=torch.Generator().manual_seed(0)))) == 20
 

@@ -206,14 +206,15 @@ def engine_device(config: Config) -> tuple[torch.device, str]:
 
 
 def build_engine(config: Config, model: nn.Module, device: torch.device, precision: str,
-                 cluster: Cluster | None = None) -> Engine:
+                 cluster: Cluster | None = None, say: Callable[[str], None] | None = None) -> Engine:
     """The engine the config asks for, around a model already on `device`. Under torchrun, `cluster` shards
-    the model (FSDP: before the optimizers, which must hold the shards) or replicates its forward (DDP)."""
+    the model (FSDP: before the optimizers, which must hold the shards) or replicates its forward (DDP).
+    `say` hears about choices the config did not spell out (Muon on a model without hidden matrices)."""
     cluster = cluster or Cluster(device=device)
     if config.train.engine == "scratch":
         return ScratchEngine(model, config)
     cluster.shard(model)
-    optimizers = build_optimizers(model, config.optim, device)
+    optimizers = build_optimizers(model, config.optim, device, say)
     forward = torch.compile(model) if resolve_compile(config.train.compile, device) else model
     return TorchEngine(model, optimizers, device=device, precision=precision, forward=forward,
                        train_forward=cluster.replicate(forward))

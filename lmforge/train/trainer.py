@@ -105,7 +105,7 @@ class Trainer:
             self.model.carry_state(self.carries_state)
         if init_from is not None:
             rundir.init_from_run(self.model, init_from)
-        self.engine = build_engine(config, self.model, self.device, self.precision, self.cluster)
+        self.engine = build_engine(config, self.model, self.device, self.precision, self.cluster, self.say)
         self.loader = TrainLoader(self.data_dir, config.model.block_size, train.batch_size,
                                   shuffle=config.data.shuffle, seed=train.seed, rank=self.cluster.rank,
                                   world_size=self.cluster.world_size, device=self.device,
