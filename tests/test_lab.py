@@ -45,9 +45,10 @@ def test_every_arch_trains_and_its_loss_falls(arch, tiny_data, tiny_config, tmp_
     lr = {"bigram": 0.1, "rnn": 3e-2, "lstm": 3e-2, "gru": 3e-2}.get(arch, 1e-2)
     config = tiny_config(model__arch=arch, train__max_steps=100, train__batch_size=8, optim__lr=lr,
                          **{k.replace(".", "__"): v for k, v in ARCH_OVERRIDES.items()})
-    Trainer(config, tiny_data, tmp_path / arch, quiet=True).run()
+    trainer = Trainer(config, tiny_data, tmp_path / arch, quiet=True)
+    trainer.run()
     losses = [r["loss"] for r in records(tmp_path / arch, "train")]
-    assert losses[0] == pytest.approx(math.log(config.model.vocab_size), abs=0.3)  # starts near uniform
+    assert losses[0] == pytest.approx(math.log(trainer.config.model.vocab_size), abs=0.3)  # starts near uniform
     assert np.mean(losses[-5:]) < 0.8 * losses[0]
     assert records(tmp_path / arch, "start")[0]["arch"] == arch
     # The saved run loads back as the same architecture and generates.
@@ -130,7 +131,7 @@ def test_the_hidden_state_is_carried_or_reset_as_the_log_says(sequential, tiny_d
     assert start["data_order"] == ("sequential" if sequential else "shuffled")
     assert ("truncated BPTT" in capsys.readouterr().out) == sequential
     model = trainer.model.train()
-    inputs = torch.randint(0, config.model.vocab_size, (4, 16))
+    inputs = torch.randint(0, trainer.config.model.vocab_size, (4, 16))
     first, _ = model(inputs)
     second, _ = model(inputs)  # the same windows again: different logits only if the state carried over
     assert torch.equal(first, second) != sequential

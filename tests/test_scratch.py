@@ -128,10 +128,10 @@ def test_a_scratch_training_run_learns(tiny_data, tiny_config, tmp_path):
     result = trainer.run()
     losses = train_losses(tmp_path / "run")
     assert sorted(losses) == list(range(1, 121))
-    assert losses[1] == pytest.approx(math.log(config.model.vocab_size), abs=0.15)
+    assert losses[1] == pytest.approx(math.log(trainer.config.model.vocab_size), abs=0.15)
     assert np.mean([losses[step] for step in range(111, 121)]) < 0.75 * losses[1]
     assert result["val"]["loss"] < 0.75 * losses[1]  # evaluated by the scratch forward
-    assert trainer.model.wte.weight[config.model.vocab_size :].abs().max() == 0  # padding rows stay zero
+    assert trainer.model.wte.weight[trainer.config.model.vocab_size :].abs().max() == 0  # padding rows stay zero
 
 
 def test_scratch_resume_continues_the_exact_loss_sequence(tiny_data, tiny_config, tmp_path):

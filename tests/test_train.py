@@ -70,11 +70,11 @@ def test_loss_falls_well_below_its_start(tiny_data, tiny_config, tmp_path):
     config = tiny_config(train__max_steps=150, train__batch_size=8)
     trainer = Trainer(config, tiny_data, tmp_path / "run", quiet=True)
     result = trainer.run()
-    assert trainer.model.wte.weight[config.model.vocab_size :].abs().max() == 0  # padding rows stay zero
+    assert trainer.model.wte.weight[trainer.config.model.vocab_size :].abs().max() == 0  # padding rows stay zero
     losses = train_losses(tmp_path / "run")
     assert sorted(losses) == list(range(1, 151))  # log_every=1: every step logged
     first = losses[1]
-    assert first == pytest.approx(math.log(config.model.vocab_size), abs=0.15)  # starts near uniform
+    assert first == pytest.approx(math.log(trainer.config.model.vocab_size), abs=0.15)  # starts near uniform
     final_eval = records(tmp_path / "run", "eval")[-1]
     assert final_eval["final"] and final_eval["val_loss"] == result["val"]["loss"]
     assert final_eval["val_loss"] < 0.7 * first
