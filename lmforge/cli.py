@@ -1,4 +1,9 @@
-"""The `lmforge` command line: parse arguments, call one function per command, map user errors to exit 2."""
+"""The `lmforge` command line: parse arguments, call one function per command, map user errors to exit 2.
+
+Every command's function takes the parsed arguments; `train`, `bench` and `sweep` also take config overrides.
+An override is `--section.key VALUE` for any config key; a few common keys have a short flag of their own
+(`--max-steps`, `--engine`, ...), which writes the same override, so both spellings take one path.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,22 @@ from lmforge import __version__
 from lmforge.config import ENGINES
 from lmforge.errors import UserError
 
+OVERRIDES_EPILOG = ("Any config key can be set with --section.key VALUE (or --section.key=VALUE), e.g. "
+                    "--optim.lr 3e-3 --model.n_layer 4 --train.tokens_per_step 8192; see configs/*.toml for the keys.")
+
+
+class SetConfig(argparse.Action):
+    """A short flag for one config key: stores `--section.key VALUE` in `args.overrides` (a flag without a
+    value stores `const`), so a short flag and the dotted spelling are one setting."""
+
+    def __init__(self, option_strings, dest, key: str, **kwargs):
+        self.key = key
+        super().__init__(option_strings, dest=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        value = self.const if self.nargs == 0 else values
+        namespace.config_flags = {**getattr(namespace, "config_flags", {}), self.key: str(value)}
+
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from lmforge.data.prepare import prepare
@@ -20,8 +41,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
             shard_tokens=args.shard_tokens, workers=args.workers, overwrite=args.overwrite, quiet=args.quiet)
 
 
-def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+def cmd_train(args: argparse.Namespace) -> None:
     from lmforge.config import load_config
+    from lmforge.run import CONFIG_FILE, resolve_checkpoint
     from lmforge.train.trainer import Trainer
 
     config_path = args.config
@@ -29,50 +51,23 @@ def cmd_train(args: argparse.Namespace, overrides: dict[str, str]) -> None:
         raise UserError("--init-from starts a new run from another run's weights; --resume continues --out: "
                         "give one of them")
     if config_path is None and args.init_from is not None:  # the pretrained run's settings, overridable
-        from lmforge.train.checkpoint import resolve_checkpoint
-
-        config_path = resolve_checkpoint(args.init_from)[0] / "config.toml"
+        config_path = resolve_checkpoint(args.init_from)[0] / CONFIG_FILE
     if config_path is None:
         if not args.resume:
             raise UserError("train needs --config FILE (or --resume to continue the run in --out, or "
                             "--init-from RUN to start from a run's weights and settings)")
-        config_path = Path(args.out) / "config.toml"
-    if args.max_steps is not None:
-        overrides["train.max_steps"] = str(args.max_steps)
-    if args.max_time is not None:
-        overrides["train.max_time"] = str(args.max_time)
-    if args.compile:
-        overrides["train.compile"] = "true"
-    if args.engine is not None:
-        overrides["train.engine"] = args.engine
-    if args.parallel is not None:
-        overrides["train.parallel"] = args.parallel
-    config = load_config(config_path, overrides)
+        config_path = Path(args.out) / CONFIG_FILE
+    config = load_config(config_path, args.overrides)
     Trainer(config, args.data, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
             init_from=args.init_from).run()
-
-
-def load_for_inference(args: argparse.Namespace):
-    """The run's model on --device (the scratch engine: its NumPy forward, on the CPU), config, tokenizer,
-    checkpoint used, and the device."""
-    import torch
-
-    from lmforge.train.checkpoint import load_model
-    from lmforge.train.hardware import resolve_device
-
-    device = torch.device("cpu") if args.engine == "scratch" else resolve_device(args.device, "--device")
-    model, config, tokenizer, checkpoint = load_model(args.run, device)
-    if args.engine == "scratch":
-        from lmforge.train.engine import ScratchForward
-
-        model = ScratchForward(model)
-    return model, config, tokenizer, checkpoint, device
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
+    from lmforge.infer.decode import stream_text
     from lmforge.infer.generate import generate
+    from lmforge.infer.load import load_for_inference
 
     if args.prompt is not None and args.prompt_file is not None:
         raise UserError("give either --prompt or --prompt-file, not both")
@@ -84,35 +79,30 @@ def cmd_sample(args: argparse.Namespace) -> None:
             raise UserError(f"cannot read --prompt-file: {err}") from None
     if args.temperature < 0:
         raise UserError("--temperature must be 0 (greedy) or positive")
-    model, _, tokenizer, _, device = load_for_inference(args)
+    model, _, tokenizer, _, device = load_for_inference(args.run, args.device, args.engine)
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for index in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {index + 1} ---")
         sys.stdout.write(prompt)
-        ids: list[int] = []
-        shown = 0
-        for token in generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, generator=generator,
-                              stop_token=tokenizer.eot_id, use_cache=args.engine == "torch"):
-            ids.append(token)
-            text = tokenizer.decode(ids)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[shown:])
-                sys.stdout.flush()
-                shown = len(text)
-        sys.stdout.write(tokenizer.decode(ids)[shown:] + "\n")
+        tokens = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, generator=generator, stop_token=tokenizer.eot_id,
+                          use_cache=args.engine == "torch")
+        for piece in stream_text(tokenizer, tokens):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-
     from lmforge.data.datadir import describe_data
     from lmforge.data.loader import TokenWindows
-    from lmforge.train.evaluate import evaluate
+    from lmforge.infer.evaluate import bits_per_character, evaluate
+    from lmforge.infer.load import load_for_inference
     from lmforge.train.hardware import resolve_precision
 
-    model, config, tokenizer, checkpoint, device = load_for_inference(args)
+    model, config, tokenizer, checkpoint, device = load_for_inference(args.run, args.device, args.engine)
     meta, _ = describe_data(args.data, tokenizer)  # a prepared directory, or bare llm.c shards (no byte counts)
     if args.split not in meta["splits"]:
         raise UserError(f"unknown split '{args.split}'; {args.data} has {', '.join(meta['splits'])}")
@@ -122,21 +112,20 @@ def cmd_eval(args: argparse.Namespace) -> None:
                       precision=resolve_precision("fp32" if device.type == "cpu" else config.train.precision,
                                                   device),
                       bytes_per_token=split["bytes"] / split["tokens"] if split["bytes"] else None)
-    # Bits per character, for character-level comparisons (equal to bits per byte on ASCII text).
-    result["bpc"] = result["bpb"] * split["bytes"] / split["chars"] if result["bpb"] is not None else None
+    result["bpc"] = bits_per_character(result["bpb"], split)
     result["checkpoint"] = str(checkpoint)
     print(json.dumps(result))
 
 
-def cmd_bench(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+def cmd_bench(args: argparse.Namespace) -> None:
     from lmforge.bench import bench
     from lmforge.config import load_config
 
     if args.steps <= 0:
         raise UserError("--steps must be positive")
-    if args.engine is not None:
-        overrides["train.engine"] = args.engine
-    result = bench(load_config(args.config, overrides), steps=args.steps)
+    # The plan and the estimate come first; with --json they go to stderr, so stdout stays one JSON object.
+    say = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    result = bench(load_config(args.config, args.overrides), steps=args.steps, say=say)
     if args.json:
         print(json.dumps(result))
         return
@@ -198,11 +187,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(f"comparison written to {compare(args.runs, args.out)}")
 
 
-def cmd_sweep(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+def cmd_sweep(args: argparse.Namespace) -> None:
     from lmforge.lab.sweep import sweep
 
     sweep(args.config, args.data, args.out, args.param or [], method=args.method, trials=args.trials,
-          budget_time=args.budget_time, overrides=overrides, quiet=args.quiet)
+          budget_time=args.budget_time, overrides=args.overrides, quiet=args.quiet)
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -211,12 +200,19 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(f"wrote {plot_activations(args.out)}")
 
 
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """A command that takes a config: it accepts --section.key VALUE overrides, and its help says so."""
+    parser.epilog = OVERRIDES_EPILOG
+    parser.set_defaults(takes_overrides=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Train language models from scratch.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("prepare", help="clean and tokenize text into token shards")
+    p.set_defaults(func=cmd_prepare)
     p.add_argument("--source", action="append", required=True,
                    help="'shakespeare', a .txt/.md file or directory, .jsonl or .parquet (repeatable)")
     p.add_argument("--val-source", action="append", help="held-out validation text (repeatable)")
@@ -233,52 +229,68 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
 
     p = commands.add_parser("train", help="train a model (extra --section.key value flags override the config)")
+    p.set_defaults(func=cmd_train)
+    add_config_options(p)
     p.add_argument("--config", help="TOML config (configs/*.toml); optional with --resume")
     p.add_argument("--data", required=True, help="directory written by lmforge prepare, or of llm.c shards")
     p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-time", type=float, help="seconds of training")
+    p.add_argument("--max-steps", action=SetConfig, key="train.max_steps", metavar="N",
+                   help="sets train.max_steps: optimizer steps to train for")
+    p.add_argument("--max-time", action=SetConfig, key="train.max_time", metavar="SECONDS",
+                   help="sets train.max_time: seconds of training")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (default on CUDA)")
-    p.add_argument("--engine", choices=ENGINES, help="sets train.engine: torch (default) or scratch (NumPy)")
+    p.add_argument("--compile", action=SetConfig, key="train.compile", nargs=0, const="true",
+                   help="sets train.compile = true: torch.compile the model (default: on CUDA only)")
+    p.add_argument("--no-compile", action=SetConfig, key="train.compile", nargs=0, const="false",
+                   help="sets train.compile = false")
+    p.add_argument("--engine", action=SetConfig, key="train.engine", choices=ENGINES,
+                   help="sets train.engine: torch (default) or scratch (NumPy)")
     p.add_argument("--init-from", help="start from this run's weights (and its config unless --config is given)")
-    p.add_argument("--parallel", choices=("ddp", "fsdp"), help="sets train.parallel, under torchrun: ddp (default) "
-                                                               "or fsdp (shards parameters and optimizer state)")
+    p.add_argument("--parallel", action=SetConfig, key="train.parallel", choices=("ddp", "fsdp"),
+                   help="sets train.parallel, under torchrun: ddp (default) or fsdp (shards parameters and "
+                        "optimizer state)")
     p.add_argument("--quiet", action="store_true")
 
     p = commands.add_parser("sample", help="generate text from a trained run")
+    p.set_defaults(func=cmd_sample)
     p.add_argument("run", help="run directory or a checkpoint directory inside one")
-    p.add_argument("--prompt")
-    p.add_argument("--prompt-file")
+    p.add_argument("--prompt", help="text the samples continue (default: none, start from end-of-text)")
+    p.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
     p.add_argument("--max-new-tokens", type=int, default=500)
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=float, help="sample among the most likely tokens that make up this probability")
     p.add_argument("--num-samples", type=int, default=1)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--engine", choices=ENGINES, default="torch", help="scratch: the NumPy engine (CPU)")
 
     p = commands.add_parser("eval", help="loss, perplexity and bits per byte on a split")
+    p.set_defaults(func=cmd_eval)
     p.add_argument("run", help="run directory or a checkpoint directory inside one")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="a data directory tokenized with the run's tokenizer")
     p.add_argument("--split", default="val")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--engine", choices=ENGINES, default="torch", help="scratch: the NumPy engine (CPU)")
 
     p = commands.add_parser("bench", help="time training steps on random tokens (extra flags override config)")
+    p.set_defaults(func=cmd_bench)
+    add_config_options(p)
     p.add_argument("--config", help="TOML config (default: built-in defaults)")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (after 2 untimed warm-up steps)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--engine", choices=ENGINES, help="sets train.engine: torch (default) or scratch (NumPy)")
+    p.add_argument("--engine", action=SetConfig, key="train.engine", choices=ENGINES,
+                   help="sets train.engine: torch (default) or scratch (NumPy)")
 
     p = commands.add_parser("gradcheck", help="check the scratch engine's gradients (finite differences, torch)")
+    p.set_defaults(func=cmd_gradcheck)
     p.add_argument("--layers", action="store_true", help="every layer, float64")
     p.add_argument("--model", choices=("tiny",), help="the whole tiny model, float64 and float32")
 
     p = commands.add_parser("import", help="make a run from a Hugging Face model or an llm.c model file")
+    p.set_defaults(func=cmd_import)
     p.add_argument("source", help="a Hugging Face model directory, a hub name such as gpt2 (needs network), "
                                   "or an llm.c model .bin file")
     p.add_argument("--out", required=True, help="run directory to create")
@@ -287,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     p = commands.add_parser("export", help="write a run's model for Hugging Face transformers or llm.c")
+    p.set_defaults(func=cmd_export)
     p.add_argument("run", help="run directory or a checkpoint directory inside one")
     p.add_argument("--format", required=True, choices=("hf", "llmc"))
     p.add_argument("--out", required=True, help="hf: a directory; llmc: the model file (its tokenizer file "
@@ -295,16 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     p = commands.add_parser("report", help="write RUN/report/report.md with plots")
-    p.add_argument("run")
+    p.set_defaults(func=cmd_report)
+    p.add_argument("run", help="run directory")
     p.add_argument("--attention-layer", type=int, default=-1,
                    help="transformer layer whose attention maps are drawn (default -1: the last)")
 
     p = commands.add_parser("compare", help="runs side by side: a Markdown table and overlaid val-loss curves")
+    p.set_defaults(func=cmd_compare)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     p.add_argument("--out", required=True, help="directory for compare.md and the PNG curves")
 
     p = commands.add_parser("sweep", help="hyperparameter search with Optuna (extra --section.key value flags "
                                           "override the config)")
+    p.set_defaults(func=cmd_sweep)
+    add_config_options(p)
     p.add_argument("--config", help="TOML config every trial starts from")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="sweep directory: sweep.db, trial_000/, ..., results, best.toml")
@@ -317,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
 
     p = commands.add_parser("plot", help="teaching plots")
+    p.set_defaults(func=cmd_plot)
     p.add_argument("what", choices=("activations",), help="activations: the functions and their derivatives")
     p.add_argument("--out", required=True, help="PNG file to write")
     return parser
@@ -325,18 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        if args.command in ("train", "bench", "sweep"):
+        if getattr(args, "takes_overrides", False):
             from lmforge.config import parse_overrides
 
-            {"train": cmd_train, "bench": cmd_bench, "sweep": cmd_sweep}[args.command](args, parse_overrides(extra))
-        else:
-            if extra:
-                parser.error(f"unrecognized arguments: {' '.join(extra)}")
-            {"prepare": cmd_prepare, "sample": cmd_sample, "eval": cmd_eval, "report": cmd_report,
-             "gradcheck": cmd_gradcheck, "import": cmd_import, "export": cmd_export, "compare": cmd_compare,
-             "plot": cmd_plot}[
-                args.command](args)
+            # A short flag is the same setting as its dotted spelling; given both, the short flag wins.
+            args.overrides = {**parse_overrides(extra), **getattr(args, "config_flags", {})}
+        args.func(args)
     except UserError as err:
         print(f"lmforge {args.command}: error: {err}", file=sys.stderr)
         return 2

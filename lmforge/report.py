@@ -8,10 +8,8 @@ renamed, so a reader never sees half a report.
 from __future__ import annotations
 
 import io
-import json
 import math
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from matplotlib.axes import Axes
@@ -21,6 +19,7 @@ from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from lmforge.errors import UserError
 from lmforge.files import write_atomic
+from lmforge.run import EvalRecord, RunLog, TrainRecord, last_per_step, read_log
 
 SAMPLES_SHOWN = 3  # the last few samples logged during training
 # The fresh sample: seeded, so that writing the report twice writes the same report.
@@ -30,89 +29,6 @@ FRESH_TOP_K = 200
 FRESH_SEED = 1337
 GRADIENT_WINDOWS = 8  # the validation windows whose loss gives the gradient histograms
 ATTENTION_SENTENCE = "ROMEO: But soft, what light through yonder window breaks?"
-
-# The fields the report reads from each kind of record: numbers, then strings.
-NUMBER_FIELDS = {
-    "start": ("params", "params_non_embedding", "flops_per_token", "resumed_from_step"),
-    "train": ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed"),
-    "eval": ("step", "tokens", "val_loss", "val_ppl", "elapsed"),  # val_bpb: null on data without byte counts
-    "sample": ("step",),
-    "end": ("step", "tokens", "elapsed"),
-}
-TEXT_FIELDS = {"start": ("device", "precision"), "sample": ("text",), "end": ("reason",)}
-
-
-@dataclass
-class RunLog:
-    """The records of one log.jsonl, by kind, in file order."""
-
-    starts: list[dict] = field(default_factory=list)
-    train: list[dict] = field(default_factory=list)
-    evals: list[dict] = field(default_factory=list)
-    samples: list[dict] = field(default_factory=list)
-    end: dict | None = None  # the latest launch's end record; None while it runs or after a hard kill
-
-
-def read_log(path: str | Path) -> RunLog:
-    """Parse log.jsonl; a line that is not a complete record raises UserError naming its line number.
-
-    An unfinished last line (no newline yet) is skipped: the trainer may be writing it right now.
-    """
-    path = Path(path)
-    log = RunLog()
-    lists = {"start": log.starts, "train": log.train, "eval": log.evals, "sample": log.samples}
-    with open(path, "rb") as file:  # bytes, so that invalid UTF-8 is reported with its line like bad JSON
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = _parse_record(line, f"{path}, line {number}")
-            except UserError:
-                if line.endswith(b"\n"):
-                    raise
-                break
-            kind = record["kind"]
-            if kind == "start":
-                log.end = None  # a new launch: the end of an earlier one no longer describes the run
-            if kind == "end":
-                log.end = record
-            elif kind in lists:
-                lists[kind].append(record)
-    return log
-
-
-def _parse_record(line: bytes, where: str) -> dict:
-    fix = "repair or delete that line and run the report again"
-    try:
-        record = json.loads(line)
-    except UnicodeDecodeError:
-        raise UserError(f"{where} of the log is not UTF-8 text; {fix}") from None
-    except json.JSONDecodeError as err:
-        raise UserError(f"{where} of the log is not valid JSON ({err.msg}); {fix}") from None
-    if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
-        raise UserError(f"{where} of the log is not a record (a JSON object with a 'kind'); {fix}")
-    kind = record["kind"]
-    bad = [key for key in NUMBER_FIELDS.get(kind, ()) if not _is_number(record.get(key))]
-    bad += [key for key in TEXT_FIELDS.get(kind, ()) if not isinstance(record.get(key), str)]
-    if bad:
-        raise UserError(f"{where} of the log: the {kind} record lacks {', '.join(bad)} "
-                        f"(or has the wrong type); {fix}")
-    return record
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def last_per_step(records: list[dict]) -> list[dict]:
-    """One record per step, the last one logged, in step order.
-
-    A run interrupted after logging steps that no checkpoint holds logs those steps again when resumed from
-    its earlier checkpoint; the later records are the ones the run went on from.
-    """
-    by_step = {record["step"]: record for record in records}
-    return [by_step[step] for step in sorted(by_step)]
-
 
 def write_report(run: str | Path, attention_layer: int = -1) -> Path:
     """Write RUN/report/report.md and its plots from the run's files; return the path of report.md.
@@ -148,16 +64,16 @@ def write_report(run: str | Path, attention_layer: int = -1) -> Path:
 
 
 # ----- plots -----
-def write_plots(train: list[dict], evals: list[dict], out: Path) -> dict[str, str]:
+def write_plots(train: list[TrainRecord], evals: list[EvalRecord], out: Path) -> dict[str, str]:
     """Write the PNG plots into `out` from per-step records; return {file name: caption}."""
-    steps = [record["step"] for record in train]
+    steps = [record.step for record in train]
     figures = {
         "loss.png": (_loss_figure(train, evals), "Train and validation loss against step and against tokens"),
-        "lr.png": (_step_figure(steps, [r["lr"] for r in train], "learning rate", "Learning rate"),
+        "lr.png": (_step_figure(steps, [r.lr for r in train], "learning rate", "Learning rate"),
                    "Learning rate against step"),
-        "grad_norm.png": (_step_figure(steps, [r["grad_norm"] for r in train], "norm before clipping",
+        "grad_norm.png": (_step_figure(steps, [r.grad_norm for r in train], "norm before clipping",
                                        "Gradient norm"), "Gradient norm against step"),
-        "tokens_per_s.png": (_step_figure(steps, [r["tokens_per_s"] for r in train], "tokens/s", "Throughput",
+        "tokens_per_s.png": (_step_figure(steps, [r.tokens_per_s for r in train], "tokens/s", "Throughput",
                                           EngFormatter()), "Training tokens per second against step"),
     }
     for name, (figure, _) in figures.items():
@@ -175,13 +91,13 @@ def _new_figure(width: float) -> Figure:
     return figure
 
 
-def _loss_figure(train: list[dict], evals: list[dict]) -> Figure:
+def _loss_figure(train: list[TrainRecord], evals: list[EvalRecord]) -> Figure:
     figure = _new_figure(11)
     by_step, by_tokens = figure.subplots(1, 2)
     for axes, x_key, x_label in ((by_step, "step", "step"), (by_tokens, "tokens", "tokens seen")):
-        axes.plot([r[x_key] for r in train], [r["loss"] for r in train], linewidth=1, label="train")
+        axes.plot([getattr(r, x_key) for r in train], [r.loss for r in train], linewidth=1, label="train")
         if evals:
-            axes.plot([r[x_key] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
+            axes.plot([getattr(r, x_key) for r in evals], [r.val_loss for r in evals], "o-", label="validation")
         _style(axes, x_label, "loss (nats per token)",
                f"Loss against {x_key}" + ("" if evals else " (no evaluation logged)"))
         axes.legend()
@@ -210,33 +126,33 @@ def _style(axes: Axes, x_label: str, y_label: str, title: str) -> None:
 
 
 # ----- report.md sections -----
-def _summary_section(log: RunLog, train: list[dict], evals: list[dict]) -> str:
+def _summary_section(log: RunLog, train: list[TrainRecord], evals: list[EvalRecord]) -> str:
     last_train = train[-1]
     # The end record counts steps after the last logged one (log_every > 1); without it, the newest record.
-    newest = log.end or max(train[-1:] + evals[-1:], key=lambda record: record["step"])
-    reason = log.end["reason"] if log.end else "none logged (still running, or stopped by a kill or a crash)"
+    newest = log.end or max(train[-1:] + evals[-1:], key=lambda record: record.step)
+    reason = log.end.reason if log.end else "none logged (still running, or stopped by a kill or a crash)"
     lines = [
         "## Summary",
         "",
-        f"- **final step**: {newest['step']:,}",
-        f"- **tokens seen**: {newest['tokens']:,}",
-        f"- **elapsed**: {_duration(newest['elapsed'])}",
+        f"- **final step**: {newest.step:,}",
+        f"- **tokens seen**: {newest.tokens:,}",
+        f"- **elapsed**: {_duration(newest.elapsed)}",
         f"- **stop reason**: {reason}",
-        f"- **last train loss**: {last_train['loss']:.4f} at step {last_train['step']:,}",
+        f"- **last train loss**: {last_train.loss:.4f} at step {last_train.step:,}",
     ]
     if not evals:
         lines.append("- **validation**: no evaluation was logged, so there is no validation curve "
                      "(evaluations run every train.eval_every steps and once when training ends)")
         return "\n".join(lines)
-    finite = [record for record in evals if math.isfinite(record["val_loss"])]
+    finite = [record for record in evals if math.isfinite(record.val_loss)]
     if finite:  # a diverged run logs nan
-        best = min(finite, key=lambda record: record["val_loss"])
-        lines.append(f"- **best val loss**: {best['val_loss']:.4f} at step {best['step']:,}")
+        best = min(finite, key=lambda record: record.val_loss)
+        lines.append(f"- **best val loss**: {best.val_loss:.4f} at step {best.step:,}")
     final = evals[-1]
-    split = "full validation split" if final.get("final") else "validation subset used during training"
-    lines.append(f"- **final val loss**: {final['val_loss']:.4f} at step {final['step']:,} ({split}): "
-                 f"perplexity {final['val_ppl']:.2f}, " + (f"{final['val_bpb']:.4f} bits per byte"
-                 if _is_number(final.get("val_bpb")) else "bits per byte unknown (no byte counts in the data)"))
+    split = "full validation split" if final.final else "validation subset used during training"
+    lines.append(f"- **final val loss**: {final.val_loss:.4f} at step {final.step:,} ({split}): "
+                 f"perplexity {final.val_ppl:.2f}, " + (f"{final.val_bpb:.4f} bits per byte"
+                 if final.val_bpb is not None else "bits per byte unknown (no byte counts in the data)"))
     return "\n".join(lines)
 
 
@@ -255,13 +171,13 @@ def _model_section(log: RunLog) -> str:
     lines = [
         "## Model",
         "",
-        f"- **parameters**: {start['params']:,} ({start['params_non_embedding']:,} without embeddings)",
-        f"- **FLOPs per token**: {start['flops_per_token']:,} (forward and backward)",
-        f"- **device**: {start['device']}",
-        f"- **precision**: {start['precision']}",
+        f"- **parameters**: {start.params:,} ({start.params_non_embedding:,} without embeddings)",
+        f"- **FLOPs per token**: {start.flops_per_token:,} (forward and backward)",
+        f"- **device**: {start.device}",
+        f"- **precision**: {start.precision}",
     ]
     if len(log.starts) > 1:
-        steps = [f"{record['resumed_from_step']:,}" for record in log.starts[1:]]
+        steps = [f"{record.resumed_from_step:,}" for record in log.starts[1:]]
         lines.append(f"- **launches**: {len(log.starts)} (resumed at step{'s' * (len(steps) > 1)} "
                      f"{', '.join(steps)})")
     return "\n".join(lines)
@@ -274,7 +190,7 @@ def _config_section(run: Path) -> str:
     return "## Config\n\n" + _fenced(path.read_text(encoding="utf-8").rstrip("\n"), "toml")
 
 
-def _plots_section(plots: dict[str, str], evals: list[dict]) -> str:
+def _plots_section(plots: dict[str, str], evals: list[EvalRecord]) -> str:
     lines = ["## Plots"]
     if not evals:
         lines += ["", "No evaluation was logged, so the loss plots show the training loss only."]
@@ -289,10 +205,10 @@ def _samples_section(log: RunLog) -> str:
         return "## Samples during training\n\nNo samples were logged (set train.sample_every to log some)."
     lines = ["## Samples during training"]
     for sample in samples:
-        prompt = sample.get("prompt") or ""
+        prompt = sample.prompt
         origin = f"prompt {prompt!r}" if prompt else "empty prompt"
-        text = sample["text"] or "(empty: the model ended the text at once)"
-        lines += ["", f"Step {sample['step']:,}, {origin}:", "", _fenced(text)]
+        text = sample.text or "(empty: the model ended the text at once)"
+        lines += ["", f"Step {sample.step:,}, {origin}:", "", _fenced(text)]
     return "\n".join(lines)
 
 
@@ -301,7 +217,8 @@ def _fresh_sample_section(run: Path) -> str:
     import torch
 
     from lmforge.infer.generate import generate
-    from lmforge.train.checkpoint import list_checkpoints, load_model
+    from lmforge.infer.load import load_model
+    from lmforge.run import list_checkpoints
 
     title = "## Fresh sample"
     if not list_checkpoints(run):
@@ -325,8 +242,9 @@ def _inside_section(run: Path, out: Path, log: RunLog, attention_layer: int) -> 
     import torch
 
     from lmforge.data.loader import TokenWindows, to_batch
+    from lmforge.infer.load import load_model
     from lmforge.lab.inside import attention_png, histograms_png, layer_gradients
-    from lmforge.train.checkpoint import list_checkpoints, load_model
+    from lmforge.run import list_checkpoints
 
     title = "## Inside the model"
     if not list_checkpoints(run):
@@ -340,7 +258,7 @@ def _inside_section(run: Path, out: Path, log: RunLog, attention_layer: int) -> 
     lines = [title, "", f"At checkpoint `{checkpoint.name}`: every weight matrix, its values and the gradient of "
              f"the loss on the first {GRADIENT_WINDOWS} validation windows.", "",
              "![Weight histograms per layer](weights.png)"]
-    data = log.starts[-1].get("data") if log.starts else None
+    data = log.starts[-1].data if log.starts else None
     try:
         windows = TokenWindows(data, "val", config.model.block_size) if data else None
     except (UserError, OSError):

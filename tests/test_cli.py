@@ -18,7 +18,7 @@ from lmforge.cli import main
 from lmforge.data.loader import TokenWindows
 from lmforge.data.prepare import load_meta
 from lmforge.infer.generate import generate
-from lmforge.train.checkpoint import load_model
+from lmforge.infer.load import load_model
 from tests.conftest import records, run_cli
 
 CONFIG_TOML = """
@@ -173,3 +173,23 @@ def test_python_dash_m_lmforge_runs_the_same_command_line(tmp_path):
     assert failed.returncode == 2
     assert failed.stderr.count("\n") == 1 and "run directory not found" in failed.stderr
 
+
+
+def test_a_short_flag_and_its_dotted_spelling_are_one_setting(monkeypatch):
+    seen = []
+    monkeypatch.setattr("lmforge.cli.cmd_train", lambda args: seen.append(args.overrides))
+    common = ["train", "--data", "d", "--out", "o"]
+    assert main([*common, "--max-steps", "3", "--no-compile", "--engine", "scratch"]) == 0
+    assert main([*common, "--train.max_steps", "3", "--train.compile", "false", "--train.engine", "scratch"]) == 0
+    assert main([*common, "--train.max_steps", "9", "--max-steps", "3", "--compile"]) == 0
+    assert seen[0] == seen[1] == {"train.max_steps": "3", "train.compile": "false", "train.engine": "scratch"}
+    assert seen[2] == {"train.max_steps": "3", "train.compile": "true"}  # the short flag wins over the dotted
+
+
+def test_bench_says_its_accumulation_before_it_starts(capsys):
+    code, out, err = run_cli(capsys, "bench", "--json", "--steps", "1", "--model.n_layer", "1", "--model.n_embd",
+                             "16", "--model.n_head", "2", "--model.block_size", "8", "--model.vocab_size", "32",
+                             "--train.batch_size", "2", "--train.tokens_per_step", "64", "--train.device", "cpu")
+    assert code == 0
+    assert json.loads(out)["accumulation"] == 4  # 64 tokens per step / (2 x 8)
+    assert err.startswith("4 micro-batches of 2 x 8 tokens per step") and "estimate:" in err

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 import lmforge.train.trainer as trainer_module
+from lmforge import run as ckpt
 from lmforge.config import load_config
 from lmforge.errors import UserError
-from lmforge.train import checkpoint as ckpt
 from lmforge.train.trainer import Trainer
 from tests.conftest import TINY_OVERRIDES, records, train_losses
 
@@ -68,7 +68,7 @@ def rewind(run_dir: Path, copy: Path, step: int) -> Path:
     """A copy of a run as it was when the checkpoint at `step` was its newest."""
     shutil.copytree(run_dir, copy)
     for path in ckpt.list_checkpoints(copy):
-        if int(path.name.removeprefix(ckpt.PREFIX)) > step:
+        if int(path.name.removeprefix(ckpt.CHECKPOINT_PREFIX)) > step:
             shutil.rmtree(path)
     return copy
 

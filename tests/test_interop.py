@@ -18,9 +18,9 @@ from lmforge.config import ModelConfig
 from lmforge.data.shards import ShardWriter
 from lmforge.data.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 from lmforge.infer.generate import generate
-from lmforge.interop.run import write_run
+from lmforge.infer.load import load_model
 from lmforge.model.gpt import GPT
-from lmforge.train.checkpoint import load_model
+from lmforge.run import write_run
 from tests.conftest import records, run_cli
 
 transformers = pytest.importorskip("transformers")

@@ -14,8 +14,8 @@ from lmforge.config import ModelConfig
 from lmforge.data.loader import TrainLoader
 from lmforge.errors import UserError
 from lmforge.infer.generate import generate
+from lmforge.infer.load import load_model
 from lmforge.model.factory import ARCHS, build_model
-from lmforge.train import checkpoint as ckpt
 from lmforge.train.trainer import Trainer
 from tests.conftest import assert_picture, records
 
@@ -43,16 +43,16 @@ def test_every_arch_trains_and_its_loss_falls(arch, tiny_data, tiny_config, tmp_
     trainer = Trainer(config, tiny_data, tmp_path / arch, quiet=True)
     trainer.run()
     losses = [r["loss"] for r in records(tmp_path / arch, "train")]
-    assert losses[0] == pytest.approx(math.log(config.model.vocab_size), abs=0.3)  # starts near uniform
+    assert losses[0] == pytest.approx(math.log(trainer.config.model.vocab_size), abs=0.3)  # starts near uniform
     assert np.mean(losses[-5:]) < 0.8 * losses[0]
     assert records(tmp_path / arch, "start")[0]["arch"] == arch
     # The saved run loads back as the model that trained: its architecture, its weights, its outputs.
-    model, loaded, _, _ = ckpt.load_model(tmp_path / arch)
+    model, loaded, _, _ = load_model(tmp_path / arch)
     trained = trainer.model.eval()
     assert loaded.model.arch == arch and type(model) is type(trained)
     saved, kept = model.state_dict(), trained.state_dict()
     assert saved.keys() == kept.keys() and all(torch.equal(saved[name], kept[name]) for name in kept)
-    inputs = torch.randint(0, config.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    inputs = torch.randint(0, trainer.config.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
     assert torch.equal(model.eval()(inputs)[0], trained(inputs)[0])
     assert len(list(generate(model, [1, 2, 3], 20, temperature=1.0, generator=torch.Generator().manual_seed(0)))) == 20
 
@@ -161,7 +161,7 @@ def test_the_hidden_state_is_carried_or_reset_as_the_log_says(sequential, tiny_d
     assert start["data_order"] == ("sequential" if sequential else "shuffled")
     assert ("truncated BPTT" in capsys.readouterr().out) == sequential
     model = trainer.model.train()
-    inputs = torch.randint(0, config.model.vocab_size, (4, 16))
+    inputs = torch.randint(0, trainer.config.model.vocab_size, (4, 16))
     first, _ = model(inputs)
     second, _ = model(inputs)  # the same windows again: different logits only if the state carried over
     assert torch.equal(first, second) != sequential

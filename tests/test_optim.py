@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from lmforge.config import ModelConfig, OptimConfig
+from lmforge.model.factory import ARCHS, build_model
 from lmforge.model.gpt import GPT
-from lmforge.train.optim import build_optimizers, orthogonalize, set_lr
+from lmforge.train.engine import build_engine
+from lmforge.train.optim import build_optimizers, hidden_matrices, orthogonalize, set_lr
 from lmforge.train.schedule import lr_multiplier
 
 KW = dict(warmup_steps=10, min_lr_ratio=0.1, cooldown_fraction=0.2)
@@ -88,3 +90,25 @@ def test_set_lr_scales_from_the_peak_not_cumulatively():
     set_lr(optimizers, 0.5)
     assert set_lr(optimizers, 0.5) == pytest.approx(5e-4)
     assert optimizers[1].param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_every_optimizer_trains_every_arch(optimizer, arch, tiny_config):
+    config = tiny_config(optim__name=optimizer, model__arch=arch, model__vocab_size=20, train__compile="false")
+    torch.manual_seed(0)
+    model = build_model(config.model)
+    said = []
+    engine = build_engine(config, model, torch.device("cpu"), "fp32", say=said.append)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    batch = torch.randint(0, 20, (4, config.model.block_size + 1), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        loss, grad_norm = engine.step(lambda: (batch[:, :-1], batch[:, 1:]), 1, grad_clip=1.0)
+        assert math.isfinite(loss.item()) and math.isfinite(grad_norm.item())
+    changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
+    assert changed, f"{optimizer} did not move any parameter of {arch}"
+    owned = [p for optimizer_ in engine.optimizers for group in optimizer_.param_groups for p in group["params"]]
+    assert sorted(map(id, owned)) == sorted(id(p) for p in model.parameters())  # each exactly once
+    muon_without_matrices = optimizer == "muon" and not hidden_matrices(model)
+    assert len(said) == muon_without_matrices  # one line when Muon has nothing to train
+    assert len(engine.optimizers) == 1 + (optimizer == "muon" and not muon_without_matrices)

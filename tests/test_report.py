@@ -16,6 +16,7 @@ from lmforge.config import load_config
 from lmforge.data.prepare import prepare
 from lmforge.errors import UserError
 from lmforge.report import last_per_step, read_log, write_report
+from lmforge.run import TrainRecord
 from lmforge.train.trainer import Trainer
 from tests.conftest import assert_picture, records
 
@@ -109,11 +110,13 @@ def test_writing_the_report_again_writes_the_same_report(trained_run, report):
 
 
 def test_last_per_step_keeps_the_last_record_of_each_step_in_step_order():
-    logged = [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0}, {"step": 3, "loss": 3.0},
-              {"step": 2, "loss": 4.5}, {"step": 3, "loss": 3.5}, {"step": 4, "loss": 3.2}]
-    assert last_per_step(logged) == [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.5},
-                                     {"step": 3, "loss": 3.5}, {"step": 4, "loss": 3.2}]
-    assert [r["step"] for r in last_per_step(list(reversed(logged)))] == [1, 2, 3, 4]
+    def record(step: int, loss: float) -> TrainRecord:
+        return TrainRecord(step=step, loss=loss, lr=1e-3, grad_norm=1.0, tokens=64 * step, tokens_per_s=1.0,
+                           elapsed=0.5 * step)
+
+    logged = [record(1, 5.0), record(2, 4.0), record(3, 3.0), record(2, 4.5), record(3, 3.5), record(4, 3.2)]
+    assert [(r.step, r.loss) for r in last_per_step(logged)] == [(1, 5.0), (2, 4.5), (3, 3.5), (4, 3.2)]
+    assert [r.step for r in last_per_step(list(reversed(logged)))] == [1, 2, 3, 4]
 
 
 # ----- hand-written logs -----
@@ -152,7 +155,7 @@ def test_a_resumed_run_is_plotted_from_the_last_record_of_each_step(tmp_path, mo
     original = report_module.write_plots
 
     def spy(train_records, eval_records, out):
-        plotted["train"] = [(r["step"], r["loss"]) for r in train_records]
+        plotted["train"] = [(r.step, r.loss) for r in train_records]
         return original(train_records, eval_records, out)
 
     monkeypatch.setattr(report_module, "write_plots", spy)
@@ -200,7 +203,7 @@ def test_an_unfinished_last_line_is_skipped_as_one_being_written(tmp_path):
     run = make_run(tmp_path / "run", [start(), train(1, 5.0), train(2, 4.0)])
     with open(run / "log.jsonl", "a") as log:
         log.write('{"kind": "train", "step": 3, "lo')  # no newline: the trainer is mid-write
-    assert [r["step"] for r in read_log(run / "log.jsonl").train] == [1, 2]
+    assert [r.step for r in read_log(run / "log.jsonl").train] == [1, 2]
     assert "**final step**: 2\n" in write_report(run).read_text()
 
 

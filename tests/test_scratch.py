@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from lmforge import run as ckpt
 from lmforge.cli import main
 from lmforge.config import Config, ModelConfig, OptimConfig
 from lmforge.errors import UserError
@@ -17,10 +18,10 @@ from lmforge.model.gpt import GPT
 from lmforge.scratch import layers
 from lmforge.scratch.gpt import gpt_backward, gpt_forward
 from lmforge.scratch.gradcheck import check_layers, check_model, tiny_model_config
-from lmforge.train import checkpoint as ckpt
-from lmforge.train.engine import ScratchEngine, numpy_parameters
+from lmforge.scratch.module import numpy_parameters
+from lmforge.train.engine import ScratchEngine, TorchEngine
 from lmforge.train.optim import build_optimizers
-from lmforge.train.trainer import Trainer, optimizer_step
+from lmforge.train.trainer import Trainer
 from tests.conftest import train_losses
 
 pytestmark = pytest.mark.usefixtures("no_flops_probe")
@@ -91,9 +92,9 @@ def test_ten_adamw_steps_give_the_same_losses_in_both_engines():
         return batch[:, :-1], batch[:, 1:]
 
     torch_losses, scratch_losses = [], []
+    torch_engine = TorchEngine(torch_model, optimizers, device=torch.device("cpu"), precision="fp32")
     for _ in range(10):
-        loss, norm = optimizer_step(torch_model, torch_model, optimizers, next_batch, 2, device=torch.device("cpu"),
-                                    precision="fp32", scaler=None, grad_clip=0.5)
+        loss, norm = torch_engine.step(next_batch, 2, grad_clip=0.5)
         torch_losses.append(loss.item())
         loss, scratch_norm = engine.step(next_batch, 2, grad_clip=0.5)
         scratch_losses.append(loss.item())
@@ -123,10 +124,10 @@ def test_a_scratch_training_run_learns(tiny_data, tiny_config, tmp_path):
     result = trainer.run()
     losses = train_losses(tmp_path / "run")
     assert sorted(losses) == list(range(1, 121))
-    assert losses[1] == pytest.approx(math.log(config.model.vocab_size), abs=0.15)
+    assert losses[1] == pytest.approx(math.log(trainer.config.model.vocab_size), abs=0.15)
     assert np.mean([losses[step] for step in range(111, 121)]) < 0.75 * losses[1]
     assert result["val"]["loss"] < 0.75 * losses[1]  # evaluated by the scratch forward
-    assert trainer.model.wte.weight[config.model.vocab_size :].abs().max() == 0  # padding rows stay zero
+    assert trainer.model.wte.weight[trainer.config.model.vocab_size :].abs().max() == 0  # padding rows stay zero
 
 
 def test_scratch_resume_continues_the_exact_loss_sequence(tiny_data, tiny_config, tmp_path):

@@ -14,21 +14,23 @@ import pytest
 import torch
 
 import lmforge.train.trainer as trainer_module
+from lmforge import run as ckpt
 from lmforge.data.loader import TokenWindows, TrainLoader
 from lmforge.errors import UserError
-from lmforge.train import checkpoint as ckpt
+from lmforge.infer.load import load_model
+from lmforge.train.engine import TorchEngine
 from lmforge.train.hardware import peak_flops as real_peak_flops
 from lmforge.train.trainer import Trainer
 from tests.conftest import records, train_losses
 
 pytestmark = pytest.mark.usefixtures("no_flops_probe")
 
-ORIGINAL_OPTIMIZER_STEP = trainer_module.optimizer_step
+ORIGINAL_ENGINE_STEP = TorchEngine.step
 CHECKPOINT_FILES = {"model.safetensors", "optimizer.safetensors", "state.json"}
 
 
 def checkpoint_steps(run_dir) -> list[int]:
-    return [int(path.name.removeprefix(ckpt.PREFIX)) for path in ckpt.list_checkpoints(run_dir)]
+    return [int(path.name.removeprefix(ckpt.CHECKPOINT_PREFIX)) for path in ckpt.list_checkpoints(run_dir)]
 
 
 def weights_of(checkpoint_path) -> dict[str, torch.Tensor]:
@@ -36,20 +38,20 @@ def weights_of(checkpoint_path) -> dict[str, torch.Tensor]:
 
 
 def call_counter(monkeypatch, before=None, after=None):
-    """Wrap the trainer's optimizer_step so a test can act just before or after its n-th call (1-based)."""
-    original = trainer_module.optimizer_step
+    """Wrap the torch engine's step so a test can act just before or after its n-th call (1-based)."""
+    original = TorchEngine.step
     calls = {"n": 0}
 
-    def wrapped(*args, **kwargs):
+    def wrapped(self, *args, **kwargs):
         calls["n"] += 1
         if before:
-            before(calls["n"], args[0])
-        result = original(*args, **kwargs)
+            before(calls["n"], self.model)
+        result = original(self, *args, **kwargs)
         if after:
             after(calls["n"])
         return result
 
-    monkeypatch.setattr(trainer_module, "optimizer_step", wrapped)
+    monkeypatch.setattr(TorchEngine, "step", wrapped)
     return calls
 
 
@@ -60,11 +62,11 @@ def test_loss_falls_well_below_its_start(tiny_data, tiny_config, tmp_path):
     config = tiny_config(train__max_steps=150, train__batch_size=8)
     trainer = Trainer(config, tiny_data, tmp_path / "run", quiet=True)
     result = trainer.run()
-    assert trainer.model.wte.weight[config.model.vocab_size :].abs().max() == 0  # padding rows stay zero
+    assert trainer.model.wte.weight[trainer.config.model.vocab_size :].abs().max() == 0  # padding rows stay zero
     losses = train_losses(tmp_path / "run")
     assert sorted(losses) == list(range(1, 151))  # log_every=1: every step logged
     first = losses[1]
-    assert first == pytest.approx(math.log(config.model.vocab_size), abs=0.15)  # starts near uniform
+    assert first == pytest.approx(math.log(trainer.config.model.vocab_size), abs=0.15)  # starts near uniform
     final_eval = records(tmp_path / "run", "eval")[-1]
     assert final_eval["final"] and final_eval["val_loss"] == result["val"]["loss"]
     assert final_eval["val_loss"] < 0.7 * first
@@ -114,7 +116,7 @@ def test_resume_after_an_interrupt_matches_an_uninterrupted_cosine_run(tiny_data
     assert trainer.run()["reason"] == "interrupted"
     # The resumed launch measures the CPU's FLOP rate for MFU, as a real one does: that must not draw from
     # the RNG state just restored (dropout masks come from it).
-    monkeypatch.setattr(trainer_module, "optimizer_step", ORIGINAL_OPTIMIZER_STEP)
+    monkeypatch.setattr(TorchEngine, "step", ORIGINAL_ENGINE_STEP)
     monkeypatch.setattr(trainer_module, "peak_flops", real_peak_flops)
     Trainer(tiny_config(**options), tiny_data, tmp_path / "split", resume=True, quiet=True).run()
     assert train_losses(tmp_path / "split") == train_losses(tmp_path / "whole")
@@ -251,7 +253,7 @@ def test_a_leftover_temporary_checkpoint_is_never_listed(tiny_data, tiny_config,
     (partial / "model.safetensors").write_bytes(b"half a file")
     assert ckpt.list_checkpoints(run) == [ckpt.checkpoint_dir(run, 3)]
     assert ckpt.resolve_checkpoint(run) == (run, ckpt.checkpoint_dir(run, 3))
-    model, _, _, used = ckpt.load_model(run)
+    model, _, _, used = load_model(run)
     assert used == ckpt.checkpoint_dir(run, 3)
     assert all(torch.equal(model.state_dict()[name], weights[name]) for name in weights)
     resumed = Trainer(tiny_config(train__max_steps=5), tiny_data, run, resume=True, quiet=True)
@@ -277,7 +279,7 @@ def test_an_absurd_learning_rate_stops_with_the_step_and_keeps_the_last_good_che
     assert checkpoint_steps(run) == list(range(1, step))  # nothing saved at or after the bad step
     last_good = ckpt.checkpoint_dir(run, step - 1)
     assert str(last_good) in str(caught.value)
-    model, _, _, used = ckpt.load_model(run)
+    model, _, _, used = load_model(run)
     assert used == last_good
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -295,7 +297,7 @@ def test_a_nan_between_log_steps_is_caught_before_the_checkpoint(tiny_data, tiny
     with pytest.raises(UserError, match="at step 6; the last good checkpoint is .*step_0000004"):
         Trainer(config, tiny_data, run, quiet=True).run()
     assert checkpoint_steps(run) == [2, 4]
-    model, _, _, _ = ckpt.load_model(ckpt.checkpoint_dir(run, 4))
+    model, _, _, _ = load_model(ckpt.checkpoint_dir(run, 4))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -311,7 +313,7 @@ def test_a_nan_in_the_last_unlogged_steps_is_not_saved_as_the_newest_checkpoint(
     config = tiny_config(train__max_steps=7, train__log_every=100, train__checkpoint_every=2)
     with pytest.raises(UserError, match="at step 7"):
         Trainer(config, tiny_data, run, quiet=True).run()
-    model, _, _, used = ckpt.load_model(run)  # what sample, eval and resume would pick up
+    model, _, _, used = load_model(run)  # what sample, eval and resume would pick up
     assert used == ckpt.checkpoint_dir(run, 6)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

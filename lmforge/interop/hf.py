@@ -28,10 +28,10 @@ from safetensors.torch import load_file, save_file
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import EOT_TEXT, BPETokenizer, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
-from lmforge.interop.llmc import byte_characters
-from lmforge.interop.run import pad_rows, replace_path, write_run
+from lmforge.infer.load import load_model
+from lmforge.interop.llmc import byte_characters, pad_rows
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
-from lmforge.train.checkpoint import load_model
+from lmforge.run import replace_path, write_run
 
 GPT2_LAYER = (("norm_1", "ln_1", False), ("attn.qkv", "attn.c_attn", True), ("attn.proj", "attn.c_proj", True),
               ("norm_2", "ln_2", False), ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True))

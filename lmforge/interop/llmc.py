@@ -24,9 +24,9 @@ from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import EOT_TEXT, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
 from lmforge.files import write_atomic
-from lmforge.interop.run import pad_rows, write_run
+from lmforge.infer.load import load_model
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
-from lmforge.train.checkpoint import load_model
+from lmforge.run import write_run
 
 HEADER_INTS = 256
 MODEL_MAGIC = 20240326
@@ -39,6 +39,15 @@ LAYER_TENSORS = {"ln1w": "norm_1.weight", "ln1b": "norm_1.bias", "qkvw": "attn.q
                  "ln2w": "norm_2.weight", "ln2b": "norm_2.bias", "fcw": "mlp.fc.weight", "fcb": "mlp.fc.bias",
                  "fcprojw": "mlp.proj.weight", "fcprojb": "mlp.proj.bias"}
 TENSOR_ORDER = ("wte", "wpe", *LAYER_TENSORS, "lnfw", "lnfb")
+
+
+def pad_rows(table: torch.Tensor, rows: int) -> torch.Tensor:
+    """An embedding or head matrix grown to `rows` rows with zeros (lmforge pads the vocabulary)."""
+    if table.shape[0] > rows:
+        raise UserError(f"a vocabulary table has {table.shape[0]} rows, more than the {rows} expected")
+    padded = torch.zeros(rows, table.shape[1], dtype=torch.float32)
+    padded[: table.shape[0]] = table.float()
+    return padded
 
 
 def tensor_shapes(max_seq_len: int, padded_vocab: int, n_layer: int, n_embd: int) -> dict[str, tuple[int, ...]]:

@@ -17,7 +17,7 @@ from matplotlib.ticker import EngFormatter
 
 from lmforge.errors import UserError
 from lmforge.files import write_atomic
-from lmforge.report import last_per_step, read_log
+from lmforge.run import last_per_step, read_log
 
 COLUMNS = ("run", "architecture", "parameters", "tokens seen", "wall time (s)", "tokens/s", "best val loss",
            "val bits/byte", "epochs")
@@ -35,11 +35,11 @@ def summarize(run: Path) -> dict:
                         "compare finished runs")
     start, end = log.starts[-1], log.end
     final = evals[-1]
-    return {"run": run.name, "architecture": start.get("arch", "gpt"), "parameters": start["params"],
-            "tokens seen": end["tokens"], "wall time (s)": end["elapsed"],
-            "tokens/s": end["tokens"] / end["elapsed"] if end["elapsed"] > 0 else math.nan,
-            "best val loss": min(record["val_loss"] for record in log.evals),
-            "val bits/byte": final.get("val_bpb"), "epochs": end["tokens"] / start["train_tokens"],
+    return {"run": run.name, "architecture": start.arch, "parameters": start.params,
+            "tokens seen": end.tokens, "wall time (s)": end.elapsed,
+            "tokens/s": end.tokens / end.elapsed if end.elapsed > 0 else math.nan,
+            "best val loss": min(record.val_loss for record in log.evals),
+            "val bits/byte": final.val_bpb, "epochs": end.tokens / start.train_tokens,
             "evals": evals}
 
 
@@ -81,11 +81,11 @@ def _curves(rows: list[dict], x_key: str, label: str, log: bool) -> bytes:
     FigureCanvasAgg(figure)
     axes = figure.subplots()
     for row in rows:
-        during = [r for r in row["evals"] if not r.get("final")]  # on the first eval_tokens of the split
-        (line,) = axes.plot([r[x_key] for r in during], [r["val_loss"] for r in during], "o-", markersize=3,
+        during = [r for r in row["evals"] if not r.final]  # on the first eval_tokens of the split
+        (line,) = axes.plot([getattr(r, x_key) for r in during], [r.val_loss for r in during], "o-", markersize=3,
                             label=f"{row['run']} ({row['architecture']})")
-        final = [r for r in row["evals"] if r.get("final")]  # on the whole split: not the same measure
-        axes.plot([r[x_key] for r in final], [r["val_loss"] for r in final], "*", markersize=10,
+        final = [r for r in row["evals"] if r.final]  # on the whole split: not the same measure
+        axes.plot([getattr(r, x_key) for r in final], [r.val_loss for r in final], "*", markersize=10,
                   color=line.get_color())
     if log:
         axes.set_xscale("log")

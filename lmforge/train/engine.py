@@ -1,15 +1,23 @@
-"""The scratch engine inside the trainer: NumPy forward, backward and AdamW, on the torch model's own memory.
+"""The engines behind one interface: what the trainer and `lmforge bench` need to take an optimizer step.
 
-The trainer's loop, schedule, logging, evaluation, checkpoints and resume are one code path for both
-engines. For `train.engine = "scratch"` the parameters are NumPy views of the torch GPT's CPU float32
-tensors: the torch module is only the container that initialization, checkpoints, parameter counts and
-samples already use, while every number of a training step is computed by `lmforge.scratch`. The optimizer
-state is kept in torch AdamW's layout (the same `optimizer.safetensors` keys and groups), so a checkpoint
-written by either engine resumes in the other.
+An engine has `step(next_batch, accumulation, grad_clip) -> (mean loss, gradient norm before clipping)`, a
+`forward` for evaluation and samples ((idx, targets=None) -> (logits, loss)), `optimizers` whose state goes
+into checkpoints (and whose rates the schedule sets), and `close()`. `build_engine` makes the one the config
+asks for; the loop never asks which it holds.
+
+- `TorchEngine`: PyTorch autograd, mixed precision, torch.compile, and DDP/FSDP under torchrun.
+- `ScratchEngine`: NumPy forward, backward and AdamW on the torch model's own memory. For
+  `train.engine = "scratch"` the parameters are NumPy views of the torch GPT's CPU float32 tensors: the torch
+  module is only the container that initialization, checkpoints, parameter counts and samples already use,
+  while every number of a training step is computed by `lmforge.scratch`. The optimizer state is kept in torch
+  AdamW's layout (the same `optimizer.safetensors` keys and groups), so a checkpoint written by either engine
+  resumes in the other.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -21,7 +29,12 @@ from lmforge.errors import UserError
 from lmforge.model.gpt import GPT
 from lmforge.scratch.adamw import AdamW, clip_grad_norm
 from lmforge.scratch.gpt import check_scratch_config, gpt_backward, gpt_forward
+from lmforge.scratch.module import ScratchForward
+from lmforge.train.distributed import Cluster, mean_over_ranks, skip_gradient_sync, whole
+from lmforge.train.hardware import autocast, resolve_compile, resolve_device, resolve_precision
 from lmforge.train.optim import build_optimizers
+
+Batches = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
 
 def check_engine(config: Config) -> None:
@@ -45,30 +58,6 @@ def check_engine(config: Config) -> None:
         if value not in supported:
             raise UserError(f"the scratch engine does not support {option} = {value!r} (it runs NumPy float32 "
                             f"on the CPU with AdamW); use --engine torch")
-
-
-def numpy_parameters(model: GPT) -> dict[str, np.ndarray]:
-    """Views (not copies) of the model's parameters: writing one writes the other."""
-    return {name: param.detach().numpy() for name, param in model.named_parameters()}
-
-
-class ScratchForward(nn.Module):
-    """The scratch engine's forward behind the torch model's call signature, for evaluate() and generate():
-    (idx, targets=None) -> (logits, loss). It holds no parameters of its own; `wte` and `config` are the
-    model's, because generate() reads the device and the context length from them."""
-
-    def __init__(self, model: GPT):
-        super().__init__()
-        check_scratch_config(model.config)
-        self.config = model.config
-        self.wte = model.wte
-        self.params = numpy_parameters(model)
-
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        logits, loss, _ = gpt_forward(self.params, idx.numpy(), self.config,
-                                      None if targets is None else targets.numpy())
-        return torch.from_numpy(logits), None if loss is None else torch.tensor(loss)
 
 
 class ScratchOptimizer:
@@ -120,19 +109,19 @@ class ScratchOptimizer:
 
 
 class ScratchEngine:
-    """What the trainer needs of an engine: an optimizer step over micro-batches, a forward for evaluation,
-    and an optimizer whose state goes into checkpoints."""
+    """The NumPy engine: its own forward, backward and AdamW (GPT only, fp32 on the CPU)."""
 
     def __init__(self, model: GPT, config: Config):
         check_scratch_config(config.model)
         self.config = config.model
         self.forward = ScratchForward(model)
         self.optimizer = ScratchOptimizer(model, self.forward.params, config.optim)
+        self.optimizers = [self.optimizer]
+        self.compiled = False
 
-    def step(self, next_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]], accumulation: int,
-             grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, next_batch: Batches, accumulation: int, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward over `accumulation` micro-batches, then one clipped AdamW update; returns the
-        mean loss and the gradient norm before clipping, as the torch engine's optimizer_step."""
+        mean loss and the gradient norm before clipping, as TorchEngine.step."""
         params, grads = self.optimizer.params, self.optimizer.grads
         for grad in grads.values():
             grad.fill(0)
@@ -149,3 +138,83 @@ class ScratchEngine:
         grad_norm = clip_grad_norm(grads, grad_clip)
         self.optimizer.step()
         return torch.tensor(loss_sum / accumulation), torch.tensor(grad_norm)
+
+    def close(self) -> None:
+        pass
+
+
+class TorchEngine:
+    """The PyTorch engine. `forward` is the model itself or its compiled version (for evaluation and samples);
+    `train_forward` is that, wrapped in DDP when several ranks replicate the model."""
+
+    def __init__(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], *, device: torch.device,
+                 precision: str, forward: nn.Module | None = None, train_forward: nn.Module | None = None):
+        self.model = model
+        self.optimizers = optimizers
+        self.device = device
+        self.precision = precision
+        self.forward = forward if forward is not None else model
+        self.train_forward = train_forward if train_forward is not None else self.forward
+        self.compiled = self.forward is not model
+        # fp16 gradients underflow without loss scaling; bf16 and fp32 need none.
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    def step(self, next_batch: Batches, accumulation: int, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over `accumulation` micro-batches, then one clipped update.
+
+        Returns the mean loss over the global batch (all ranks) and the gradient norm before clipping, both
+        still on the device (reading them costs a sync). Under DDP or FSDP the micro-steps before the last
+        accumulate their gradients unreduced.
+        """
+        model, scaler, optimizers = self.model, self.scaler, self.optimizers
+        loss_sum = torch.zeros((), device=self.device)
+        for micro_step in range(accumulation):
+            inputs, targets = next_batch()
+            last = micro_step == accumulation - 1
+            with contextlib.nullcontext() if last else skip_gradient_sync(model, self.train_forward):
+                with autocast(self.device, self.precision):
+                    _, loss = self.train_forward(inputs, targets)
+                loss_sum += loss.detach()
+                loss = loss / accumulation  # gradients of the mean over the whole global batch
+                (scaler.scale(loss) if scaler else loss).backward()
+        if scaler:
+            for optimizer in optimizers:
+                scaler.unscale_(optimizer)
+        grad_norm = whole(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf))
+        for optimizer in optimizers:
+            scaler.step(optimizer) if scaler else optimizer.step()
+        if scaler:
+            scaler.update()
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        return mean_over_ranks(loss_sum / accumulation), grad_norm
+
+    def close(self) -> None:
+        self.train_forward = self.forward  # DDP's reducer holds the process group: let go of it first
+
+
+Engine = TorchEngine | ScratchEngine
+
+
+def engine_device(config: Config) -> tuple[torch.device, str]:
+    """The device and precision the config's engine runs on (the scratch engine: NumPy fp32 on the CPU)."""
+    check_engine(config)
+    if config.train.engine == "scratch":
+        return torch.device("cpu"), "fp32"
+    device = resolve_device(config.train.device)
+    return device, resolve_precision(config.train.precision, device)
+
+
+def build_engine(config: Config, model: nn.Module, device: torch.device, precision: str,
+                 cluster: Cluster | None = None, say: Callable[[str], None] | None = None) -> Engine:
+    """The engine the config asks for, around a model already on `device`. Under torchrun, `cluster` shards
+    the model (FSDP: before the optimizers, which must hold the shards) or replicates its forward (DDP).
+    `say` hears about choices the config did not spell out (Muon on a model without hidden matrices)."""
+    cluster = cluster or Cluster(device=device)
+    if config.train.engine == "scratch":
+        return ScratchEngine(model, config)
+    cluster.shard(model)
+    optimizers = build_optimizers(model, config.optim, device, say)
+    forward = torch.compile(model) if resolve_compile(config.train.compile, device) else model
+    return TorchEngine(model, optimizers, device=device, precision=precision, forward=forward,
+                       train_forward=cluster.replicate(forward))

@@ -9,6 +9,7 @@ group by the schedule through the group's `initial_lr`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -83,8 +84,21 @@ def _adamw(groups: list[dict], config: OptimConfig, device: torch.device) -> tor
                              fused=device.type == "cuda")
 
 
-def build_optimizers(model: nn.Module, config: OptimConfig, device: torch.device) -> list[torch.optim.Optimizer]:
-    """One or two optimizers that together own every trainable parameter of the model exactly once."""
+def hidden_matrices(model: nn.Module) -> list[str]:
+    """Names of the matrices Muon trains: every 2-D (or larger) weight except the embeddings (nn.Embedding
+    tables, looked up row by row rather than multiplied) and the output head."""
+    embeddings = {id(p) for module in model.modules() if isinstance(module, nn.Embedding)
+                  for p in module.parameters(recurse=False)}
+    return [name for name, p in model.named_parameters()
+            if p.requires_grad and p.dim() >= 2 and id(p) not in embeddings and not name.startswith("lm_head.")]
+
+
+def build_optimizers(model: nn.Module, config: OptimConfig, device: torch.device,
+                     say: Callable[[str], None] | None = None) -> list[torch.optim.Optimizer]:
+    """One or two optimizers that together own every trainable parameter of the model exactly once.
+
+    Muon: on the hidden matrices, AdamW on the rest; a model without hidden matrices (a bigram table) trains
+    with AdamW alone, and `say` is told so."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     matrices = [p for _, p in named if p.dim() >= 2]
     vectors = [p for _, p in named if p.dim() < 2]
@@ -92,11 +106,17 @@ def build_optimizers(model: nn.Module, config: OptimConfig, device: torch.device
         return [_adamw([{"params": matrices, "weight_decay": config.weight_decay},
                         {"params": vectors, "weight_decay": 0.0}], config, device)]
     if config.name == "muon":
-        hidden = [p for name, p in named if p.dim() >= 2 and name.startswith("blocks.")]
+        hidden_names = set(hidden_matrices(model))
+        hidden = [p for name, p in named if name in hidden_names]
         hidden_ids = {id(p) for p in hidden}
         others = [p for p in matrices if id(p) not in hidden_ids]
         adamw = _adamw([{"params": others, "weight_decay": config.weight_decay},
                         {"params": vectors, "weight_decay": 0.0}], config, device)
+        if not hidden:
+            if say is not None:
+                say("optim.name = muon: this model has no hidden matrices for Muon (only embeddings and the "
+                    "head), so AdamW trains all of it")
+            return [adamw]
         muon = Muon(hidden, lr=config.muon_lr, momentum=config.muon_momentum, weight_decay=0.0)
         return [adamw, muon]
     raise UserError(f"unknown optim.name '{config.name}'; choose adamw or muon")

@@ -8,10 +8,9 @@ runs this same loop on its slice of each batch (DDP or FSDP: lmforge/train/distr
 
 from __future__ import annotations
 
-import contextlib
-import json
+import copy
+import dataclasses
 import math
-import shutil
 import signal
 import sys
 import time
@@ -21,30 +20,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lmforge.config import Config, dumps_config
+from lmforge import run as rundir
+from lmforge.config import Config
 from lmforge.data.datadir import describe_data
 from lmforge.data.loader import TokenWindows, TrainLoader
-from lmforge.errors import UserError
-from lmforge.files import write_atomic
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import TrainingDiverged, UserError
+from lmforge.infer.evaluate import evaluate
 from lmforge.infer.generate import generate
 from lmforge.model.factory import build_model
 from lmforge.model.recurrent import RECURRENT_ARCHS
-from lmforge.train import checkpoint as ckpt
-from lmforge.train.distributed import mean_over_ranks, skip_gradient_sync, start_cluster, whole
-from lmforge.train.engine import ScratchEngine, check_engine
-from lmforge.train.evaluate import evaluate
-from lmforge.train.hardware import (
-    autocast,
-    configure_fast_math,
-    peak_flops,
-    resolve_compile,
-    resolve_device,
-    resolve_precision,
-)
-from lmforge.train.optim import build_optimizers, set_lr
+from lmforge.run import EndRecord, EvalRecord, LogWriter, Record, SampleRecord, StartRecord, TrainRecord
+from lmforge.train.distributed import start_cluster
+from lmforge.train.engine import build_engine, engine_device
+from lmforge.train.hardware import configure_fast_math, peak_flops
+from lmforge.train.optim import set_lr
 from lmforge.train.schedule import SCHEDULES, lr_multiplier
-
-RUN_FILES = ("config.toml", "tokenizer.json", "log.jsonl", "checkpoints", "report", "tensorboard")
 
 
 def accumulation_steps(config: Config, world_size: int = 1) -> int:
@@ -59,36 +50,22 @@ def accumulation_steps(config: Config, world_size: int = 1) -> int:
     return tokens_per_step // micro_tokens
 
 
-def optimizer_step(model: torch.nn.Module, forward, optimizers: list[torch.optim.Optimizer], next_batch,
-                   accumulation: int, *, device: torch.device, precision: str,
-                   scaler: torch.amp.GradScaler | None, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward over `accumulation` micro-batches, then one clipped update.
-
-    `forward` is the model itself or its compiled version, or that wrapped in DDP. Returns the mean loss over
-    the global batch (all ranks) and the gradient norm before clipping, both still on the device (reading them
-    costs a sync). Under DDP or FSDP the micro-steps before the last accumulate their gradients unreduced.
-    """
-    loss_sum = torch.zeros((), device=device)
-    for micro_step in range(accumulation):
-        inputs, targets = next_batch()
-        last = micro_step == accumulation - 1
-        with contextlib.nullcontext() if last else skip_gradient_sync(model, forward):
-            with autocast(device, precision):
-                _, loss = forward(inputs, targets)
-            loss_sum += loss.detach()
-            loss = loss / accumulation  # gradients of the mean over the whole global batch
-            (scaler.scale(loss) if scaler else loss).backward()
-    if scaler:
-        for optimizer in optimizers:
-            scaler.unscale_(optimizer)
-    grad_norm = whole(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf))
-    for optimizer in optimizers:
-        scaler.step(optimizer) if scaler else optimizer.step()
-    if scaler:
-        scaler.update()
-    for optimizer in optimizers:
-        optimizer.zero_grad(set_to_none=True)
-    return mean_over_ranks(loss_sum / accumulation), grad_norm
+def settle_config(config: Config, tokenizer: Tokenizer) -> Config:
+    """A copy of the config with the values the data decides filled in (model.vocab_size = 0: the tokenizer's)
+    and the training limits checked; the caller's config is left as it was."""
+    config = copy.deepcopy(config)
+    model, train = config.model, config.train
+    if model.vocab_size == 0:
+        model.vocab_size = tokenizer.vocab_size
+    elif model.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"model.vocab_size {model.vocab_size} is smaller than the data's tokenizer "
+                        f"({tokenizer.vocab_size}); leave it at 0 to take the tokenizer's")
+    for key in ("batch_size", "max_steps", "log_every"):
+        if getattr(train, key) <= 0:
+            raise UserError(f"train.{key} must be positive")
+    if train.schedule not in SCHEDULES:
+        raise UserError(f"unknown train.schedule '{train.schedule}'; choose one of {', '.join(SCHEDULES)}")
+    return config
 
 
 @dataclass
@@ -105,22 +82,20 @@ class Progress:
 
 
 class Trainer:
+    """One training run: set up in __init__ (data, model, engine, run directory, resume), then `run()`."""
+
     def __init__(self, config: Config, data_dir: str | Path, run_dir: str | Path, *, resume: bool = False,
                  overwrite: bool = False, quiet: bool = False, init_from: str | Path | None = None):
-        self.config = config
         self.data_dir = Path(data_dir)
         self.run_dir = Path(run_dir)
         self.quiet = quiet
         # Starting from another run's weights means using its tokenizer (bare llm.c shards have none).
-        self.meta, self.tokenizer = describe_data(self.data_dir, ckpt.run_tokenizer(init_from) if init_from else None)
-        self._check_config()
-
+        self.meta, self.tokenizer = describe_data(self.data_dir, rundir.run_tokenizer(init_from) if init_from else None)
+        self.config = config = settle_config(config, self.tokenizer)
         train = config.train
-        check_engine(config)
-        scratch = train.engine == "scratch"
-        self.device = torch.device("cpu") if scratch else resolve_device(train.device)  # NumPy runs on the CPU
-        self.cluster, self.device = start_cluster(train, self.device)  # torchrun: this rank's place and device
-        self.precision = "fp32" if scratch else resolve_precision(train.precision, self.device)
+
+        device, self.precision = engine_device(config)
+        self.cluster, self.device = start_cluster(train, device)  # torchrun: this rank's place and device
         configure_fast_math(self.device)
         torch.manual_seed(train.seed)
         self.model = build_model(config.model).to(self.device)
@@ -129,12 +104,8 @@ class Trainer:
         if config.model.arch in RECURRENT_ARCHS:
             self.model.carry_state(self.carries_state)
         if init_from is not None:
-            ckpt.init_from_run(self.model, init_from)
-        self.engine = ScratchEngine(self.model, config) if scratch else None
-        self.cluster.shard(self.model)  # FSDP: before the optimizers, which must hold the shards
-        self.optimizers = [self.engine.optimizer] if self.engine else \
-            build_optimizers(self.model, config.optim, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+            rundir.init_from_run(self.model, init_from)
+        self.engine = build_engine(config, self.model, self.device, self.precision, self.cluster, self.say)
         self.loader = TrainLoader(self.data_dir, config.model.block_size, train.batch_size,
                                   shuffle=config.data.shuffle, seed=train.seed, rank=self.cluster.rank,
                                   world_size=self.cluster.world_size, device=self.device,
@@ -146,57 +117,39 @@ class Trainer:
         self.progress = Progress()
         if resume_from is not None:
             self._restore(resume_from)
-        if self.engine:
-            self.forward = self.engine.forward
-        else:
-            self.forward = torch.compile(self.model) if resolve_compile(train.compile, self.device) else self.model
-        self.train_forward = self.cluster.replicate(self.forward)  # DDP: the forward whose backward syncs
         main = self.cluster.is_main
-        self.log_file = open(self.run_dir / "log.jsonl", "a") if main else None
+        self.log_writer = LogWriter(self.run_dir) if main else None
         self.tensorboard = self._open_tensorboard() if train.tensorboard and main else None
         self.stop_signal: str | None = None
         self.last_eval: tuple[int, float] = (-1, math.inf)  # (step, val loss) of the latest evaluation
 
-    # ----- set-up -----
-    def _check_config(self) -> None:
-        model, train = self.config.model, self.config.train
-        if model.vocab_size == 0:
-            model.vocab_size = self.tokenizer.vocab_size
-        elif model.vocab_size < self.tokenizer.vocab_size:
-            raise UserError(f"model.vocab_size {model.vocab_size} is smaller than the data's tokenizer "
-                            f"({self.tokenizer.vocab_size}); leave it at 0 to take the tokenizer's")
-        for key in ("batch_size", "max_steps", "log_every"):
-            if getattr(train, key) <= 0:
-                raise UserError(f"train.{key} must be positive")
-        if train.schedule not in SCHEDULES:
-            raise UserError(f"unknown train.schedule '{train.schedule}'; choose one of {', '.join(SCHEDULES)}")
+    @property
+    def optimizers(self) -> list:
+        return self.engine.optimizers
 
+    @property
+    def forward(self) -> torch.nn.Module:
+        """The forward for evaluation: the model, compiled or not, or the scratch engine's."""
+        return self.engine.forward
+
+    # ----- set-up -----
     def _prepare_run_dir(self, resume: bool, overwrite: bool) -> Path | None:
         """Refuse to clobber a previous run; return the checkpoint to resume from, if any."""
         run = self.run_dir
         if resume:
-            checkpoints = ckpt.list_checkpoints(run)
+            checkpoints = rundir.list_checkpoints(run)
             if not checkpoints:
                 raise UserError(f"--resume: {run} holds no checkpoint to resume from")
             return checkpoints[-1]
-        existing = [name for name in RUN_FILES if (run / name).exists()]
-        if existing and not overwrite:
-            raise UserError(f"{run} already holds a run ({', '.join(existing)}); "
-                            f"continue it with --resume or replace it with --overwrite")
+        existing = rundir.refuse_existing_run(run, overwrite)
         self.cluster.barrier()  # every rank has looked before rank 0 changes anything
-        if not self.cluster.is_main:
-            return None
-        for name in existing:
-            path = run / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        run.mkdir(parents=True, exist_ok=True)
-        write_atomic(run / "config.toml", dumps_config(self.config))
-        self.tokenizer.save(run / "tokenizer.json")
+        if self.cluster.is_main:
+            rundir.create_run(run, self.config, self.tokenizer, replace=existing)
         return None
 
     def _restore(self, path: Path) -> None:
-        weights, optimizer_states, state, hidden = ckpt.load_checkpoint(path)
-        ckpt.load_weights(self.model, self.cluster.shard_like(weights, self.model.state_dict()), path)
+        weights, optimizer_states, state, hidden = rundir.load_checkpoint(path)
+        rundir.load_weights(self.model, self.cluster.shard_like(weights, self.model.state_dict()), path)
         if len(optimizer_states) != len(self.optimizers):
             raise UserError(f"checkpoint {path} was written with another optim.name; resume with the same one")
         for optimizer, optimizer_state in zip(self.optimizers, optimizer_states, strict=True):
@@ -205,10 +158,10 @@ class Trainer:
         if self.carries_state:
             self._restore_hidden_state(hidden)
         self.progress = Progress(**state["progress"])
-        ckpt.set_rng_state(state["rng"])
+        rundir.set_rng_state(state["rng"])
         if self.cluster.is_main:
-            write_atomic(self.run_dir / "config.toml", dumps_config(self.config))
-            self._trim_log(self.progress.step)
+            rundir.write_config(self.run_dir, self.config)
+            rundir.trim_log(self.run_dir, self.progress.step)
 
     def _restore_hidden_state(self, hidden: dict[str, torch.Tensor]) -> None:
         """Continue every stream from the hidden state the checkpoint carried (zeros if it has none, or if the
@@ -220,22 +173,6 @@ class Trainer:
             hidden = {}
         self.model.restore_carried_state({name: self.cluster.own_rows(value).to(self.device)
                                           for name, value in hidden.items()})
-
-    def _trim_log(self, step: int) -> None:
-        """Drop what the log says happened after the checkpoint we resume from (those steps run again) and
-        any line a kill cut short, so log.jsonl reads as one consistent history."""
-        path = self.run_dir / "log.jsonl"
-        if not path.exists():
-            return
-        kept = []
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("kind") in ("start", "end") or record.get("step", 0) <= step:
-                kept.append(line + "\n")
-        write_atomic(path, "".join(kept))
 
     def _open_tensorboard(self):
         try:
@@ -264,6 +201,7 @@ class Trainer:
         return progress
 
     def stop_reason(self, elapsed: float) -> str | None:
+        """Why the loop should stop now, or None to go on (a subclass may add reasons: the sweep's pruning)."""
         train = self.config.train
         if self.stop_signal:
             return "interrupted"
@@ -278,7 +216,9 @@ class Trainer:
     def run(self) -> dict:
         """Train until a limit is reached or a signal arrives; then a full evaluation and a checkpoint."""
         with self.cluster.collective_failures():
-            return self._run()
+            self._announce()
+            reason = self._loop()
+            return self._finish(reason)
 
     def _agreed_elapsed(self, launch_start: float) -> float:
         """Seconds since the launch, the same on every rank, which also learn of a signal any rank received."""
@@ -287,88 +227,95 @@ class Trainer:
             self.stop_signal = "another rank's signal"
         return elapsed
 
-    def _run(self) -> dict:
+    def _announce(self) -> None:
+        """The start record, and what the run is about to do, in words."""
         config, train, progress = self.config, self.config.train, self.progress
-        peak = peak_flops(self.device, self.precision) * self.cluster.world_size
-        flops_per_token = self.model.flops_per_token()
+        self.peak = peak_flops(self.device, self.precision) * self.cluster.world_size
+        self.flops_per_token = self.model.flops_per_token()
         train_tokens = self.meta["splits"]["train"]["tokens"]
-        start = {
-            "kind": "start", "time": time.time(), "params": self.model.num_params(),
-            "params_non_embedding": self.model.num_params(include_embeddings=False),
-            "flops_per_token": flops_per_token, "train_tokens": train_tokens,
-            "val_tokens": self.meta["splits"]["val"]["tokens"], "tokens_per_step": self.tokens_per_step,
-            "iters_per_epoch": train_tokens / self.tokens_per_step, "device": str(self.device),
-            "precision": self.precision, "engine": train.engine, "world_size": self.cluster.world_size,
-            "parallel": train.parallel if self.cluster.distributed else None, "resumed_from_step": progress.step,
-        }
-        start.update(self.data_order(), arch=config.model.arch, data=str(self.data_dir.resolve()))
+        start = StartRecord(
+            time=time.time(), params=self.model.num_params(),
+            params_non_embedding=self.model.num_params(include_embeddings=False),
+            flops_per_token=self.flops_per_token, train_tokens=train_tokens,
+            val_tokens=self.meta["splits"]["val"]["tokens"], tokens_per_step=self.tokens_per_step,
+            iters_per_epoch=train_tokens / self.tokens_per_step, device=str(self.device),
+            precision=self.precision, engine=train.engine, world_size=self.cluster.world_size,
+            parallel=train.parallel if self.cluster.distributed else None, resumed_from_step=progress.step,
+            **self.data_order(), arch=config.model.arch, data=str(self.data_dir.resolve()))
         self.log(start)
-        self.say(f"model: {start['params']:,} parameters, {flops_per_token / 1e6:.1f} MFLOPs per token; "
+        self.say(f"model: {start.params:,} parameters, {self.flops_per_token / 1e6:.1f} MFLOPs per token; "
                  f"device {self.device}, {self.precision}")
         self.say(f"data: {train_tokens:,} training tokens / {self.tokens_per_step:,} tokens per step "
                  f"({train.batch_size} x {config.model.block_size} x {self.accumulation} accumulation) = "
-                 f"{start['iters_per_epoch']:.1f} iterations per epoch"
+                 f"{start.iters_per_epoch:.1f} iterations per epoch"
                  + (f"; resuming at step {progress.step}" if progress.step else ""))
         state = {"carried": "carried from batch to batch (truncated BPTT)",
                  "reset": "reset to zeros for every window (data.sequential = true carries it)"}
-        self.say(f"data order: {start['data_order']}" + (f"; {config.model.arch} hidden state "
-                 f"{state[start['recurrent_state']]}" if start["recurrent_state"] else ""))
+        self.say(f"data order: {start.data_order}" + (f"; {config.model.arch} hidden state "
+                 f"{state[start.recurrent_state]}" if start.recurrent_state else ""))
 
+    def _loop(self) -> str:
+        """Optimizer steps, with logging, evaluation, samples and checkpoints between them, until a stop reason;
+        returns it."""
+        train, progress = self.config.train, self.progress
         previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=train.max_steps, initial=progress.step,
                    disable=True if self.quiet or not self.cluster.is_main else None,
                    unit="step", dynamic_ncols=True, file=sys.stdout)
         launch_start = time.perf_counter() - progress.elapsed
         self.launch = (progress.step, progress.elapsed)
-        window_start, window_tokens = time.perf_counter(), 0
+        self.window = (time.perf_counter(), 0)  # start and tokens of the span the next tokens/s measures
+        self.loss: torch.Tensor | None = None
         try:
             while (reason := self.stop_reason(elapsed := self._agreed_elapsed(launch_start))) is None:
                 multiplier = lr_multiplier(train.schedule, progress.step, self.schedule_progress(elapsed),
                                            warmup_steps=train.warmup_steps, min_lr_ratio=train.min_lr_ratio,
                                            cooldown_fraction=train.cooldown_fraction)
                 lr = set_lr(self.optimizers, multiplier)
-                if self.engine:
-                    loss, grad_norm = self.engine.step(self.loader.next_batch, self.accumulation, train.grad_clip)
-                else:
-                    loss, grad_norm = optimizer_step(
-                        self.model, self.train_forward, self.optimizers, self.loader.next_batch, self.accumulation,
-                        device=self.device, precision=self.precision, scaler=self.scaler, grad_clip=train.grad_clip)
+                self.loss, grad_norm = self.engine.step(self.loader.next_batch, self.accumulation, train.grad_clip)
                 progress.step += 1
                 progress.tokens += self.tokens_per_step
-                window_tokens += self.tokens_per_step
+                self.window = (self.window[0], self.window[1] + self.tokens_per_step)
                 progress.elapsed = time.perf_counter() - launch_start
-                step = progress.step
-                if step % train.log_every == 0 or step == 1:
-                    loss_value = loss.item()  # the one host-device sync of a step, and only when logging
-                    self._stop_if_not_finite(loss_value)
-                    tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
-                    window_start, window_tokens = time.perf_counter(), 0
-                    record = {"kind": "train", "step": step, "loss": loss_value, "lr": lr,
-                              "grad_norm": grad_norm.item(), "tokens": progress.tokens,
-                              "tokens_per_s": tokens_per_s, "epoch": self.loader.epoch,
-                              "mfu": flops_per_token * tokens_per_s / peak, "elapsed": progress.elapsed}
-                    self.log(record)
-                    self._update_bar(bar, record)
-                if train.eval_every and step % train.eval_every == 0 and step < train.max_steps:  # else: final
-                    self.run_eval(max_windows=max(1, train.eval_tokens // config.model.block_size), bar=bar)
-                if train.sample_every and step % train.sample_every == 0:
-                    self.run_sample(bar)
-                if train.checkpoint_every and step % train.checkpoint_every == 0:
-                    self._stop_if_not_finite(loss.item())
-                    self.save()
+                self._between_steps(lr, grad_norm, bar)
         finally:
             bar.close()
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
+        return reason
 
+    def _between_steps(self, lr: float, grad_norm: torch.Tensor, bar: tqdm) -> None:
+        """After step `progress.step`: whatever of logging, evaluation, sampling and saving falls due."""
+        train, step = self.config.train, self.progress.step
+        if step % train.log_every == 0 or step == 1:
+            loss_value = self.loss.item()  # the one host-device sync of a step, and only when logging
+            self._stop_if_not_finite(loss_value)
+            window_start, window_tokens = self.window
+            tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
+            self.window = (time.perf_counter(), 0)
+            record = TrainRecord(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(),
+                                 tokens=self.progress.tokens, tokens_per_s=tokens_per_s, epoch=self.loader.epoch,
+                                 mfu=self.flops_per_token * tokens_per_s / self.peak, elapsed=self.progress.elapsed)
+            self.log(record)
+            self._update_bar(bar, record)
+        if train.eval_every and step % train.eval_every == 0 and step < train.max_steps:  # else: the final one
+            self.run_eval(max_windows=max(1, train.eval_tokens // self.config.model.block_size), bar=bar)
+        if train.sample_every and step % train.sample_every == 0:
+            self.run_sample(bar)
+        if train.checkpoint_every and step % train.checkpoint_every == 0:
+            self._stop_if_not_finite(self.loss.item())
+            self.save()
+
+    def _finish(self, reason: str) -> dict:
+        """The full evaluation, the last checkpoint and the end record."""
+        progress = self.progress
         if progress.step > self.launch[0]:  # the last steps may not have been logged: never save a NaN model
-            self._stop_if_not_finite(loss.item())
+            self._stop_if_not_finite(self.loss.item())
         final = self.run_eval(max_windows=None, final=True)
         self.save()
-        self.log({"kind": "end", "step": progress.step, "tokens": progress.tokens,
-                  "elapsed": progress.elapsed, "reason": reason})
+        self.log(EndRecord(step=progress.step, tokens=progress.tokens, elapsed=progress.elapsed, reason=reason))
         self.say(f"stopped ({reason}) at step {progress.step}, {progress.tokens:,} tokens, "
-                 f"{progress.elapsed:.0f}s; checkpoint saved in {self.run_dir / 'checkpoints'}")
+                 f"{progress.elapsed:.0f}s; checkpoint saved in {self.run_dir / rundir.CHECKPOINTS}")
         if reason == "interrupted":
             self.say(f"continue with: lmforge train --resume --data {self.data_dir} --out {self.run_dir}")
         self.close()
@@ -383,25 +330,25 @@ class Trainer:
     def _stop_if_not_finite(self, loss: float) -> None:
         if math.isfinite(loss):
             return
-        saved = ckpt.list_checkpoints(self.run_dir)
+        saved = rundir.list_checkpoints(self.run_dir)
         kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint had been saved yet"
-        self.log({"kind": "end", "step": self.progress.step, "tokens": self.progress.tokens,
-                  "elapsed": self.progress.elapsed, "reason": "non_finite_loss"})
+        self.log(EndRecord(step=self.progress.step, tokens=self.progress.tokens, elapsed=self.progress.elapsed,
+                           reason="non_finite_loss"))
         self.close()
-        raise UserError(f"training loss became {loss} at step {self.progress.step}; {kept}; "
-                        f"lower optim.lr or raise train.warmup_steps and resume or restart")
+        raise TrainingDiverged(f"training loss became {loss} at step {self.progress.step}; {kept}; "
+                               f"lower optim.lr or raise train.warmup_steps and resume or restart")
 
-    def _update_bar(self, bar: tqdm, record: dict) -> None:
+    def _update_bar(self, bar: tqdm, record: TrainRecord) -> None:
         train = self.config.train
         if train.max_time > 0:  # when the clock will end the run first, show the steps it leaves room for
             launch_step, launch_elapsed = self.launch
-            seconds_per_step = (record["elapsed"] - launch_elapsed) / max(record["step"] - launch_step, 1)
-            by_time = record["step"] + (train.max_time - record["elapsed"]) / max(seconds_per_step, 1e-9)
-            bar.total = int(min(train.max_steps, max(by_time, record["step"])))
-        bar.n = record["step"]
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                        tok_s=f"{record['tokens_per_s']:,.0f}", mfu=f"{record['mfu']:.1%}",
-                        epoch=f"{record['epoch']:.2f}", refresh=False)
+            seconds_per_step = (record.elapsed - launch_elapsed) / max(record.step - launch_step, 1)
+            by_time = record.step + (train.max_time - record.elapsed) / max(seconds_per_step, 1e-9)
+            bar.total = int(min(train.max_steps, max(by_time, record.step)))
+        bar.n = record.step
+        bar.set_postfix(loss=f"{record.loss:.4f}", lr=f"{record.lr:.2e}",
+                        tok_s=f"{record.tokens_per_s:,.0f}", mfu=f"{record.mfu:.1%}",
+                        epoch=f"{record.epoch:.2f}", refresh=False)
         bar.refresh()
 
     # ----- evaluation, samples, checkpoints -----
@@ -415,9 +362,9 @@ class Trainer:
         if result["loss"] < progress.best_val_loss:
             progress.best_val_loss, progress.best_step = result["loss"], progress.step
         self.last_eval = (progress.step, result["loss"])
-        self.log({"kind": "eval", "step": progress.step, "tokens": progress.tokens, "val_loss": result["loss"],
-                  "val_ppl": result["perplexity"], "val_bpb": result["bpb"], "elapsed": progress.elapsed,
-                  "final": final})
+        self.log(EvalRecord(step=progress.step, tokens=progress.tokens, val_loss=result["loss"],
+                            val_ppl=result["perplexity"], val_bpb=result["bpb"], elapsed=progress.elapsed,
+                            final=final))
         message = (f"step {progress.step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
                    + (f"{result['bpb']:.4f} bits/byte" if result["bpb"] is not None else "bits/byte unknown (no byte "
                     "counts: not a prepared data directory)") + (" (full validation split)" if final else ""))
@@ -433,7 +380,7 @@ class Trainer:
         ids = list(generate(self.model, [tokenizer.eot_id], self.config.train.sample_tokens, temperature=0.8,
                             top_k=200, generator=generator, stop_token=tokenizer.eot_id))
         text = tokenizer.decode(ids)
-        self.log({"kind": "sample", "step": self.progress.step, "prompt": "", "text": text})
+        self.log(SampleRecord(step=self.progress.step, prompt="", text=text))
         (bar.write if not bar.disable else self.say)(f"--- sample at step {self.progress.step} ---\n{text}\n---")
 
     def save(self) -> Path | None:
@@ -449,29 +396,30 @@ class Trainer:
         hidden_state = {name: self.cluster.gather_rows(value) for name, value in carried.items()}
         if not self.cluster.is_main:
             return None
-        path = ckpt.save_checkpoint(self.run_dir, progress.step, model_state, optimizer_states, state, hidden_state)
-        ckpt.prune_checkpoints(self.run_dir, self.config.train.keep_last, progress.best_checkpoint_step)
+        path = rundir.save_checkpoint(self.run_dir, progress.step, model_state, optimizer_states, state,
+                                      hidden_state)
+        rundir.prune_checkpoints(self.run_dir, self.config.train.keep_last, progress.best_checkpoint_step)
         return path
 
     # ----- output -----
-    def log(self, record: dict) -> None:
-        if self.log_file is None:  # not rank 0
+    def log(self, record: Record) -> None:
+        if self.log_writer is None:  # not rank 0
             return
-        self.log_file.write(json.dumps(record) + "\n")
-        self.log_file.flush()
-        if self.tensorboard is not None and record["kind"] in ("train", "eval"):
-            for key, value in record.items():
-                if key not in ("kind", "step", "final") and isinstance(value, int | float):
-                    self.tensorboard.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+        self.log_writer.write(record)
+        if self.tensorboard is not None and isinstance(record, TrainRecord | EvalRecord):
+            for field in dataclasses.fields(record):
+                value = getattr(record, field.name)
+                if field.name not in ("step", "final") and isinstance(value, int | float):
+                    self.tensorboard.add_scalar(f"{record.kind}/{field.name}", value, record.step)
 
     def say(self, message: str) -> None:
         if not self.quiet and self.cluster.is_main:
             print(message, flush=True)
 
     def close(self) -> None:
-        if self.log_file is not None:
-            self.log_file.close()
+        if self.log_writer is not None:
+            self.log_writer.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
-        self.train_forward = self.forward  # DDP's reducer holds the process group: let go of it first
+        self.engine.close()
         self.cluster.close()

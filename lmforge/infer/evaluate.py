@@ -1,4 +1,4 @@
-"""Validation: mean next-token loss over a split's windows, with perplexity and bits per byte."""
+"""Evaluation: mean next-token loss over a split's windows, with perplexity, bits per byte and per character."""
 
 from __future__ import annotations
 
@@ -47,3 +47,11 @@ def evaluate(model: nn.Module, windows: TokenWindows, *, batch_size: int, max_wi
     mean = (loss_sum / count).item()
     return {"loss": mean, "perplexity": math.exp(min(mean, 700.0)),
             "bpb": mean / math.log(2) / bytes_per_token if bytes_per_token else None, "tokens": count}
+
+
+def bits_per_character(bits_per_byte: float | None, split: dict) -> float | None:
+    """Bits per character of a split, for character-level comparisons (equal to bits per byte on ASCII text);
+    None when the split's byte or character count is unknown."""
+    if bits_per_byte is None or not split.get("chars"):
+        return None
+    return bits_per_byte * split["bytes"] / split["chars"]

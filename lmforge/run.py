@@ -1,0 +1,498 @@
+"""The run directory, the unit every command passes around: its files, its checkpoints and its log.
+
+Layout of a run directory:
+- `config.toml`: the settings it was trained with; `tokenizer.json`: the tokenizer of its data
+- `log.jsonl`: one JSON record per line, of the kinds below (start, train, eval, sample, end)
+- `checkpoints/step_0000100/`: one directory per checkpoint, written whole under a temporary name and renamed,
+  so a crash never leaves half of one:
+  - `model.safetensors`: the weights, by parameter name (float32 as trained)
+  - `optimizer.safetensors`: every optimizer's per-parameter state, keys `{optimizer}.{param}.{name}`
+  - `state.json`: step, tokens, elapsed time, best val loss, data-loader position, RNG states and the
+    optimizers' hyperparameter groups: everything else needed to continue the exact same run
+  - `hidden.safetensors` (recurrent models reading sequentially): the hidden state carried into the next
+    batch, one row per row of the global batch, so truncated BPTT resumes mid-stream
+- `report/` (lmforge report) and `tensorboard/` (train.tensorboard)
+
+A run on several ranks writes the same files, with whole tensors, so a checkpoint resumes on any number of ranks.
+This module knows files, not training: the trainer, the inference loader, import/export and the report all
+read and write runs through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from lmforge.config import Config, ModelConfig, dumps_config, load_config
+from lmforge.data.tokenizer import Tokenizer, load_tokenizer
+from lmforge.errors import UserError
+from lmforge.files import move_into_place, write_atomic
+from lmforge.model.gpt import GPT, mlp_hidden_size, norm_eps
+
+CONFIG_FILE = "config.toml"
+TOKENIZER_FILE = "tokenizer.json"
+LOG_FILE = "log.jsonl"
+CHECKPOINTS = "checkpoints"
+RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, LOG_FILE, CHECKPOINTS, "report", "tensorboard")
+CHECKPOINT_PREFIX = "step_"
+WEIGHTS_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+HIDDEN_FILE = "hidden.safetensors"
+
+
+# ----- config and tokenizer -----
+def read_config(run_dir: Path) -> Config:
+    return load_config(Path(run_dir) / CONFIG_FILE)
+
+
+def write_config(run_dir: Path, config: Config) -> None:
+    write_atomic(Path(run_dir) / CONFIG_FILE, dumps_config(config))
+
+
+def read_tokenizer(run_dir: Path) -> Tokenizer:
+    return load_tokenizer(Path(run_dir) / TOKENIZER_FILE)
+
+
+def run_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a run (given as the run or a checkpoint inside it)."""
+    return read_tokenizer(resolve_checkpoint(path)[0])
+
+
+# ----- creating a run -----
+def existing_run_files(run_dir: Path) -> list[str]:
+    return [name for name in RUN_FILES if (Path(run_dir) / name).exists()]
+
+
+def refuse_existing_run(run_dir: Path, overwrite: bool) -> list[str]:
+    """The run files already in `run_dir`; a UserError if there are some and `overwrite` is off."""
+    existing = existing_run_files(run_dir)
+    if existing and not overwrite:
+        raise UserError(f"{run_dir} already holds a run ({', '.join(existing)}); "
+                        f"continue it with --resume or replace it with --overwrite")
+    return existing
+
+
+def create_run(run_dir: Path, config: Config, tokenizer: Tokenizer, replace: list[str]) -> None:
+    """Start a fresh run: delete the run files named in `replace`, then write the config and the tokenizer."""
+    run_dir = Path(run_dir)
+    for name in replace:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, config)
+    tokenizer.save(run_dir / TOKENIZER_FILE)
+
+
+def replace_path(temporary: Path, final: Path, overwrite: bool) -> None:
+    """Move a finished file or directory into place; an existing one is replaced only with overwrite."""
+    if (final.exists() or final.is_symlink()) and not overwrite:
+        raise UserError(f"{final} already exists; pass --overwrite to replace it")
+    move_into_place(temporary, final)
+
+
+def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], origin: str) -> None:
+    """The weights must be exactly the parameters of GPT(config): same names, same shapes."""
+    with torch.device("meta"):  # shapes only: no memory, no initialization cost
+        expected = {name: tuple(tensor.shape) for name, tensor in GPT(config).state_dict().items()}
+    got = {name: tuple(tensor.shape) for name, tensor in weights.items()}
+    if got != expected:
+        missing = sorted(set(expected) - set(got))
+        extra = sorted(set(got) - set(expected))
+        wrong = sorted(name for name in set(got) & set(expected) if got[name] != expected[name])
+        raise UserError(f"{origin}: its weights do not make the model its config describes "
+                        f"(missing {missing[:3]}, unexpected {extra[:3]}, wrong shape {wrong[:3]})")
+
+
+def write_run(out: str | Path, model_config: ModelConfig, tokenizer: dict, weights: dict[str, torch.Tensor], *,
+              origin: str, overwrite: bool = False) -> Path:
+    """A run directory made from weights trained elsewhere (import): config, tokenizer and these weights as its
+    step-0 checkpoint, written atomically; returns it. It has no optimizer state or log, so `train --resume`
+    does not apply to it; `sample`, `eval`, `export` and `train --init-from` read only its weights."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    check_weights(model_config, weights, origin)
+    if tokenizer["vocab_size"] > model_config.vocab_size:
+        raise UserError(f"{origin}: the tokenizer has {tokenizer['vocab_size']} tokens, more than the model's "
+                        f"vocabulary of {model_config.vocab_size}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".tmp-{out.name}")
+    if temporary.exists():
+        shutil.rmtree(temporary)
+    checkpoint = checkpoint_dir(temporary, 0)
+    checkpoint.mkdir(parents=True)
+    (temporary / CONFIG_FILE).write_text(dumps_config(Config(model=model_config)))
+    (temporary / TOKENIZER_FILE).write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
+    save_file({name: tensor.detach().to(torch.float32).contiguous() for name, tensor in weights.items()},
+              checkpoint / WEIGHTS_FILE)
+    replace_path(temporary, out, overwrite)
+    return out
+
+
+# ----- checkpoints -----
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{step:07d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary directories are not listed)."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(run dir, checkpoint dir) for a run dir (its newest checkpoint) or a checkpoint dir inside one."""
+    path = Path(path)
+    if (path / WEIGHTS_FILE).is_file():
+        return path.parent.parent, path
+    if not path.is_dir():
+        raise UserError(f"run directory not found: {path}")
+    checkpoints = list_checkpoints(path)
+    if not checkpoints:
+        raise UserError(f"{path} holds no checkpoint; train it first (lmforge train --out {path})")
+    return path, checkpoints[-1]
+
+
+def _flatten_optimizers(optimizer_states: list[dict]) -> tuple[dict, list]:
+    tensors: dict[str, torch.Tensor] = {}
+    groups = []
+    for index, state in enumerate(optimizer_states):
+        for param_id, values in state["state"].items():
+            for name, value in values.items():
+                tensors[f"{index}.{param_id}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        groups.append(state["param_groups"])
+    return tensors, groups
+
+
+def _unflatten_optimizers(tensors: dict[str, torch.Tensor], groups: list) -> list[dict]:
+    states: list[dict] = [{"state": {}, "param_groups": g} for g in groups]
+    for key, tensor in tensors.items():
+        index, param_id, name = key.split(".", 2)
+        states[int(index)]["state"].setdefault(int(param_id), {})[name] = tensor
+    return states
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor],
+                    optimizer_states: list[dict], trainer_state: dict,
+                    hidden_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a complete checkpoint under a temporary name, then rename it into place; `optimizer_states` are
+    the optimizers' `state_dict()`s, `hidden_state` a recurrent model's carried state (global batch rows)."""
+    final = checkpoint_dir(run_dir, step)
+    tmp = final.with_name(f".tmp-{final.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / WEIGHTS_FILE)
+    tensors, groups = _flatten_optimizers(optimizer_states)
+    save_file(tensors, tmp / OPTIMIZER_FILE)
+    if hidden_state:
+        save_file({k: v.contiguous() for k, v in hidden_state.items()}, tmp / HIDDEN_FILE)
+    state = dict(trainer_state, optimizer_groups=groups, rng=rng_state())
+    (tmp / STATE_FILE).write_text(json.dumps(state))
+    for file in tmp.iterdir():
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    move_into_place(tmp, final)  # re-saving a step (e.g. interrupted right after a save) swaps the old out
+    return final
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], origin: Path) -> None:
+    """Copy checkpoint weights into a model, with a clear error when the two do not match."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError:  # parameter shapes or names differ: model.* changed since the checkpoint
+        raise UserError(f"checkpoint {origin} does not fit this model: it was written with other model.* "
+                        "settings (the run's own are in RUN/config.toml)") from None
+
+
+def read_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The weights of one checkpoint directory, or a UserError if the file cannot be read."""
+    try:
+        return load_file(checkpoint / WEIGHTS_FILE)
+    except (OSError, SafetensorError) as err:
+        raise UserError(f"checkpoint {checkpoint} is unreadable ({err})") from None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], list[dict], dict, dict[str, torch.Tensor]]:
+    """Model weights, optimizer state dicts, trainer state and carried hidden state (empty if the run carried
+    none) of one checkpoint directory."""
+    try:
+        weights = load_file(path / WEIGHTS_FILE)
+        state = json.loads((path / STATE_FILE).read_text())
+        optimizer_tensors = load_file(path / OPTIMIZER_FILE)
+        hidden = load_file(path / HIDDEN_FILE) if (path / HIDDEN_FILE).is_file() else {}
+    except (OSError, SafetensorError, json.JSONDecodeError) as err:
+        raise UserError(f"checkpoint {path} is unreadable ({err}); pass an earlier checkpoint") from None
+    return weights, _unflatten_optimizers(optimizer_tensors, state["optimizer_groups"]), state, hidden
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, keep_step: int | None) -> None:
+    """Delete all but the newest `keep_last` checkpoints and the one at `keep_step` (the best)."""
+    checkpoints = list_checkpoints(run_dir)
+    keep = set(checkpoints[-max(keep_last, 1):])  # the newest always stays: it is where resume starts
+    if keep_step is not None:
+        keep.add(checkpoint_dir(run_dir, keep_step))
+    for path in checkpoints:
+        if path not in keep:
+            shutil.rmtree(path)
+
+
+def architecture(config: ModelConfig) -> dict:
+    """The model settings that decide the shapes and the function computed (not dropout or initialization),
+    with defaults spelled out, so that `n_kv_head = 0` and `n_kv_head = n_head` compare equal."""
+    values = dataclasses.asdict(config)
+    for key in ("dropout", "init", "init_std"):
+        del values[key]
+    values.update(n_kv_head=config.n_kv_head or config.n_head, mlp_hidden=mlp_hidden_size(config),
+                  norm_eps=norm_eps(config))
+    return values
+
+
+def init_from_run(model: torch.nn.Module, path: str | Path) -> Path:
+    """Copy a run's weights into a new model (`train --init-from`): the model settings must be the run's."""
+    run_dir, checkpoint = resolve_checkpoint(path)
+    theirs, ours = architecture(read_config(run_dir).model), architecture(model.config)
+    differences = [f"model.{key} is {theirs[key]} there, {ours[key]} here" for key in ours if ours[key] != theirs[key]]
+    if differences:
+        raise UserError(f"--init-from {path}: the model settings differ from that run's ({'; '.join(differences)}); "
+                        f"keep its [model] section (in {run_dir / CONFIG_FILE})")
+    load_weights(model, read_weights(checkpoint), checkpoint)
+    return checkpoint
+
+
+# ----- the log: one typed record per kind -----
+# Each record is one JSON object per line of log.jsonl with its fields under these names, in this order, plus
+# "kind". A field with a default may be missing from older logs; one without must be there with its type.
+@dataclass(kw_only=True)
+class StartRecord:
+    """A launch (the first, or a resume): the model's size, where it runs and on what data."""
+
+    kind: ClassVar[str] = "start"
+    time: float = 0.0
+    params: int
+    params_non_embedding: int
+    flops_per_token: int
+    train_tokens: int | None = None
+    val_tokens: int | None = None
+    tokens_per_step: int | None = None
+    iters_per_epoch: float | None = None
+    device: str
+    precision: str
+    engine: str | None = None
+    world_size: int | None = None
+    parallel: str | None = None
+    resumed_from_step: int
+    data_order: str | None = None
+    recurrent_state: str | None = None
+    arch: str = "gpt"
+    data: str | None = None
+
+
+@dataclass(kw_only=True)
+class TrainRecord:
+    """One logged optimizer step; loss and gradient norm are those of that step's global batch."""
+
+    kind: ClassVar[str] = "train"
+    step: int
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    tokens_per_s: float
+    epoch: float | None = None
+    mfu: float | None = None
+    elapsed: float
+
+
+@dataclass(kw_only=True)
+class EvalRecord:
+    """A validation: on the first train.eval_tokens of the split during training, the whole split if final."""
+
+    kind: ClassVar[str] = "eval"
+    step: int
+    tokens: int
+    val_loss: float
+    val_ppl: float
+    val_bpb: float | None = None  # None on data without byte counts
+    elapsed: float
+    final: bool = False
+
+
+@dataclass(kw_only=True)
+class SampleRecord:
+    kind: ClassVar[str] = "sample"
+    step: int
+    prompt: str = ""
+    text: str
+
+
+@dataclass(kw_only=True)
+class EndRecord:
+    """Why and where a launch stopped (a limit, a signal, a non-finite loss, a pruned trial)."""
+
+    kind: ClassVar[str] = "end"
+    step: int
+    tokens: int
+    elapsed: float
+    reason: str
+
+
+Record = StartRecord | TrainRecord | EvalRecord | SampleRecord | EndRecord
+RECORD_TYPES: dict[str, type[Record]] = {t.kind: t for t in (StartRecord, TrainRecord, EvalRecord, SampleRecord,
+                                                             EndRecord)}
+
+
+def record_json(record: Record) -> str:
+    """One line of log.jsonl: the kind first, then the fields in their declared order."""
+    return json.dumps({"kind": record.kind, **{f.name: getattr(record, f.name) for f in dataclasses.fields(record)}})
+
+
+class LogWriter:
+    """Appends records to RUN/log.jsonl, one flushed line each, so a reader sees every finished step."""
+
+    def __init__(self, run_dir: Path):
+        self.file = open(Path(run_dir) / LOG_FILE, "a")
+
+    def write(self, record: Record) -> None:
+        self.file.write(record_json(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@dataclass
+class RunLog:
+    """The records of one log.jsonl, by kind, in file order."""
+
+    starts: list[StartRecord] = dataclasses.field(default_factory=list)
+    train: list[TrainRecord] = dataclasses.field(default_factory=list)
+    evals: list[EvalRecord] = dataclasses.field(default_factory=list)
+    samples: list[SampleRecord] = dataclasses.field(default_factory=list)
+    end: EndRecord | None = None  # the latest launch's end record; None while it runs or after a hard kill
+
+
+def read_log(path: str | Path) -> RunLog:
+    """Parse log.jsonl; a line that is not a complete record raises UserError naming its line number.
+
+    An unfinished last line (no newline yet) is skipped: the trainer may be writing it right now. Records of a
+    kind this version does not know are skipped too.
+    """
+    path = Path(path)
+    log = RunLog()
+    lists = {"start": log.starts, "train": log.train, "eval": log.evals, "sample": log.samples}
+    with open(path, "rb") as file:  # bytes, so that invalid UTF-8 is reported with its line like bad JSON
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = parse_record(line, f"{path}, line {number}")
+            except UserError:
+                if line.endswith(b"\n"):
+                    raise
+                break
+            if isinstance(record, StartRecord):
+                log.end = None  # a new launch: the end of an earlier one no longer describes the run
+            if isinstance(record, EndRecord):
+                log.end = record
+            elif record is not None:
+                lists[record.kind].append(record)
+    return log
+
+
+def parse_record(line: bytes | str, where: str) -> Record | None:
+    """One line of the log as its typed record (None for an unknown kind), or a UserError saying what is wrong."""
+    fix = "repair or delete that line and run the report again"
+    try:
+        values = json.loads(line)
+    except UnicodeDecodeError:
+        raise UserError(f"{where} of the log is not UTF-8 text; {fix}") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{where} of the log is not valid JSON ({err.msg}); {fix}") from None
+    if not isinstance(values, dict) or not isinstance(values.get("kind"), str):
+        raise UserError(f"{where} of the log is not a record (a JSON object with a 'kind'); {fix}")
+    kind = values["kind"]
+    record_type = RECORD_TYPES.get(kind)
+    if record_type is None:
+        return None
+    types = typing.get_type_hints(record_type)
+    present, bad = {}, []
+    for field in dataclasses.fields(record_type):
+        if field.name in values:
+            if _has_type(values[field.name], types[field.name]):
+                present[field.name] = values[field.name]
+            else:
+                bad.append(field.name)
+        elif field.default is dataclasses.MISSING:
+            bad.append(field.name)
+    if bad:
+        raise UserError(f"{where} of the log: the {kind} record lacks {', '.join(bad)} "
+                        f"(or has the wrong type); {fix}")
+    return record_type(**present)
+
+
+def _has_type(value: object, annotation: object) -> bool:
+    """Whether a JSON value fits a record field's type; any number fits int and float (JSON does not keep the
+    difference, and a log written by hand may write 1 for 1.0)."""
+    allowed = typing.get_args(annotation) or (annotation,)
+    if value is None:
+        return type(None) in allowed
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int | float):
+        return int in allowed or float in allowed
+    return any(isinstance(value, kind) for kind in allowed if isinstance(kind, type))
+
+
+def last_per_step(records: list) -> list:
+    """One record per step, the last one logged, in step order.
+
+    A run interrupted after logging steps that no checkpoint holds logs those steps again when resumed from
+    its earlier checkpoint; the later records are the ones the run went on from.
+    """
+    by_step = {record.step: record for record in records}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def trim_log(run_dir: Path, step: int) -> None:
+    """Drop what the log says happened after the checkpoint a run resumes from (those steps run again) and any
+    line a kill cut short, so log.jsonl reads as one consistent history."""
+    path = Path(run_dir) / LOG_FILE
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("kind") in ("start", "end") or record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    write_atomic(path, "".join(kept))
+
