@@ -15,8 +15,8 @@ import torch
 import lmforge.train.trainer as trainer_module
 from lmforge import __version__
 from lmforge.cli import main
+from lmforge.data.datadir import load_meta
 from lmforge.data.loader import TokenWindows
-from lmforge.data.prepare import load_meta
 from lmforge.infer.generate import generate
 from lmforge.train.checkpoint import load_model
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from lmforge.config import ModelConfig
+from lmforge.data.shards import HEADER_INTS
 from lmforge.data.tokenizer import EOT_TEXT, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
 from lmforge.files import write_atomic
@@ -28,7 +29,6 @@ from lmforge.interop.run import pad_rows, write_run
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
 from lmforge.train.checkpoint import load_model
 
-HEADER_INTS = 256
 MODEL_MAGIC = 20240326
 VERSIONS = {3: "fp32", 5: "bf16"}
 TOKENIZER_MAGIC, TOKENIZER_VERSION = 20240328, 2
