@@ -333,3 +333,21 @@ def test_attention_maps_are_causal_probabilities():
     assert weights.shape == (1, 2, 12, 12)
     assert torch.allclose(weights.sum(-1), torch.ones(1, 2, 12))
     assert torch.all(weights.triu(1) == 0) and not model.blocks[1].attn.keep_weights
+
+
+def test_a_diverged_trial_is_a_result_of_the_sweep_not_an_error(tiny_data, tmp_path, monkeypatch):
+    from lmforge.errors import TrainingDiverged
+    from lmforge.lab import sweep as sweep_module
+
+    original_run = sweep_module.TrialTrainer.run
+
+    def diverge_at_high_lr(self):
+        if self.config.optim.lr == 0.03:
+            raise TrainingDiverged("training loss became nan at step 1")
+        return original_run(self)
+
+    monkeypatch.setattr(sweep_module.TrialTrainer, "run", diverge_at_high_lr)
+    assert run_sweep(tiny_data, tmp_path, "--param", "optim.lr=0.003,0.03", "--method", "grid") == 0
+    rows = [line.split(" | ") for line in (tmp_path / "sw" / "results.md").read_text().splitlines()
+            if line.startswith("| ")][1:]
+    assert len(rows) == 2 and float(rows[0][4]) < 10 and rows[1][4] == "inf"  # the diverged one last

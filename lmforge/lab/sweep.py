@@ -14,7 +14,6 @@ OUT/best.toml (the config with the best trial's values, ready for `lmforge train
 from __future__ import annotations
 
 import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lmforge.config import Config, dumps_config, load_config, set_value
-from lmforge.errors import UserError
+from lmforge.errors import TrainingDiverged, UserError
 from lmforge.files import write_atomic
 from lmforge.train.trainer import Trainer
 
@@ -159,10 +158,21 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
     study = optuna.create_study(storage=storage, sampler=sampler, study_name="sweep", direction="minimize",
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2), load_if_exists=True)
     study.set_user_attr("space", space)
+    study_id = storage.get_study_id_from_name("sweep")
+
+    # Trials are changed through the storage's own (public) interface, by trial number.
+    def forget_grid_point(trial_number: int) -> None:
+        """Optuna's grid sampler counts a failed trial's grid point as visited; detaching the point from the
+        trial (the sampler's "search_space" system attribute) puts it back among those still to run."""
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial_number)
+        storage.set_trial_system_attr(trial_id, "search_space", {})
+
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        # Left running by a killed sweep: it never finished, so it runs again (as a new trial).
-        _forget_grid_point(study, trial._trial_id)
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        # Left running by a killed sweep: it never finished, so it runs again (as a new trial). Not
+        # study.tell: that runs the grid sampler's after_trial, which may call study.stop() outside optimize.
+        forget_grid_point(trial.number)
+        storage.set_trial_state_values(
+            storage.get_trial_id_from_study_id_trial_number(study_id, trial.number), optuna.trial.TrialState.FAIL)
 
     def objective(trial: optuna.Trial) -> float:
         config = load_config(config_path, overrides)
@@ -178,14 +188,14 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
             result = trainer.run()
             if result["reason"] == "interrupted":
                 raise KeyboardInterrupt
-        except UserError:
-            if _end_reason(run_dir) != "non_finite_loss":
-                raise
+        except TrainingDiverged:
             say(f"trial {trial.number}: diverged (non-finite loss)")  # a result of the search, not an error
-            trial.set_user_attr("val_loss", math.inf)
+            for name, value in {"run": run_dir.name, "val_loss": math.inf, "val_bpb": None,
+                                "steps": trainer.progress.step, "elapsed": trainer.progress.elapsed}.items():
+                trial.set_user_attr(name, value)
             return math.inf
         except BaseException:  # interrupted or crashed: the trial fails, and a resumed grid must run it again
-            _forget_grid_point(study, trial._trial_id)
+            forget_grid_point(trial.number)
             say(f"sweep stopped; run the same command again to continue it ({out / 'sweep.db'})")
             raise
         val = result["val"]
@@ -220,17 +230,6 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
     say(f"best: {best['run']}, val loss {best['val_loss']:.4f}: "
         + ", ".join(f"{key}={_show(best[key])}" for key in keys) + f"; config in {out / 'best.toml'}")
     return best
-
-
-def _forget_grid_point(study: optuna.Study, trial_id: int) -> None:
-    """Optuna's grid sampler counts a failed trial's grid point as visited; detaching the point from the
-    trial puts it back among those still to run."""
-    study._storage.set_trial_system_attr(trial_id, "search_space", {})
-
-
-def _end_reason(run_dir: Path) -> str | None:
-    lines = (run_dir / "log.jsonl").read_text().splitlines() if (run_dir / "log.jsonl").is_file() else []
-    return json.loads(lines[-1]).get("reason") if lines else None
 
 
 def _has_study(storage: optuna.storages.BaseStorage) -> bool:

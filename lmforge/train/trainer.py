@@ -24,7 +24,7 @@ from tqdm import tqdm
 from lmforge.config import Config, dumps_config
 from lmforge.data.datadir import describe_data
 from lmforge.data.loader import TokenWindows, TrainLoader
-from lmforge.errors import UserError
+from lmforge.errors import TrainingDiverged, UserError
 from lmforge.files import write_atomic
 from lmforge.infer.generate import generate
 from lmforge.model.factory import build_model
@@ -388,7 +388,7 @@ class Trainer:
         self.log({"kind": "end", "step": self.progress.step, "tokens": self.progress.tokens,
                   "elapsed": self.progress.elapsed, "reason": "non_finite_loss"})
         self.close()
-        raise UserError(f"training loss became {loss} at step {self.progress.step}; {kept}; "
+        raise TrainingDiverged(f"training loss became {loss} at step {self.progress.step}; {kept}; "
                         f"lower optim.lr or raise train.warmup_steps and resume or restart")
 
     def _update_bar(self, bar: tqdm, record: dict) -> None:
