@@ -1,7 +1,8 @@
-"""Atomic writes: a file or directory appears whole under its final name, or not at all.
+"""Files: atomic writes, the user's cache directory, and the checks and loads that every command shares.
 
-Each is written under a hidden temporary name beside its destination (same filesystem, so the final
-rename is atomic) and then moved into place; a crash leaves at most a hidden leftover, never half a file.
+Atomic writes: a file or directory appears whole under its final name, or not at all. Each is written
+under a hidden temporary name beside its destination (same filesystem, so the final rename is atomic) and
+then moved into place; a crash leaves at most a hidden leftover, never half a file.
 """
 
 from __future__ import annotations
@@ -28,3 +29,11 @@ def move_into_place(temporary: Path, final: Path) -> None:
         shutil.rmtree(old) if old.is_dir() else old.unlink()
     else:
         os.replace(temporary, final)
+
+
+def user_cache_dir() -> Path:
+    """Where lmforge keeps what it measured once per machine: $LMFORGE_CACHE_DIR, else
+    $XDG_CACHE_HOME/lmforge, else ~/.cache/lmforge. Not created here."""
+    if os.environ.get("LMFORGE_CACHE_DIR"):
+        return Path(os.environ["LMFORGE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lmforge"

@@ -19,8 +19,6 @@ from lmforge.model.factory import ARCHS, build_model
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.trainer import Trainer
 
-pytestmark = pytest.mark.usefixtures("no_flops_probe")
-
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ARCH_OVERRIDES = {"model.dropout": "0.0", "model.n_layer": "1"}
 
