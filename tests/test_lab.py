@@ -330,7 +330,18 @@ def test_attention_maps_are_causal_probabilities():
     weights = model.attention_maps(torch.randint(0, 40, (1, 12)), layer=1)
     assert weights.shape == (1, 2, 12, 12)
     assert torch.allclose(weights.sum(-1), torch.ones(1, 2, 12))
-    assert torch.all(weights.triu(1) == 0) and not model.blocks[1].attn.keep_weights
+    assert torch.all(weights.triu(1) == 0)
+
+
+def test_attention_maps_leave_no_work_in_later_forwards(monkeypatch):
+    from lmforge.model.gpt import Attention
+
+    model = small_model("gpt")
+    model.attention_maps(torch.randint(0, 40, (1, 12)), layer=0)
+    calls = []
+    monkeypatch.setattr(Attention, "probabilities", lambda *args: calls.append(args))
+    model(torch.randint(0, 40, (1, 12)))
+    assert calls == []
 
 
 def test_a_diverged_trial_is_a_result_of_the_sweep_not_an_error(tiny_data, tmp_path, monkeypatch):
