@@ -13,19 +13,17 @@ OUT/best.toml (the config with the best trial's values, ready for `lmforge train
 
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from lmforge.config import Config, dumps_config, load_config, set_value
 from lmforge.errors import TrainingDiverged, UserError
 from lmforge.files import write_atomic
+from lmforge.plots import new_figure, png_bytes
 from lmforge.train.trainer import Trainer
 
 METHODS = ("grid", "random", "tpe")
@@ -264,8 +262,7 @@ def _show(value: Any) -> str:
 
 
 def _param_plot(rows: list[dict], param: Param) -> bytes:
-    figure = Figure(figsize=(6, 4), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(6, 4)
     axes = figure.subplots()
     for state, marker in (("complete", "o"), ("pruned", "x")):
         chosen = [row for row in rows if row["state"] == state]
@@ -282,6 +279,4 @@ def _param_plot(rows: list[dict], param: Param) -> bytes:
     axes.set_title(f"Validation loss against {param.key}")
     axes.grid(alpha=0.3)
     axes.legend()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+    return png_bytes(figure)
