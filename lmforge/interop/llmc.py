@@ -24,7 +24,7 @@ from lmforge.config import ModelConfig
 from lmforge.data.shards import HEADER_INTS
 from lmforge.data.tokenizer import EOT_TEXT, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
-from lmforge.files import write_atomic
+from lmforge.files import refuse_to_replace, write_atomic
 from lmforge.interop.run import pad_rows, write_run
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
 from lmforge.train.checkpoint import load_model
@@ -152,8 +152,7 @@ def export_llmc(run: str | Path, out: str | Path, *, dtype: str = "fp32", overwr
     out = Path(out)
     vocab_file = tokenizer_path(out)
     for path in (out, vocab_file):
-        if path.exists() and not overwrite:
-            raise UserError(f"{path} already exists; pass --overwrite to replace it")
+        refuse_to_replace(path, overwrite)
     weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     write_atomic(out, model_bytes(config.model, weights, dtype))
     write_atomic(vocab_file, tokenizer_bytes(tokenizer))

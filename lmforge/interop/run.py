@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from lmforge.config import Config, ModelConfig, dumps_config
 from lmforge.errors import UserError
-from lmforge.files import move_into_place
+from lmforge.files import move_into_place, refuse_to_replace
 from lmforge.model.gpt import GPT
 from lmforge.train.checkpoint import checkpoint_dir
 
@@ -35,8 +35,7 @@ def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], origin:
 
 def replace_path(temporary: Path, final: Path, overwrite: bool) -> None:
     """Move a finished file or directory into place; an existing one is replaced only with overwrite."""
-    if (final.exists() or final.is_symlink()) and not overwrite:
-        raise UserError(f"{final} already exists; pass --overwrite to replace it")
+    refuse_to_replace(final, overwrite)
     move_into_place(temporary, final)
 
 
@@ -44,8 +43,7 @@ def write_run(out: str | Path, model_config: ModelConfig, tokenizer: dict, weigh
               origin: str, overwrite: bool = False) -> Path:
     """Write a run directory holding these weights as its step-0 checkpoint, atomically; returns it."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    refuse_to_replace(out, overwrite)
     check_weights(model_config, weights, origin)
     if tokenizer["vocab_size"] > model_config.vocab_size:
         raise UserError(f"{origin}: the tokenizer has {tokenizer['vocab_size']} tokens, more than the model's "

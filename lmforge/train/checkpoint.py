@@ -21,13 +21,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lmforge.config import Config, ModelConfig, load_config
 from lmforge.data.tokenizer import Tokenizer, load_tokenizer
 from lmforge.errors import UserError
-from lmforge.files import move_into_place
+from lmforge.files import load_safetensors, move_into_place
 from lmforge.model.factory import build_model
 from lmforge.model.gpt import mlp_hidden_size, norm_eps
 
@@ -115,13 +114,14 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], origi
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], list[dict], dict, dict[str, torch.Tensor]]:
     """Model weights, optimizer state dicts, trainer state and carried hidden state (empty if the run carried
     none) of one checkpoint directory."""
+    what, hint = f"checkpoint {path}", "pass an earlier checkpoint"
+    weights = load_safetensors(path / "model.safetensors", what, hint)
     try:
-        weights = load_file(path / "model.safetensors")
         state = json.loads((path / "state.json").read_text())
-        optimizer_tensors = load_file(path / "optimizer.safetensors")
-        hidden = load_file(path / HIDDEN_FILE) if (path / HIDDEN_FILE).is_file() else {}
-    except (OSError, SafetensorError, json.JSONDecodeError) as err:
-        raise UserError(f"checkpoint {path} is unreadable ({err}); pass an earlier checkpoint") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"{what} is unreadable ({err}); {hint}") from None
+    optimizer_tensors = load_safetensors(path / "optimizer.safetensors", what, hint)
+    hidden = load_safetensors(path / HIDDEN_FILE, what, hint) if (path / HIDDEN_FILE).is_file() else {}
     return weights, _unflatten_optimizers(optimizer_tensors, state["optimizer_groups"]), state, hidden
 
 
@@ -156,11 +156,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"
     config = load_config(run_dir / "config.toml")
     tokenizer = load_tokenizer(run_dir / "tokenizer.json")
     model = build_model(config.model)
-    try:
-        weights = load_file(checkpoint / "model.safetensors")
-    except (OSError, SafetensorError) as err:
-        raise UserError(f"checkpoint {checkpoint} is unreadable ({err})") from None
-    load_weights(model, weights, checkpoint)
+    load_weights(model, load_safetensors(checkpoint / "model.safetensors", f"checkpoint {checkpoint}"), checkpoint)
     return model.to(device).eval(), config, tokenizer, checkpoint
 
 
@@ -188,9 +184,5 @@ def init_from_run(model: torch.nn.Module, path: str | Path) -> Path:
     if differences:
         raise UserError(f"--init-from {path}: the model settings differ from that run's ({'; '.join(differences)}); "
                         f"keep its [model] section (in {run_dir / 'config.toml'})")
-    try:
-        weights = load_file(checkpoint / "model.safetensors")
-    except (OSError, SafetensorError) as err:
-        raise UserError(f"checkpoint {checkpoint} is unreadable ({err})") from None
-    load_weights(model, weights, checkpoint)
+    load_weights(model, load_safetensors(checkpoint / "model.safetensors", f"checkpoint {checkpoint}"), checkpoint)
     return checkpoint
