@@ -13,9 +13,9 @@ from collections.abc import Callable
 import torch
 
 from lmforge.config import Config
+from lmforge.hardware import configure_fast_math, peak_flops, peak_memory_mb, synchronize
 from lmforge.model.factory import build_model
 from lmforge.train.engine import build_engine, engine_device
-from lmforge.train.hardware import configure_fast_math, peak_flops, peak_memory_mb, synchronize
 from lmforge.train.trainer import accumulation_steps
 
 DEFAULT_BENCH_VOCAB = 50257  # GPT-2's, for configs that take their vocabulary from the data

@@ -98,9 +98,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from lmforge.data.datadir import describe_data
     from lmforge.data.loader import TokenWindows
+    from lmforge.hardware import resolve_precision
     from lmforge.infer.evaluate import bits_per_character, evaluate
     from lmforge.infer.load import load_for_inference
-    from lmforge.train.hardware import resolve_precision
 
     model, config, tokenizer, checkpoint, device = load_for_inference(args.run, args.device, args.engine)
     meta, _ = describe_data(args.data, tokenizer)  # a prepared directory, or bare llm.c shards (no byte counts)

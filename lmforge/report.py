@@ -7,18 +7,17 @@ renamed, so a reader never sees half a report.
 
 from __future__ import annotations
 
-import io
 import math
 import re
 from pathlib import Path
 
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from lmforge.errors import UserError
 from lmforge.files import write_atomic
+from lmforge.plots import new_figure, png_bytes
 from lmforge.run import EvalRecord, RunLog, TrainRecord, last_per_step, read_log
 
 SAMPLES_SHOWN = 3  # the last few samples logged during training
@@ -77,22 +76,12 @@ def write_plots(train: list[TrainRecord], evals: list[EvalRecord], out: Path) ->
                                           EngFormatter()), "Training tokens per second against step"),
     }
     for name, (figure, _) in figures.items():
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=100)
-        write_atomic(out / name, buffer.getvalue())
+        write_atomic(out / name, png_bytes(figure))
     return {name: caption for name, (_, caption) in figures.items()}
 
 
-def _new_figure(width: float) -> Figure:
-    figure = Figure(figsize=(width, 4), layout="constrained")
-    # The Agg canvas renders to files with no display and without pyplot's process-wide state, so a
-    # report written from a notebook or a server leaves the caller's matplotlib backend alone.
-    FigureCanvasAgg(figure)
-    return figure
-
-
 def _loss_figure(train: list[TrainRecord], evals: list[EvalRecord]) -> Figure:
-    figure = _new_figure(11)
+    figure = new_figure(11, 4)
     by_step, by_tokens = figure.subplots(1, 2)
     for axes, x_key, x_label in ((by_step, "step", "step"), (by_tokens, "tokens", "tokens seen")):
         axes.plot([getattr(r, x_key) for r in train], [r.loss for r in train], linewidth=1, label="train")
@@ -107,7 +96,7 @@ def _loss_figure(train: list[TrainRecord], evals: list[EvalRecord]) -> Figure:
 
 def _step_figure(steps: list[int], values: list[float], y_label: str, title: str,
                  y_formatter: EngFormatter | None = None) -> Figure:
-    figure = _new_figure(7)
+    figure = new_figure(7, 4)
     axes = figure.subplots()
     axes.plot(steps, values, linewidth=1)
     _style(axes, "step", y_label, f"{title} against step")

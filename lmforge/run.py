@@ -30,13 +30,12 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lmforge.config import Config, ModelConfig, dumps_config, load_config
 from lmforge.data.tokenizer import Tokenizer, load_tokenizer
 from lmforge.errors import UserError
-from lmforge.files import move_into_place, write_atomic
+from lmforge.files import load_safetensors, move_into_place, refuse_to_replace, write_atomic
 from lmforge.model.gpt import GPT, mlp_hidden_size, norm_eps
 
 CONFIG_FILE = "config.toml"
@@ -96,8 +95,7 @@ def create_run(run_dir: Path, config: Config, tokenizer: Tokenizer, replace: lis
 
 def replace_path(temporary: Path, final: Path, overwrite: bool) -> None:
     """Move a finished file or directory into place; an existing one is replaced only with overwrite."""
-    if (final.exists() or final.is_symlink()) and not overwrite:
-        raise UserError(f"{final} already exists; pass --overwrite to replace it")
+    refuse_to_replace(final, overwrite)
     move_into_place(temporary, final)
 
 
@@ -120,8 +118,7 @@ def write_run(out: str | Path, model_config: ModelConfig, tokenizer: dict, weigh
     step-0 checkpoint, written atomically; returns it. It has no optimizer state or log, so `train --resume`
     does not apply to it; `sample`, `eval`, `export` and `train --init-from` read only its weights."""
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    refuse_to_replace(out, overwrite)
     check_weights(model_config, weights, origin)
     if tokenizer["vocab_size"] > model_config.vocab_size:
         raise UserError(f"{origin}: the tokenizer has {tokenizer['vocab_size']} tokens, more than the model's "
@@ -233,22 +230,20 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], origi
 
 def read_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The weights of one checkpoint directory, or a UserError if the file cannot be read."""
-    try:
-        return load_file(checkpoint / WEIGHTS_FILE)
-    except (OSError, SafetensorError) as err:
-        raise UserError(f"checkpoint {checkpoint} is unreadable ({err})") from None
+    return load_safetensors(checkpoint / WEIGHTS_FILE, f"checkpoint {checkpoint}")
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], list[dict], dict, dict[str, torch.Tensor]]:
     """Model weights, optimizer state dicts, trainer state and carried hidden state (empty if the run carried
     none) of one checkpoint directory."""
+    what = f"checkpoint {path}"
+    weights = load_safetensors(path / WEIGHTS_FILE, what)
     try:
-        weights = load_file(path / WEIGHTS_FILE)
         state = json.loads((path / STATE_FILE).read_text())
-        optimizer_tensors = load_file(path / OPTIMIZER_FILE)
-        hidden = load_file(path / HIDDEN_FILE) if (path / HIDDEN_FILE).is_file() else {}
-    except (OSError, SafetensorError, json.JSONDecodeError) as err:
-        raise UserError(f"checkpoint {path} is unreadable ({err}); pass an earlier checkpoint") from None
+    except (OSError, ValueError) as err:
+        raise UserError(f"{what} is unreadable ({err})") from None
+    optimizer_tensors = load_safetensors(path / OPTIMIZER_FILE, what)
+    hidden = load_safetensors(path / HIDDEN_FILE, what) if (path / HIDDEN_FILE).is_file() else {}
     return weights, _unflatten_optimizers(optimizer_tensors, state["optimizer_groups"]), state, hidden
 
 

@@ -112,10 +112,10 @@ def tiny_config():
     return make
 
 
-@pytest.fixture
-def no_flops_probe(monkeypatch):
-    """The trainer measures the CPU's matmul rate for MFU (a third of a second per launch); the tests
-    do not look at MFU, so a fixed reference keeps them fast."""
-    import lmforge.train.trainer as trainer_module
-
-    monkeypatch.setattr(trainer_module, "peak_flops", lambda device, precision: 1e12)
+@pytest.fixture(autouse=True, scope="session")
+def flops_cache(tmp_path_factory):
+    """MFU's reference FLOP rate is measured once per machine and cached (hardware.peak_flops): the tests
+    share a cache of their own, so they measure once per session and never read or write the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LMFORGE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield

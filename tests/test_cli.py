@@ -12,11 +12,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import lmforge.train.trainer as trainer_module
 from lmforge import __version__
 from lmforge.cli import main
+from lmforge.data.datadir import load_meta
 from lmforge.data.loader import TokenWindows
-from lmforge.data.prepare import load_meta
 from lmforge.infer.generate import generate
 from lmforge.infer.load import load_model
 from tests.conftest import records, run_cli
@@ -45,12 +44,10 @@ def trained(tmp_path_factory, tiny_corpus) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("cli")
     data, run, config = root / "data", root / "run", root / "tiny.toml"
     config.write_text(CONFIG_TOML)
-    with pytest.MonkeyPatch.context() as patch:  # MFU's FLOP-rate probe: not under test, a third of a second
-        patch.setattr(trainer_module, "peak_flops", lambda device, precision: 1e12)
-        assert main(["prepare", "--source", str(tiny_corpus), "--tokenizer", "char", "--val-fraction", "0.2",
-                     "--workers", "1", "--out", str(data), "--quiet"]) == 0
-        assert main(["train", "--config", str(config), "--data", str(data), "--out", str(run), "--quiet",
-                     *TINY_FLAGS]) == 0
+    assert main(["prepare", "--source", str(tiny_corpus), "--tokenizer", "char", "--val-fraction", "0.2",
+                 "--workers", "1", "--out", str(data), "--quiet"]) == 0
+    assert main(["train", "--config", str(config), "--data", str(data), "--out", str(run), "--quiet",
+                 *TINY_FLAGS]) == 0
     return SimpleNamespace(root=root, data=data, run=run, config=config)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 
@@ -11,15 +10,16 @@ import pytest
 
 import lmforge.data.prepare as prepare_module
 from lmforge.data.corpus import (
+    Cleaner,
     CorpusStats,
-    DigestSet,
     decode_utf8,
     read_texts,
     resolve_source,
     split_at_lines,
     strip_gutenberg,
 )
-from lmforge.data.prepare import load_meta, prepare
+from lmforge.data.datadir import load_meta
+from lmforge.data.prepare import prepare
 from lmforge.data.shards import ShardWriter, list_shards, read_shard
 from lmforge.data.tokenizer import (
     EOT_TEXT,
@@ -255,13 +255,12 @@ def test_cleaning_newlines_nfc_empty_and_duplicates(tmp_path):
     assert "\u0301" not in "".join(documents) and "\r" not in "".join(documents)
 
 
-def test_digest_set_remembers_every_digest_through_growth():
-    digests = [hashlib.blake2b(str(i).encode(), digest_size=16).digest() for i in range(5000)]
-    seen = DigestSet(capacity=4)
-    assert all(seen.add(digest) for digest in digests)
-    assert len(seen) == 5000
-    assert not any(seen.add(digest) for digest in digests)
-    assert seen.add(bytes(16)) and not seen.add(bytes(16))  # the all-zero digest is a digest too
+def test_cleaner_drops_every_repeat_of_thousands_of_documents():
+    texts = [f"document {i}\n" for i in range(3000)]
+    stats = CorpusStats()
+    kept = [text for text, _ in Cleaner(stats).clean(texts + texts[::-1] + texts[:10])]
+    assert kept == texts
+    assert (stats.documents, stats.duplicates_removed) == (3000, 3010)
 
 
 def test_lowercase(tmp_path):

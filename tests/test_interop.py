@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import lmforge.train.trainer as trainer_module
 from lmforge.cli import main
 from lmforge.config import ModelConfig
 from lmforge.data.shards import ShardWriter
@@ -149,13 +148,11 @@ def test_export_native_model_matches_transformers(style, tmp_path, capsys):
 def bpe_run(tmp_path_factory, tiny_corpus) -> SimpleNamespace:
     """prepare --tokenizer bpe, then a two-step training run on it, through the command line."""
     root = tmp_path_factory.mktemp("bpe")
-    with pytest.MonkeyPatch.context() as patch:  # MFU's FLOP-rate probe is not under test
-        patch.setattr(trainer_module, "peak_flops", lambda device, precision: 1e12)
-        assert main(["prepare", "--source", str(tiny_corpus), "--tokenizer", "bpe", "--vocab-size", "300",
-                     "--val-fraction", "0.2", "--workers", "1", "--out", str(root / "data"), "--quiet"]) == 0
-        (root / "defaults.toml").write_text("")
-        assert main(["train", "--config", str(root / "defaults.toml"), "--data", str(root / "data"),
-                     "--out", str(root / "run"), *TINY_TRAIN]) == 0
+    assert main(["prepare", "--source", str(tiny_corpus), "--tokenizer", "bpe", "--vocab-size", "300",
+                 "--val-fraction", "0.2", "--workers", "1", "--out", str(root / "data"), "--quiet"]) == 0
+    (root / "defaults.toml").write_text("")
+    assert main(["train", "--config", str(root / "defaults.toml"), "--data", str(root / "data"),
+                 "--out", str(root / "run"), *TINY_TRAIN]) == 0
     return SimpleNamespace(root=root, data=root / "data", run=root / "run")
 
 
@@ -330,7 +327,7 @@ def test_import_refusals(tmp_path, capsys, monkeypatch, gpt2_run):
 
 
 # ----- training from imported weights on llm.c shards -----
-def test_train_init_from_on_bare_llmc_shards(bpe, tiny_corpus, tmp_path, capsys, no_flops_probe):
+def test_train_init_from_on_bare_llmc_shards(bpe, tiny_corpus, tmp_path, capsys):
     imported = import_tiny(tmp_path, "gpt2", bpe)
     shards = tmp_path / "shards"  # llm.c's names, no meta.json, no tokenizer.json
     shards.mkdir()

@@ -19,8 +19,7 @@ from lmforge.model.factory import ARCHS, build_model
 from lmforge.train.trainer import Trainer
 from tests.conftest import assert_picture, records
 
-pytestmark = pytest.mark.usefixtures("no_flops_probe")
-
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ARCH_OVERRIDES = {"model.dropout": "0.0", "model.n_layer": "1"}
 
 
@@ -365,4 +364,33 @@ def test_attention_maps_are_causal_probabilities():
     weights = model.attention_maps(torch.randint(0, 40, (1, 12)), layer=1)
     assert weights.shape == (1, 2, 12, 12)
     assert torch.allclose(weights.sum(-1), torch.ones(1, 2, 12))
-    assert torch.all(weights.triu(1) == 0) and not model.blocks[1].attn.keep_weights
+    assert torch.all(weights.triu(1) == 0)
+
+
+def test_attention_maps_leave_no_work_in_later_forwards(monkeypatch):
+    from lmforge.model.gpt import Attention
+
+    model = small_model("gpt")
+    model.attention_maps(torch.randint(0, 40, (1, 12)), layer=0)
+    calls = []
+    monkeypatch.setattr(Attention, "probabilities", lambda *args: calls.append(args))
+    model(torch.randint(0, 40, (1, 12)))
+    assert calls == []
+
+
+def test_a_diverged_trial_is_a_result_of_the_sweep_not_an_error(tiny_data, tmp_path, monkeypatch):
+    from lmforge.errors import TrainingDiverged
+    from lmforge.lab import sweep as sweep_module
+
+    original_run = sweep_module.TrialTrainer.run
+
+    def diverge_at_high_lr(self):
+        if self.config.optim.lr == 0.03:
+            raise TrainingDiverged("training loss became nan at step 1")
+        return original_run(self)
+
+    monkeypatch.setattr(sweep_module.TrialTrainer, "run", diverge_at_high_lr)
+    assert run_sweep(tiny_data, tmp_path, "--param", "optim.lr=0.003,0.03", "--method", "grid") == 0
+    rows = [line.split(" | ") for line in (tmp_path / "sw" / "results.md").read_text().splitlines()
+            if line.startswith("| ")][1:]
+    assert len(rows) == 2 and float(rows[0][4]) < 10 and rows[1][4] == "inf"  # the diverged one last

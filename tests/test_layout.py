@@ -21,9 +21,7 @@ LAYERS = {
     "lmforge.data.prepare": 3,  # the data writer: the readers (datadir, loader, shards) must not need it
     "lmforge.scratch": 3, "lmforge.tasks": 3,
     "lmforge.run": 4,
-    # Devices, precision and autocast are needed by inference as much as by training. The module belongs down
-    # here beside run.py; it stays in train/ only until the helper rewriting it (issue 10) is merged.
-    "lmforge.train.hardware": 4,
+    "lmforge.hardware": 4,  # devices, precision, autocast, MFU: inference needs them as much as training
     "lmforge.infer": 5,
     "lmforge.lab": 5,  # compare, the teaching plots, the report's histograms
     "lmforge.interop": 6, "lmforge.report": 6, "lmforge.train": 6,
@@ -33,10 +31,7 @@ LAYERS = {
     "lmforge.__main__": 9,
 }
 # Known exceptions, each to be removed by the change its comment names.
-ALLOWED = {
-    # load_meta moves from the data writer to the data reader (issue 10, "plain where clever").
-    ("lmforge.data.datadir", "lmforge.data.prepare"),
-}
+ALLOWED: set[tuple[str, str]] = set()
 
 
 def module_names() -> dict[str, Path]:
@@ -113,7 +108,7 @@ def test_nothing_outside_train_imports_it():
     drivers = {"lmforge.cli", "lmforge.bench", "lmforge.lab.sweep"}
     importers = {importer for importer, imported in import_graph().items()
                  if not importer.startswith(("lmforge.train", *drivers))
-                 and any(target.startswith("lmforge.train") and target != "lmforge.train.hardware"
+                 and any(target.startswith("lmforge.train")
                          for target in imported)}
     assert importers == set()
 

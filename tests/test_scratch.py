@@ -24,8 +24,6 @@ from lmforge.train.optim import build_optimizers
 from lmforge.train.trainer import Trainer
 from tests.conftest import train_losses
 
-pytestmark = pytest.mark.usefixtures("no_flops_probe")
-
 LAYERS = {"sigmoid", "tanh", "relu", "gelu", "softmax", "embedding", "linear", "layernorm", "attention",
           "cross_entropy"}
 
@@ -221,10 +219,8 @@ def tiny_run(tmp_path_factory, tiny_data):
     from tests.conftest import TINY_OVERRIDES
 
     run = tmp_path_factory.mktemp("scratch") / "run"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("lmforge.train.trainer.peak_flops", lambda device, precision: 1e12)
-        Trainer(load_config(None, {**TINY_OVERRIDES, "train.max_steps": "30", "train.engine": "scratch"}),
-                tiny_data, run, quiet=True).run()
+    Trainer(load_config(None, {**TINY_OVERRIDES, "train.max_steps": "30", "train.engine": "scratch"}),
+            tiny_data, run, quiet=True).run()
     return run
 
 

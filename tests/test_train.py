@@ -19,11 +19,8 @@ from lmforge.data.loader import TokenWindows, TrainLoader
 from lmforge.errors import UserError
 from lmforge.infer.load import load_model
 from lmforge.train.engine import TorchEngine
-from lmforge.train.hardware import peak_flops as real_peak_flops
 from lmforge.train.trainer import Trainer
 from tests.conftest import records, train_losses
-
-pytestmark = pytest.mark.usefixtures("no_flops_probe")
 
 ORIGINAL_ENGINE_STEP = TorchEngine.step
 CHECKPOINT_FILES = {"model.safetensors", "optimizer.safetensors", "state.json"}
@@ -114,10 +111,10 @@ def test_resume_after_an_interrupt_matches_an_uninterrupted_cosine_run(tiny_data
     trainer = Trainer(tiny_config(**options), tiny_data, tmp_path / "split", quiet=True)
     call_counter(monkeypatch, after=lambda n: n == 3 and trainer._on_signal(signal.SIGTERM, None))
     assert trainer.run()["reason"] == "interrupted"
-    # The resumed launch measures the CPU's FLOP rate for MFU, as a real one does: that must not draw from
-    # the RNG state just restored (dropout masks come from it).
+    # The resumed launch measures the CPU's FLOP rate for MFU (an empty cache), as a first launch on a machine
+    # does: that must not draw from the RNG state just restored (dropout masks come from it).
     monkeypatch.setattr(TorchEngine, "step", ORIGINAL_ENGINE_STEP)
-    monkeypatch.setattr(trainer_module, "peak_flops", real_peak_flops)
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path / "empty-cache"))
     Trainer(tiny_config(**options), tiny_data, tmp_path / "split", resume=True, quiet=True).run()
     assert train_losses(tmp_path / "split") == train_losses(tmp_path / "whole")
 
@@ -367,3 +364,19 @@ def test_a_config_error_leaves_no_half_made_run_behind(tiny_data, tiny_config, t
         Trainer(tiny_config(train__tokens_per_step=100), tiny_data, run, quiet=True)
     Trainer(tiny_config(train__max_steps=1), tiny_data, run, quiet=True).run()
     assert checkpoint_steps(run) == [1]
+
+
+def test_the_flop_rate_is_measured_once_per_machine_and_a_corrupt_cache_is_measured_again(tmp_path,
+                                                                                           monkeypatch):
+    from lmforge import hardware
+
+    measured = []
+    monkeypatch.setattr(hardware, "measure_matmul_flops",
+                        lambda device, dtype, size: measured.append(size) or 5e10 + len(measured))
+    monkeypatch.setenv("LMFORGE_CACHE_DIR", str(tmp_path))
+    cpu = torch.device("cpu")
+    assert hardware.peak_flops(cpu, "fp32") == hardware.peak_flops(cpu, "fp32") == 5e10 + 1
+    assert len(measured) == 1
+    (tmp_path / hardware.FLOPS_CACHE).write_text("{not json")
+    assert hardware.peak_flops(cpu, "fp32") == 5e10 + 2
+    assert list(json.loads((tmp_path / hardware.FLOPS_CACHE).read_text()).values()) == [5e10 + 2]

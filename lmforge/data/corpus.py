@@ -3,7 +3,7 @@
 A source is the built-in `shakespeare`, a .txt/.md file, a directory of them (recursive, sorted), a .jsonl
 file with a text field, or a .parquet file with a text column. Every document is read on its own and
 streamed, so memory holds one document (or one parquet batch) at a time, plus a 16-byte hash per kept
-document for exact-duplicate detection (in a compact table: at most 64 bytes per document).
+document for exact-duplicate detection (in a set: about 100 bytes per document, 100 MB for a million).
 
 Cleaning: undecodable bytes become U+FFFD (counted), newlines become \\n, optional lowercasing, Unicode NFC;
 whitespace-only documents and exact duplicates are dropped (counted).
@@ -11,18 +11,14 @@ whitespace-only documents and exact duplicates are dropped (counted).
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import importlib.resources
 import json
 import re
-import threading
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from lmforge.errors import UserError
 
@@ -51,29 +47,26 @@ class CorpusStats:
     replaced_bytes: int = 0  # undecodable UTF-8 bytes (and lone surrogates from JSON) turned into U+FFFD
 
 
-# Python's own "replace" handler does not say how many bytes it replaced; this one counts them (per
-# thread, as error handlers are registered for the whole process).
-_replaced = threading.local()
-
-
-def _count_and_replace(error: UnicodeError) -> tuple[str, int]:
-    if isinstance(error, UnicodeDecodeError):
-        _replaced.count += error.end - error.start
-        return "\ufffd", error.end
-    raise error
-
-
-codecs.register_error("lmforge-count-replace", _count_and_replace)
-
-
 def decode_utf8(data: bytes) -> tuple[str, int]:
-    """Decode UTF-8, replacing each invalid sequence by U+FFFD; returns the text and the bytes replaced."""
+    """Decode UTF-8, replacing each invalid sequence by U+FFFD; returns the text and the bytes replaced.
+
+    The same text as errors="replace", which does not say how many bytes it replaced: after each error
+    decode on from where it ended (a memoryview slice copies nothing, so this stays linear)."""
     try:
         return data.decode("utf-8"), 0
     except UnicodeDecodeError:
-        _replaced.count = 0
-        text = data.decode("utf-8", errors="lmforge-count-replace")
-        return text, _replaced.count
+        pass
+    view = memoryview(data)
+    pieces, replaced, position = [], 0, 0
+    while True:
+        try:
+            pieces.append(str(view[position:], "utf-8"))
+            return "".join(pieces), replaced
+        except UnicodeDecodeError as error:
+            pieces.append(str(view[position : position + error.start], "utf-8"))
+            pieces.append("\ufffd")
+            replaced += error.end - error.start
+            position += error.end
 
 
 def utf8_length(text: str) -> int:
@@ -92,56 +85,13 @@ def normalize_text(text: str, lowercase: bool = False) -> str:
     return unicodedata.normalize("NFC", text)
 
 
-class DigestSet:
-    """A set of 16-byte digests in one NumPy array, open addressing with linear probing: 16 to 32 bytes per
-    document (64 while growing), where a Python set of bytes takes about 100. Exact-duplicate detection
-    has to remember every document, so this is the part of memory that grows with the corpus."""
-
-    def __init__(self, capacity: int = 1 << 12):
-        self._keys = np.zeros((capacity, 2), dtype=np.uint64)  # (high, low) halves; low 0 marks a free slot
-        self._size = 0
-
-    def __len__(self) -> int:
-        return self._size
-
-    def add(self, digest: bytes) -> bool:
-        """Insert; False if it was already there."""
-        high = int.from_bytes(digest[:8], "little")
-        low = int.from_bytes(digest[8:16], "little") or 1
-        return self._insert(high, low)
-
-    def _insert(self, high: int, low: int) -> bool:
-        keys = self._keys
-        mask = len(keys) - 1
-        slot = low & mask
-        while True:
-            stored_high, stored_low = keys[slot].tolist()
-            if stored_low == 0:
-                break
-            if stored_low == low and stored_high == high:
-                return False
-            slot = (slot + 1) & mask
-        keys[slot] = high, low
-        self._size += 1
-        if 2 * self._size > len(keys):
-            self._grow()
-        return True
-
-    def _grow(self) -> None:
-        old = self._keys[self._keys[:, 1] != 0]
-        self._keys = np.zeros((2 * len(self._keys), 2), dtype=np.uint64)
-        self._size = 0
-        for high, low in old.tolist():
-            self._insert(high, low)
-
-
 class Cleaner:
     """Normalizes documents and drops empty ones and exact duplicates, keeping only a hash per document."""
 
     def __init__(self, stats: CorpusStats, lowercase: bool = False):
         self.stats = stats
         self.lowercase = lowercase
-        self.seen = DigestSet()
+        self.seen: set[bytes] = set()  # 16-byte digests of the kept documents
 
     def clean(self, texts: Iterable[str]) -> Iterator[tuple[str, int]]:
         """Yield (clean text, its UTF-8 length in bytes) for each kept document."""
@@ -156,9 +106,11 @@ class Cleaner:
                 self.stats.replaced_bytes += len(_LONE_SURROGATE.findall(text))
                 text = _LONE_SURROGATE.sub("\ufffd", text)
                 encoded = text.encode("utf-8")
-            if not self.seen.add(hashlib.blake2b(encoded, digest_size=16).digest()):
+            digest = hashlib.blake2b(encoded, digest_size=16).digest()
+            if digest in self.seen:
                 self.stats.duplicates_removed += 1
                 continue
+            self.seen.add(digest)
             self.stats.documents += 1
             yield text, len(encoded)
 

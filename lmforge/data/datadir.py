@@ -8,24 +8,26 @@ one given (the `--init-from` run's) or GPT-2's, the tokenizer of llm.c's dataset
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-import numpy as np
-
-from lmforge.data.prepare import load_meta
-from lmforge.data.shards import HEADER_INTS, list_shards
+from lmforge.data.shards import SPLITS, list_shards, read_shard
 from lmforge.data.tokenizer import GPT2Tokenizer, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
 
-SPLITS = ("train", "val")
 
-
-def shard_token_count(path: Path) -> int:
-    with open(path, "rb") as file:
-        header = np.frombuffer(file.read(HEADER_INTS * 4), dtype="<i4")
-    if len(header) < 3:
-        raise UserError(f"{path} is not a token shard: shorter than its header")
-    return int(header[2])
+def load_meta(data_dir: str | Path) -> dict:
+    """meta.json of a prepared data directory (or the path of a meta.json itself)."""
+    path = Path(data_dir)
+    if path.is_dir() or not path.name.endswith(".json"):
+        path = path / "meta.json"
+    if not path.is_file():
+        raise UserError(f"{path} not found: {path.parent} is not a prepared data directory; "
+                        f"run lmforge prepare --out {path.parent} first")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path} is not valid JSON ({err}); run lmforge prepare again") from None
 
 
 def describe_data(data_dir: str | Path, tokenizer: Tokenizer | None = None) -> tuple[dict, Tokenizer]:
@@ -38,6 +40,6 @@ def describe_data(data_dir: str | Path, tokenizer: Tokenizer | None = None) -> t
                         "model's tokenizer")
     if (data_dir / "meta.json").is_file():
         return load_meta(data_dir), own or load_tokenizer(data_dir)  # the latter: a clear "not found"
-    splits = {split: {"tokens": sum(shard_token_count(path) for path in list_shards(data_dir, split)),
+    splits = {split: {"tokens": sum(len(read_shard(path)) for path in list_shards(data_dir, split)),
                       "bytes": None, "chars": None} for split in SPLITS}
     return {"splits": splits}, own or tokenizer or GPT2Tokenizer()

@@ -90,10 +90,6 @@ class TrainLoader:
         self._order = np.empty(0, dtype=np.int64)
 
     @property
-    def tokens_per_epoch(self) -> int:
-        return self.windows.num_windows * self.windows.block_size
-
-    @property
     def windows_per_epoch(self) -> int:
         return self.stream_windows * self.streams if self.sequential else self.windows.num_windows
 

@@ -44,7 +44,7 @@ from lmforge.data.corpus import (
     split_at_lines,
     utf8_length,
 )
-from lmforge.data.shards import ShardWriter, token_dtype
+from lmforge.data.shards import SPLITS, ShardWriter, token_dtype
 from lmforge.data.tokenizer import (
     DEFAULT_BPE_VOCAB_SIZE,
     MIN_BPE_VOCAB_SIZE,
@@ -57,7 +57,6 @@ from lmforge.data.tokenizer import (
 from lmforge.errors import UserError
 from lmforge.files import write_atomic
 
-SPLITS = ("train", "val")
 DEFAULT_VAL_FRACTION = 0.1
 PIECE_CHARS = 1 << 18  # longer documents are encoded in pieces of about this many characters
 CHUNK_CHARS = 1 << 21  # characters per unit of work handed to an encoding worker
@@ -430,18 +429,3 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str, *, val_sources:
     if not quiet:
         print(_summary(out, meta, stats))
     return meta
-
-
-def load_meta(data_dir: str | Path) -> dict:
-    """meta.json of a prepared data directory."""
-    path = Path(data_dir)
-    if path.is_dir() or not path.name.endswith(".json"):
-        path = path / "meta.json"
-    if not path.is_file():
-        raise UserError(f"{path} not found: {path.parent} is not a prepared data directory; "
-                        f"run lmforge prepare --out {path.parent} first")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err}); run lmforge prepare again") from None
-

@@ -16,7 +16,8 @@ import numpy as np
 
 from lmforge.errors import UserError
 
-HEADER_INTS = 256
+SPLITS = ("train", "val")
+HEADER_INTS = 256  # llm.c's header size, for its shards and its model and tokenizer files
 HEADER_BYTES = HEADER_INTS * 4
 UINT16_MAGIC, UINT16_VERSION = 20240520, 1
 UINT32_MAGIC, UINT32_VERSION = 20240801, 7

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lmforge.data.loader import TokenWindows, eval_batches, eval_window_count, to_batch
-from lmforge.train.hardware import autocast
+from lmforge.hardware import autocast
 
 
 @torch.no_grad()

@@ -8,10 +8,10 @@ import torch
 
 from lmforge.config import Config
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.hardware import resolve_device
 from lmforge.model.factory import build_model
 from lmforge.run import load_weights, read_config, read_tokenizer, read_weights, resolve_checkpoint
 from lmforge.scratch.module import ScratchForward
-from lmforge.train.hardware import resolve_device
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"

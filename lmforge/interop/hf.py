@@ -22,12 +22,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import EOT_TEXT, BPETokenizer, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
+from lmforge.files import load_safetensors, refuse_to_replace
 from lmforge.infer.load import load_model
 from lmforge.interop.llmc import byte_characters, pad_rows
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
@@ -93,13 +93,13 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
             continue
         tensors: dict[str, torch.Tensor] = {}
         for name in files:
+            if name.endswith(".safetensors"):
+                tensors.update(load_safetensors(folder / name, f"weights file {folder / name}"))
+                continue
             try:
-                if name.endswith(".safetensors"):
-                    tensors.update(load_file(folder / name))
-                else:
-                    tensors.update(torch.load(folder / name, map_location="cpu", weights_only=True))
-            except (OSError, SafetensorError, RuntimeError) as err:
-                raise UserError(f"cannot read weights {folder / name} ({err})") from None
+                tensors.update(torch.load(folder / name, map_location="cpu", weights_only=True))
+            except (OSError, RuntimeError) as err:
+                raise UserError(f"weights file {folder / name} is unreadable ({err})") from None
         return tensors
     raise UserError(f"no weights in {folder} (model.safetensors or pytorch_model.bin)")
 
@@ -396,8 +396,7 @@ def export_hf(run: str | Path, out: str | Path, *, dtype: str = "fp32", overwrit
              "generation_config.json": {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id},
              **hf_tokenizer_files(tokenizer, config.model.block_size)}
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise UserError(f"{out} already exists; pass --overwrite to replace it")
+    refuse_to_replace(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(f".tmp-{out.name}")
     if temporary.exists():

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 
 from lmforge.config import ModelConfig
+from lmforge.data.shards import HEADER_INTS
 from lmforge.data.tokenizer import EOT_TEXT, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
-from lmforge.files import write_atomic
+from lmforge.files import refuse_to_replace, write_atomic
 from lmforge.infer.load import load_model
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
 from lmforge.run import write_run
 
-HEADER_INTS = 256
 MODEL_MAGIC = 20240326
 VERSIONS = {3: "fp32", 5: "bf16"}
 TOKENIZER_MAGIC, TOKENIZER_VERSION = 20240328, 2
@@ -161,8 +161,7 @@ def export_llmc(run: str | Path, out: str | Path, *, dtype: str = "fp32", overwr
     out = Path(out)
     vocab_file = tokenizer_path(out)
     for path in (out, vocab_file):
-        if path.exists() and not overwrite:
-            raise UserError(f"{path} already exists; pass --overwrite to replace it")
+        refuse_to_replace(path, overwrite)
     weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     write_atomic(out, model_bytes(config.model, weights, dtype))
     write_atomic(vocab_file, tokenizer_bytes(tokenizer))

@@ -6,16 +6,14 @@ the picture shows what training sees: where a function saturates its gradient va
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from lmforge.errors import UserError
 from lmforge.files import write_atomic
 from lmforge.model.activations import ACTIVATIONS
+from lmforge.plots import new_figure, png_bytes
 
 
 def plot_activations(out: str | Path) -> Path:
@@ -25,8 +23,7 @@ def plot_activations(out: str | Path) -> Path:
         raise UserError(f"--out must name a .png file, got {out}")
     if not out.parent.is_dir():
         raise UserError(f"the directory of --out does not exist: {out.parent}")
-    figure = Figure(figsize=(11, 4.5), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(11, 4.5)
     values_axes, slopes_axes = figure.subplots(1, 2)
     for name, function in ACTIVATIONS.items():
         x = torch.linspace(-4, 4, 401, requires_grad=True)
@@ -41,7 +38,5 @@ def plot_activations(out: str | Path) -> Path:
         axes.axvline(0, color="gray", linewidth=0.5)
         axes.grid(alpha=0.3)
         axes.legend()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    write_atomic(out, buffer.getvalue())
+    write_atomic(out, png_bytes(figure))
     return out

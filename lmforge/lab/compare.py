@@ -7,16 +7,14 @@ whole validation split for bits per byte). Epochs are tokens seen / training tok
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
 from lmforge.errors import UserError
 from lmforge.files import write_atomic
+from lmforge.plots import new_figure, png_bytes
 from lmforge.run import last_per_step, read_log
 
 COLUMNS = ("run", "architecture", "parameters", "tokens seen", "wall time (s)", "tokens/s", "best val loss",
@@ -77,8 +75,7 @@ def compare(runs: list[str | Path], out: str | Path) -> Path:
 
 
 def _curves(rows: list[dict], x_key: str, label: str, log: bool) -> bytes:
-    figure = Figure(figsize=(8, 5), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(8, 5)
     axes = figure.subplots()
     for row in rows:
         during = [r for r in row["evals"] if not r.final]  # on the first eval_tokens of the split
@@ -95,6 +92,4 @@ def _curves(rows: list[dict], x_key: str, label: str, log: bool) -> bytes:
     axes.xaxis.set_major_formatter(EngFormatter())
     axes.grid(alpha=0.3)
     axes.legend(title="★ final evaluation (whole validation split)")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+    return png_bytes(figure)

@@ -4,13 +4,12 @@ transformer's attention maps (one small image per head of one layer) for a sampl
 
 from __future__ import annotations
 
-import io
 import math
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import nn
+
+from lmforge.plots import new_figure, png_bytes
 
 
 def layer_gradients(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -29,8 +28,7 @@ def histograms_png(tensors: dict[str, torch.Tensor], title: str) -> bytes:
     """One histogram per named tensor (log-scaled counts), in a grid; the title line gives each tensor's std."""
     columns = min(4, len(tensors))
     rows = math.ceil(len(tensors) / columns)
-    figure = Figure(figsize=(3.2 * columns, 2.4 * rows + 0.6), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(3.2 * columns, 2.4 * rows + 0.6)
     figure.suptitle(title)
     for index, (name, tensor) in enumerate(tensors.items()):
         axes = figure.add_subplot(rows, columns, index + 1)
@@ -38,7 +36,7 @@ def histograms_png(tensors: dict[str, torch.Tensor], title: str) -> bytes:
         axes.hist(values, bins=60, log=True)
         axes.set_title(f"{name}\nstd {values.std():.2e}", fontsize=8)
         axes.tick_params(labelsize=7)
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def attention_png(weights: torch.Tensor, labels: list[str], layer: int) -> bytes:
@@ -47,8 +45,7 @@ def attention_png(weights: torch.Tensor, labels: list[str], layer: int) -> bytes
     columns = min(4, heads)
     rows = math.ceil(heads / columns)
     size = max(2.5, 0.12 * len(labels))
-    figure = Figure(figsize=(size * columns, size * rows + 0.5), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(size * columns, size * rows + 0.5)
     figure.suptitle(f"Attention of layer {layer}, every head (row: query token, column: key token)")
     for head in range(heads):
         axes = figure.add_subplot(rows, columns, head + 1)
@@ -56,10 +53,4 @@ def attention_png(weights: torch.Tensor, labels: list[str], layer: int) -> bytes
         axes.set_title(f"head {head}", fontsize=9)
         axes.set_xticks(range(len(labels)), labels, fontsize=6, rotation=90)
         axes.set_yticks(range(len(labels)), labels, fontsize=6)
-    return _png(figure)
-
-
-def _png(figure: Figure) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+    return png_bytes(figure)

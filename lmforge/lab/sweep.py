@@ -13,20 +13,17 @@ OUT/best.toml (the config with the best trial's values, ready for `lmforge train
 
 from __future__ import annotations
 
-import io
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import optuna
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from lmforge.config import Config, dumps_config, load_config, set_value
-from lmforge.errors import UserError
+from lmforge.errors import TrainingDiverged, UserError
 from lmforge.files import write_atomic
+from lmforge.plots import new_figure, png_bytes
 from lmforge.train.trainer import Trainer
 
 METHODS = ("grid", "random", "tpe")
@@ -159,10 +156,21 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
     study = optuna.create_study(storage=storage, sampler=sampler, study_name="sweep", direction="minimize",
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2), load_if_exists=True)
     study.set_user_attr("space", space)
+    study_id = storage.get_study_id_from_name("sweep")
+
+    # Trials are changed through the storage's own (public) interface, by trial number.
+    def forget_grid_point(trial_number: int) -> None:
+        """Optuna's grid sampler counts a failed trial's grid point as visited; detaching the point from the
+        trial (the sampler's "search_space" system attribute) puts it back among those still to run."""
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial_number)
+        storage.set_trial_system_attr(trial_id, "search_space", {})
+
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        # Left running by a killed sweep: it never finished, so it runs again (as a new trial).
-        _forget_grid_point(study, trial._trial_id)
-        study._storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        # Left running by a killed sweep: it never finished, so it runs again (as a new trial). Not
+        # study.tell: that runs the grid sampler's after_trial, which may call study.stop() outside optimize.
+        forget_grid_point(trial.number)
+        storage.set_trial_state_values(
+            storage.get_trial_id_from_study_id_trial_number(study_id, trial.number), optuna.trial.TrialState.FAIL)
 
     def objective(trial: optuna.Trial) -> float:
         config = load_config(config_path, overrides)
@@ -178,14 +186,14 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
             result = trainer.run()
             if result["reason"] == "interrupted":
                 raise KeyboardInterrupt
-        except UserError:
-            if _end_reason(run_dir) != "non_finite_loss":
-                raise
+        except TrainingDiverged:
             say(f"trial {trial.number}: diverged (non-finite loss)")  # a result of the search, not an error
-            trial.set_user_attr("val_loss", math.inf)
+            for name, value in {"run": run_dir.name, "val_loss": math.inf, "val_bpb": None,
+                                "steps": trainer.progress.step, "elapsed": trainer.progress.elapsed}.items():
+                trial.set_user_attr(name, value)
             return math.inf
         except BaseException:  # interrupted or crashed: the trial fails, and a resumed grid must run it again
-            _forget_grid_point(study, trial._trial_id)
+            forget_grid_point(trial.number)
             say(f"sweep stopped; run the same command again to continue it ({out / 'sweep.db'})")
             raise
         val = result["val"]
@@ -222,17 +230,6 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
     return best
 
 
-def _forget_grid_point(study: optuna.Study, trial_id: int) -> None:
-    """Optuna's grid sampler counts a failed trial's grid point as visited; detaching the point from the
-    trial puts it back among those still to run."""
-    study._storage.set_trial_system_attr(trial_id, "search_space", {})
-
-
-def _end_reason(run_dir: Path) -> str | None:
-    lines = (run_dir / "log.jsonl").read_text().splitlines() if (run_dir / "log.jsonl").is_file() else []
-    return json.loads(lines[-1]).get("reason") if lines else None
-
-
 def _has_study(storage: optuna.storages.BaseStorage) -> bool:
     return any(summary.study_name == "sweep" for summary in optuna.get_all_study_summaries(storage))
 
@@ -265,8 +262,7 @@ def _show(value: Any) -> str:
 
 
 def _param_plot(rows: list[dict], param: Param) -> bytes:
-    figure = Figure(figsize=(6, 4), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(6, 4)
     axes = figure.subplots()
     for state, marker in (("complete", "o"), ("pruned", "x")):
         chosen = [row for row in rows if row["state"] == state]
@@ -283,6 +279,4 @@ def _param_plot(rows: list[dict], param: Param) -> bytes:
     axes.set_title(f"Validation loss against {param.key}")
     axes.grid(alpha=0.3)
     axes.legend()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
+    return png_bytes(figure)

@@ -6,8 +6,10 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.errors import UserError
+from lmforge.model.bigram import Bigram
 from lmforge.model.gpt import GPT
-from lmforge.model.recurrent import RECURRENT_ARCHS, BengioMLP, Bigram, RecurrentLM
+from lmforge.model.mlp import BengioMLP
+from lmforge.model.recurrent import RECURRENT_ARCHS, RecurrentLM
 
 ARCHS = ("gpt", "bigram", "mlp", *RECURRENT_ARCHS)
 

@@ -123,12 +123,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, qkv_size, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.proj.residual = True  # init: scaled down by depth
-        self.keep_weights = False  # attention_maps() sets it to see the probabilities SDPA keeps to itself
-        self.weights: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None, layer: int) -> torch.Tensor:
-        batch, length, width = x.shape
+    def heads(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, D), keys and values (B, H_kv, T, D) of x (B, T, C), normed and rotated."""
+        batch, length, _ = x.shape
         q, k, v = self.qkv(x).split([self.n_head * self.head_size, self.n_kv_head * self.head_size,
                                      self.n_kv_head * self.head_size], dim=-1)
         q = q.view(batch, length, self.n_head, self.head_size).transpose(1, 2)  # (B, H, T, D)
@@ -138,6 +137,21 @@ class Attention(nn.Module):
             q, k = F.rms_norm(q, (self.head_size,)), F.rms_norm(k, (self.head_size,))
         if rotary is not None:
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+        return q, k, v
+
+    def probabilities(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """The causal attention probabilities (B, H, T, T) for x (B, T, C) with no cache: what SDPA computes
+        inside and never returns, written out for the report (GPT.attention_maps)."""
+        q, k, _ = self.heads(x, rotary)
+        k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        scores = q.float() @ k.float().transpose(-2, -1) / self.head_size**0.5
+        visible = torch.ones(x.size(1), x.size(1), dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~visible, float("-inf")).softmax(-1)
+
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.heads(x, rotary)
         start = 0
         if cache is not None:
             start = cache.length
@@ -148,10 +162,6 @@ class Attention(nn.Module):
         if self.n_kv_head != self.n_head:  # each key/value head serves a group of query heads
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        if self.keep_weights:
-            scores = q.float() @ k.float().transpose(-2, -1) / self.head_size**0.5
-            visible = torch.ones(length, start + length, dtype=torch.bool, device=x.device).tril(start)
-            self.weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
         dropout = self.dropout if self.training else 0.0
         if start == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
@@ -228,15 +238,18 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def attention_maps(self, idx: torch.Tensor, layer: int) -> torch.Tensor:
-        """The attention probabilities (B, n_head, T, T) of one layer for token ids idx (B, T)."""
+        """The attention probabilities (B, n_head, T, T) of one layer for token ids idx (B, T). A forward
+        pre-hook on that layer's attention sees its input during one forward and computes them on the side,
+        so the forward that training and generation run carries nothing for the report."""
         attention = self.blocks[layer].attn
-        attention.keep_weights = True
+        maps = []
+        hook = attention.register_forward_pre_hook(
+            lambda module, args: maps.append(module.probabilities(args[0], args[1])))
         try:
             self(idx)
         finally:
-            attention.keep_weights = False
-        weights, attention.weights = attention.weights, None
-        return weights
+            hook.remove()
+        return maps[0]
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -168,6 +168,11 @@ class Cluster:
         try:
             yield
         except RuntimeError as err:
+            # Why the text: a collective whose peer went away raises dist.DistError where torch wraps the
+            # failure, but gloo's transport errors ("[.../gloo/transport/tcp/pair.cc:NNN] Connection closed by
+            # peer ...") and NCCL's reach us as a bare RuntimeError, and the backend's name in the message is
+            # the only mark they carry. Any other RuntimeError is a bug and keeps its traceback. The reason
+            # shown is gloo's text after its "[file:line]" prefix, up to the first sentence.
             message = str(err)
             if not self.distributed or not (isinstance(err, dist.DistError) or "gloo" in message
                                             or "NCCL" in message):
@@ -183,7 +188,8 @@ class Cluster:
         """Leave the job, once every rank is done. A gloo worker thread frees the tensors of a finished
         collective (FSDP's all-gathers, say) a moment later, and needs the GIL to do it: tearing the group down
         or letting the interpreter exit before then deadlocks or aborts the process. Hence a barrier, then a
-        pause that leaves the GIL free to those threads, then the teardown."""
+        pause that leaves the GIL free to those threads, then the teardown. torch offers no call that waits for
+        those threads, so the pause stays; 0.1 s is ample for a free of local buffers and is paid once per run."""
         if self.distributed and dist.is_initialized():
             dist.barrier(group=self.control)
             time.sleep(0.1)

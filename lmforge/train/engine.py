@@ -26,12 +26,12 @@ from torch import nn
 
 from lmforge.config import ENGINES, Config, OptimConfig
 from lmforge.errors import UserError
+from lmforge.hardware import autocast, resolve_compile, resolve_device, resolve_precision
 from lmforge.model.gpt import GPT
 from lmforge.scratch.adamw import AdamW, clip_grad_norm
 from lmforge.scratch.gpt import check_scratch_config, gpt_backward, gpt_forward
 from lmforge.scratch.module import ScratchForward
 from lmforge.train.distributed import Cluster, mean_over_ranks, skip_gradient_sync, whole
-from lmforge.train.hardware import autocast, resolve_compile, resolve_device, resolve_precision
 from lmforge.train.optim import build_optimizers
 
 Batches = Callable[[], tuple[torch.Tensor, torch.Tensor]]

@@ -26,6 +26,7 @@ from lmforge.data.datadir import describe_data
 from lmforge.data.loader import TokenWindows, TrainLoader
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import TrainingDiverged, UserError
+from lmforge.hardware import configure_fast_math, peak_flops
 from lmforge.infer.evaluate import evaluate
 from lmforge.infer.generate import generate
 from lmforge.model.factory import build_model
@@ -33,7 +34,6 @@ from lmforge.model.recurrent import RECURRENT_ARCHS
 from lmforge.run import EndRecord, EvalRecord, LogWriter, Record, SampleRecord, StartRecord, TrainRecord
 from lmforge.train.distributed import start_cluster
 from lmforge.train.engine import build_engine, engine_device
-from lmforge.train.hardware import configure_fast_math, peak_flops
 from lmforge.train.optim import set_lr
 from lmforge.train.schedule import SCHEDULES, lr_multiplier
 
