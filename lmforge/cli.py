@@ -128,6 +128,27 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
+def cmd_finetune(args: argparse.Namespace, overrides: dict[str, str]) -> None:
+    from lmforge.tasks.finetune import finetune_command
+
+    if args.lr is not None:
+        overrides["optim.lr"] = str(args.lr)
+    for flag, key in (("max_steps", "train.max_steps"), ("max_time", "train.max_time")):
+        if getattr(args, flag) is not None:
+            overrides[key] = str(getattr(args, flag))
+    finetune_command(args.base_run, task=args.task, data=args.data, out=args.out, method=args.method,
+                     train_blocks=args.train_blocks, overrides=overrides, resume=args.resume,
+                     overwrite=args.overwrite, quiet=args.quiet)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from lmforge.tasks.predict import predict
+    from lmforge.train.hardware import resolve_device
+
+    print(json.dumps(predict(args.run, args.text, context=args.context, max_new_tokens=args.max_new_tokens,
+                             device=resolve_device(args.device, "--device"))))
+
+
 def cmd_bench(args: argparse.Namespace, overrides: dict[str, str]) -> None:
     from lmforge.bench import bench
     from lmforge.config import load_config
@@ -268,6 +289,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--engine", choices=ENGINES, default="torch", help="scratch: the NumPy engine (CPU)")
 
+    p = commands.add_parser("finetune", help="fine-tune a run on task data (extra --section.key value flags, "
+                                             "--lora.rank/alpha/dropout/targets, --finetune.patience)")
+    p.add_argument("base_run", help="run (or checkpoint) to start from: trained or imported here")
+    p.add_argument("--task", choices=("classify", "sft", "translate", "qa"), help="optional with --resume")
+    p.add_argument("--data", required=True, help="directory with train and val files (.jsonl, .csv, .parquet)")
+    p.add_argument("--out", required=True, help="the new run directory")
+    p.add_argument("--method", choices=("full", "lora"), help="full (default) or lora (PEFT adapters)")
+    p.add_argument("--train-blocks", type=int, help="full: train only the last N blocks (+ final norm, heads)")
+    p.add_argument("--lr", type=float, help="sets optim.lr (default 1e-4 full, 1e-3 lora)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-time", type=float, help="seconds of training")
+    p.add_argument("--resume", action="store_true", help="continue the fine-tuning run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--quiet", action="store_true")
+
+    p = commands.add_parser("predict", help="a fine-tuned run on one text: label and probabilities (classify) "
+                                            "or its reply, as JSON")
+    p.add_argument("run", help="run directory or a checkpoint directory inside one")
+    p.add_argument("--text", required=True)
+    p.add_argument("--context", help="qa runs: the passage the --text question is about")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--device", default="auto")
+
     p = commands.add_parser("bench", help="time training steps on random tokens (extra flags override config)")
     p.add_argument("--config", help="TOML config (default: built-in defaults)")
     p.add_argument("--steps", type=int, default=10)
@@ -326,16 +370,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
-        if args.command in ("train", "bench", "sweep"):
+        if args.command in ("train", "bench", "sweep", "finetune"):
             from lmforge.config import parse_overrides
 
-            {"train": cmd_train, "bench": cmd_bench, "sweep": cmd_sweep}[args.command](args, parse_overrides(extra))
+            {"train": cmd_train, "bench": cmd_bench, "sweep": cmd_sweep, "finetune": cmd_finetune}[args.command](
+                args, parse_overrides(extra))
         else:
             if extra:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
             {"prepare": cmd_prepare, "sample": cmd_sample, "eval": cmd_eval, "report": cmd_report,
              "gradcheck": cmd_gradcheck, "import": cmd_import, "export": cmd_export, "compare": cmd_compare,
-             "plot": cmd_plot}[
+             "plot": cmd_plot, "predict": cmd_predict}[
                 args.command](args)
     except UserError as err:
         print(f"lmforge {args.command}: error: {err}", file=sys.stderr)
