@@ -106,7 +106,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.task is not None or args.predictions is not None:
+        from lmforge.tasks.evaluate import eval_command
 
+        eval_command(args.run, args.task, args.data, split=args.split, predictions=args.predictions,
+                     batch_size=args.batch_size, device=args.device, engine=args.engine)
+        return
+    args.split = args.split or "val"
     from lmforge.data.datadir import describe_data
     from lmforge.data.loader import TokenWindows
     from lmforge.train.evaluate import evaluate
@@ -232,6 +238,12 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(f"wrote {plot_activations(args.out)}")
 
 
+def cmd_tasks(args: argparse.Namespace) -> None:
+    from lmforge.tasks.builtin import tasks_command
+
+    tasks_command(args.action, args.name, args.out, overwrite=args.overwrite)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmforge", description="Train language models from scratch.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
@@ -281,10 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--engine", choices=ENGINES, default="torch", help="scratch: the NumPy engine (CPU)")
 
-    p = commands.add_parser("eval", help="loss, perplexity and bits per byte on a split")
+    p = commands.add_parser("eval", help="loss, perplexity and bits per byte on a split; or --task metrics")
     p.add_argument("run", help="run directory or a checkpoint directory inside one")
-    p.add_argument("--data", required=True)
-    p.add_argument("--split", default="val")
+    p.add_argument("--data", required=True, help="prepared data; with --task, a task file or directory")
+    p.add_argument("--split", help="val by default; with --task and a directory, test by default")
+    p.add_argument("--task", help="classify, translate, qa, choice or sft: the task's metrics as JSON")
+    p.add_argument("--predictions", help="with --task: write each record's prediction and reference (JSON lines)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto")
     p.add_argument("--engine", choices=ENGINES, default="torch", help="scratch: the NumPy engine (CPU)")
@@ -363,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("plot", help="teaching plots")
     p.add_argument("what", choices=("activations",), help="activations: the functions and their derivatives")
     p.add_argument("--out", required=True, help="PNG file to write")
+    p = commands.add_parser("tasks", help="built-in fine-tuning tasks: list them, or make one's data files")
+    p.add_argument("action", choices=("list", "make"))
+    p.add_argument("name", nargs="?", help="make: genre, folio, next-line or modernize")
+    p.add_argument("--out", help="make: the directory for train/val/test .jsonl")
+    p.add_argument("--overwrite", action="store_true", help="make: replace a non-empty --out")
     return parser
 
 
@@ -378,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if extra:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
-            {"prepare": cmd_prepare, "sample": cmd_sample, "eval": cmd_eval, "report": cmd_report,
+            {"prepare": cmd_prepare, "sample": cmd_sample, "eval": cmd_eval, "report": cmd_report, "tasks": cmd_tasks,
              "gradcheck": cmd_gradcheck, "import": cmd_import, "export": cmd_export, "compare": cmd_compare,
              "plot": cmd_plot, "predict": cmd_predict}[
                 args.command](args)

@@ -23,6 +23,7 @@ import json
 import random
 import re
 import shutil
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -186,9 +187,16 @@ def align_folio(folio: list[str], modern: list[str]) -> list[tuple[str, str]]:
         if tag == "equal" or (tag == "replace" and f_end - f_start == m_end - m_start):
             for f_index, m_index in zip(range(f_start, f_end), range(m_start, m_end), strict=True):
                 a, b = folio_keys[f_index], modern_keys[m_index]
-                if a and (a == b or difflib.SequenceMatcher(None, a, b, autojunk=False).ratio() >= FOLIO_SIMILARITY):
+                if a and (a == b or alike(a, b)):
                     pairs.append((folio[f_index], modern[m_index]))
     return pairs
+
+
+def alike(a: str, b: str) -> bool:
+    """Whether difflib's similarity ratio of two keys reaches FOLIO_SIMILARITY (its cheap upper bounds first)."""
+    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    return (matcher.real_quick_ratio() >= FOLIO_SIMILARITY and matcher.quick_ratio() >= FOLIO_SIMILARITY
+            and matcher.ratio() >= FOLIO_SIMILARITY)
 
 
 @lru_cache(maxsize=1)
@@ -467,3 +475,24 @@ def list_tasks() -> list[dict]:
                      "metrics": task.metrics, "baseline": task.baseline,
                      "baseline_scores": baseline_scores(name, splits)})
     return rows
+
+
+def tasks_command(action: str, name: str | None, out: str | None, overwrite: bool = False) -> None:
+    """`lmforge tasks list` prints a table of the built-in tasks; `lmforge tasks make NAME --out DIR` writes one."""
+    if action == "list":
+        if name is not None or out is not None:
+            raise UserError("tasks list takes no task name or --out")
+        print("building the tasks to count them and score their baselines (about 20 seconds)...", file=sys.stderr)
+        print("| task | evaluated as | train / val / test | metrics | baselines (test split) |")
+        print("|---|---|---|---|---|")
+        for row in list_tasks():
+            sizes = " / ".join(str(row["sizes"][split]) for split in SPLITS)
+            scores = ", ".join(f"{key} {value:.3g}" for key, value in row["baseline_scores"].items())
+            print(f"| {row['name']} | {row['task']} | {sizes} | {row['metrics']} | {row['baseline']}"
+                  f"{': ' + scores if scores else ''} |")
+        return
+    if name is None or out is None:
+        raise UserError(f"usage: lmforge tasks make NAME --out DIR (NAME: {', '.join(BUILTIN)})")
+    counts = make_task(name, out, overwrite=overwrite)
+    print(f"wrote {out}: " + ", ".join(f"{split}.jsonl {count} records" for split, count in counts.items())
+          + f"; evaluate as --task {BUILTIN[name].task} (see {Path(out) / 'README.md'})")

@@ -258,3 +258,17 @@ def evaluate_generation(model: nn.Module, tokenizer: Tokenizer, records: Sequenc
         references = [record["answers"] for record in records]
         scores = metrics.qa_scores(replies, references)
     return scores, [{"prediction": p, "reference": r} for p, r in zip(replies, references, strict=True)]
+
+
+def eval_command(run: str, task: str | None, data: str, *, split: str | None, predictions: str | None,
+                 batch_size: int, device: str, engine: str) -> None:
+    """`lmforge eval RUN --task T --data FILE [--predictions OUT]`: print the metrics as one JSON object."""
+    from lmforge.train.hardware import resolve_device
+
+    if task is None:
+        raise UserError("--predictions needs --task (the records' task: " + ", ".join(TASKS) + ")")
+    if engine != "torch":
+        raise UserError("--task evaluation runs on the torch engine; drop --engine scratch")
+    scores = evaluate_task(run, task, data, split=split or "test", predictions=predictions, batch_size=batch_size,
+                           device=resolve_device(device, "--device"))
+    print(json.dumps(scores))
