@@ -27,6 +27,7 @@ from lmforge.tasks.finetune import (
     load_finetune_config,
     load_finetuned,
     macro_f1,
+    task_loss,
 )
 from lmforge.tasks.heads import Classifier, encode_texts, pad_right
 from lmforge.tasks.predict import predict
@@ -242,6 +243,32 @@ def test_translate_trains_on_the_target_and_end_of_text_only():
     ids, trained = examples.ids[0], examples.trained[0]
     assert TOKENIZER.decode(i for i, t in zip(ids, trained, strict=True) if t) == "the cat<|endoftext|>"
     assert TOKENIZER.decode(ids) == "a cat\n=>\nthe cat<|endoftext|>"
+
+
+def test_task_loss_is_the_mean_over_trained_tokens():
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(block_size=64)).eval()
+    records = [{"prompt": "say cat", "response": "cat"}, {"prompt": "a", "response": "dog dog"}]
+    losses = []
+    for record in records:
+        ids, trained = ChatTemplate().encode([{"role": "user", "content": record["prompt"]},
+                                              {"role": "assistant", "content": record["response"]}], TOKENIZER)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids[:-1]]))[0][0]
+        losses += [torch.nn.functional.cross_entropy(logits[i], torch.tensor(ids[i + 1])).item()
+                   for i in range(len(ids) - 1) if trained[i + 1]]
+    result = task_loss(model, TOKENIZER, records, "sft", template=ChatTemplate(), batch_size=2, device="cpu")
+    assert len(losses) == len("cat") + 1 + len("dog dog") + 1
+    assert result["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+def test_a_record_cut_to_no_reply_is_dropped_and_counted():
+    late_reply = {"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x" * 40}]}
+    examples = encode_examples([late_reply, {"prompt": "a", "response": "b"}], "sft", TOKENIZER, 30, [],
+                               ChatTemplate(), Path("x"))
+    assert (len(examples), examples.truncated, examples.untrainable) == (1, 1, 1)
+    with pytest.raises(UserError, match="no record keeps a trained token"):
+        encode_examples([late_reply], "sft", TOKENIZER, 30, [], ChatTemplate(), Path("x"))
 
 
 # ----- resume, early stopping, best checkpoint -----

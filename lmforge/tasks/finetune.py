@@ -267,6 +267,7 @@ class Examples:
     labels: list[int] = field(default_factory=list)
     trained: list[list[bool]] = field(default_factory=list)
     truncated: int = 0  # examples cut from the left to fit the context
+    untrainable: int = 0  # examples left without a trained token by that cut (dropped)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -300,9 +301,14 @@ def encode_examples(records: list[dict], task: str, tokenizer: Tokenizer, block_
             ids, trained = encode_record(record, task, tokenizer, template)
         if len(ids) > limit:
             ids, trained, examples.truncated = ids[-limit:], trained[-limit:], examples.truncated + 1
-        examples.ids.append(ids)
         if task != "classify":
+            if not any(trained[1:]):  # e.g. a long user turn after the only reply: nothing left to learn
+                examples.untrainable += 1
+                continue
             examples.trained.append(trained)
+        examples.ids.append(ids)
+    if not examples.ids:
+        raise UserError(f"{origin}: no record keeps a trained token within the context of {block_size} tokens")
     return examples
 
 
@@ -382,6 +388,17 @@ def evaluate_split(model: nn.Module, examples: Examples, task: str, batch_size: 
         model.train(was_training)
     loss = total / max(count, 1)
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+def task_loss(model: nn.Module, tokenizer: Tokenizer, records: list[dict], task: str, *, template: ChatTemplate,
+              batch_size: int, device: torch.device | str, origin: Path = Path("records")) -> dict:
+    """The mean loss (and perplexity) on the tokens an sft, qa or translate run trains on, over these
+    records: `eval --task sft` reads this. Also how many records were cut to the context."""
+    examples = encode_examples(records, task, tokenizer, model.config.block_size, [], template, origin)
+    device = torch.device(device)
+    result = evaluate_split(model, examples, task, batch_size, tokenizer.eot_id, device, "fp32")
+    return {"loss": result["val_loss"], "perplexity": result["val_ppl"], "truncated": examples.truncated,
+            "untrainable": examples.untrainable}
 
 
 def metric_of(task: str) -> tuple[str, bool]:
@@ -511,7 +528,9 @@ class FinetuneRun:
         self.say(f"data: {len(encoded[0])} training and {len(encoded[1])} validation examples"
                  + "".join(f"; {e.truncated} {split} examples longer than the context ({block_size} tokens) kept "
                            "their last tokens" for e, split in zip(encoded, ("training", "validation"), strict=True)
-                           if e.truncated))
+                           if e.truncated)
+                 + "".join(f"; {e.untrainable} {split} examples had no reply left after that and were dropped"
+                           for e, split in zip(encoded, ("training", "validation"), strict=True) if e.untrainable))
         return encoded[0], encoded[1]
 
     def _create_run_dir(self, overwrite: bool) -> None:
