@@ -127,3 +127,31 @@ def test_trainable_parameters_are_printed(tmp_path, capsys):
     model = lora.apply_lora(build_model(tiny_model_config()), rank=8, alpha=16, dropout=0.0, targets=[], arch="gpt")
     trainable, total = lora.parameter_counts(model)
     assert f"{trainable:,} of {total:,} parameters train ({trainable / total:.2%})" in out
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_runs_imported_from_transformers_fine_tune(tmp_path, tiny_corpus, family, capsys):
+    transformers = pytest.importorskip("transformers")
+    from lmforge.cli import main
+    from lmforge.data.tokenizer import BPETokenizer
+
+    bpe = BPETokenizer.train([path.read_text() for path in sorted(tiny_corpus.iterdir())], vocab_size=300)
+    if family == "gpt2":
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=300, n_positions=48, n_embd=32, n_layer=2, n_head=4, eos_token_id=None, bos_token_id=None))
+    else:
+        hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=48, tie_word_embeddings=False, eos_token_id=None,
+            bos_token_id=None))
+    hf.save_pretrained(tmp_path / "hf")
+    bpe.hf.save(str(tmp_path / "hf" / "tokenizer.json"))
+    assert main(["import", str(tmp_path / "hf"), "--out", str(tmp_path / "imported")]) == 0
+    before = checksums(tmp_path / "imported")
+    for task, method in (("sft", "lora"), ("classify", "full")):
+        out = tmp_path / task
+        finetune_command(str(tmp_path / "imported"), task=task, data=str(task_data(tmp_path / f"{task}-data", task, 4)),
+                         out=str(out), method=method, quiet=True,
+                         overrides={"train.max_steps": "2", "train.eval_every": "2", "train.device": "cpu"})
+        assert predict(str(out), "the cat sat", max_new_tokens=3)
+    assert checksums(tmp_path / "imported") == before
