@@ -300,6 +300,13 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path, base):
     assert load_finetuned(out)[3].name == "step_0000002"
 
 
+def test_max_epochs_counts_examples(tmp_path, base):
+    result = finetune_command(str(base), task="classify", data=str(task_data(tmp_path / "data", "classify", 12)),
+                              out=str(tmp_path / "run"), quiet=True,
+                              overrides={"train.max_epochs": "2", "train.batch_size": "4", "train.eval_every": "0"})
+    assert (result["reason"], result["step"]) == ("max_epochs", 6)
+
+
 # ----- bad input: one line, exit 2, nothing written -----
 def bad(capsys, tmp_path, base, task, data, *extra) -> str:
     out = tmp_path / "out"
@@ -365,3 +372,6 @@ def test_a_run_used_for_a_task_it_was_not_trained_for(tmp_path, base, capsys):
     code, _, err = run_cli(capsys, "finetune", str(base), "--task", "sft", "--data", str(tmp_path / "data"),
                            "--out", str(out), *FAST)
     assert code == 2 and "--overwrite" in err  # an existing run is never replaced unasked
+    code, _, err = run_cli(capsys, "finetune", str(out), "--task", "sft", "--data", str(tmp_path / "data"),
+                           "--out", str(out / "inside"), *FAST)
+    assert code == 2 and "inside the base run" in err and not (out / "inside").exists()

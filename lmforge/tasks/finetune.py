@@ -3,10 +3,12 @@
 A fine-tuning run is an ordinary run directory: `config.toml` (the base run's [model], this run's [train]
 and [optim], and a [finetune] table: task, method, LoRA settings, label names, template, base run),
 `tokenizer.json` (the base run's), `log.jsonl` (train records; eval records with the task's metric),
-`checkpoints/` and, for the chat tasks, `chat_template.json`. The best checkpoint by the task's validation
-metric (classify: accuracy; the others: loss on the trained tokens) is kept besides the newest; evaluation
-`finetune.patience` times in a row without improvement stops the run early; `--resume` continues the exact
-same loss sequence (data order, RNG and optimizer state are in every checkpoint).
+`checkpoints/` and, for the chat tasks, `chat_template.json`. A step trains on `train.batch_size` examples
+(no accumulation); every `train.eval_every` steps and at the end the run evaluates on the val split and
+writes a checkpoint. The best checkpoint by the task's validation metric (classify: accuracy; the others:
+loss on the trained tokens) is kept besides the newest `train.keep_last`; `finetune.patience` evaluations in a
+row without improvement stop the run early; `--resume` continues the exact same loss sequence (data order,
+RNG and optimizer state are in every checkpoint).
 
 What trains:
 - classify: a new head on the last real token (lmforge/tasks/heads.py), cross-entropy over the labels.
@@ -431,8 +433,9 @@ class FinetuneRun:
                  train_blocks: int | None, overrides: dict[str, str], resume: bool, overwrite: bool, quiet: bool):
         self.run_dir, self.quiet = Path(out), quiet
         base_dir = ckpt.resolve_checkpoint(base_run)[0]
-        if self.run_dir.resolve() == base_dir.resolve():
-            raise UserError(f"--out {out} is the base run; fine-tuning writes a new run and never changes its base")
+        if base_dir.resolve() in (self.run_dir.resolve(), *self.run_dir.resolve().parents):
+            raise UserError(f"--out {out} is inside the base run {base_dir}; fine-tuning writes a new run and never "
+                            "changes its base")
         self.config, self.finetune = self._configure(base_run, task, method, train_blocks, overrides, resume)
         finetune, train = self.finetune, self.config.train
 
@@ -442,8 +445,7 @@ class FinetuneRun:
         else:
             body, _, self.tokenizer, base_checkpoint = load_base(base_run)
             finetune.base_checkpoint = str(base_checkpoint.resolve())
-        self.template = ChatTemplate() if finetune.template == "chat" and not resume else \
-            load_chat_template(self.run_dir)
+        self.template = load_chat_template(self.run_dir) if resume else ChatTemplate()
         self.train_examples, self.val_examples = self._read_data(Path(data), resume)
 
         self.device = resolve_device(train.device)
@@ -619,7 +621,8 @@ class FinetuneRun:
                 if reason:
                     break
                 schedule_progress = max(progress.step / train.max_steps,
-                                        elapsed / train.max_time if train.max_time > 0 else 0.0)
+                                        elapsed / train.max_time if train.max_time > 0 else 0.0,
+                                        self.epochs() / train.max_epochs if train.max_epochs > 0 else 0.0)
                 lr = set_lr(self.optimizers, lr_multiplier(
                     train.schedule, progress.step, schedule_progress, warmup_steps=train.warmup_steps,
                     min_lr_ratio=train.min_lr_ratio, cooldown_fraction=train.cooldown_fraction))
@@ -638,7 +641,7 @@ class FinetuneRun:
                     if not math.isfinite(value):
                         raise UserError(f"training loss became {value} at step {progress.step}; lower optim.lr")
                     self.log({"kind": "train", "step": progress.step, "loss": value, "lr": lr,
-                              "grad_norm": grad_norm.item(), "epoch": progress.epoch, "elapsed": progress.elapsed})
+                              "grad_norm": grad_norm.item(), "epoch": self.epochs(), "elapsed": progress.elapsed})
                     self.say(f"step {progress.step}: loss {value:.4f}, lr {lr:.2e}")
                 if train.eval_every and progress.step % train.eval_every == 0:
                     last_eval_step = progress.step
@@ -664,7 +667,12 @@ class FinetuneRun:
             return "max_steps"
         if 0 < train.max_time <= elapsed:
             return "max_time"
+        if 0 < train.max_epochs <= self.epochs():
+            return "max_epochs"
         return None
+
+    def epochs(self) -> float:
+        return self.progress.epoch + self.progress.position / len(self.train_examples)
 
     def _on_signal(self, signum: int, frame) -> None:
         if self.stop_signal:
