@@ -127,7 +127,8 @@ def test_sft_loss_is_the_mean_over_assistant_tokens(run, tmp_path, capsys):
         messages = record.get("messages") or [{"role": "user", "content": record["prompt"]},
                                               {"role": "assistant", "content": record["response"]}]
         ids, trained = ChatTemplate().encode(messages, TOKENIZER)
-        ids, trained = ids[-25:], trained[-25:]
+        end = max(i for i, keep in enumerate(trained) if keep) + 1  # nothing after the last reply is scored
+        ids, trained = ids[:end][-25:], trained[:end][-25:]  # then the last block_size + 1 tokens
         with torch.no_grad():
             log_probs = F.log_softmax(model(torch.tensor([ids[:-1]]))[0][0], dim=-1)
         for position in range(1, len(ids)):
@@ -201,3 +202,17 @@ def test_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys):
         assert main(["eval", str(run), "--device", "cpu", *argv]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_translate_prompts_plain_runs_with_the_separator_and_chat_runs_with_the_modernize_request(run, monkeypatch):
+    import lmforge.tasks.predict as predict_module
+    from lmforge.tasks.evaluate import evaluate_generation
+
+    prompts = []
+    monkeypatch.setattr(predict_module, "generate_reply",
+                        lambda model, tokenizer, prompt, limit: prompts.append(tokenizer.decode(prompt)) or "x")
+    model = load_model(run)[0]
+    records = [{"source": "a cat", "target": "the cat"}]
+    evaluate_generation(model, TOKENIZER, records, "translate", ChatTemplate(), None)
+    evaluate_generation(model, TOKENIZER, records, "translate", ChatTemplate(), None, chat=True)
+    assert prompts == ["a cat\n=>\n", "USER:\nModernize: a cat\n\nASSISTANT:\n"]

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from lmforge.errors import UserError
 from lmforge.files import move_into_place, write_atomic
+from lmforge.tasks.records import CHAT_TRANSLATE_PROMPT
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ FOLIO_SIMILARITY = 0.9  # least similarity of an aligned pair's spelling-blind k
 NEXT_LINE_CONTEXT = 3  # lines of context before the four candidate next lines
 NEXT_LINE_CHARS = (10, 60)  # the true line and each distractor
 CONVERSATION_CHARS = 128  # a modernize conversation, rendered with the chat template, fits the demo's context
-MODERNIZE_PHRASINGS = ("Modernize: {text}", "Modern spelling: {text}", "Modernize this line:\n{text}")
+# The first is the request `eval --task translate` puts to a chat run (records.CHAT_TRANSLATE_PROMPT).
+MODERNIZE_PHRASINGS = (CHAT_TRANSLATE_PROMPT, "Modern spelling: {source}", "Modernize this line:\n{source}")
 GENRE_PHRASINGS = ("Which genre is this passage?\n{text}", "Comedy, history or tragedy?\n{text}", "Genre?\n{text}")
 
 
@@ -335,7 +337,7 @@ def make_modernize(caps: dict[str, int] | None = None, seed: str = "modernize") 
         rng = random.Random(f"{seed}-{split}")
         asks = []
         for record in folio[split]:
-            prompt = rng.choice(MODERNIZE_PHRASINGS).format(text=record["source"])
+            prompt = rng.choice(MODERNIZE_PHRASINGS).format(source=record["source"])
             asks.append((prompt, record["target"], record["play"]))
         tells = []
         for record in genre[split]:

@@ -1,7 +1,8 @@
 """`lmforge eval RUN --task T --data FILE`: a run's task metrics on task records, as one JSON object.
 
     classify   accuracy, macro_precision, macro_recall, macro_f1, per_class, confusion   (the run's head)
-    translate  bleu, chrf, copy_bleu, copy_chrf   (greedy decoding after source + TRANSLATE_SEPARATOR)
+    translate  bleu, chrf, copy_bleu, copy_chrf   (greedy decoding after source + TRANSLATE_SEPARATOR; a run
+               fine-tuned on chat is asked CHAT_TRANSLATE_PROMPT, the built-in modernize task's request)
     qa         exact_match, f1   (greedy reply to the QA_PROMPT chat turn, SQuAD v1.1 normalisation)
     choice     acc, acc_norm, acc_centered   (zero-shot: each choice's summed log-probability given the context)
     sft        loss, perplexity   (next-token loss on the assistant turns only, per token)
@@ -15,7 +16,6 @@ target text, the answers, the correct choice index; choice adds "prediction_norm
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +28,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.files import write_atomic
 from lmforge.tasks import metrics
-from lmforge.tasks.records import TASKS, as_messages, data_file, read_records
+from lmforge.tasks.records import CHAT_TRANSLATE_PROMPT, TASKS, as_messages, data_file, read_records
 
 
 def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str = "test",
@@ -46,7 +46,8 @@ def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str = 
         raise UserError("--batch-size must be at least 1")
     path = data_file(data, split)
     records = read_records(path, task)
-    check_task(run, load_finetune_config(run), task)
+    finetune = load_finetune_config(run)
+    check_task(run, finetune, task)
     model, _, tokenizer, _ = load_finetuned(run, device)
     check_characters(tokenizer, record_texts(records, task), path)
     if task == "classify":
@@ -59,7 +60,8 @@ def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str = 
                                     with_replies=predictions is not None, max_new_tokens=max_new_tokens)
     else:
         template = load_chat_template(resolve_checkpoint(run)[0])
-        scores, rows = evaluate_generation(model, tokenizer, records, task, template, max_new_tokens)
+        chat = finetune is not None and finetune.template == "chat"
+        scores, rows = evaluate_generation(model, tokenizer, records, task, template, max_new_tokens, chat=chat)
     if predictions is not None:
         write_atomic(Path(predictions), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return scores
@@ -189,59 +191,44 @@ def evaluate_choice(model: nn.Module, tokenizer: Tokenizer, records: Sequence[di
 def evaluate_sft(model: nn.Module, tokenizer: Tokenizer, records: Sequence[dict], template, batch_size: int,
                  device: str | torch.device, *, with_replies: bool, max_new_tokens: int | None
                  ) -> tuple[dict, list[dict]]:
-    """Mean next-token loss over the assistant turns' tokens (template.encode's mask) and its exponential;
-    with_replies: also each conversation's greedy reply to its turns before the last assistant turn."""
+    """Mean next-token loss over the assistant turns' tokens, encoded exactly as fine-tuning encodes them
+    (`finetune.task_loss`), and its exponential; with_replies: also each conversation's greedy reply to its
+    turns before the last assistant turn."""
+    from lmforge.tasks.finetune import task_loss
     from lmforge.tasks.predict import generate_reply, prompt_ids
 
-    block_size = model.config.block_size
-    sequences, masks, cut = [], [], 0
-    for record in records:
-        ids, trained = template.encode(as_messages(record, "sft"), tokenizer)
-        if len(ids) > block_size + 1:
-            ids, trained, cut = ids[-(block_size + 1):], trained[-(block_size + 1):], cut + 1
-        sequences.append(ids)
-        masks.append(trained)
-    note_truncated(cut, len(records), "conversations")
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(sequences), batch_size):
-            batch = list(range(start, min(start + batch_size, len(sequences))))
-            longest = max(len(sequences[i]) for i in batch) - 1
-            inputs = torch.full((len(batch), longest), tokenizer.eot_id, dtype=torch.long)
-            targets = torch.full((len(batch), longest), -100, dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids, trained = sequences[i], masks[i]
-                inputs[row, : len(ids) - 1] = torch.as_tensor(ids[:-1])
-                targets[row, : len(ids) - 1] = torch.as_tensor([t if keep else -100
-                                                                for t, keep in zip(ids[1:], trained[1:], strict=True)])
-            logits, _ = model(inputs.to(device))
-            total += float(F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(),
-                                           ignore_index=-100, reduction="sum"))
-            count += int((targets != -100).sum())
-    if count == 0:
-        raise UserError("no assistant tokens left to score (every conversation's replies were cut off?)")
-    loss = total / count
+    result = task_loss(model, tokenizer, list(records), "sft", template=template, batch_size=batch_size,
+                       device=device)
+    note_truncated(result["truncated"], len(records), "conversations")
+    if result["untrainable"]:
+        print(f"note: {result['untrainable']} conversations kept no reply within the context and were not scored",
+              file=sys.stderr)
     rows = []
     for record in records:
         reference = [m for m in as_messages(record, "sft") if m["role"] == "assistant"][-1]["content"]
         reply = None
         if with_replies:
             prompt = prompt_ids("sft", record, tokenizer, template)
-            reply = generate_reply(model, tokenizer, prompt, max_new_tokens or block_size)
+            reply = generate_reply(model, tokenizer, prompt, max_new_tokens or model.config.block_size)
         rows.append({"prediction": reply, "reference": reference})
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}, rows
+    return {"loss": result["loss"], "perplexity": result["perplexity"]}, rows
 
 
 def evaluate_generation(model: nn.Module, tokenizer: Tokenizer, records: Sequence[dict], task: str, template,
-                        max_new_tokens: int | None) -> tuple[dict, list[dict]]:
+                        max_new_tokens: int | None, *, chat: bool = False) -> tuple[dict, list[dict]]:
     """translate and qa: each record's greedy reply (without surrounding whitespace), scored against its
-    target (BLEU, chrF, beside the score of copying the source) or its answers (SQuAD exact match and F1)."""
+    target (BLEU, chrF, beside the score of copying the source) or its answers (SQuAD exact match and F1).
+    `chat`: the run was fine-tuned on chat (sft), so a translate source is asked as CHAT_TRANSLATE_PROMPT."""
     from lmforge.tasks.predict import generate_reply, prompt_ids
 
     block_size = model.config.block_size
     replies, cut = [], 0
     for record in records:
-        prompt = prompt_ids(task, record, tokenizer, template)
+        if chat and task == "translate":
+            request = {"prompt": CHAT_TRANSLATE_PROMPT.format(source=record["source"]), "response": ""}
+            prompt = prompt_ids("sft", request, tokenizer, template)
+        else:
+            prompt = prompt_ids(task, record, tokenizer, template)
         cut += len(prompt) > block_size
         limit = max_new_tokens
         if limit is None:  # room for a target about as long as the source, or a short answer

@@ -14,7 +14,8 @@ files in any of the formats (`split_files`, `data_file`).
 
 The text formats a fine-tuned model sees are fixed here, so training (finetune) and evaluation (eval) agree:
 a translate record is the plain text `source + TRANSLATE_SEPARATOR` followed by the target and end-of-text
-(no chat template); sft and qa records become chat messages (`as_messages`) for `ChatTemplate.encode`.
+(no chat template); sft and qa records become chat messages (`as_messages`) for `ChatTemplate.encode`;
+a chat run asked to translate gets the user turn CHAT_TRANSLATE_PROMPT.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ FORMATS = (".jsonl", ".csv", ".parquet")
 TRANSLATE_SEPARATOR = "\n=>\n"
 # A qa record as the user turn of a chat; its first answer is the assistant turn.
 QA_PROMPT = "Context: {context}\nQuestion: {question}"
+# A translate record put to a chat (sft) run, as `eval --task translate` does: the request the built-in
+# `modernize` task trains, so a run fine-tuned on it is scored on `folio` records in its own format.
+CHAT_TRANSLATE_PROMPT = "Modernize: {source}"
 
 LIST_FIELDS = ("messages", "answers", "choices")
 
