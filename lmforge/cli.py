@@ -377,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("plot", help="teaching plots")
     p.add_argument("what", choices=("activations",), help="activations: the functions and their derivatives")
     p.add_argument("--out", required=True, help="PNG file to write")
+
     p = commands.add_parser("tasks", help="built-in fine-tuning tasks: list them, or make one's data files")
     p.add_argument("action", choices=("list", "make"))
     p.add_argument("name", nargs="?", help="make: genre, folio, next-line or modernize")

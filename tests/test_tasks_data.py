@@ -205,3 +205,15 @@ def test_make_refuses_to_overwrite_and_unknown_names(made, capsys):
     assert main(["tasks", "make", "sonnets", "--out", str(made["genre"].parent / "x")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert "pass --overwrite" in errors[0] and "built-in tasks are genre, folio, next-line, modernize" in errors[1]
+
+
+def test_tasks_list_prints_each_task_with_its_sizes_and_baselines(made, capsys):
+    assert main(["tasks", "list"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    by_name = {row.split("|")[1].strip(): row for row in rows[1:]}
+    assert list(by_name) == list(builtin.BUILTIN)
+    for name, directory in made.items():
+        sizes = " / ".join(str(len((directory / f"{split}.jsonl").read_text().splitlines()))
+                           for split in ("train", "val", "test"))
+        assert f"| {sizes} |" in by_name[name]
+    assert "copy_bleu" in by_name["folio"] and "tfidf_accuracy" in by_name["genre"]

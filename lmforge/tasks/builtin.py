@@ -484,14 +484,13 @@ def tasks_command(action: str, name: str | None, out: str | None, overwrite: boo
     if action == "list":
         if name is not None or out is not None:
             raise UserError("tasks list takes no task name or --out")
-        print("building the tasks to count them and score their baselines (about 20 seconds)...", file=sys.stderr)
+        print("building the tasks to count them and score their baselines (a few seconds)...", file=sys.stderr)
         print("| task | evaluated as | train / val / test | metrics | baselines (test split) |")
         print("|---|---|---|---|---|")
         for row in list_tasks():
             sizes = " / ".join(str(row["sizes"][split]) for split in SPLITS)
-            scores = ", ".join(f"{key} {value:.3g}" for key, value in row["baseline_scores"].items())
-            print(f"| {row['name']} | {row['task']} | {sizes} | {row['metrics']} | {row['baseline']}"
-                  f"{': ' + scores if scores else ''} |")
+            scores = ", ".join(f"{key} {value:.3f}" for key, value in row["baseline_scores"].items())
+            print(f"| {row['name']} | {row['task']} | {sizes} | {row['metrics']} | {scores or row['baseline']} |")
         return
     if name is None or out is None:
         raise UserError(f"usage: lmforge tasks make NAME --out DIR (NAME: {', '.join(BUILTIN)})")
