@@ -68,16 +68,18 @@ def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str = 
 
 
 def record_texts(records: Sequence[dict], task: str) -> list[str]:
-    """Every text of the records that a model reads (or is scored on)."""
+    """The texts of the records that the model reads or is scored on (not a translate target or qa answers,
+    which are only compared with its replies)."""
     texts: list[str] = []
     for record in records:
-        if task == "sft" or task == "qa":
+        if task == "sft":
             texts += [message["content"] for message in as_messages(record, task)]
-            texts += record.get("answers", [])[1:]
+        elif task == "qa":
+            texts += [record["context"], record["question"]]
         elif task == "classify":
             texts.append(record["text"])
         elif task == "translate":
-            texts += [record["source"], record["target"]]
+            texts.append(record["source"])
         else:
             texts += [record["context"], *record["choices"]]
     return texts
