@@ -2,6 +2,7 @@
 
     python benchmarks/finetune.py [--base RUN] [--pretrain-seconds 300] [--finetune-seconds 120]
                                   [--long-pretrain-seconds 0] [--work DIR] [--only genre,folio,next-line,lora]
+                                  [--finetune-args '--lr 1e-3']
 
 Run it alone on the machine (two cores): every figure is a time budget. The base is `--base RUN` (e.g. the
 run `make demo` trains), or else the demo's preset (configs/shakespeare-char.toml) trained here for
@@ -108,6 +109,7 @@ def main() -> None:
     parser.add_argument("--long-pretrain-seconds", type=float, default=0, help="e.g. 3000: next-line after 10x")
     parser.add_argument("--work", help="keep runs and data here (default: a temporary directory)")
     parser.add_argument("--only", default="genre,folio,next-line,lora")
+    parser.add_argument("--finetune-args", default="", help="extra finetune flags for every run, e.g. '--lr 1e-3'")
     args = parser.parse_args()
     parts = set(args.only.split(","))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="lmforge-finetune-"))
@@ -118,6 +120,7 @@ def main() -> None:
         if not (tasks / name).exists():
             lmforge("tasks", "make", name, "--out", str(tasks / name))
     seconds = args.finetune_seconds
+    extra = args.finetune_args.split()
     rows: list[tuple[str, str, str]] = []
 
     def add(measure: str, model: str, result: str) -> None:
@@ -129,11 +132,11 @@ def main() -> None:
 
     if "genre" in parts:
         genre = tasks / "genre"
-        finetune(base, "classify", genre, work / "genre-pretrained", seconds)
+        finetune(base, "classify", genre, work / "genre-pretrained", seconds, *extra)
         add("genre", f"pretrained, fine-tuned {seconds:.0f} s",
             classify_result(evaluate(work / "genre-pretrained", "classify", genre / "test.jsonl")))
         scratch = random_init_copy(base, work / "random-init")
-        finetune(scratch, "classify", genre, work / "genre-random", seconds)
+        finetune(scratch, "classify", genre, work / "genre-random", seconds, *extra)
         add("genre", f"random init, trained {seconds:.0f} s",
             classify_result(evaluate(work / "genre-random", "classify", genre / "test.jsonl")))
         from lmforge.tasks.builtin import baseline_scores
@@ -147,7 +150,7 @@ def main() -> None:
             f"accuracy {baselines['majority_accuracy']:.3f}, macro F1 {baselines['majority_macro_f1']:.3f}")
     if "folio" in parts:
         folio = tasks / "folio"
-        finetune(base, "translate", folio, work / "folio-pretrained", seconds)
+        finetune(base, "translate", folio, work / "folio-pretrained", seconds, *extra)
         scores = evaluate(work / "folio-pretrained", "translate", folio / "test.jsonl")
         add("folio", f"pretrained, fine-tuned {seconds:.0f} s", f"BLEU {scores['bleu']:.1f}, chrF {scores['chrf']:.1f}")
         add("folio", "copy the source", f"BLEU {scores['copy_bleu']:.1f}, chrF {scores['copy_chrf']:.1f}")
@@ -165,7 +168,7 @@ def main() -> None:
         for name, task in (("genre", "classify"), ("modernize", "sft")):
             for method in ("full", "lora"):
                 out = work / f"{name}-{method}"
-                cost = finetune(base, task, tasks / name, out, seconds, "--method", method)
+                cost = finetune(base, task, tasks / name, out, seconds, "--method", method, *extra)
                 scores = evaluate(out, task, tasks / name / "test.jsonl")
                 metric = classify_result(scores) if task == "classify" else \
                     f"loss {scores['loss']:.3f}, perplexity {scores['perplexity']:.2f}"
