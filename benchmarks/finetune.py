@@ -2,7 +2,7 @@
 
     python benchmarks/finetune.py [--base RUN] [--pretrain-seconds 300] [--finetune-seconds 120]
                                   [--long-pretrain-seconds 0] [--work DIR] [--only genre,folio,next-line,lora]
-                                  [--finetune-args '--lr 1e-3']
+                                  [--finetune-args '--lr 1e-3' (the default)]
 
 Run it alone on the machine (two cores): every figure is a time budget. The base is `--base RUN` (e.g. the
 run `make demo` trains), or else the demo's preset (configs/shakespeare-char.toml) trained here for
@@ -109,7 +109,9 @@ def main() -> None:
     parser.add_argument("--long-pretrain-seconds", type=float, default=0, help="e.g. 3000: next-line after 10x")
     parser.add_argument("--work", help="keep runs and data here (default: a temporary directory)")
     parser.add_argument("--only", default="genre,folio,next-line,lora")
-    parser.add_argument("--finetune-args", default="", help="extra finetune flags for every run, e.g. '--lr 1e-3'")
+    # The fine-tuning default for full runs (lr 1e-4) is gentle for these tiny models: measured here, a 60 s
+    # char model fine-tuned 90 s on folio reached BLEU 57 at 1e-3 (copy: 42), and stayed near 0 at 1e-4.
+    parser.add_argument("--finetune-args", default="--lr 1e-3", help="extra finetune flags for every run")
     args = parser.parse_args()
     parts = set(args.only.split(","))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="lmforge-finetune-"))
