@@ -71,6 +71,12 @@ def test_bad_records_are_one_line_errors_naming_file_and_line(tmp_path, task, ro
     assert "\n" not in text and str(path) in text and message in text
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_bytes(b"\xef\xbb\xbftext,label\nhi,a\n")
+    assert read_records(path, "classify") == [{"text": "hi", "label": "a"}]
+
+
 def test_csv_errors_count_physical_lines(tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text('text,label\n"two\nlines",a\nno label\n')  # the record on line 4 lacks a cell

@@ -220,6 +220,6 @@ def _parquet_rows(path: Path):
 
 def _open_text(path: Path, newline: str | None = None):
     try:
-        return open(path, encoding="utf-8", newline=newline)
+        return open(path, encoding="utf-8-sig", newline=newline)  # a byte-order mark (Excel's CSV) is not data
     except OSError as err:
         raise UserError(f"cannot read {path}: {err}") from None
