@@ -262,13 +262,11 @@ def test_task_loss_is_the_mean_over_trained_tokens():
     assert result["loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 
-def test_a_record_cut_to_no_reply_is_dropped_and_counted():
-    late_reply = {"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x" * 40}]}
-    examples = encode_examples([late_reply, {"prompt": "a", "response": "b"}], "sft", TOKENIZER, 30, [],
-                               ChatTemplate(), Path("x"))
-    assert (len(examples), examples.truncated, examples.untrainable) == (1, 1, 1)
-    with pytest.raises(UserError, match="no record keeps a trained token"):
-        encode_examples([late_reply], "sft", TOKENIZER, 30, [], ChatTemplate(), Path("x"))
+def test_nothing_after_the_last_reply_is_kept():
+    late_user_turn = {"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x" * 40}]}
+    examples = encode_examples([late_user_turn], "sft", TOKENIZER, 30, [], ChatTemplate(), Path("x"))
+    assert examples.truncated == 0
+    assert TOKENIZER.decode(examples.ids[0]) == "ASSISTANT:\nhi<|endoftext|>"
 
 
 # ----- resume, early stopping, best checkpoint -----

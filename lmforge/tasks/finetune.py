@@ -301,10 +301,15 @@ def encode_examples(records: list[dict], task: str, tokenizer: Tokenizer, block_
             examples.labels.append(index[record["label"]])
         else:
             ids, trained = encode_record(record, task, tokenizer, template)
+            # what follows the last trained token (the template's turn end) is never a target: keep the room
+            end = max((i + 1 for i, keep in enumerate(trained) if keep), default=len(ids))
+            ids, trained = ids[:end], trained[:end]
         if len(ids) > limit:
             ids, trained, examples.truncated = ids[-limit:], trained[-limit:], examples.truncated + 1
         if task != "classify":
-            if not any(trained[1:]):  # e.g. a long user turn after the only reply: nothing left to learn
+            # A guard: with the tail after the last reply cut above, every record keeps at least its final
+            # end-of-text as a target; eval reports the count (always 0 until templates change).
+            if not any(trained[1:]):
                 examples.untrainable += 1
                 continue
             examples.trained.append(trained)
