@@ -57,11 +57,11 @@ def load_for_inference(args: argparse.Namespace):
     checkpoint used, and the device."""
     import torch
 
-    from lmforge.train.checkpoint import load_model
+    from lmforge.tasks.finetune import load_language_model  # any run; a LoRA run's adapters merged
     from lmforge.train.hardware import resolve_device
 
     device = torch.device("cpu") if args.engine == "scratch" else resolve_device(args.device, "--device")
-    model, config, tokenizer, checkpoint = load_model(args.run, device)
+    model, config, tokenizer, checkpoint = load_language_model(args.run, device)
     if args.engine == "scratch":
         from lmforge.train.engine import ScratchForward
 

@@ -373,3 +373,15 @@ def test_a_run_used_for_a_task_it_was_not_trained_for(tmp_path, base, capsys):
     code, _, err = run_cli(capsys, "finetune", str(out), "--task", "sft", "--data", str(tmp_path / "data"),
                            "--out", str(out / "inside"), *FAST)
     assert code == 2 and "inside the base run" in err and not (out / "inside").exists()
+
+
+def test_sample_reads_fine_tuned_runs_and_refuses_a_classifier(tmp_path, base, capsys):
+    for task in ("sft", "classify"):
+        finetune_command(str(base), task=task, data=str(task_data(tmp_path / task, task, 4)),
+                         out=str(tmp_path / f"{task}-run"), method="lora", quiet=True,
+                         overrides={"train.max_steps": "1", "train.eval_every": "1"})
+    code, printed, err = run_cli(capsys, "sample", str(tmp_path / "sft-run"), "--prompt", "say cat",
+                                 "--max-new-tokens", "4", "--device", "cpu")
+    assert code == 0 and printed.startswith("say cat"), err
+    code, _, err = run_cli(capsys, "sample", str(tmp_path / "classify-run"), "--device", "cpu")
+    assert code == 2 and "fine-tuned for classify" in err

@@ -223,6 +223,17 @@ def load_finetuned(path: str | Path, device: str | torch.device = "cpu"
     return model.to(device).eval(), config, tokenizer, checkpoint
 
 
+def load_language_model(path: str | Path, device: str | torch.device = "cpu"
+                        ) -> tuple[nn.Module, Config, Tokenizer, Path]:
+    """`load_finetuned` for commands that need next-token logits (sample, eval, export): a classify run, whose
+    head gives labels instead, is a UserError."""
+    loaded = load_finetuned(path, device)
+    if isinstance(loaded[0], Classifier):
+        raise UserError(f"{path} was fine-tuned for classify: it predicts labels (lmforge predict {path} --text "
+                        "...), not next tokens")
+    return loaded
+
+
 def base_body(finetune: FinetuneConfig, run_dir: Path) -> nn.Module:
     """The base model a LoRA run adapts, from the base checkpoint its [finetune] table names."""
     if not Path(finetune.base_checkpoint).is_dir():
