@@ -385,3 +385,14 @@ def test_sample_reads_fine_tuned_runs_and_refuses_a_classifier(tmp_path, base, c
     assert code == 0 and printed.startswith("say cat"), err
     code, _, err = run_cli(capsys, "sample", str(tmp_path / "classify-run"), "--device", "cpu")
     assert code == 2 and "fine-tuned for classify" in err
+
+
+def test_a_run_failing_before_its_first_checkpoint_removes_what_it_wrote(tmp_path, base, monkeypatch):
+    from lmforge.tasks.finetune import FinetuneRun
+
+    monkeypatch.setattr(FinetuneRun, "loss_on", lambda self, rows: torch.tensor(float("nan"), requires_grad=True))
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="became nan at step 1"):
+        finetune_command(str(base), task="sft", data=str(task_data(tmp_path / "data", "sft", 4)), out=str(out),
+                         quiet=True, overrides={"train.max_steps": "4", "train.eval_every": "2"})
+    assert not out.exists()

@@ -560,6 +560,7 @@ class FinetuneRun:
         for name in existing:
             path = run / name
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.made_dir = not run.exists()
         run.mkdir(parents=True, exist_ok=True)
         write_atomic(run / "config.toml", dumps_run_config(self.config, self.finetune))
         self.tokenizer.save(run / "tokenizer.json")
@@ -613,6 +614,8 @@ class FinetuneRun:
                     path = self.run_dir / name
                     if path.exists():
                         shutil.rmtree(path) if path.is_dir() else path.unlink()
+                if self.made_dir and not any(self.run_dir.iterdir()):
+                    self.run_dir.rmdir()
             raise
 
     def _run(self) -> dict:
