@@ -39,10 +39,11 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
+from tqdm import tqdm
 
 from lmforge.config import Config, OptimConfig, TrainConfig, from_dict, set_value
 from lmforge.data.tokenizer import Tokenizer, load_tokenizer
-from lmforge.errors import UserError
+from lmforge.errors import TrainingDiverged, UserError
 from lmforge.files import write_atomic
 from lmforge.model.factory import build_model
 from lmforge.tasks import lora
@@ -630,6 +631,8 @@ class FinetuneRun:
                  f"({self.trainable / self.total:.2%}); device {self.device}, {self.precision}"
                  + (f"; resuming at step {progress.step}" if progress.step else ""))
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.bar = tqdm(total=train.max_steps, initial=progress.step, disable=True if self.quiet else None,
+                        unit="step", dynamic_ncols=True, file=sys.stdout)
         launch = time.perf_counter() - progress.elapsed
         reason, last_eval_step = None, None
         self.model.train()
@@ -655,17 +658,21 @@ class FinetuneRun:
                     optimizer.zero_grad(set_to_none=True)
                 progress.step += 1
                 progress.elapsed = time.perf_counter() - launch
-                if progress.step % train.log_every == 0 or progress.step == 1:
-                    value = loss.item()
+                self.bar.update(1)
+                evaluating = train.eval_every and progress.step % train.eval_every == 0
+                if progress.step % train.log_every == 0 or progress.step == 1 or evaluating:
+                    value = loss.item()  # a host-device sync: only when logging, and before any checkpoint
                     if not math.isfinite(value):
-                        raise UserError(f"training loss became {value} at step {progress.step}; lower optim.lr")
+                        raise TrainingDiverged(f"training loss became {value} at step {progress.step}; lower "
+                                               "optim.lr and start again or resume from the last checkpoint")
                     self.log({"kind": "train", "step": progress.step, "loss": value, "lr": lr,
                               "grad_norm": grad_norm.item(), "epoch": self.epochs(), "elapsed": progress.elapsed})
-                    self.say(f"step {progress.step}: loss {value:.4f}, lr {lr:.2e}")
-                if train.eval_every and progress.step % train.eval_every == 0:
+                    self.bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", epoch=f"{self.epochs():.2f}")
+                if evaluating:
                     last_eval_step = progress.step
                     reason = self.evaluate_and_save()
         finally:
+            self.bar.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         if last_eval_step != progress.step:
@@ -713,7 +720,8 @@ class FinetuneRun:
         else:
             progress.evals_without_improvement += 1
         self.log({"kind": "eval", "step": progress.step, **result, "elapsed": progress.elapsed})
-        self.say(f"step {progress.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        message = f"step {progress.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
+        self.bar.write(message) if not self.bar.disable else self.say(message)
         model_state = lora.trainable_state(self.model) if self.finetune.method == "lora" else self.model.state_dict()
         ckpt.save_checkpoint(self.run_dir, progress.step, model_state,
                              [optimizer.state_dict() for optimizer in self.optimizers],
