@@ -396,3 +396,19 @@ def test_a_run_failing_before_its_first_checkpoint_removes_what_it_wrote(tmp_pat
         finetune_command(str(base), task="sft", data=str(task_data(tmp_path / "data", "sft", 4)), out=str(out),
                          quiet=True, overrides={"train.max_steps": "4", "train.eval_every": "2"})
     assert not out.exists()
+
+
+def test_finetune_keys_are_checked_and_kept_on_resume(tmp_path, base):
+    data = task_data(tmp_path / "data", "sft", 4)
+    with pytest.raises(UserError, match="valid keys: finetune.patience, finetune.train_blocks, lora.rank"):
+        finetune_command(str(base), task="sft", data=str(data), out=str(tmp_path / "x"),
+                         overrides={"lora.rnk": "4"})
+    out = tmp_path / "run"
+    finetune_command(str(base), task="sft", data=str(data), out=str(out), method="lora", quiet=True,
+                     overrides={"train.max_steps": "1", "train.eval_every": "1", "lora.rank": "2"})
+    with pytest.raises(UserError, match="keeps the settings it started with"):
+        finetune_command(str(base), task=None, data=str(data), out=str(out), resume=True,
+                         overrides={"lora.rank": "4"})
+    with pytest.raises(UserError, match="uses optim.name 'adamw', not 'muon'"):
+        finetune_command(str(base), task=None, data=str(data), out=str(out), resume=True,
+                         overrides={"optim.name": "muon"})

@@ -93,14 +93,17 @@ class FinetuneConfig:
 
 
 FINETUNE_KEYS = {f.name: f for f in dataclasses.fields(FinetuneConfig)}
+# What --finetune.KEY / --lora.KEY may set (task, method and train_blocks have flags; the rest is derived);
+# all but patience decide which parameters exist and train, so a resumed run keeps them.
+USER_KEYS = ("patience", "train_blocks", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 def set_finetune_value(config: FinetuneConfig, dotted: str, value: Any) -> None:
     """`finetune.KEY` or `lora.KEY` (= finetune.lora_KEY), typed like the field's default."""
     section, _, key = dotted.partition(".")
     name = f"lora_{key}" if section == "lora" else key
-    if name not in FINETUNE_KEYS or name in ("base_run", "base_checkpoint"):
-        valid = [f"lora.{k[5:]}" if k.startswith("lora_") else f"finetune.{k}" for k in FINETUNE_KEYS]
+    if name not in USER_KEYS:
+        valid = [f"lora.{k[5:]}" if k.startswith("lora_") else f"finetune.{k}" for k in USER_KEYS]
         raise UserError(f"unknown fine-tuning key '{dotted}'; valid keys: {', '.join(valid)}")
     current = getattr(config, name)
     try:
@@ -506,7 +509,11 @@ class FinetuneRun:
                 set_value(config, dotted, value)
         for dotted, value in overrides.items():
             if dotted.split(".")[0] in ("finetune", "lora"):
+                before = dataclasses.replace(finetune)
                 set_finetune_value(finetune, dotted, value)
+                if resume and dotted != "finetune.patience" and finetune != before:
+                    raise UserError(f"--{dotted}: a resumed run keeps the settings it started with (they decide "
+                                    "which parameters exist and train); start a new run to change them")
             elif dotted.startswith("model."):
                 raise UserError(f"--{dotted}: a fine-tuning run keeps its base run's model settings")
             else:
@@ -516,6 +523,8 @@ class FinetuneRun:
         if train.engine != "torch":
             raise UserError(f"fine-tuning runs on the torch engine; train.engine '{train.engine}' is not supported "
                             "(the scratch engine has no backward for heads, masks or LoRA)")
+        if config.optim.name != "adamw":  # Muon finds its matrices by the plain model's names ("blocks.")
+            raise UserError(f"fine-tuning uses optim.name 'adamw', not '{config.optim.name}'")
         for key in ("batch_size", "max_steps", "log_every"):
             if getattr(train, key) <= 0:
                 raise UserError(f"train.{key} must be positive")
