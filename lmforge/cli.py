@@ -96,6 +96,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    if args.task is not None or args.predictions is not None:
+        from lmforge.tasks.evaluate import eval_command
+
+        eval_command(args.run, args.task, args.data, split=args.split, predictions=args.predictions,
+                     batch_size=args.batch_size, device=args.device, engine=args.engine)
+        return
+    args.split = args.split or "val"
     from lmforge.data.datadir import describe_data
     from lmforge.data.loader import TokenWindows
     from lmforge.hardware import resolve_precision
@@ -115,6 +122,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
     result["bpc"] = bits_per_character(result["bpb"], split)
     result["checkpoint"] = str(checkpoint)
     print(json.dumps(result))
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from lmforge.tasks.finetune import finetune_command
+
+    finetune_command(args.base_run, task=args.task, data=args.data, out=args.out, method=args.method,
+                     train_blocks=args.train_blocks, overrides=args.overrides, resume=args.resume,
+                     overwrite=args.overwrite, quiet=args.quiet)
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from lmforge.hardware import resolve_device
+    from lmforge.tasks.predict import predict
+
+    print(json.dumps(predict(args.run, args.text, context=args.context, max_new_tokens=args.max_new_tokens,
+                             device=resolve_device(args.device, "--device"))))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -200,6 +223,12 @@ def cmd_plot(args: argparse.Namespace) -> None:
     print(f"wrote {plot_activations(args.out)}")
 
 
+def cmd_tasks(args: argparse.Namespace) -> None:
+    from lmforge.tasks.builtin import tasks_command
+
+    tasks_command(args.action, args.name, args.out, overwrite=args.overwrite)
+
+
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     """A command that takes a config: it accepts --section.key VALUE overrides, and its help says so."""
     parser.epilog = OVERRIDES_EPILOG
@@ -266,14 +295,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--engine", choices=ENGINES, default="torch", help="scratch: the NumPy engine (CPU)")
 
-    p = commands.add_parser("eval", help="loss, perplexity and bits per byte on a split")
+    p = commands.add_parser("eval", help="loss, perplexity and bits per byte on a split; or --task metrics")
     p.set_defaults(func=cmd_eval)
     p.add_argument("run", help="run directory or a checkpoint directory inside one")
-    p.add_argument("--data", required=True, help="a data directory tokenized with the run's tokenizer")
-    p.add_argument("--split", default="val")
+    p.add_argument("--data", required=True, help="a data directory tokenized with the run's tokenizer; with "
+                                                 "--task, a task file or a directory of train/val/test files")
+    p.add_argument("--split", help="val by default; with --task and a directory, test by default")
+    p.add_argument("--task", help="classify, translate, qa, choice or sft: the task's metrics as JSON")
+    p.add_argument("--predictions", help="with --task: write each record's prediction and reference (JSON lines)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--engine", choices=ENGINES, default="torch", help="scratch: the NumPy engine (CPU)")
+
+    p = commands.add_parser("finetune", help="fine-tune a run on task data (extra --section.key value flags, "
+                                             "--lora.rank/alpha/dropout/targets, --finetune.patience)")
+    p.set_defaults(func=cmd_finetune)
+    add_config_options(p)
+    p.add_argument("base_run", help="run (or checkpoint) to start from: trained or imported here")
+    p.add_argument("--task", choices=("classify", "sft", "translate", "qa"), help="optional with --resume")
+    p.add_argument("--data", required=True, help="directory with train and val files (.jsonl, .csv, .parquet)")
+    p.add_argument("--out", required=True, help="the new run directory")
+    p.add_argument("--method", choices=("full", "lora"), help="full (default) or lora (PEFT adapters)")
+    p.add_argument("--train-blocks", type=int, help="full: train only the last N blocks (+ final norm, heads)")
+    p.add_argument("--lr", action=SetConfig, key="optim.lr", metavar="LR",
+                   help="sets optim.lr (default 1e-4 full, 1e-3 lora)")
+    p.add_argument("--max-steps", action=SetConfig, key="train.max_steps", metavar="N", help="sets train.max_steps")
+    p.add_argument("--max-time", action=SetConfig, key="train.max_time", metavar="SECONDS",
+                   help="sets train.max_time: seconds of training")
+    p.add_argument("--resume", action="store_true", help="continue the fine-tuning run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--quiet", action="store_true")
+
+    p = commands.add_parser("predict", help="a fine-tuned run on one text: label and probabilities (classify) "
+                                            "or its reply, as JSON")
+    p.set_defaults(func=cmd_predict)
+    p.add_argument("run", help="run directory or a checkpoint directory inside one")
+    p.add_argument("--text", required=True)
+    p.add_argument("--context", help="qa runs: the passage the --text question is about")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--device", default="auto")
 
     p = commands.add_parser("bench", help="time training steps on random tokens (extra flags override config)")
     p.set_defaults(func=cmd_bench)
@@ -337,6 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
     p.add_argument("what", choices=("activations",), help="activations: the functions and their derivatives")
     p.add_argument("--out", required=True, help="PNG file to write")
+
+    p = commands.add_parser("tasks", help="built-in fine-tuning tasks: list them, or make one's data files")
+    p.set_defaults(func=cmd_tasks)
+    p.add_argument("action", choices=("list", "make"))
+    p.add_argument("name", nargs="?", help="make: genre, folio, next-line or modernize")
+    p.add_argument("--out", help="make: the directory for train/val/test .jsonl")
+    p.add_argument("--overwrite", action="store_true", help="make: replace a non-empty --out")
     return parser
 
 

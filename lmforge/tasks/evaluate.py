@@ -1,0 +1,263 @@
+"""`lmforge eval RUN --task T --data FILE`: a run's task metrics on task records, as one JSON object.
+
+    classify   accuracy, macro_precision, macro_recall, macro_f1, per_class, confusion   (the run's head)
+    translate  bleu, chrf, copy_bleu, copy_chrf   (greedy decoding after source + TRANSLATE_SEPARATOR; a run
+               fine-tuned on chat is asked CHAT_TRANSLATE_PROMPT, the built-in modernize task's request)
+    qa         exact_match, f1   (greedy reply to the QA_PROMPT chat turn, SQuAD v1.1 normalisation)
+    choice     acc, acc_norm, acc_centered   (zero-shot: each choice's summed log-probability given the context)
+    sft        loss, perplexity   (next-token loss on the assistant turns only, per token)
+
+Models are prompted exactly as fine-tuning trained them (`lmforge.tasks.predict.prompt_ids`). A text longer
+than the context keeps its last tokens; how many were cut is said on stderr, not in the metrics. With a
+predictions file, one JSON object per record, in input order: {"prediction", "reference"} (the label, the
+target text, the answers, the correct choice index; choice adds "prediction_norm", acc_norm's pick).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import UserError
+from lmforge.files import write_atomic
+from lmforge.tasks import metrics
+from lmforge.tasks.records import CHAT_TRANSLATE_PROMPT, TASKS, as_messages, data_file, read_records
+
+
+def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str = "test",
+                  predictions: str | Path | None = None, batch_size: int = 16,
+                  device: str | torch.device = "cpu", max_new_tokens: int | None = None) -> dict:
+    """The task metrics of `run` on the records of `data` (a file, or a directory's `split` file); with
+    `predictions`, also write that file."""
+    from lmforge.run import resolve_checkpoint
+    from lmforge.tasks.finetune import check_task, load_finetune_config, load_finetuned
+    from lmforge.tasks.template import load_chat_template
+
+    if task not in TASKS:
+        raise UserError(f"unknown task '{task}'; tasks are {', '.join(TASKS)}")
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    path = data_file(data, split)
+    records = read_records(path, task)
+    finetune = load_finetune_config(run)
+    check_task(run, finetune, task)
+    model, _, tokenizer, _ = load_finetuned(run, device)
+    check_characters(tokenizer, record_texts(records, task), path)
+    if task == "classify":
+        scores, rows = evaluate_classify(model, tokenizer, records, batch_size, device, path)
+    elif task == "choice":
+        scores, rows = evaluate_choice(model, tokenizer, records, batch_size, device)
+    elif task == "sft":
+        template = load_chat_template(resolve_checkpoint(run)[0])
+        scores, rows = evaluate_sft(model, tokenizer, records, template, batch_size, device,
+                                    with_replies=predictions is not None, max_new_tokens=max_new_tokens)
+    else:
+        template = load_chat_template(resolve_checkpoint(run)[0])
+        chat = finetune is not None and finetune.template == "chat"
+        scores, rows = evaluate_generation(model, tokenizer, records, task, template, max_new_tokens, chat=chat)
+    if predictions is not None:
+        write_atomic(Path(predictions), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    return scores
+
+
+def record_texts(records: Sequence[dict], task: str) -> list[str]:
+    """The texts of the records that the model reads or is scored on (not a translate target or qa answers,
+    which are only compared with its replies)."""
+    texts: list[str] = []
+    for record in records:
+        if task == "sft":
+            texts += [message["content"] for message in as_messages(record, task)]
+        elif task == "qa":
+            texts += [record["context"], record["question"]]
+        elif task == "classify":
+            texts.append(record["text"])
+        elif task == "translate":
+            texts.append(record["source"])
+        else:
+            texts += [record["context"], *record["choices"]]
+    return texts
+
+
+def check_characters(tokenizer: Tokenizer, texts: Sequence[str], origin: Path) -> None:
+    """A character tokenizer reads a character it never saw as one 'unknown' id: refuse such data, saying how
+    many characters are unknown (byte-level tokenizers encode any text)."""
+    known = getattr(tokenizer, "chars", None)
+    if known is None:
+        return
+    known = set(known)
+    unknown: dict[str, int] = {}
+    for text in texts:
+        for char in set(text) - known:
+            unknown[char] = unknown.get(char, 0) + text.count(char)
+    if unknown:
+        shown = ", ".join(repr(c) for c in sorted(unknown, key=unknown.get, reverse=True)[:5])
+        raise UserError(f"{origin}: the run's character tokenizer cannot encode {sum(unknown.values())} characters "
+                        f"of the data ({len(unknown)} distinct, e.g. {shown})")
+
+
+def note_truncated(count: int, total: int, what: str) -> None:
+    if count:
+        print(f"note: {count} of {total} {what} were longer than the context and kept their last tokens",
+              file=sys.stderr)
+
+
+def evaluate_classify(model: nn.Module, tokenizer: Tokenizer, records: Sequence[dict], batch_size: int,
+                      device: str | torch.device, origin: Path) -> tuple[dict, list[dict]]:
+    from lmforge.tasks.heads import predict_labels
+
+    references = [record["label"] for record in records]
+    unseen = sorted(set(references) - set(model.labels))
+    if unseen:
+        raise UserError(f"{origin}: label {', '.join(repr(u) for u in unseen)} never appeared in the run's "
+                        f"training data (its labels: {', '.join(model.labels)})")
+    texts = [record["text"] for record in records]
+    block_size = model.body.config.block_size
+    note_truncated(sum(len(ids) > block_size for ids in tokenizer.encode_batch(texts)), len(texts), "texts")
+    predicted, _ = predict_labels(model, tokenizer, texts, batch_size, device)
+    scores = metrics.classification_scores(predicted, references, labels=model.labels)
+    return scores, [{"prediction": p, "reference": r} for p, r in zip(predicted, references, strict=True)]
+
+
+def completion_sequences(tokenizer: Tokenizer, context: str, choices: Sequence[str], block_size: int
+                         ) -> tuple[list[list[int]], list[int], int]:
+    """For each choice, the token ids context + choice (each encoded alone, as llm.c's HellaSwag does; an
+    empty context is the end-of-text token) cut to their last block_size + 1, and how many of the last ids are
+    the choice's (scored). Also how many sequences were cut."""
+    context_ids = tokenizer.encode(context) or [tokenizer.eot_id]
+    sequences, scored, cut = [], [], 0
+    for choice in choices:
+        choice_ids = tokenizer.encode(choice)
+        if not choice_ids:
+            raise UserError("a choice is empty: it has no tokens to score")
+        ids = context_ids + choice_ids
+        if len(ids) > block_size + 1:
+            ids, cut = ids[-(block_size + 1):], cut + 1
+        sequences.append(ids)
+        scored.append(min(len(choice_ids), len(ids) - 1))
+    return sequences, scored, cut
+
+
+@torch.no_grad()
+def sequence_log_likelihoods(model: nn.Module, sequences: Sequence[Sequence[int]], scored: Sequence[int],
+                             pad_id: int, batch_size: int, device: str | torch.device) -> list[float]:
+    """For each sequence, the summed log-probability of its last `scored` tokens given the tokens before them
+    (batches right-padded: a causal model's logits at a position never see later positions)."""
+    totals = []
+    for start in range(0, len(sequences), batch_size):
+        batch = sequences[start : start + batch_size]
+        longest = max(len(ids) for ids in batch) - 1
+        inputs = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+        for row, ids in enumerate(batch):
+            inputs[row, : len(ids) - 1] = torch.as_tensor(ids[:-1])
+        logits, _ = model(inputs.to(device))
+        log_probs = F.log_softmax(logits.float(), dim=-1).cpu()
+        for row, ids in enumerate(batch):
+            count = scored[start + row]
+            positions = torch.arange(len(ids) - 1 - count, len(ids) - 1)
+            targets = torch.as_tensor(ids[-count:])
+            totals.append(float(log_probs[row, positions, targets].sum()))
+    return totals
+
+
+def evaluate_choice(model: nn.Module, tokenizer: Tokenizer, records: Sequence[dict], batch_size: int,
+                    device: str | torch.device) -> tuple[dict, list[dict]]:
+    sequences, scored, owners, cut = [], [], [], 0
+    for index, record in enumerate(records):
+        ids, counts, cut_here = completion_sequences(tokenizer, record["context"], record["choices"],
+                                                     model.config.block_size)
+        sequences += ids
+        scored += counts
+        owners += [index] * len(ids)
+        cut += cut_here
+    note_truncated(cut, len(sequences), "context + choice sequences")
+    totals = sequence_log_likelihoods(model, sequences, scored, tokenizer.eot_id, batch_size, device)
+    log_likelihoods: list[list[float]] = [[] for _ in records]
+    token_counts: list[list[int]] = [[] for _ in records]
+    for owner, total, count in zip(owners, totals, scored, strict=True):
+        log_likelihoods[owner].append(total)
+        token_counts[owner].append(count)
+    labels = [record["label"] for record in records]
+    by_sum, by_mean = metrics.best_choices(log_likelihoods, token_counts)
+    rows = [{"prediction": s, "prediction_norm": m, "reference": label}
+            for s, m, label in zip(by_sum, by_mean, labels, strict=True)]
+    return metrics.choice_scores(log_likelihoods, token_counts, labels), rows
+
+
+def evaluate_sft(model: nn.Module, tokenizer: Tokenizer, records: Sequence[dict], template, batch_size: int,
+                 device: str | torch.device, *, with_replies: bool, max_new_tokens: int | None
+                 ) -> tuple[dict, list[dict]]:
+    """Mean next-token loss over the assistant turns' tokens, encoded exactly as fine-tuning encodes them
+    (`finetune.task_loss`), and its exponential; with_replies: also each conversation's greedy reply to its
+    turns before the last assistant turn."""
+    from lmforge.tasks.finetune import task_loss
+    from lmforge.tasks.predict import generate_reply, prompt_ids
+
+    result = task_loss(model, tokenizer, list(records), "sft", template=template, batch_size=batch_size,
+                       device=device)
+    note_truncated(result["truncated"], len(records), "conversations")
+    if result["untrainable"]:
+        print(f"note: {result['untrainable']} conversations kept no reply within the context and were not scored",
+              file=sys.stderr)
+    rows = []
+    for record in records:
+        reference = [m for m in as_messages(record, "sft") if m["role"] == "assistant"][-1]["content"]
+        reply = None
+        if with_replies:
+            prompt = prompt_ids("sft", record, tokenizer, template)
+            reply = generate_reply(model, tokenizer, prompt, max_new_tokens or model.config.block_size)
+        rows.append({"prediction": reply, "reference": reference})
+    return {"loss": result["loss"], "perplexity": result["perplexity"]}, rows
+
+
+def evaluate_generation(model: nn.Module, tokenizer: Tokenizer, records: Sequence[dict], task: str, template,
+                        max_new_tokens: int | None, *, chat: bool = False) -> tuple[dict, list[dict]]:
+    """translate and qa: each record's greedy reply (without surrounding whitespace), scored against its
+    target (BLEU, chrF, beside the score of copying the source) or its answers (SQuAD exact match and F1).
+    `chat`: the run was fine-tuned on chat (sft), so a translate source is asked as CHAT_TRANSLATE_PROMPT."""
+    from lmforge.tasks.predict import generate_reply, prompt_ids
+
+    block_size = model.config.block_size
+    replies, cut = [], 0
+    for record in records:
+        if chat and task == "translate":
+            request = {"prompt": CHAT_TRANSLATE_PROMPT.format(source=record["source"]), "response": ""}
+            prompt = prompt_ids("sft", request, tokenizer, template)
+        else:
+            prompt = prompt_ids(task, record, tokenizer, template)
+        cut += len(prompt) > block_size
+        limit = max_new_tokens
+        if limit is None:  # room for a target about as long as the source, or a short answer
+            limit = 2 * len(tokenizer.encode(record["source"])) + 16 if task == "translate" else 64
+        replies.append(generate_reply(model, tokenizer, prompt, limit).strip())
+    note_truncated(cut, len(records), "prompts")
+    if task == "translate":
+        sources = [record["source"] for record in records]
+        targets = [record["target"] for record in records]
+        scores = {"bleu": metrics.bleu(replies, targets), "chrf": metrics.chrf(replies, targets),
+                  "copy_bleu": metrics.bleu(sources, targets), "copy_chrf": metrics.chrf(sources, targets)}
+        references: list = targets
+    else:
+        references = [record["answers"] for record in records]
+        scores = metrics.qa_scores(replies, references)
+    return scores, [{"prediction": p, "reference": r} for p, r in zip(replies, references, strict=True)]
+
+
+def eval_command(run: str, task: str | None, data: str, *, split: str | None, predictions: str | None,
+                 batch_size: int, device: str, engine: str) -> None:
+    """`lmforge eval RUN --task T --data FILE [--predictions OUT]`: print the metrics as one JSON object."""
+    from lmforge.hardware import resolve_device
+
+    if task is None:
+        raise UserError("--predictions needs --task (the records' task: " + ", ".join(TASKS) + ")")
+    if engine != "torch":
+        raise UserError("--task evaluation runs on the torch engine; drop --engine scratch")
+    scores = evaluate_task(run, task, data, split=split or "test", predictions=predictions, batch_size=batch_size,
+                           device=resolve_device(device, "--device"))
+    print(json.dumps(scores))

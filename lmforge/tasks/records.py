@@ -1,0 +1,225 @@
+"""Task records: read a task's data from .jsonl, .csv or .parquet, check every record, and name the bad one.
+
+Each task has one record shape (the same columns in every format):
+
+    classify   {"text": str, "label": str}            an integer label is read as its string, "3"
+    sft        {"prompt": str, "response": str}  or  {"messages": [{"role", "content"}, ...]}
+    translate  {"source": str, "target": str}
+    qa         {"context": str, "question": str, "answers": [str, ...]}
+    choice     {"context": str, "choices": [str, ...], "label": int}   label indexes choices
+
+In a CSV file a list column (messages, answers, choices) holds JSON text. Other keys are allowed and kept
+(the built-in tasks add "play"). A data argument is a file, or a directory holding `train`, `val` and `test`
+files in any of the formats (`split_files`, `data_file`).
+
+The text formats a fine-tuned model sees are fixed here, so training (finetune) and evaluation (eval) agree:
+a translate record is the plain text `source + TRANSLATE_SEPARATOR` followed by the target and end-of-text
+(no chat template); sft and qa records become chat messages (`as_messages`) for `ChatTemplate.encode`;
+a chat run asked to translate gets the user turn CHAT_TRANSLATE_PROMPT.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from lmforge.errors import UserError
+from lmforge.tasks.template import check_message
+
+TASKS = ("classify", "sft", "translate", "qa", "choice")
+SPLITS = ("train", "val", "test")
+FORMATS = (".jsonl", ".csv", ".parquet")
+
+# A translate record as a model reads it: source, this separator, then the target (ended by end-of-text).
+TRANSLATE_SEPARATOR = "\n=>\n"
+# A qa record as the user turn of a chat; its first answer is the assistant turn.
+QA_PROMPT = "Context: {context}\nQuestion: {question}"
+# A translate record put to a chat (sft) run, as `eval --task translate` does: the request the built-in
+# `modernize` task trains, so a run fine-tuned on it is scored on `folio` records in its own format.
+CHAT_TRANSLATE_PROMPT = "Modernize: {source}"
+
+LIST_FIELDS = ("messages", "answers", "choices")
+
+
+def translate_prompt(source: str) -> str:
+    """The text a translate model continues with the target."""
+    return source + TRANSLATE_SEPARATOR
+
+
+def as_messages(record: dict, task: str) -> list[dict]:
+    """The chat messages of an sft or qa record (a prompt/response pair is one user and one assistant turn)."""
+    if task == "qa":
+        return [{"role": "user", "content": QA_PROMPT.format(context=record["context"],
+                                                             question=record["question"])},
+                {"role": "assistant", "content": record["answers"][0]}]
+    if task != "sft":
+        raise ValueError(f"{task} records are not chat messages")
+    if "messages" in record:
+        return record["messages"]
+    return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+
+
+def split_files(data_dir: str | Path) -> dict[str, Path]:
+    """The split files of a task data directory: {"train": .../train.jsonl, "val": ..., "test": ...}, for the
+    splits present (at least one)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"task data directory not found: {data_dir}")
+    found: dict[str, Path] = {}
+    for split in SPLITS:
+        candidates = [data_dir / f"{split}{suffix}" for suffix in FORMATS if (data_dir / f"{split}{suffix}").is_file()]
+        if len(candidates) > 1:
+            raise UserError(f"{data_dir} has {' and '.join(p.name for p in candidates)}; keep one file per split")
+        if candidates:
+            found[split] = candidates[0]
+    if not found:
+        raise UserError(f"{data_dir} holds no {'/'.join(SPLITS)} file ({', '.join(FORMATS)})")
+    return found
+
+
+def data_file(data: str | Path, split: str) -> Path:
+    """The file to read for `split`: `data` itself when it is a file, else that split's file in the directory."""
+    data = Path(data)
+    if data.is_file():
+        return data
+    files = split_files(data)
+    if split not in files:
+        raise UserError(f"{data} has no {split} file (it has {', '.join(files)})")
+    return files[split]
+
+
+def read_records(path: str | Path, task: str) -> list[dict]:
+    """Every record of a task file, checked against the task's shape; a bad one is a UserError naming the file
+    and its line (row, for Parquet)."""
+    if task not in TASKS:
+        raise UserError(f"unknown task '{task}'; tasks are {', '.join(TASKS)}")
+    path = Path(path)
+    if path.is_dir():
+        names = ", ".join(file.name for file in split_files(path).values())
+        raise UserError(f"{path} is a directory; name one of its files ({names})")
+    if not path.is_file():
+        raise UserError(f"task data file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise UserError(f"{path}: unknown format '{suffix}'; task data is {', '.join(FORMATS)}")
+    reader = {".jsonl": _jsonl_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}[suffix]
+    records = []
+    try:
+        for where, row in reader(path):
+            try:
+                records.append(check_record(row, task))
+            except UserError as err:
+                raise UserError(f"{path} {where}: {err}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text (at record {len(records) + 1})") from None
+    if not records:
+        raise UserError(f"{path} holds no records")
+    return records
+
+
+def check_record(row: Any, task: str) -> dict:
+    """The record with its fields checked (and a classify label as a string), or a UserError saying why not."""
+    if not isinstance(row, dict):
+        raise UserError(f"a {task} record must be an object, not {type(row).__name__}")
+    record = dict(row)
+    if task == "sft" and "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise UserError("'messages' must be a non-empty list of {role, content} objects")
+        for index, message in enumerate(messages):
+            check_message(message, index)
+        if not any(message["role"] == "assistant" for message in messages):
+            raise UserError("'messages' has no assistant turn to train on")
+        return record
+    fields = {"classify": ("text", "label"), "sft": ("prompt", "response"), "translate": ("source", "target"),
+              "qa": ("context", "question", "answers"), "choice": ("context", "choices", "label")}[task]
+    missing = [name for name in fields if name not in record]
+    if missing:
+        shape = "prompt, response (or messages)" if task == "sft" else ", ".join(fields)
+        raise UserError(f"missing field {', '.join(repr(m) for m in missing)} ({task} records have {shape})")
+    for name in fields:
+        value = record[name]
+        if name in ("answers", "choices"):
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+                raise UserError(f"'{name}' must be a non-empty list of strings")
+        elif name == "label" and task == "choice":
+            if isinstance(value, str) and value.strip().isdigit():  # a CSV cell
+                record["label"] = value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise UserError(f"'label' must be an integer index into choices, not {value!r}")
+        elif name == "label":
+            if isinstance(value, int) and not isinstance(value, bool):
+                record["label"] = value = str(value)
+            if not isinstance(value, str) or not value:
+                raise UserError(f"'label' must be a non-empty string (or an integer), not {value!r}")
+        elif not isinstance(value, str):
+            raise UserError(f"'{name}' must be a string, not {type(value).__name__}")
+    if task == "choice":
+        if len(record["choices"]) < 2:
+            raise UserError("'choices' needs at least two choices")
+        if not 0 <= record["label"] < len(record["choices"]):
+            raise UserError(f"'label' {record['label']} is not an index into {len(record['choices'])} choices")
+    if task in ("classify", "translate") and not record[fields[0]]:
+        raise UserError(f"'{fields[0]}' is empty")
+    return record
+
+
+def _jsonl_rows(path: Path):
+    with _open_text(path) as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise UserError(f"{path} line {number}: not valid JSON ({err})") from None
+            except RecursionError:  # the parser refuses nesting deeper than the interpreter's recursion limit
+                raise UserError(f"{path} line {number}: JSON nested too deeply") from None
+            yield f"line {number}", row
+
+
+def _csv_rows(path: Path):
+    with _open_text(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        try:
+            if reader.fieldnames is None:
+                return
+            for row in reader:
+                where = f"line {reader.line_num}"
+                if None in row:
+                    raise UserError(f"{path} {where}: more cells than the header's {len(reader.fieldnames)} columns")
+                yield where, {key: _csv_cell(key, value, path, where) for key, value in row.items()}
+        except csv.Error as err:
+            raise UserError(f"{path} line {reader.line_num}: not valid CSV ({err})") from None
+
+
+def _csv_cell(key: str, value: str | None, path: Path, where: str) -> Any:
+    """A CSV cell as its record value: list columns hold JSON text."""
+    if value is None:
+        raise UserError(f"{path} {where}: no value for '{key}' (fewer cells than columns)")
+    if key in LIST_FIELDS:
+        try:
+            return json.loads(value)
+        except (ValueError, RecursionError):
+            raise UserError(f"{path} {where}: '{key}' must hold a JSON list, not {value[:40]!r}") from None
+    return value
+
+
+def _parquet_rows(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types (ArrowInvalid, OSError) for a corrupt file
+        raise UserError(f"{path} is not a readable Parquet file ({err})") from None
+    for number, row in enumerate(table.to_pylist(), start=1):
+        yield f"row {number}", row
+
+
+def _open_text(path: Path, newline: str | None = None):
+    try:
+        return open(path, encoding="utf-8-sig", newline=newline)  # a byte-order mark (Excel's CSV) is not data
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err}") from None
