@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import typing
 from pathlib import Path
 
 from lmforge import __version__
@@ -41,7 +43,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
             shard_tokens=args.shard_tokens, workers=args.workers, overwrite=args.overwrite, quiet=args.quiet)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
+def cmd_train(args: argparse.Namespace) -> int:
     from lmforge.config import load_config
     from lmforge.run import CONFIG_FILE, resolve_checkpoint
     from lmforge.train.trainer import Trainer
@@ -57,9 +59,13 @@ def cmd_train(args: argparse.Namespace) -> None:
             raise UserError("train needs --config FILE (or --resume to continue the run in --out, or "
                             "--init-from RUN to start from a run's weights and settings)")
         config_path = Path(args.out) / CONFIG_FILE
+        if not config_path.is_file():
+            raise UserError(f"no run to resume in {args.out} (it has no {CONFIG_FILE})")
     config = load_config(config_path, args.overrides)
-    Trainer(config, args.data, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
-            init_from=args.init_from).run()
+    result = Trainer(config, args.data, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
+                     init_from=args.init_from).run()
+    # Stopped by a signal (after saving): exit as the signal would have, so `train && export` stops here.
+    return 128 + result["signal"] if result["signal"] else 0
 
 
 def cmd_sample(args: argparse.Namespace) -> None:
@@ -77,9 +83,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8", errors="replace")
         except OSError as err:
             raise UserError(f"cannot read --prompt-file: {err}") from None
-    if args.temperature < 0:
-        raise UserError("--temperature must be 0 (greedy) or positive")
     model, _, tokenizer, _, device = load_for_inference(args.run, args.device, args.engine)
+    unknown = tokenizer.unknown_characters(prompt)
+    if unknown:
+        named = ", ".join(repr(c) for c in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
+        if not args.allow_unknown:
+            raise UserError(f"the prompt has characters the run's tokenizer does not know ({named}); remove them, "
+                            "or pass --allow-unknown to read each as the unknown token")
+        print(f"lmforge sample: note: characters outside the vocabulary read as the unknown token: {named}",
+              file=sys.stderr)
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for index in range(args.num_samples):
@@ -103,7 +115,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
                      batch_size=args.batch_size, device=args.device, engine=args.engine)
         return
     args.split = args.split or "val"
-    from lmforge.data.datadir import describe_data
+    from lmforge.data.datadir import check_token_ids, describe_data
     from lmforge.data.loader import TokenWindows
     from lmforge.hardware import resolve_precision
     from lmforge.infer.evaluate import bits_per_character, evaluate
@@ -114,6 +126,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.split not in meta["splits"]:
         raise UserError(f"unknown split '{args.split}'; {args.data} has {', '.join(meta['splits'])}")
     split = meta["splits"][args.split]
+    check_token_ids(args.data, config.model.vocab_size, (args.split,))
     windows = TokenWindows(args.data, args.split, config.model.block_size)
     result = evaluate(model, windows, batch_size=args.batch_size, max_windows=None, device=device,
                       precision=resolve_precision("fp32" if device.type == "cpu" else config.train.precision,
@@ -144,8 +157,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from lmforge.bench import bench
     from lmforge.config import load_config
 
-    if args.steps <= 0:
-        raise UserError("--steps must be positive")
     # The plan and the estimate come first; with --json they go to stderr, so stdout stays one JSON object.
     say = (lambda line: print(line, file=sys.stderr)) if args.json else print
     result = bench(load_config(args.config, args.overrides), steps=args.steps, say=say)
@@ -236,7 +247,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmforge", description="Train language models from scratch.")
+    parser = ArgumentParser(prog="lmforge", description="Train language models from scratch.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -247,12 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-source", action="append", help="held-out validation text (repeatable)")
     p.add_argument("--val-fraction", type=float, help="fraction of documents held out (default 0.1)")
     p.add_argument("--tokenizer", required=True, help="char, bpe or gpt2")
-    p.add_argument("--vocab-size", type=int, help="bpe vocabulary size")
+    p.add_argument("--vocab-size", type=POSITIVE_INT, help="bpe vocabulary size")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet")
     p.add_argument("--lowercase", action="store_true")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--shard-tokens", type=int, default=100_000_000)
-    p.add_argument("--workers", type=int, help="encoding processes (default: all cores)")
+    p.add_argument("--seed", type=SEED, default=1337)
+    p.add_argument("--shard-tokens", type=POSITIVE_INT, default=100_000_000)
+    p.add_argument("--workers", type=POSITIVE_INT, help="encoding processes (default: all cores)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset in --out")
     p.add_argument("--quiet", action="store_true")
@@ -286,12 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory or a checkpoint directory inside one")
     p.add_argument("--prompt", help="text the samples continue (default: none, start from end-of-text)")
     p.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    p.add_argument("--max-new-tokens", type=int, default=500)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens only")
-    p.add_argument("--top-p", type=float, help="sample among the most likely tokens that make up this probability")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--max-new-tokens", type=COUNT, default=500)
+    p.add_argument("--temperature", type=TEMPERATURE, default=0.8, help="0 means greedy decoding")
+    p.add_argument("--top-k", type=POSITIVE_INT, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=PROBABILITY, help="sample among the most likely tokens that make up this "
+                                                      "probability, in (0, 1]")
+    p.add_argument("--num-samples", type=POSITIVE_INT, default=1)
+    p.add_argument("--seed", type=SEED, default=1337)
+    p.add_argument("--allow-unknown", action="store_true", help="read prompt characters outside a char "
+                                                                "tokenizer's vocabulary as the unknown token "
+                                                                "(default: refuse them, naming them)")
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--engine", choices=ENGINES, default="torch", help="scratch: the NumPy engine (CPU)")
 
@@ -303,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="val by default; with --task and a directory, test by default")
     p.add_argument("--task", help="classify, translate, qa, choice or sft: the task's metrics as JSON")
     p.add_argument("--predictions", help="with --task: write each record's prediction and reference (JSON lines)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--engine", choices=ENGINES, default="torch", help="scratch: the NumPy engine (CPU)")
 
@@ -332,14 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory or a checkpoint directory inside one")
     p.add_argument("--text", required=True)
     p.add_argument("--context", help="qa runs: the passage the --text question is about")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=COUNT, default=200)
     p.add_argument("--device", default="auto")
 
     p = commands.add_parser("bench", help="time training steps on random tokens (extra flags override config)")
     p.set_defaults(func=cmd_bench)
     add_config_options(p)
     p.add_argument("--config", help="TOML config (default: built-in defaults)")
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps (after 2 untimed warm-up steps)")
+    p.add_argument("--steps", type=POSITIVE_INT, default=10,
+                   help="timed optimizer steps (after 2 untimed warm-up steps)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--engine", action=SetConfig, key="train.engine", choices=ENGINES,
                    help="sets train.engine: torch (default) or scratch (NumPy)")
@@ -407,9 +423,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported as every other user error: one line on stderr and exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def checked(kind: type, *, low: float | None = None, high: float | None = None, above: float | None = None,
+            text: str) -> typing.Callable[[str], typing.Any]:
+    """An argparse type: a finite `kind` within the bounds, else an error saying what is allowed (`text`)."""
+
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {text}, got {value!r}") from None
+        if not math.isfinite(number) or (low is not None and number < low) or (high is not None and number > high) \
+                or (above is not None and number <= above):
+            raise argparse.ArgumentTypeError(f"expected {text}, got {value}")
+        return number
+
+    return parse
+
+
+POSITIVE_INT = checked(int, low=1, text="a positive integer")
+COUNT = checked(int, low=0, text="an integer of at least 0")
+TEMPERATURE = checked(float, low=0, text="0 (greedy) or a positive number")
+PROBABILITY = checked(float, above=0, high=1, text="a probability in (0, 1]")
+SEED = checked(int, low=0, high=2**64 - 1, text="an integer in [0, 2**64)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a bad argument (already reported in one line)
+        return exit_.code if isinstance(exit_.code, int) else 2
     if extra and not getattr(args, "takes_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
@@ -418,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
 
             # A short flag is the same setting as its dotted spelling; given both, the short flag wins.
             args.overrides = {**parse_overrides(extra), **getattr(args, "config_flags", {})}
-        args.func(args)
+        return args.func(args) or 0
     except UserError as err:
         print(f"lmforge {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -21,13 +21,14 @@ read and write runs through it.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import shutil
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import IO, ClassVar
 
 import torch
 from safetensors.torch import save_file
@@ -48,6 +49,8 @@ WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 HIDDEN_FILE = "hidden.safetensors"
+CHECKPOINT_FILES = (WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE, HIDDEN_FILE)
+LOCK_FILE = ".lock"
 
 
 # ----- config and tokenizer -----
@@ -74,12 +77,118 @@ def existing_run_files(run_dir: Path) -> list[str]:
 
 
 def refuse_existing_run(run_dir: Path, overwrite: bool) -> list[str]:
-    """The run files already in `run_dir`; a UserError if there are some and `overwrite` is off."""
+    """The run files already in `run_dir`; a UserError if there are some and `overwrite` is off, or if
+    overwriting would delete files lmforge did not write."""
     existing = existing_run_files(run_dir)
     if existing and not overwrite:
         raise UserError(f"{run_dir} already holds a run ({', '.join(existing)}); "
                         f"continue it with --resume or replace it with --overwrite")
+    foreign = foreign_files(run_dir) if existing else []
+    if foreign:
+        raise UserError(f"{run_dir} holds files lmforge did not write ({', '.join(foreign[:5])}"
+                        f"{', ...' if len(foreign) > 5 else ''}); --overwrite replaces a run, nothing else: move "
+                        "them away or choose another --out")
     return existing
+
+
+def _is_temporary(name: str) -> bool:
+    """Names of lmforge's temporaries: `.NAME.tmp` files, `.tmp-NAME` and `.old-NAME` swaps."""
+    return name.startswith((".tmp-", ".old-")) or (name.startswith(".") and name.endswith(".tmp"))
+
+
+def _is_ours(relative: Path) -> bool:
+    """Whether a path inside a run directory is one lmforge writes there."""
+    parts, name = relative.parts, relative.name
+    if _is_temporary(name):
+        return True
+    if len(parts) == 1:
+        return name in RUN_FILES or name == LOCK_FILE
+    if parts[0] == CHECKPOINTS:
+        checkpoint = parts[1]
+        if not (checkpoint.startswith(CHECKPOINT_PREFIX) or _is_temporary(checkpoint)):
+            return False
+        return len(parts) == 2 or (len(parts) == 3 and name in CHECKPOINT_FILES)
+    if parts[0] == "report":
+        return len(parts) == 2 and name.endswith((".md", ".png"))
+    if parts[0] == "tensorboard":
+        return len(parts) == 2 and name.startswith("events.out.tfevents.")
+    return False
+
+
+def foreign_files(run_dir: Path) -> list[str]:
+    """Files under a run's own entries (checkpoints/, report/, ...) that lmforge did not write, relative to it:
+    what `--overwrite` must not delete. Files beside the run's entries are never touched, so not listed."""
+    run_dir = Path(run_dir)
+    found = []
+    for name in RUN_FILES:
+        top = run_dir / name
+        if top.is_dir() and not top.is_symlink():
+            for path in sorted(top.rglob("*")):
+                relative = path.relative_to(run_dir)
+                if not _is_ours(relative) and not (path.is_dir() and any(path.iterdir())):
+                    found.append(str(relative))
+        elif top.is_symlink():
+            found.append(name)
+    return found
+
+
+def clean_leftovers(run_dir: Path) -> list[str]:
+    """Finish or undo what a kill interrupted, and say what: a checkpoint swapped out (`.old-step_N`) whose
+    replacement never arrived is put back; other swaps and temporaries (`.tmp-step_N`, `.NAME.tmp`) are
+    deleted. Returns one line per repair."""
+    run_dir = Path(run_dir)
+    repairs = []
+    for directory in (run_dir, run_dir / CHECKPOINTS, run_dir / "report"):
+        if not directory.is_dir():
+            continue
+        for path in sorted(directory.iterdir()):
+            if not _is_temporary(path.name):
+                continue
+            original = path.with_name(path.name.removeprefix(".old-"))
+            if path.name.startswith(".old-") and not original.exists():
+                os.replace(path, original)
+                repairs.append(f"restored {original} from {path.name}, left by an interrupted save")
+                continue
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            repairs.append(f"removed {path}, left by an interrupted save")
+    return repairs
+
+
+def remove_run(run_dir: Path, created: bool) -> None:
+    """Undo a start that failed before its first checkpoint, so the corrected command needs no --overwrite:
+    the run's files go, and the directory too if this start created it and it is now empty."""
+    run_dir = Path(run_dir)
+    for name in (*RUN_FILES, LOCK_FILE):
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+# ----- one writer at a time -----
+def lock_run(run_dir: Path) -> IO:
+    """Take the run directory's lock for as long as the returned file stays open: a second process that
+    would write the run gets a UserError naming the holder's PID. The kernel drops the lock when the holder
+    dies (even by kill -9), so a crashed run never leaves a stale lock behind."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise UserError(f"{run_dir} is being written by another lmforge process (PID {holder}); wait for it "
+                        "to finish or stop it, or choose another --out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
 
 
 def create_run(run_dir: Path, config: Config, tokenizer: Tokenizer, replace: list[str]) -> None:
@@ -233,18 +342,48 @@ def read_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return load_safetensors(checkpoint / WEIGHTS_FILE, f"checkpoint {checkpoint}")
 
 
-def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], list[dict], dict, dict[str, torch.Tensor]]:
+def load_checkpoint(path: Path, schema: dict[str, type] | None = None
+                    ) -> tuple[dict[str, torch.Tensor], list[dict], dict, dict[str, torch.Tensor]]:
     """Model weights, optimizer state dicts, trainer state and carried hidden state (empty if the run carried
-    none) of one checkpoint directory."""
+    none) of one checkpoint directory; state.json must have the keys of `schema` (default STATE_SCHEMA), each
+    of its type."""
     what = f"checkpoint {path}"
     weights = load_safetensors(path / WEIGHTS_FILE, what)
     try:
-        state = json.loads((path / STATE_FILE).read_text())
-    except (OSError, ValueError) as err:
+        state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
         raise UserError(f"{what} is unreadable ({err})") from None
+    missing = [key for key, kind in (schema or STATE_SCHEMA).items() if not isinstance(state, dict)
+               or not isinstance(state.get(key), kind)]
+    if missing:
+        raise UserError(f"{what} is unreadable ({STATE_FILE} lacks {', '.join(missing)})")
     optimizer_tensors = load_safetensors(path / OPTIMIZER_FILE, what)
     hidden = load_safetensors(path / HIDDEN_FILE, what) if (path / HIDDEN_FILE).is_file() else {}
-    return weights, _unflatten_optimizers(optimizer_tensors, state["optimizer_groups"]), state, hidden
+    try:
+        optimizer_states = _unflatten_optimizers(optimizer_tensors, state["optimizer_groups"])
+    except (ValueError, IndexError) as err:
+        raise UserError(f"{what} is unreadable (its optimizer state does not match {STATE_FILE}: {err})") from None
+    return weights, optimizer_states, state, hidden
+
+
+# What every state.json holds, and the type of each (a loop adds its own keys: the trainer's data loader).
+STATE_SCHEMA = {"progress": dict, "rng": dict, "optimizer_groups": list}
+
+
+def newest_readable_checkpoint(run_dir: Path, say, schema: dict[str, type] | None = None) -> tuple[Path, tuple]:
+    """The newest checkpoint of a run that loads (`load_checkpoint(path, schema)`'s result with it); an
+    unreadable one is skipped, saying so through `say`, for the one before it."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise UserError(f"--resume: {run_dir} holds no checkpoint to resume from")
+    for index in range(len(checkpoints) - 1, -1, -1):
+        try:
+            return checkpoints[index], load_checkpoint(checkpoints[index], schema)
+        except UserError as err:
+            if index == 0:
+                raise UserError(f"--resume: no checkpoint of {run_dir} is readable (the oldest: {err})") from None
+            say(f"{err}: resuming from {checkpoints[index - 1].name} instead")
+    raise AssertionError("unreachable")
 
 
 def prune_checkpoints(run_dir: Path, keep_last: int, keep_step: int | None) -> None:
@@ -269,14 +408,23 @@ def architecture(config: ModelConfig) -> dict:
     return values
 
 
+def check_same_model(path: str | Path, config: ModelConfig, flag: str) -> None:
+    """A UserError naming every model setting in which `config` differs from the run's own (given as the run or
+    a checkpoint in it): its weights would not fit, or would compute another function."""
+    run_dir = resolve_checkpoint(path)[0] if (Path(path) / WEIGHTS_FILE).is_file() else Path(path)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise UserError(f"{flag}: no run to resume in {run_dir} (it has no {CONFIG_FILE})")
+    theirs, ours = architecture(read_config(run_dir).model), architecture(config)
+    differences = [f"model.{key} is {theirs[key]} there, {ours[key]} here" for key in ours if ours[key] != theirs[key]]
+    if differences:
+        raise UserError(f"{flag} {path}: the model settings differ from that run's ({'; '.join(differences)}); "
+                        f"keep its [model] section (in {run_dir / CONFIG_FILE})")
+
+
 def init_from_run(model: torch.nn.Module, path: str | Path) -> Path:
     """Copy a run's weights into a new model (`train --init-from`): the model settings must be the run's."""
     run_dir, checkpoint = resolve_checkpoint(path)
-    theirs, ours = architecture(read_config(run_dir).model), architecture(model.config)
-    differences = [f"model.{key} is {theirs[key]} there, {ours[key]} here" for key in ours if ours[key] != theirs[key]]
-    if differences:
-        raise UserError(f"--init-from {path}: the model settings differ from that run's ({'; '.join(differences)}); "
-                        f"keep its [model] section (in {run_dir / CONFIG_FILE})")
+    check_same_model(run_dir, model.config, "--init-from")
     load_weights(model, read_weights(checkpoint), checkpoint)
     return checkpoint
 

@@ -140,7 +140,7 @@ BAD_INPUTS = {
     "eval unknown split": (lambda t, tmp: ["eval", t.run, "--data", t.data, "--split", "test",
                                            "--device", "cpu"], "unknown split"),
     "resume nothing": (lambda t, tmp: ["train", "--resume", "--config", t.config, "--data", t.data,
-                                       "--out", tmp / "r"], "no checkpoint"),
+                                       "--out", tmp / "r"], "no run to resume"),
 }
 
 

@@ -139,10 +139,9 @@ def test_resume_after_a_crash_keeps_one_log_record_per_step(tiny_data, tiny_conf
 
 def test_resume_with_another_model_shape_is_a_user_error(tiny_data, tiny_config, tmp_path):
     Trainer(tiny_config(train__max_steps=2), tiny_data, tmp_path / "run", quiet=True).run()
-    with pytest.raises(UserError, match="checkpoint") as caught:
+    with pytest.raises(UserError, match="model.n_embd is 32 there, 48 here"):
         Trainer(tiny_config(train__max_steps=4, model__n_embd=48), tiny_data, tmp_path / "run", resume=True,
                 quiet=True)
-    assert "model" in str(caught.value)
 
 
 def test_resume_with_another_optimizer_is_a_user_error(tiny_data, tiny_config, tmp_path):
@@ -353,7 +352,7 @@ def test_an_existing_run_is_not_clobbered(tiny_data, tiny_config, tmp_path):
     assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
     Trainer(tiny_config(train__max_steps=3), tiny_data, run, overwrite=True, quiet=True).run()
     assert len(records(run, "start")) == 1 and checkpoint_steps(run) == [3]
-    with pytest.raises(UserError, match="no checkpoint"):
+    with pytest.raises(UserError, match="no run to resume"):
         Trainer(tiny_config(), tiny_data, tmp_path / "empty", resume=True, quiet=True)
 
 

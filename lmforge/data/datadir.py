@@ -25,9 +25,41 @@ def load_meta(data_dir: str | Path) -> dict:
         raise UserError(f"{path} not found: {path.parent} is not a prepared data directory; "
                         f"run lmforge prepare --out {path.parent} first")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise UserError(f"{path} is not valid JSON ({err}); run lmforge prepare again") from None
+    check_meta(meta, path)
+    return meta
+
+
+def check_meta(meta: object, path: Path) -> None:
+    """meta.json must say, for the train and val splits, how many tokens (and bytes and characters, or null)."""
+    splits = meta.get("splits") if isinstance(meta, dict) else None
+    problem = None
+    if not isinstance(splits, dict):
+        problem = "no \"splits\" object"
+    else:
+        for split in SPLITS:
+            counts = splits.get(split)
+            if not isinstance(counts, dict) or not isinstance(counts.get("tokens"), int) or any(
+                    not isinstance(counts.get(key), int | None) or isinstance(counts.get(key), bool)
+                    for key in ("bytes", "chars")):
+                problem = f"split {split!r} lacks its integer counts (tokens, bytes, chars)"
+                break
+    if problem:
+        raise UserError(f"{path} is not lmforge's meta.json: {problem}; run lmforge prepare again")
+
+
+def check_token_ids(data_dir: str | Path, vocab_size: int, splits: tuple[str, ...] = SPLITS) -> None:
+    """Every token id in the shards must be below the model's vocabulary size: a shard from a larger vocabulary
+    (or a corrupt one) would otherwise fail deep inside the model. One NumPy max per memory-mapped shard."""
+    for split in splits:
+        for path in list_shards(data_dir, split):
+            tokens = read_shard(path)
+            largest = int(tokens.max()) if len(tokens) else -1
+            if largest >= vocab_size:
+                raise UserError(f"{path} holds token id {largest}, beyond the model's vocabulary of {vocab_size} "
+                                f"(ids 0..{vocab_size - 1}): it was made with another tokenizer, or is corrupt")
 
 
 def describe_data(data_dir: str | Path, tokenizer: Tokenizer | None = None) -> tuple[dict, Tokenizer]:

@@ -53,6 +53,11 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [self.encode(text) for text in texts]
 
+    def unknown_characters(self, text: str) -> list[str]:
+        """The characters of `text` this tokenizer cannot encode, in order of first appearance (byte-level
+        tokenizers encode everything)."""
+        return []
+
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Like encode_batch, as int64 arrays; kinds override it where arrays are the fast path."""
         return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
@@ -110,6 +115,10 @@ class CharTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.encode_arrays([text])[0].tolist()
+
+    def unknown_characters(self, text: str) -> list[str]:
+        known = set(self.chars)
+        return list(dict.fromkeys(c for c in text if c not in known))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [ids.tolist() for ids in self.encode_arrays(texts)]

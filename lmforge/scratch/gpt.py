@@ -31,6 +31,9 @@ from lmforge.scratch.layers import (
 
 def check_scratch_config(config: ModelConfig) -> None:
     """Refuse, naming the option, every model setting the scratch engine does not implement."""
+    if config.arch != "gpt":
+        raise UserError(f"the scratch engine implements the GPT-2 transformer only, not model.arch = "
+                        f"'{config.arch}'; use --engine torch")
     unsupported = [
         ("model.position", config.position, "learned"),
         ("model.norm", config.norm, "layernorm"),

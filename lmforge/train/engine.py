@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.config import ENGINES, Config, OptimConfig
+from lmforge.config import Config, OptimConfig
 from lmforge.errors import UserError
 from lmforge.hardware import autocast, resolve_compile, resolve_device, resolve_precision
 from lmforge.model.gpt import GPT
@@ -40,16 +40,8 @@ Batches = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 def check_engine(config: Config) -> None:
     """Refuse an unknown engine, and every setting the scratch engine does not implement, naming the option."""
     train = config.train
-    if train.engine not in ENGINES:
-        raise UserError(f"unknown engine '{train.engine}'; choose torch or scratch")
     if train.engine != "scratch":
         return
-    if config.model.arch != "gpt":
-        raise UserError(f"the scratch engine implements the GPT-2 transformer only, not model.arch = "
-                        f"'{config.model.arch}'; use --engine torch")
-    if config.model.activation not in ("", "gelu"):
-        raise UserError(f"the scratch engine implements GPT-2's GELU only, not model.activation = "
-                        f"'{config.model.activation}'; use --engine torch")
     check_scratch_config(config.model)
     for option, value, supported in (("optim.name", config.optim.name, ("adamw",)),
                                      ("train.device", train.device, ("auto", "cpu")),

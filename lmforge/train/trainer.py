@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from lmforge import run as rundir
 from lmforge.config import Config
-from lmforge.data.datadir import describe_data
+from lmforge.data.datadir import check_token_ids, describe_data
 from lmforge.data.loader import TokenWindows, TrainLoader
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import TrainingDiverged, UserError
@@ -35,7 +35,7 @@ from lmforge.run import EndRecord, EvalRecord, LogWriter, Record, SampleRecord, 
 from lmforge.train.distributed import start_cluster
 from lmforge.train.engine import build_engine, engine_device
 from lmforge.train.optim import set_lr
-from lmforge.train.schedule import SCHEDULES, lr_multiplier
+from lmforge.train.schedule import lr_multiplier
 
 
 def accumulation_steps(config: Config, world_size: int = 1) -> int:
@@ -51,20 +51,15 @@ def accumulation_steps(config: Config, world_size: int = 1) -> int:
 
 
 def settle_config(config: Config, tokenizer: Tokenizer) -> Config:
-    """A copy of the config with the values the data decides filled in (model.vocab_size = 0: the tokenizer's)
-    and the training limits checked; the caller's config is left as it was."""
+    """A copy of the config with the values the data decides filled in (model.vocab_size = 0: the tokenizer's),
+    and checked against the tokenizer; the caller's config is left as it was."""
     config = copy.deepcopy(config)
-    model, train = config.model, config.train
+    model = config.model
     if model.vocab_size == 0:
         model.vocab_size = tokenizer.vocab_size
     elif model.vocab_size < tokenizer.vocab_size:
         raise UserError(f"model.vocab_size {model.vocab_size} is smaller than the data's tokenizer "
                         f"({tokenizer.vocab_size}); leave it at 0 to take the tokenizer's")
-    for key in ("batch_size", "max_steps", "log_every"):
-        if getattr(train, key) <= 0:
-            raise UserError(f"train.{key} must be positive")
-    if train.schedule not in SCHEDULES:
-        raise UserError(f"unknown train.schedule '{train.schedule}'; choose one of {', '.join(SCHEDULES)}")
     return config
 
 
@@ -89,9 +84,19 @@ class Trainer:
         self.data_dir = Path(data_dir)
         self.run_dir = Path(run_dir)
         self.quiet = quiet
-        # Starting from another run's weights means using its tokenizer (bare llm.c shards have none).
-        self.meta, self.tokenizer = describe_data(self.data_dir, rundir.run_tokenizer(init_from) if init_from else None)
+        # Starting from another run's weights, or continuing this one, means using its tokenizer: the data must
+        # have been tokenized with it (bare llm.c shards have none of their own).
+        if init_from is not None:
+            run_tokenizer = rundir.run_tokenizer(init_from)
+        elif resume and (self.run_dir / rundir.TOKENIZER_FILE).is_file():
+            run_tokenizer = rundir.read_tokenizer(self.run_dir)
+        else:
+            run_tokenizer = None
+        self.meta, self.tokenizer = describe_data(self.data_dir, run_tokenizer)
         self.config = config = settle_config(config, self.tokenizer)
+        if resume:
+            rundir.check_same_model(self.run_dir, config.model, "--resume")
+        check_token_ids(self.data_dir, config.model.vocab_size)
         train = config.train
 
         device, self.precision = engine_device(config)
@@ -113,15 +118,20 @@ class Trainer:
         self.val_windows = TokenWindows(self.data_dir, "val", config.model.block_size)
         self.accumulation = accumulation_steps(config, self.cluster.world_size)
         self.tokens_per_step = self.accumulation * train.batch_size * config.model.block_size * self.cluster.world_size
-        resume_from = self._prepare_run_dir(resume, overwrite)  # last: a failed check leaves no run behind
         self.progress = Progress()
+        self.stop_signal: str | None = None
+        self.saving = False  # a second signal during a save waits for the save to finish
+        self.created = not self.run_dir.exists()
+        self.lock = None
+        resume_from = self._prepare_run_dir(resume, overwrite)  # last: a failed check leaves no run behind
+        self.resumed = resume_from is not None
         if resume_from is not None:
-            self._restore(resume_from)
+            self._restore(*resume_from)
         main = self.cluster.is_main
         self.log_writer = LogWriter(self.run_dir) if main else None
         self.tensorboard = self._open_tensorboard() if train.tensorboard and main else None
-        self.stop_signal: str | None = None
-        self.last_eval: tuple[int, float] = (-1, math.inf)  # (step, val loss) of the latest evaluation
+        self.last_eval: tuple[int, float] = (-1, math.inf)
+        self.closed = False  # (step, val loss) of the latest evaluation
 
     @property
     def optimizers(self) -> list:
@@ -133,22 +143,25 @@ class Trainer:
         return self.engine.forward
 
     # ----- set-up -----
-    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> Path | None:
-        """Refuse to clobber a previous run; return the checkpoint to resume from, if any."""
+    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> tuple[Path, tuple] | None:
+        """Take the run's lock, repair what an interrupted save left, refuse to clobber a previous run; return
+        the checkpoint to resume from and its contents, if any."""
         run = self.run_dir
-        if resume:
-            checkpoints = rundir.list_checkpoints(run)
-            if not checkpoints:
-                raise UserError(f"--resume: {run} holds no checkpoint to resume from")
-            return checkpoints[-1]
-        existing = rundir.refuse_existing_run(run, overwrite)
+        if self.cluster.is_main:  # one writer per run directory; the other ranks follow rank 0
+            self.lock = rundir.lock_run(run)
+            for repair in rundir.clean_leftovers(run):
+                self.say(repair)
         self.cluster.barrier()  # every rank has looked before rank 0 changes anything
+        if resume:
+            return rundir.newest_readable_checkpoint(run, self.say, {**rundir.STATE_SCHEMA, "loader": dict})
+        existing = rundir.refuse_existing_run(run, overwrite)
+        self.cluster.barrier()
         if self.cluster.is_main:
             rundir.create_run(run, self.config, self.tokenizer, replace=existing)
         return None
 
-    def _restore(self, path: Path) -> None:
-        weights, optimizer_states, state, hidden = rundir.load_checkpoint(path)
+    def _restore(self, path: Path, loaded: tuple) -> None:
+        weights, optimizer_states, state, hidden = loaded
         rundir.load_weights(self.model, self.cluster.shard_like(weights, self.model.state_dict()), path)
         if len(optimizer_states) != len(self.optimizers):
             raise UserError(f"checkpoint {path} was written with another optim.name; resume with the same one")
@@ -214,11 +227,27 @@ class Trainer:
         return None
 
     def run(self) -> dict:
-        """Train until a limit is reached or a signal arrives; then a full evaluation and a checkpoint."""
-        with self.cluster.collective_failures():
-            self._announce()
-            reason = self._loop()
-            return self._finish(reason)
+        """Train until a limit is reached or a signal arrives; then a checkpoint and a full evaluation.
+
+        SIGINT and SIGTERM are handled from the first step until the last checkpoint is on disk: the first stops
+        the loop after its step, a second skips the final evaluation, and neither ever interrupts a save. The
+        result names the signal (`signal`: its number, or None), so the command exits 128 + that number.
+        A start that fails before its first checkpoint removes what it wrote, so the command can simply be
+        run again."""
+        previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with self.cluster.collective_failures():
+                self._announce()
+                return self._finish(self._loop())
+        except BaseException as error:
+            self.close()
+            if not isinstance(error, TrainingDiverged) and not self.resumed and self.cluster.is_main \
+                    and not rundir.list_checkpoints(self.run_dir):
+                rundir.remove_run(self.run_dir, self.created)
+            raise
+        finally:
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
 
     def _agreed_elapsed(self, launch_start: float) -> float:
         """Seconds since the launch, the same on every rank, which also learn of a signal any rank received."""
@@ -258,7 +287,6 @@ class Trainer:
         """Optimizer steps, with logging, evaluation, samples and checkpoints between them, until a stop reason;
         returns it."""
         train, progress = self.config.train, self.progress
-        previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         bar = tqdm(total=train.max_steps, initial=progress.step,
                    disable=True if self.quiet or not self.cluster.is_main else None,
                    unit="step", dynamic_ncols=True, file=sys.stdout)
@@ -280,8 +308,6 @@ class Trainer:
                 self._between_steps(lr, grad_norm, bar)
         finally:
             bar.close()
-            for sig, handler in previous_handlers.items():
-                signal.signal(sig, handler)
         return reason
 
     def _between_steps(self, lr: float, grad_norm: torch.Tensor, bar: tqdm) -> None:
@@ -311,7 +337,11 @@ class Trainer:
         progress = self.progress
         if progress.step > self.launch[0]:  # the last steps may not have been logged: never save a NaN model
             self._stop_if_not_finite(self.loss.item())
-        final = self.run_eval(max_windows=None, final=True)
+        try:
+            final = self.run_eval(max_windows=None, final=True)
+        except KeyboardInterrupt:  # a second signal: the user will not wait for the evaluation, but gets the model
+            final = None
+            self.say("skipping the final evaluation; saving the checkpoint")
         self.save()
         self.log(EndRecord(step=progress.step, tokens=progress.tokens, elapsed=progress.elapsed, reason=reason))
         self.say(f"stopped ({reason}) at step {progress.step}, {progress.tokens:,} tokens, "
@@ -319,11 +349,14 @@ class Trainer:
         if reason == "interrupted":
             self.say(f"continue with: lmforge train --resume --data {self.data_dir} --out {self.run_dir}")
         self.close()
-        return {"reason": reason, "step": progress.step, "val": final}
+        signum = signal.Signals[self.stop_signal].value if self.stop_signal in signal.Signals.__members__ else None
+        return {"reason": reason, "step": progress.step, "val": final, "signal": signum}
 
     def _on_signal(self, signum: int, frame) -> None:
-        if self.stop_signal:  # a second Ctrl-C: the user does not want to wait for the checkpoint
-            raise KeyboardInterrupt
+        if self.stop_signal:  # a second one: the user does not want to wait, but a save in progress finishes
+            if not self.saving:
+                raise KeyboardInterrupt
+            return
         self.stop_signal = signal.Signals(signum).name
         print(f"\n{self.stop_signal}: finishing this step, then saving a checkpoint", file=sys.stderr)
 
@@ -376,7 +409,7 @@ class Trainer:
             return
         tokenizer = self.tokenizer
         # A generator of its own: sampling must not move the training RNG (dropout, resume).
-        generator = torch.Generator(self.device).manual_seed(self.config.train.seed + self.progress.step)
+        generator = torch.Generator(self.device).manual_seed((self.config.train.seed + self.progress.step) % 2**64)
         ids = list(generate(self.model, [tokenizer.eot_id], self.config.train.sample_tokens, temperature=0.8,
                             top_k=200, generator=generator, stop_token=tokenizer.eot_id))
         text = tokenizer.decode(ids)
@@ -396,9 +429,13 @@ class Trainer:
         hidden_state = {name: self.cluster.gather_rows(value) for name, value in carried.items()}
         if not self.cluster.is_main:
             return None
-        path = rundir.save_checkpoint(self.run_dir, progress.step, model_state, optimizer_states, state,
-                                      hidden_state)
-        rundir.prune_checkpoints(self.run_dir, self.config.train.keep_last, progress.best_checkpoint_step)
+        self.saving = True
+        try:
+            path = rundir.save_checkpoint(self.run_dir, progress.step, model_state, optimizer_states, state,
+                                          hidden_state)
+            rundir.prune_checkpoints(self.run_dir, self.config.train.keep_last, progress.best_checkpoint_step)
+        finally:
+            self.saving = False
         return path
 
     # ----- output -----
@@ -417,9 +454,15 @@ class Trainer:
             print(message, flush=True)
 
     def close(self) -> None:
+        """Close the log and the engine, leave the process group and let go of the run's lock (once)."""
+        if self.closed:
+            return
+        self.closed = True
         if self.log_writer is not None:
             self.log_writer.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
         self.engine.close()
         self.cluster.close()
+        if self.lock is not None:
+            self.lock.close()
