@@ -4,10 +4,10 @@ Each figure is the output of an `lmforge` command, run here in one process throu
 point (lmforge.cli.main), so the pictures are exactly what a reader's commands draw:
 
   prepare the built-in corpus (if missing) · train configs/gpt.toml for --steps steps · plot activations,
-  derivative, landscape and next-token · the same config at three learning rates and `compare` · a three-point
-  `sweep` of the learning rate · `report` (its attention maps).
+  derivative, landscape and next-token · configs/mlp.toml at three learning rates and `compare` · a six-trial
+  `sweep` of its learning rate (six trials) · `report` (its attention maps).
 
-On an idle 2-core CPU with the defaults this takes about five minutes. tests/test_learn.py runs it with tiny
+About ten minutes on a 2-core CPU with the defaults (on a busy machine, OMP_NUM_THREADS=1 is much faster). tests/test_learn.py runs it with tiny
 settings, so the commands cannot rot.
 """
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's lmforge, whatever is installed
 
 from lmforge.cli import main  # noqa: E402  (after the path is set)
 
-LEARNING_RATES = {"small": "1e-4", "right": "3e-3", "large": "1e-1"}  # AdamW on configs/gpt.toml
+LEARNING_RATES = {"small": "1e-4", "right": "1e-2", "large": "1"}  # AdamW on configs/mlp.toml, constant rate
 PROMPT = "O Romeo, Romeo! wherefore art thou "
 
 
@@ -35,10 +35,11 @@ def lmforge(*argv: str) -> None:
         raise SystemExit(f"lmforge {argv[0]} exited with {code}")
 
 
-def make_figures(out: Path, data: Path, runs: Path, *, steps: int, trio_steps: int, prompt: str = PROMPT) -> list[Path]:
+def make_figures(out: Path, data: Path, runs: Path, *, steps: int, trio_steps: int, trials: int = 6,
+                 prompt: str = PROMPT) -> list[Path]:
     """Write every course figure into `out`; return their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    config = str(ROOT / "configs" / "gpt.toml")
+    config, mlp = str(ROOT / "configs" / "gpt.toml"), str(ROOT / "configs" / "mlp.toml")
     if not (data / "meta.json").is_file():
         lmforge("prepare", "--source", "shakespeare", "--tokenizer", "char", "--val-fraction", "0.1", "--out",
                 str(data), "--quiet")
@@ -51,17 +52,17 @@ def make_figures(out: Path, data: Path, runs: Path, *, steps: int, trio_steps: i
     lmforge("plot", "next-token", str(run), "--prompt", prompt, "--out", str(out / "next-token.png"))
 
     for name, rate in LEARNING_RATES.items():
-        lmforge("train", "--config", config, "--data", str(data), "--out", str(runs / "lr" / name), "--max-steps",
-                str(trio_steps), "--optim.name", "adamw", "--optim.lr", rate, "--train.eval_every",
+        lmforge("train", "--config", mlp, "--data", str(data), "--out", str(runs / "lr" / name), "--max-steps",
+                str(trio_steps), "--optim.lr", rate, "--train.schedule", "constant", "--train.eval_every",
                 str(max(1, trio_steps // 10)), "--train.eval_tokens", "4096", "--overwrite", "--quiet")
     lmforge("compare", *(str(runs / "lr" / name) for name in LEARNING_RATES), "--out", str(runs / "lr" / "compare"))
     shutil.copyfile(runs / "lr" / "compare" / "val_loss_vs_tokens.png", out / "learning-rates.png")
 
     sweep = runs / "sweep-lr"
     shutil.rmtree(sweep, ignore_errors=True)  # a sweep continues an old study in the same place: start afresh
-    lmforge("sweep", "--config", config, "--data", str(data), "--out", str(sweep), "--param",
-            "optim.lr=" + ",".join(LEARNING_RATES.values()), "--method", "grid", "--optim.name", "adamw",
-            "--train.max_steps", str(trio_steps), "--train.eval_every", "0", "--quiet")
+    lmforge("sweep", "--config", mlp, "--data", str(data), "--out", str(sweep), "--param",
+            "optim.lr=log:1e-4:1", "--method", "random", "--trials", str(trials), "--train.schedule", "constant",
+            "--train.max_steps", str(trio_steps), "--train.eval_every", str(max(1, trio_steps // 4)), "--quiet")
     shutil.copyfile(sweep / "param_optim.lr.png", out / "sweep-lr.png")
 
     lmforge("report", str(run))
@@ -76,7 +77,7 @@ if __name__ == "__main__":
     parser.add_argument("--data", default="data/shakespeare-char")
     parser.add_argument("--runs", default="runs/learn")
     parser.add_argument("--steps", type=int, default=600, help="training steps of the run the plots read")
-    parser.add_argument("--trio-steps", type=int, default=300, help="steps of each learning-rate run")
+    parser.add_argument("--trio-steps", type=int, default=200, help="steps of each learning-rate run")
     args = parser.parse_args()
     for path in make_figures(Path(args.out), Path(args.data), Path(args.runs), steps=args.steps,
                              trio_steps=args.trio_steps):
