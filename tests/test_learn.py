@@ -170,8 +170,9 @@ def test_the_trainer_prints_the_epoch_line_the_course_quotes(tiny_data, tiny_con
 
     Trainer(tiny_config(train__max_steps=1), tiny_data, tmp_path / "run").run()
     start = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
-    assert (f"data: {start['train_tokens']:,} training tokens / {start['tokens_per_step']:,} tokens per step "
-            f"(4 x 16 x 1 accumulation) = {start['iters_per_epoch']:.1f} iterations per epoch") in capsys.readouterr().out
+    line = (f"data: {start['train_tokens']:,} training tokens / {start['tokens_per_step']:,} tokens per step "
+            f"(4 x 16 x 1 accumulation) = {start['iters_per_epoch']:.1f} iterations per epoch")
+    assert line in capsys.readouterr().out
 
 
 # ----- the course's plots compute what they claim -----

@@ -7,8 +7,8 @@ point (lmforge.cli.main), so the pictures are exactly what a reader's commands d
   derivative, landscape and next-token · configs/mlp.toml at three learning rates and `compare` · a six-trial
   `sweep` of its learning rate (six trials) · `report` (its attention maps).
 
-About ten minutes on a 2-core CPU with the defaults (on a busy machine, OMP_NUM_THREADS=1 is much faster). tests/test_learn.py runs it with tiny
-settings, so the commands cannot rot.
+About ten minutes on a 2-core CPU with the defaults (on a busy machine, OMP_NUM_THREADS=1 is much faster).
+tests/test_learn.py runs it with tiny settings, so the commands cannot rot.
 """
 
 from __future__ import annotations
