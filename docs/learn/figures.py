@@ -36,7 +36,7 @@ def lmforge(*argv: str) -> None:
 
 
 def make_figures(out: Path, data: Path, runs: Path, *, steps: int, trio_steps: int, trials: int = 8,
-                 prompt: str = PROMPT) -> list[Path]:
+                 landscape_points: int = 21, prompt: str = PROMPT) -> list[Path]:
     """Write every course figure into `out`; return their paths."""
     out.mkdir(parents=True, exist_ok=True)
     config, mlp = str(ROOT / "configs" / "gpt.toml"), str(ROOT / "configs" / "mlp.toml")
@@ -48,7 +48,7 @@ def make_figures(out: Path, data: Path, runs: Path, *, steps: int, trio_steps: i
             "--overwrite", "--quiet")
     lmforge("plot", "activations", "--out", str(out / "activations.png"))
     lmforge("plot", "derivative", "--out", str(out / "derivative.png"))
-    lmforge("plot", "landscape", str(run), "--out", str(out / "landscape.png"))
+    lmforge("plot", "landscape", str(run), "--points", str(landscape_points), "--out", str(out / "landscape.png"))
     lmforge("plot", "next-token", str(run), "--prompt", prompt, "--out", str(out / "next-token.png"))
 
     for name, rate in LEARNING_RATES.items():
