@@ -11,7 +11,7 @@ LAB_TIME ?= 60
 LAB_RUNS ?= runs/lab
 LAB_ARCHS ?= bigram mlp rnn lstm gru gpt
 
-.PHONY: demo lab test golden lint install clean
+.PHONY: demo lab learn-figures test golden lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ lab: $(STAMP)
 	done
 	$(BIN)/lmforge compare $(addprefix $(LAB_RUNS)/,$(LAB_ARCHS)) --out $(LAB_RUNS)/compare
 	cat $(LAB_RUNS)/compare/compare.md
+
+# Every figure of the learner's course (docs/learn/img/) from lmforge commands: trains runs/learn/ (about six
+# minutes on 2 CPU cores; on a busy machine OMP_NUM_THREADS=1 make learn-figures is faster).
+learn-figures: $(STAMP)
+	$(BIN)/python docs/learn/figures.py --data $(DEMO_DATA) --runs runs/learn --out docs/learn/img
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -229,9 +229,30 @@ def cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
-    from lmforge.lab.activations import plot_activations
+    if args.what in ("activations", "derivative") and args.run is not None:
+        raise UserError(f"plot {args.what} draws no run; drop {args.run}")
+    if args.what in ("landscape", "next-token") and args.run is None:
+        raise UserError(f"plot {args.what} needs a run directory: lmforge plot {args.what} RUN --out FILE.png")
+    if args.prompt is not None and args.what != "next-token":
+        raise UserError("--prompt is for plot next-token")
+    if args.what == "activations":
+        from lmforge.lab.activations import plot_activations
 
-    print(f"wrote {plot_activations(args.out)}")
+        written = plot_activations(args.out)
+    elif args.what == "derivative":
+        from lmforge.lab.learn import plot_difference_errors
+
+        written = plot_difference_errors(args.out)
+    elif args.what == "landscape":
+        from lmforge.lab.landscape import plot_landscape
+
+        written = plot_landscape(args.run, args.out, data=args.data, points=args.points, span=args.span,
+                                 seed=args.seed, windows=args.windows)
+    else:
+        from lmforge.lab.next_token import plot_next_token
+
+        written = plot_next_token(args.run, args.out, prompt=args.prompt or "", top_k=args.top_k, top_p=args.top_p)
+    print(f"wrote {written}")
 
 
 def cmd_tasks(args: argparse.Namespace) -> None:
@@ -411,8 +432,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("plot", help="teaching plots")
     p.set_defaults(func=cmd_plot)
-    p.add_argument("what", choices=("activations",), help="activations: the functions and their derivatives")
+    p.add_argument("what", choices=("activations", "derivative", "landscape", "next-token"),
+                   help="activations: the functions and their derivatives; derivative: finite-difference error "
+                        "against h; landscape: the loss around RUN's weights; next-token: RUN's next-token "
+                        "distribution after --prompt")
+    p.add_argument("run", nargs="?", metavar="RUN", help="run directory (landscape, next-token)")
     p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--prompt", help="next-token: the text before the token (default: none, end-of-text)")
+    p.add_argument("--top-k", type=POSITIVE_INT, default=10, help="next-token: the top-k cut-off to mark (default 10)")
+    p.add_argument("--top-p", type=PROBABILITY, default=0.9,
+                   help="next-token: the top-p cut-off to mark (default 0.9)")
+    p.add_argument("--data", help="landscape: data directory (default: the one the run's log records)")
+    p.add_argument("--points", type=int, default=21, help="landscape: points per axis (default 21)")
+    p.add_argument("--span", type=float, default=1.0, help="landscape: offsets from -SPAN to SPAN (default 1)")
+    p.add_argument("--windows", type=POSITIVE_INT, default=8, help="landscape: validation windows (default 8)")
+    p.add_argument("--seed", type=SEED, default=0, help="landscape: seed of the random directions")
 
     p = commands.add_parser("tasks", help="built-in fine-tuning tasks: list them, or make one's data files")
     p.set_defaults(func=cmd_tasks)

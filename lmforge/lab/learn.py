@@ -1,0 +1,159 @@
+"""Small helpers the learner's course (docs/learn/) calls: loading a run's model for a chapter, the tiny seeded
+model of the derivative chapter, its finite-difference table and the error-against-h picture, and the PNG check
+the course's plots share.
+
+Everything here is deterministic on a CPU (a seeded model, fixed inputs, float64 where the text quotes numbers),
+so the numbers a chapter prints are the numbers its test asserts.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from lmforge.config import Config, ModelConfig
+from lmforge.data.tokenizer import CharTokenizer, Tokenizer
+from lmforge.errors import UserError
+from lmforge.files import write_atomic
+from lmforge.infer.load import load_model
+from lmforge.model.gpt import GPT
+from lmforge.run import LOG_FILE, read_log, resolve_checkpoint
+
+TINY_TEXT = "to be, or not to be, that is the question"
+STEPS = tuple(10.0**-exponent for exponent in range(1, 15))  # h = 1e-1 ... 1e-14
+
+
+def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, Tokenizer]:
+    """A trained run's model (eval mode), config and tokenizer."""
+    model, config, tokenizer, _ = load_model(run, device)
+    return model, config, tokenizer
+
+
+def recorded_data_dir(run: str | Path) -> Path | None:
+    """The data directory a run was trained on, from the start record of its log (None if not recorded)."""
+    log = resolve_checkpoint(run)[0] / LOG_FILE
+    starts = read_log(log).starts if log.is_file() else []
+    return Path(starts[0].data) if starts and starts[0].data else None
+
+
+def load_transformer(run: str | Path) -> tuple[GPT, Config, Tokenizer]:
+    """load_run for the chapters about attention, which only a transformer has."""
+    model, config, tokenizer = load_run(run)
+    if config.model.arch != "gpt":
+        raise UserError(f"{run} is a model.arch = '{config.model.arch}' run, which has no attention heads; "
+                        "pass a transformer run (model.arch = 'gpt', e.g. runs/shakespeare-char from make demo)")
+    return model, config, tokenizer
+
+
+def check_png_out(out: str | Path) -> Path:
+    """--out as a Path, refused (UserError) unless it names a .png file in an existing directory."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"--out must name a .png file, got {out}")
+    if not out.parent.is_dir():
+        raise UserError(f"the directory of --out does not exist: {out.parent}")
+    return out
+
+
+def write_png(figure: Figure, out: Path) -> Path:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    write_atomic(out, buffer.getvalue())
+    return out
+
+
+# ----- the derivative chapter: one weight of a tiny real model -----
+
+
+def tiny_model(dtype: torch.dtype = torch.float64) -> GPT:
+    """lmforge's transformer at toy size (2 layers, width 16, 2 heads), initialized with seed 0, untrained."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=CharTokenizer.train([TINY_TEXT]).vocab_size, block_size=64, n_layer=2,
+                         n_head=2, n_embd=16)
+    return GPT(config).to(dtype).eval()
+
+
+def tiny_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """TINY_TEXT as one (inputs, next-token targets) pair, through a char tokenizer trained on it."""
+    ids = torch.tensor([CharTokenizer.train([TINY_TEXT]).encode(TINY_TEXT)])
+    return ids[:, :-1], ids[:, 1:]
+
+
+@dataclass
+class DifferenceRow:
+    """At one step h: the forward quotient (f(w+h) - f(w)) / h and the central one (f(w+h) - f(w-h)) / 2h,
+    each as its error against autograd's exact derivative."""
+
+    step: float
+    forward: float
+    forward_error: float
+    central_error: float
+
+
+def tiny_loss(model: GPT, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean next-token cross-entropy in the model's own dtype (the model's forward rounds its loss to
+    float32, which would hide float64's precision)."""
+    logits, _ = model(inputs)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def difference_table(dtype: torch.dtype = torch.float64, steps: tuple[float, ...] = STEPS
+                     ) -> tuple[float, list[DifferenceRow]]:
+    """The loss's derivative with respect to wte.weight[0, 0] of tiny_model() (the first number of the space
+    character's embedding): autograd's value (in float64 whatever `dtype`), and the finite-difference quotients
+    computed in `dtype` at every step h."""
+    exact_model, (inputs, targets) = tiny_model(torch.float64), tiny_batch()
+    exact = torch.autograd.grad(tiny_loss(exact_model, inputs, targets), exact_model.wte.weight)[0][0, 0].item()
+
+    model = tiny_model(dtype)
+    weight = model.wte.weight
+
+    @torch.no_grad()
+    def loss_at(value: float) -> float:
+        saved = weight[0, 0].item()
+        weight[0, 0] = value
+        loss = tiny_loss(model, inputs, targets).item()
+        weight[0, 0] = saved
+        return loss
+
+    w = weight[0, 0].item()
+    here = loss_at(w)
+    rows = []
+    for h in steps:
+        forward = (loss_at(w + h) - here) / h
+        central = (loss_at(w + h) - loss_at(w - h)) / (2 * h)
+        rows.append(DifferenceRow(h, forward, abs(forward - exact), abs(central - exact)))
+    return exact, rows
+
+
+def plot_difference_errors(out: str | Path) -> Path:
+    """Error of the difference quotients against h, log-log: float64 forward and central, float32 forward."""
+    out = check_png_out(out)
+    figure = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots()
+    tiny = 1e-18  # an error of exactly 0 has no place on a log axis
+    _, rows64 = difference_table(torch.float64)
+    _, rows32 = difference_table(torch.float32)
+    steps = [row.step for row in rows64]
+    axes.loglog(steps, [max(row.forward_error, tiny) for row in rows64], "o-", label="forward, float64")
+    axes.loglog(steps, [max(row.central_error, tiny) for row in rows64], "s-", label="central, float64")
+    axes.loglog(steps, [max(row.forward_error, tiny) for row in rows32], "^-", label="forward, float32")
+    for machine_epsilon, name in ((torch.finfo(torch.float64).eps, "float64"), (torch.finfo(torch.float32).eps,
+                                                                                   "float32")):
+        axes.axvline(math.sqrt(machine_epsilon), color="gray", linestyle=":", linewidth=1)
+        axes.text(math.sqrt(machine_epsilon), axes.get_ylim()[1], f" √ε {name}", fontsize=8, va="top")
+    axes.set_xlabel("step h")
+    axes.set_ylabel("|difference quotient − autograd|")
+    axes.set_title("d loss / d wte.weight[0, 0] of a tiny GPT: error against h")
+    axes.invert_xaxis()  # h shrinks to the right, as in the limit
+    axes.grid(alpha=0.3, which="both")
+    axes.legend()
+    return write_png(figure, out)
