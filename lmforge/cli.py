@@ -105,6 +105,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
         sys.stdout.write(tokenizer.decode(ids)[shown:] + "\n")
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    from lmforge.infer.chat import chat
+
+    chat(args.run, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+         max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
 
     from lmforge.data.datadir import describe_data
@@ -260,6 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--engine", choices=ENGINES, default="torch", help="scratch: the NumPy engine (CPU)")
 
+    p = commands.add_parser("chat", help="talk with a run's model in the terminal (multi-turn, streamed)")
+    p.add_argument("run", help="run directory or a checkpoint directory inside one")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy decoding (/temp X changes it)")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest reply, in tokens")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto")
+
     p = commands.add_parser("eval", help="loss, perplexity and bits per byte on a split")
     p.add_argument("run", help="run directory or a checkpoint directory inside one")
     p.add_argument("--data", required=True)
@@ -335,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
             {"prepare": cmd_prepare, "sample": cmd_sample, "eval": cmd_eval, "report": cmd_report,
              "gradcheck": cmd_gradcheck, "import": cmd_import, "export": cmd_export, "compare": cmd_compare,
-             "plot": cmd_plot}[
+             "plot": cmd_plot, "chat": cmd_chat}[
                 args.command](args)
     except UserError as err:
         print(f"lmforge {args.command}: error: {err}", file=sys.stderr)

@@ -1,0 +1,109 @@
+"""`lmforge chat`: history through the chat template, truncation, and the terminal session through a pty."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmforge.cli import main
+from lmforge.config import load_config
+from lmforge.data.tokenizer import CharTokenizer
+from lmforge.infer.chat import fit_history, held_back
+from lmforge.tasks.template import ChatTemplate
+from lmforge.train.trainer import Trainer
+
+pexpect = pytest.importorskip("pexpect", reason="pexpect is not installed (pip install pexpect, or the dev extra)")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def chat_run(tmp_path_factory, tiny_data) -> Path:
+    """A tiny run with a 64-token context: room for a short conversation through the template."""
+    from conftest import TINY_OVERRIDES
+
+    import lmforge.train.trainer as trainer_module
+
+    run = tmp_path_factory.mktemp("chat") / "run"
+    with pytest.MonkeyPatch.context() as patch:  # MFU's FLOP-rate probe: not under test
+        patch.setattr(trainer_module, "peak_flops", lambda device, precision: 1e12)
+        config = load_config(None, {**TINY_OVERRIDES, "model.block_size": "64", "train.max_steps": "2"})
+        Trainer(config, tiny_data, run, quiet=True).run()
+    return run
+
+
+def spawn_chat(run: Path, *options: str):
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    return pexpect.spawn(sys.executable, ["-m", "lmforge", "chat", str(run), "--device", "cpu", *options],
+                         env=env, encoding="utf-8", timeout=30, dimensions=(24, 200))
+
+
+def test_fit_history_drops_the_oldest_turns_until_the_prompt_fits():
+    tokenizer, template = CharTokenizer("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ :\n"), ChatTemplate()
+    messages = [{"role": "user", "content": "first question"}, {"role": "assistant", "content": "an answer"},
+                {"role": "user", "content": "second"}]
+    whole, _ = template.encode(messages, tokenizer, add_generation_prompt=True)
+    newest, _ = template.encode(messages[2:], tokenizer, add_generation_prompt=True)
+    assert fit_history(messages, template, tokenizer, len(whole)) == (whole, 0)
+    assert fit_history(messages, template, tokenizer, len(whole) - 1) == (newest, 2)
+    assert fit_history(messages, template, tokenizer, 3) == (newest, 2)  # the newest message always stays
+
+
+def test_held_back_keeps_a_possible_start_of_a_stop_text_unshown():
+    stops = ChatTemplate().stop_texts()  # "\n\nUSER:\n", "\n\nSYSTEM:\n"
+    assert held_back("the end\n\nUS", stops) == 4
+    assert held_back("the end\n", stops) == 1
+    assert held_back("the end", stops) == 0
+    assert held_back("the end\n\nUX", stops) == 0
+
+
+def test_chat_session_streams_replies_and_obeys_commands(chat_run):
+    child = spawn_chat(chat_run, "--max-new-tokens", "8", "--temperature", "0")
+    child.expect("64-token context")
+    child.expect_exact("you> ")
+    child.sendline("the cat sat on the mat")
+    child.expect(r"model> (.*)\r\n")  # a reply of at most 8 tokens, then the prompt again
+    assert child.match.group(1).strip() != ""
+    child.expect_exact("you> ")
+    child.sendline("/temp 0.5")
+    child.expect_exact("(temperature 0.5)")
+    child.sendline("/temp hot")
+    child.expect_exact("(usage: /temp X")
+    # The history (two turns above) and this message no longer fit beside the reply: the oldest turns go.
+    child.sendline("a dog ran to the park and the bird sang")
+    child.expect_exact("(context full: dropped the 2 oldest messages)")
+    child.expect_exact("you> ")
+    child.sendline("/reset")
+    child.expect_exact("(conversation forgotten)")
+    child.expect_exact("you> ")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_ctrl_c_stops_the_answer_not_the_program_and_ctrl_d_exits(chat_run):
+    child = spawn_chat(chat_run, "--max-new-tokens", "1000000", "--temperature", "0")
+    child.expect_exact("you> ")
+    child.sendline("the cat")
+    child.expect(r"model> [^\r\n]{10}")  # the (greedy, endless) answer is streaming
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    child.expect_exact("you> ")
+    child.sendline("/temp 0")  # still alive and listening
+    child.expect_exact("(temperature 0)")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_chat_without_a_run_is_one_line_and_exit_2(tmp_path, capsys):
+    assert main(["chat", str(tmp_path / "missing")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == f"lmforge chat: error: run directory not found: {tmp_path / 'missing'}\n"
