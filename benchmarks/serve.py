@@ -42,8 +42,24 @@ from pathlib import Path
 
 import httpx
 
-PROMPTS = ["ROMEO:", "JULIET:\nO Romeo,", "First Citizen:\nBefore we proceed any further, hear me speak.",
+PROMPT_CHOICES = ["ROMEO:", "JULIET:\nO Romeo,", "First Citizen:\nBefore we proceed any further, hear me speak.",
            "KING HENRY:", "HAMLET:\nTo be, or not", "To be"]
+
+
+def fitting_prompts(run: str, max_tokens: int) -> list[str]:
+    """The prompts that leave room for max_tokens new tokens in the run's context (the server refuses the
+    others, and the HF export has no positions beyond it)."""
+    from lmforge.config import load_config
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.train.checkpoint import resolve_checkpoint
+
+    run_dir, _ = resolve_checkpoint(run)
+    context = load_config(run_dir / "config.toml").model.block_size
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    prompts = [text for text in PROMPT_CHOICES if len(tokenizer.encode(text)) + max_tokens <= context]
+    if not prompts:
+        sys.exit(f"--max-tokens {max_tokens} leaves no room for a prompt in the {context}-token context")
+    return prompts
 
 
 @dataclass
@@ -144,14 +160,15 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict, level: Lev
     level.tokens += events if usage_tokens is None else usage_tokens  # a server without usage: count events
 
 
-async def measure_server(server: Server, peer: str, clients: int, requests: int, max_tokens: int) -> Level:
+async def measure_server(server: Server, peer: str, clients: int, requests: int, max_tokens: int,
+                         prompts: list[str]) -> Level:
     level = Level(peer, clients)
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
 
         async def one_client(index: int) -> None:
             for turn in range(requests):
-                body = {"model": server.model["id"], "prompt": PROMPTS[(index + turn) % len(PROMPTS)],
+                body = {"model": server.model["id"], "prompt": prompts[(index + turn) % len(prompts)],
                         "max_tokens": max_tokens, "temperature": 1.0, "stream": True, "seed": index * 1000 + turn,
                         "stream_options": {"include_usage": True}}
                 await stream_one(client, server.url, body, level)
@@ -162,7 +179,8 @@ async def measure_server(server: Server, peer: str, clients: int, requests: int,
     return level
 
 
-def measure_transformers(run: str, device: str, batch: int, max_tokens: int, work: Path) -> Level:
+def measure_transformers(run: str, device: str, batch: int, max_tokens: int, prompts: list[str], work: Path
+                         ) -> Level:
     """transformers generate on the run's HF export: `batch` prompts, left-padded, exactly max_tokens new."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -179,11 +197,11 @@ def measure_transformers(run: str, device: str, batch: int, max_tokens: int, wor
     torch_device = resolve_device(device, "--device")
     model = AutoModelForCausalLM.from_pretrained(export).to(torch_device).eval()
     _, _, tokenizer, _ = load_model(run)
-    prompts = [tokenizer.encode(PROMPTS[index % len(PROMPTS)]) for index in range(batch)]
-    width = max(len(ids) for ids in prompts)
+    batch_ids = [tokenizer.encode(prompts[index % len(prompts)]) for index in range(batch)]
+    width = max(len(ids) for ids in batch_ids)
     pad = tokenizer.eot_id
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in prompts], device=torch_device)
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=torch_device)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch_ids], device=torch_device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch_ids], device=torch_device)
 
     def timed_generate(new_tokens: int) -> float:
         if torch_device.type == "cuda":
@@ -209,7 +227,7 @@ def measure_transformers(run: str, device: str, batch: int, max_tokens: int, wor
     return level
 
 
-def measure_generate(run: str, device: str, max_tokens: int) -> Level:
+def measure_generate(run: str, device: str, max_tokens: int, prompts: list[str]) -> Level:
     """lmforge's own one-prompt generation (what `lmforge sample` runs), in this process: the latency the
     server at one client should match."""
     import torch
@@ -220,11 +238,11 @@ def measure_generate(run: str, device: str, max_tokens: int) -> Level:
 
     model, _, tokenizer, _ = load_model(run, resolve_device(device, "--device"))
     generator = torch.Generator(device=model.wte.weight.device).manual_seed(0)
-    list(generate(model, tokenizer.encode(PROMPTS[0]), 4, generator=generator))  # warm-up
+    list(generate(model, tokenizer.encode(prompts[0]), 4, generator=generator))  # warm-up
     level = Level("lmforge sample (generate, no server)", 1)
     for index in range(3):
         started = last = time.perf_counter()
-        tokens = generate(model, tokenizer.encode(PROMPTS[index % len(PROMPTS)]), max_tokens, temperature=1.0,
+        tokens = generate(model, tokenizer.encode(prompts[index % len(prompts)]), max_tokens, temperature=1.0,
                           generator=generator)
         for count, _ in enumerate(tokens):
             now = time.perf_counter()
@@ -245,7 +263,7 @@ MALFORMED = [
 ]
 
 
-async def soak(server: Server, requests: int, max_tokens: int, hang_seconds: float) -> dict:
+async def soak(server: Server, requests: int, max_tokens: int, prompts: list[str], hang_seconds: float) -> dict:
     """`requests` mixed requests from 64 clients; counts by outcome, and the server's RSS before and after."""
     context = server.model.get("context_length") or 1024
     malformed = [*MALFORMED, (json.dumps({"prompt": "ab" * context, "max_tokens": 8}).encode(), "application/json")]
@@ -259,7 +277,7 @@ async def soak(server: Server, requests: int, max_tokens: int, hang_seconds: flo
     rss_before = rss_mb(server.process.pid)
 
     async def one(client: httpx.AsyncClient, kind: str) -> None:
-        body = {"model": server.model["id"], "prompt": rng.choice(PROMPTS), "max_tokens": max_tokens,
+        body = {"model": server.model["id"], "prompt": rng.choice(prompts), "max_tokens": max_tokens,
                 "temperature": 1.0, "stream": kind in ("stream", "cancel")}
         if kind == "malformed":
             counts["malformed"] += 1
@@ -332,6 +350,7 @@ def main() -> None:
     parser.add_argument("--hang-seconds", type=float, default=120.0, help="a soak request taking longer is hung")
     args = parser.parse_args()
     levels = [int(value) for value in args.clients.split(",")]
+    prompts = fitting_prompts(args.run, args.max_tokens)
     work = Path(tempfile.mkdtemp(prefix="lmforge-serve-bench-"))
 
     measured: dict[tuple[str, int], Level] = {}
@@ -342,19 +361,19 @@ def main() -> None:
     for name, max_batch in servers:
         server = Server(args.run, max_batch, args.device, work / f"serve-{max_batch}.log")
         try:
-            asyncio.run(measure_server(server, name, 1, 1, 4))  # warm-up: first-call allocations
+            asyncio.run(measure_server(server, name, 1, 1, 4, prompts))  # warm-up: first-call allocations
             for clients in levels:
-                level = asyncio.run(measure_server(server, name, clients, args.requests, args.max_tokens))
+                level = asyncio.run(measure_server(server, name, clients, args.requests, args.max_tokens, prompts))
                 measured[name, clients] = level
                 rows.append(row(level, measured[name, levels[0]]))
             if args.soak and name == batched:
-                soak_result = asyncio.run(soak(server, args.soak, args.max_tokens, args.hang_seconds))
+                soak_result = asyncio.run(soak(server, args.soak, args.max_tokens, prompts, args.hang_seconds))
             model = server.model
         finally:
             server.close()
     ratios = []
     if not args.skip_peers:
-        sample = measure_generate(args.run, args.device, args.max_tokens)
+        sample = measure_generate(args.run, args.device, args.max_tokens, prompts)
         rows.append(row(sample, None))
         ratios.append(f"inter-token latency p50 at 1 client / lmforge sample: "
                       f"{percentile(measured[batched, levels[0]].gaps, 0.5) / percentile(sample.gaps, 0.5):.2f}")
@@ -362,7 +381,7 @@ def main() -> None:
             ratios.append(f"tokens/s at {clients} clients, batched / --max-batch 1: "
                           f"{rate(measured[batched, clients]) / rate(measured[one_at_a_time, clients]):.2f}")
         for batch in (1, 16):
-            level = measure_transformers(args.run, args.device, batch, args.max_tokens, work)
+            level = measure_transformers(args.run, args.device, batch, args.max_tokens, prompts, work)
             rows.append(row(level, None))
             if (batched, batch) in measured:
                 ratios.append(f"tokens/s, lmforge serve at {batch} clients / transformers batch {batch}: "
