@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.data.tokenizer import CharTokenizer
-from lmforge.infer.chat import fit_history, held_back
+from lmforge.infer.chat import fit_history, held_back, stream_reply
 from lmforge.tasks.template import ChatTemplate
 from lmforge.train.trainer import Trainer
 
@@ -59,6 +62,49 @@ def test_held_back_keeps_a_possible_start_of_a_stop_text_unshown():
     assert held_back("the end\n", stops) == 1
     assert held_back("the end", stops) == 0
     assert held_back("the end\n\nUX", stops) == 0
+
+
+class ScriptedModel(torch.nn.Module):
+    """A stand-in model whose next token is always the next one of a script (whatever the input)."""
+
+    def __init__(self, script: list[int], vocab_size: int):
+        super().__init__()
+        self.wte = torch.nn.Embedding(vocab_size, 1)
+        self.config = SimpleNamespace(block_size=64)
+        self.script, self.vocab_size = iter(script), vocab_size
+
+    def new_cache(self, *args):
+        return None
+
+    def forward(self, idx, cache=None):
+        logits = torch.zeros(1, idx.shape[1], self.vocab_size)
+        logits[0, -1, next(self.script)] = 1.0
+        return logits, None
+
+
+class Writes(io.StringIO):
+    """Records each write, to see what was shown before the reply ended."""
+
+    def __init__(self):
+        super().__init__()
+        self.pieces: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.pieces.append(text)
+        return super().write(text)
+
+
+@pytest.mark.parametrize("ending, reason", [("\n\nUSER:\nmore", "stop"), ("<eot>", "stop"), ("", "length")])
+def test_a_reply_ends_at_a_stop_text_or_end_of_text_and_never_shows_a_marker(ending, reason):
+    tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ :\n")
+    script = tokenizer.encode("a reply") + ([tokenizer.eot_id] if ending == "<eot>" else tokenizer.encode(ending))
+    out = Writes()
+    reply, why = stream_reply(ScriptedModel(script + [0] * 8, tokenizer.vocab_size), tokenizer, [0],
+                              ChatTemplate().stop_texts(), out, max_new_tokens=len(script) if reason == "stop" else 7,
+                              temperature=0.0, top_k=None, top_p=None, generator=None)
+    assert (reply, why) == ("a reply", reason)
+    assert out.getvalue() == "a reply"
+    assert all("\n" not in piece for piece in out.pieces)  # "\n\nUSER:" was held back, then dropped
 
 
 def test_chat_session_streams_replies_and_obeys_commands(chat_run):
