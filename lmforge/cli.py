@@ -107,6 +107,13 @@ def cmd_sample(args: argparse.Namespace) -> None:
         sys.stdout.write("\n")
 
 
+def cmd_chat(args: argparse.Namespace) -> None:
+    from lmforge.infer.chat import chat
+
+    chat(args.run, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+         max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     if args.task is not None or args.predictions is not None:
         from lmforge.tasks.evaluate import eval_command
@@ -330,6 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                                 "(default: refuse them, naming them)")
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--engine", choices=ENGINES, default="torch", help="scratch: the NumPy engine (CPU)")
+
+    p = commands.add_parser("chat", help="talk with a run's model in the terminal (multi-turn, streamed)")
+    p.set_defaults(func=cmd_chat)
+    p.add_argument("run", help="run directory or a checkpoint directory inside one")
+    p.add_argument("--temperature", type=TEMPERATURE, default=0.8, help="0 means greedy decoding (/temp X changes it)")
+    p.add_argument("--top-k", type=POSITIVE_INT, help="sample among the k most likely tokens only")
+    p.add_argument("--top-p", type=PROBABILITY, help="sample among the most likely tokens that make up this "
+                                                      "probability, in (0, 1]")
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256, help="longest reply, in tokens")
+    p.add_argument("--seed", type=SEED, default=1337)
+    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
 
     p = commands.add_parser("eval", help="loss, perplexity and bits per byte on a split; or --task metrics")
     p.set_defaults(func=cmd_eval)

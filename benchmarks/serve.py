@@ -1,0 +1,405 @@
+"""Serving throughput and latency: `lmforge serve` under 1, 4, 16 and 64 concurrent streaming clients, against
+peers in the same run, and a bounded soak. Loopback only; run it alone (it owns the CPU or GPU while it runs).
+
+    python benchmarks/serve.py RUN [--clients 1,4,16,64] [--requests 2] [--max-tokens 64] [--device auto]
+                               [--skip-peers] [--soak 2000]
+
+Each client sends --requests streamed /v1/completions one after another (temperature 1, so answers differ
+and rarely stop early). Per request: time to first token (TTFT, from sending to the first text event) and
+the gaps between text events (inter-token latency: the server sends one event per token, merging only
+where a token ends inside a multi-byte character). Aggregate tokens/s is every client's generated tokens
+(the `usage` of each stream) over the wall time of the whole level.
+
+Peers, same run, same machine, same prompt and token counts:
+- `lmforge serve --max-batch 1`: the same server decoding one request at a time;
+- Hugging Face transformers `generate` on `lmforge export RUN --format hf` at batch 1 and at batch 16
+  (left-padded prompts of mixed lengths), greedy, exactly --max-tokens new tokens; its TTFT is the time of a
+  one-token generate, its inter-token latency (total - TTFT) / (tokens - 1).
+
+The soak (--soak N, 0 to skip) sends N requests from 64 clients to the batched server: streamed, streamed
+and dropped after the first event, non-streamed, and malformed (bad JSON, wrong types, unknown model,
+max_tokens above the limit, a prompt longer than the context), and reports the server's 5xx answers, hung
+requests (no answer within --hang-seconds), 4xx answers to the malformed ones, and the server's resident
+memory before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+PROMPT_CHOICES = ["ROMEO:", "JULIET:\nO Romeo,", "First Citizen:\nBefore we proceed any further, hear me speak.",
+           "KING HENRY:", "HAMLET:\nTo be, or not", "To be"]
+
+
+def fitting_prompts(run: str, max_tokens: int) -> list[str]:
+    """The prompts that leave room for max_tokens new tokens in the run's context (the server refuses the
+    others, and the HF export has no positions beyond it)."""
+    from lmforge.config import load_config
+    from lmforge.data.tokenizer import load_tokenizer
+    from lmforge.run import resolve_checkpoint
+
+    run_dir, _ = resolve_checkpoint(run)
+    context = load_config(run_dir / "config.toml").model.block_size
+    tokenizer = load_tokenizer(run_dir / "tokenizer.json")
+    prompts = [text for text in PROMPT_CHOICES if len(tokenizer.encode(text)) + max_tokens <= context]
+    if not prompts:
+        sys.exit(f"--max-tokens {max_tokens} leaves no room for a prompt in the {context}-token context")
+    return prompts
+
+
+@dataclass
+class Level:
+    """What one row of the table measured."""
+
+    peer: str
+    clients: int
+    requests: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    ttft: list[float] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)
+    errors: int = 0
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+class Server:
+    """`lmforge serve RUN` on a free loopback port, as a subprocess, until closed (SIGTERM, then wait)."""
+
+    def __init__(self, run: str, max_batch: int, device: str, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "lmforge", "serve", run, "--port", str(self.port), "--max-batch", str(max_batch),
+             "--device", device, "--max-queue", "4096"], stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                sys.exit(f"lmforge serve exited with {self.process.returncode}; see {log}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        else:
+            self.close()
+            sys.exit(f"lmforge serve did not answer /health within 180 s; see {log}")
+        self.model = httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"][0]
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self.log.close()
+
+
+async def stream_one(client: httpx.AsyncClient, url: str, body: dict, level: Level) -> None:
+    """One streamed completion, its TTFT and inter-token gaps added to `level`."""
+    started = time.perf_counter()
+    last = None
+    events, usage_tokens = 0, None
+    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
+        if response.status_code != 200:
+            await response.aread()
+            level.errors += 1
+            return
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage_tokens = event["usage"]["completion_tokens"]
+            if not event.get("choices") or not event["choices"][0].get("text"):
+                continue
+            events += 1
+            now = time.perf_counter()
+            if last is None:
+                level.ttft.append(now - started)
+            else:
+                level.gaps.append(now - last)
+            last = now
+    level.requests += 1
+    level.tokens += events if usage_tokens is None else usage_tokens  # a server without usage: count events
+
+
+async def measure_server(server: Server, peer: str, clients: int, requests: int, max_tokens: int,
+                         prompts: list[str]) -> Level:
+    level = Level(peer, clients)
+    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+
+        async def one_client(index: int) -> None:
+            for turn in range(requests):
+                body = {"model": server.model["id"], "prompt": prompts[(index + turn) % len(prompts)],
+                        "max_tokens": max_tokens, "temperature": 1.0, "stream": True, "seed": index * 1000 + turn,
+                        "stream_options": {"include_usage": True}}
+                await stream_one(client, server.url, body, level)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one_client(index) for index in range(clients)))
+        level.seconds = time.perf_counter() - started
+    return level
+
+
+def measure_transformers(run: str, device: str, batch: int, max_tokens: int, prompts: list[str], work: Path
+                         ) -> Level:
+    """transformers generate on the run's HF export: `batch` prompts, left-padded, exactly max_tokens new."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.hardware import resolve_device
+    from lmforge.infer.load import load_model
+
+    export = work / "hf"
+    if not export.exists():
+        done = subprocess.run([sys.executable, "-m", "lmforge", "export", run, "--format", "hf", "--out", str(export)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"lmforge export failed:\n{done.stderr}")
+    torch_device = resolve_device(device, "--device")
+    model = AutoModelForCausalLM.from_pretrained(export).to(torch_device).eval()
+    _, _, tokenizer, _ = load_model(run)
+    batch_ids = [tokenizer.encode(prompts[index % len(prompts)]) for index in range(batch)]
+    width = max(len(ids) for ids in batch_ids)
+    pad = tokenizer.eot_id
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch_ids], device=torch_device)
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch_ids], device=torch_device)
+
+    def timed_generate(new_tokens: int) -> float:
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        with torch.no_grad():
+            model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started
+
+    timed_generate(2)  # warm-up: first-call allocations and kernel selection
+    level = Level(f"transformers generate, batch {batch}", batch)
+    for _ in range(3):
+        first = timed_generate(1)
+        total = timed_generate(max_tokens)
+        level.ttft.append(first)
+        level.gaps.append((total - first) / max(max_tokens - 1, 1))
+        level.requests += batch
+        level.tokens += batch * max_tokens
+        level.seconds += total
+    return level
+
+
+def measure_generate(run: str, device: str, max_tokens: int, prompts: list[str]) -> Level:
+    """lmforge's own one-prompt generation (what `lmforge sample` runs), in this process: the latency the
+    server at one client should match."""
+    import torch
+
+    from lmforge.hardware import resolve_device
+    from lmforge.infer.generate import generate
+    from lmforge.infer.load import load_model
+
+    model, _, tokenizer, _ = load_model(run, resolve_device(device, "--device"))
+    generator = torch.Generator(device=model.wte.weight.device).manual_seed(0)
+    list(generate(model, tokenizer.encode(prompts[0]), 4, generator=generator))  # warm-up
+    level = Level("lmforge sample (generate, no server)", 1)
+    for index in range(3):
+        started = last = time.perf_counter()
+        tokens = generate(model, tokenizer.encode(prompts[index % len(prompts)]), max_tokens, temperature=1.0,
+                          generator=generator)
+        for count, _ in enumerate(tokens):
+            now = time.perf_counter()
+            (level.gaps if count else level.ttft).append(now - last)
+            last = now
+            level.tokens += 1
+        level.requests += 1
+        level.seconds += last - started
+    return level
+
+
+MALFORMED = [
+    (b"{not json", "application/json"),
+    (json.dumps({"prompt": "ROMEO:", "max_tokens": "many"}).encode(), "application/json"),
+    (json.dumps({"prompt": 7, "max_tokens": 8}).encode(), "application/json"),
+    (json.dumps({"model": "no-such-model", "prompt": "ROMEO:", "max_tokens": 8}).encode(), "application/json"),
+    (json.dumps({"prompt": "ROMEO:", "max_tokens": 10**9}).encode(), "application/json"),
+]
+
+
+async def soak(server: Server, requests: int, max_tokens: int, prompts: list[str], hang_seconds: float) -> dict:
+    """`requests` mixed requests from 64 clients; counts by outcome, and the server's RSS before and after."""
+    context = server.model.get("context_length") or 1024
+    malformed = [*MALFORMED, (json.dumps({"prompt": "ab" * context, "max_tokens": 8}).encode(), "application/json")]
+    counts = {"5xx": 0, "hung": 0, "4xx_for_malformed": 0, "malformed": 0, "ok": 0, "cancelled": 0,
+              "unexpected": 0}
+    rng = random.Random(0)
+    kinds = rng.choices(["stream", "cancel", "plain", "malformed"], weights=[5, 2, 2, 1], k=requests)
+    queue: asyncio.Queue = asyncio.Queue()
+    for kind in kinds:
+        queue.put_nowait(kind)
+    rss_before = rss_mb(server.process.pid)
+
+    async def one(client: httpx.AsyncClient, kind: str) -> None:
+        body = {"model": server.model["id"], "prompt": rng.choice(prompts), "max_tokens": max_tokens,
+                "temperature": 1.0, "stream": kind in ("stream", "cancel")}
+        if kind == "malformed":
+            counts["malformed"] += 1
+            content, content_type = rng.choice(malformed)
+            response = await client.post(f"{server.url}/v1/completions", content=content,
+                                         headers={"Content-Type": content_type})
+            counts["4xx_for_malformed" if 400 <= response.status_code < 500 else
+                   "5xx" if response.status_code >= 500 else "unexpected"] += 1
+            return
+        if kind == "plain":
+            response = await client.post(f"{server.url}/v1/completions", json=body)
+            counts["ok" if response.status_code == 200 else
+                   "5xx" if response.status_code >= 500 else "unexpected"] += 1
+            return
+        async with client.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                counts["5xx" if response.status_code >= 500 else "unexpected"] += 1
+                return
+            async for line in response.aiter_lines():
+                if kind == "cancel" and line.startswith("data: "):
+                    counts["cancelled"] += 1
+                    return  # leaving the block closes the connection mid-stream
+                if line == "data: [DONE]":
+                    counts["ok"] += 1
+                    return
+            counts["unexpected"] += 1  # the stream ended without [DONE]
+
+    async def client_loop() -> None:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(hang_seconds)) as client:
+            while not queue.empty():
+                kind = queue.get_nowait()
+                try:
+                    await asyncio.wait_for(one(client, kind), hang_seconds)
+                except (asyncio.TimeoutError, httpx.TimeoutException):
+                    counts["hung"] += 1
+                except httpx.TransportError:
+                    counts["unexpected"] += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client_loop() for _ in range(64)))
+    seconds = time.perf_counter() - started
+    await asyncio.sleep(1.0)  # let dropped streams' slots be freed before the "after" reading
+    health = httpx.get(f"{server.url}/health", timeout=10).status_code
+    return {**counts, "requests": requests, "seconds": seconds, "health_after": health,
+            "rss_before_mb": rss_before, "rss_after_mb": rss_mb(server.process.pid)}
+
+
+def rate(level: Level) -> float:
+    return level.tokens / level.seconds if level.seconds else float("nan")
+
+
+def row(level: Level, base: Level | None) -> str:
+    ratio = f"{rate(level) / rate(base):.2f}x" if base and base.tokens else "-"
+    ms = [1000 * percentile(values, q) for values, q in
+          ((level.ttft, 0.5), (level.ttft, 0.99), (level.gaps, 0.5), (level.gaps, 0.99))]
+    return (f"| {level.peer} | {level.clients} | {level.requests} | {level.tokens} | {rate(level):,.0f} | {ratio} | "
+            + " | ".join(f"{value:.1f}" for value in ms) + f" | {level.errors} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", help="a run directory")
+    parser.add_argument("--clients", default="1,4,16,64", help="concurrency levels, comma-separated")
+    parser.add_argument("--requests", type=int, default=2, help="streamed requests per client per level")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=64, help="the batched server's --max-batch")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--skip-peers", action="store_true", help="only the batched server")
+    parser.add_argument("--soak", type=int, default=0, help="soak requests (the issue asks 2000); 0 skips it")
+    parser.add_argument("--hang-seconds", type=float, default=120.0, help="a soak request taking longer is hung")
+    args = parser.parse_args()
+    levels = [int(value) for value in args.clients.split(",")]
+    prompts = fitting_prompts(args.run, args.max_tokens)
+    work = Path(tempfile.mkdtemp(prefix="lmforge-serve-bench-"))
+
+    measured: dict[tuple[str, int], Level] = {}
+    rows: list[str] = []
+    soak_result = None
+    batched, one_at_a_time = "lmforge serve", "lmforge serve --max-batch 1"
+    servers = [(batched, args.max_batch)] + ([] if args.skip_peers else [(one_at_a_time, 1)])
+    for name, max_batch in servers:
+        server = Server(args.run, max_batch, args.device, work / f"serve-{max_batch}.log")
+        try:
+            asyncio.run(measure_server(server, name, 1, 1, 4, prompts))  # warm-up: first-call allocations
+            for clients in levels:
+                level = asyncio.run(measure_server(server, name, clients, args.requests, args.max_tokens, prompts))
+                measured[name, clients] = level
+                rows.append(row(level, measured[name, levels[0]]))
+            if args.soak and name == batched:
+                soak_result = asyncio.run(soak(server, args.soak, args.max_tokens, prompts, args.hang_seconds))
+            model = server.model
+        finally:
+            server.close()
+    ratios = []
+    if not args.skip_peers:
+        sample = measure_generate(args.run, args.device, args.max_tokens, prompts)
+        rows.append(row(sample, None))
+        ratios.append(f"inter-token latency p50 at 1 client / lmforge sample: "
+                      f"{percentile(measured[batched, levels[0]].gaps, 0.5) / percentile(sample.gaps, 0.5):.2f}")
+        for clients in levels:
+            ratios.append(f"tokens/s at {clients} clients, batched / --max-batch 1: "
+                          f"{rate(measured[batched, clients]) / rate(measured[one_at_a_time, clients]):.2f}")
+        for batch in (1, 16):
+            level = measure_transformers(args.run, args.device, batch, args.max_tokens, prompts, work)
+            rows.append(row(level, None))
+            if (batched, batch) in measured:
+                ratios.append(f"tokens/s, lmforge serve at {batch} clients / transformers batch {batch}: "
+                              f"{rate(measured[batched, batch]) / rate(level):.2f}")
+
+    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, device {args.device}; model {model['id']} (context {model.get('context_length')}), "
+          f"{args.max_tokens} new tokens per request, {args.requests} requests per client")
+    print(f"command: python benchmarks/serve.py {' '.join(sys.argv[1:])}\n")
+    print("| server | clients (batch) | requests | tokens | tokens/s | vs 1 client | TTFT p50 ms | TTFT p99 ms "
+          "| ITL p50 ms | ITL p99 ms | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    if ratios:
+        print("\n" + "\n".join(ratios))
+    if soak_result:
+        print(f"\nsoak: {json.dumps(soak_result)}")
+
+
+if __name__ == "__main__":
+    main()

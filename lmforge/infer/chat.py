@@ -1,0 +1,165 @@
+"""`lmforge chat RUN`: a multi-turn conversation with a run's model in the terminal, streamed as it is written.
+
+The history goes through the run's chat template (lmforge/tasks/template.py) every turn, so the model sees
+the conversation the way a fine-tuned run was trained on it. The context window is the model's block size:
+when the conversation no longer fits beside room for the reply, the oldest turns are dropped, and the chat
+says so. A reply ends at the end-of-text token, at the start of another turn (a base model writes the next
+speaker's marker instead), at --max-new-tokens, or at Ctrl-C, which stops the answer and keeps the program.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from lmforge.errors import UserError
+from lmforge.infer.generate import generate
+from lmforge.infer.load import load_for_inference
+from lmforge.run import resolve_checkpoint
+from lmforge.tasks.template import ChatTemplate, load_chat_template
+
+HELP = ("/reset forgets the conversation, /temp X sets the temperature (0 is greedy), /quit or Ctrl-D exits; "
+        "Ctrl-C stops an answer")
+USER_PROMPT = "you> "
+MODEL_PROMPT = "model> "
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+    if temperature < 0:
+        raise UserError("--temperature must be 0 (greedy) or positive")
+    if top_k is not None and top_k <= 0:
+        raise UserError("--top-k must be a positive number of tokens")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError("--top-p must be in (0, 1]")
+    if max_new_tokens <= 0:
+        raise UserError("--max-new-tokens must be positive")
+
+
+def fit_history(messages: list[dict], template: ChatTemplate, tokenizer, budget: int
+                ) -> tuple[list[int], int]:
+    """The prompt ids of the newest turns that fit in `budget` tokens, and how many messages were dropped
+    from the front to get there. A kept history starts with a user message (never a reply without its
+    question), and the newest user message is always kept; if it alone is too long, its beginning falls
+    outside the window (generate keeps the last block_size tokens)."""
+    dropped = 0
+    while True:
+        ids, _ = template.encode(messages[dropped:], tokenizer, add_generation_prompt=True)
+        if len(ids) <= budget or dropped == len(messages) - 1:
+            return ids, dropped
+        dropped += 1
+        while dropped < len(messages) - 1 and messages[dropped]["role"] != "user":
+            dropped += 1
+
+
+def held_back(text: str, stop_texts: list[str]) -> int:
+    """How many characters at the end of `text` could be the start of a stop text, so must not be shown
+    until the next tokens decide."""
+    longest = 0
+    for stop in stop_texts:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+def stream_reply(model: torch.nn.Module, tokenizer, prompt_ids: list[int], stop_texts: list[str], out: TextIO,
+                 **sampling) -> tuple[str, str]:
+    """Write the model's reply to `out` as it is generated; return (reply text, why it ended: "stop",
+    "length" or "interrupted")."""
+    ids: list[int] = []
+    text, shown = "", 0
+    reason = "length"
+    tokens = generate(model, prompt_ids, stop_token=tokenizer.eot_id, **sampling)
+    try:
+        for token in tokens:
+            ids.append(token)
+            text = tokenizer.decode(ids)
+            cut = min((text.find(stop) for stop in stop_texts if stop in text), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+                break
+            if text.endswith("\ufffd"):  # the rest of a multi-byte character is still to come
+                continue
+            visible = len(text) - held_back(text, stop_texts)
+            if visible > shown:
+                out.write(text[shown:visible])
+                out.flush()
+                shown = visible
+        else:
+            if len(ids) < sampling["max_new_tokens"]:
+                reason = "stop"  # generate ended early: the model wrote end-of-text
+    except KeyboardInterrupt:
+        reason = "interrupted"
+        text = text[:shown]  # what the user saw is what the history keeps
+    finally:
+        tokens.close()
+    out.write(text[shown:])
+    return text, reason
+
+
+def chat(run: str | Path, *, temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
+         max_new_tokens: int = 256, device: str = "auto", seed: int = 1337,
+         read_line: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
+    """Talk with a run's model until /quit or end of input."""
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    model, config, tokenizer, checkpoint, torch_device = load_for_inference(run, device)
+    template = load_chat_template(resolve_checkpoint(run)[0])
+    stop_texts = template.stop_texts()
+    block_size = config.model.block_size
+    # Room for the reply: the whole of it when it fits in half the window, else half the window (the
+    # window then slides as the reply grows, as in `lmforge sample`).
+    prompt_budget = block_size - min(max_new_tokens, block_size // 2)
+    generator = torch.Generator(device=torch_device).manual_seed(seed)
+    messages: list[dict] = []
+    if read_line is input and sys.stdin.isatty():
+        import readline  # noqa: F401  (importing it gives input() line editing and arrow-key history)
+    out.write(f"lmforge chat: {checkpoint} ({block_size}-token context)\n{HELP}\n")
+    while True:
+        try:
+            line = read_line(USER_PROMPT)
+        except EOFError:
+            out.write("\n")
+            return
+        except KeyboardInterrupt:  # at the prompt, Ctrl-C clears the line, as in a shell
+            out.write("\n")
+            continue
+        command, _, argument = line.strip().partition(" ")
+        if command == "/quit":
+            return
+        if command == "/reset":
+            messages.clear()
+            out.write("(conversation forgotten)\n")
+            continue
+        if command == "/temp":
+            try:
+                new_temperature = float(argument)
+                check_sampling(new_temperature, top_k, top_p, max_new_tokens)
+            except (ValueError, UserError):
+                out.write("(usage: /temp X, with X = 0 for greedy or a positive number)\n")
+                continue
+            temperature = new_temperature
+            out.write(f"(temperature {temperature:g})\n")
+            continue
+        if command.startswith("/"):
+            out.write(f"(unknown command {command}; {HELP})\n")
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt_ids, dropped = fit_history(messages, template, tokenizer, prompt_budget)
+        if dropped:
+            del messages[:dropped]
+            out.write(f"(context full: dropped the {dropped} oldest message{'s' * (dropped > 1)})\n")
+        if len(prompt_ids) > block_size:
+            out.write(f"(your message is longer than the {block_size}-token context; the model sees its end)\n")
+        out.write(MODEL_PROMPT)
+        out.flush()
+        reply, reason = stream_reply(model, tokenizer, prompt_ids, stop_texts, out, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        out.write({"stop": "\n", "length": " [max tokens]\n", "interrupted": " [stopped]\n"}[reason])
+        messages.append({"role": "assistant", "content": reply})
