@@ -35,7 +35,15 @@ from safetensors.torch import save_file
 from lmforge.config import Config, ModelConfig, dumps_config, load_config
 from lmforge.data.tokenizer import Tokenizer, load_tokenizer
 from lmforge.errors import UserError
-from lmforge.files import load_safetensors, move_into_place, refuse_to_replace, write_atomic
+from lmforge.files import (
+    check_output,
+    load_safetensors,
+    move_into_place,
+    remove_path,
+    replace_output,
+    write_atomic,
+    writing,
+)
 from lmforge.model.gpt import GPT, mlp_hidden_size, norm_eps
 
 CONFIG_FILE = "config.toml"
@@ -43,6 +51,11 @@ TOKENIZER_FILE = "tokenizer.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINTS = "checkpoints"
 RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, LOG_FILE, CHECKPOINTS, "report", "tensorboard")
+# Every file lmforge writes in a run directory, as `files.foreign_files` patterns: --overwrite replaces a run
+# only if it holds nothing else (the checkpoint patterns cover the temporary and swapped-out names too).
+RUN_OWNED = (CONFIG_FILE, TOKENIZER_FILE, LOG_FILE, "checkpoints/step_*/*", "checkpoints/.tmp-step_*/*",
+             "checkpoints/.old-step_*/*", "report/*.md", "report/*.png", "report/.*.tmp",
+             "tensorboard/events.out.tfevents.*", ".*.tmp")
 CHECKPOINT_PREFIX = "step_"
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -93,12 +106,6 @@ def create_run(run_dir: Path, config: Config, tokenizer: Tokenizer, replace: lis
     tokenizer.save(run_dir / TOKENIZER_FILE)
 
 
-def replace_path(temporary: Path, final: Path, overwrite: bool) -> None:
-    """Move a finished file or directory into place; an existing one is replaced only with overwrite."""
-    refuse_to_replace(final, overwrite)
-    move_into_place(temporary, final)
-
-
 def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], origin: str) -> None:
     """The weights must be exactly the parameters of GPT(config): same names, same shapes."""
     with torch.device("meta"):  # shapes only: no memory, no initialization cost
@@ -118,22 +125,21 @@ def write_run(out: str | Path, model_config: ModelConfig, tokenizer: dict, weigh
     step-0 checkpoint, written atomically; returns it. It has no optimizer state or log, so `train --resume`
     does not apply to it; `sample`, `eval`, `export` and `train --init-from` read only its weights."""
     out = Path(out)
-    refuse_to_replace(out, overwrite)
+    check_output(out, overwrite, directory=True, owned=RUN_OWNED)
     check_weights(model_config, weights, origin)
     if tokenizer["vocab_size"] > model_config.vocab_size:
         raise UserError(f"{origin}: the tokenizer has {tokenizer['vocab_size']} tokens, more than the model's "
                         f"vocabulary of {model_config.vocab_size}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(f".tmp-{out.name}")
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    checkpoint = checkpoint_dir(temporary, 0)
-    checkpoint.mkdir(parents=True)
-    (temporary / CONFIG_FILE).write_text(dumps_config(Config(model=model_config)))
-    (temporary / TOKENIZER_FILE).write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
-    save_file({name: tensor.detach().to(torch.float32).contiguous() for name, tensor in weights.items()},
-              checkpoint / WEIGHTS_FILE)
-    replace_path(temporary, out, overwrite)
+    with writing(out, temporary, needed=sum(tensor.numel() * 4 for tensor in weights.values())):
+        remove_path(temporary)
+        checkpoint = checkpoint_dir(temporary, 0)
+        checkpoint.mkdir(parents=True)
+        (temporary / CONFIG_FILE).write_text(dumps_config(Config(model=model_config)))
+        (temporary / TOKENIZER_FILE).write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
+        save_file({name: tensor.detach().to(torch.float32).contiguous() for name, tensor in weights.items()},
+                  checkpoint / WEIGHTS_FILE)
+    replace_output(temporary, out, overwrite, RUN_OWNED)
     return out
 
 
@@ -202,19 +208,22 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
     the optimizers' `state_dict()`s, `hidden_state` a recurrent model's carried state (global batch rows)."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / WEIGHTS_FILE)
     tensors, groups = _flatten_optimizers(optimizer_states)
-    save_file(tensors, tmp / OPTIMIZER_FILE)
-    if hidden_state:
-        save_file({k: v.contiguous() for k, v in hidden_state.items()}, tmp / HIDDEN_FILE)
-    state = dict(trainer_state, optimizer_groups=groups, rng=rng_state())
-    (tmp / STATE_FILE).write_text(json.dumps(state))
-    for file in tmp.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
+    needed = sum(t.nelement() * t.element_size() for part in (model_state, tensors, hidden_state or {})
+                 for t in part.values())
+    # A failure (disk full, read-only) deletes the partial checkpoint and ends in one line; earlier ones stay.
+    with writing(final, tmp, needed=needed):
+        remove_path(tmp)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / WEIGHTS_FILE)
+        save_file(tensors, tmp / OPTIMIZER_FILE)
+        if hidden_state:
+            save_file({k: v.contiguous() for k, v in hidden_state.items()}, tmp / HIDDEN_FILE)
+        state = dict(trainer_state, optimizer_groups=groups, rng=rng_state())
+        (tmp / STATE_FILE).write_text(json.dumps(state))
+        for file in tmp.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
     move_into_place(tmp, final)  # re-saving a step (e.g. interrupted right after a save) swaps the old out
     return final
 
