@@ -51,12 +51,13 @@ def write_error_message(path: Path, number: int | None, needed: int | None = Non
     if number == errno.ENOTDIR:
         reason += " (a part of the path is a file, not a directory)"
     if number in _FULL:
-        existing = next((parent for parent in (path, *path.parents) if parent.exists()), Path("."))
         details = [f"it needs {_megabytes(needed)}"] if needed is not None else []
-        try:
-            details.append(f"{_megabytes(shutil.disk_usage(existing).free)} free on that disk")
-        except OSError:
-            pass
+        if number != errno.EFBIG:  # EFBIG is a limit on one file's size, not the disk's free space
+            existing = next((parent for parent in (path, *path.parents) if parent.exists()), Path("."))
+            try:
+                details.append(f"{_megabytes(shutil.disk_usage(existing).free)} free on that disk")
+            except OSError:
+                pass
         if details:
             reason += f"; {', '.join(details)}"
     return f"could not write {path}: {reason}"

@@ -41,7 +41,7 @@ from lmforge.data.corpus import (
     Source,
     read_all,
     resolve_source,
-    split_at_lines,
+    split_document,
     utf8_length,
 )
 from lmforge.data.shards import SPLITS, ShardWriter, token_dtype
@@ -55,10 +55,10 @@ from lmforge.data.tokenizer import (
     train_tokenizer,
 )
 from lmforge.errors import UserError
-from lmforge.files import write_atomic
+from lmforge.files import write_atomic, writing
 
 DEFAULT_VAL_FRACTION = 0.1
-PIECE_CHARS = 1 << 18  # longer documents are encoded in pieces of about this many characters
+PIECE_CHARS = 1 << 18  # longer documents are trained on and encoded in pieces of 1 to 2 times this
 CHUNK_CHARS = 1 << 21  # characters per unit of work handed to an encoding worker
 OUR_FILE = re.compile(r"^(meta\.json|tokenizer\.json|(train|val)_\d{6}\.bin)$")
 OUR_TEMPORARY = re.compile(r"^\.(meta\.json|tokenizer\.json|(train|val)_\d{6}\.bin)\.tmp$")
@@ -181,7 +181,7 @@ def _chunks(stream: Iterator[tuple[str, str, int]], totals: dict[str, dict[str, 
         totals[split]["documents"] += 1
         totals[split]["chars"] += len(text)
         totals[split]["bytes"] += num_bytes
-        for index, piece in enumerate(split_at_lines(text, PIECE_CHARS)):
+        for index, piece in enumerate(split_document(text, PIECE_CHARS)):
             pending[split].append((piece, index == 0))
             size[split] += len(piece)
             if size[split] >= CHUNK_CHARS:
@@ -395,7 +395,7 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str, *, val_sources:
         # Sizes tokenizers' Rust thread pool; only read if the pool has not started in this process yet.
         os.environ["RAYON_NUM_THREADS"] = str(workers)
     training_text = (piece for split, text, _ in stream() if split == "train"
-                     for piece in split_at_lines(text, PIECE_CHARS))
+                     for piece in split_document(text, PIECE_CHARS))
     if tokenizer == "char":  # bpe draws its own progress bars; gpt2 does not read the text
         train_chars = plan.cut if plan.by == "position" else chars["train"]
         with _progress(quiet, desc="vocabulary", total=train_chars, unit="char", unit_scale=True) as bar:
@@ -404,8 +404,9 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str, *, val_sources:
         fitted = train_tokenizer(tokenizer, training_text, vocab_size,
                                  show_progress=not quiet and sys.stderr.isatty())
 
-    out.mkdir(parents=True, exist_ok=True)
-    _clear_out_dir(out)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        _clear_out_dir(out)
     fitted.save(out / "tokenizer.json")
     totals, unknown_chars = _write_shards(fitted, stream(), out, shard_tokens, workers,
                                           chars["train"] + chars["val"], quiet)
