@@ -144,7 +144,7 @@ def _check_out_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> None
     if meta_path.exists():
         try:
             old = json.loads(meta_path.read_text(encoding="utf-8")).get("settings")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        except (OSError, ValueError, RecursionError, AttributeError):  # not one of ours
             old = None
         if old == settings:
             raise UserError(f"{out} already holds this dataset (same settings); "

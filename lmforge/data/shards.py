@@ -72,7 +72,7 @@ class ShardWriter:
             raise ValueError(f"token ids outside [0, {self.vocab_size}) cannot go into a {self.split} shard")
         tokens = tokens.astype(self.dtype, copy=False)
         start = 0
-        with writing(self._path(), needed=tokens.nbytes):
+        with writing(self._path(), needed=HEADER_BYTES + (self._in_shard + len(tokens)) * self.dtype.itemsize):
             while start < len(tokens):
                 if self._file is None:
                     self._open()
@@ -106,7 +106,7 @@ class ShardWriter:
     def close(self) -> list[Path]:
         """Finish the last shard; returns every shard written."""
         if self._file is not None:
-            with writing(self._path()):
+            with writing(self._path(), needed=HEADER_BYTES + self._in_shard * self.dtype.itemsize):
                 self._finish()
         return self.paths
 

@@ -78,8 +78,12 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path} not found: {path.parent} is not a Hugging Face model directory") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err})") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply to read") from None
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
