@@ -26,6 +26,7 @@ SHAKESPEARE = "shakespeare"
 TEXT_SUFFIXES = (".txt", ".md")
 SOURCE_HELP = f"'{SHAKESPEARE}', a .txt/.md file or a directory of them, a .jsonl file or a .parquet file"
 PARQUET_BATCH_ROWS = 1024
+DIGEST_CHARS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,17 @@ def utf8_length(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
+def utf8_digest(text: str) -> tuple[bytes, int]:
+    """A 16-byte digest of the text's UTF-8 and its length in bytes, encoding a slice at a time so that a
+    document of hundreds of megabytes is not copied whole."""
+    digest, num_bytes = hashlib.blake2b(digest_size=16), 0
+    for start in range(0, len(text), DIGEST_CHARS):
+        encoded = text[start : start + DIGEST_CHARS].encode("utf-8")
+        digest.update(encoded)
+        num_bytes += len(encoded)
+    return digest.digest(), num_bytes
+
+
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -101,18 +113,17 @@ class Cleaner:
                 self.stats.empty_removed += 1
                 continue
             try:
-                encoded = text.encode("utf-8")
+                digest, num_bytes = utf8_digest(text)
             except UnicodeEncodeError:  # lone surrogates, which JSON escapes like "\ud800" can produce
                 self.stats.replaced_bytes += len(_LONE_SURROGATE.findall(text))
                 text = _LONE_SURROGATE.sub("\ufffd", text)
-                encoded = text.encode("utf-8")
-            digest = hashlib.blake2b(encoded, digest_size=16).digest()
+                digest, num_bytes = utf8_digest(text)
             if digest in self.seen:
                 self.stats.duplicates_removed += 1
                 continue
             self.seen.add(digest)
             self.stats.documents += 1
-            yield text, len(encoded)
+            yield text, num_bytes
 
 
 def shakespeare_files() -> list[Path]:

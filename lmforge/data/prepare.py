@@ -111,9 +111,10 @@ def split_documents(sources: list[Source], val_sources: list[Source], plan: Spli
             elif start >= plan.cut:
                 yield "val", text, num_bytes
             else:  # the one document that straddles the cut is held in memory, as any document is
-                head, tail = text[: plan.cut - start], text[plan.cut - start :]
-                yield "train", head, utf8_length(head)
-                yield "val", tail, utf8_length(tail)
+                tail = text[plan.cut - start :]
+                tail_bytes = utf8_length(tail)
+                yield "train", text[: plan.cut - start], num_bytes - tail_bytes
+                yield "val", tail, tail_bytes
 
 
 def _progress(quiet: bool, **kwargs: Any) -> tqdm:
