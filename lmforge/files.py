@@ -31,6 +31,11 @@ _WRAPPED_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+class WriteError(UserError, OSError):
+    """An output that could not be written (disk full, read-only, ...): one line for the user, and still an
+    OSError to code that tolerates a failed write (a cache that is only an optimization)."""
+
+
 def write_error_number(error: BaseException) -> int | None:
     """The errno of an operating-system failure to write: an OSError's, or the one a SafetensorError wraps."""
     if isinstance(error, OSError):
@@ -78,17 +83,20 @@ def remove_path(path: Path) -> None:
 def writing(path: Path, *temporaries: Path, needed: int | None = None) -> Iterator[None]:
     """Guard the block that writes the output `path` through `temporaries`: on any failure they are deleted
     (outputs written earlier stay as they were), and an operating-system failure to write (disk full, file
-    too large, read-only, no permission, a file where a directory should be) becomes a UserError, one line
-    naming `path` (`needed`: the bytes it takes, when known, for the message)."""
+    too large, read-only, no permission, a file where a directory should be) becomes a WriteError, one line
+    naming `path` (`needed`: the bytes it takes, when known, for the message). A WriteError from a `writing`
+    block inside passes through as it is: the innermost path is the most precise."""
     try:
         yield
     except BaseException as error:
         for temporary in temporaries:
             remove_path(temporary)
         number = write_error_number(error)
-        if number is None and not isinstance(error, OSError):
+        if isinstance(error, WriteError) or (number is None and not isinstance(error, OSError)):
             raise
-        raise UserError(write_error_message(Path(path), number, needed)) from None
+        failure = WriteError(write_error_message(Path(path), number, needed))
+        failure.errno = number
+        raise failure from None
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
