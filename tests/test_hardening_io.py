@@ -292,6 +292,12 @@ def hostile(base, tmp_path: Path, case: str) -> tuple[list, str]:
         config["n_embd"] = {"hf config string": "abc", "hf config null": None, "hf config float": 16.5}[case]
         (source / "config.json").write_text(json.dumps(config))
         return ["import", source, "--out", tmp_path / "imported"], "n_embd"
+    if case == "hf config alone":  # checked before the weights are looked for
+        source = tmp_path / "hf"
+        source.mkdir()
+        (source / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": None, "n_layer": 1,
+                                                        "n_head": 2, "n_positions": 16, "vocab_size": 40}))
+        return ["import", source, "--out", tmp_path / "imported"], "'n_embd' must be a positive whole number"
     if case == "hf config not utf-8":
         source = tmp_path / "hf"
         shutil.copytree(base.hf, source)
@@ -310,7 +316,8 @@ def hostile(base, tmp_path: Path, case: str) -> tuple[list, str]:
     return ["import", base.llmc, "--tokenizer", tokenizer, "--out", tmp_path / "imported"], "tokenizer.json"
 
 
-HOSTILE = ["deep jsonl", "hf config string", "hf config null", "hf config float", "hf config not utf-8",
+HOSTILE = ["deep jsonl", "hf config string", "hf config null", "hf config float", "hf config alone",
+           "hf config not utf-8",
            "hf config a list", "tokenizer not utf-8", "deep tokenizer"]
 
 

@@ -141,7 +141,6 @@ def require_sizes(cfg: dict, origin: Path, required: tuple[str, ...], optional: 
 
 def gpt2_from_hf(cfg: dict, tensors: dict[str, torch.Tensor], origin: Path
                  ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    require_sizes(cfg, origin, ("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"), ("n_inner",))
     refuse_unless(cfg.get("activation_function", "gelu_new") in TANH_GELUS, origin,
                   f"activation_function '{cfg.get('activation_function')}' (lmforge's GELU is the tanh form)")
     refuse_unless(not cfg.get("scale_attn_by_inverse_layer_idx", False), origin, "scale_attn_by_inverse_layer_idx")
@@ -180,8 +179,6 @@ def rope_theta(cfg: dict, origin: Path) -> float:
 
 def llama_from_hf(cfg: dict, tensors: dict[str, torch.Tensor], origin: Path
                   ) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    require_sizes(cfg, origin, ("vocab_size", "max_position_embeddings", "num_hidden_layers", "hidden_size",
-                                "num_attention_heads", "intermediate_size"), ("num_key_value_heads", "head_dim"))
     width, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     refuse_unless(cfg.get("hidden_act", "silu") == "silu", origin, f"hidden_act '{cfg.get('hidden_act')}'")
     refuse_unless(cfg.get("head_dim") in (None, width // heads), origin, "head_dim != hidden_size / heads")
@@ -218,6 +215,10 @@ def llama_from_hf(cfg: dict, tensors: dict[str, torch.Tensor], origin: Path
 
 
 FAMILIES = {"gpt2": gpt2_from_hf, "llama": llama_from_hf}
+# Each family's sizes in config.json: (required, optional).
+FAMILY_SIZES = {"gpt2": (("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"), ("n_inner",)),
+                "llama": (("vocab_size", "max_position_embeddings", "num_hidden_layers", "hidden_size",
+                           "num_attention_heads", "intermediate_size"), ("num_key_value_heads", "head_dim"))}
 
 
 def tokenizer_from_hf(folder: Path, cfg: dict) -> dict:
@@ -256,6 +257,7 @@ def import_hf(source: str, out: str | Path, *, tokenizer: str | Path | None = No
     if family not in FAMILIES:
         raise UserError(f"{folder}: model_type '{family}' is not supported; lmforge imports "
                         f"{', '.join(FAMILIES)} models")
+    require_sizes(cfg, folder, *FAMILY_SIZES[family])  # before the weights are read, which takes long
     try:
         config, weights = FAMILIES[family](cfg, read_weights(folder), folder)
     except KeyError as err:
