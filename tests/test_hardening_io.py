@@ -179,6 +179,9 @@ def test_a_full_disk_is_one_line_and_leaves_no_temporary(command, base, tmp_path
     code, _, err = child_cli(*FULL_DISK[command](base, out), file_size_limit=2048)
     assert_one_line_error(code, err, "could not write", "File too large", "it needs")
     assert not temporaries(tmp_path)
+    if command.startswith("prepare"):  # what the failed prepare wrote is gone: a rerun needs no --overwrite
+        assert list(out.iterdir()) == []
+        assert child_cli(*FULL_DISK[command](base, out))[0] == 0
 
 
 @pytest.mark.parametrize("command", ["export hf", "import", "report"])

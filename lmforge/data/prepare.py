@@ -25,6 +25,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from multiprocessing import get_context
@@ -408,26 +409,34 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str, *, val_sources:
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
         _clear_out_dir(out)
-    fitted.save(out / "tokenizer.json")
-    totals, unknown_chars = _write_shards(fitted, stream(), out, shard_tokens, workers,
-                                          chars["train"] + chars["val"], quiet)
-    meta = {
-        "lmforge_version": __version__,
-        "tokenizer": {"kind": fitted.kind, "vocab_size": fitted.vocab_size, "eot_id": fitted.eot_id},
-        "splits": totals,
-        "sources": source_names,
-        "val_sources": val_names,
-        "duplicates_removed": stats.duplicates_removed,
-        "replaced_bytes": stats.replaced_bytes,
-        "unknown_chars": unknown_chars,
-        "lowercase": lowercase,
-        "seed": seed,
-        "empty_removed": stats.empty_removed,
-        "split_by": plan.by,
-        "val_fraction": fraction,
-        "settings": settings,  # the arguments, to tell a rerun of the same command from a different one
-    }
-    write_atomic(out / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    # A failure from here on (disk full, interrupted) removes what this prepare wrote, so that running it
+    # again needs no --overwrite; the dataset it replaces was already removed above.
+    try:
+        fitted.save(out / "tokenizer.json")
+        totals, unknown_chars = _write_shards(fitted, stream(), out, shard_tokens, workers,
+                                              chars["train"] + chars["val"], quiet)
+        meta = {
+            "lmforge_version": __version__,
+            "tokenizer": {"kind": fitted.kind, "vocab_size": fitted.vocab_size, "eot_id": fitted.eot_id},
+            "splits": totals,
+            "sources": source_names,
+            "val_sources": val_names,
+            "duplicates_removed": stats.duplicates_removed,
+            "replaced_bytes": stats.replaced_bytes,
+            "unknown_chars": unknown_chars,
+            "lowercase": lowercase,
+            "seed": seed,
+            "empty_removed": stats.empty_removed,
+            "split_by": plan.by,
+            "val_fraction": fraction,
+            "settings": settings,  # the arguments, to tell a rerun of the same command from a different one
+        }
+        write_atomic(out / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    except BaseException:
+        with suppress(OSError):  # the first error is the one to report
+            _clear_out_dir(out)
+            (out / "tokenizer.json").unlink(missing_ok=True)
+        raise
     if not quiet:
         print(_summary(out, meta, stats))
     return meta
