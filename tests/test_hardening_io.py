@@ -335,6 +335,12 @@ def test_hostile_files_are_one_line(case, base, tmp_path, capsys):
 # ---- 13: sweep ----
 
 
+def test_a_sweep_on_a_full_disk_is_one_line(base, tmp_path):
+    code, _, err = child_cli("sweep", "--config", base.config, "--data", base.data, "--out", tmp_path / "s",
+                             "--param", "model.n_embd=16", "--trials", "1", "--quiet", file_size_limit=2048)
+    assert_one_line_error(code, err, "sweep.db")
+
+
 def test_a_trials_user_error_is_one_line_without_optunas_traceback(base, tmp_path):
     code, out, err = child_cli("sweep", "--config", base.config, "--data", base.data, "--out", tmp_path / "s",
                                "--param", "model.n_embd=17", "--trials", "1")

@@ -22,7 +22,7 @@ import optuna
 
 from lmforge.config import Config, dumps_config, load_config, set_value
 from lmforge.errors import TrainingDiverged, UserError
-from lmforge.files import write_atomic, writing
+from lmforge.files import WriteError, write_atomic, writing
 from lmforge.plots import new_figure, png_bytes
 from lmforge.train.trainer import Trainer
 
@@ -209,7 +209,7 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
             return math.inf
         except BaseException as err:  # interrupted or crashed: the trial fails, a resumed grid runs it again
             forget_grid_point(trial.number)
-            if not isinstance(err, UserError):  # a user's mistake would only fail again: the error says what
+            if not isinstance(err, UserError) or isinstance(err, WriteError):  # a mistake would fail again
                 say(f"sweep stopped; run the same command again to continue it ({out / 'sweep.db'})")
             raise
         val = result["val"]
