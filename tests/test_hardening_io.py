@@ -189,12 +189,11 @@ def test_a_full_disk_keeps_the_earlier_output_byte_for_byte(command, base, tmp_p
     if command == "report":
         out = tmp_path / "run"
         shutil.copytree(base.run, out)
-        assert child_cli("report", out)[0] == 0
         argv = ["report", out]
     else:
         out = tmp_path / "out"
         argv = [*FULL_DISK[command](base, out), "--overwrite"]
-        assert child_cli(*argv)[0] == 0
+    assert main([str(arg) for arg in argv]) == 0  # the earlier output, written in this process (faster)
     before = checksums(out)
     code, _, err = child_cli(*argv, file_size_limit=2048)
     assert_one_line_error(code, err, "could not write")
