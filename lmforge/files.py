@@ -169,12 +169,20 @@ def foreign_files(directory: Path, owned: Iterable[str]) -> list[str]:
     return sorted(foreign)
 
 
+def refuse_file_in_path(path: Path) -> None:
+    """Refuse, before any work, an output below a file (`notes.txt/out`): its directory cannot be made."""
+    existing = next((parent for parent in Path(path).parents if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"cannot write {path}: {existing} is a file, not a directory")
+
+
 def check_output(final: Path, overwrite: bool, *, directory: bool, owned: Iterable[str] = ()) -> None:
     """The checks before writing a named output, a file or (`directory`) a directory of the files `owned`
     names: refused, with one line, when it is the current directory or one above it, when it exists and
     `overwrite` is off, when it is a directory where a file goes or the reverse, or when the directory holds
     anything lmforge did not write (naming it)."""
     final = Path(final)
+    refuse_file_in_path(final)
     resolved, here = final.resolve(), Path.cwd().resolve()
     if resolved == here or resolved in here.parents:
         raise UserError(f"{final} is the current directory or one above it; name a new "

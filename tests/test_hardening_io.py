@@ -261,6 +261,8 @@ OUTPUT_PATHS = {
     "compare over a file": lambda b, t: ["compare", b.run, "--out", t / "keep.txt"],
     "compare under a file": lambda b, t: ["compare", b.run, "--out", t / "keep.txt" / "c"],
     "export under a file": lambda b, t: ["export", b.run, "--format", "hf", "--out", t / "keep.txt" / "c"],
+    "prepare under a file": lambda b, t: ["prepare", "--source", b.corpus, "--tokenizer", "char", "--out",
+                                          t / "keep.txt" / "d", "--quiet"],
     "plot onto a directory": lambda b, t: ["plot", "activations", "--out", t / "d.png"],
     "sweep under a file": lambda b, t: ["sweep", "--config", b.config, "--data", b.data, "--out",
                                         t / "keep.txt" / "s", "--param", "model.n_embd=16", "--quiet"],

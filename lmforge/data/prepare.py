@@ -56,7 +56,7 @@ from lmforge.data.tokenizer import (
     train_tokenizer,
 )
 from lmforge.errors import UserError
-from lmforge.files import write_atomic, writing
+from lmforge.files import refuse_file_in_path, write_atomic, writing
 
 DEFAULT_VAL_FRACTION = 0.1
 PIECE_CHARS = 1 << 18  # longer documents are trained on and encoded in pieces of 1 to 2 times this
@@ -140,6 +140,7 @@ def _check_out_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> None
     """Refuse to write over a dataset unless asked to; never touch files that are not ours."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
+    refuse_file_in_path(out)
     if overwrite or not out.is_dir():
         return
     meta_path = out / "meta.json"
