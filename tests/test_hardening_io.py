@@ -302,6 +302,12 @@ def hostile(base, tmp_path: Path, case: str) -> tuple[list, str]:
         (source / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": None, "n_layer": 1,
                                                         "n_head": 2, "n_positions": 16, "vocab_size": 40}))
         return ["import", source, "--out", tmp_path / "imported"], "'n_embd' must be a positive whole number"
+    if case in ("hf weights garbage", "hf weights empty"):
+        source = tmp_path / "hf"
+        shutil.copytree(base.hf, source)
+        (source / "model.safetensors").unlink()
+        (source / "pytorch_model.bin").write_bytes(b"garbage" if case.endswith("garbage") else b"")
+        return ["import", source, "--out", tmp_path / "imported"], "pytorch_model.bin"
     if case == "hf config not utf-8":
         source = tmp_path / "hf"
         shutil.copytree(base.hf, source)
@@ -321,7 +327,7 @@ def hostile(base, tmp_path: Path, case: str) -> tuple[list, str]:
 
 
 HOSTILE = ["deep jsonl", "hf config string", "hf config null", "hf config float", "hf config alone",
-           "hf config not utf-8",
+           "hf config not utf-8", "hf weights garbage", "hf weights empty",
            "hf config a list", "tokenizer not utf-8", "deep tokenizer"]
 
 

@@ -18,6 +18,7 @@ The renaming, per layer i (ours ← theirs):
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
@@ -103,6 +104,10 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
                 continue
             try:
                 tensors.update(torch.load(folder / name, map_location="cpu", weights_only=True))
+            except EOFError:
+                raise UserError(f"weights file {folder / name} is truncated") from None
+            except pickle.UnpicklingError:  # torch's message suggests weights_only=False: unsafe, and no help here
+                raise UserError(f"weights file {folder / name} is not a PyTorch file of tensors") from None
             except (OSError, RuntimeError) as err:
                 raise UserError(f"weights file {folder / name} is unreadable ({err})") from None
         return tensors
