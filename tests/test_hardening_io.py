@@ -130,6 +130,21 @@ def test_overwrite_replaces_what_lmforge_wrote(command, base, tmp_path, capsys):
     assert not temporaries(tmp_path)
 
 
+def test_import_overwrite_replaces_a_trained_run_unless_it_holds_other_files(base, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(base.run, run)
+    (run / "report").mkdir()
+    (run / "report" / "notes.txt").write_text("mine")
+    before = checksums(run)
+    code, _, err = run_cli(capsys, "import", base.hf, "--out", run, "--overwrite")
+    assert_one_line_error(code, err, "report/notes.txt")
+    assert checksums(run) == before
+    (run / "report" / "notes.txt").unlink()
+    (run / "report" / "report.md").write_text("# an earlier report")
+    assert run_cli(capsys, "import", base.hf, "--out", run, "--overwrite")[0] == 0
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000000"]
+
+
 def test_llmc_overwrite_replaces_only_llmc_files(base, tmp_path, capsys):
     mine = tmp_path / "notes.bin"
     mine.write_text("not a model")
