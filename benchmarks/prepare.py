@@ -1,9 +1,12 @@
 """Benchmark `lmforge prepare`: throughput and peak memory on a generated text corpus, per tokenizer.
 
     python benchmarks/prepare.py [--size-mb 200] [--tokenizers char bpe] [--workers N] [--keep DIR]
+                                 [--layout files|one-file|one-line]
 
 The corpus is the 42 Shakespeare works, copied until it reaches --size-mb megabytes (10^6 bytes) as
-one .txt file per work and copy. Each copy shuffles the lines of about half the speeches, with its own
+one .txt file per work and copy (--layout one-file: all of it in one .txt file, one document; one-line: that
+file with every newline a space, the worst case for a tokenizer that is handed whole lines).
+Each copy shuffles the lines of about half the speeches, with its own
 seed, and starts with its copy number: text-like, and no copy is an exact duplicate that the cleaning
 would drop. Each run is a fresh process, so its peak memory is its own: the peak resident set of the
 prepare process (from wait4, which also covers children it reaped), and the peak sum over the process
@@ -38,7 +41,7 @@ print(json.dumps({split: part["tokens"] for split, part in meta["splits"].items(
 """
 
 
-def make_corpus(directory: Path, size_mb: float) -> int:
+def make_corpus(directory: Path, size_mb: float, layout: str = "files") -> int:
     """Write perturbed copies of the Shakespeare works until size_mb is reached; returns the bytes."""
     works = [(path.stem, text) for path, text in zip(resolve_source("shakespeare").paths,
                                                      read_texts(resolve_source("shakespeare"), "text",
@@ -61,6 +64,16 @@ def make_corpus(directory: Path, size_mb: float) -> int:
             if written >= size_mb * 1e6:
                 break
         copy += 1
+    if layout != "files":
+        files = sorted(directory.rglob("*.txt"))
+        with open(directory / "corpus.txt", "wb") as whole:
+            for path in files:
+                data = path.read_bytes()
+                whole.write(data.replace(b"\n", b" ") if layout == "one-line" else data)
+                path.unlink()
+        for folder in directory.iterdir():
+            if folder.is_dir():
+                folder.rmdir()
     return written
 
 
@@ -136,6 +149,8 @@ def main() -> None:
     parser.add_argument("--size-mb", type=float, default=200.0, help="corpus size in MB (10^6 bytes)")
     parser.add_argument("--tokenizers", nargs="+", default=["char", "bpe"], choices=["char", "bpe", "gpt2"])
     parser.add_argument("--workers", type=int, default=0, help="encoding workers (0: all cores)")
+    parser.add_argument("--layout", default="files", choices=["files", "one-file", "one-line"],
+                        help="a file per work and copy, all in one file, or one file of one line")
     parser.add_argument("--keep", help="keep the corpus and outputs in this directory (default: a temp dir)")
     args = parser.parse_args()
 
@@ -145,12 +160,12 @@ def main() -> None:
         if corpus.exists():
             shutil.rmtree(corpus)
         started = time.perf_counter()
-        size = make_corpus(corpus, args.size_mb)
+        size = make_corpus(corpus, args.size_mb, args.layout)
         files = sum(1 for _ in corpus.rglob("*.txt"))
         print(f"# {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {machine()}")
         generated = time.perf_counter() - started
         print(f"# corpus: {size / 1e6:.1f} MB in {files} files, generated in {generated:.1f} s; "
-              f"workers: {args.workers or os.cpu_count()}")
+              f"workers: {args.workers or os.cpu_count()}; layout: {args.layout}")
         print(f"{'tokenizer':<10} {'MB':>8} {'tokens':>14} {'seconds':>9} {'MB/s':>7} {'peak RSS MB':>12} "
               f"{'peak RSS all MB':>16}")
         for kind in args.tokenizers:

@@ -2,13 +2,22 @@
 
 Atomic writes: a file or directory appears whole under its final name, or not at all. Each is written
 under a hidden temporary name beside its destination (same filesystem, so the final rename is atomic) and
-then moved into place; a crash leaves at most a hidden leftover, never half a file.
+then moved into place; a crash leaves at most a hidden leftover, never half a file, and a failed write
+(disk full, read-only, a file where a directory should be) removes its temporary and ends in one line.
+
+Replacing an output (`--overwrite`) removes only what lmforge writes there: a directory that holds anything
+else is refused, naming what it holds, so a mistyped `--out` never deletes the user's files.
 """
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import os
+import re
 import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,24 +26,106 @@ from lmforge.errors import UserError
 if TYPE_CHECKING:
     import torch
 
+# safetensors reports the operating system's error only inside its message: "... (os error 28)".
+_WRAPPED_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class WriteError(UserError, OSError):
+    """An output that could not be written (disk full, read-only, ...): one line for the user, and still an
+    OSError to code that tolerates a failed write (a cache that is only an optimization)."""
+
+
+def write_error_number(error: BaseException) -> int | None:
+    """The errno of an operating-system failure to write: an OSError's, or the one a SafetensorError wraps."""
+    if isinstance(error, OSError):
+        return error.errno
+    if type(error).__name__ == "SafetensorError":
+        match = _WRAPPED_OS_ERROR.search(str(error))
+        return int(match.group(1)) if match else None
+    return None
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB" if size >= 100_000 else f"{size:,} bytes"
+
+
+def write_error_message(path: Path, number: int | None, needed: int | None = None) -> str:
+    """One line: what could not be written, why, and (disk full) how much it needed against what is free."""
+    reason = os.strerror(number) if number else "an operating-system error"
+    if number == errno.ENOTDIR:
+        reason += " (a part of the path is a file, not a directory)"
+    if number in _FULL:
+        details = [f"it needs {_megabytes(needed)}"] if needed is not None else []
+        if number != errno.EFBIG:  # EFBIG is a limit on one file's size, not the disk's free space
+            existing = next((parent for parent in (path, *path.parents) if parent.exists()), Path("."))
+            try:
+                details.append(f"{_megabytes(shutil.disk_usage(existing).free)} free on that disk")
+            except OSError:
+                pass
+        if details:
+            reason += f"; {', '.join(details)}"
+    return f"could not write {path}: {reason}"
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file, link or directory tree if it is there; a leftover that cannot be deleted stays."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+@contextmanager
+def writing(path: Path, *temporaries: Path, needed: int | None = None) -> Iterator[None]:
+    """Guard the block that writes the output `path` through `temporaries`: on any failure they are deleted
+    (outputs written earlier stay as they were), and an operating-system failure to write (disk full, file
+    too large, read-only, no permission, a file where a directory should be) becomes a WriteError, one line
+    naming `path` (`needed`: the bytes it takes, when known, for the message). A WriteError from a `writing`
+    block inside passes through as it is: the innermost path is the most precise."""
+    try:
+        yield
+    except BaseException as error:
+        for temporary in temporaries:
+            remove_path(temporary)
+        number = write_error_number(error)
+        if isinstance(error, WriteError) or (number is None and not isinstance(error, OSError)):
+            raise
+        failure = WriteError(write_error_message(Path(path), number, needed))
+        failure.errno = number
+        raise failure from None
+
 
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write `data` (text as UTF-8) to `path` through `.{name}.tmp`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    data = data.encode("utf-8") if isinstance(data, str) else data
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(temporary, path)
+    with writing(path, temporary, needed=len(data)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
 
 
 def move_into_place(temporary: Path, final: Path) -> None:
-    """Rename a finished file or directory to `final`; one already there is swapped out, then deleted."""
-    if final.exists() or final.is_symlink():
-        old = final.with_name(f".old-{final.name}")
-        os.replace(final, old)
-        os.replace(temporary, final)
-        shutil.rmtree(old) if old.is_dir() else old.unlink()
-    else:
-        os.replace(temporary, final)
+    """Rename a finished file or directory to `final`; one already there is swapped out, then deleted. If the
+    swap fails, the one there stays and the temporary is deleted."""
+    with writing(final, temporary):
+        if final.exists() or final.is_symlink():
+            old = final.with_name(f".old-{final.name}")
+            remove_path(old)  # the leftover of an earlier interrupted swap
+            os.replace(final, old)
+            try:
+                os.replace(temporary, final)
+            except BaseException:
+                os.replace(old, final)
+                raise
+            remove_path(old)
+        else:
+            os.replace(temporary, final)
 
 
 def user_cache_dir() -> Path:
@@ -50,6 +141,75 @@ def refuse_to_replace(path: Path, overwrite: bool) -> None:
     user passed --overwrite."""
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise UserError(f"{path} already exists; pass --overwrite to replace it")
+
+
+def _matches(parts: tuple[str, ...], pattern: str) -> bool:
+    pattern_parts = tuple(pattern.split("/"))
+    return len(parts) == len(pattern_parts) and all(map(fnmatch.fnmatchcase, parts, pattern_parts))
+
+
+def foreign_files(directory: Path, owned: Iterable[str]) -> list[str]:
+    """What `directory` holds that lmforge did not write: paths relative to it ('/'-separated, sorted) that no
+    pattern of `owned` names. A pattern is a relative path whose parts may hold wildcards
+    ('checkpoints/step_*/*'); a directory is owned when a pattern names it or something inside it. Links
+    are not followed."""
+    patterns = list(owned)
+    folders = {"/".join(pattern.split("/")[:depth]) for pattern in patterns
+               for depth in range(1, pattern.count("/") + 1)}
+    foreign = []
+    for root, dirs, files in os.walk(directory):
+        base = Path(root).relative_to(directory).parts
+        for name in sorted(dirs):
+            parts = (*base, name)
+            if Path(root, name).is_symlink() or not any(_matches(parts, p) for p in [*patterns, *folders]):
+                foreign.append("/".join(parts))
+        dirs[:] = sorted(name for name in dirs if "/".join((*base, name)) not in foreign)
+        foreign.extend("/".join((*base, name)) for name in sorted(files)
+                       if not any(_matches((*base, name), pattern) for pattern in patterns))
+    return sorted(foreign)
+
+
+def refuse_file_in_path(path: Path) -> None:
+    """Refuse, before any work, an output below a file (`notes.txt/out`): its directory cannot be made."""
+    existing = next((parent for parent in Path(path).parents if parent.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise UserError(f"cannot write {path}: {existing} is a file, not a directory")
+
+
+def check_output(final: Path, overwrite: bool, *, directory: bool, owned: Iterable[str] = ()) -> None:
+    """The checks before writing a named output, a file or (`directory`) a directory of the files `owned`
+    names: refused, with one line, when it is the current directory or one above it, when it exists and
+    `overwrite` is off, when it is a directory where a file goes or the reverse, or when the directory holds
+    anything lmforge did not write (naming it)."""
+    final = Path(final)
+    refuse_file_in_path(final)
+    resolved, here = final.resolve(), Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise UserError(f"{final} is the current directory or one above it; name a new "
+                        f"{'directory' if directory else 'file'} to write")
+    if not (final.exists() or final.is_symlink()):
+        return
+    refuse_to_replace(final, overwrite)
+    if final.is_symlink():
+        raise UserError(f"{final} is a symbolic link; remove it or choose another output path")
+    if directory and not final.is_dir():
+        raise UserError(f"{final} is a file and this writes a directory; remove it or choose another path")
+    if not directory and final.is_dir():
+        raise UserError(f"{final} is a directory and this writes a file; name a file (e.g. {final}/model.bin)")
+    foreign = foreign_files(final, owned) if directory else []
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"{final} holds {shown}, which lmforge did not write; --overwrite replaces only "
+                        "lmforge's own files: move them away or choose another path")
+
+
+def replace_output(temporary: Path, final: Path, overwrite: bool, owned: Iterable[str] = ()) -> None:
+    """Move a finished temporary file or directory to `final` after `check_output` (which a command should
+    also call before it starts the work); on a refusal or a failure the temporary is deleted and whatever
+    was at `final` stays as it was."""
+    with writing(final, temporary):
+        check_output(final, overwrite, directory=temporary.is_dir(), owned=owned)
+        move_into_place(temporary, final)
 
 
 def load_safetensors(path: Path, what: str, hint: str = "") -> dict[str, torch.Tensor]:

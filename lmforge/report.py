@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, MaxNLocator
 
 from lmforge.errors import UserError
-from lmforge.files import write_atomic
+from lmforge.files import write_atomic, writing
 from lmforge.plots import new_figure, png_bytes
 from lmforge.run import EvalRecord, RunLog, TrainRecord, last_per_step, read_log
 
@@ -43,7 +43,8 @@ def write_report(run: str | Path, attention_layer: int = -1) -> Path:
         raise UserError(f"{log_path} holds no training steps yet; train the run until it logs a step")
 
     out = run / "report"
-    out.mkdir(exist_ok=True)
+    with writing(out):
+        out.mkdir(exist_ok=True)
     train, evals = last_per_step(log.train), last_per_step(log.evals)
     plots = write_plots(train, evals, out)
     sections = [

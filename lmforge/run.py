@@ -36,7 +36,16 @@ from safetensors.torch import save_file
 from lmforge.config import Config, ModelConfig, dumps_config, load_config
 from lmforge.data.tokenizer import Tokenizer, load_tokenizer
 from lmforge.errors import UserError
-from lmforge.files import load_safetensors, move_into_place, refuse_to_replace, write_atomic
+from lmforge.files import (
+    check_output,
+    foreign_files,
+    load_safetensors,
+    move_into_place,
+    remove_path,
+    replace_output,
+    write_atomic,
+    writing,
+)
 from lmforge.model.gpt import GPT, mlp_hidden_size, norm_eps
 
 CONFIG_FILE = "config.toml"
@@ -50,7 +59,13 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 HIDDEN_FILE = "hidden.safetensors"
 CHECKPOINT_FILES = (WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE, HIDDEN_FILE)
-LOCK_FILE = ".lock"
+LOCK_FILE = ".lock"  # held (fcntl) by the one process writing the run: lock_run
+# Every file lmforge writes in a run directory, as `files.foreign_files` patterns: --overwrite replaces a run
+# only if it holds nothing else (the checkpoint patterns cover the temporary and swapped-out names too).
+RUN_OWNED = (CONFIG_FILE, TOKENIZER_FILE, LOG_FILE, LOCK_FILE, ".*.tmp",
+             *(f"{CHECKPOINTS}/{folder}/{name}" for folder in ("step_*", ".tmp-step_*", ".old-step_*")
+               for name in CHECKPOINT_FILES),
+             "report/*.md", "report/*.png", "report/.*.tmp", "tensorboard/events.out.tfevents.*")
 
 
 # ----- config and tokenizer -----
@@ -83,7 +98,9 @@ def refuse_existing_run(run_dir: Path, overwrite: bool) -> list[str]:
     if existing and not overwrite:
         raise UserError(f"{run_dir} already holds a run ({', '.join(existing)}); "
                         f"continue it with --resume or replace it with --overwrite")
-    foreign = foreign_files(run_dir) if existing else []
+    # Only the run's own entries are replaced; files beside them stay, so only those entries must be ours.
+    foreign = [path for path in foreign_files(run_dir, RUN_OWNED) if path.split("/")[0] in RUN_FILES] \
+        if existing else []
     if foreign:
         raise UserError(f"{run_dir} holds files lmforge did not write ({', '.join(foreign[:5])}"
                         f"{', ...' if len(foreign) > 5 else ''}); --overwrite replaces a run, nothing else: move "
@@ -94,42 +111,6 @@ def refuse_existing_run(run_dir: Path, overwrite: bool) -> list[str]:
 def _is_temporary(name: str) -> bool:
     """Names of lmforge's temporaries: `.NAME.tmp` files, `.tmp-NAME` and `.old-NAME` swaps."""
     return name.startswith((".tmp-", ".old-")) or (name.startswith(".") and name.endswith(".tmp"))
-
-
-def _is_ours(relative: Path) -> bool:
-    """Whether a path inside a run directory is one lmforge writes there."""
-    parts, name = relative.parts, relative.name
-    if _is_temporary(name):
-        return True
-    if len(parts) == 1:
-        return name in RUN_FILES or name == LOCK_FILE
-    if parts[0] == CHECKPOINTS:
-        checkpoint = parts[1]
-        if not (checkpoint.startswith(CHECKPOINT_PREFIX) or _is_temporary(checkpoint)):
-            return False
-        return len(parts) == 2 or (len(parts) == 3 and name in CHECKPOINT_FILES)
-    if parts[0] == "report":
-        return len(parts) == 2 and name.endswith((".md", ".png"))
-    if parts[0] == "tensorboard":
-        return len(parts) == 2 and name.startswith("events.out.tfevents.")
-    return False
-
-
-def foreign_files(run_dir: Path) -> list[str]:
-    """Files under a run's own entries (checkpoints/, report/, ...) that lmforge did not write, relative to it:
-    what `--overwrite` must not delete. Files beside the run's entries are never touched, so not listed."""
-    run_dir = Path(run_dir)
-    found = []
-    for name in RUN_FILES:
-        top = run_dir / name
-        if top.is_dir() and not top.is_symlink():
-            for path in sorted(top.rglob("*")):
-                relative = path.relative_to(run_dir)
-                if not _is_ours(relative) and not (path.is_dir() and any(path.iterdir())):
-                    found.append(str(relative))
-        elif top.is_symlink():
-            found.append(name)
-    return found
 
 
 def clean_leftovers(run_dir: Path) -> list[str]:
@@ -202,12 +183,6 @@ def create_run(run_dir: Path, config: Config, tokenizer: Tokenizer, replace: lis
     tokenizer.save(run_dir / TOKENIZER_FILE)
 
 
-def replace_path(temporary: Path, final: Path, overwrite: bool) -> None:
-    """Move a finished file or directory into place; an existing one is replaced only with overwrite."""
-    refuse_to_replace(final, overwrite)
-    move_into_place(temporary, final)
-
-
 def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], origin: str) -> None:
     """The weights must be exactly the parameters of GPT(config): same names, same shapes."""
     with torch.device("meta"):  # shapes only: no memory, no initialization cost
@@ -227,22 +202,21 @@ def write_run(out: str | Path, model_config: ModelConfig, tokenizer: dict, weigh
     step-0 checkpoint, written atomically; returns it. It has no optimizer state or log, so `train --resume`
     does not apply to it; `sample`, `eval`, `export` and `train --init-from` read only its weights."""
     out = Path(out)
-    refuse_to_replace(out, overwrite)
+    check_output(out, overwrite, directory=True, owned=RUN_OWNED)
     check_weights(model_config, weights, origin)
     if tokenizer["vocab_size"] > model_config.vocab_size:
         raise UserError(f"{origin}: the tokenizer has {tokenizer['vocab_size']} tokens, more than the model's "
                         f"vocabulary of {model_config.vocab_size}")
-    out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(f".tmp-{out.name}")
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    checkpoint = checkpoint_dir(temporary, 0)
-    checkpoint.mkdir(parents=True)
-    (temporary / CONFIG_FILE).write_text(dumps_config(Config(model=model_config)))
-    (temporary / TOKENIZER_FILE).write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
-    save_file({name: tensor.detach().to(torch.float32).contiguous() for name, tensor in weights.items()},
-              checkpoint / WEIGHTS_FILE)
-    replace_path(temporary, out, overwrite)
+    with writing(out, temporary, needed=sum(tensor.numel() * 4 for tensor in weights.values())):
+        remove_path(temporary)
+        checkpoint = checkpoint_dir(temporary, 0)
+        checkpoint.mkdir(parents=True)
+        (temporary / CONFIG_FILE).write_text(dumps_config(Config(model=model_config)))
+        (temporary / TOKENIZER_FILE).write_text(json.dumps(tokenizer, ensure_ascii=False), encoding="utf-8")
+        save_file({name: tensor.detach().to(torch.float32).contiguous() for name, tensor in weights.items()},
+                  checkpoint / WEIGHTS_FILE)
+    replace_output(temporary, out, overwrite, RUN_OWNED)
     return out
 
 
@@ -311,19 +285,22 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
     the optimizers' `state_dict()`s, `hidden_state` a recurrent model's carried state (global batch rows)."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / WEIGHTS_FILE)
     tensors, groups = _flatten_optimizers(optimizer_states)
-    save_file(tensors, tmp / OPTIMIZER_FILE)
-    if hidden_state:
-        save_file({k: v.contiguous() for k, v in hidden_state.items()}, tmp / HIDDEN_FILE)
-    state = dict(trainer_state, optimizer_groups=groups, rng=rng_state())
-    (tmp / STATE_FILE).write_text(json.dumps(state))
-    for file in tmp.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())
+    needed = sum(t.nelement() * t.element_size() for part in (model_state, tensors, hidden_state or {})
+                 for t in part.values())
+    # A failure (disk full, read-only) deletes the partial checkpoint and ends in one line; earlier ones stay.
+    with writing(final, tmp, needed=needed):
+        remove_path(tmp)
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, tmp / WEIGHTS_FILE)
+        save_file(tensors, tmp / OPTIMIZER_FILE)
+        if hidden_state:
+            save_file({k: v.contiguous() for k, v in hidden_state.items()}, tmp / HIDDEN_FILE)
+        state = dict(trainer_state, optimizer_groups=groups, rng=rng_state())
+        (tmp / STATE_FILE).write_text(json.dumps(state))
+        for file in tmp.iterdir():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())
     move_into_place(tmp, final)  # re-saving a step (e.g. interrupted right after a save) swaps the old out
     return final
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import struct
 
 import numpy as np
@@ -15,7 +16,7 @@ from lmforge.data.corpus import (
     decode_utf8,
     read_texts,
     resolve_source,
-    split_at_lines,
+    split_document,
     strip_gutenberg,
 )
 from lmforge.data.datadir import load_meta
@@ -152,13 +153,33 @@ def test_unknown_tokenizer_kind_names_the_valid_ones(tmp_path):
 
 def test_pieces_cut_at_lines_encode_like_the_whole_text():
     text = "".join(f"Line {i} of the text,  with  spaces\n\n  indented {i}\nend\n" for i in range(200))
-    pieces = list(split_at_lines(text, 300))
+    pieces = list(split_document(text, 300))
     assert len(pieces) > 10 and "".join(pieces) == text
+    # text with lines is cut only after a newline, as before long lines were cut too
     assert all(piece[-1] == "\n" and not piece[-2].isspace() for piece in pieces[:-1])
     tokenizer = train_tokenizer("bpe", iter([text]), vocab_size=400)
     whole = tokenizer.encode(text)
     assert [i for piece in pieces for i in tokenizer.encode(piece)] == whole
-    assert list(split_at_lines("no newline at all " * 50, 100)) == ["no newline at all " * 50]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_one_long_line_is_cut_at_whitespace_into_pieces_that_encode_like_the_whole(seed):
+    """The cut before whitespace must be a pre-token boundary for any neighbours: contractions, runs of
+    spaces and tabs, digits, punctuation, accents, and U+001C, which Python calls space and the tokenizer not."""
+    rng = random.Random(seed)
+    alphabet = ["word", "'s", "'ll", " ", "  ", "\t", " \t ", "42", "!?", "é", "\x1c", "\x1c ", "\u00a0", "x", "\n"]
+    text = "".join(rng.choice(alphabet) for _ in range(20_000))
+    pieces = list(split_document(text, 100))
+    assert "".join(pieces) == text and len(pieces) > 100
+    assert max(map(len, pieces)) <= 200
+    tokenizer = train_tokenizer("bpe", iter([text]), vocab_size=400)
+    assert [i for piece in pieces for i in tokenizer.encode(piece)] == tokenizer.encode(text)
+
+
+def test_a_long_stretch_without_whitespace_is_still_cut_and_short_text_never():
+    pieces = list(split_document("x" * 1000 + " tail", 100))
+    assert "".join(pieces) == "x" * 1000 + " tail" and max(map(len, pieces)) == 200
+    assert list(split_document("one line of words " * 5, 100)) == ["one line of words " * 5]
 
 
 # ---- shards ----

@@ -340,7 +340,9 @@ def test_a_grid_over_a_range_is_refused(tiny_data, tmp_path, capsys):
 def test_plot_activations_writes_a_png(tmp_path, capsys):
     assert main(["plot", "activations", "--out", str(tmp_path / "act.png")]) == 0
     assert_picture(tmp_path / "act.png", min_width=800)  # the functions and their derivatives, side by side
-    assert main(["plot", "activations", "--out", str(tmp_path / "missing" / "act.png")]) == 2
+    assert main(["plot", "activations", "--out", str(tmp_path / "new" / "act.png")]) == 0  # makes its directory
+    assert (tmp_path / "new" / "act.png").is_file()
+    assert main(["plot", "activations", "--out", str(tmp_path / "act.png" / "x.png")]) == 2  # below a file
 
 
 @pytest.mark.parametrize("arch", ["gpt", "lstm"])

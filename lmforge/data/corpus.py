@@ -26,6 +26,7 @@ SHAKESPEARE = "shakespeare"
 TEXT_SUFFIXES = (".txt", ".md")
 SOURCE_HELP = f"'{SHAKESPEARE}', a .txt/.md file or a directory of them, a .jsonl file or a .parquet file"
 PARQUET_BATCH_ROWS = 1024
+DIGEST_CHARS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,17 @@ def utf8_length(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
+def utf8_digest(text: str) -> tuple[bytes, int]:
+    """A 16-byte digest of the text's UTF-8 and its length in bytes, encoding a slice at a time so that a
+    document of hundreds of megabytes is not copied whole."""
+    digest, num_bytes = hashlib.blake2b(digest_size=16), 0
+    for start in range(0, len(text), DIGEST_CHARS):
+        encoded = text[start : start + DIGEST_CHARS].encode("utf-8")
+        digest.update(encoded)
+        num_bytes += len(encoded)
+    return digest.digest(), num_bytes
+
+
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -101,18 +113,17 @@ class Cleaner:
                 self.stats.empty_removed += 1
                 continue
             try:
-                encoded = text.encode("utf-8")
+                digest, num_bytes = utf8_digest(text)
             except UnicodeEncodeError:  # lone surrogates, which JSON escapes like "\ud800" can produce
                 self.stats.replaced_bytes += len(_LONE_SURROGATE.findall(text))
                 text = _LONE_SURROGATE.sub("\ufffd", text)
-                encoded = text.encode("utf-8")
-            digest = hashlib.blake2b(encoded, digest_size=16).digest()
+                digest, num_bytes = utf8_digest(text)
             if digest in self.seen:
                 self.stats.duplicates_removed += 1
                 continue
             self.seen.add(digest)
             self.stats.documents += 1
-            yield text, len(encoded)
+            yield text, num_bytes
 
 
 def shakespeare_files() -> list[Path]:
@@ -189,7 +200,11 @@ def _text_file(path: Path, stats: CorpusStats) -> str:
 
 
 def _jsonl_texts(path: Path, text_field: str, stats: CorpusStats) -> Iterator[str]:
-    with open(path, "rb") as lines:
+    try:
+        lines = open(path, "rb")
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+    with lines:
         for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -199,6 +214,8 @@ def _jsonl_texts(path: Path, text_field: str, stats: CorpusStats) -> Iterator[st
                 record = json.loads(decoded)
             except json.JSONDecodeError as err:
                 raise UserError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+            except RecursionError:
+                raise UserError(f"{path}, line {number}: JSON nested too deeply to read") from None
             if not isinstance(record, dict) or text_field not in record:
                 raise UserError(f"{path}, line {number}: no '{text_field}' field "
                                 "(name the field with --text-field)")
@@ -258,18 +275,32 @@ def read_all(sources: Iterable[Source], text_field: str, stats: CorpusStats) -> 
         yield from read_texts(source, text_field, stats)
 
 
-_SAFE_CUT = re.compile(r"\S\n(?=\S)")
+_LINE_CUT = re.compile(r"\S\n(?=\S)")  # cut after the newline
+# Cut before the whitespace. Python's \S is narrower than the tokenizers' (it also calls U+001C..U+001F
+# space), so the character before the cut is non-space for every regex engine; the one after is plain
+# whitespace in all of them.
+_WORD_CUT = re.compile(r"\S(?=[ \t\n])")
 
 
-def split_at_lines(text: str, piece_chars: int) -> Iterator[str]:
-    """Cut a long document into pieces of about `piece_chars`, each cut right after a newline that has
-    non-space characters on both sides. The GPT-2 pre-tokenizer regex (used by the bpe and gpt2 kinds)
-    always ends a pre-token there, so encoding the pieces gives exactly the tokens of the whole text."""
+def split_document(text: str, piece_chars: int) -> Iterator[str]:
+    """Cut a long document into pieces of `piece_chars` to 2 * `piece_chars` characters, so that neither a
+    tokenizer's trainer nor its encoder ever sees one huge string (a book on one line took 7 GB to train a
+    BPE on). Each cut is right after a newline with non-space characters on both sides, else (a long line)
+    right before a space, tab or newline that follows a non-space character. The GPT-2 pre-tokenizer regex
+    (used by the bpe and gpt2 kinds) ends a pre-token at both, so the pieces encode to exactly the tokens of
+    the whole text. Only a stretch of 2 * `piece_chars` characters without any whitespace is cut where it
+    must: the tokens across that one cut may differ from the whole text's."""
     start = 0
-    while len(text) - start > piece_chars:
-        cut = _SAFE_CUT.search(text, start + piece_chars)
-        if cut is None:
-            break
-        yield text[start : cut.end()]
-        start = cut.end()
+    while len(text) - start > 2 * piece_chars:
+        low, high = start + piece_chars, start + 2 * piece_chars
+        cut = _LINE_CUT.search(text, low, high) if text.find("\n", low, high) >= 0 else None
+        cut = cut or _WORD_CUT.search(text, low, high)
+        end = cut.end() if cut else high
+        yield text[start:end]
+        start = end
+    if len(text) - start > piece_chars:  # the tail: one more cut if a safe one exists, never a forced one
+        cut = _LINE_CUT.search(text, start + piece_chars) or _WORD_CUT.search(text, start + piece_chars)
+        if cut is not None:
+            yield text[start : cut.end()]
+            start = cut.end()
     yield text[start:] if start else text

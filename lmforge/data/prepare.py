@@ -25,6 +25,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 from multiprocessing import get_context
@@ -41,7 +42,7 @@ from lmforge.data.corpus import (
     Source,
     read_all,
     resolve_source,
-    split_at_lines,
+    split_document,
     utf8_length,
 )
 from lmforge.data.shards import SPLITS, ShardWriter, token_dtype
@@ -55,10 +56,10 @@ from lmforge.data.tokenizer import (
     train_tokenizer,
 )
 from lmforge.errors import UserError
-from lmforge.files import write_atomic
+from lmforge.files import refuse_file_in_path, write_atomic, writing
 
 DEFAULT_VAL_FRACTION = 0.1
-PIECE_CHARS = 1 << 18  # longer documents are encoded in pieces of about this many characters
+PIECE_CHARS = 1 << 18  # longer documents are trained on and encoded in pieces of 1 to 2 times this
 CHUNK_CHARS = 1 << 21  # characters per unit of work handed to an encoding worker
 OUR_FILE = re.compile(r"^(meta\.json|tokenizer\.json|(train|val)_\d{6}\.bin)$")
 OUR_TEMPORARY = re.compile(r"^\.(meta\.json|tokenizer\.json|(train|val)_\d{6}\.bin)\.tmp$")
@@ -111,9 +112,10 @@ def split_documents(sources: list[Source], val_sources: list[Source], plan: Spli
             elif start >= plan.cut:
                 yield "val", text, num_bytes
             else:  # the one document that straddles the cut is held in memory, as any document is
-                head, tail = text[: plan.cut - start], text[plan.cut - start :]
-                yield "train", head, utf8_length(head)
-                yield "val", tail, utf8_length(tail)
+                tail = text[plan.cut - start :]
+                tail_bytes = utf8_length(tail)
+                yield "train", text[: plan.cut - start], num_bytes - tail_bytes
+                yield "val", tail, tail_bytes
 
 
 def _progress(quiet: bool, **kwargs: Any) -> tqdm:
@@ -138,13 +140,14 @@ def _check_out_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> None
     """Refuse to write over a dataset unless asked to; never touch files that are not ours."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
+    refuse_file_in_path(out)
     if overwrite or not out.is_dir():
         return
     meta_path = out / "meta.json"
     if meta_path.exists():
         try:
             old = json.loads(meta_path.read_text(encoding="utf-8")).get("settings")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        except (OSError, ValueError, RecursionError, AttributeError):  # not one of ours
             old = None
         if old == settings:
             raise UserError(f"{out} already holds this dataset (same settings); "
@@ -181,7 +184,7 @@ def _chunks(stream: Iterator[tuple[str, str, int]], totals: dict[str, dict[str, 
         totals[split]["documents"] += 1
         totals[split]["chars"] += len(text)
         totals[split]["bytes"] += num_bytes
-        for index, piece in enumerate(split_at_lines(text, PIECE_CHARS)):
+        for index, piece in enumerate(split_document(text, PIECE_CHARS)):
             pending[split].append((piece, index == 0))
             size[split] += len(piece)
             if size[split] >= CHUNK_CHARS:
@@ -395,7 +398,7 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str, *, val_sources:
         # Sizes tokenizers' Rust thread pool; only read if the pool has not started in this process yet.
         os.environ["RAYON_NUM_THREADS"] = str(workers)
     training_text = (piece for split, text, _ in stream() if split == "train"
-                     for piece in split_at_lines(text, PIECE_CHARS))
+                     for piece in split_document(text, PIECE_CHARS))
     if tokenizer == "char":  # bpe draws its own progress bars; gpt2 does not read the text
         train_chars = plan.cut if plan.by == "position" else chars["train"]
         with _progress(quiet, desc="vocabulary", total=train_chars, unit="char", unit_scale=True) as bar:
@@ -404,28 +407,37 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str, *, val_sources:
         fitted = train_tokenizer(tokenizer, training_text, vocab_size,
                                  show_progress=not quiet and sys.stderr.isatty())
 
-    out.mkdir(parents=True, exist_ok=True)
-    _clear_out_dir(out)
-    fitted.save(out / "tokenizer.json")
-    totals, unknown_chars = _write_shards(fitted, stream(), out, shard_tokens, workers,
-                                          chars["train"] + chars["val"], quiet)
-    meta = {
-        "lmforge_version": __version__,
-        "tokenizer": {"kind": fitted.kind, "vocab_size": fitted.vocab_size, "eot_id": fitted.eot_id},
-        "splits": totals,
-        "sources": source_names,
-        "val_sources": val_names,
-        "duplicates_removed": stats.duplicates_removed,
-        "replaced_bytes": stats.replaced_bytes,
-        "unknown_chars": unknown_chars,
-        "lowercase": lowercase,
-        "seed": seed,
-        "empty_removed": stats.empty_removed,
-        "split_by": plan.by,
-        "val_fraction": fraction,
-        "settings": settings,  # the arguments, to tell a rerun of the same command from a different one
-    }
-    write_atomic(out / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        _clear_out_dir(out)
+    # A failure from here on (disk full, interrupted) removes what this prepare wrote, so that running it
+    # again needs no --overwrite; the dataset it replaces was already removed above.
+    try:
+        fitted.save(out / "tokenizer.json")
+        totals, unknown_chars = _write_shards(fitted, stream(), out, shard_tokens, workers,
+                                              chars["train"] + chars["val"], quiet)
+        meta = {
+            "lmforge_version": __version__,
+            "tokenizer": {"kind": fitted.kind, "vocab_size": fitted.vocab_size, "eot_id": fitted.eot_id},
+            "splits": totals,
+            "sources": source_names,
+            "val_sources": val_names,
+            "duplicates_removed": stats.duplicates_removed,
+            "replaced_bytes": stats.replaced_bytes,
+            "unknown_chars": unknown_chars,
+            "lowercase": lowercase,
+            "seed": seed,
+            "empty_removed": stats.empty_removed,
+            "split_by": plan.by,
+            "val_fraction": fraction,
+            "settings": settings,  # the arguments, to tell a rerun of the same command from a different one
+        }
+        write_atomic(out / "meta.json", json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    except BaseException:
+        with suppress(OSError):  # the first error is the one to report
+            _clear_out_dir(out)
+            (out / "tokenizer.json").unlink(missing_ok=True)
+        raise
     if not quiet:
         print(_summary(out, meta, stats))
     return meta

@@ -15,6 +15,7 @@ from types import TracebackType
 import numpy as np
 
 from lmforge.errors import UserError
+from lmforge.files import writing
 
 SPLITS = ("train", "val")
 HEADER_INTS = 256  # llm.c's header size, for its shards and its model and tokenizer files
@@ -71,16 +72,21 @@ class ShardWriter:
             raise ValueError(f"token ids outside [0, {self.vocab_size}) cannot go into a {self.split} shard")
         tokens = tokens.astype(self.dtype, copy=False)
         start = 0
-        while start < len(tokens):
-            if self._file is None:
-                self._open()
-            take = min(len(tokens) - start, self.shard_tokens - self._in_shard)
-            self._file.write(tokens[start : start + take].tobytes())
-            self._in_shard += take
-            self.num_tokens += take
-            start += take
-            if self._in_shard == self.shard_tokens:
-                self._finish()
+        with writing(self._path(), needed=HEADER_BYTES + (self._in_shard + len(tokens)) * self.dtype.itemsize):
+            while start < len(tokens):
+                if self._file is None:
+                    self._open()
+                take = min(len(tokens) - start, self.shard_tokens - self._in_shard)
+                self._file.write(tokens[start : start + take].tobytes())
+                self._in_shard += take
+                self.num_tokens += take
+                start += take
+                if self._in_shard == self.shard_tokens:
+                    self._finish()
+
+    def _path(self) -> Path:
+        """The shard being written (or next to be)."""
+        return self.out_dir / shard_name(self.split, len(self.paths))
 
     def _open(self) -> None:
         self._temporary = self.out_dir / f".{shard_name(self.split, len(self.paths))}.tmp"
@@ -100,13 +106,17 @@ class ShardWriter:
     def close(self) -> list[Path]:
         """Finish the last shard; returns every shard written."""
         if self._file is not None:
-            self._finish()
+            with writing(self._path(), needed=HEADER_BYTES + self._in_shard * self.dtype.itemsize):
+                self._finish()
         return self.paths
 
     def abort(self) -> None:
         """Drop the shard in progress (the finished ones stay)."""
         if self._file is not None:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:  # flushing the buffer fails again on a full disk: the file goes anyway
+                pass
             self._temporary.unlink(missing_ok=True)
             self._file = self._temporary = None
 

@@ -261,6 +261,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise UserError(f"tokenizer not found: {path} (lmforge prepare writes it into the data directory)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err})") from None
+    except RecursionError:
+        raise UserError(f"{path} is not an lmforge tokenizer (JSON nested too deeply to read)") from None
     return tokenizer_from_dict(data, str(path))

@@ -18,7 +18,7 @@ The renaming, per layer i (ours ← theirs):
 from __future__ import annotations
 
 import json
-import shutil
+import pickle
 from pathlib import Path
 
 import torch
@@ -27,16 +27,18 @@ from safetensors.torch import save_file
 from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import EOT_TEXT, BPETokenizer, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
-from lmforge.files import load_safetensors, refuse_to_replace
+from lmforge.files import check_output, load_safetensors, remove_path, replace_output, writing
 from lmforge.infer.load import load_model
 from lmforge.interop.llmc import byte_characters, pad_rows
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
-from lmforge.run import replace_path, write_run
+from lmforge.run import write_run
 
 GPT2_LAYER = (("norm_1", "ln_1", False), ("attn.qkv", "attn.c_attn", True), ("attn.proj", "attn.c_proj", True),
               ("norm_2", "ln_2", False), ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True))
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# What export writes into its directory: all that --overwrite may replace there.
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 # ----- reading a Hugging Face directory -----
@@ -77,8 +79,12 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path} not found: {path.parent} is not a Hugging Face model directory") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise UserError(f"{path} is not valid JSON ({err})") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply to read") from None
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -98,6 +104,10 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
                 continue
             try:
                 tensors.update(torch.load(folder / name, map_location="cpu", weights_only=True))
+            except EOFError:
+                raise UserError(f"weights file {folder / name} is truncated") from None
+            except pickle.UnpicklingError:  # torch's message suggests weights_only=False: unsafe, and no help here
+                raise UserError(f"weights file {folder / name} is not a PyTorch file of tensors") from None
             except (OSError, RuntimeError) as err:
                 raise UserError(f"weights file {folder / name} is unreadable ({err})") from None
         return tensors
@@ -118,6 +128,20 @@ def take(tensors: dict[str, torch.Tensor], name: str, origin: Path) -> torch.Ten
 def refuse_unless(condition: bool, origin: Path, what: str) -> None:
     if not condition:
         raise UserError(f"{origin}: {what} has no lmforge equivalent; cannot import this model")
+
+
+def require_sizes(cfg: dict, origin: Path, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """config.json's sizes must be positive whole numbers (null allowed for the optional ones), checked
+    before any arithmetic on them."""
+    for name in required + optional:
+        value = cfg.get(name)
+        if value is None and name in optional:
+            continue
+        if name not in cfg:
+            raise UserError(f"{origin / 'config.json'} lacks '{name}'")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UserError(f"{origin / 'config.json'}: '{name}' must be a positive whole number, got "
+                            f"{json.dumps(value)}")
 
 
 def gpt2_from_hf(cfg: dict, tensors: dict[str, torch.Tensor], origin: Path
@@ -196,6 +220,10 @@ def llama_from_hf(cfg: dict, tensors: dict[str, torch.Tensor], origin: Path
 
 
 FAMILIES = {"gpt2": gpt2_from_hf, "llama": llama_from_hf}
+# Each family's sizes in config.json: (required, optional).
+FAMILY_SIZES = {"gpt2": (("vocab_size", "n_positions", "n_layer", "n_head", "n_embd"), ("n_inner",)),
+                "llama": (("vocab_size", "max_position_embeddings", "num_hidden_layers", "hidden_size",
+                           "num_attention_heads", "intermediate_size"), ("num_key_value_heads", "head_dim"))}
 
 
 def tokenizer_from_hf(folder: Path, cfg: dict) -> dict:
@@ -228,10 +256,13 @@ def import_hf(source: str, out: str | Path, *, tokenizer: str | Path | None = No
     """Write an lmforge run holding the Hugging Face model at `source` (a directory, or a hub name)."""
     folder = resolve_source(source)
     cfg = read_json(folder / "config.json")
+    if not isinstance(cfg, dict):
+        raise UserError(f"{folder / 'config.json'} is not a JSON object")
     family = cfg.get("model_type")
     if family not in FAMILIES:
         raise UserError(f"{folder}: model_type '{family}' is not supported; lmforge imports "
                         f"{', '.join(FAMILIES)} models")
+    require_sizes(cfg, folder, *FAMILY_SIZES[family])  # before the weights are read, which takes long
     try:
         config, weights = FAMILIES[family](cfg, read_weights(folder), folder)
     except KeyError as err:
@@ -388,24 +419,22 @@ def export_hf(run: str | Path, out: str | Path, *, dtype: str = "fp32", overwrit
     """Write the run's model as a transformers directory (config.json, model.safetensors, tokenizer)."""
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
+    out = Path(out)
+    check_output(out, overwrite, directory=True, owned=EXPORT_FILES)
     model, config, tokenizer, _ = load_model(run)
     family = export_family(config.model)
     weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
-    tensors = (gpt2_to_hf if family == "gpt2" else llama_to_hf)(config.model, weights)
+    tensors = {name: tensor.to(DTYPES[dtype]).contiguous()
+               for name, tensor in (gpt2_to_hf if family == "gpt2" else llama_to_hf)(config.model, weights).items()}
     files = {"config.json": hf_config(config.model, family, tokenizer.eot_id, dtype),
              "generation_config.json": {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id},
              **hf_tokenizer_files(tokenizer, config.model.block_size)}
-    out = Path(out)
-    refuse_to_replace(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(f".tmp-{out.name}")
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir()
-    save_file({name: tensor.to(DTYPES[dtype]).contiguous() for name, tensor in tensors.items()},
-              temporary / "model.safetensors", metadata={"format": "pt"})
-    for name, content in files.items():
-        (temporary / name).write_text(json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8")
-    replace_path(temporary, out, overwrite)
+    with writing(out, temporary, needed=sum(tensor.nbytes for tensor in tensors.values())):
+        remove_path(temporary)
+        temporary.mkdir(parents=True)
+        save_file(tensors, temporary / "model.safetensors", metadata={"format": "pt"})
+        for name, content in files.items():
+            (temporary / name).write_text(json.dumps(content, indent=2, ensure_ascii=False), encoding="utf-8")
+    replace_output(temporary, out, overwrite, EXPORT_FILES)
     return out
-

@@ -24,7 +24,7 @@ from lmforge.config import ModelConfig
 from lmforge.data.shards import HEADER_INTS
 from lmforge.data.tokenizer import EOT_TEXT, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
-from lmforge.files import refuse_to_replace, write_atomic
+from lmforge.files import check_output, move_into_place, writing
 from lmforge.infer.load import load_model
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
 from lmforge.run import write_run
@@ -152,19 +152,38 @@ def tokenizer_path(model_path: Path) -> Path:
     return model_path.with_name(f"{model_path.stem}_tokenizer.bin")
 
 
+def check_llmc_output(path: Path, magic: int, overwrite: bool) -> None:
+    """An llm.c output file may replace only a file of the same kind (its magic number): never another file."""
+    check_output(path, overwrite, directory=False)
+    if path.is_file():
+        with open(path, "rb") as file:
+            head = file.read(4)
+        if len(head) < 4 or int(np.frombuffer(head, dtype="<i4")[0]) != magic:
+            raise UserError(f"{path} is not an llm.c file lmforge writes (no magic {magic}); --overwrite "
+                            "replaces only those: move it away or choose another --out")
+
+
 def export_llmc(run: str | Path, out: str | Path, *, dtype: str = "fp32", overwrite: bool = False
                 ) -> tuple[Path, Path]:
-    """Write the run's model as llm.c's model file, and its tokenizer beside it; returns both paths."""
+    """Write the run's model as llm.c's model file, and its tokenizer beside it; returns both paths. Both
+    are written in full before either replaces anything, so a failure leaves the earlier pair as it was."""
     if dtype not in VERSIONS.values():
         raise UserError(f"unknown --dtype '{dtype}'; choose one of {', '.join(VERSIONS.values())}")
-    model, config, tokenizer, _ = load_model(run)
     out = Path(out)
     vocab_file = tokenizer_path(out)
-    for path in (out, vocab_file):
-        refuse_to_replace(path, overwrite)
+    check_llmc_output(out, MODEL_MAGIC, overwrite)
+    check_llmc_output(vocab_file, TOKENIZER_MAGIC, overwrite)
+    model, config, tokenizer, _ = load_model(run)
     weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
-    write_atomic(out, model_bytes(config.model, weights, dtype))
-    write_atomic(vocab_file, tokenizer_bytes(tokenizer))
+    contents = {out: model_bytes(config.model, weights, dtype), vocab_file: tokenizer_bytes(tokenizer)}
+    temporaries = {path: path.with_name(f".{path.name}.tmp") for path in contents}
+    for path, data in contents.items():
+        with writing(path, *temporaries.values(), needed=len(data)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporaries[path].write_bytes(data)
+    for path, temporary in temporaries.items():
+        with writing(path, *temporaries.values()):
+            move_into_place(temporary, path)
     return out, vocab_file
 
 

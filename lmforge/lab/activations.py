@@ -11,18 +11,18 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import UserError
-from lmforge.files import write_atomic
+from lmforge.files import refuse_file_in_path, write_atomic
 from lmforge.model.activations import ACTIVATIONS
 from lmforge.plots import new_figure, png_bytes
 
 
 def plot_activations(out: str | Path) -> Path:
-    """Write the PNG (functions left, derivatives right) to `out`, atomically; return its path."""
+    """Write the PNG (functions left, derivatives right) to `out`, atomically (making its directory); return
+    its path."""
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise UserError(f"--out must name a .png file, got {out}")
-    if not out.parent.is_dir():
-        raise UserError(f"the directory of --out does not exist: {out.parent}")
+    refuse_file_in_path(out)  # a missing directory is made, as for every other output
     figure = new_figure(11, 4.5)
     values_axes, slopes_axes = figure.subplots(1, 2)
     for name, function in ACTIVATIONS.items():

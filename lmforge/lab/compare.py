@@ -13,7 +13,7 @@ from pathlib import Path
 from matplotlib.ticker import EngFormatter
 
 from lmforge.errors import UserError
-from lmforge.files import write_atomic
+from lmforge.files import refuse_file_in_path, write_atomic, writing
 from lmforge.plots import new_figure, png_bytes
 from lmforge.run import last_per_step, read_log
 
@@ -61,7 +61,11 @@ def compare(runs: list[str | Path], out: str | Path) -> Path:
         rows = [dict(row, run=str(Path(run))) for row, run in zip(rows, runs, strict=True)]
     rows.sort(key=lambda row: (row["val bits/byte"] is None, row["val bits/byte"] or row["best val loss"]))
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; compare writes a directory (compare.md and two PNGs)")
+    refuse_file_in_path(out)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
     # Tokens on a log axis: at equal time a bigram sees a hundred times the tokens a transformer does.
     for name, x_key, label, log in (("val_loss_vs_tokens.png", "tokens", "tokens seen", True),
                                     ("val_loss_vs_time.png", "elapsed", "wall time (s)", False)):

@@ -22,7 +22,7 @@ import optuna
 
 from lmforge.config import Config, dumps_config, load_config, set_value
 from lmforge.errors import TrainingDiverged, UserError
-from lmforge.files import write_atomic
+from lmforge.files import WriteError, write_atomic, writing
 from lmforge.plots import new_figure, png_bytes
 from lmforge.train.trainer import Trainer
 
@@ -75,6 +75,16 @@ def parse_param(spec: str) -> Param:
             raise UserError(f"--param '{spec}': LOW must be below HIGH")
         if parts[0] == "log" and low <= 0:
             raise UserError(f"--param '{spec}': a log range needs LOW > 0")
+        if kind is int and not (low.is_integer() and high.is_integer()):
+            whole = (math.ceil(low), math.floor(high))
+            hint = f"{parts[0]}:{whole[0]}:{whole[1]}" if whole[0] < whole[1] else "a range holding two integers"
+            raise UserError(f"--param '{spec}': {key} is an integer, so the range needs whole-number ends "
+                            f"(try {hint})")
+        for end in (low, high):  # the ends must be values the key allows, or every trial would fail alike
+            try:
+                set_value(Config(), key, int(end) if kind is int else end)
+            except UserError as err:
+                raise UserError(f"--param '{spec}': {err}") from None
         return Param(key, low=low, high=high, log=parts[0] == "log", integer=kind is int)
     values = []
     for text_value in text.split(","):
@@ -138,10 +148,15 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
         raise UserError("--budget-time must be positive (seconds of training per trial)")
     base = load_config(config_path, overrides)  # a bad config fails here, before any trial
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'sweep.db').resolve()}")
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'sweep.db').resolve()}")
+    except Exception as err:  # SQLAlchemy's errors: a read-only directory, a file that is not a database
+        reason = str(getattr(err, "orig", None) or err).splitlines()[0]
+        raise UserError(f"could not open the study {out / 'sweep.db'}: {reason}") from None
     space = {"method": method, "params": specs}
     existing = optuna.load_study(study_name="sweep", storage=storage) if _has_study(storage) else None
     if existing is not None and existing.user_attrs.get("space") != space:
@@ -192,9 +207,10 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
                                 "steps": trainer.progress.step, "elapsed": trainer.progress.elapsed}.items():
                 trial.set_user_attr(name, value)
             return math.inf
-        except BaseException:  # interrupted or crashed: the trial fails, and a resumed grid must run it again
+        except BaseException as err:  # interrupted or crashed: the trial fails, a resumed grid runs it again
             forget_grid_point(trial.number)
-            say(f"sweep stopped; run the same command again to continue it ({out / 'sweep.db'})")
+            if not isinstance(err, UserError) or isinstance(err, WriteError):  # a mistake would fail again
+                say(f"sweep stopped; run the same command again to continue it ({out / 'sweep.db'})")
             raise
         val = result["val"]
         trial.set_user_attr("run", run_dir.name)
@@ -213,7 +229,14 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
 
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     if finished < trials:
-        study.optimize(objective, n_trials=trials - finished)
+        # Optuna logs each trial's result (INFO) and a failed trial's traceback (WARNING) before re-raising
+        # the error: lmforge reports the error itself, in one line, and each trial's result when not quiet.
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.ERROR)
+        try:
+            study.optimize(objective, n_trials=trials - finished)
+        finally:
+            optuna.logging.set_verbosity(verbosity)
     rows = result_rows(study)
     complete = [row for row in rows if row["state"] == "complete"]
     if not complete:
