@@ -10,6 +10,7 @@ from pathlib import Path
 from lmforge import __version__
 from lmforge.config import ENGINES
 from lmforge.errors import UserError
+from lmforge.serve.cli import add_serve_parser, run_server
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -316,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-time", type=float, help="seconds of training per trial")
     p.add_argument("--quiet", action="store_true")
 
+    add_serve_parser(commands)
+
     p = commands.add_parser("plot", help="teaching plots")
     p.add_argument("what", choices=("activations",), help="activations: the functions and their derivatives")
     p.add_argument("--out", required=True, help="PNG file to write")
@@ -335,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"unrecognized arguments: {' '.join(extra)}")
             {"prepare": cmd_prepare, "sample": cmd_sample, "eval": cmd_eval, "report": cmd_report,
              "gradcheck": cmd_gradcheck, "import": cmd_import, "export": cmd_export, "compare": cmd_compare,
-             "plot": cmd_plot}[
+             "plot": cmd_plot, "serve": run_server}[
                 args.command](args)
     except UserError as err:
         print(f"lmforge {args.command}: error: {err}", file=sys.stderr)

@@ -58,10 +58,12 @@ class GenerationRequest:
 @dataclass
 class GenerationEvent:
     """One step of one request: a new token (unless it finished without one) and the text it completes.
-    `finish_reason` is None while it continues, else "stop", "length", "cancelled" or "error"."""
+    `finish_reason` is None while it continues, else "stop", "length", "cancelled" or "error". The request's
+    stop token, when sampled, comes as `token` with `is_stop_token` set: it ends the request and adds no text."""
 
     text: str = ""
     token: int | None = None
+    is_stop_token: bool = False
     logprob: float | None = None
     top_logprobs: TopLogprobs | None = None
     prompt_logprobs: list[tuple[float, TopLogprobs]] | None = None
@@ -163,8 +165,12 @@ class BatchedEngine:
 
     def cancel(self, request: GenerationRequest) -> None:
         request.cancelled = True
+        self.wake()
+
+    def wake(self) -> None:
+        """Return from `wait_for_work` now (to cancel, or to stop)."""
         with self.wakeup:
-            self.wakeup.notify()
+            self.wakeup.notify_all()
 
     def waiting_count(self) -> int:
         with self.lock:
@@ -343,12 +349,13 @@ class BatchedEngine:
             logprobs = torch.log_softmax(logits.float(), -1)
             event.logprob = float(logprobs[token])
             event.top_logprobs = _top(logprobs, request.logprobs)
+        event.token = token
         if token == request.stop_token:
+            event.is_stop_token = True
             event.finish_reason = "stop"
             event.text = row.tracker.flush()
             self._finish(row, event)
             return
-        event.token = token
         row.tokens.append(token)
         row.next_token = token
         event.text = row.tracker.add(token)
@@ -408,7 +415,7 @@ def generate_batch(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[Seq
     def collect(index: int) -> Callable[[GenerationEvent], None]:
         def emit(event: GenerationEvent) -> None:
             result = results[index]
-            if event.token is not None:
+            if event.token is not None and not event.is_stop_token:
                 result["tokens"].append(event.token)
             result["text"] += event.text
             if event.finish_reason:
