@@ -1,8 +1,9 @@
 """Helpers for tests that talk to a live server: a tiny random run on disk, and a uvicorn server on a free port
 in a background thread (`LiveServer`), plus the pytest fixtures built from them.
 
-Use from a test module with `from tests.serve_fixtures import served_run, live_server  # noqa: F401` (fixtures)
-or directly: `with LiveServer(build_app(run)) as server: OpenAI(base_url=server.url + "/v1", ...)`.
+Use the fixtures from a test module with `import serve_fixtures` and `live_server = serve_fixtures.live_server`
+(tests/ is on sys.path under pytest), or the server directly:
+`with LiveServer(build_app(run)) as server: OpenAI(base_url=server.url + "/v1", ...)`.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class LiveServer:
     def __init__(self, app):
         self.app = app
         sock = bind("127.0.0.1", 0)
-        self.url = "http://127.0.0.1:%d" % sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
 

@@ -125,6 +125,7 @@ class EngineCounters:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     steps: int = 0
+    cancelled: int = 0
     rows_per_step: list[int] = field(default_factory=list)  # batch sizes of the last steps (for tests)
 
 
@@ -193,6 +194,7 @@ class BatchedEngine:
     def step(self) -> None:
         """Drop cancelled rows, admit waiting requests into free slots (prefill), then one decode step."""
         for row in [r for r in self.rows.values() if r.request.cancelled]:
+            self.counters.cancelled += 1
             self._finish(row, GenerationEvent(finish_reason="cancelled"))
         while len(self.rows) < self.max_batch:
             with self.lock:

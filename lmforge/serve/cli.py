@@ -79,9 +79,13 @@ def run_server(args: argparse.Namespace) -> None:
     import uvicorn
 
     sock = bind(args.host, args.port)
-    app = build_app(args.run, device=args.device, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-                    max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
-                    max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout)
+    try:
+        app = build_app(args.run, device=args.device, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                        max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
+                        max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout)
+    except BaseException:
+        sock.close()
+        raise
 
     class DrainingServer(uvicorn.Server):
         """uvicorn re-raises a caught SIGTERM after its graceful shutdown (exit by signal); a drained server
