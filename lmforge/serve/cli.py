@@ -61,10 +61,12 @@ def bind(host: str, port: int) -> socket.socket:
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be 0..65535, got {port}")
     try:
-        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        # The protocol number matters: asyncio turns Nagle off (TCP_NODELAY) only on sockets that name TCP, and
+        # with Nagle on, each keep-alive request waits ~40 ms for a delayed ACK.
+        sock = socket.socket(family, kind, protocol)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(info[4])
+        sock.bind(address)
         sock.listen(2048)
     except OSError as err:
         raise UserError(f"cannot listen on {host}:{port} ({err.strerror or err}); is another server using it? "
