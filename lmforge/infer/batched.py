@@ -215,8 +215,9 @@ class BatchedEngine:
                 return
             self.counters.steps += 1
             self.counters.rows_per_step = (self.counters.rows_per_step + [len(active)])[-64:]
-            for row, row_logits in zip(active, logits, strict=True):
-                self._sampled(row, row_logits)
+            greedy = logits.argmax(-1).tolist()  # one device sync for every greedy row, not one per row
+            for row, row_logits, best in zip(active, logits, greedy, strict=True):
+                self._sampled(row, row_logits, greedy_token=best)
 
     def fail_all(self, message: str) -> None:
         """End every waiting and active request with an error (the engine is stopping)."""
@@ -335,13 +336,18 @@ class BatchedEngine:
             logits = cap * torch.tanh(logits / cap)
         return logits
 
-    def _sampled(self, row: _Row, logits: torch.Tensor, event: GenerationEvent | None = None) -> None:
-        """Sample the row's next token from its logits, report it, and finish the row if it is done."""
+    def _sampled(self, row: _Row, logits: torch.Tensor, event: GenerationEvent | None = None,
+                 greedy_token: int | None = None) -> None:
+        """Sample the row's next token from its logits (at temperature 0: `greedy_token`, their argmax, when the
+        caller has it), report it, and finish the row if it is done."""
         event = event or GenerationEvent()
         request = row.request
         try:
-            token = sample_next(logits, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
-                                generator=row.generator)
+            if request.temperature == 0 and greedy_token is not None:
+                token = greedy_token
+            else:
+                token = sample_next(logits, temperature=request.temperature, top_k=request.top_k,
+                                    top_p=request.top_p, generator=row.generator)
         except Exception as err:
             self._finish(row, GenerationEvent(finish_reason="error", error=f"{type(err).__name__}: {err}"))
             return
