@@ -298,3 +298,26 @@ def test_serve_refuses_a_missing_run_and_a_busy_port_in_one_line(served_run, tmp
     finally:
         busy.close()
     assert main(["serve", str(served_run), "--max-batch", "0", "--port", "0"]) == 2
+
+
+def test_n_choices_of_a_seeded_call_draw_with_seed_plus_index_and_stream_the_same(live_server):
+    body = {"model": "tiny-served", "prompt": ["the", "we"], "n": 2, "max_tokens": 8, "seed": 7, "logprobs": 0}
+    whole = httpx.post(live_server.url + "/v1/completions", json=body).json()["choices"]
+    assert [c["index"] for c in whole] == [0, 1, 2, 3]
+    second = httpx.post(live_server.url + "/v1/completions", json={**body, "prompt": "the", "n": 1,
+                                                                  "seed": 8}).json()["choices"][0]
+    assert second["text"] == whole[1]["text"]
+    raw = httpx.post(live_server.url + "/v1/completions", json={**body, "stream": True}).text
+    chunks = [json.loads(e.removeprefix("data: ")) for e in raw.split("\n\n")[:-2]]
+    for choice in whole:
+        parts = [c for chunk in chunks for c in chunk["choices"] if c["index"] == choice["index"]]
+        assert "".join(p["text"] for p in parts) == choice["text"]
+        offsets = [o for p in parts if p["logprobs"] for o in p["logprobs"]["text_offset"]]
+        assert offsets == choice["logprobs"]["text_offset"]
+
+
+@pytest.mark.parametrize("arch, batched, cache", [("gru", True, "recurrent"), ("mlp", False, "none")])
+def test_models_metadata_says_how_each_arch_batches(arch, batched, cache, tmp_path):
+    app = build_app(serve_fixtures.make_run(tmp_path / arch, **{"model.arch": arch}), device="cpu")
+    card = app.state.server.model_card()
+    assert card["batching"]["batched_decoding"] is batched and card["batching"]["cache"] == cache

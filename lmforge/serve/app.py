@@ -320,6 +320,7 @@ def create_app(engine: BatchedEngine, template: ChatTemplate, settings: ServeSet
 
             async def stream() -> AsyncIterator[str]:
                 started = [False] * len(requests)
+                offsets = [0] * len(requests)  # text_offset runs on across a choice's chunks
                 completion_tokens = 0
                 pending: list[tuple[int, GenerationEvent]] = [first]
                 try:
@@ -336,8 +337,10 @@ def create_app(engine: BatchedEngine, template: ChatTemplate, settings: ServeSet
                                 if echo:
                                     text = server.tokenizer.decode(prompt_of[index]) + text
                             elif logprobs is not None:
-                                record = LegacyLogprobs(server.tokenizer)
+                                record = LegacyLogprobs(server.tokenizer, offset=offsets[index])
                             add_token(record, event)
+                            if record is not None:
+                                offsets[index] = record.offset
                             completion_tokens += event.token is not None
                             if text or event.finish_reason or (record and record.tokens):
                                 yield _sse(chunk([{"text": text, "index": index,
