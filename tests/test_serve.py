@@ -40,6 +40,11 @@ def test_models_lists_the_run_with_context_and_batching(live_server):
     assert card.context_length == 64
     assert card.batching == {"continuous": True, "batched_decoding": True, "cache": "kv", "max_batch": 4}
     assert httpx.get(live_server.url + "/health").json()["status"] == "ok"
+    info = httpx.get(live_server.url + "/tokenizer_info").json()
+    eot = httpx.post(live_server.url + "/tokenize", json={"prompt": info["eos_token"]}).json()["tokens"]
+    assert eot == [len(serve_fixtures.CHARS)]  # the char tokenizer's end-of-text id
+    assert httpx.post(live_server.url + "/detokenize", json={"tokens": [0, 1]}).json()["prompt"] == \
+        serve_fixtures.CHARS[:2]
 
 
 def test_completion_through_the_openai_client_is_the_greedy_continuation(live_server, served_run):

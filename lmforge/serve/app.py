@@ -260,6 +260,10 @@ def create_app(engine: BatchedEngine, template: ChatTemplate, settings: ServeSet
         body = await server.read_json(request)
         if "messages" in body:
             tokens, _ = template.encode(check_messages(body), server.tokenizer, add_generation_prompt=True)
+        elif body.get("prompt") == server.tokenizer.decode([server.tokenizer.eot_id]):
+            # lm-eval's remote tokenizer finds the end-of-text id by tokenizing its text; encode() reads that text
+            # as plain characters, so the exact string alone names the special token here.
+            tokens = [server.tokenizer.eot_id]
         elif isinstance(body.get("prompt"), str):
             tokens = server.tokenizer.encode(body["prompt"])
         else:
