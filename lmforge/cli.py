@@ -17,6 +17,7 @@ from pathlib import Path
 from lmforge import __version__
 from lmforge.config import ENGINES
 from lmforge.errors import UserError
+from lmforge.serve.cli import add_serve_parser
 
 OVERRIDES_EPILOG = ("Any config key can be set with --section.key VALUE (or --section.key=VALUE), e.g. "
                     "--optim.lr 3e-3 --model.n_layer 4 --train.tokens_per_step 8192; see configs/*.toml for the keys.")
@@ -447,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                                               "size, else 10)")
     p.add_argument("--budget-time", type=float, help="seconds of training per trial")
     p.add_argument("--quiet", action="store_true")
+
+    add_serve_parser(commands)
 
     p = commands.add_parser("plot", help="teaching plots")
     p.set_defaults(func=cmd_plot)

@@ -26,7 +26,7 @@ LAYERS = {
     "lmforge.infer": 5,
     "lmforge.interop": 6, "lmforge.train": 6,
     "lmforge.lab": 6,  # compare, the teaching plots (which load runs for inference), the report's histograms
-    "lmforge.report": 7,
+    "lmforge.report": 7, "lmforge.serve": 7,
     "lmforge.lab.sweep": 7,  # drives the trainer
     "lmforge.bench": 7,  # times the trainer's engine
     "lmforge.cli": 8,

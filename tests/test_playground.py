@@ -9,17 +9,15 @@ PATH (the README's docs/img/playground.png).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 import lmforge
+from lmforge.serve.cli import build_app
+from tests.serve_fixtures import LiveServer, make_run
 
 PAGE = Path(lmforge.__file__).parent / "serve" / "static" / "index.html"
 API_KEY = "playground-test-key"  # the server under test must require this key (lmforge serve --api-key)
@@ -42,81 +40,14 @@ def browser():
         browser.close()
 
 
-# --- REPLACE AT MERGE: a scripted stand-in for `lmforge serve`, used until the real server exists in this
-# branch. At merge, `server_url` should come from tests/serve_fixtures.py: `lmforge serve` on a tiny run
-# (a context of at least 64 tokens), on a free port, with --api-key API_KEY. Everything below the stand-in
-# talks to the server only through the page, so the tests stay as they are.
-SCRIPTED_WORDS = "the cat sat on a mat . a dog ran to the park and the bird sang in a tree .".split()
-
-
-class ScriptedOpenAI(BaseHTTPRequestHandler):
-    """GET / (the page), GET /v1/models, and streamed POST /v1/completions and /v1/chat/completions that
-    send one scripted word per event, 20 ms apart, up to max_tokens words."""
-
-    protocol_version = "HTTP/1.0"  # the body ends when the connection closes: no length needed for a stream
-
-    def log_message(self, *args) -> None:
-        pass
-
-    def send_json(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def authorized(self) -> bool:
-        if self.headers.get("Authorization") == f"Bearer {API_KEY}":
-            return True
-        self.send_json(401, {"error": {"message": "invalid or missing API key", "type": "invalid_request_error",
-                                       "param": None, "code": "invalid_api_key"}})
-        return False
-
-    def do_GET(self) -> None:
-        if self.path == "/":
-            data = PAGE.read_bytes()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html; charset=utf-8")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        elif self.path == "/v1/models" and self.authorized():
-            self.send_json(200, {"object": "list", "data": [
-                {"id": "scripted-stand-in", "object": "model", "owned_by": "lmforge", "context_length": 64}]})
-
-    def do_POST(self) -> None:
-        if not self.authorized():
-            return
-        request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        chat = self.path == "/v1/chat/completions"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.end_headers()
-        words = [SCRIPTED_WORDS[i % len(SCRIPTED_WORDS)] + " " for i in range(request["max_tokens"])]
-        try:
-            for index, word in enumerate(words):
-                finish = "length" if index == len(words) - 1 else None
-                choice = ({"index": 0, "delta": {"content": word}, "finish_reason": finish} if chat
-                          else {"index": 0, "text": word, "finish_reason": finish})
-                self.wfile.write(f"data: {json.dumps({'choices': [choice]})}\r\n\r\n".encode())
-                self.wfile.flush()
-                time.sleep(0.02)
-            self.wfile.write(b"data: [DONE]\r\n\r\n")
-        except (BrokenPipeError, ConnectionResetError):  # the page's stop button closed the connection
-            pass
-
-
 @pytest.fixture(scope="module")
-def server_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedOpenAI)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-# --- end of the stand-in
+def server_url(tmp_path_factory):
+    """`lmforge serve`'s app on a tiny random run with a 64-token context, on a free port, behind API_KEY."""
+    # Big enough that a reply streams over many network reads: a 256-token context, 2 x 128.
+    run = make_run(tmp_path_factory.mktemp("playground") / "tiny-playground",
+                   **{"model.block_size": "256", "model.n_layer": "2", "model.n_embd": "128"})
+    with LiveServer(build_app(run, device="cpu", max_batch=4, api_key=API_KEY)) as server:
+        yield server.url
 
 
 # Counts the separate moments the output grew: more than one means the answer was shown as it streamed in,

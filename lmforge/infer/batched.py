@@ -1,0 +1,444 @@
+"""Continuous batching: one engine generates for many requests at once, each at its own length.
+
+The engine owns a fixed number of slots (`max_batch`). A request waits until a slot is free, then its prompt
+is prefilled alone (one forward pass over the prompt, exactly as `generate` does it) and its keys and values
+are copied into its slot's row of a batched cache. From then on every `step()` runs ONE forward pass over all
+active rows, one new token per row: each row has its own length, so its own position (learned or rotary) and
+its own attention mask over the cache. A finished or cancelled request frees its slot between steps, and a
+waiting one takes it. At temperature 0 a request's tokens are the ones `generate` gives it alone.
+
+The batched cache per architecture (`BatchedEngine.cache_kind`):
+- "kv" (transformer): keys and values (layers, slots, kv heads, block_size, head size) and a length per slot;
+- "recurrent" (rnn, lstm, gru): the hidden state (layers, slots, width), gathered for the active rows;
+- "none" (bigram, Bengio's MLP): no state to carry; each row recomputes its window, one row at a time
+  (`batches_decoding` is False).
+
+Text: `TextTracker` turns a row's tokens into text deltas that never end inside a multi-byte character or a
+possible stop string, and finds stop strings.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.infer.generate import sample_next
+from lmforge.model.gpt import GPT, KVCache, apply_rotary
+from lmforge.model.recurrent import RecurrentState
+
+TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), likeliest first
+
+
+@dataclass
+class GenerationRequest:
+    """What to generate for one prompt; `emit` receives its events, on the engine's thread."""
+
+    prompt: list[int]
+    max_tokens: int
+    emit: Callable[[GenerationEvent], None]
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    stop_token: int | None = None  # end-of-text: finishes with "stop", not part of the text
+    logprobs: int | None = None  # with each new token: its log-probability and this many alternatives
+    prompt_logprobs: bool = False  # with the first event: the log-probability of each prompt token after the first
+    cancelled: bool = False  # set by `BatchedEngine.cancel` from any thread; the engine drops the row at its next step
+
+
+@dataclass
+class GenerationEvent:
+    """One step of one request: a new token (unless it finished without one) and the text it completes.
+    `finish_reason` is None while it continues, else "stop", "length", "cancelled" or "error". The request's
+    stop token, when sampled, comes as `token` with `is_stop_token` set: it ends the request and adds no text."""
+
+    text: str = ""
+    token: int | None = None
+    is_stop_token: bool = False
+    logprob: float | None = None
+    top_logprobs: TopLogprobs | None = None
+    prompt_logprobs: list[tuple[float, TopLogprobs]] | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class TextTracker:
+    """The text of a growing list of token ids, released in deltas that hold back an unfinished multi-byte
+    character (decoded as U+FFFD until its last byte arrives) and anything that may begin a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""
+        self.released = 0
+        self.stopped = False
+
+    def add(self, token: int) -> str:
+        """Take one token; return the text now safe to show. Sets `stopped` when a stop string appeared (the
+        text ends before it)."""
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids)
+        hits = [index for index in (self.text.find(s, self.released) for s in self.stop) if index >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+            return self.flush()
+        end = len(self.text.rstrip("\ufffd"))
+        held = max((size for stop in self.stop for size in range(1, len(stop))
+                    if self.text[:end].endswith(stop[:size])), default=0)
+        return self._release(max(end - held, self.released))
+
+    def flush(self) -> str:
+        """Everything not yet released (at the end: a held-back tail is final)."""
+        return self._release(len(self.text))
+
+    def _release(self, end: int) -> str:
+        delta, self.released = self.text[self.released : end], end
+        return delta
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    slot: int
+    tokens: list[int]  # prompt and generated so far (the window of an architecture without a cache)
+    tracker: TextTracker
+    generator: torch.Generator
+    generated: int = 0
+    length: int = 0  # tokens in this slot's cache
+    next_token: int = 0  # sampled, not yet fed to the model
+    finished: bool = False
+
+
+@dataclass
+class EngineCounters:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    steps: int = 0
+    cancelled: int = 0
+    rows_per_step: list[int] = field(default_factory=list)  # batch sizes of the last steps (for tests)
+
+
+class BatchedEngine:
+    """Generation for many requests in one batched forward pass per step; drive it with `step()` from one
+    thread (`submit` and `cancel` may be called from any)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_batch: int = 16):
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.block_size = model.config.block_size
+        self.device = model.wte.weight.device
+        self.dtype = model.wte.weight.dtype
+        probe = model.new_cache(1, self.device, self.dtype)
+        self.cache_kind = "kv" if isinstance(probe, KVCache) else "recurrent" if isinstance(probe, RecurrentState) \
+            else "none"
+        self.batches_decoding = self.cache_kind != "none"
+        if self.cache_kind == "kv":
+            self.keys = probe.keys[0].new_zeros((model.config.n_layer, max_batch, *probe.keys[0].shape[1:]))
+            self.values = torch.zeros_like(self.keys)
+        self.hidden: tuple[torch.Tensor, ...] | None = None  # recurrent: (layers, slots, width) per part
+        self.rows: dict[int, _Row] = {}
+        self.waiting: deque[GenerationRequest] = deque()
+        self.lock = threading.Lock()
+        self.wakeup = threading.Condition(self.lock)
+        self.counters = EngineCounters()
+
+    # ---- the thread-safe side ----
+    def submit(self, request: GenerationRequest) -> None:
+        if not request.prompt:
+            raise ValueError("a request needs a prompt of at least one token (e.g. the end-of-text id)")
+        with self.wakeup:
+            self.waiting.append(request)
+            self.wakeup.notify()
+
+    def cancel(self, request: GenerationRequest) -> None:
+        request.cancelled = True
+        self.wake()
+
+    def wake(self) -> None:
+        """Return from `wait_for_work` now (to cancel, or to stop)."""
+        with self.wakeup:
+            self.wakeup.notify_all()
+
+    def waiting_count(self) -> int:
+        with self.lock:
+            return len(self.waiting)
+
+    def active_count(self) -> int:
+        return len(self.rows)
+
+    def has_work(self) -> bool:
+        with self.lock:
+            return bool(self.rows or self.waiting)
+
+    def wait_for_work(self, timeout: float) -> None:
+        with self.wakeup:
+            if not (self.rows or self.waiting):
+                self.wakeup.wait(timeout)
+
+    # ---- the engine thread's side ----
+    @torch.no_grad()
+    def step(self) -> None:
+        """Drop cancelled rows, admit waiting requests into free slots (prefill), then one decode step."""
+        for row in [r for r in self.rows.values() if r.request.cancelled]:
+            self.counters.cancelled += 1
+            self._finish(row, GenerationEvent(finish_reason="cancelled"))
+        while len(self.rows) < self.max_batch:
+            with self.lock:
+                if not self.waiting:
+                    break
+                request = self.waiting.popleft()
+            if request.cancelled:
+                _deliver(request, GenerationEvent(finish_reason="cancelled"))
+                continue
+            self._admit(request)
+        active = [row for row in self.rows.values() if not row.finished]
+        if active:
+            try:
+                logits = self._decode(active)
+            except Exception as err:  # a failed batched step fails its rows, never the engine
+                for row in active:
+                    self._finish(row, GenerationEvent(finish_reason="error", error=f"{type(err).__name__}: {err}"))
+                return
+            self.counters.steps += 1
+            self.counters.rows_per_step = (self.counters.rows_per_step + [len(active)])[-64:]
+            greedy = logits.argmax(-1).tolist()  # one device sync for every greedy row, not one per row
+            for row, row_logits, best in zip(active, logits, greedy, strict=True):
+                self._sampled(row, row_logits, greedy_token=best)
+
+    def fail_all(self, message: str) -> None:
+        """End every waiting and active request with an error (the engine is stopping)."""
+        for row in list(self.rows.values()):
+            self._finish(row, GenerationEvent(finish_reason="error", error=message))
+        with self.lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for request in waiting:
+            _deliver(request, GenerationEvent(finish_reason="error", error=message))
+
+    def _admit(self, request: GenerationRequest) -> None:
+        slot = next(index for index in range(self.max_batch) if index not in self.rows)
+        seed = request.seed if request.seed is not None else random.getrandbits(63)
+        row = _Row(request, slot, list(request.prompt), TextTracker(self.tokenizer, request.stop),
+                   torch.Generator(device=self.device).manual_seed(seed))
+        self.rows[slot] = row
+        try:
+            logits = self._prefill(row)
+            event = GenerationEvent()
+            if request.prompt_logprobs:
+                event.prompt_logprobs = self._prompt_logprobs(request.prompt, logits[0], request.logprobs or 0)
+            self.counters.prompt_tokens += len(request.prompt)
+            if request.max_tokens <= 0:
+                event.finish_reason = "length"
+                self._finish(row, event)
+                return
+            self._sampled(row, logits[0, -1], event)
+        except Exception as err:  # this request's failure is its own
+            self._finish(row, GenerationEvent(finish_reason="error", error=f"{type(err).__name__}: {err}"))
+
+    def _prefill(self, row: _Row) -> torch.Tensor:
+        """The prompt alone through the model, as `generate` runs it; its state goes into the row's slot."""
+        prompt = torch.tensor([row.request.prompt], device=self.device)
+        if self.cache_kind == "kv":
+            if prompt.size(1) > self.block_size:
+                raise ValueError(f"prompt of {prompt.size(1)} tokens exceeds the context of {self.block_size}")
+            cache = self.model.new_cache(1, self.device, self.dtype)
+            logits, _ = self.model(prompt, cache=cache)
+            for layer in range(len(cache.keys)):
+                self.keys[layer, row.slot, :, : cache.length] = cache.keys[layer][0, :, : cache.length]
+                self.values[layer, row.slot, :, : cache.length] = cache.values[layer][0, :, : cache.length]
+            row.length = cache.length
+        elif self.cache_kind == "recurrent":
+            state = self.model.new_cache(1, self.device, self.dtype)
+            logits, _ = self.model(prompt, cache=state)
+            parts = state.hidden if isinstance(state.hidden, tuple) else (state.hidden,)
+            if self.hidden is None:
+                self.hidden = tuple(p.new_zeros((p.size(0), self.max_batch, *p.shape[2:])) for p in parts)
+            for store, part in zip(self.hidden, parts, strict=True):
+                store[:, row.slot] = part[:, 0]
+            row.length = state.length
+        else:
+            logits, _ = self.model(prompt[:, -self.block_size :])
+        return logits
+
+    def _decode(self, rows: list[_Row]) -> torch.Tensor:
+        """Next-token logits (rows, vocab) after feeding each row its last sampled token."""
+        tokens = torch.tensor([[row.next_token] for row in rows], device=self.device)
+        if self.cache_kind == "kv":
+            logits = self._decode_transformer(rows, tokens)
+        elif self.cache_kind == "recurrent":
+            slots = torch.tensor([row.slot for row in rows], device=self.device)
+            parts = tuple(store[:, slots] for store in self.hidden)
+            state = RecurrentState(hidden=parts if len(parts) == 2 else parts[0])
+            logits, _ = self.model(tokens, cache=state)
+            new_parts = state.hidden if isinstance(state.hidden, tuple) else (state.hidden,)
+            for store, part in zip(self.hidden, new_parts, strict=True):
+                store[:, slots] = part
+            logits = logits[:, -1]
+        else:  # no state: each row's window, one row at a time
+            logits = torch.stack([self.model(torch.tensor([row.tokens[-self.block_size :]],
+                                                          device=self.device))[0][0, -1] for row in rows])
+        for row in rows:
+            row.length += 1
+        return logits
+
+    def _decode_transformer(self, rows: list[_Row], tokens: torch.Tensor) -> torch.Tensor:
+        """GPT.forward for one new token per row, each row at its own position in its own cache slot: the
+        same modules in the same order, with per-row positions and a mask hiding each row's unused cache."""
+        model: GPT = self.model
+        slots = torch.tensor([row.slot for row in rows], device=self.device)
+        positions = torch.tensor([row.length for row in rows], device=self.device)
+        span = int(positions.max()) + 1
+        visible = (torch.arange(span, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+        x = model.wte(tokens)  # (rows, 1, width)
+        rotary = None
+        if model.wpe is not None:
+            x = x + model.wpe(positions)[:, None]
+        else:
+            rotary = (model.rope_cos[positions][:, None, None], model.rope_sin[positions][:, None, None])
+        for layer, block in enumerate(model.blocks):
+            attn = block.attn
+            q, k, v = attn.qkv(block.norm_1(x)).split(
+                [attn.n_head * attn.head_size, attn.n_kv_head * attn.head_size, attn.n_kv_head * attn.head_size],
+                dim=-1)
+            q = q.view(len(rows), 1, attn.n_head, attn.head_size).transpose(1, 2)  # (rows, H, 1, D)
+            k = k.view(len(rows), 1, attn.n_kv_head, attn.head_size).transpose(1, 2)
+            v = v.view(len(rows), 1, attn.n_kv_head, attn.head_size).transpose(1, 2)
+            if attn.qk_norm:
+                q, k = F.rms_norm(q, (attn.head_size,)), F.rms_norm(k, (attn.head_size,))
+            if rotary is not None:
+                q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+            self.keys[layer, slots, :, positions] = k[:, :, 0]
+            self.values[layer, slots, :, positions] = v[:, :, 0]
+            keys = self.keys[layer, slots, :, :span]  # (rows, kv heads, span, D)
+            values = self.values[layer, slots, :, :span]
+            if attn.n_kv_head != attn.n_head:
+                keys = keys.repeat_interleave(attn.n_head // attn.n_kv_head, dim=1)
+                values = values.repeat_interleave(attn.n_head // attn.n_kv_head, dim=1)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
+            x = x + attn.proj(y.transpose(1, 2).reshape(len(rows), 1, -1))
+            x = x + block.mlp(block.norm_2(x))
+        logits = F.linear(model.norm_f(x), model.head_weight())[:, -1, : model.vocab_size]
+        if model.config.logit_softcap > 0:
+            cap = model.config.logit_softcap
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def _sampled(self, row: _Row, logits: torch.Tensor, event: GenerationEvent | None = None,
+                 greedy_token: int | None = None) -> None:
+        """Sample the row's next token from its logits (at temperature 0: `greedy_token`, their argmax, when the
+        caller has it), report it, and finish the row if it is done."""
+        event = event or GenerationEvent()
+        request = row.request
+        try:
+            if request.temperature == 0 and greedy_token is not None:
+                token = greedy_token
+            else:
+                token = sample_next(logits, temperature=request.temperature, top_k=request.top_k,
+                                    top_p=request.top_p, generator=row.generator)
+        except Exception as err:
+            self._finish(row, GenerationEvent(finish_reason="error", error=f"{type(err).__name__}: {err}"))
+            return
+        row.generated += 1
+        self.counters.generated_tokens += 1
+        if request.logprobs is not None:
+            logprobs = torch.log_softmax(logits.float(), -1)
+            event.logprob = float(logprobs[token])
+            event.top_logprobs = _top(logprobs, request.logprobs)
+        event.token = token
+        if token == request.stop_token:
+            event.is_stop_token = True
+            event.finish_reason = "stop"
+            event.text = row.tracker.flush()
+            self._finish(row, event)
+            return
+        row.tokens.append(token)
+        row.next_token = token
+        event.text = row.tracker.add(token)
+        if row.tracker.stopped:
+            event.finish_reason = "stop"
+        elif row.generated >= request.max_tokens or (self.cache_kind == "kv" and row.length >= self.block_size):
+            event.finish_reason = "length"
+            event.text += row.tracker.flush()
+        if event.finish_reason:
+            self._finish(row, event)
+        else:
+            _deliver(request, event)
+
+    def _prompt_logprobs(self, prompt: list[int], logits: torch.Tensor, top: int
+                         ) -> list[tuple[float, TopLogprobs]]:
+        logprobs = torch.log_softmax(logits[:-1].float(), -1)  # position i predicts prompt token i + 1
+        return [(float(logprobs[i, token]), _top(logprobs[i], top)) for i, token in enumerate(prompt[1:])]
+
+    def _finish(self, row: _Row, event: GenerationEvent) -> None:
+        row.finished = True
+        self.rows.pop(row.slot, None)
+        _deliver(row.request, event)
+
+
+def _top(logprobs: torch.Tensor, count: int) -> TopLogprobs:
+    if count <= 0:
+        return []
+    values, ids = torch.topk(logprobs, min(count, logprobs.numel()))
+    return list(zip(ids.tolist(), values.tolist(), strict=True))
+
+
+def _deliver(request: GenerationRequest, event: GenerationEvent) -> None:
+    try:
+        request.emit(event)
+    except Exception:  # a listener that fails (e.g. its client left) must not stop the other rows
+        request.cancelled = True
+
+
+@dataclass
+class Completion:
+    """The outcome of one request run to the end by `generate_batch`."""
+
+    tokens: list[int]
+    text: str
+    finish_reason: str
+
+
+def generate_batch(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], max_tokens: int, *,
+                   max_batch: int = 16, temperature: float = 1.0, top_k: int | None = None,
+                   top_p: float | None = None, seeds: Sequence[int | None] | None = None, stop: Sequence[str] = (),
+                   stop_token: int | None = None) -> list[Completion]:
+    """Run every prompt to completion on one engine, at most `max_batch` at a time (for `sample
+    --num-samples` and evaluation); request i draws from a generator seeded with seeds[i]."""
+    engine = BatchedEngine(model, tokenizer, max_batch=max_batch)
+    results: list[dict] = [{"tokens": [], "text": "", "finish_reason": None} for _ in prompts]
+
+    def collect(index: int) -> Callable[[GenerationEvent], None]:
+        def emit(event: GenerationEvent) -> None:
+            result = results[index]
+            if event.token is not None and not event.is_stop_token:
+                result["tokens"].append(event.token)
+            result["text"] += event.text
+            if event.finish_reason:
+                result["finish_reason"] = event.finish_reason
+                if event.error:
+                    raise_later.append(event.error)
+        return emit
+
+    raise_later: list[str] = []
+    for index, prompt in enumerate(prompts):
+        engine.submit(GenerationRequest(list(prompt), max_tokens, collect(index), temperature=temperature,
+                                        top_k=top_k, top_p=top_p, seed=seeds[index] if seeds else None, stop=stop,
+                                        stop_token=stop_token))
+    while engine.has_work():
+        engine.step()
+    if raise_later:
+        raise RuntimeError(raise_later[0])
+    return [Completion(**result) for result in results]

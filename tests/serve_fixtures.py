@@ -1,0 +1,86 @@
+"""Helpers for tests that talk to a live server: a tiny random run on disk, and a uvicorn server on a free port
+in a background thread (`LiveServer`), plus the pytest fixtures built from them.
+
+Use the fixtures from a test module with `import serve_fixtures` and `live_server = serve_fixtures.live_server`
+(tests/ is on sys.path under pytest), or the server directly:
+`with LiveServer(build_app(run)) as server: OpenAI(base_url=server.url + "/v1", ...)`.
+"""
+
+from __future__ import annotations
+
+import string
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import uvicorn
+
+from lmforge.config import dumps_config, load_config
+from lmforge.data.tokenizer import CharTokenizer
+from lmforge.model.factory import build_model
+from lmforge.run import save_checkpoint
+from lmforge.serve.cli import bind, build_app
+
+# Letters (the chat template's markers are capitals), digits, punctuation, space and newline.
+CHARS = "".join(sorted(set(string.ascii_letters + string.digits + " .,:;!?'-\n")))
+
+SERVE_MODEL = {"model.n_layer": "1", "model.n_embd": "32", "model.n_head": "2", "model.block_size": "64",
+               # A wide initialization: a random model whose greedy output depends on every token of its prompt.
+               "model.init_std": "0.3", "train.device": "cpu", "train.precision": "fp32", "train.compile": "false"}
+
+
+def make_run(run_dir: Path, seed: int = 0, **overrides: str) -> Path:
+    """A run directory holding a randomly initialized tiny model (char tokenizer over CHARS), as `train`
+    writes one: config.toml, tokenizer.json and one checkpoint."""
+    tokenizer = CharTokenizer(CHARS)
+    config = load_config(None, {**SERVE_MODEL, "model.vocab_size": str(tokenizer.vocab_size), **overrides})
+    torch.manual_seed(seed)
+    model = build_model(config.model)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(dumps_config(config))
+    tokenizer.save(run_dir / "tokenizer.json")
+    save_checkpoint(run_dir, 0, model.state_dict(), [], {"step": 0})
+    return run_dir
+
+
+class LiveServer:
+    """A uvicorn server for an app on 127.0.0.1 and a free port, in a daemon thread; `url` is its address."""
+
+    def __init__(self, app):
+        self.app = app
+        sock = bind("127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def engine(self):
+        return self.app.state.server.engine
+
+
+@pytest.fixture(scope="session")
+def served_run(tmp_path_factory) -> Path:
+    return make_run(tmp_path_factory.mktemp("serve") / "tiny-served")
+
+
+@pytest.fixture(scope="module")
+def live_server(served_run):
+    """One server for a test module: the tiny run, 4 batch slots, small limits that the error tests reach."""
+    app = build_app(served_run, device="cpu", max_batch=4, max_tokens_limit=200, max_body_bytes=20_000)
+    with LiveServer(app) as server:
+        yield server

@@ -1,0 +1,136 @@
+"""The continuous-batching engine: a request's tokens do not depend on what else is in the batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.data.tokenizer import BPETokenizer, CharTokenizer
+from lmforge.infer.batched import BatchedEngine, GenerationRequest, TextTracker, generate_batch
+from lmforge.infer.generate import generate
+from lmforge.model.factory import build_model
+
+TOKENIZER = CharTokenizer("abcdefghijklmnopqrstuvwxyz .,")
+# Prompts of mixed lengths, so the rows of one batch sit at different positions of their caches.
+PROMPTS = ["a", "the cat", "we read books", "you drink tea and the", "xyz"]
+MAX_TOKENS = 12
+
+ARCHS = {
+    "gpt-learned": {"model.position": "learned"},
+    "gpt-rope-gqa": {"model.position": "rope", "model.n_head": "4", "model.n_kv_head": "2", "model.qk_norm": "true",
+                     "model.norm": "rmsnorm", "model.mlp": "swiglu", "model.tie_embeddings": "false"},
+    "gru": {"model.arch": "gru"},
+    "lstm": {"model.arch": "lstm", "model.n_layer": "2"},
+    "rnn": {"model.arch": "rnn"},
+    "mlp": {"model.arch": "mlp"},
+}
+
+
+def tiny_model(tiny_config, overrides: dict[str, str]):
+    torch.manual_seed(0)
+    # A wide initialization makes a random model's choices depend on every token and position, so that a
+    # batching mistake changes the greedy output instead of hiding behind near-uniform logits.
+    config = tiny_config(**{"model.block_size": "32", "model.vocab_size": str(TOKENIZER.vocab_size),
+                            "model.init_std": "0.3", **overrides})
+    return build_model(config.model).eval()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_tokens_are_the_same_alone_and_batched(arch, tiny_config):
+    model = tiny_model(tiny_config, ARCHS[arch])
+    prompts = [TOKENIZER.encode(p) for p in PROMPTS]
+    alone = [list(generate(model, p, MAX_TOKENS, temperature=0)) for p in prompts]
+    assert len({tuple(tokens) for tokens in alone}) > 1  # the model's output does depend on the prompt
+    for max_batch in (len(prompts), 2):  # all at once; and two slots, so requests join as others leave
+        batched = generate_batch(model, TOKENIZER, prompts, MAX_TOKENS, max_batch=max_batch, temperature=0)
+        assert [c.tokens for c in batched] == alone
+        assert [c.finish_reason for c in batched] == ["length"] * len(prompts)
+        assert [c.text for c in batched] == [TOKENIZER.decode(tokens) for tokens in alone]
+
+
+def test_every_decode_step_is_one_forward_pass_over_all_active_rows(tiny_config):
+    model = tiny_model(tiny_config, ARCHS["gpt-rope-gqa"])
+    engine = BatchedEngine(model, TOKENIZER, max_batch=4)
+    calls = []
+    model.blocks[0].attn.qkv.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    for prompt in PROMPTS[:4]:
+        engine.submit(GenerationRequest(TOKENIZER.encode(prompt), 5, lambda event: None, temperature=0))
+    engine.step()
+    assert calls == [1, 1, 1, 1, 4]  # four prefills, then one decode step of all four rows
+    assert engine.batches_decoding and engine.cache_kind == "kv"
+
+
+def test_seeded_sampling_matches_generate_with_the_same_seed(tiny_config):
+    model = tiny_model(tiny_config, ARCHS["gpt-learned"])
+    prompts = [TOKENIZER.encode(p) for p in PROMPTS]
+    seeds = [11, 22, 33, 44, 55]
+    alone = [list(generate(model, p, MAX_TOKENS, temperature=0.9, top_k=10, top_p=0.9,
+                           generator=torch.Generator().manual_seed(seed)))
+             for p, seed in zip(prompts, seeds, strict=True)]
+    batched = generate_batch(model, TOKENIZER, prompts, MAX_TOKENS, temperature=0.9, top_k=10, top_p=0.9,
+                             seeds=seeds)
+    assert [c.tokens for c in batched] == alone
+
+
+def test_cancelled_and_finished_rows_free_their_slots_for_waiting_requests(tiny_config):
+    model = tiny_model(tiny_config, ARCHS["gpt-learned"])
+    engine = BatchedEngine(model, TOKENIZER, max_batch=1)
+    events: dict[str, list] = {"first": [], "second": []}
+    first = GenerationRequest(TOKENIZER.encode("the"), 20, events["first"].append, temperature=0)
+    second = GenerationRequest(TOKENIZER.encode("a"), 3, events["second"].append, temperature=0)
+    engine.submit(first)
+    engine.submit(second)
+    engine.step()
+    assert engine.active_count() == 1 and engine.waiting_count() == 1
+    engine.cancel(first)
+    engine.step()  # the cancelled row leaves and the waiting request takes its slot in the same step
+    assert events["first"][-1].finish_reason == "cancelled"
+    assert events["second"] and engine.waiting_count() == 0
+    while engine.has_work():
+        engine.step()
+    assert events["second"][-1].finish_reason == "length"
+    assert sum(e.token is not None for e in events["second"]) == 3
+
+
+def test_stop_token_and_stop_strings_end_a_request_with_stop(tiny_config):
+    model = tiny_model(tiny_config, ARCHS["gpt-learned"])
+    prompt = TOKENIZER.encode("the cat")
+    free = list(generate(model, prompt, MAX_TOKENS, temperature=0))
+    text = TOKENIZER.decode(free)
+    stop = text[3:5]  # a stop string the greedy continuation will write
+    [stopped] = generate_batch(model, TOKENIZER, [prompt], MAX_TOKENS, temperature=0, stop=[stop])
+    assert stopped.finish_reason == "stop" and stopped.text == text[: text.find(stop)]
+    [ended] = generate_batch(model, TOKENIZER, [prompt], MAX_TOKENS, temperature=0, stop_token=free[2])
+    assert ended.finish_reason == "stop" and ended.tokens == free[: free.index(free[2])]
+
+
+def test_echo_prompt_logprobs_are_the_models_log_softmax(tiny_config):
+    model = tiny_model(tiny_config, ARCHS["gpt-learned"])
+    prompt = TOKENIZER.encode("we read")
+    events = []
+    engine = BatchedEngine(model, TOKENIZER)
+    engine.submit(GenerationRequest(prompt, 0, events.append, prompt_logprobs=True, logprobs=2))
+    engine.step()
+    [event] = events
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([prompt]))[0][0].float(), -1)
+    assert event.finish_reason == "length" and event.token is None
+    assert [lp for lp, _ in event.prompt_logprobs] == pytest.approx(
+        [float(expected[i, t]) for i, t in enumerate(prompt[1:])], abs=1e-5)
+    assert all(len(top) == 2 and top[0][1] >= top[1][1] for _, top in event.prompt_logprobs)
+
+
+def test_text_tracker_never_splits_a_character_or_shows_a_possible_stop_string():
+    tokenizer = BPETokenizer.train(["plain ascii text only"], vocab_size=260)
+    text = "naïve € ✓ end"
+    ids = tokenizer.encode(text)
+    assert len(ids) > len(text)  # multi-byte characters span several tokens
+    tracker = TextTracker(tokenizer)
+    deltas = [tracker.add(token) for token in ids]
+    assert "".join(deltas) + tracker.flush() == text
+    assert not any("\ufffd" in delta for delta in deltas)
+
+    tracker = TextTracker(TOKENIZER, stop=["cat!"])
+    shown = [tracker.add(token) for token in TOKENIZER.encode("a ca")]
+    assert "".join(shown) == "a " and not tracker.stopped  # "ca" could begin "cat!": held back
+    assert tracker.add(TOKENIZER.encode("b")[0]) == "cab" and not tracker.stopped  # no longer a prefix

@@ -1,0 +1,328 @@
+"""The OpenAI-compatible server, live on a free port: the official client, SSE framing, batching through the
+API, disconnects, every error status and shape, auth, and lm-eval scoring over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import httpx
+import pytest
+import serve_fixtures
+import torch
+from openai import OpenAI
+from serve_fixtures import LiveServer
+
+from lmforge.infer.generate import generate
+from lmforge.infer.load import load_model
+from lmforge.serve.cli import build_app
+from lmforge.tasks.template import ChatTemplate
+
+served_run = serve_fixtures.served_run
+live_server = serve_fixtures.live_server
+PROMPTS = ["the cat", "a", "we read books and", "you drink tea, they write code."]
+
+
+def client(server: LiveServer, key: str = "unused") -> OpenAI:
+    return OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+
+def greedy(run, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    model, _, tokenizer, _ = load_model(run)
+    return list(generate(model, prompt_ids, max_tokens, temperature=0, stop_token=tokenizer.eot_id))
+
+
+def test_models_lists_the_run_with_context_and_batching(live_server):
+    [card] = client(live_server).models.list().data
+    assert card.id == "tiny-served"
+    assert card.context_length == 64
+    assert card.batching == {"continuous": True, "batched_decoding": True, "cache": "kv", "max_batch": 4}
+    assert httpx.get(live_server.url + "/health").json()["status"] == "ok"
+    info = httpx.get(live_server.url + "/tokenizer_info").json()
+    eot = httpx.post(live_server.url + "/tokenize", json={"prompt": info["eos_token"]}).json()["tokens"]
+    assert eot == [len(serve_fixtures.CHARS)]  # the char tokenizer's end-of-text id
+    assert httpx.post(live_server.url + "/detokenize", json={"tokens": [0, 1]}).json()["prompt"] == \
+        serve_fixtures.CHARS[:2]
+
+
+def test_completion_through_the_openai_client_is_the_greedy_continuation(live_server, served_run):
+    model, _, tokenizer, _ = load_model(served_run)
+    result = client(live_server).completions.create(model="tiny-served", prompt="the cat", max_tokens=20,
+                                                     temperature=0)
+    expected = greedy(served_run, tokenizer.encode("the cat"), 20)
+    [choice] = result.choices
+    assert choice.text == tokenizer.decode(expected)
+    assert choice.finish_reason == ("length" if len(expected) == 20 else "stop")
+    assert result.usage.prompt_tokens == 7
+    assert result.usage.completion_tokens == len(expected) + (choice.finish_reason == "stop")
+
+
+def test_chat_streamed_and_not_give_the_same_reply_through_the_template(live_server, served_run):
+    model, _, tokenizer, _ = load_model(served_run)
+    messages = [{"role": "user", "content": "Hello there"}]
+    api = client(live_server)
+    reply = api.chat.completions.create(model="tiny-served", messages=messages, max_tokens=12, temperature=0)
+    chunks = list(api.chat.completions.create(model="tiny-served", messages=messages, max_tokens=12,
+                                              temperature=0, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    prompt, _ = ChatTemplate().encode(messages, tokenizer, add_generation_prompt=True)
+    expected = tokenizer.decode(greedy(served_run, prompt, 12))
+    for stop in ChatTemplate().stop_texts():
+        expected = expected.split(stop)[0]
+    assert reply.choices[0].message.content == streamed == expected
+    assert reply.choices[0].message.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+    assert reply.usage.prompt_tokens == len(prompt)
+
+
+def test_sse_framing_is_data_events_ending_with_done(live_server):
+    body = {"model": "tiny-served", "prompt": "we read", "max_tokens": 15, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", live_server.url + "/v1/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(e.startswith("data: ") and "\n" not in e for e in events[:-1])
+    whole = httpx.post(live_server.url + "/v1/completions", json={**body, "stream": False}).json()
+    assert "".join(c["text"] for p in payloads for c in p["choices"]) == whole["choices"][0]["text"]
+    assert payloads[-1]["usage"] == whole["usage"] and payloads[-1]["choices"] == []
+    assert payloads[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+
+
+def test_concurrent_requests_are_batched_and_match_alone(live_server, served_run):
+    _, _, tokenizer, _ = load_model(served_run)
+    engine = live_server.engine
+    engine.counters.rows_per_step.clear()
+    results: dict[int, str] = {}
+
+    def ask(index: int) -> None:
+        answer = httpx.post(live_server.url + "/v1/completions", timeout=60, json={
+            "model": "tiny-served", "prompt": PROMPTS[index], "max_tokens": 25, "temperature": 0})
+        results[index] = answer.json()["choices"][0]["text"]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index, prompt in enumerate(PROMPTS):
+        assert results[index] == tokenizer.decode(greedy(served_run, tokenizer.encode(prompt), 25))
+    assert max(engine.counters.rows_per_step) > 1  # some decode steps ran several requests in one pass
+
+
+def test_echo_with_max_tokens_0_returns_the_prompts_logprobs(live_server, served_run):
+    model, _, tokenizer, _ = load_model(served_run)
+    answer = httpx.post(live_server.url + "/v1/completions", json={
+        "model": "tiny-served", "prompt": "the cat", "max_tokens": 0, "echo": True, "logprobs": 2}).json()
+    logprobs = answer["choices"][0]["logprobs"]
+    ids = tokenizer.encode("the cat")
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids]))[0][0], -1)
+    assert answer["choices"][0]["text"] == "the cat"
+    assert logprobs["tokens"] == list("the cat") and logprobs["text_offset"] == list(range(7))
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert logprobs["token_logprobs"][1:] == pytest.approx([float(expected[i, t]) for i, t in enumerate(ids[1:])],
+                                                           abs=1e-5)
+    assert all(len(top) == 2 for top in logprobs["top_logprobs"][1:])
+    assert answer["usage"]["completion_tokens"] == 0
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(live_server):
+    engine = live_server.engine
+    step = engine.step
+    engine.step = lambda: (time.sleep(0.02), step())  # 60 tokens would take over a second
+    cancelled = engine.counters.cancelled
+    try:
+        body = {"model": "tiny-served", "prompt": "a", "max_tokens": 60, "temperature": 0, "stream": True}
+        with httpx.stream("POST", live_server.url + "/v1/completions", json=body) as response:
+            next(response.iter_lines())  # the first event: the request holds a slot
+            assert engine.active_count() == 1
+        deadline = time.monotonic() + 0.5
+        while engine.active_count() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.active_count() == 0 and engine.counters.cancelled == cancelled + 1
+    finally:
+        engine.step = step
+
+
+def error(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+@pytest.mark.parametrize("body, status, param, words", [
+    (b"{not json", 400, None, "not valid JSON"),
+    ({"model": "tiny-served", "prompt": "a", "temperature": "hot"}, 400, "temperature", "must be a number"),
+    ({"model": "tiny-served", "prompt": 7}, 400, "prompt", "must be a string"),
+    ({"model": "tiny-served", "prompt": "a" * 60, "max_tokens": 10}, 400, "prompt", "60 tokens"),
+    ({"model": "tiny-served", "prompt": "a", "max_tokens": 201}, 400, "max_tokens", "limit of 200"),
+    ({"model": "tiny-served", "prompt": "a" * 30_000}, 413, None, "limit of 20000"),
+    ({"model": "gpt-4", "prompt": "a"}, 404, "model", "does not exist"),
+    ({"model": "tiny-served", "prompt": "a", "presence_penalty": 1}, 400, "presence_penalty", "not supported"),
+])
+def test_bad_requests_get_their_status_in_openai_shape(live_server, body, status, param, words):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(live_server.url + "/v1/completions", content=content,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == status
+    message = error(response)
+    assert message["param"] == param and words in message["message"]
+
+
+def test_prompt_too_long_names_both_numbers(live_server):
+    message = error(httpx.post(live_server.url + "/v1/completions", json={
+        "model": "tiny-served", "prompt": "a" * 60, "max_tokens": 10}))["message"]
+    assert "60 tokens" in message and "more than the 54" in message and "context of 64" in message
+
+
+def test_a_full_queue_answers_429_with_retry_after(served_run):
+    app = build_app(served_run, device="cpu", max_batch=1, max_queue=1)
+    engine = app.state.server.engine
+    step, gate = engine.step, threading.Event()
+    engine.step = lambda: (gate.wait(10), step())  # the engine holds still until the test lets it go
+    with LiveServer(app) as server:
+        body = {"model": "tiny-served", "prompt": "a", "max_tokens": 5}
+        waiting = threading.Thread(target=httpx.post, args=(server.url + "/v1/completions",),
+                                   kwargs={"json": body, "timeout": 60})
+        waiting.start()
+        deadline = time.monotonic() + 5
+        while engine.waiting_count() < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        response = httpx.post(server.url + "/v1/completions", json=body)
+        gate.set()
+        waiting.join()
+        assert response.status_code == 429 and response.headers["retry-after"] == "1"
+        assert error(response)["type"] == "rate_limit_error"
+        assert httpx.post(server.url + "/v1/completions", json=body).status_code == 200  # room again
+        metrics = httpx.get(server.url + "/metrics").text
+    assert 'lmforge_requests_total{endpoint="/v1/completions",status="429"} 1.0' in metrics
+    assert 'lmforge_requests_total{endpoint="/v1/completions",status="200"} 2.0' in metrics
+    assert "lmforge_time_to_first_token_seconds_count 2.0" in metrics
+
+
+def test_an_api_key_is_required_on_the_api_but_not_on_health(served_run):
+    with LiveServer(build_app(served_run, device="cpu", api_key="sesame")) as server:
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        wrong = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and error(wrong)["type"] == "authentication_error"
+        assert client(server, "sesame").models.list().data[0].id == "tiny-served"
+        assert httpx.get(server.url + "/health").status_code == 200
+
+
+def direct_accuracy(run, records: list[dict]) -> tuple[float, list[int]]:
+    """Multiple choice scored on the model itself: the choice whose tokens (after a space) have the largest
+    summed log-likelihood after the question."""
+    model, _, tokenizer, _ = load_model(run)
+    picks = []
+    for record in records:
+        context = tokenizer.encode(record["question"])
+        scores = []
+        for choice in record["choices"]:
+            continuation = tokenizer.encode(" " + choice)
+            ids = torch.tensor([context + continuation])
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(ids[:, :-1])[0][0], -1)
+            scores.append(sum(float(logprobs[len(context) - 1 + i, t]) for i, t in enumerate(continuation)))
+        picks.append(max(range(len(scores)), key=scores.__getitem__))
+    accuracy = sum(p == r["answer"] for p, r in zip(picks, records, strict=True)) / len(records)
+    return accuracy, picks
+
+
+MC_RECORDS = [{"question": q, "choices": c, "answer": a} for q, c, a in [
+    ("the cat sat on the", ["mat", "sky", "tea"], 0), ("we read", ["books", "code", "trees"], 1),
+    ("a dog ran to the", ["park", "tree", "cat"], 2), ("you drink", ["tea", "mat", "books"], 0),
+    ("they write", ["code", "tea", "park"], 1), ("the bird sang in a", ["tree", "book", "cup"], 2)]]
+
+
+def test_lm_eval_over_http_scores_as_the_model_does(live_server, served_run, tmp_path, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'lm-eval[api]')")
+    pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
+    for name, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                        "HF_DATASETS_CACHE": str(tmp_path / "cache")}.items():
+        monkeypatch.setenv(name, value)
+    from lm_eval.tasks import TaskManager
+
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in MC_RECORDS))
+    (tmp_path / "tiny_choice.yaml").write_text(
+        f"task: tiny_choice\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tmp_path / 'mc.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{answer}}'\nmetric_list:\n  - metric: acc\n"
+        "    aggregation: mean\n    higher_is_better: true\n")
+    out = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["tiny_choice"], log_samples=True,
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        model_args={"base_url": live_server.url + "/v1/completions", "model": "tiny-served",
+                    "tokenizer_backend": "remote", "max_length": 64, "num_concurrent": 1, "max_retries": 1})
+    accuracy, picks = direct_accuracy(served_run, MC_RECORDS)
+    assert out["results"]["tiny_choice"]["acc,none"] == pytest.approx(accuracy)
+    harness_picks = {s["doc_id"]: max(range(3), key=lambda i: s["resps"][i][0][0])
+                     for s in out["samples"]["tiny_choice"]}
+    assert [harness_picks[i] for i in range(len(MC_RECORDS))] == picks
+
+
+def test_sigterm_drains_a_streaming_request_and_exits_0(served_run):
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(served_run), "--port", "0",
+                                "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = process.stderr.readline()
+        url = line.split(" on ")[1].split()[0]
+        body = {"model": "tiny-served", "prompt": "a", "max_tokens": 50, "temperature": 1, "stream": True,
+                "stop": None}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
+            lines = response.iter_lines()
+            next(lines)
+            process.send_signal(signal.SIGTERM)
+            rest = [line for line in lines if line]
+        assert rest[-1] == "data: [DONE]" and not any('"error"' in line for line in rest)  # it finished
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+
+
+def test_serve_refuses_a_missing_run_and_a_busy_port_in_one_line(served_run, tmp_path, capsys):
+    from lmforge.cli import main
+    from lmforge.serve.cli import bind
+
+    assert main(["serve", str(tmp_path / "nothing"), "--port", "0"]) == 2
+    assert "run directory not found" in capsys.readouterr().err
+    busy = bind("127.0.0.1", 0)
+    try:
+        assert main(["serve", str(served_run), "--port", str(busy.getsockname()[1])]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "cannot listen" in err
+    finally:
+        busy.close()
+    assert main(["serve", str(served_run), "--max-batch", "0", "--port", "0"]) == 2
+
+
+def test_n_choices_of_a_seeded_call_draw_with_seed_plus_index_and_stream_the_same(live_server):
+    body = {"model": "tiny-served", "prompt": ["the", "we"], "n": 2, "max_tokens": 8, "seed": 7, "logprobs": 0}
+    whole = httpx.post(live_server.url + "/v1/completions", json=body).json()["choices"]
+    assert [c["index"] for c in whole] == [0, 1, 2, 3]
+    second = httpx.post(live_server.url + "/v1/completions", json={**body, "prompt": "the", "n": 1,
+                                                                  "seed": 8}).json()["choices"][0]
+    assert second["text"] == whole[1]["text"]
+    raw = httpx.post(live_server.url + "/v1/completions", json={**body, "stream": True}).text
+    chunks = [json.loads(e.removeprefix("data: ")) for e in raw.split("\n\n")[:-2]]
+    for choice in whole:
+        parts = [c for chunk in chunks for c in chunk["choices"] if c["index"] == choice["index"]]
+        assert "".join(p["text"] for p in parts) == choice["text"]
+        offsets = [o for p in parts if p["logprobs"] for o in p["logprobs"]["text_offset"]]
+        assert offsets == choice["logprobs"]["text_offset"]
+
+
+@pytest.mark.parametrize("arch, batched, cache", [("gru", True, "recurrent"), ("mlp", False, "none")])
+def test_models_metadata_says_how_each_arch_batches(arch, batched, cache, tmp_path):
+    app = build_app(serve_fixtures.make_run(tmp_path / arch, **{"model.arch": arch}), device="cpu")
+    card = app.state.server.model_card()
+    assert card["batching"]["batched_decoding"] is batched and card["batching"]["cache"] == cache
