@@ -43,9 +43,9 @@ def browser():
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
     """`lmforge serve`'s app on a tiny random run with a 64-token context, on a free port, behind API_KEY."""
-    # Big enough that a reply streams over many network reads: a 256-token context, 2 x 128.
+    # Big enough that a reply streams over many network reads (seconds on a CPU): a 256-token context, 4 x 256.
     run = make_run(tmp_path_factory.mktemp("playground") / "tiny-playground",
-                   **{"model.block_size": "256", "model.n_layer": "2", "model.n_embd": "128"})
+                   **{"model.block_size": "256", "model.n_layer": "4", "model.n_embd": "256"})
     with LiveServer(build_app(run, device="cpu", max_batch=4, api_key=API_KEY)) as server:
         yield server.url
 
