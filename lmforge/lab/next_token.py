@@ -16,7 +16,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from lmforge.data.tokenizer import CharTokenizer, Tokenizer
+from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.lab.learn import check_png_out, load_run, write_png
 
@@ -27,12 +27,11 @@ SHOWN = 20
 def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
     """The prompt's token ids (the end-of-text id for an empty prompt, as `lmforge sample` does). A char
     tokenizer would turn characters it never saw into its unknown id: those are refused by name instead."""
-    if isinstance(tokenizer, CharTokenizer):
-        unknown = sorted(set(prompt) - set(tokenizer.chars))
-        if unknown:
-            listed = ", ".join(repr(c) for c in unknown)
-            raise UserError(f"--prompt has characters the run's char tokenizer does not know: {listed} "
-                            "(it knows only the characters of its training text)")
+    unknown = tokenizer.unknown_characters(prompt)
+    if unknown:
+        listed = ", ".join(repr(c) for c in unknown)
+        raise UserError(f"--prompt has characters the run's char tokenizer does not know: {listed} "
+                        "(it knows only the characters of its training text)")
     return tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
 
 
