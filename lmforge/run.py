@@ -12,6 +12,8 @@ Layout of a run directory:
   - `hidden.safetensors` (recurrent models reading sequentially): the hidden state carried into the next
     batch, one row per row of the global batch, so truncated BPTT resumes mid-stream
 - `report/` (lmforge report) and `tensorboard/` (train.tensorboard)
+- a fine-tuning run (lmforge finetune) also has a [finetune] section in its config.toml and, for the chat
+  tasks, `chat_template.json`; its log's records carry the task's metric
 
 A run on several ranks writes the same files, with whole tensors, so a checkpoint resumes on any number of ranks.
 This module knows files, not training: the trainer, the inference loader, import/export and the report all
@@ -37,12 +39,13 @@ from lmforge.data.tokenizer import Tokenizer, load_tokenizer
 from lmforge.errors import UserError
 from lmforge.files import load_safetensors, move_into_place, refuse_to_replace, write_atomic
 from lmforge.model.gpt import GPT, mlp_hidden_size, norm_eps
+from lmforge.tasks.template import TEMPLATE_FILE as CHAT_TEMPLATE_FILE
 
 CONFIG_FILE = "config.toml"
 TOKENIZER_FILE = "tokenizer.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINTS = "checkpoints"
-RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, LOG_FILE, CHECKPOINTS, "report", "tensorboard")
+RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, LOG_FILE, CHECKPOINTS, CHAT_TEMPLATE_FILE, "report", "tensorboard")
 CHECKPOINT_PREFIX = "step_"
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -307,6 +310,9 @@ class StartRecord:
     recurrent_state: str | None = None
     arch: str = "gpt"
     data: str | None = None
+    task: str | None = None  # fine-tuning runs: the task, the method and how many parameters train
+    method: str | None = None
+    trainable_params: int | None = None
 
 
 @dataclass(kw_only=True)
@@ -337,6 +343,8 @@ class EvalRecord:
     val_bpb: float | None = None  # None on data without byte counts
     elapsed: float
     final: bool = False
+    val_accuracy: float | None = None  # fine-tuning runs for classify: the task's metrics
+    val_macro_f1: float | None = None
 
 
 @dataclass(kw_only=True)
@@ -356,6 +364,7 @@ class EndRecord:
     tokens: int
     elapsed: float
     reason: str
+    best_step: int | None = None  # fine-tuning runs: the step of the best checkpoint by the task's metric
 
 
 Record = StartRecord | TrainRecord | EvalRecord | SampleRecord | EndRecord

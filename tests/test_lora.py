@@ -11,18 +11,15 @@ import torch
 from safetensors.torch import load_file
 from test_finetune import TOKENIZER, make_base, task_data, tiny_model_config
 
-from lmforge.config import Config
+from lmforge.config import Config, FinetuneConfig
 from lmforge.errors import UserError
+from lmforge.infer.load import load_model
 from lmforge.model.factory import build_model
+from lmforge.run import read_config
 from lmforge.tasks import lora
-from lmforge.tasks.finetune import (
-    FinetuneConfig,
-    build_finetune_model,
-    finetune_command,
-    load_finetune_config,
-    load_finetuned,
-)
+from lmforge.tasks.finetune import finetune_command
 from lmforge.tasks.heads import Classifier, pad_right
+from lmforge.tasks.model import build_finetune_model
 from lmforge.tasks.predict import predict
 
 
@@ -96,11 +93,11 @@ def test_lora_run_saves_adapters_and_loads_merged_without_touching_the_base(tmp_
     assert {name.split(".")[-4] for name in saved if "lora_" in name} == {"qkv", "fc"}
     assert all(tensor.shape[0] == 2 or tensor.shape[1] == 2 for name, tensor in saved.items() if "lora_" in name)
 
-    # the checkpoint, loaded the unmerged way (base + adapters), computes what load_finetuned's merged model does
+    # the checkpoint, loaded the unmerged way (base + adapters), computes what load_model's merged model does
     unmerged = build_finetune_model(Config(model=tiny_model_config(tie_embeddings=False)),
-                                    load_finetune_config(out), load_finetuned(base)[0].train())
+                                    read_config(out).finetune, load_model(base)[0].train())
     lora.load_trainable_state(unmerged, saved, "test")
-    merged, _, tokenizer, used = load_finetuned(out)
+    merged, _, tokenizer, used = load_model(out)
     assert used == checkpoint and not any("lora" in name for name, _ in merged.named_parameters())
     sequences = [tokenizer.encode("the cat sat"), tokenizer.encode("a dog")]
     inputs = pad_right(sequences, tokenizer.eot_id, "cpu")
@@ -111,7 +108,7 @@ def test_lora_run_saves_adapters_and_loads_merged_without_touching_the_base(tmp_
         else:
             torch.testing.assert_close(merged(inputs[0])[0], unmerged(inputs[0])[0], rtol=1e-5, atol=1e-5)
     merged_body = merged.body if task == "classify" else merged
-    base_model = load_finetuned(base)[0]
+    base_model = load_model(base)[0]
     assert not torch.equal(merged_body.blocks[0].attn.qkv.weight, base_model.blocks[0].attn.qkv.weight)
     torch.testing.assert_close(merged_body.blocks[0].attn.proj.weight, base_model.blocks[0].attn.proj.weight,
                                rtol=0, atol=0)  # not a target: untouched

@@ -28,7 +28,7 @@ from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import EOT_TEXT, BPETokenizer, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
 from lmforge.files import load_safetensors, refuse_to_replace
-from lmforge.infer.load import load_model
+from lmforge.infer.load import load_language_model
 from lmforge.interop.llmc import byte_characters, pad_rows
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
 from lmforge.run import replace_path, write_run
@@ -388,7 +388,7 @@ def export_hf(run: str | Path, out: str | Path, *, dtype: str = "fp32", overwrit
     """Write the run's model as a transformers directory (config.json, model.safetensors, tokenizer)."""
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
-    model, config, tokenizer, _ = load_model(run)
+    model, config, tokenizer, _ = load_language_model(run)
     family = export_family(config.model)
     weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     tensors = (gpt2_to_hf if family == "gpt2" else llama_to_hf)(config.model, weights)

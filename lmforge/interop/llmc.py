@@ -25,7 +25,7 @@ from lmforge.data.shards import HEADER_INTS
 from lmforge.data.tokenizer import EOT_TEXT, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
 from lmforge.files import refuse_to_replace, write_atomic
-from lmforge.infer.load import load_model
+from lmforge.infer.load import load_language_model
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
 from lmforge.run import write_run
 
@@ -157,7 +157,7 @@ def export_llmc(run: str | Path, out: str | Path, *, dtype: str = "fp32", overwr
     """Write the run's model as llm.c's model file, and its tokenizer beside it; returns both paths."""
     if dtype not in VERSIONS.values():
         raise UserError(f"unknown --dtype '{dtype}'; choose one of {', '.join(VERSIONS.values())}")
-    model, config, tokenizer, _ = load_model(run)
+    model, config, tokenizer, _ = load_language_model(run)
     out = Path(out)
     vocab_file = tokenizer_path(out)
     for path in (out, vocab_file):
