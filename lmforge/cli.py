@@ -211,10 +211,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from lmforge.lab.sweep import sweep
+    from lmforge.lab.sweep import FinetuneSearch, sweep
 
+    if (args.task is None) != (args.finetune is None) or args.finetune_method and args.finetune is None:
+        raise UserError("a fine-tuning sweep needs both --finetune BASE_RUN and --task (--finetune-method too "
+                        "applies to it only)")
+    search = FinetuneSearch(args.finetune, args.task, args.finetune_method) if args.finetune else None
     sweep(args.config, args.data, args.out, args.param or [], method=args.method, trials=args.trials,
-          budget_time=args.budget_time, overrides=args.overrides, quiet=args.quiet)
+          budget_time=args.budget_time, overrides=args.overrides, quiet=args.quiet, finetune=search)
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -391,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="trials in all, counting finished ones (default: the grid's "
                                               "size, else 10)")
     p.add_argument("--budget-time", type=float, help="seconds of training per trial")
+    p.add_argument("--finetune", metavar="BASE_RUN", help="search fine-tuning of this run instead of training "
+                   "(with --task; --data is then the task data: e.g. --param optim.lr=log:1e-4:1e-2 "
+                   "--param lora.rank=4,8,16 --param finetune.train_blocks=1,2,4)")
+    p.add_argument("--task", choices=("classify", "sft", "translate", "qa"), help="with --finetune: the task")
+    p.add_argument("--finetune-method", choices=("full", "lora"), help="with --finetune: full (default) or lora")
     p.add_argument("--quiet", action="store_true")
 
     p = commands.add_parser("plot", help="teaching plots")

@@ -404,3 +404,47 @@ def test_finetune_keys_are_checked_and_kept_on_resume(tmp_path, base):
     with pytest.raises(UserError, match="uses optim.name 'adamw', not 'muon'"):
         finetune_command(str(base), task=None, data=str(data), out=str(out), resume=True,
                          overrides={"optim.name": "muon"})
+
+
+# ----- report and sweep on fine-tuning runs -----
+def test_report_of_a_classify_run_draws_its_confusion_matrix(tmp_path, base):
+    from matplotlib.image import imread
+
+    from lmforge.report import write_report
+
+    data = task_data(tmp_path / "data", "classify", 6)
+    (data / "test.jsonl").write_text((data / "val.jsonl").read_text())
+    out = tmp_path / "run"
+    finetune_command(str(base), task="classify", data=str(data), out=str(out), quiet=True,
+                     overrides={"train.max_steps": "2", "train.eval_every": "1"})
+    report = write_report(out).read_text()
+    assert "## Fine-tuning" in report and "- **task**: classify, method full" in report
+    assert "On the test split" in report and "![Confusion matrix on the test split](confusion.png)" in report
+    assert "predicts labels" in report  # the fresh sample section says why a classifier writes no text
+    pixels = imread(out / "report" / "confusion.png")
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 200 and pixels[..., :3].std() > 0.05
+
+
+def test_report_of_a_lora_sft_run_samples_the_merged_model(tmp_path, base):
+    from lmforge.report import write_report
+
+    out = tmp_path / "run"
+    finetune_command(str(base), task="sft", data=str(task_data(tmp_path / "data", "sft", 4)), out=str(out),
+                     method="lora", quiet=True, overrides={"train.max_steps": "2", "train.eval_every": "1"})
+    report = write_report(out).read_text()
+    assert "- **task**: sft, method lora" in report and "trainable parameters" in report
+    assert "confusion" not in report and "From checkpoint `step_0000002`" in report
+
+
+def test_sweep_searches_fine_tuning_settings(tmp_path, base):
+    from lmforge.lab.sweep import FinetuneSearch, sweep
+
+    data = task_data(tmp_path / "data", "sft", 4)
+    search = FinetuneSearch(str(base), "sft", "lora")
+    best = sweep(None, data, tmp_path / "sweep", ["lora.rank=2,4"], method="grid", finetune=search, quiet=True,
+                 overrides={"train.max_steps": "2", "train.eval_every": "2", "train.device": "cpu"})
+    ranks = {read_config(tmp_path / "sweep" / f"trial_{i:03d}").finetune.lora_rank for i in range(2)}
+    assert ranks == {2, 4} and best["lora.rank"] in ranks
+    assert (tmp_path / "sweep" / "results.md").read_text().count("| trial_00") == 2
+    with pytest.raises(UserError, match="--config"):
+        sweep(tmp_path / "x.toml", data, tmp_path / "other", ["lora.rank=2,4"], finetune=search, quiet=True)

@@ -29,10 +29,11 @@ LAYERS = {
     "lmforge.infer": 5,
     "lmforge.lab": 5,  # compare, the teaching plots, the report's histograms
     "lmforge.tasks.examples": 5,  # records as masked training examples, their loss (autocast: hardware)
-    "lmforge.interop": 6, "lmforge.report": 6, "lmforge.train": 6,
+    "lmforge.interop": 6, "lmforge.train": 6,
     "lmforge.tasks.evaluate": 6, "lmforge.tasks.predict": 6,  # commands on infer: eval --task, predict
     "lmforge.tasks.finetune": 7,  # the fine-tuning loop: drives the torch engine
     "lmforge.bench": 7,  # times the trainer's engine
+    "lmforge.report": 7,  # a fine-tuning run's section evaluates its task (tasks.evaluate)
     "lmforge.lab.sweep": 8,  # drives the trainer and the fine-tuning loop
     "lmforge.cli": 9,
     "lmforge.__main__": 10,
@@ -123,7 +124,7 @@ def test_nothing_outside_train_imports_it():
 def test_the_check_catches_an_import_that_goes_up():
     bad = {"lmforge.run": {"lmforge.train.trainer"}, "lmforge.lab.compare": {"lmforge.report"},
            "lmforge.model.gpt": {"lmforge.config"}}
-    assert violations(bad) == ["lmforge.lab.compare (layer 5) imports lmforge.report (layer 6)",
+    assert violations(bad) == ["lmforge.lab.compare (layer 5) imports lmforge.report (layer 7)",
                                "lmforge.run (layer 4) imports lmforge.train.trainer (layer 6)"]
 
 

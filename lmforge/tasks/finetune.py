@@ -139,7 +139,8 @@ class FinetuneRun:
             body, _, self.tokenizer, base_checkpoint = load_base(base_run)
             finetune.base_checkpoint = str(base_checkpoint.resolve())
         self.template = load_chat_template(self.run_dir) if resume else ChatTemplate()
-        self.train_examples, self.val_examples = self._read_data(Path(data), resume)
+        self.data = Path(data).resolve()
+        self.train_examples, self.val_examples = self._read_data(self.data, resume)
 
         self.device, self.precision = engine_device(self.config)
         torch.manual_seed(train.seed)  # the new head's and the adapters' initial values
@@ -303,7 +304,8 @@ class FinetuneRun:
             time=time.time(), params=self.total, params_non_embedding=plain.num_params(include_embeddings=False),
             flops_per_token=plain.flops_per_token(), train_tokens=self.train_examples.tokens,
             val_tokens=self.val_examples.tokens, device=str(self.device), precision=self.precision,
-            engine=train.engine, resumed_from_step=progress.step, arch=config.model.arch, task=finetune.task,
+            engine=train.engine, resumed_from_step=progress.step, arch=config.model.arch, data=str(self.data),
+            task=finetune.task,
             method=finetune.method, trainable_params=self.trainable))
         self.say(f"{finetune.task} ({finetune.method}): {self.trainable:,} of {self.total:,} parameters train "
                  f"({self.trainable / self.total:.2%}); device {self.device}, {self.precision}"
