@@ -42,7 +42,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lmforge.config import load_config
+    from lmforge.config import canonical_key, load_config
     from lmforge.run import CONFIG_FILE, resolve_checkpoint
     from lmforge.train.trainer import Trainer
 
@@ -58,6 +58,10 @@ def cmd_train(args: argparse.Namespace) -> None:
                             "--init-from RUN to start from a run's weights and settings)")
         config_path = Path(args.out) / CONFIG_FILE
     config = load_config(config_path, args.overrides)
+    if config.finetune is not None:
+        if args.init_from is None or any(canonical_key(key).startswith("finetune.") for key in args.overrides):
+            raise UserError("[finetune] settings (--finetune.KEY, --lora.KEY) are for lmforge finetune, not train")
+        config.finetune = None  # training on from a fine-tuned run's weights is plain training
     Trainer(config, args.data, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
             init_from=args.init_from).run()
 

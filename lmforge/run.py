@@ -272,15 +272,17 @@ def architecture(config: ModelConfig) -> dict:
     return values
 
 
-def init_from_run(model: torch.nn.Module, path: str | Path) -> Path:
-    """Copy a run's weights into a new model (`train --init-from`): the model settings must be the run's."""
+def init_from_run(model: torch.nn.Module, path: str | Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Copy a run's weights into a new model (`train --init-from`): the model settings must be the run's.
+    `weights`: the run's model as loaded for inference (a fine-tuning run's, merged) instead of its newest
+    checkpoint's file."""
     run_dir, checkpoint = resolve_checkpoint(path)
     theirs, ours = architecture(read_config(run_dir).model), architecture(model.config)
     differences = [f"model.{key} is {theirs[key]} there, {ours[key]} here" for key in ours if ours[key] != theirs[key]]
     if differences:
         raise UserError(f"--init-from {path}: the model settings differ from that run's ({'; '.join(differences)}); "
                         f"keep its [model] section (in {run_dir / CONFIG_FILE})")
-    load_weights(model, read_weights(checkpoint), checkpoint)
+    load_weights(model, read_weights(checkpoint) if weights is None else weights, checkpoint)
     return checkpoint
 
 

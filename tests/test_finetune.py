@@ -448,3 +448,25 @@ def test_sweep_searches_fine_tuning_settings(tmp_path, base):
     assert (tmp_path / "sweep" / "results.md").read_text().count("| trial_00") == 2
     with pytest.raises(UserError, match="--config"):
         sweep(tmp_path / "x.toml", data, tmp_path / "other", ["lora.rank=2,4"], finetune=search, quiet=True)
+
+
+def test_train_init_from_a_lora_run_starts_from_the_merged_weights(tmp_path, tiny_data, tiny_config, capsys):
+    from lmforge.infer.load import load_language_model
+
+    trained = tmp_path / "pretrained"
+    Trainer(tiny_config(), tiny_data, trained, quiet=True).run()
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        write_jsonl(data / f"{split}.jsonl",
+                    [{"prompt": f"the {word}", "response": "sat on a mat"} for word in ("cat", "dog")])
+    tuned = tmp_path / "tuned"
+    finetune_command(str(trained), task="sft", data=str(data), out=str(tuned), method="lora", quiet=True,
+                     overrides={"train.max_steps": "2", "train.eval_every": "2", "optim.lr": "0.05"})
+    merged = load_language_model(tuned)[0].state_dict()
+    assert any(not torch.equal(merged[k], v) for k, v in load_model(trained)[0].state_dict().items())
+    again = Trainer(tiny_config(), tiny_data, tmp_path / "again", quiet=True, init_from=str(tuned))
+    assert all(torch.equal(again.model.state_dict()[k], v) for k, v in merged.items())
+    code, _, err = run_cli(capsys, "train", "--data", str(tiny_data), "--out", str(tmp_path / "cli"),
+                           "--init-from", str(tuned), "--max-steps", "1", "--quiet")
+    assert code == 0, err
+    assert "[finetune]" not in (tmp_path / "cli" / "config.toml").read_text()
