@@ -152,3 +152,19 @@ def test_runs_imported_from_transformers_fine_tune(tmp_path, tiny_corpus, family
                          overrides={"train.max_steps": "2", "train.eval_every": "2", "train.device": "cpu"})
         assert predict(str(out), "the cat sat", max_new_tokens=3)
     assert checksums(tmp_path / "imported") == before
+
+
+def test_export_of_a_lora_run_writes_the_merged_model(tmp_path):
+    from lmforge.infer.load import load_language_model
+    from lmforge.interop.hf import export_hf, import_hf
+
+    base, out = make_base(tmp_path / "base"), tmp_path / "lora"
+    finetune_command(str(base), task="sft", data=str(task_data(tmp_path / "data", "sft", 4)), out=str(out),
+                     method="lora", quiet=True,
+                     overrides={"train.max_steps": "2", "train.eval_every": "2", "optim.lr": "0.05"})
+    export_hf(out, tmp_path / "hf")
+    import_hf(str(tmp_path / "hf"), tmp_path / "back")
+    idx = torch.tensor([[1, 2, 3, 4]])
+    merged, back = load_language_model(out)[0], load_language_model(tmp_path / "back")[0]
+    torch.testing.assert_close(back(idx)[0], merged(idx)[0])
+    assert not torch.allclose(load_language_model(base)[0](idx)[0], merged(idx)[0])
