@@ -448,6 +448,8 @@ def test_sweep_searches_fine_tuning_settings(tmp_path, base):
     assert (tmp_path / "sweep" / "results.md").read_text().count("| trial_00") == 2
     with pytest.raises(UserError, match="--config"):
         sweep(tmp_path / "x.toml", data, tmp_path / "other", ["lora.rank=2,4"], finetune=search, quiet=True)
+    with pytest.raises(UserError, match="--finetune BASE_RUN"):
+        sweep(None, data, tmp_path / "other", ["lora.rank=2,4"], quiet=True)
 
 
 def test_train_init_from_a_lora_run_starts_from_the_merged_weights(tmp_path, tiny_data, tiny_config, capsys):

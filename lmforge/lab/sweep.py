@@ -159,6 +159,10 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
         raise UserError(f"sweep needs at least one --param ({SPEC_HELP})")
     params = [parse_param(spec) for spec in specs]
     keys = [param.key for param in params]
+    tuning_keys = [key for key in keys if canonical_key(key).startswith("finetune.")]
+    if tuning_keys and finetune is None:
+        raise UserError(f"--param {', '.join(tuning_keys)}: fine-tuning settings; sweep fine-tuning with "
+                        "--finetune BASE_RUN --task TASK")
     if len(set(keys)) != len(keys):
         raise UserError("each config key may be swept by one --param only")
     if method == "grid":
