@@ -10,8 +10,11 @@ DEMO_TIME ?= 100
 LAB_TIME ?= 60
 LAB_RUNS ?= runs/lab
 LAB_ARCHS ?= bigram mlp rnn lstm gru gpt
+TASKS_PRETRAIN ?= 300
+TASKS_FINETUNE ?= 120
+TASKS_WORK ?= runs/tasks
 
-.PHONY: demo lab learn-figures test golden lint install clean
+.PHONY: demo lab learn-figures tasks test golden lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -44,6 +47,11 @@ lab: $(STAMP)
 # minutes on 2 CPU cores; on a busy machine OMP_NUM_THREADS=1 make learn-figures is faster).
 learn-figures: $(STAMP)
 	$(BIN)/python docs/learn/figures.py --data $(DEMO_DATA) --runs runs/learn --out docs/learn/img
+
+# The fine-tuning table of benchmarks/RESULTS.md: the demo preset pretrained TASKS_PRETRAIN seconds, then each
+# task fine-tuned TASKS_FINETUNE seconds (about half an hour on 2 cores at the defaults; run it alone).
+tasks: $(STAMP)
+	$(BIN)/python benchmarks/finetune.py --pretrain-seconds $(TASKS_PRETRAIN) --finetune-seconds $(TASKS_FINETUNE) --work $(TASKS_WORK)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -45,7 +45,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lmforge.config import load_config
+    from lmforge.config import canonical_key, load_config
     from lmforge.run import CONFIG_FILE, resolve_checkpoint
     from lmforge.train.trainer import Trainer
 
@@ -63,6 +63,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not config_path.is_file():
             raise UserError(f"no run to resume in {args.out} (it has no {CONFIG_FILE})")
     config = load_config(config_path, args.overrides)
+    if config.finetune is not None:
+        if args.init_from is None or any(canonical_key(key).startswith("finetune.") for key in args.overrides):
+            raise UserError("[finetune] settings (--finetune.KEY, --lora.KEY) are for lmforge finetune, not train")
+        config.finetune = None  # training on from a fine-tuned run's weights is plain training
     result = Trainer(config, args.data, args.out, resume=args.resume, overwrite=args.overwrite, quiet=args.quiet,
                      init_from=args.init_from).run()
     # Stopped by a signal (after saving): exit as the signal would have, so `train && export` stops here.
@@ -230,10 +234,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
-    from lmforge.lab.sweep import sweep
+    from lmforge.lab.sweep import FinetuneSearch, sweep
 
+    if (args.task is None) != (args.finetune is None) or args.finetune_method and args.finetune is None:
+        raise UserError("a fine-tuning sweep needs both --finetune BASE_RUN and --task (--finetune-method too "
+                        "applies to it only)")
+    search = FinetuneSearch(args.finetune, args.task, args.finetune_method) if args.finetune else None
     sweep(args.config, args.data, args.out, args.param or [], method=args.method, trials=args.trials,
-          budget_time=args.budget_time, overrides=args.overrides, quiet=args.quiet)
+          budget_time=args.budget_time, overrides=args.overrides, quiet=args.quiet, finetune=search)
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -447,6 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, help="trials in all, counting finished ones (default: the grid's "
                                               "size, else 10)")
     p.add_argument("--budget-time", type=float, help="seconds of training per trial")
+    p.add_argument("--finetune", metavar="BASE_RUN", help="search fine-tuning of this run instead of training "
+                   "(with --task; --data is then the task data: e.g. --param optim.lr=log:1e-4:1e-2 "
+                   "--param lora.rank=4,8,16 --param finetune.train_blocks=1,2,4)")
+    p.add_argument("--task", choices=("classify", "sft", "translate", "qa"), help="with --finetune: the task")
+    p.add_argument("--finetune-method", choices=("full", "lora"), help="with --finetune: full (default) or lora")
     p.add_argument("--quiet", action="store_true")
 
     add_serve_parser(commands)

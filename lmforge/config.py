@@ -1,11 +1,13 @@
-"""Run configuration: four typed dataclass sections, loaded from TOML, overridden by dotted CLI flags, saved back.
+"""Run configuration: typed dataclass sections, loaded from TOML, overridden by dotted CLI flags, saved back.
 
 A preset in configs/*.toml names only what differs from the defaults below; `--section.key value` on the
 command line wins over the file. Every key declares what it accepts next to its default: a `Literal` of
 choices, `bool`, or a number with its range (`number(...)`). Values are checked here, once, wherever a config
 is made: loading a file, a command-line override, `from_dict`, or constructing a section directly. A bad value
 is a one-line UserError naming the key, the value and what is allowed; an unknown key names the closest valid
-key in any section. Rules between keys that need the model's code (head divisibility, what the scratch engine
+key in any section. `[finetune]` is the one optional section: only a fine-tuning run has it (a plain run's
+config.toml has no such table), and `--lora.KEY` is the short spelling of `--finetune.lora_KEY`. Rules between
+keys that need the model's code (head divisibility, what the scratch engine
 implements) stay beside that code; the one between keys of this file (`model.activation` and `model.arch`)
 lives here.
 """
@@ -187,15 +189,45 @@ class OptimConfig(Section):
     muon_momentum: float = number(0.95, at_least=0, below=1)
 
 
+Task = Literal["classify", "sft", "translate", "qa"]  # what `lmforge finetune` trains: lmforge/tasks/finetune.py
+FINETUNE_TASKS: tuple[str, ...] = typing.get_args(Task)
+
+
+@dataclass
+class FinetuneConfig(Section):
+    """A fine-tuning run's own settings (lmforge finetune writes them; a plain run has none)."""
+
+    task: Task = "classify"
+    method: Literal["full", "lora"] = "full"  # full: every weight (or the last train_blocks) trains; lora: adapters
+    base_run: str = ""  # the run fine-tuned from (absolute path), and the checkpoint of it used
+    base_checkpoint: str = ""
+    labels: list[str] = field(default_factory=list)  # classify: label names, in the head's output order
+    # chat: chat_template.json (sft, qa); translate: source, separator, target; "": classify
+    template: Literal["", "chat", "translate"] = ""
+    train_blocks: int = number(0, at_least=0)  # full fine-tuning: train only the last N blocks (and heads); 0: all
+    patience: int = number(5, at_least=0)  # evaluations without improvement before stopping early; 0: never
+    lora_rank: int = number(8, above=0)
+    lora_alpha: float = number(16.0, above=0)
+    lora_dropout: float = number(0.0, at_least=0, below=1)
+    lora_targets: list[str] = field(default_factory=list)  # linear layer names (lmforge/tasks/lora.py); []: all
+
+    def check_combination(self) -> None:
+        if self.train_blocks and self.method == "lora":
+            raise UserError("finetune.train_blocks (--train-blocks) chooses what full fine-tuning trains; with "
+                            "--method lora the adapters train (choose layers with --lora.targets)")
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    finetune: FinetuneConfig | None = None  # only a fine-tuning run has this section
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """The sections as nested dicts; an absent optional section is left out."""
+        return {name: values for name, values in dataclasses.asdict(self).items() if values is not None}
 
 
 @dataclass(frozen=True)
@@ -203,7 +235,7 @@ class Key:
     """One config key as declared: its dotted name, its type, and the choices or range it allows."""
 
     name: str
-    kind: type  # bool, int, float or str
+    kind: type  # bool, int, float, str (free text when it has no choices) or list (of names)
     choices: tuple[str, ...] = ()  # a str key's allowed values
     optional: bool = False  # None allowed, spelled AUTO
     range: Range | None = None
@@ -215,6 +247,10 @@ class Key:
             return listed + (' (or "" for the default)' if "" in self.choices else "")
         if self.kind is bool:
             return f"{AUTO}, true or false" if self.optional else "true or false"
+        if self.kind is list:
+            return "a list of names, or one text of names separated by commas"
+        if self.kind is str:
+            return "any text"
         return self.range.describe() if self.range else "any value"
 
 
@@ -227,12 +263,22 @@ def _declared_keys(name: str, section: type) -> dict[str, Key]:
             (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
             optional = True
         choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+        hint = list if typing.get_origin(hint) is list else hint
         dotted = f"{name}.{item.name}"
         keys[dotted] = Key(dotted, str if choices else hint, choices, optional, item.metadata.get("range"))
     return keys
 
 
-SECTIONS: dict[str, type] = typing.get_type_hints(Config)
+def _section_type(hint: Any) -> type:
+    """A section's class, also for an optional one (`X | None`)."""
+    if isinstance(hint, types.UnionType):
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return hint
+
+
+SECTIONS: dict[str, type] = {name: _section_type(hint) for name, hint in typing.get_type_hints(Config).items()}
+OPTIONAL_SECTIONS = ("finetune",)
+ALIASES = {"lora": "finetune.lora_"}  # --lora.rank is --finetune.lora_rank
 SECTION_NAMES = {section: name for name, section in SECTIONS.items()}
 KEYS: dict[str, Key] = {dotted: key for name, section in SECTIONS.items()
                         for dotted, key in _declared_keys(name, section).items()}
@@ -292,6 +338,16 @@ def parse_value(key: Key, value: Any) -> Any:
         raise UserError(f"unknown {key.name} {value!r}; choose {key.allowed()}")
     if key.kind is bool:
         return _parse_bool(key, value)
+    if key.kind is list:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple) and all(isinstance(part, str) for part in value):
+            return list(value)
+        raise _wrong_type(key, value, "a list of names")
+    if key.kind is str:
+        if isinstance(value, str):
+            return value
+        raise _wrong_type(key, value, "text")
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):  # True is an int to Python, not here
         raise _wrong_type(key, value, key.kind.__name__)
     parsed = _parse_int(key, value) if key.kind is int else _parse_float(key, value)
@@ -314,7 +370,8 @@ def check_config(config: Config) -> None:
     """Check every key and every rule between keys: after a series of `set_value` calls (each checks one key
     alone, so that the order of overrides does not matter)."""
     for name in SECTIONS:
-        check_section(getattr(config, name))
+        if getattr(config, name) is not None:
+            check_section(getattr(config, name))
 
 
 def _unknown(dotted: str) -> UserError:
@@ -334,12 +391,23 @@ def _unknown(dotted: str) -> UserError:
     return UserError(f"unknown config key '{dotted}'{hint}")
 
 
+def canonical_key(dotted: str) -> str:
+    """The declared name of a key given in any spelling (`lora.rank` is `finetune.lora_rank`)."""
+    section, _, name = dotted.partition(".")
+    return ALIASES[section] + name if section in ALIASES and name else dotted
+
+
 def set_value(config: Config, dotted: str, value: Any) -> None:
-    """Set `section.key` on a config, checking the value's type and range; an unknown key names the closest."""
+    """Set `section.key` on a config, checking the value's type and range; an unknown key names the closest.
+    Setting a key of an absent optional section ([finetune]) adds that section with its defaults."""
+    dotted = canonical_key(dotted)
     if dotted not in KEYS:
         raise _unknown(dotted)
     section, name = dotted.split(".")
-    setattr(getattr(config, section), name, parse_value(KEYS[dotted], value))
+    parsed = parse_value(KEYS[dotted], value)
+    if getattr(config, section) is None:
+        setattr(config, section, SECTIONS[section]())
+    setattr(getattr(config, section), name, parsed)
 
 
 def _set_all(config: Config, data: dict[str, Any]) -> None:
@@ -395,7 +463,7 @@ def dumps_config(config: Config) -> str:
     data = config.to_dict()
     for dotted, key in KEYS.items():
         section, name = dotted.split(".")
-        if key.optional and data[section][name] is None:
+        if section in data and key.optional and data[section][name] is None:
             data[section][name] = AUTO
     return tomli_w.dumps(data)
 

@@ -1,8 +1,10 @@
 """`lmforge report RUN`: turn a run directory into RUN/report/report.md with PNG plots beside it.
 
 Everything comes from what the trainer wrote (log.jsonl, config.toml, the newest checkpoint); nothing is
-recomputed except one fresh sample from the checkpoint. Files are written under a temporary name and
-renamed, so a reader never sees half a report.
+recomputed except one fresh sample from the checkpoint and, for a fine-tuning run, its task section: the
+task's validation metrics as logged and, for classify, the confusion matrix of its best checkpoint on the
+task data's test split (the val split if there is none), drawn as confusion.png. Files are written under a
+temporary name and renamed, so a reader never sees half a report.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def write_report(run: str | Path, attention_layer: int = -1) -> Path:
         f"# Training report: {run.resolve().name}",
         _summary_section(log, train, evals),
         _model_section(log),
+        _task_section(run, out, log),
         _config_section(run),
         _plots_section(plots, evals),
         _samples_section(log),
@@ -58,7 +61,7 @@ def write_report(run: str | Path, attention_layer: int = -1) -> Path:
         _fresh_sample_section(run),
     ]
     path = out / "report.md"
-    write_atomic(path, "\n\n".join(sections) + "\n")
+    write_atomic(path, "\n\n".join(section for section in sections if section) + "\n")
     return path
 
 
@@ -207,14 +210,14 @@ def _fresh_sample_section(run: Path) -> str:
     import torch
 
     from lmforge.infer.generate import generate
-    from lmforge.infer.load import load_model
+    from lmforge.infer.load import load_language_model
     from lmforge.run import list_checkpoints
 
     title = "## Fresh sample"
     if not list_checkpoints(run):
         return f"{title}\n\nThe run has no checkpoint, so no fresh sample."
     try:
-        model, _, tokenizer, checkpoint = load_model(run, "cpu")
+        model, _, tokenizer, checkpoint = load_language_model(run, "cpu")
     except UserError as err:  # the rest of the report still stands without the sample
         return f"{title}\n\nThe newest checkpoint could not be loaded: {err}"
     ids = list(generate(model, [tokenizer.eot_id], FRESH_TOKENS, temperature=FRESH_TEMPERATURE,
@@ -266,11 +269,77 @@ def _inside_section(run: Path, out: Path, log: RunLog, attention_layer: int) -> 
             raise UserError(f"--attention-layer {attention_layer}: the model has {n_layer} layers (0 to {n_layer - 1})")
         layer = attention_layer % n_layer
         ids = tokenizer.encode(ATTENTION_SENTENCE)[: config.model.block_size]
-        weights = model.attention_maps(torch.tensor([ids]), layer)[0]
+        transformer = getattr(model, "body", model)  # a classify run's transformer is under its head
+        weights = transformer.attention_maps(torch.tensor([ids]), layer)[0]
         write_atomic(out / "attention.png", attention_png(weights, [tokenizer.decode([i]) for i in ids], layer))
         lines += ["", f"Attention maps of layer {layer} for {ATTENTION_SENTENCE!r}, one image per head:", "",
                   f"![Attention maps of layer {layer}](attention.png)"]
     return "\n".join(lines)
+
+
+def _task_section(run: Path, out: Path, log: RunLog) -> str:
+    """A fine-tuning run's task, what trained, its validation metric and, for classify, its confusion matrix
+    on the held-out split; empty for a run that was not fine-tuned."""
+    from lmforge.run import read_config
+    from lmforge.tasks.evaluate import evaluate_task
+    from lmforge.tasks.records import data_file, split_files
+
+    try:
+        finetune = read_config(run).finetune
+    except UserError:
+        return ""
+    if finetune is None:
+        return ""
+    lines = ["## Fine-tuning", "", f"- **task**: {finetune.task}, method {finetune.method}",
+             f"- **base run**: {finetune.base_checkpoint}"]
+    start = log.starts[-1] if log.starts else None
+    if start is not None and start.trainable_params is not None:
+        lines.append(f"- **trainable parameters**: {start.trainable_params:,} of {start.params:,} "
+                     f"({start.trainable_params / start.params:.2%})")
+    if log.end is not None and log.end.best_step is not None:
+        lines.append(f"- **best checkpoint**: step {log.end.best_step:,} (by validation "
+                     f"{'accuracy' if finetune.task == 'classify' else 'loss on the trained tokens'})")
+    evals = last_per_step(log.evals)
+    if evals and evals[-1].val_accuracy is not None:
+        best = max(evals, key=lambda record: record.val_accuracy)
+        lines.append(f"- **best val accuracy**: {best.val_accuracy:.4f} (macro F1 {best.val_macro_f1:.4f}) at "
+                     f"step {best.step:,}")
+    if finetune.task != "classify":
+        return "\n".join(lines)
+    data = Path(start.data) if start is not None and start.data else None
+    if data is None or not data.is_dir():
+        lines += ["", f"No confusion matrix: the task data ({data or 'not logged'}) cannot be read."]
+        return "\n".join(lines)
+    split = "test" if "test" in split_files(data) else "val"
+    try:
+        scores = evaluate_task(run, "classify", data, split=split, device="cpu")
+    except UserError as err:
+        lines += ["", f"No confusion matrix: {err}"]
+        return "\n".join(lines)
+    write_atomic(out / "confusion.png", _confusion_png(scores["confusion"]["labels"], scores["confusion"]["matrix"],
+                                                        f"Confusion matrix on the {split} split"))
+    lines += ["", f"On the {split} split ({data_file(data, split)}): accuracy {scores['accuracy']:.4f}, macro F1 "
+              f"{scores['macro_f1']:.4f}; rows are the true labels, columns the predictions.", "",
+              f"![Confusion matrix on the {split} split](confusion.png)"]
+    return "\n".join(lines)
+
+
+def _confusion_png(labels: list[str], matrix: list[list[int]], title: str) -> bytes:
+    size = 2.5 + 0.6 * len(labels)
+    figure = new_figure(size + 1, size)
+    axes = figure.subplots()
+    image = axes.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=axes, label="records")
+    axes.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    axes.set_yticks(range(len(labels)), labels)
+    peak = max((value for row in matrix for value in row), default=0)
+    for i, row in enumerate(matrix):
+        for j, value in enumerate(row):
+            axes.text(j, i, str(value), ha="center", va="center", color="white" if value > peak / 2 else "black")
+    axes.set_xlabel("predicted")
+    axes.set_ylabel("true")
+    axes.set_title(title)
+    return png_bytes(figure)
 
 
 def _fenced(text: str, language: str = "") -> str:

@@ -12,6 +12,8 @@ Layout of a run directory:
   - `hidden.safetensors` (recurrent models reading sequentially): the hidden state carried into the next
     batch, one row per row of the global batch, so truncated BPTT resumes mid-stream
 - `report/` (lmforge report) and `tensorboard/` (train.tensorboard)
+- a fine-tuning run (lmforge finetune) also has a [finetune] section in its config.toml and, for the chat
+  tasks, `chat_template.json`; its log's records carry the task's metric
 
 A run on several ranks writes the same files, with whole tensors, so a checkpoint resumes on any number of ranks.
 This module knows files, not training: the trainer, the inference loader, import/export and the report all
@@ -47,12 +49,13 @@ from lmforge.files import (
     writing,
 )
 from lmforge.model.gpt import GPT, mlp_hidden_size, norm_eps
+from lmforge.tasks.template import TEMPLATE_FILE as CHAT_TEMPLATE_FILE
 
 CONFIG_FILE = "config.toml"
 TOKENIZER_FILE = "tokenizer.json"
 LOG_FILE = "log.jsonl"
 CHECKPOINTS = "checkpoints"
-RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, LOG_FILE, CHECKPOINTS, "report", "tensorboard")
+RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, LOG_FILE, CHECKPOINTS, CHAT_TEMPLATE_FILE, "report", "tensorboard")
 CHECKPOINT_PREFIX = "step_"
 WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -398,11 +401,13 @@ def check_same_model(path: str | Path, config: ModelConfig, flag: str) -> None:
                         f"keep its [model] section (in {run_dir / CONFIG_FILE})")
 
 
-def init_from_run(model: torch.nn.Module, path: str | Path) -> Path:
-    """Copy a run's weights into a new model (`train --init-from`): the model settings must be the run's."""
+def init_from_run(model: torch.nn.Module, path: str | Path, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Copy a run's weights into a new model (`train --init-from`): the model settings must be the run's.
+    `weights`: the run's model as loaded for inference (a fine-tuning run's, merged) instead of its newest
+    checkpoint's file."""
     run_dir, checkpoint = resolve_checkpoint(path)
     check_same_model(run_dir, model.config, "--init-from")
-    load_weights(model, read_weights(checkpoint), checkpoint)
+    load_weights(model, read_weights(checkpoint) if weights is None else weights, checkpoint)
     return checkpoint
 
 
@@ -432,6 +437,9 @@ class StartRecord:
     recurrent_state: str | None = None
     arch: str = "gpt"
     data: str | None = None
+    task: str | None = None  # fine-tuning runs: the task, the method and how many parameters train
+    method: str | None = None
+    trainable_params: int | None = None
 
 
 @dataclass(kw_only=True)
@@ -462,6 +470,8 @@ class EvalRecord:
     val_bpb: float | None = None  # None on data without byte counts
     elapsed: float
     final: bool = False
+    val_accuracy: float | None = None  # fine-tuning runs for classify: the task's metrics
+    val_macro_f1: float | None = None
 
 
 @dataclass(kw_only=True)
@@ -481,6 +491,7 @@ class EndRecord:
     tokens: int
     elapsed: float
     reason: str
+    best_step: int | None = None  # fine-tuning runs: the step of the best checkpoint by the task's metric
 
 
 Record = StartRecord | TrainRecord | EvalRecord | SampleRecord | EndRecord

@@ -129,7 +129,7 @@ def test_a_bad_value_is_one_line_naming_the_key_and_what_is_allowed(key, value, 
 
 def test_every_key_declares_what_it_allows():
     for key in KEYS.values():
-        assert key.choices or key.kind is bool or key.range is not None, key.name
+        assert key.choices or key.kind in (bool, str, list) or key.range is not None, key.name
 
 
 def value_of(config: Config, dotted: str):
@@ -287,3 +287,13 @@ def test_the_default_model_builds():
 
     model = build_model(dataclasses.replace(Config().model, vocab_size=64, n_layer=1))
     assert model.num_params() > 0
+
+
+def test_the_finetune_section_is_optional_typed_and_spelled_two_ways(tmp_path):
+    assert "finetune" not in dumps_config(load_config(None))  # a plain run's config.toml has no such table
+    config = load_config(None, {"lora.rank": "4", "finetune.labels": "b, a", "finetune.task": "sft"})
+    assert (config.finetune.lora_rank, config.finetune.labels, config.finetune.task) == (4, ["b", "a"], "sft")
+    assert load_config(write(tmp_path, dumps_config(config))) == config
+    refused("finetune.lora_rank", lambda: load_config(None, {"lora.rank": "0"}))
+    refused("finetune.task", lambda: load_config(None, {"finetune.task": "chat"}))
+    refused("--lora.targets", lambda: load_config(None, {"finetune.method": "lora", "finetune.train_blocks": "1"}))

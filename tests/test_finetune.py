@@ -12,24 +12,16 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import Config, ModelConfig, dumps_config
+from lmforge.config import Config, FinetuneConfig, ModelConfig, dumps_config
 from lmforge.data.tokenizer import CharTokenizer, load_tokenizer
 from lmforge.errors import UserError
+from lmforge.infer.load import load_model
 from lmforge.model.factory import build_model
-from lmforge.run import save_checkpoint, write_run
-from lmforge.tasks.finetune import (
-    IGNORE,
-    FinetuneConfig,
-    build_finetune_model,
-    encode_examples,
-    finetune_command,
-    lm_batch,
-    load_finetune_config,
-    load_finetuned,
-    macro_f1,
-    task_loss,
-)
+from lmforge.run import read_config, save_checkpoint, write_run
+from lmforge.tasks.examples import IGNORE, encode_examples, lm_batch, macro_f1, task_loss
+from lmforge.tasks.finetune import finetune_command
 from lmforge.tasks.heads import Classifier, encode_texts, pad_right
+from lmforge.tasks.model import build_finetune_model
 from lmforge.tasks.predict import predict
 from lmforge.tasks.template import ChatTemplate
 from lmforge.train.trainer import Trainer
@@ -108,7 +100,7 @@ def test_classify_from_a_run_trained_here_then_predict(tmp_path, tiny_data, tiny
     code, _, err = run_cli(capsys, "finetune", str(trained), "--task", "classify", "--data", str(data),
                            "--out", str(out), *FAST)
     assert code == 0, err
-    assert load_finetune_config(out).labels == ["bird", "cat", "dog"]
+    assert read_config(out).finetune.labels == ["bird", "cat", "dog"]
     assert (out / "tokenizer.json").read_text() == (trained / "tokenizer.json").read_text()
     evals = log_records(out, "eval")
     assert [e["step"] for e in evals] == [2, 4] and all(0 <= e["val_accuracy"] <= 1 for e in evals)
@@ -137,7 +129,7 @@ def test_language_tasks_end_to_end(tmp_path, base, task, method):
     evals = log_records(out, "eval")
     assert len(evals) == 2 and all(e["val_loss"] > 0 and e["val_ppl"] > 1 for e in evals)
     assert (out / "chat_template.json").is_file() == (task in ("sft", "qa"))
-    config = load_finetune_config(out)
+    config = read_config(out).finetune
     assert (config.task, config.method) == (task, method)
     reply = predict(str(out), "the cat" if task != "qa" else "who sat", max_new_tokens=5,
                     context="the cat sat" if task == "qa" else None)
@@ -164,7 +156,7 @@ def test_classify_and_sft_on_other_architectures(tmp_path, arch):
         finetune_command(str(base), task=task, data=str(task_data(tmp_path / task, task, count=4)), out=str(out),
                          quiet=True, overrides={"train.max_steps": "2", "train.eval_every": "2"})
         assert log_records(out, "eval")
-    model = load_finetuned(tmp_path / "classify")[0]
+    model = load_model(tmp_path / "classify")[0]
     assert isinstance(model, Classifier)
 
 
@@ -200,8 +192,8 @@ def test_train_blocks_freezes_all_but_the_last_blocks(tmp_path, base):
     finetune_command(str(base), task="classify", data=str(task_data(tmp_path / "data", "classify", 4)),
                      out=str(out), train_blocks=1, quiet=True,
                      overrides={"train.max_steps": "2", "train.eval_every": "2", "optim.lr": "1e-2"})
-    before = load_finetuned(base)[0]
-    after = load_finetuned(out)[0].body
+    before = load_model(base)[0]
+    after = load_model(out)[0].body
     torch.testing.assert_close(after.blocks[0].attn.qkv.weight, before.blocks[0].attn.qkv.weight, rtol=0, atol=0)
     assert not torch.equal(after.blocks[1].attn.qkv.weight, before.blocks[1].attn.qkv.weight)
 
@@ -294,7 +286,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path, base):
                                          "optim.lr": "0"})  # nothing changes: no evaluation improves on the first
     assert result["reason"] == "early_stopping" and result["step"] == 6 and result["best_step"] == 2
     assert log_records(out, "end")[-1]["reason"] == "early_stopping"
-    assert load_finetuned(out)[3].name == "step_0000002"
+    assert load_model(out)[3].name == "step_0000002"
 
 
 def test_max_epochs_counts_examples(tmp_path, base):
@@ -361,9 +353,9 @@ def test_a_run_used_for_a_task_it_was_not_trained_for(tmp_path, base, capsys):
     finetune_command(str(base), task="sft", data=str(task_data(tmp_path / "data", "sft", 4)), out=str(out),
                      quiet=True, overrides={"train.max_steps": "1", "train.eval_every": "1"})
     with pytest.raises(UserError, match="not fine-tuned for classify"):
-        from lmforge.tasks.finetune import check_task
+        from lmforge.tasks.model import check_task
 
-        check_task(out, load_finetune_config(out), "classify")
+        check_task(out, read_config(out).finetune, "classify")
     with pytest.raises(UserError, match="resume"):
         finetune_command(str(base), task="classify", data=str(tmp_path / "data"), out=str(out), resume=True)
     code, _, err = run_cli(capsys, "finetune", str(base), "--task", "sft", "--data", str(tmp_path / "data"),
@@ -387,9 +379,10 @@ def test_sample_reads_fine_tuned_runs_and_refuses_a_classifier(tmp_path, base, c
 
 
 def test_a_run_failing_before_its_first_checkpoint_removes_what_it_wrote(tmp_path, base, monkeypatch):
-    from lmforge.tasks.finetune import FinetuneRun
+    from lmforge.tasks.finetune import TaskLoss
 
-    monkeypatch.setattr(FinetuneRun, "loss_on", lambda self, rows: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(TaskLoss, "forward",
+                        lambda self, inputs, targets: (None, torch.tensor(float("nan"), requires_grad=True)))
     out = tmp_path / "run"
     with pytest.raises(UserError, match="became nan at step 1"):
         finetune_command(str(base), task="sft", data=str(task_data(tmp_path / "data", "sft", 4)), out=str(out),
@@ -411,3 +404,71 @@ def test_finetune_keys_are_checked_and_kept_on_resume(tmp_path, base):
     with pytest.raises(UserError, match="uses optim.name 'adamw', not 'muon'"):
         finetune_command(str(base), task=None, data=str(data), out=str(out), resume=True,
                          overrides={"optim.name": "muon"})
+
+
+# ----- report and sweep on fine-tuning runs -----
+def test_report_of_a_classify_run_draws_its_confusion_matrix(tmp_path, base):
+    from matplotlib.image import imread
+
+    from lmforge.report import write_report
+
+    data = task_data(tmp_path / "data", "classify", 6)
+    (data / "test.jsonl").write_text((data / "val.jsonl").read_text())
+    out = tmp_path / "run"
+    finetune_command(str(base), task="classify", data=str(data), out=str(out), quiet=True,
+                     overrides={"train.max_steps": "2", "train.eval_every": "1"})
+    report = write_report(out).read_text()
+    assert "## Fine-tuning" in report and "- **task**: classify, method full" in report
+    assert "On the test split" in report and "![Confusion matrix on the test split](confusion.png)" in report
+    assert "predicts labels" in report  # the fresh sample section says why a classifier writes no text
+    pixels = imread(out / "report" / "confusion.png")
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 200 and pixels[..., :3].std() > 0.05
+
+
+def test_report_of_a_lora_sft_run_samples_the_merged_model(tmp_path, base):
+    from lmforge.report import write_report
+
+    out = tmp_path / "run"
+    finetune_command(str(base), task="sft", data=str(task_data(tmp_path / "data", "sft", 4)), out=str(out),
+                     method="lora", quiet=True, overrides={"train.max_steps": "2", "train.eval_every": "1"})
+    report = write_report(out).read_text()
+    assert "- **task**: sft, method lora" in report and "trainable parameters" in report
+    assert "confusion" not in report and "From checkpoint `step_0000002`" in report
+
+
+def test_sweep_searches_fine_tuning_settings(tmp_path, base):
+    from lmforge.lab.sweep import FinetuneSearch, sweep
+
+    data = task_data(tmp_path / "data", "sft", 4)
+    search = FinetuneSearch(str(base), "sft", "lora")
+    best = sweep(None, data, tmp_path / "sweep", ["lora.rank=2,4"], method="grid", finetune=search, quiet=True,
+                 overrides={"train.max_steps": "2", "train.eval_every": "2", "train.device": "cpu"})
+    ranks = {read_config(tmp_path / "sweep" / f"trial_{i:03d}").finetune.lora_rank for i in range(2)}
+    assert ranks == {2, 4} and best["lora.rank"] in ranks
+    assert (tmp_path / "sweep" / "results.md").read_text().count("| trial_00") == 2
+    with pytest.raises(UserError, match="--config"):
+        sweep(tmp_path / "x.toml", data, tmp_path / "other", ["lora.rank=2,4"], finetune=search, quiet=True)
+    with pytest.raises(UserError, match="--finetune BASE_RUN"):
+        sweep(None, data, tmp_path / "other", ["lora.rank=2,4"], quiet=True)
+
+
+def test_train_init_from_a_lora_run_starts_from_the_merged_weights(tmp_path, tiny_data, tiny_config, capsys):
+    from lmforge.infer.load import load_language_model
+
+    trained = tmp_path / "pretrained"
+    Trainer(tiny_config(), tiny_data, trained, quiet=True).run()
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        write_jsonl(data / f"{split}.jsonl",
+                    [{"prompt": f"the {word}", "response": "sat on a mat"} for word in ("cat", "dog")])
+    tuned = tmp_path / "tuned"
+    finetune_command(str(trained), task="sft", data=str(data), out=str(tuned), method="lora", quiet=True,
+                     overrides={"train.max_steps": "2", "train.eval_every": "2", "optim.lr": "0.05"})
+    merged = load_language_model(tuned)[0].state_dict()
+    assert any(not torch.equal(merged[k], v) for k, v in load_model(trained)[0].state_dict().items())
+    again = Trainer(tiny_config(), tiny_data, tmp_path / "again", quiet=True, init_from=str(tuned))
+    assert all(torch.equal(again.model.state_dict()[k], v) for k, v in merged.items())
+    code, _, err = run_cli(capsys, "train", "--data", str(tiny_data), "--out", str(tmp_path / "cli"),
+                           "--init-from", str(tuned), "--max-steps", "1", "--quiet")
+    assert code == 0, err
+    assert "[finetune]" not in (tmp_path / "cli" / "config.toml").read_text()

@@ -20,17 +20,24 @@ LAYERS = {
     "lmforge.config": 1,
     "lmforge.model": 2, "lmforge.data": 2,
     "lmforge.data.prepare": 3,  # the data writer: the readers (datadir, loader, shards) must not need it
-    "lmforge.scratch": 3, "lmforge.tasks": 3,
+    "lmforge.scratch": 3,
+    # task records, chat template, metrics, built-in tasks, the classifier head, LoRA and the fine-tuned model
+    # they make: what loading a run (infer/load.py) needs, below it
+    "lmforge.tasks": 3,
     "lmforge.run": 4,
     "lmforge.hardware": 4,  # devices, precision, autocast, MFU: inference needs them as much as training
     "lmforge.infer": 5,
+    "lmforge.tasks.examples": 5,  # records as masked training examples, their loss (autocast: hardware)
     "lmforge.interop": 6, "lmforge.train": 6,
     "lmforge.lab": 6,  # compare, the teaching plots (which load runs for inference), the report's histograms
-    "lmforge.report": 7, "lmforge.serve": 7,
-    "lmforge.lab.sweep": 7,  # drives the trainer
+    "lmforge.tasks.evaluate": 6, "lmforge.tasks.predict": 6,  # commands on infer: eval --task, predict
+    "lmforge.tasks.finetune": 7,  # the fine-tuning loop: drives the torch engine
+    "lmforge.serve": 7,  # the HTTP server: the batched engine behind the OpenAI API
     "lmforge.bench": 7,  # times the trainer's engine
-    "lmforge.cli": 8,
-    "lmforge.__main__": 9,
+    "lmforge.report": 7,  # a fine-tuning run's section evaluates its task (tasks.evaluate)
+    "lmforge.lab.sweep": 8,  # drives the trainer and the fine-tuning loop
+    "lmforge.cli": 9,
+    "lmforge.__main__": 10,
 }
 # Known exceptions, each to be removed by the change its comment names.
 ALLOWED: set[tuple[str, str]] = set()
@@ -107,7 +114,7 @@ def test_imports_run_one_way():
 
 def test_nothing_outside_train_imports_it():
     """Besides the layers: train/ is imported only by the commands that drive training."""
-    drivers = {"lmforge.cli", "lmforge.bench", "lmforge.lab.sweep"}
+    drivers = {"lmforge.cli", "lmforge.bench", "lmforge.lab.sweep", "lmforge.tasks.finetune"}
     importers = {importer for importer, imported in import_graph().items()
                  if not importer.startswith(("lmforge.train", *drivers))
                  and any(target.startswith("lmforge.train")

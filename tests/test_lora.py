@@ -11,18 +11,15 @@ import torch
 from safetensors.torch import load_file
 from test_finetune import TOKENIZER, make_base, task_data, tiny_model_config
 
-from lmforge.config import Config
+from lmforge.config import Config, FinetuneConfig
 from lmforge.errors import UserError
+from lmforge.infer.load import load_model
 from lmforge.model.factory import build_model
+from lmforge.run import read_config
 from lmforge.tasks import lora
-from lmforge.tasks.finetune import (
-    FinetuneConfig,
-    build_finetune_model,
-    finetune_command,
-    load_finetune_config,
-    load_finetuned,
-)
+from lmforge.tasks.finetune import finetune_command
 from lmforge.tasks.heads import Classifier, pad_right
+from lmforge.tasks.model import build_finetune_model
 from lmforge.tasks.predict import predict
 
 
@@ -96,11 +93,11 @@ def test_lora_run_saves_adapters_and_loads_merged_without_touching_the_base(tmp_
     assert {name.split(".")[-4] for name in saved if "lora_" in name} == {"qkv", "fc"}
     assert all(tensor.shape[0] == 2 or tensor.shape[1] == 2 for name, tensor in saved.items() if "lora_" in name)
 
-    # the checkpoint, loaded the unmerged way (base + adapters), computes what load_finetuned's merged model does
+    # the checkpoint, loaded the unmerged way (base + adapters), computes what load_model's merged model does
     unmerged = build_finetune_model(Config(model=tiny_model_config(tie_embeddings=False)),
-                                    load_finetune_config(out), load_finetuned(base)[0].train())
+                                    read_config(out).finetune, load_model(base)[0].train())
     lora.load_trainable_state(unmerged, saved, "test")
-    merged, _, tokenizer, used = load_finetuned(out)
+    merged, _, tokenizer, used = load_model(out)
     assert used == checkpoint and not any("lora" in name for name, _ in merged.named_parameters())
     sequences = [tokenizer.encode("the cat sat"), tokenizer.encode("a dog")]
     inputs = pad_right(sequences, tokenizer.eot_id, "cpu")
@@ -111,7 +108,7 @@ def test_lora_run_saves_adapters_and_loads_merged_without_touching_the_base(tmp_
         else:
             torch.testing.assert_close(merged(inputs[0])[0], unmerged(inputs[0])[0], rtol=1e-5, atol=1e-5)
     merged_body = merged.body if task == "classify" else merged
-    base_model = load_finetuned(base)[0]
+    base_model = load_model(base)[0]
     assert not torch.equal(merged_body.blocks[0].attn.qkv.weight, base_model.blocks[0].attn.qkv.weight)
     torch.testing.assert_close(merged_body.blocks[0].attn.proj.weight, base_model.blocks[0].attn.proj.weight,
                                rtol=0, atol=0)  # not a target: untouched
@@ -155,3 +152,19 @@ def test_runs_imported_from_transformers_fine_tune(tmp_path, tiny_corpus, family
                          overrides={"train.max_steps": "2", "train.eval_every": "2", "train.device": "cpu"})
         assert predict(str(out), "the cat sat", max_new_tokens=3)
     assert checksums(tmp_path / "imported") == before
+
+
+def test_export_of_a_lora_run_writes_the_merged_model(tmp_path):
+    from lmforge.infer.load import load_language_model
+    from lmforge.interop.hf import export_hf, import_hf
+
+    base, out = make_base(tmp_path / "base"), tmp_path / "lora"
+    finetune_command(str(base), task="sft", data=str(task_data(tmp_path / "data", "sft", 4)), out=str(out),
+                     method="lora", quiet=True,
+                     overrides={"train.max_steps": "2", "train.eval_every": "2", "optim.lr": "0.05"})
+    export_hf(out, tmp_path / "hf")
+    import_hf(str(tmp_path / "hf"), tmp_path / "back")
+    idx = torch.tensor([[1, 2, 3, 4]])
+    merged, back = load_language_model(out)[0], load_language_model(tmp_path / "back")[0]
+    torch.testing.assert_close(back(idx)[0], merged(idx)[0])
+    assert not torch.allclose(load_language_model(base)[0](idx)[0], merged(idx)[0])

@@ -9,6 +9,12 @@ command again after an interruption continues it: finished trials are kept, not 
 
 Outputs: OUT/results.md (trials sorted by val loss), OUT/param_KEY.png (val loss against each swept key) and
 OUT/best.toml (the config with the best trial's values, ready for `lmforge train`).
+
+`--finetune BASE_RUN --task T` searches fine-tuning instead: each trial is `lmforge finetune BASE_RUN --task T
+--data DATA` (lmforge/tasks/finetune.py) with the swept keys set, e.g. `optim.lr`, `lora.rank` (with
+`--finetune-method lora`) or `finetune.train_blocks`; a trial's result is the validation loss of its last
+evaluation (for classify, the cross-entropy over the labels; its accuracy is kept beside it). Fine-tuning
+trials are not pruned.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ from typing import Any
 
 import optuna
 
-from lmforge.config import Config, dumps_config, load_config, set_value
+from lmforge.config import SECTIONS, Config, canonical_key, dumps_config, load_config, set_value
 from lmforge.errors import TrainingDiverged, UserError
 from lmforge.files import WriteError, write_atomic, writing
 from lmforge.plots import new_figure, png_bytes
+from lmforge.tasks.finetune import FinetuneRun
 from lmforge.train.trainer import Trainer
 
 METHODS = ("grid", "random", "tpe")
@@ -100,8 +107,32 @@ def parse_param(spec: str) -> Param:
 
 
 def _default(key: str, config: Config | None = None) -> Any:
-    section, _, name = key.partition(".")
-    return getattr(getattr(config or Config(), section, None), name, None)
+    section, _, name = canonical_key(key).partition(".")
+    part = getattr(config or Config(), section, None)
+    if part is None and section in SECTIONS:  # an optional section ([finetune]) the config does not have
+        part = SECTIONS[section]()
+    return getattr(part, name, None)
+
+
+@dataclass
+class FinetuneSearch:
+    """What a fine-tuning sweep's trials fine-tune: `lmforge finetune BASE_RUN --task TASK --method METHOD`."""
+
+    base_run: str
+    task: str
+    method: str | None = None
+
+
+def finetune_trial(search: FinetuneSearch, data_dir: str | Path, run_dir: Path, chosen: dict[str, Any],
+                   overrides: dict[str, str] | None, budget_time: float | None) -> tuple[dict, FinetuneRun]:
+    """One fine-tuning trial: its run's outcome (`val`: the last evaluation) and the run itself."""
+    settings = dict(overrides or {})
+    settings.update({key: ",".join(value) if isinstance(value, list) else str(value) for key, value in chosen.items()})
+    if budget_time is not None:
+        settings["train.max_time"] = str(budget_time)
+    run = FinetuneRun(search.base_run, task=search.task, data=str(data_dir), out=str(run_dir), method=search.method,
+                      train_blocks=None, overrides=settings, resume=False, overwrite=True, quiet=True)
+    return run.run(), run
 
 
 class TrialTrainer(Trainer):
@@ -125,14 +156,23 @@ class TrialTrainer(Trainer):
 
 def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path, specs: list[str], *,
           method: str = "tpe", trials: int | None = None, budget_time: float | None = None,
-          overrides: dict[str, str] | None = None, seed: int = 1337, quiet: bool = False) -> dict:
-    """Run (or continue) the study in `out`; write its results; return the best finished trial's row."""
+          overrides: dict[str, str] | None = None, seed: int = 1337, quiet: bool = False,
+          finetune: FinetuneSearch | None = None) -> dict:
+    """Run (or continue) the study in `out`; write its results; return the best finished trial's row. With
+    `finetune`, each trial fine-tunes its base run on `data_dir` instead of training from `config_path`."""
+    if finetune is not None and config_path is not None:
+        raise UserError("--config sets up training from scratch; a --finetune sweep starts from the base run's "
+                        "model (set other keys with --section.key flags)")
     if method not in METHODS:
         raise UserError(f"unknown --method '{method}'; choose one of {', '.join(METHODS)}")
     if not specs:
         raise UserError(f"sweep needs at least one --param ({SPEC_HELP})")
     params = [parse_param(spec) for spec in specs]
     keys = [param.key for param in params]
+    tuning_keys = [key for key in keys if canonical_key(key).startswith("finetune.")]
+    if tuning_keys and finetune is None:
+        raise UserError(f"--param {', '.join(tuning_keys)}: fine-tuning settings; sweep fine-tuning with "
+                        "--finetune BASE_RUN --task TASK")
     if len(set(keys)) != len(keys):
         raise UserError("each config key may be swept by one --param only")
     if method == "grid":
@@ -196,6 +236,8 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
             config.train.max_time = budget_time
         run_dir = out / f"trial_{trial.number:03d}"
         say(f"trial {trial.number}: " + ", ".join(f"{key}={_show(value)}" for key, value in chosen.items()))
+        if finetune is not None:
+            return finetune_objective(trial, run_dir, chosen)
         trainer = TrialTrainer(trial, config, data_dir, run_dir, overwrite=True, quiet=True)
         try:
             result = trainer.run()
@@ -222,6 +264,30 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
         if trainer.pruned:
             raise optuna.TrialPruned()
         return val["loss"]
+
+    def finetune_objective(trial: optuna.Trial, run_dir: Path, chosen: dict[str, Any]) -> float:
+        try:
+            result, run = finetune_trial(finetune, data_dir, run_dir, chosen, overrides, budget_time)
+            if result["reason"] == "interrupted":
+                raise KeyboardInterrupt
+        except TrainingDiverged:
+            say(f"trial {trial.number}: diverged (non-finite loss)")
+            for name, value in {"run": run_dir.name, "val_loss": math.inf, "val_bpb": None, "steps": 0,
+                                "elapsed": 0.0}.items():
+                trial.set_user_attr(name, value)
+            return math.inf
+        except BaseException:
+            forget_grid_point(trial.number)
+            say(f"sweep stopped; run the same command again to continue it ({out / 'sweep.db'})")
+            raise
+        val = result["val"]
+        for name, value in {"run": run_dir.name, "val_loss": val["val_loss"], "val_bpb": None,
+                            "val_accuracy": val.get("val_accuracy"), "steps": result["step"],
+                            "elapsed": run.progress.elapsed}.items():
+            trial.set_user_attr(name, value)
+        say(f"trial {trial.number}: val loss {val['val_loss']:.4f}"
+            + (f", val accuracy {val['val_accuracy']:.4f}" if "val_accuracy" in val else ""))
+        return val["val_loss"]
 
     def say(message: str) -> None:
         if not quiet:

@@ -36,8 +36,9 @@ def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str = 
                   device: str | torch.device = "cpu", max_new_tokens: int | None = None) -> dict:
     """The task metrics of `run` on the records of `data` (a file, or a directory's `split` file); with
     `predictions`, also write that file."""
-    from lmforge.run import resolve_checkpoint
-    from lmforge.tasks.finetune import check_task, load_finetune_config, load_finetuned
+    from lmforge.infer.load import load_model
+    from lmforge.run import read_config, resolve_checkpoint
+    from lmforge.tasks.model import check_task
     from lmforge.tasks.template import load_chat_template
 
     if task not in TASKS:
@@ -46,9 +47,9 @@ def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str = 
         raise UserError("--batch-size must be at least 1")
     path = data_file(data, split)
     records = read_records(path, task)
-    finetune = load_finetune_config(run)
+    finetune = read_config(resolve_checkpoint(run)[0]).finetune
     check_task(run, finetune, task)
-    model, _, tokenizer, _ = load_finetuned(run, device)
+    model, _, tokenizer, _ = load_model(run, device)
     check_characters(tokenizer, record_texts(records, task), path)
     if task == "classify":
         scores, rows = evaluate_classify(model, tokenizer, records, batch_size, device, path)
@@ -194,9 +195,9 @@ def evaluate_sft(model: nn.Module, tokenizer: Tokenizer, records: Sequence[dict]
                  device: str | torch.device, *, with_replies: bool, max_new_tokens: int | None
                  ) -> tuple[dict, list[dict]]:
     """Mean next-token loss over the assistant turns' tokens, encoded exactly as fine-tuning encodes them
-    (`finetune.task_loss`), and its exponential; with_replies: also each conversation's greedy reply to its
+    (`examples.task_loss`), and its exponential; with_replies: also each conversation's greedy reply to its
     turns before the last assistant turn."""
-    from lmforge.tasks.finetune import task_loss
+    from lmforge.tasks.examples import task_loss
     from lmforge.tasks.predict import generate_reply, prompt_ids
 
     result = task_loss(model, tokenizer, list(records), "sft", template=template, batch_size=batch_size,

@@ -12,9 +12,10 @@ from torch import nn
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.infer.generate import generate
-from lmforge.run import resolve_checkpoint
-from lmforge.tasks.finetune import check_task, load_finetune_config, load_finetuned
+from lmforge.infer.load import load_model
+from lmforge.run import read_config, resolve_checkpoint
 from lmforge.tasks.heads import predict_labels
+from lmforge.tasks.model import check_task
 from lmforge.tasks.records import as_messages, translate_prompt
 from lmforge.tasks.template import ChatTemplate, load_chat_template
 
@@ -41,12 +42,12 @@ def predict(run: str, text: str, *, context: str | None = None, max_new_tokens: 
     `context` its passage)."""
     if not text:
         raise UserError("--text is empty")
-    finetune = load_finetune_config(run)
+    finetune = read_config(resolve_checkpoint(run)[0]).finetune
     task = finetune.task if finetune else "sft"
     check_task(run, finetune, task)
     if context is not None and task != "qa":
         raise UserError(f"--context is for qa runs; {run} was fine-tuned for {task}")
-    model, _, tokenizer, checkpoint = load_finetuned(run, device)
+    model, _, tokenizer, checkpoint = load_model(run, device)
     if task == "classify":
         labels, probabilities = predict_labels(model, tokenizer, [text], batch_size=1, device=device)
         return {"label": labels[0],

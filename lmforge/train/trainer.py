@@ -29,6 +29,7 @@ from lmforge.errors import TrainingDiverged, UserError
 from lmforge.hardware import configure_fast_math, peak_flops
 from lmforge.infer.evaluate import evaluate
 from lmforge.infer.generate import generate
+from lmforge.infer.load import load_language_model
 from lmforge.model.factory import build_model
 from lmforge.model.recurrent import RECURRENT_ARCHS
 from lmforge.run import EndRecord, EvalRecord, LogWriter, Record, SampleRecord, StartRecord, TrainRecord
@@ -108,8 +109,10 @@ class Trainer:
         self.carries_state = config.model.arch in RECURRENT_ARCHS and config.data.sequential
         if config.model.arch in RECURRENT_ARCHS:
             self.model.carry_state(self.carries_state)
-        if init_from is not None:
-            rundir.init_from_run(self.model, init_from)
+        if init_from is not None:  # a fine-tuning run's weights are its language model's, LoRA merged
+            tuned = rundir.read_config(rundir.resolve_checkpoint(init_from)[0]).finetune is not None
+            rundir.init_from_run(self.model, init_from,
+                                 load_language_model(init_from)[0].state_dict() if tuned else None)
         self.engine = build_engine(config, self.model, self.device, self.precision, self.cluster, self.say)
         self.loader = TrainLoader(self.data_dir, config.model.block_size, train.batch_size,
                                   shuffle=config.data.shuffle, seed=train.seed, rank=self.cluster.rank,

@@ -1,0 +1,188 @@
+"""Task records as training examples: encoded, masked, batched, and their loss and metrics on a split.
+
+Shared by the fine-tuning loop (lmforge/tasks/finetune.py) and `eval --task sft` (lmforge/tasks/evaluate.py),
+so that evaluation scores exactly the tokens training trains on:
+- classify: a text's token ids and its label's index (the head reads the last real token).
+- sft, qa: the chat template's encoding, the loss on the assistant turns only (ChatTemplate.encode's mask;
+  a qa record becomes a user turn "Context: ...\\nQuestion: ..." and its first answer).
+- translate: `source + TRANSLATE_SEPARATOR + target + end-of-text`, the loss on the target and end-of-text.
+A target not trained on is IGNORE, which cross-entropy skips: its loss and gradient are exactly zero.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import UserError
+from lmforge.hardware import autocast
+from lmforge.tasks.heads import classify_ids, pad_right
+from lmforge.tasks.records import as_messages, translate_prompt
+from lmforge.tasks.template import ChatTemplate
+
+IGNORE = -100  # cross_entropy's ignore_index: a target that is not trained on
+
+
+@dataclass
+class Examples:
+    """A split encoded for training: token ids per example, and per task either the label index (classify)
+    or which positions' next tokens are trained on."""
+
+    ids: list[list[int]]
+    labels: list[int] = field(default_factory=list)
+    trained: list[list[bool]] = field(default_factory=list)
+    truncated: int = 0  # examples cut from the left to fit the context
+    untrainable: int = 0  # examples left without a trained token by that cut (dropped)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.ids)
+
+
+def encode_record(record: dict, task: str, tokenizer: Tokenizer, template: ChatTemplate
+                  ) -> tuple[list[int], list[bool]]:
+    """Token ids of an sft, qa or translate record and, per id, whether the loss trains on predicting it."""
+    if task == "translate":
+        prompt = tokenizer.encode(translate_prompt(record["source"]))
+        target = tokenizer.encode(record["target"]) + [tokenizer.eot_id]
+        return prompt + target, [False] * len(prompt) + [True] * len(target)
+    return template.encode(as_messages(record, task), tokenizer)
+
+
+def encode_examples(records: list[dict], task: str, tokenizer: Tokenizer, block_size: int,
+                    labels: list[str], template: ChatTemplate, origin: Path) -> Examples:
+    """Encode a split, keeping each example's last tokens when it is longer than the context (classify:
+    block_size tokens; the others: block_size + 1, as inputs and targets are shifted by one)."""
+    examples = Examples(ids=[])
+    limit = block_size if task == "classify" else block_size + 1
+    index = {label: i for i, label in enumerate(labels)}
+    for number, record in enumerate(records, start=1):
+        if task == "classify":
+            if record["label"] not in index:
+                raise UserError(f"{origin} record {number}: label '{record['label']}' never appears in the "
+                                f"training data (its labels: {', '.join(labels)})")
+            ids, trained = tokenizer.encode(record["text"]), []
+            examples.labels.append(index[record["label"]])
+        else:
+            ids, trained = encode_record(record, task, tokenizer, template)
+            # what follows the last trained token (the template's turn end) is never a target: keep the room
+            end = max((i + 1 for i, keep in enumerate(trained) if keep), default=len(ids))
+            ids, trained = ids[:end], trained[:end]
+        if len(ids) > limit:
+            ids, trained, examples.truncated = ids[-limit:], trained[-limit:], examples.truncated + 1
+        if task != "classify":
+            # A guard: with the tail after the last reply cut above, every record keeps at least its final
+            # end-of-text as a target; eval reports the count (always 0 until templates change).
+            if not any(trained[1:]):
+                examples.untrainable += 1
+                continue
+            examples.trained.append(trained)
+        examples.ids.append(ids)
+    if not examples.ids:
+        raise UserError(f"{origin}: no record keeps a trained token within the context of {block_size} tokens")
+    return examples
+
+
+def check_encodable(tokenizer: Tokenizer, records: list[dict], task: str, origin: Path) -> None:
+    """A character-level tokenizer maps characters it never saw to one 'unknown' id: refuse such data."""
+    if getattr(tokenizer, "unknown_id", None) is None:  # byte-level BPE encodes any text
+        return
+    fields = {"classify": ("text",), "sft": ("prompt", "response"), "translate": ("source", "target"),
+              "qa": ("context", "question", "answers")}[task]
+    unknown: dict[str, int] = {}
+    for record in records:
+        texts = [m["content"] for m in record["messages"]] if "messages" in record else \
+            [t for name in fields for t in (record[name] if isinstance(record[name], list) else [record[name]])]
+        for text in texts:
+            for char in set(text) - set(tokenizer.chars):
+                unknown[char] = unknown.get(char, 0) + text.count(char)
+    if unknown:
+        shown = ", ".join(repr(c) for c in sorted(unknown, key=unknown.get, reverse=True)[:5])
+        raise UserError(f"{origin}: the base run's character tokenizer cannot encode {sum(unknown.values())} "
+                        f"characters of the data ({len(unknown)} distinct, e.g. {shown}); fine-tune a run "
+                        "whose tokenizer covers them")
+
+
+def lm_batch(examples: Examples, rows: list[int], pad_id: int, device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets), each (B, T), right-padded; a target not trained on (or padding) is IGNORE."""
+    inputs, targets = [], []
+    for row in rows:
+        ids, trained = examples.ids[row], examples.trained[row]
+        inputs.append(ids[:-1])
+        targets.append([t if keep else IGNORE for t, keep in zip(ids[1:], trained[1:], strict=True)])
+    idx, _ = pad_right(inputs, pad_id, device)
+    target, _ = pad_right(targets, IGNORE, device)
+    return idx, target
+
+
+def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over the trained targets only (IGNORE elsewhere contributes exactly 0)."""
+    logits, _ = model(inputs)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
+                           reduction=reduction)
+
+
+# ----- evaluation -----
+def macro_f1(predicted: torch.Tensor, truth: torch.Tensor, classes: int) -> float:
+    """The mean over classes of F1 = 2·TP / (2·TP + FP + FN) (a class never predicted nor present scores 0)."""
+    scores = []
+    for label in range(classes):
+        true_positive = int(((predicted == label) & (truth == label)).sum())
+        wrong = int(((predicted == label) != (truth == label)).sum())
+        scores.append(2 * true_positive / (2 * true_positive + wrong) if true_positive + wrong else 0.0)
+    return sum(scores) / classes
+
+
+@torch.no_grad()
+def evaluate_split(model: nn.Module, examples: Examples, task: str, batch_size: int, pad_id: int,
+                   device: torch.device, precision: str) -> dict:
+    """Classify: val_loss, val_accuracy, val_macro_f1 and val_ppl (the perplexity of the label distribution);
+    the others: val_loss (per trained token), val_ppl."""
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(device, precision):
+            if task == "classify":
+                logits = classify_ids(model, examples.ids, pad_id, batch_size, device)
+                truth = torch.tensor(examples.labels)
+                predicted = logits.argmax(-1)
+                loss = F.cross_entropy(logits, truth).item()
+                return {"val_loss": loss, "val_accuracy": (predicted == truth).float().mean().item(),
+                        "val_macro_f1": macro_f1(predicted, truth, logits.size(-1)),
+                        "val_ppl": math.exp(min(loss, 50.0))}
+            total, count = 0.0, 0
+            for start in range(0, len(examples), batch_size):
+                inputs, targets = lm_batch(examples, list(range(start, min(start + batch_size, len(examples)))),
+                                           pad_id, device)
+                total += lm_loss(model, inputs, targets, reduction="sum").item()
+                count += int((targets != IGNORE).sum())
+    finally:
+        model.train(was_training)
+    loss = total / max(count, 1)
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+def task_loss(model: nn.Module, tokenizer: Tokenizer, records: list[dict], task: str, *, template: ChatTemplate,
+              batch_size: int, device: torch.device | str, origin: Path = Path("records")) -> dict:
+    """The mean loss (and perplexity) on the tokens an sft, qa or translate run trains on, over these
+    records: `eval --task sft` reads this. Also how many records were cut to the context."""
+    examples = encode_examples(records, task, tokenizer, model.config.block_size, [], template, origin)
+    device = torch.device(device)
+    result = evaluate_split(model, examples, task, batch_size, tokenizer.eot_id, device, "fp32")
+    return {"loss": result["val_loss"], "perplexity": result["val_ppl"], "truncated": examples.truncated,
+            "untrainable": examples.untrainable}
+
+
+def metric_of(task: str) -> tuple[str, bool]:
+    """The log key that picks the best checkpoint, and whether higher is better."""
+    return ("val_accuracy", True) if task == "classify" else ("val_loss", False)
