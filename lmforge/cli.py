@@ -99,15 +99,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"lmforge sample: note: characters outside the vocabulary read as the unknown token: {named}",
               file=sys.stderr)
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
-    if args.num_samples > 1 and args.engine == "torch":
-        context = model.config.block_size
-        if len(prompt_ids) + args.max_new_tokens <= context:
-            print_batched_samples(model, tokenizer, prompt, prompt_ids, args)
-            return
-        # The batched engine keeps each row's whole context in its cache and cannot slide it as `generate` does.
-        print(f"lmforge sample: note: the prompt ({len(prompt_ids)} tokens) plus --max-new-tokens "
-              f"{args.max_new_tokens} exceed the {context}-token context, so the samples run one at a time",
-              file=sys.stderr)
+    # The batched engine keeps each row's whole context in its cache and cannot slide it as `generate` does:
+    # samples longer than the context run one at a time.
+    if (args.num_samples > 1 and args.engine == "torch"
+            and len(prompt_ids) + args.max_new_tokens <= model.config.block_size):
+        print_batched_samples(model, tokenizer, prompt, prompt_ids, args)
+        return
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for index in range(args.num_samples):
         if args.num_samples > 1:
