@@ -179,9 +179,14 @@ async def measure_server(server: Server, peer: str, clients: int, requests: int,
     return level
 
 
+class NoExport(Exception):
+    """`lmforge export --format hf` refused the run (e.g. a combination of options HF has no class for)."""
+
+
 def measure_transformers(run: str, device: str, batch: int, max_tokens: int, prompts: list[str], work: Path
                          ) -> Level:
-    """transformers generate on the run's HF export: `batch` prompts, left-padded, exactly max_tokens new."""
+    """transformers generate on the run's HF export: `batch` prompts, left-padded, exactly max_tokens new.
+    Raises NoExport, with export's message, when the run has no HF export."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -193,7 +198,7 @@ def measure_transformers(run: str, device: str, batch: int, max_tokens: int, pro
         done = subprocess.run([sys.executable, "-m", "lmforge", "export", run, "--format", "hf", "--out", str(export)],
                               capture_output=True, text=True)
         if done.returncode:
-            sys.exit(f"lmforge export failed:\n{done.stderr}")
+            raise NoExport(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "lmforge export failed")
     torch_device = resolve_device(device, "--device")
     model = AutoModelForCausalLM.from_pretrained(export).to(torch_device).eval()
     _, _, tokenizer, _ = load_model(run)
@@ -381,7 +386,11 @@ def main() -> None:
             ratios.append(f"tokens/s at {clients} clients, batched / --max-batch 1: "
                           f"{rate(measured[batched, clients]) / rate(measured[one_at_a_time, clients]):.2f}")
         for batch in (1, 16):
-            level = measure_transformers(args.run, args.device, batch, args.max_tokens, prompts, work)
+            try:
+                level = measure_transformers(args.run, args.device, batch, args.max_tokens, prompts, work)
+            except NoExport as refused:
+                ratios.append(f"transformers peer: not measured, the run has no HF export ({refused})")
+                break
             rows.append(row(level, None))
             if (batched, batch) in measured:
                 ratios.append(f"tokens/s, lmforge serve at {batch} clients / transformers batch {batch}: "

@@ -19,6 +19,11 @@ from lmforge.config import ENGINES
 from lmforge.errors import UserError
 from lmforge.serve.cli import add_serve_parser
 
+if typing.TYPE_CHECKING:  # the CLI imports torch only inside the commands that need it
+    from torch import nn
+
+    from lmforge.data.tokenizer import Tokenizer
+
 OVERRIDES_EPILOG = ("Any config key can be set with --section.key VALUE (or --section.key=VALUE), e.g. "
                     "--optim.lr 3e-3 --model.n_layer 4 --train.tokens_per_step 8192; see configs/*.toml for the keys.")
 
@@ -98,6 +103,12 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"lmforge sample: note: characters outside the vocabulary read as the unknown token: {named}",
               file=sys.stderr)
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
+    # The batched engine keeps each row's whole context in its cache and cannot slide it as `generate` does:
+    # samples longer than the context run one at a time.
+    if (args.num_samples > 1 and args.engine == "torch"
+            and len(prompt_ids) + args.max_new_tokens <= model.config.block_size):
+        print_batched_samples(model, tokenizer, prompt, prompt_ids, args)
+        return
     generator = torch.Generator(device=device).manual_seed(args.seed)
     for index in range(args.num_samples):
         if args.num_samples > 1:
@@ -110,6 +121,22 @@ def cmd_sample(args: argparse.Namespace) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+
+
+def print_batched_samples(model: nn.Module, tokenizer: Tokenizer, prompt: str, prompt_ids: list[int],
+                          args: argparse.Namespace) -> None:
+    """All --num-samples in one batch on the batched engine (sample i seeded with --seed + i), each printed
+    under its header once the batch is done."""
+    from lmforge.infer.batched import generate_batch
+
+    samples = generate_batch(model, tokenizer, [prompt_ids] * args.num_samples, args.max_new_tokens,
+                             max_batch=args.num_samples, temperature=args.temperature, top_k=args.top_k,
+                             top_p=args.top_p, seeds=[args.seed + index for index in range(args.num_samples)],
+                             stop_token=tokenizer.eot_id)
+    for index, sample in enumerate(samples):
+        print(f"--- sample {index + 1} ---")
+        sys.stdout.write(prompt + sample.text + "\n")
+        sys.stdout.flush()
 
 
 def cmd_chat(args: argparse.Namespace) -> None:

@@ -73,9 +73,26 @@ def test_sample_prints_the_prompt_then_new_text_and_greedy_repeats(trained, caps
     model, _, tokenizer, _ = load_model(trained.run)  # the same continuation as the library computes
     ids = list(generate(model, tokenizer.encode("the "), 30, temperature=0, stop_token=tokenizer.eot_id))
     assert first == "the " + tokenizer.decode(ids) + "\n"
+    # 4 + 30 tokens overflow the 16-token context: one sample after another, as generate slides its window
     code, sampled, _ = run_cli(capsys, "sample", trained.run, "--prompt", "the ", "--max-new-tokens", "30",
                                "--num-samples", "2", "--device", "cpu")
     assert code == 0 and sampled.count("--- sample") == 2 and sampled.count("---\nthe ") == 2
+    first, second = sampled.removeprefix("--- sample 1 ---\n").split("--- sample 2 ---\n")
+    assert min(len(first.rstrip("\n")), len(second.rstrip("\n"))) > 16  # prompt + sample outgrow the context
+
+
+def test_sample_runs_num_samples_in_one_batch_and_greedy_matches_generate(trained, capsys):
+    model, _, tokenizer, _ = load_model(trained.run)
+    ids = list(generate(model, tokenizer.encode("the "), 10, temperature=0, stop_token=tokenizer.eot_id))
+    alone = "the " + tokenizer.decode(ids) + "\n"
+    code, out, err = run_cli(capsys, "sample", trained.run, "--prompt", "the ", "--max-new-tokens", "10",
+                             "--num-samples", "3", "--temperature", "0", "--device", "cpu")
+    assert (code, err) == (0, "")  # 4 + 10 tokens fit the context: the batched engine ran them
+    assert out == "".join(f"--- sample {index} ---\n{alone}" for index in (1, 2, 3))
+    code, out, _ = run_cli(capsys, "sample", trained.run, "--prompt", "the ", "--max-new-tokens", "10",
+                           "--num-samples", "2", "--temperature", "1.5", "--device", "cpu")
+    first, second = out.split("--- sample 2 ---\n")
+    assert code == 0 and first.removeprefix("--- sample 1 ---\n") != second  # each sample its own seed
 
 
 def test_eval_prints_one_json_object_matching_the_trainers_final_eval(trained, capsys):

@@ -15,6 +15,7 @@ import torch
 from openai import OpenAI
 from serve_fixtures import LiveServer
 
+from lmforge.cli import main
 from lmforge.infer.generate import generate
 from lmforge.infer.load import load_model
 from lmforge.serve.cli import build_app
@@ -214,23 +215,18 @@ def test_an_api_key_is_required_on_the_api_but_not_on_health(served_run):
         assert httpx.get(server.url + "/health").status_code == 200
 
 
-def direct_accuracy(run, records: list[dict]) -> tuple[float, list[int]]:
-    """Multiple choice scored on the model itself: the choice whose tokens (after a space) have the largest
-    summed log-likelihood after the question."""
-    model, _, tokenizer, _ = load_model(run)
-    picks = []
-    for record in records:
-        context = tokenizer.encode(record["question"])
-        scores = []
-        for choice in record["choices"]:
-            continuation = tokenizer.encode(" " + choice)
-            ids = torch.tensor([context + continuation])
-            with torch.no_grad():
-                logprobs = torch.log_softmax(model(ids[:, :-1])[0][0], -1)
-            scores.append(sum(float(logprobs[len(context) - 1 + i, t]) for i, t in enumerate(continuation)))
-        picks.append(max(range(len(scores)), key=scores.__getitem__))
-    accuracy = sum(p == r["answer"] for p, r in zip(picks, records, strict=True)) / len(records)
-    return accuracy, picks
+def lmforge_eval_choice(capsys, run, records: list[dict], folder) -> tuple[float, list[int]]:
+    """`lmforge eval RUN --task choice` on the same questions: lm-eval puts a space between the question and
+    each choice, so the choice records carry it. Its accuracy and its pick for each record."""
+    data, predictions = folder / "choice.jsonl", folder / "predictions.jsonl"
+    data.write_text("".join(json.dumps({"context": r["question"], "choices": [" " + c for c in r["choices"]],
+                                        "label": r["answer"]}) + "\n" for r in records))
+    capsys.readouterr()
+    code = main(["eval", str(run), "--task", "choice", "--data", str(data), "--predictions", str(predictions),
+                 "--device", "cpu"])
+    scores = json.loads(capsys.readouterr().out)
+    assert code == 0
+    return scores["acc"], [json.loads(line)["prediction"] for line in predictions.read_text().splitlines()]
 
 
 MC_RECORDS = [{"question": q, "choices": c, "answer": a} for q, c, a in [
@@ -239,7 +235,7 @@ MC_RECORDS = [{"question": q, "choices": c, "answer": a} for q, c, a in [
     ("they write", ["code", "tea", "park"], 1), ("the bird sang in a", ["tree", "book", "cup"], 2)]]
 
 
-def test_lm_eval_over_http_scores_as_the_model_does(live_server, served_run, tmp_path, monkeypatch):
+def test_lm_eval_over_http_scores_as_lmforge_eval_does(live_server, served_run, tmp_path, monkeypatch, capsys):
     lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'lm-eval[api]')")
     pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
     for name, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
@@ -258,7 +254,7 @@ def test_lm_eval_over_http_scores_as_the_model_does(live_server, served_run, tmp
         task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
         model_args={"base_url": live_server.url + "/v1/completions", "model": "tiny-served",
                     "tokenizer_backend": "remote", "max_length": 64, "num_concurrent": 1, "max_retries": 1})
-    accuracy, picks = direct_accuracy(served_run, MC_RECORDS)
+    accuracy, picks = lmforge_eval_choice(capsys, served_run, MC_RECORDS, tmp_path)
     assert out["results"]["tiny_choice"]["acc,none"] == pytest.approx(accuracy)
     harness_picks = {s["doc_id"]: max(range(3), key=lambda i: s["resps"][i][0][0])
                      for s in out["samples"]["tiny_choice"]}
