@@ -3,8 +3,14 @@ the readers the tests share (run logs, command-line output, pictures)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
+import resource
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,6 +79,45 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     code = main([str(arg) for arg in argv])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start_child_cli(*argv, cwd: Path = ROOT, file_size_limit: int | None = None) -> subprocess.Popen:
+    """`python -m lmforge ARGV` in a child process (stdout and stderr piped, as text); with `file_size_limit`,
+    no file it writes may grow past that many bytes: a write beyond fails with EFBIG, as a full disk fails."""
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    return subprocess.Popen([sys.executable, "-m", "lmforge", *map(str, argv)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            preexec_fn=limit if file_size_limit else None)
+
+
+def child_cli(*argv, cwd: Path = ROOT, file_size_limit: int | None = None) -> tuple[int, str, str]:
+    """start_child_cli, waited for: the exit code, stdout and stderr."""
+    child = start_child_cli(*argv, cwd=cwd, file_size_limit=file_size_limit)
+    out, err = child.communicate(timeout=300)
+    return child.returncode, out, err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    """Bad input's contract: exit 2, one line on stderr naming each fragment, no traceback."""
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def checksums(path: Path) -> dict[str, str]:
+    """Every file under `path` (or `path` itself) by relative name, with its SHA-256."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def assert_picture(path: Path, min_width: int = 200, min_height: int = 150) -> None:

@@ -5,14 +5,10 @@ are in test_hardening_io.py."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import resource
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,9 +17,8 @@ import numpy as np
 import pytest
 
 from lmforge.cli import main
-from tests.conftest import records
+from tests.conftest import assert_one_line_error, checksums, child_cli, records, run_cli, start_child_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG_TOML = """
 [model]
 n_layer = 1
@@ -48,44 +43,14 @@ lr = 1e-2
 """
 
 
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(arg) for arg in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
-def checksums(path: Path) -> dict[str, str]:
-    """Every file under `path` (or `path` itself) by relative name, with its SHA-256."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return {str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
-def subprocess_cli(*argv, timeout: float = 120, file_size_limit: int | None = None, **popen) -> subprocess.Popen:
-    """`python -m lmforge ARGV` in a child process; with `file_size_limit`, no file it writes may grow past that
-    many bytes (a write beyond fails with EFBIG, as a full disk fails with ENOSPC)."""
-
-    def limit() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.Popen([sys.executable, "-m", "lmforge", *map(str, argv)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
-                            preexec_fn=limit if file_size_limit else None, **popen)
 
 
-def finish(process: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
-    out, err = process.communicate(timeout=timeout)
-    return process.returncode, out, err
 
 
 @pytest.fixture(scope="module")
@@ -116,13 +81,14 @@ def train_argv(base, out: Path, *extra) -> list:
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_during_training_saves_a_checkpoint_and_exits_with_the_signals_code(base, tmp_path, signum, code):
     out = tmp_path / "run"
-    process = subprocess_cli(*train_argv(base, out, "--max-steps", "1000000", "--train.checkpoint_every", "0"))
+    process = start_child_cli(*train_argv(base, out, "--max-steps", "1000000", "--train.checkpoint_every", "0"))
     deadline = time.monotonic() + 60
     while not (out / "log.jsonl").is_file() or '"kind": "train"' not in (out / "log.jsonl").read_text():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
     process.send_signal(signum)
-    returncode, _, err = finish(process)
+    _, err = process.communicate(timeout=120)
+    returncode = process.returncode
     assert returncode == code, err
     assert list((out / "checkpoints").iterdir()), "no checkpoint after a clean stop"
     assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["reason"] == "interrupted"
@@ -214,7 +180,7 @@ def test_train_overwrite_replaces_the_run_and_leaves_files_beside_it(base, tmp_p
 
 def test_a_second_writer_on_a_run_is_refused_naming_the_holder(base, tmp_path, capsys):
     run = copy_run(base, tmp_path)
-    first = subprocess_cli("train", "--resume", "--out", run, "--data", base.data, "--quiet", "--max-steps",
+    first = start_child_cli("train", "--resume", "--out", run, "--data", base.data, "--quiet", "--max-steps",
                            "1000000", "--train.checkpoint_every", "0")
     deadline = time.monotonic() + 60
     while len((run / "log.jsonl").read_text().splitlines()) <= len((base.run / "log.jsonl").read_text().splitlines()):
@@ -227,7 +193,7 @@ def test_a_second_writer_on_a_run_is_refused_naming_the_holder(base, tmp_path, c
         assert (run / "log.jsonl").read_text().startswith(log_before)  # the holder's log is untouched
     finally:
         first.send_signal(signal.SIGTERM)
-        finish(first)
+        first.communicate(timeout=120)
     assert first.returncode == 143
 
 
@@ -314,8 +280,8 @@ def test_a_shard_with_ids_beyond_the_vocabulary_is_refused_with_the_numbers(base
 def test_a_full_disk_during_a_checkpoint_keeps_the_earlier_ones_and_leaves_no_temporary(base, tmp_path):
     run = copy_run(base, tmp_path)
     before = checksums(run / "checkpoints")
-    code, _, err = finish(subprocess_cli("train", "--resume", "--out", run, "--data", base.data, "--quiet",
-                                         "--max-steps", "30", file_size_limit=4096))
+    code, _, err = child_cli("train", "--resume", "--out", run, "--data", base.data, "--quiet", "--max-steps", "30",
+                             file_size_limit=4096)
     assert_one_line_error(code, err, "could not write")
     assert checksums(run / "checkpoints") == before
     assert not [p for p in run.rglob("*") if p.name.startswith(".tmp") or p.name.endswith(".tmp")]

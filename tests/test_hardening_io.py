@@ -6,14 +6,9 @@ fails with ENOSPC), or with a patched writer."""
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import resource
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,8 +17,8 @@ import pytest
 from lmforge.cli import main
 from lmforge.errors import UserError
 from lmforge.files import foreign_files, move_into_place, write_atomic
+from tests.conftest import assert_one_line_error, checksums, child_cli, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG_TOML = """
 [model]
 n_layer = 1
@@ -45,38 +40,12 @@ compile = false
 """
 
 
-def run_cli(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(arg) for arg in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
-def child_cli(*argv, cwd: Path = ROOT, file_size_limit: int | None = None) -> tuple[int, str, str]:
-    """`python -m lmforge ARGV` in a child; with `file_size_limit`, no file it writes may grow past that."""
-
-    def limit() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "lmforge", *map(str, argv)], capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300, preexec_fn=limit if file_size_limit else None)
-    return done.returncode, done.stdout, done.stderr
 
 
-def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    for fragment in fragments:
-        assert fragment in err, err
 
 
-def checksums(path: Path) -> dict[str, str]:
-    """Every file under `path` (or `path` itself) by relative name, with its SHA-256."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return {str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def temporaries(root: Path) -> list[Path]:
