@@ -56,7 +56,7 @@ from lmforge.tasks.records import data_file, read_records
 from lmforge.tasks.template import ChatTemplate, load_chat_template
 from lmforge.train.engine import build_engine, engine_device
 from lmforge.train.optim import set_lr
-from lmforge.train.schedule import lr_multiplier
+from lmforge.train.schedule import limit_reached, lr_multiplier
 
 # Fine-tuning is short and gentle next to pretraining: these replace the pretraining defaults (a base run's
 # own [train] and [optim] are not inherited); --section.key flags override them.
@@ -364,16 +364,8 @@ class FinetuneRun:
                 "best": progress.best_metric, "val": final}
 
     def stop_reason(self, elapsed: float) -> str | None:
-        train = self.config.train
-        if self.stop_signal:
-            return "interrupted"
-        if self.progress.step >= train.max_steps:
-            return "max_steps"
-        if 0 < train.max_time <= elapsed:
-            return "max_time"
-        if 0 < train.max_epochs <= self.epochs():
-            return "max_epochs"
-        return None
+        return limit_reached(self.config.train, step=self.progress.step, elapsed=elapsed, epochs=self.epochs(),
+                             interrupted=bool(self.stop_signal))
 
     def epochs(self) -> float:
         return self.progress.epoch + self.progress.position / len(self.train_examples)

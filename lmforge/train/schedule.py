@@ -1,4 +1,5 @@
-"""Learning-rate schedules: linear warmup, then cosine, linear, constant or warmup-stable-decay (wsd).
+"""Learning-rate schedules: linear warmup, then cosine, linear, constant or warmup-stable-decay (wsd); and the
+limits that end a run.
 
 `progress` runs from 0 to 1 over the run. The trainer measures it in steps (step / max_steps) or, when a
 time budget ends the run sooner, in time (elapsed / max_time), so the decay always finishes with the run.
@@ -7,6 +8,8 @@ time budget ends the run sooner, in time (elapsed / max_time), so the decay alwa
 from __future__ import annotations
 
 import math
+
+from lmforge.config import TrainConfig
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
@@ -29,3 +32,17 @@ def lr_multiplier(schedule: str, step: int, progress: float, *, warmup_steps: in
     else:
         raise ValueError(f"unknown schedule {schedule!r}")
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+def limit_reached(train: TrainConfig, *, step: int, elapsed: float, epochs: float, interrupted: bool) -> str | None:
+    """Why a training loop stops now (a signal, or the first of train.max_steps, max_time and max_epochs to be
+    reached), or None to go on."""
+    if interrupted:
+        return "interrupted"
+    if step >= train.max_steps:
+        return "max_steps"
+    if 0 < train.max_time <= elapsed:
+        return "max_time"
+    if 0 < train.max_epochs <= epochs:
+        return "max_epochs"
+    return None

@@ -36,7 +36,7 @@ from lmforge.run import EndRecord, EvalRecord, LogWriter, Record, SampleRecord, 
 from lmforge.train.distributed import start_cluster
 from lmforge.train.engine import build_engine, engine_device
 from lmforge.train.optim import set_lr
-from lmforge.train.schedule import lr_multiplier
+from lmforge.train.schedule import limit_reached, lr_multiplier
 
 
 def accumulation_steps(config: Config, world_size: int = 1) -> int:
@@ -218,16 +218,8 @@ class Trainer:
 
     def stop_reason(self, elapsed: float) -> str | None:
         """Why the loop should stop now, or None to go on (a subclass may add reasons: the sweep's pruning)."""
-        train = self.config.train
-        if self.stop_signal:
-            return "interrupted"
-        if self.progress.step >= train.max_steps:
-            return "max_steps"
-        if 0 < train.max_time <= elapsed:
-            return "max_time"
-        if 0 < train.max_epochs <= self.loader.epoch:
-            return "max_epochs"
-        return None
+        return limit_reached(self.config.train, step=self.progress.step, elapsed=elapsed, epochs=self.loader.epoch,
+                             interrupted=bool(self.stop_signal))
 
     def run(self) -> dict:
         """Train until a limit is reached or a signal arrives; then a checkpoint and a full evaluation.
