@@ -176,12 +176,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(json.dumps(result))
 
 
-def cmd_finetune(args: argparse.Namespace) -> None:
+def cmd_finetune(args: argparse.Namespace) -> int:
     from lmforge.tasks.finetune import finetune_command
 
-    finetune_command(args.base_run, task=args.task, data=args.data, out=args.out, method=args.method,
-                     train_blocks=args.train_blocks, overrides=args.overrides, resume=args.resume,
-                     overwrite=args.overwrite, quiet=args.quiet)
+    result = finetune_command(args.base_run, task=args.task, data=args.data, out=args.out, method=args.method,
+                              train_blocks=args.train_blocks, overrides=args.overrides, resume=args.resume,
+                              overwrite=args.overwrite, quiet=args.quiet)
+    return 128 + result["signal"] if result["signal"] else 0  # stopped by a signal, after saving
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

@@ -376,3 +376,26 @@ def test_a_failed_start_leaves_nothing_that_needs_overwrite(base, tmp_path, caps
     assert_one_line_error(code, err, "injected")
     monkeypatch.undo()
     assert run_cli(capsys, *train_argv(base, out, "--max-steps", "2"))[0] == 0
+
+
+def test_finetuning_stops_on_a_signal_with_a_checkpoint_and_holds_its_run_against_a_second_writer(base, tmp_path,
+                                                                                                   capsys):
+    data = tmp_path / "genre"
+    data.mkdir()
+    for split in ("train", "val"):
+        lines = [json.dumps({"text": f"the cat sat {i}", "label": "a" if i % 2 else "b"}) for i in range(12)]
+        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "classify"
+    child = start_child_cli("finetune", base.run, "--task", "classify", "--data", data, "--out", out, "--quiet",
+                            "--max-steps", "1000000", "--train.eval_every", "1000000")
+    deadline = time.monotonic() + 60
+    while not (out / "log.jsonl").is_file() or '"kind": "train"' not in (out / "log.jsonl").read_text():
+        assert child.poll() is None and time.monotonic() < deadline, child.communicate()
+        time.sleep(0.05)
+    code, _, err = run_cli(capsys, "finetune", base.run, "--task", "classify", "--data", data, "--out", out,
+                           "--overwrite")
+    assert_one_line_error(code, err, str(child.pid))
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 143, err
+    assert list((out / "checkpoints").iterdir()), "no checkpoint after a clean stop"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import signal
 import sys
 import time
@@ -150,6 +149,10 @@ class FinetuneRun:
         self.log_writer: rundir.LogWriter | None = None
         self.progress = Progress()
         self.created = not resume
+        self.made_dir = not self.run_dir.exists()
+        self.lock = rundir.lock_run(self.run_dir)  # one writer per run; released when the process ends
+        for repair in rundir.clean_leftovers(self.run_dir):
+            self.say(repair)
         if resume:
             self._restore()
         else:
@@ -238,7 +241,6 @@ class FinetuneRun:
     def _create_run_dir(self, overwrite: bool) -> None:
         run = self.run_dir
         existing = rundir.refuse_existing_run(run, overwrite)
-        self.made_dir = not run.exists()
         rundir.create_run(run, self.config, self.tokenizer, existing)
         if self.finetune.template == "chat":
             self.template.save(run)
@@ -281,18 +283,22 @@ class FinetuneRun:
 
     def run(self) -> dict:
         """Train until a limit, early stopping or a signal; a run that fails before its first checkpoint
-        removes what it wrote."""
+        removes what it wrote. SIGINT and SIGTERM are handled until the last checkpoint is saved; the result's
+        `signal` names the one that stopped the run (None otherwise)."""
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            return self._run()
+            result = self._run()
+            stopped_by = self.stop_signal if self.stop_signal in signal.Signals.__members__ else None
+            return {**result, "signal": signal.Signals[stopped_by].value if stopped_by else None}
         except BaseException:
+            self.lock.close()
             if self.created and not rundir.list_checkpoints(self.run_dir):
-                for name in rundir.RUN_FILES:
-                    path = self.run_dir / name
-                    if path.exists():
-                        shutil.rmtree(path) if path.is_dir() else path.unlink()
-                if self.made_dir and not any(self.run_dir.iterdir()):
-                    self.run_dir.rmdir()
+                rundir.remove_run(self.run_dir, self.made_dir)
             raise
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self.lock.close()
 
     def _run(self) -> dict:
         config, train, progress, finetune = self.config, self.config.train, self.progress, self.finetune
@@ -310,7 +316,6 @@ class FinetuneRun:
         self.say(f"{finetune.task} ({finetune.method}): {self.trainable:,} of {self.total:,} parameters train "
                  f"({self.trainable / self.total:.2%}); device {self.device}, {self.precision}"
                  + (f"; resuming at step {progress.step}" if progress.step else ""))
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         self.bar = tqdm(total=train.max_steps, initial=progress.step, disable=True if self.quiet else None,
                         unit="step", dynamic_ncols=True, file=sys.stdout)
         launch = time.perf_counter() - progress.elapsed
@@ -350,8 +355,6 @@ class FinetuneRun:
                     reason = self.evaluate_and_save()
         finally:
             self.bar.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
         if last_eval_step != progress.step:
             self.evaluate_and_save()
         final = self.last_result
