@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -164,3 +165,40 @@ def flops_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("LMFORGE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
         yield
+
+
+# A tiny run's config for the command-line tests: 20 steps, an evaluation and a checkpoint at 10 and 20.
+TINY_RUN_TOML = """
+[model]
+n_layer = 1
+n_embd = 16
+n_head = 2
+block_size = 16
+
+[train]
+batch_size = 4
+max_steps = 20
+warmup_steps = 2
+eval_every = 10
+eval_tokens = 64
+log_every = 5
+checkpoint_every = 10
+device = "cpu"
+precision = "fp32"
+compile = false
+
+[optim]
+lr = 1e-2
+"""
+
+
+def prepare_and_train(root: Path, corpus: Path, *train_flags: str) -> SimpleNamespace:
+    """Through the command line, in `root`: tiny.toml (TINY_RUN_TOML), `prepare` of the corpus (char) into data/
+    and `train` into run/ with `train_flags`; their paths, with the corpus's."""
+    config, data, run = root / "tiny.toml", root / "data", root / "run"
+    config.write_text(TINY_RUN_TOML)
+    assert main(["prepare", "--source", str(corpus), "--tokenizer", "char", "--val-fraction", "0.2",
+                 "--workers", "1", "--out", str(data), "--quiet"]) == 0
+    assert main(["train", "--config", str(config), "--data", str(data), "--out", str(run), "--quiet",
+                 *train_flags]) == 0
+    return SimpleNamespace(root=root, config=config, data=data, run=run, corpus=corpus)

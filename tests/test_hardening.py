@@ -17,52 +17,21 @@ import numpy as np
 import pytest
 
 from lmforge.cli import main
-from tests.conftest import assert_one_line_error, checksums, child_cli, records, run_cli, start_child_cli
-
-CONFIG_TOML = """
-[model]
-n_layer = 1
-n_embd = 16
-n_head = 2
-block_size = 16
-
-[train]
-batch_size = 4
-max_steps = 20
-warmup_steps = 2
-eval_every = 10
-eval_tokens = 64
-log_every = 5
-checkpoint_every = 10
-device = "cpu"
-precision = "fp32"
-compile = false
-
-[optim]
-lr = 1e-2
-"""
-
-
-
-
-
-
-
-
-
-
+from tests.conftest import (
+    assert_one_line_error,
+    checksums,
+    child_cli,
+    prepare_and_train,
+    records,
+    run_cli,
+    start_child_cli,
+)
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tiny_corpus) -> SimpleNamespace:
     """A prepared data directory, a config file and a finished 20-step run with checkpoints at 10 and 20."""
-    root = tmp_path_factory.mktemp("hardening")
-    data, run, config = root / "data", root / "run", root / "tiny.toml"
-    config.write_text(CONFIG_TOML)
-    assert main(["prepare", "--source", str(tiny_corpus), "--tokenizer", "char", "--val-fraction", "0.2",
-                 "--workers", "1", "--out", str(data), "--quiet"]) == 0
-    assert main(["train", "--config", str(config), "--data", str(data), "--out", str(run), "--quiet"]) == 0
-    return SimpleNamespace(root=root, data=data, run=run, config=config, corpus=tiny_corpus)
+    return prepare_and_train(tmp_path_factory.mktemp("hardening"), tiny_corpus)
 
 
 def copy_run(base, tmp_path: Path) -> Path:

@@ -17,35 +17,7 @@ import pytest
 from lmforge.cli import main
 from lmforge.errors import UserError
 from lmforge.files import foreign_files, move_into_place, write_atomic
-from tests.conftest import assert_one_line_error, checksums, child_cli, run_cli
-
-CONFIG_TOML = """
-[model]
-n_layer = 1
-n_embd = 16
-n_head = 2
-block_size = 16
-
-[train]
-batch_size = 4
-max_steps = 10
-warmup_steps = 2
-eval_every = 10
-eval_tokens = 64
-log_every = 5
-checkpoint_every = 10
-device = "cpu"
-precision = "fp32"
-compile = false
-"""
-
-
-
-
-
-
-
-
+from tests.conftest import assert_one_line_error, checksums, child_cli, prepare_and_train, run_cli
 
 
 def temporaries(root: Path) -> list[Path]:
@@ -55,16 +27,11 @@ def temporaries(root: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory, tiny_corpus) -> SimpleNamespace:
     """A char data directory, a finished 10-step run, and its Hugging Face and llm.c exports."""
-    root = tmp_path_factory.mktemp("hardening-io")
-    config = root / "tiny.toml"
-    config.write_text(CONFIG_TOML)
-    data, run, hf, llmc = root / "data", root / "run", root / "hf", root / "model.bin"
-    assert main(["prepare", "--source", str(tiny_corpus), "--tokenizer", "char", "--val-fraction", "0.2",
-                 "--workers", "1", "--out", str(data), "--quiet"]) == 0
-    assert main(["train", "--config", str(config), "--data", str(data), "--out", str(run), "--quiet"]) == 0
-    assert main(["export", str(run), "--format", "hf", "--out", str(hf)]) == 0
-    assert main(["export", str(run), "--format", "llmc", "--out", str(llmc)]) == 0
-    return SimpleNamespace(root=root, config=config, corpus=tiny_corpus, data=data, run=run, hf=hf, llmc=llmc)
+    base = prepare_and_train(tmp_path_factory.mktemp("hardening-io"), tiny_corpus, "--max-steps", "10")
+    base.hf, base.llmc = base.root / "hf", base.root / "model.bin"
+    assert main(["export", str(base.run), "--format", "hf", "--out", str(base.hf)]) == 0
+    assert main(["export", str(base.run), "--format", "llmc", "--out", str(base.llmc)]) == 0
+    return base
 
 
 # ---- 3: --overwrite replaces only what lmforge wrote ----
