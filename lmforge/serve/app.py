@@ -19,7 +19,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,6 +201,38 @@ def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+def _event_stream(first: tuple[int, GenerationEvent], events: AsyncIterator[tuple[int, GenerationEvent]],
+                  render: Callable[[int, GenerationEvent], list[dict]], *, opening: list[dict],
+                  closing: Callable[[], list[dict]]) -> StreamingResponse:
+    """Server-sent events for a streamed completion: `opening`, then each engine event rendered as chunks (a
+    failed request as OpenAI's error body), then `closing()` (the usage, when asked) and `[DONE]`. Leaving early
+    (a client that disconnects) closes `events`, which cancels the requests and frees their slots."""
+
+    async def stream() -> AsyncIterator[str]:
+        for body in opening:
+            yield _sse(body)
+        pending = [first]
+        try:
+            while True:
+                for index, event in pending:
+                    if event.finish_reason == "error":
+                        yield _sse(_engine_error(event).body())
+                        continue
+                    for body in render(index, event):
+                        yield _sse(body)
+                pending = [await anext(events)]
+        except StopAsyncIteration:
+            pass
+        finally:
+            await events.aclose()
+        for body in closing():
+            yield _sse(body)
+        yield _sse("[DONE]")
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 def create_app(engine: BatchedEngine, template: ChatTemplate, settings: ServeSettings) -> FastAPI:
     """The FastAPI app serving one engine; the scheduler thread starts with the app and drains at shutdown."""
     server = Server(engine, template, settings)
@@ -322,45 +354,32 @@ def create_app(engine: BatchedEngine, template: ChatTemplate, settings: ServeSet
             events = server.events(requests, arrived)  # submitted before the response starts: 429 stays a status
             first = await anext(events)
 
-            async def stream() -> AsyncIterator[str]:
-                started = [False] * len(requests)
-                offsets = [0] * len(requests)  # text_offset runs on across a choice's chunks
-                completion_tokens = 0
-                pending: list[tuple[int, GenerationEvent]] = [first]
-                try:
-                    while True:
-                        for index, event in pending:
-                            if event.finish_reason == "error":
-                                yield _sse(_engine_error(event).body())
-                                continue
-                            record = None
-                            text = event.text
-                            if not started[index]:
-                                started[index] = True
-                                record = start_logprobs(index, event)
-                                if echo:
-                                    text = server.tokenizer.decode(prompt_of[index]) + text
-                            elif logprobs is not None:
-                                record = LegacyLogprobs(server.tokenizer, offset=offsets[index])
-                            add_token(record, event)
-                            if record is not None:
-                                offsets[index] = record.offset
-                            completion_tokens += event.token is not None
-                            if text or event.finish_reason or (record and record.tokens):
-                                yield _sse(chunk([{"text": text, "index": index,
-                                                   "logprobs": record.body() if record else None,
-                                                   "finish_reason": event.finish_reason}]))
-                        pending = [await anext(events)]
-                except StopAsyncIteration:
-                    pass
-                finally:
-                    await events.aclose()
-                if sampling.include_usage:
-                    yield _sse(chunk([], usage=usage(prompt_tokens, completion_tokens)))
-                yield _sse("[DONE]")
+            started = [False] * len(requests)
+            offsets = [0] * len(requests)  # text_offset runs on across a choice's chunks
+            completion_tokens = 0
 
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            def render(index: int, event: GenerationEvent) -> list[dict]:
+                nonlocal completion_tokens
+                record = None
+                text = event.text
+                if not started[index]:
+                    started[index] = True
+                    record = start_logprobs(index, event)
+                    if echo:
+                        text = server.tokenizer.decode(prompt_of[index]) + text
+                elif logprobs is not None:
+                    record = LegacyLogprobs(server.tokenizer, offset=offsets[index])
+                add_token(record, event)
+                if record is not None:
+                    offsets[index] = record.offset
+                completion_tokens += event.token is not None
+                if not (text or event.finish_reason or (record and record.tokens)):
+                    return []
+                return [chunk([{"text": text, "index": index, "logprobs": record.body() if record else None,
+                                "finish_reason": event.finish_reason}])]
+
+            return _event_stream(first, events, render, opening=[], closing=lambda: [
+                chunk([], usage=usage(prompt_tokens, completion_tokens))] if sampling.include_usage else [])
 
         texts = [""] * len(requests)
         finish = [None] * len(requests)
@@ -412,36 +431,24 @@ def create_app(engine: BatchedEngine, template: ChatTemplate, settings: ServeSet
             events = server.events(requests, arrived)
             first = await anext(events)
 
-            async def stream() -> AsyncIterator[str]:
-                for index in range(len(requests)):
-                    yield _sse(chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
-                                       "logprobs": None, "finish_reason": None}]))
-                completion_tokens = 0
-                pending = [first]
-                try:
-                    while True:
-                        for index, event in pending:
-                            if event.finish_reason == "error":
-                                yield _sse(_engine_error(event).body())
-                                continue
-                            completion_tokens += event.token is not None
-                            if event.text:
-                                yield _sse(chunk([{"index": index, "delta": {"content": event.text},
-                                                   "logprobs": None, "finish_reason": None}]))
-                            if event.finish_reason:
-                                yield _sse(chunk([{"index": index, "delta": {}, "logprobs": None,
-                                                   "finish_reason": event.finish_reason}]))
-                        pending = [await anext(events)]
-                except StopAsyncIteration:
-                    pass
-                finally:
-                    await events.aclose()
-                if sampling.include_usage:
-                    yield _sse(chunk([], usage=usage(len(prompt), completion_tokens)))
-                yield _sse("[DONE]")
+            completion_tokens = 0
 
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            def render(index: int, event: GenerationEvent) -> list[dict]:
+                nonlocal completion_tokens
+                completion_tokens += event.token is not None
+                chunks = []
+                if event.text:
+                    chunks.append(chunk([{"index": index, "delta": {"content": event.text}, "logprobs": None,
+                                          "finish_reason": None}]))
+                if event.finish_reason:
+                    chunks.append(chunk([{"index": index, "delta": {}, "logprobs": None,
+                                          "finish_reason": event.finish_reason}]))
+                return chunks
+
+            opening = [chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                               "finish_reason": None}]) for index in range(len(requests))]
+            return _event_stream(first, events, render, opening=opening, closing=lambda: [
+                chunk([], usage=usage(len(prompt), completion_tokens))] if sampling.include_usage else [])
 
         texts = [""] * len(requests)
         finish = [None] * len(requests)
