@@ -1,17 +1,27 @@
-"""Golden losses: ten steps of tiny fixed runs must reproduce the stored loss sequences bit for bit.
+"""Golden losses: ten steps of tiny fixed runs must reproduce the stored loss sequences.
 
 Every other training test checks a property (the loss falls, resume continues it, the engines agree with
 each other); none notices a change that moves every engine the same way, such as a different init, data
 order or schedule. These runs pin the numbers, as llm.c's expected losses and torchtitan's loss files do.
 
-The cases run through the command line on committed text (tests/golden/text), so they depend on nothing
-but the public interface. A run is bit-identical from one launch to the next on the same CPU, PyTorch build
-and thread count (fp32, no compile), so the assertion is exact. The thread count matters: with two torch
-threads instead of one the muon case already rounds differently at step 2, so these runs pin one thread.
-PyTorch does not promise identical results across releases or platforms, which is why the stored file records
-the version it was made with.
+Two promises, checked separately, because they hold at different strengths:
 
-When a change is meant to move the numbers, regenerate on purpose and say why in the commit:
+- **Determinism, exact.** On one machine, PyTorch build and thread count (fp32, no compile), a run gives
+  bit-identical losses from one launch to the next: a second process must reproduce this one's losses
+  bit for bit. The thread count matters (with two threads the muon case rounds differently at step 2), so
+  these runs pin one thread.
+- **The stored goldens, within GOLDEN_TOLERANCE.** Another CPU (an Intel Xeon against the AMD EPYC the file
+  was made on) sums in another order and differs in the 7th significant digit: at most 1.5e-7 relative over
+  the ten steps, measured. GOLDEN_TOLERANCE is 2e-6 relative per step: over ten times that difference, and
+  small enough that real changes fail it, which tests below prove on fresh runs: the learning rate moved by
+  1e-4 relative (about 1e-5 relative at the worst step, so the 1e-5 one might first reach for would let it
+  pass) and a one-line model change (the norm's epsilon 1e-5 -> 1e-6, about 9e-5). A change below float32
+  noise (GPT-2's tanh GELU replaced by the exact one moves these tiny runs by 7e-8) is beyond any golden
+  file; the equivalence tests against transformers pin such details.
+
+The cases run through the command line on committed text (tests/golden/text), so they depend on nothing
+but the public interface. When a change is meant to move the numbers, regenerate on purpose and say why in
+the commit:
 
     LMFORGE_REGENERATE_GOLDEN=1 python -m pytest tests/test_golden.py     (or: make golden)
 """
@@ -20,18 +30,22 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from lmforge.cli import main
-from tests.conftest import records
+from tests.conftest import ROOT, records
 
 GOLDEN = Path(__file__).parent / "golden"
 LOSSES_FILE = GOLDEN / "losses.json"
 REGENERATE = os.environ.get("LMFORGE_REGENERATE_GOLDEN") == "1"
 STEPS = 10
+GOLDEN_TOLERANCE = 2e-6  # relative, per logged loss: see the module docstring for why this number
 
 # Everything that moves the numbers is spelled out, so a change of a default shows up as a deliberate edit
 # here rather than as a silent regeneration. Two micro-batches per step exercise gradient accumulation.
@@ -51,7 +65,7 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -59,10 +73,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def case_config(case: str) -> dict[str, dict]:
+def machine() -> str:
+    """The processor, as the stored file names the one its goldens were made on."""
+    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+             if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
+    return f"{platform.machine()} {names[0] if names else platform.processor()}".strip()
+
+
+def case_config(case: str, lr_scale: float = 1.0) -> dict[str, dict]:
     config = {section: dict(values) for section, values in BASE_CONFIG.items()}
     for section, values in CASES[case].items():
         config[section].update(values)
+    for key in ("lr", "muon_lr"):
+        if key in config["optim"]:
+            config["optim"][key] *= lr_scale
     return config
 
 
@@ -84,37 +108,99 @@ def golden_data(tmp_path_factory) -> Path:
     return out
 
 
-def run_case(case: str, data: Path, root: Path) -> dict:
-    config = root / f"{case}.toml"
-    config.write_text(toml(case_config(case)))
-    run = root / case
-    assert main(["train", "--config", str(config), "--data", str(data), "--out", str(run), "--quiet"]) == 0
+def train_command(case: str, data: Path, root: Path, lr_scale: float = 1.0) -> tuple[list[str], Path]:
+    """The `train` arguments of a case (its TOML written into root) and the run directory they make."""
+    name = case if lr_scale == 1.0 else f"{case}-lr{lr_scale!r}"
+    config = root / f"{name}.toml"
+    config.write_text(toml(case_config(case, lr_scale)))
+    run = root / name
+    return ["train", "--config", str(config), "--data", str(data), "--out", str(run), "--quiet"], run
+
+
+def result_of(run: Path) -> dict:
     train = records(run, "train")
     final = [r for r in records(run, "eval") if r.get("final")]
     assert [r["step"] for r in train] == list(range(1, STEPS + 1)) and len(final) == 1
     return {"train_loss": [r["loss"] for r in train], "final_val_loss": final[0]["val_loss"]}
 
 
+def run_case(case: str, data: Path, root: Path, lr_scale: float = 1.0) -> dict:
+    argv, run = train_command(case, data, root, lr_scale)
+    assert main(argv) == 0
+    return result_of(run)
+
+
+@pytest.fixture(scope="module")
+def results(golden_data, tmp_path_factory) -> dict[str, dict]:
+    """Each case's losses from one run in this process (made once, shared by the tests below)."""
+    root = tmp_path_factory.mktemp("golden-runs")
+    return {case: run_case(case, golden_data, root) for case in CASES}
+
+
 def stored() -> dict:
     return json.loads(LOSSES_FILE.read_text()) if LOSSES_FILE.exists() else {"cases": {}}
 
 
+def worst_relative_difference(result: dict, expected: dict) -> float:
+    """The largest |a - b| / |b| over the ten training losses and the final validation loss."""
+    ours = [*result["train_loss"], result["final_val_loss"]]
+    theirs = [*expected["train_loss"], expected["final_val_loss"]]
+    assert len(ours) == len(theirs)
+    return max(abs(a - b) / abs(b) for a, b in zip(ours, theirs, strict=True))
+
+
+def matches_golden(result: dict, expected: dict) -> bool:
+    return worst_relative_difference(result, expected) <= GOLDEN_TOLERANCE
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_ten_steps_reproduce_the_golden_losses(case, golden_data, tmp_path):
-    result = run_case(case, golden_data, tmp_path)
+def test_ten_steps_reproduce_the_golden_losses(case, results):
+    result = results[case]
     golden = stored()
     if REGENERATE:
         golden["cases"][case] = result
         golden["torch_version"] = torch.__version__
+        golden["made_on"] = machine()
         golden["regenerate"] = "LMFORGE_REGENERATE_GOLDEN=1 python -m pytest tests/test_golden.py"
         golden["cases"] = {name: golden["cases"][name] for name in sorted(golden["cases"]) if name in CASES}
         LOSSES_FILE.write_text(json.dumps(golden, indent=1) + "\n")
         pytest.skip(f"regenerated {case} in {LOSSES_FILE}")
     assert case in golden["cases"], f"no golden losses for {case}: regenerate them (see this file's docstring)"
-    expected = golden["cases"][case]
-    where = f"(golden made with torch {golden['torch_version']}, this is {torch.__version__})"
-    assert result["train_loss"] == expected["train_loss"], where
-    assert result["final_val_loss"] == expected["final_val_loss"], where
+    worst = worst_relative_difference(result, golden["cases"][case])
+    where = (f"made with torch {golden['torch_version']} on {golden.get('made_on', 'an AMD EPYC')}; "
+             f"this is torch {torch.__version__} on {machine()}")
+    assert worst <= GOLDEN_TOLERANCE, f"{case}: relative difference {worst:.2e} > {GOLDEN_TOLERANCE} ({where})"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_second_process_reproduces_the_losses_bit_for_bit(case, results, golden_data, tmp_path):
+    argv, run = train_command(case, golden_data, tmp_path)
+    child = subprocess.run([sys.executable, "-m", "lmforge", *argv], capture_output=True, text=True, cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert child.returncode == 0, child.stderr
+    assert result_of(run) == results[case]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_learning_rate_moved_by_one_part_in_ten_thousand_fails_the_tolerance(case, results, golden_data,
+                                                                               tmp_path):
+    nudged = run_case(case, golden_data, tmp_path, lr_scale=1 + 1e-4)
+    assert nudged != results[case]  # the nudge reached the run at all
+    assert not matches_golden(nudged, results[case])
+
+
+def test_a_one_line_model_change_fails_the_tolerance(results, golden_data, tmp_path, monkeypatch):
+    import lmforge.model.gpt as gpt
+
+    monkeypatch.setattr(gpt, "norm_eps", lambda config: 1e-6)  # LayerNorm's epsilon 1e-5 -> 1e-6
+    changed = run_case("torch-gpt-adamw", golden_data, tmp_path)
+    assert not matches_golden(changed, results["torch-gpt-adamw"])
+
+
+def test_the_tolerance_passes_the_measured_difference_between_two_cpus():
+    # torch-gpt-adamw's step 6 on an Intel Xeon against the AMD EPYC the goldens were made on (issue 17).
+    xeon, epyc = 3.3078548908233643, 3.3078551292419434
+    assert abs(xeon - epyc) / epyc < GOLDEN_TOLERANCE / 10
 
 
 def test_the_engines_agree_on_the_golden_losses_to_float32_rounding():
