@@ -58,8 +58,6 @@ COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/heal
                  "/detokenize", "/tokenizer_info", "/")
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 MAX_JSON_DEPTH = 32  # the deepest request is a list of messages (3 levels); deeper bodies are probes
-# An answer sent before the whole body was read ends the connection, rather than reading on what is left.
-CLOSE = {"Connection": "close"}
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before its answer: counted, never a 500
 
 
@@ -117,8 +115,7 @@ class Server:
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"the request body is {declared} bytes, above this server's limit of {limit} "
-                                "(lmforge serve --max-body-bytes)", code="body_too_large",
-                           headers=CLOSE)
+                                "(lmforge serve --max-body-bytes)", code="body_too_large")
         body = bytearray()
         try:
             async with asyncio.timeout(self.settings.body_timeout):
@@ -126,12 +123,11 @@ class Server:
                     body += chunk
                     if len(body) > limit:
                         raise ApiError(413, f"the request body is over this server's limit of {limit} bytes "
-                                            "(lmforge serve --max-body-bytes)", code="body_too_large",
-                                       headers=CLOSE)
+                                            "(lmforge serve --max-body-bytes)", code="body_too_large")
         except TimeoutError:
             raise ApiError(408, f"the request body did not arrive within {self.settings.body_timeout:g} seconds "
                                 "(lmforge serve --body-timeout)", code="request_timeout",
-                           headers=CLOSE) from None
+                           headers={"Connection": "close"}) from None
         too_deep = ApiError(400, f"the request body is nested more than {MAX_JSON_DEPTH} levels deep",
                             code="invalid_json")
         try:
