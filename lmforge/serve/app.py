@@ -10,6 +10,8 @@ playground page, health, Prometheus metrics and the tokenizer endpoints evaluati
 | GET /health, /metrics, / | liveness, Prometheus text, the playground (lmforge/serve/static/index.html) |
 
 With an API key every route except /, /static, /health and /metrics needs `Authorization: Bearer KEY`.
+Request bodies are read within the server's limits (`Server.read_json`: JSON, size, depth, time); the
+connections themselves are guarded in transport.py (request-head deadline, connection cap).
 """
 
 from __future__ import annotations
