@@ -146,6 +146,23 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on the device: free GPU memory on CUDA, MemAvailable (Linux) on the CPU;
+    None where it cannot be known (MPS, a CPU without /proc/meminfo)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: allocator peak on CUDA, resident set size high-water mark on CPU."""
     if device.type == "cuda":

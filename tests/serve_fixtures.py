@@ -1,5 +1,6 @@
-"""Helpers for tests that talk to a live server: a tiny random run on disk, and a uvicorn server on a free port
-in a background thread (`LiveServer`), plus the pytest fixtures built from them.
+"""Helpers for tests that talk to a live server: a tiny random run on disk, a uvicorn server on a free port in
+a background thread (`LiveServer`) or `lmforge serve` in a child process (`ServeProcess`), plus the pytest
+fixtures built from them.
 
 Use the fixtures from a test module with `import serve_fixtures` and `live_server = serve_fixtures.live_server`
 (tests/ is on sys.path under pytest), or the server directly:
@@ -8,7 +9,11 @@ Use the fixtures from a test module with `import serve_fixtures` and `live_serve
 
 from __future__ import annotations
 
+import os
+import signal
 import string
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +27,8 @@ from lmforge.data.tokenizer import CharTokenizer
 from lmforge.model.factory import build_model
 from lmforge.run import save_checkpoint
 from lmforge.serve.cli import bind, build_app
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Letters (the chat template's markers are capitals), digits, punctuation, space and newline.
 CHARS = "".join(sorted(set(string.ascii_letters + string.digits + " .,:;!?'-\n")))
@@ -84,3 +91,42 @@ def live_server(served_run):
     app = build_app(served_run, device="cpu", max_batch=4, max_tokens_limit=200, max_body_bytes=20_000)
     with LiveServer(app) as server:
         yield server
+
+
+class ServeProcess:
+    """`lmforge serve RUN --port 0 --device cpu FLAGS` in a child process, as a user starts it; its stderr (the
+    server's log) goes to a file, read with `log()`. Entering waits for the line naming the address."""
+
+    def __init__(self, run: Path, log_path: Path, *flags: str):
+        self.command = [sys.executable, "-m", "lmforge", "serve", str(run), "--port", "0", "--device", "cpu", *flags]
+        self.log_path = log_path
+        self.url = ""
+
+    def __enter__(self) -> ServeProcess:
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT,
+                                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+        deadline = time.monotonic() + 120
+        while " on http://" not in self.log():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"the server did not start:\n{self.log()}")
+            time.sleep(0.05)
+        self.url = self.log().split(" on ")[1].split()[0]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.url.removeprefix("http://").split(":")
+        return host, int(port)

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import UserError
+from lmforge.hardware import available_memory_bytes
 from lmforge.infer.generate import sample_next
 from lmforge.model.gpt import GPT, KVCache, apply_rotary
 from lmforge.model.recurrent import RecurrentState
@@ -146,6 +148,7 @@ class BatchedEngine:
         self.cache_kind = "kv" if isinstance(probe, KVCache) else "recurrent" if isinstance(probe, RecurrentState) \
             else "none"
         self.batches_decoding = self.cache_kind != "none"
+        self._check_memory(probe)
         if self.cache_kind == "kv":
             self.keys = probe.keys[0].new_zeros((model.config.n_layer, max_batch, *probe.keys[0].shape[1:]))
             self.values = torch.zeros_like(self.keys)
@@ -155,6 +158,25 @@ class BatchedEngine:
         self.lock = threading.Lock()
         self.wakeup = threading.Condition(self.lock)
         self.counters = EngineCounters()
+
+    def _check_memory(self, probe: KVCache | RecurrentState | None) -> None:
+        """Refuse a batch whose state cannot fit in the device's free memory, before allocating it (a huge
+        allocation fails with an allocator error, or is granted lazily and killed later)."""
+        config = self.model.config
+        element = torch.finfo(self.dtype).bits // 8
+        if isinstance(probe, KVCache):
+            cache_per_row = sum(t.numel() for t in probe.keys + probe.values) * element
+        elif isinstance(probe, RecurrentState):
+            cache_per_row = 2 * config.n_layer * config.n_embd * element  # an LSTM's hidden and cell state
+        else:
+            cache_per_row = 0
+        per_row = cache_per_row + 2 * self.tokenizer.vocab_size * 4  # each step's logits and probabilities
+        available = available_memory_bytes(self.device)
+        if available is not None and self.max_batch * per_row > available:
+            raise UserError(f"{self.max_batch} sequences decoded at once need about "
+                            f"{self.max_batch * per_row / 2**30:.1f} GiB ({per_row} bytes each), more than the "
+                            f"{available / 2**30:.1f} GiB free on {self.device}; ask for fewer at once "
+                            "(lmforge serve --max-batch, lmforge sample --num-samples)")
 
     # ---- the thread-safe side ----
     def submit(self, request: GenerationRequest) -> None:

@@ -10,6 +10,8 @@ playground page, health, Prometheus metrics and the tokenizer endpoints evaluati
 | GET /health, /metrics, / | liveness, Prometheus text, the playground (lmforge/serve/static/index.html) |
 
 With an API key every route except /, /static, /health and /metrics needs `Authorization: Bearer KEY`.
+Request bodies are read within the server's limits (`Server.read_json`: JSON, size, depth, time); the
+connections themselves are guarded in transport.py (request-head deadline, connection cap).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -29,6 +32,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.infer.batched import BatchedEngine, GenerationEvent, GenerationRequest
@@ -41,6 +45,7 @@ from lmforge.serve.schemas import (
     check_fits,
     check_messages,
     check_model,
+    check_token_ids,
     parse_prompts,
     parse_sampling,
     refuse_unsupported,
@@ -48,11 +53,14 @@ from lmforge.serve.schemas import (
 )
 from lmforge.tasks.template import ChatTemplate
 
+log = logging.getLogger("lmforge.serve")
 STATIC_DIR = Path(__file__).parent / "static"
 PUBLIC_PATHS = ("/", "/health", "/metrics")
 COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
                  "/detokenize", "/tokenizer_info", "/")
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+MAX_JSON_DEPTH = 32  # the deepest request is a list of messages (3 levels); deeper bodies are probes
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left before its answer: counted, never a 500
 
 
 @dataclass
@@ -63,6 +71,7 @@ class ServeSettings:
     max_queue: int = 256
     max_tokens_limit: int = 4096
     max_body_bytes: int = 1_000_000
+    body_timeout: float = 30.0
     drain_timeout: float = 30.0
 
 
@@ -97,21 +106,40 @@ class Server:
                            type="authentication_error", code="invalid_api_key")
 
     async def read_json(self, request: Request) -> dict:
+        """The request's body as a JSON object, read within the server's size and time limits: a JSON
+        content type (or none), at most --max-body-bytes, all of it within --body-timeout seconds (a client
+        that stalls mid-body gets a 408 and its connection closed), nested at most MAX_JSON_DEPTH deep."""
+        media_type = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise ApiError(415, f"the request body must be JSON (Content-Type: application/json), got "
+                                f"'{media_type}'", code="unsupported_media_type")
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"the request body is {declared} bytes, above this server's limit of {limit} "
                                 "(lmforge serve --max-body-bytes)", code="body_too_large")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, f"the request body is over this server's limit of {limit} bytes "
-                                    "(lmforge serve --max-body-bytes)", code="body_too_large")
+        try:
+            async with asyncio.timeout(self.settings.body_timeout):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > limit:
+                        raise ApiError(413, f"the request body is over this server's limit of {limit} bytes "
+                                            "(lmforge serve --max-body-bytes)", code="body_too_large")
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.settings.body_timeout:g} seconds "
+                                "(lmforge serve --body-timeout)", code="request_timeout",
+                           headers={"Connection": "close"}) from None
+        too_deep = ApiError(400, f"the request body is nested more than {MAX_JSON_DEPTH} levels deep",
+                            code="invalid_json")
         try:
             data = json.loads(body)
+        except RecursionError:  # nested past Python's own recursion limit
+            raise too_deep from None
         except (ValueError, UnicodeDecodeError) as err:
             raise ApiError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from None
+        if _nesting_depth(data) > MAX_JSON_DEPTH:
+            raise too_deep
         if not isinstance(data, dict):
             raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
         return data
@@ -189,6 +217,20 @@ class Guard:
             self.server.metrics.requests.labels(label, str(status)).inc()
 
 
+def _nesting_depth(data: object) -> int:
+    """How deeply lists and objects nest in parsed JSON (a scalar is 0), without recursion."""
+    deepest, pending = 0, [(data, 1)]
+    while pending:
+        value, depth = pending.pop()
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if depth <= MAX_JSON_DEPTH:
+            pending.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def _unset(event: GenerationEvent) -> None:
     raise RuntimeError("the scheduler sets each request's emit when it submits it")
 
@@ -258,6 +300,16 @@ def create_app(engine: BatchedEngine, template: ChatTemplate, settings: ServeSet
         body = ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}", type=kind).body()
         return JSONResponse(body, status_code=err.status_code, headers=getattr(err, "headers", None))
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, err: ClientDisconnect) -> JSONResponse:
+        # Nobody is left to read the answer; it is sent only so that the request is counted as the client's
+        # doing, not the server's.
+        log.info("%s %s: the client disconnected before sending its whole request", request.method,
+                 request.url.path)
+        body = ApiError(CLIENT_CLOSED_REQUEST, "the client closed the connection before sending its whole "
+                                               "request", code="client_closed_request").body()
+        return JSONResponse(body, status_code=CLIENT_CLOSED_REQUEST)
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception) -> JSONResponse:
         body = ApiError(500, f"internal error: {type(err).__name__}: {err}", type="server_error").body()
@@ -305,9 +357,7 @@ def create_app(engine: BatchedEngine, template: ChatTemplate, settings: ServeSet
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
         body = await server.read_json(request)
-        tokens = body.get("tokens")
-        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-            raise ApiError(400, "'tokens' must be a list of token ids", param="tokens")
+        tokens = check_token_ids(body.get("tokens"), server.tokenizer.vocab_size, "tokens")
         return {"prompt": server.tokenizer.decode(tokens)}
 
     @app.post("/v1/completions")

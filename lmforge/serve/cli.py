@@ -7,7 +7,9 @@ seconds), the engine stops, and the process exits 0.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import resource
 import socket
 import sys
 from pathlib import Path
@@ -15,6 +17,11 @@ from pathlib import Path
 from lmforge.errors import UserError
 
 API_KEY_ENV = "LMFORGE_API_KEY"
+# Upper bounds on the limits (the batch's bound is the memory its cache needs: BatchedEngine checks it).
+MAX_QUEUE = 100_000  # each waiting request holds its prompt; a longer line only makes clients wait longer
+MAX_BODY_BYTES = 100_000_000  # a body is held whole, then parsed: several times its size in memory
+DEFAULT_MAX_CONNECTIONS = 512
+RESERVED_FILES = 64  # descriptors the server needs besides its connections (checkpoints, logs, the listener)
 
 
 def add_serve_parser(commands: argparse._SubParsersAction) -> None:
@@ -25,35 +32,76 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on the API (default: ${API_KEY_ENV})")
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together in one forward pass")
-    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 429")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help=f"requests waiting for a slot before 429 (at most {MAX_QUEUE})")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
-    p.add_argument("--max-body-bytes", type=int, default=1_000_000, help="largest request body (else 413)")
+    p.add_argument("--max-body-bytes", type=int, default=1_000_000,
+                   help=f"largest request body (else 413; at most {MAX_BODY_BYTES})")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help=f"open connections served at once, beyond that 503 (default {DEFAULT_MAX_CONNECTIONS}, "
+                        "or fewer if ulimit -n is low)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a client has to send a request's head (else 408 and closed)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds a client has to send a request's body (else 408 and closed)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds an idle connection stays open between requests")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests")
     p.add_argument("--device", default="auto")
 
 
+def check_count(name: str, value: int, high: int | None = None, why: str = "") -> None:
+    """A count option: at least 1, and at most `high` (`why` says what sets that bound)."""
+    if value < 1:
+        raise UserError(f"{name} must be at least 1, got {value}")
+    if high is not None and value > high:
+        raise UserError(f"{name} must be at most {high}{why}, got {value}")
+
+
+def check_seconds(name: str, value: float, *, zero: bool = False) -> None:
+    """A duration option: a finite number of seconds, above 0 (or 0 itself where `zero`)."""
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        raise UserError(f"{name} must be a finite number of seconds{', 0 or more' if zero else ' above 0'}, "
+                        f"got {value}")
+
+
+def check_api_key(api_key: str | None) -> None:
+    """An empty key would serve everyone without a word; a key with spaces or non-ASCII characters could never
+    match an Authorization header."""
+    if api_key is None:
+        return
+    if not api_key.strip():
+        raise UserError(f"the API key (--api-key or ${API_KEY_ENV}) is empty; give a real key, or set neither to "
+                        "serve without one")
+    if not api_key.isascii() or not api_key.isprintable() or any(c.isspace() for c in api_key):
+        raise UserError(f"the API key (--api-key or ${API_KEY_ENV}) must be printable ASCII without spaces, "
+                        "as an 'Authorization: Bearer KEY' header carries it")
+
+
 def build_app(run: str | Path, *, device: str = "auto", api_key: str | None = None, max_batch: int = 16,
               max_queue: int = 256, max_tokens_limit: int = 4096, max_body_bytes: int = 1_000_000,
-              drain_timeout: float = 30.0):
-    """The app serving a run, named after its directory (checks the numbers, loads the model)."""
+              body_timeout: float = 30.0, drain_timeout: float = 30.0):
+    """The app serving a run, named after its directory (checks the options, loads the model; the engine
+    refuses a batch whose cache does not fit in memory)."""
     from lmforge.infer.batched import BatchedEngine
     from lmforge.infer.load import load_for_inference
     from lmforge.run import resolve_checkpoint
     from lmforge.serve.app import ServeSettings, create_app
     from lmforge.tasks.template import load_chat_template
 
-    for name, value in (("--max-batch", max_batch), ("--max-queue", max_queue),
-                        ("--max-tokens-limit", max_tokens_limit), ("--max-body-bytes", max_body_bytes)):
-        if value < 1:
-            raise UserError(f"{name} must be at least 1, got {value}")
-    if drain_timeout < 0:
-        raise UserError(f"--drain-timeout must be 0 or more seconds, got {drain_timeout}")
+    check_api_key(api_key)
+    check_count("--max-batch", max_batch)
+    check_count("--max-queue", max_queue, MAX_QUEUE)
+    check_count("--max-tokens-limit", max_tokens_limit)
+    check_count("--max-body-bytes", max_body_bytes, MAX_BODY_BYTES)
+    check_seconds("--body-timeout", body_timeout)
+    check_seconds("--drain-timeout", drain_timeout, zero=True)
     run_dir, _ = resolve_checkpoint(run)
     model, _, tokenizer, _, _ = load_for_inference(run, device)
     engine = BatchedEngine(model, tokenizer, max_batch=max_batch)
     settings = ServeSettings(model_name=run_dir.resolve().name, api_key=api_key, max_batch=max_batch,
                              max_queue=max_queue, max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes,
-                             drain_timeout=drain_timeout)
+                             body_timeout=body_timeout, drain_timeout=drain_timeout)
     return create_app(engine, load_chat_template(run_dir), settings)
 
 
@@ -76,16 +124,52 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def open_files_limit() -> int | None:
+    """How many file descriptors this process may open (ulimit -n), or None if unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def connection_limit(requested: int | None) -> int:
+    """--max-connections checked against ulimit -n (each connection is a descriptor); the default fits it."""
+    files = open_files_limit()
+    room = None if files is None else max(files - RESERVED_FILES, 1)
+    if requested is None:
+        return DEFAULT_MAX_CONNECTIONS if room is None else min(DEFAULT_MAX_CONNECTIONS, room)
+    check_count("--max-connections", requested, room,
+                f" (ulimit -n is {files}, {RESERVED_FILES} kept for the server's own files; raise ulimit -n)")
+    return requested
+
+
+def server_config(app, *, header_timeout: float = 10.0, keep_alive_timeout: float = 5.0,
+                  max_connections: int | None = None, drain_timeout: float = 30.0):
+    """uvicorn's configuration for the app: the connection limits (lmforge/serve/transport.py), no access log."""
+    import uvicorn
+
+    from lmforge.serve.transport import guarded_protocol
+
+    check_seconds("--header-timeout", header_timeout)
+    check_seconds("--keep-alive-timeout", keep_alive_timeout)
+    check_seconds("--drain-timeout", drain_timeout, zero=True)
+    protocol = guarded_protocol(header_timeout, connection_limit(max_connections))
+    return uvicorn.Config(app, http=protocol, log_level="warning", access_log=False,
+                          timeout_keep_alive=keep_alive_timeout, timeout_graceful_shutdown=drain_timeout)
+
+
 def run_server(args: argparse.Namespace) -> None:
     import signal
 
     import uvicorn
 
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     sock = bind(args.host, args.port)
     try:
-        app = build_app(args.run, device=args.device, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-                        max_batch=args.max_batch, max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
-                        max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout)
+        app = build_app(args.run, device=args.device, api_key=api_key, max_batch=args.max_batch,
+                        max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
+                        max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout,
+                        drain_timeout=args.drain_timeout)
+        config = server_config(app, header_timeout=args.header_timeout, keep_alive_timeout=args.keep_alive_timeout,
+                               max_connections=args.max_connections, drain_timeout=args.drain_timeout)
     except BaseException:
         sock.close()
         raise
@@ -103,6 +187,4 @@ def run_server(args: argparse.Namespace) -> None:
     model = app.state.server.model_card()
     print(f"lmforge serve: {model['id']} ({model['arch']}, context {model['context_length']}) on "
           f"http://{host}:{port}  (API at /v1, Ctrl-C or SIGTERM to stop)", file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(args.drain_timeout) or None,
-                            access_log=False)
     DrainingServer(config).run(sockets=[sock])

@@ -41,8 +41,13 @@ class Scheduler:
         self.thread.join(timeout=10)
 
     def submit(self, requests: list[GenerationRequest], queue: asyncio.Queue) -> None:
-        """Queue the requests (one per choice); their events go to `queue` as (index, event). Refuses with 429
-        when that would put more than max_queue requests in the waiting line, 503 once stopping."""
+        """Queue the requests (one per choice); their events go to `queue` as (index, event). Refuses with 400
+        when they are more than max_queue (they could never all wait: retrying cannot help), 429 when they
+        would put more than max_queue requests in the waiting line now, 503 once stopping."""
+        if len(requests) > self.max_queue:
+            raise ApiError(400, f"this request asks for {len(requests)} completions (n times the prompts), more "
+                                f"than the {self.max_queue} this server queues at once (lmforge serve --max-queue); "
+                                "send fewer prompts or a smaller n per request", code="too_many_choices")
         if self.stopping.is_set():
             raise ApiError(503, "the server is shutting down", type="server_error", code="shutting_down")
         waiting = self.engine.waiting_count()

@@ -156,10 +156,7 @@ def parse_prompts(body: dict, tokenizer: Tokenizer) -> list[list[int]]:
         if isinstance(item, str):
             ids = tokenizer.encode(item)
         elif isinstance(item, list) and all(_is_token(t) for t in item):
-            if any(t >= tokenizer.vocab_size for t in item):
-                raise ApiError(400, f"token ids must be below the vocabulary size {tokenizer.vocab_size}",
-                               param="prompt")
-            ids = list(item)
+            ids = check_token_ids(item, tokenizer.vocab_size, "prompt")
         else:
             raise ApiError(400, "each prompt must be a string or a list of token ids", param="prompt")
         encoded.append(ids or [tokenizer.eot_id])  # an empty prompt starts from end-of-text, as a new document
@@ -168,6 +165,16 @@ def parse_prompts(body: dict, tokenizer: Tokenizer) -> list[list[int]]:
 
 def _is_token(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_token_ids(value: Any, vocab_size: int, param: str) -> list[int]:
+    """The one token-id check of every endpoint that takes ids (completion prompts, /detokenize): a list of
+    integers (not booleans) from 0 to vocab_size - 1, else a 400 naming `param`."""
+    if not isinstance(value, list) or not all(_is_token(t) for t in value):
+        raise ApiError(400, f"'{param}' must be a list of token ids (integers from 0)", param=param)
+    if any(t >= vocab_size for t in value):
+        raise ApiError(400, f"token ids must be below the vocabulary size {vocab_size}", param=param)
+    return list(value)
 
 
 def check_messages(body: dict) -> list[dict]:
