@@ -115,18 +115,21 @@ class Server:
                                 f"'{media_type}'", code="unsupported_media_type")
         limit = self.settings.max_body_bytes
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
             raise ApiError(413, f"the request body is {declared} bytes, above this server's limit of {limit} "
                                 "(lmforge serve --max-body-bytes)", code="body_too_large")
         body = bytearray()
+
+        async def receive_all() -> None:
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise ApiError(413, f"the request body is over this server's limit of {limit} bytes "
+                                        "(lmforge serve --max-body-bytes)", code="body_too_large")
+
         try:
-            async with asyncio.timeout(self.settings.body_timeout):
-                async for chunk in request.stream():
-                    body += chunk
-                    if len(body) > limit:
-                        raise ApiError(413, f"the request body is over this server's limit of {limit} bytes "
-                                            "(lmforge serve --max-body-bytes)", code="body_too_large")
-        except TimeoutError:
+            await asyncio.wait_for(receive_all(), self.settings.body_timeout)
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             raise ApiError(408, f"the request body did not arrive within {self.settings.body_timeout:g} seconds "
                                 "(lmforge serve --body-timeout)", code="request_timeout",
                            headers={"Connection": "close"}) from None
