@@ -17,6 +17,7 @@ from pathlib import Path
 from lmforge import __version__
 from lmforge.config import ENGINES
 from lmforge.errors import UserError
+from lmforge.infer.sampling import SamplingError, SamplingParams, check_temperature, check_top_k, check_top_p
 from lmforge.serve.cli import add_serve_parser
 
 if typing.TYPE_CHECKING:  # the CLI imports torch only inside the commands that need it
@@ -94,14 +95,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         except OSError as err:
             raise UserError(f"cannot read --prompt-file: {err}") from None
     model, _, tokenizer, _, device = load_for_inference(args.run, args.device, args.engine)
-    unknown = tokenizer.unknown_characters(prompt)
-    if unknown:
-        named = ", ".join(repr(c) for c in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
-        if not args.allow_unknown:
-            raise UserError(f"the prompt has characters the run's tokenizer does not know ({named}); remove them, "
-                            "or pass --allow-unknown to read each as the unknown token")
-        print(f"lmforge sample: note: characters outside the vocabulary read as the unknown token: {named}",
-              file=sys.stderr)
+    note_unknown("sample", tokenizer, tokenizer.check_known(prompt, allow_unknown=args.allow_unknown))
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     # The batched engine keeps each row's whole context in its cache and cannot slide it as `generate` does:
     # samples longer than the context run one at a time.
@@ -123,6 +117,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
         sys.stdout.write("\n")
 
 
+def note_unknown(command: str, tokenizer: Tokenizer, allowed: list[str]) -> None:
+    """With --allow-unknown: say on stderr which characters were read as the unknown token."""
+    if allowed:
+        from lmforge.data.tokenizer import name_characters
+
+        print(f"lmforge {command}: note: characters outside the vocabulary read as the unknown token: "
+              f"{name_characters(allowed)}", file=sys.stderr)
+
+
 def print_batched_samples(model: nn.Module, tokenizer: Tokenizer, prompt: str, prompt_ids: list[int],
                           args: argparse.Namespace) -> None:
     """All --num-samples in one batch on the batched engine (sample i seeded with --seed + i), each printed
@@ -142,8 +145,8 @@ def print_batched_samples(model: nn.Module, tokenizer: Tokenizer, prompt: str, p
 def cmd_chat(args: argparse.Namespace) -> None:
     from lmforge.infer.chat import chat
 
-    chat(args.run, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-         max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed)
+    chat(args.run, SamplingParams(args.temperature, args.top_k, args.top_p), max_new_tokens=args.max_new_tokens,
+         device=args.device, seed=args.seed, allow_unknown=args.allow_unknown)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -190,7 +193,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from lmforge.tasks.predict import predict
 
     print(json.dumps(predict(args.run, args.text, context=args.context, max_new_tokens=args.max_new_tokens,
-                             device=resolve_device(args.device, "--device"))))
+                             device=resolve_device(args.device, "--device"), allow_unknown=args.allow_unknown)))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -277,8 +280,8 @@ def cmd_plot(args: argparse.Namespace) -> None:
         raise UserError(f"plot {args.what} draws no run; drop {args.run}")
     if args.what in ("landscape", "next-token") and args.run is None:
         raise UserError(f"plot {args.what} needs a run directory: lmforge plot {args.what} RUN --out FILE.png")
-    if args.prompt is not None and args.what != "next-token":
-        raise UserError("--prompt is for plot next-token")
+    if (args.prompt is not None or args.allow_unknown) and args.what != "next-token":
+        raise UserError("--prompt and --allow-unknown are for plot next-token")
     if args.what == "activations":
         from lmforge.lab.activations import plot_activations
 
@@ -295,7 +298,8 @@ def cmd_plot(args: argparse.Namespace) -> None:
     else:
         from lmforge.lab.next_token import plot_next_token
 
-        written = plot_next_token(args.run, args.out, prompt=args.prompt or "", top_k=args.top_k, top_p=args.top_p)
+        written = plot_next_token(args.run, args.out, prompt=args.prompt or "", top_k=args.top_k, top_p=args.top_p,
+                                  allow_unknown=args.allow_unknown)
     print(f"wrote {written}")
 
 
@@ -309,6 +313,14 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     """A command that takes a config: it accepts --section.key VALUE overrides, and its help says so."""
     parser.epilog = OVERRIDES_EPILOG
     parser.set_defaults(takes_overrides=True)
+
+
+def add_allow_unknown(parser: argparse.ArgumentParser) -> None:
+    """The one opt-in, named the same in every command that reads text for a run's model (and `allow_unknown`
+    in a server request): without it, characters a char tokenizer never saw are refused by name."""
+    parser.add_argument("--allow-unknown", action="store_true",
+                        help="read characters outside a char tokenizer's vocabulary as the unknown token "
+                             "(default: refuse them, naming them)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -364,14 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
     p.add_argument("--max-new-tokens", type=COUNT, default=500)
     p.add_argument("--temperature", type=TEMPERATURE, default=0.8, help="0 means greedy decoding")
-    p.add_argument("--top-k", type=POSITIVE_INT, help="sample among the k most likely tokens only")
+    p.add_argument("--top-k", type=TOP_K, help="sample among the k most likely tokens only")
     p.add_argument("--top-p", type=PROBABILITY, help="sample among the most likely tokens that make up this "
                                                       "probability, in (0, 1]")
     p.add_argument("--num-samples", type=POSITIVE_INT, default=1)
     p.add_argument("--seed", type=SEED, default=1337)
-    p.add_argument("--allow-unknown", action="store_true", help="read prompt characters outside a char "
-                                                                "tokenizer's vocabulary as the unknown token "
-                                                                "(default: refuse them, naming them)")
+    add_allow_unknown(p)
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--engine", choices=ENGINES, default="torch", help="scratch: the NumPy engine (CPU)")
 
@@ -379,11 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
     p.add_argument("run", help="run directory or a checkpoint directory inside one")
     p.add_argument("--temperature", type=TEMPERATURE, default=0.8, help="0 means greedy decoding (/temp X changes it)")
-    p.add_argument("--top-k", type=POSITIVE_INT, help="sample among the k most likely tokens only")
+    p.add_argument("--top-k", type=TOP_K, help="sample among the k most likely tokens only")
     p.add_argument("--top-p", type=PROBABILITY, help="sample among the most likely tokens that make up this "
                                                       "probability, in (0, 1]")
     p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256, help="longest reply, in tokens")
     p.add_argument("--seed", type=SEED, default=1337)
+    add_allow_unknown(p)
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
 
     p = commands.add_parser("eval", help="loss, perplexity and bits per byte on a split; or --task metrics")
@@ -425,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", help="qa runs: the passage the --text question is about")
     p.add_argument("--max-new-tokens", type=COUNT, default=200)
     p.add_argument("--device", default="auto")
+    add_allow_unknown(p)
 
     p = commands.add_parser("bench", help="time training steps on random tokens (extra flags override config)")
     p.set_defaults(func=cmd_bench)
@@ -501,7 +513,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", metavar="RUN", help="run directory (landscape, next-token)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--prompt", help="next-token: the text before the token (default: none, end-of-text)")
-    p.add_argument("--top-k", type=POSITIVE_INT, default=10, help="next-token: the top-k cut-off to mark (default 10)")
+    add_allow_unknown(p)
+    p.add_argument("--top-k", type=TOP_K, default=10, help="next-token: the top-k cut-off to mark (default 10)")
     p.add_argument("--top-p", type=PROBABILITY, default=0.9,
                    help="next-token: the top-p cut-off to mark (default 0.9)")
     p.add_argument("--data", help="landscape: data directory (default: the one the run's log records)")
@@ -543,10 +556,29 @@ def checked(kind: type, *, low: float | None = None, high: float | None = None, 
     return parse
 
 
+def sampling_value(kind: type, check: typing.Callable[[typing.Any], typing.Any], text: str
+                   ) -> typing.Callable[[str], typing.Any]:
+    """An argparse type for a sampling flag: the value parsed as `kind`, then SamplingParams' own check of it
+    (lmforge/infer/sampling.py), so the flags, chat's /temp and the server accept the same values."""
+
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {text}, got {value!r}") from None
+        try:
+            return check(number)
+        except SamplingError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
 POSITIVE_INT = checked(int, low=1, text="a positive integer")
 COUNT = checked(int, low=0, text="an integer of at least 0")
-TEMPERATURE = checked(float, low=0, text="0 (greedy) or a positive number")
-PROBABILITY = checked(float, above=0, high=1, text="a probability in (0, 1]")
+TEMPERATURE = sampling_value(float, check_temperature, "0 (greedy) or a positive number")
+TOP_K = sampling_value(int, check_top_k, "a positive number of tokens")
+PROBABILITY = sampling_value(float, check_top_p, "a probability in (0, 1]")
 SEED = checked(int, low=0, high=2**64 - 1, text="an integer in [0, 2**64)")
 
 

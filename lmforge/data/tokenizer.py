@@ -39,6 +39,14 @@ def check_kind(kind: str) -> str:
     return kind
 
 
+ALLOW_UNKNOWN_HINT = "pass --allow-unknown to read each as the unknown token"
+
+
+def name_characters(characters: Sequence[str], shown: int = 10) -> str:
+    """The first `shown` characters, quoted (so a space or a control character is visible), then '...'."""
+    return ", ".join(repr(c) for c in characters[:shown]) + (", ..." if len(characters) > shown else "")
+
+
 class Tokenizer:
     """The interface every command uses; `load_tokenizer` returns one of the subclasses below."""
 
@@ -57,6 +65,18 @@ class Tokenizer:
         """The characters of `text` this tokenizer cannot encode, in order of first appearance (byte-level
         tokenizers encode everything)."""
         return []
+
+    def check_known(self, text: str, *, what: str = "the prompt", allow_unknown: bool = False,
+                    allow_hint: str = ALLOW_UNKNOWN_HINT) -> list[str]:
+        """The one policy for text a user gives a run's model (sample, predict, chat, plot next-token, the
+        server's prompts and messages): a character the tokenizer cannot encode is refused, by name, unless
+        `allow_unknown` reads it as the unknown token. Returns the unknown characters that were allowed, for a
+        note; `allow_hint` tells the user how to allow them (a flag, or a request field)."""
+        unknown = self.unknown_characters(text)
+        if unknown and not allow_unknown:
+            raise UserError(f"{what} has characters the run's tokenizer does not know ({name_characters(unknown)}); "
+                            f"remove them, or {allow_hint}")
+        return unknown
 
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Like encode_batch, as int64 arrays; kinds override it where arrays are the fast path."""
