@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 
 from lmforge import __version__
-from lmforge.config import ENGINES
+from lmforge.config import ENGINES, MAX_BATCH, MAX_VOCAB
 from lmforge.errors import UserError
 from lmforge.infer.sampling import SamplingError, SamplingParams, check_temperature, check_top_k, check_top_p
 from lmforge.serve.cli import add_serve_parser
@@ -202,15 +202,22 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     # The plan and the estimate come first; with --json they go to stderr, so stdout stays one JSON object.
     say = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    result = bench(load_config(args.config, args.overrides), steps=args.steps, say=say)
+    result = bench(load_config(args.config, args.overrides), steps=args.steps, say=say, measure_peak=args.measure_peak)
     if args.json:
         print(json.dumps(result))
         return
     print(f"{result['engine']} engine, {result['device']} {result['precision']}, compile {result['compile']}, "
           f"{result['params']:,} parameters, {result['tokens_per_step']:,} tokens per step")
     print(f"{result['ms_per_step']:.1f} ms/step | {result['tokens_per_s']:,.0f} tokens/s | "
-          f"{result['tflops']:.3f} TFLOP/s | MFU {result['mfu']:.1%} of {result['peak_tflops']:.2f} TFLOP/s | "
+          f"{result['tflops']:.3f} TFLOP/s | {mfu_text(result['mfu'], result['peak_tflops'])} | "
           f"peak memory {result['peak_mem_mb']:,.0f} MB")
+
+
+def mfu_text(mfu: float | None, peak_tflops: float) -> str:
+    if mfu is None:  # even measured again, the peak was below what the steps achieved
+        return (f"MFU unknown (the steps beat the measured peak of {peak_tflops:.2f} TFLOP/s; "
+                "lmforge bench --measure-peak on a quiet machine measures it again)")
+    return f"MFU {mfu:.1%} of {peak_tflops:.2f} TFLOP/s"
 
 
 def cmd_gradcheck(args: argparse.Namespace) -> None:
@@ -335,12 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-source", action="append", help="held-out validation text (repeatable)")
     p.add_argument("--val-fraction", type=float, help="fraction of documents held out (default 0.1)")
     p.add_argument("--tokenizer", required=True, help="char, bpe or gpt2")
-    p.add_argument("--vocab-size", type=POSITIVE_INT, help="bpe vocabulary size")
+    p.add_argument("--vocab-size", type=size_flag(MAX_VOCAB), help="bpe vocabulary size")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet")
     p.add_argument("--lowercase", action="store_true")
     p.add_argument("--seed", type=SEED, default=1337)
-    p.add_argument("--shard-tokens", type=POSITIVE_INT, default=100_000_000)
-    p.add_argument("--workers", type=POSITIVE_INT, help="encoding processes (default: all cores)")
+    p.add_argument("--shard-tokens", type=size_flag(2**31), default=100_000_000)
+    p.add_argument("--workers", type=size_flag(1024), help="encoding processes (default: all cores)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset in --out")
     p.add_argument("--quiet", action="store_true")
@@ -374,12 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory or a checkpoint directory inside one")
     p.add_argument("--prompt", help="text the samples continue (default: none, start from end-of-text)")
     p.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    p.add_argument("--max-new-tokens", type=COUNT, default=500)
+    p.add_argument("--max-new-tokens", type=NEW_TOKENS, default=500)
     p.add_argument("--temperature", type=TEMPERATURE, default=0.8, help="0 means greedy decoding")
     p.add_argument("--top-k", type=TOP_K, help="sample among the k most likely tokens only")
     p.add_argument("--top-p", type=PROBABILITY, help="sample among the most likely tokens that make up this "
                                                       "probability, in (0, 1]")
-    p.add_argument("--num-samples", type=POSITIVE_INT, default=1)
+    p.add_argument("--num-samples", type=size_flag(MAX_SAMPLES), default=1,
+                   help=f"samples to generate (at most {MAX_SAMPLES})")
     p.add_argument("--seed", type=SEED, default=1337)
     add_allow_unknown(p)
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
@@ -392,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=TOP_K, help="sample among the k most likely tokens only")
     p.add_argument("--top-p", type=PROBABILITY, help="sample among the most likely tokens that make up this "
                                                       "probability, in (0, 1]")
-    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256, help="longest reply, in tokens")
+    p.add_argument("--max-new-tokens", type=size_flag(MAX_NEW_TOKENS), default=256, help="longest reply, in tokens")
     p.add_argument("--seed", type=SEED, default=1337)
     add_allow_unknown(p)
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
@@ -405,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="val by default; with --task and a directory, test by default")
     p.add_argument("--task", help="classify, translate, qa, choice or sft: the task's metrics as JSON")
     p.add_argument("--predictions", help="with --task: write each record's prediction and reference (JSON lines)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
+    p.add_argument("--batch-size", type=size_flag(MAX_BATCH), default=16)
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--engine", choices=ENGINES, default="torch", help="scratch: the NumPy engine (CPU)")
 
@@ -434,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory or a checkpoint directory inside one")
     p.add_argument("--text", required=True)
     p.add_argument("--context", help="qa runs: the passage the --text question is about")
-    p.add_argument("--max-new-tokens", type=COUNT, default=200)
+    p.add_argument("--max-new-tokens", type=NEW_TOKENS, default=200,
+                   help="longest reply, in tokens (at most the run's context)")
     p.add_argument("--device", default="auto")
     add_allow_unknown(p)
 
@@ -442,9 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
     add_config_options(p)
     p.add_argument("--config", help="TOML config (default: built-in defaults)")
-    p.add_argument("--steps", type=POSITIVE_INT, default=10,
+    p.add_argument("--steps", type=size_flag(MAX_BENCH_STEPS), default=10,
                    help="timed optimizer steps (after 2 untimed warm-up steps)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--measure-peak", action="store_true",
+                   help="measure the peak FLOP rate MFU is reported against again (run it on a quiet machine), "
+                        "replacing the cached one")
     p.add_argument("--engine", action=SetConfig, key="train.engine", choices=ENGINES,
                    help="sets train.engine: torch (default) or scratch (NumPy)")
 
@@ -574,8 +586,17 @@ def sampling_value(kind: type, check: typing.Callable[[typing.Any], typing.Any],
     return parse
 
 
+def size_flag(most: int) -> typing.Callable[[str], int]:
+    """An argparse type for a size: a positive integer up to `most`, a bound far above any real use that keeps
+    a typo from running for hours or failing in the allocator."""
+    return checked(int, low=1, high=most, text=f"a positive integer of at most {most:,}")
+
+
 POSITIVE_INT = checked(int, low=1, text="a positive integer")
-COUNT = checked(int, low=0, text="an integer of at least 0")
+MAX_NEW_TOKENS = 1_000_000
+MAX_SAMPLES = 1024  # --num-samples run as one batch: one row of KV cache each
+MAX_BENCH_STEPS = 100_000
+NEW_TOKENS = checked(int, low=0, high=MAX_NEW_TOKENS, text=f"an integer from 0 to {MAX_NEW_TOKENS:,}")
 TEMPERATURE = sampling_value(float, check_temperature, "0 (greedy) or a positive number")
 TOP_K = sampling_value(int, check_top_k, "a positive number of tokens")
 PROBABILITY = sampling_value(float, check_top_p, "a probability in (0, 1]")

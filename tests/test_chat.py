@@ -28,11 +28,11 @@ def chat_run(tmp_path_factory, tiny_data) -> Path:
     """A tiny run with a 64-token context: room for a short conversation through the template."""
     from conftest import TINY_OVERRIDES
 
-    import lmforge.train.trainer as trainer_module
+    import lmforge.hardware as hardware
 
     run = tmp_path_factory.mktemp("chat") / "run"
     with pytest.MonkeyPatch.context() as patch:  # MFU's FLOP-rate probe: not under test
-        patch.setattr(trainer_module, "peak_flops", lambda device, precision: 1e12)
+        patch.setattr(hardware, "peak_flops", lambda device, precision, **_: 1e12)
         config = load_config(None, {**TINY_OVERRIDES, "model.block_size": "64", "train.max_steps": "2"})
         Trainer(config, tiny_data, run, quiet=True).run()
     return run
