@@ -154,8 +154,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from lmforge.tasks.evaluate import eval_command
 
         eval_command(args.run, args.task, args.data, split=args.split, predictions=args.predictions,
-                     batch_size=args.batch_size, device=args.device, engine=args.engine)
+                     batch_size=args.batch_size, device=args.device, engine=args.engine,
+                     allow_unknown=args.allow_unknown)
         return
+    if args.allow_unknown:
+        raise UserError("--allow-unknown is for eval --task (token shards hold no characters)")
     args.split = args.split or "val"
     from lmforge.data.datadir import check_token_ids, describe_data
     from lmforge.data.loader import TokenWindows
@@ -413,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="val by default; with --task and a directory, test by default")
     p.add_argument("--task", help="classify, translate, qa, choice or sft: the task's metrics as JSON")
     p.add_argument("--predictions", help="with --task: write each record's prediction and reference (JSON lines)")
+    add_allow_unknown(p)
     p.add_argument("--batch-size", type=size_flag(MAX_BATCH), default=16)
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--engine", choices=ENGINES, default="torch", help="scratch: the NumPy engine (CPU)")

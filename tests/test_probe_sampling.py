@@ -139,6 +139,16 @@ def test_commands_refuse_unknown_characters_by_name_unless_allowed(argv, base, t
     assert code == 0 and "Traceback" not in err, err
 
 
+def test_eval_task_refuses_unknown_characters_unless_allowed(base, tmp_path, capsys):
+    data = tmp_path / "choice.jsonl"
+    data.write_text(json.dumps({"context": "the Ωcat", "choices": [" sat", " ran"], "label": 0}) + "\n")
+    argv = ["eval", base.run, "--task", "choice", "--data", data, "--device", "cpu"]
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, "'Ω'", "--allow-unknown")
+    code, out, err = run_cli(capsys, *argv, "--allow-unknown")
+    assert code == 0 and json.loads(out)["acc"] in (0.0, 1.0), err
+
+
 # ---- D6, D10: sizes ----
 
 

@@ -78,6 +78,21 @@ class Tokenizer:
                             f"remove them, or {allow_hint}")
         return unknown
 
+    def check_known_data(self, texts: Iterable[str], origin: str, *, allow_unknown: bool = False,
+                         advice: str = "") -> None:
+        """check_known for a data file's many texts: refused with how many characters are unknown and the
+        commonest of them (unless `allow_unknown`); `advice` ends the message."""
+        if allow_unknown:
+            return
+        unknown: dict[str, int] = {}
+        for text in texts:
+            for char in self.unknown_characters(text):
+                unknown[char] = unknown.get(char, 0) + text.count(char)
+        if unknown:
+            commonest = sorted(unknown, key=unknown.get, reverse=True)
+            raise UserError(f"{origin}: the run's tokenizer cannot encode {sum(unknown.values())} characters of the "
+                            f"data ({len(unknown)} distinct, e.g. {name_characters(commonest, 5)})" + advice)
+
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Like encode_batch, as int64 arrays; kinds override it where arrays are the fast path."""
         return [np.asarray(ids, dtype=np.int64) for ids in self.encode_batch(texts)]
@@ -114,6 +129,7 @@ class CharTokenizer(Tokenizer):
         self._table = np.full(int(codepoints.max(initial=0)) + 2, self.unknown_id, dtype=np.int64)
         self._table[codepoints] = np.arange(len(chars))
         self._pieces = list(chars) + [EOT_TEXT, "\ufffd"]
+        self._known = frozenset(chars)
 
     @classmethod
     def train(cls, texts: Iterable[str]) -> CharTokenizer:
@@ -137,8 +153,7 @@ class CharTokenizer(Tokenizer):
         return self.encode_arrays([text])[0].tolist()
 
     def unknown_characters(self, text: str) -> list[str]:
-        known = set(self.chars)
-        return list(dict.fromkeys(c for c in text if c not in known))
+        return list(dict.fromkeys(c for c in text if c not in self._known))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [ids.tolist() for ids in self.encode_arrays(texts)]
