@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from lmforge.config import Config
-from lmforge.hardware import configure_fast_math, peak_flops, peak_memory_mb, synchronize
+from lmforge.hardware import PeakFlops, configure_fast_math, peak_memory_mb, synchronize
 from lmforge.model.factory import build_model
 from lmforge.train.engine import build_engine, engine_device
 from lmforge.train.trainer import accumulation_steps
@@ -22,9 +22,11 @@ DEFAULT_BENCH_VOCAB = 50257  # GPT-2's, for configs that take their vocabulary f
 PROBE_STEPS = 2  # one-micro-batch steps run before the estimate; the last one is timed
 
 
-def bench(config: Config, steps: int = 10, warmup: int = 2, say: Callable[[str], None] | None = None) -> dict:
+def bench(config: Config, steps: int = 10, warmup: int = 2, say: Callable[[str], None] | None = None,
+          measure_peak: bool = False) -> dict:
     """Run `warmup` untimed then `steps` timed optimizer steps; returns the measurements. Before them, `say`
-    hears how many micro-batches that is and about how long it will take."""
+    hears how many micro-batches that is and about how long it will take. `measure_peak` measures the peak
+    FLOP rate again and replaces the cached one; "mfu" is None where the peak is unknown (see PeakFlops)."""
     config = copy.deepcopy(config)
     train = config.train
     if config.model.vocab_size == 0:
@@ -66,13 +68,14 @@ def bench(config: Config, steps: int = 10, warmup: int = 2, say: Callable[[str],
     seconds = time.perf_counter() - start
     tokens_per_s = steps * tokens_per_step / seconds
     flops = model.flops_per_token() * tokens_per_s
-    peak = peak_flops(device, precision)
+    peak = PeakFlops(device, precision, replace=measure_peak)
+    mfu = peak.mfu(flops)
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "precision": precision, "engine": train.engine, "compile": engine.compiled, "params": model.num_params(),
         "tokens_per_step": tokens_per_step, "accumulation": accumulation, "steps": steps,
         "ms_per_step": 1000 * seconds / steps, "tokens_per_s": tokens_per_s, "tflops": flops / 1e12,
-        "peak_tflops": peak / 1e12, "mfu": flops / peak, "peak_mem_mb": peak_memory_mb(device),
+        "peak_tflops": peak.value / 1e12, "mfu": mfu, "peak_mem_mb": peak_memory_mb(device),
     }
 
 

@@ -15,8 +15,9 @@ import typing
 from pathlib import Path
 
 from lmforge import __version__
-from lmforge.config import ENGINES
+from lmforge.config import ENGINES, MAX_BATCH, MAX_VOCAB
 from lmforge.errors import UserError
+from lmforge.infer.sampling import SamplingError, SamplingParams, check_temperature, check_top_k, check_top_p
 from lmforge.serve.cli import add_serve_parser
 
 if typing.TYPE_CHECKING:  # the CLI imports torch only inside the commands that need it
@@ -94,14 +95,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         except OSError as err:
             raise UserError(f"cannot read --prompt-file: {err}") from None
     model, _, tokenizer, _, device = load_for_inference(args.run, args.device, args.engine)
-    unknown = tokenizer.unknown_characters(prompt)
-    if unknown:
-        named = ", ".join(repr(c) for c in unknown[:10]) + (", ..." if len(unknown) > 10 else "")
-        if not args.allow_unknown:
-            raise UserError(f"the prompt has characters the run's tokenizer does not know ({named}); remove them, "
-                            "or pass --allow-unknown to read each as the unknown token")
-        print(f"lmforge sample: note: characters outside the vocabulary read as the unknown token: {named}",
-              file=sys.stderr)
+    note_unknown("sample", tokenizer, tokenizer.check_known(prompt, allow_unknown=args.allow_unknown))
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     # The batched engine keeps each row's whole context in its cache and cannot slide it as `generate` does:
     # samples longer than the context run one at a time.
@@ -123,6 +117,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
         sys.stdout.write("\n")
 
 
+def note_unknown(command: str, tokenizer: Tokenizer, allowed: list[str]) -> None:
+    """With --allow-unknown: say on stderr which characters were read as the unknown token."""
+    if allowed:
+        from lmforge.data.tokenizer import name_characters
+
+        print(f"lmforge {command}: note: characters outside the vocabulary read as the unknown token: "
+              f"{name_characters(allowed)}", file=sys.stderr)
+
+
 def print_batched_samples(model: nn.Module, tokenizer: Tokenizer, prompt: str, prompt_ids: list[int],
                           args: argparse.Namespace) -> None:
     """All --num-samples in one batch on the batched engine (sample i seeded with --seed + i), each printed
@@ -142,8 +145,8 @@ def print_batched_samples(model: nn.Module, tokenizer: Tokenizer, prompt: str, p
 def cmd_chat(args: argparse.Namespace) -> None:
     from lmforge.infer.chat import chat
 
-    chat(args.run, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-         max_new_tokens=args.max_new_tokens, device=args.device, seed=args.seed)
+    chat(args.run, SamplingParams(args.temperature, args.top_k, args.top_p), max_new_tokens=args.max_new_tokens,
+         device=args.device, seed=args.seed, allow_unknown=args.allow_unknown)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -151,8 +154,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from lmforge.tasks.evaluate import eval_command
 
         eval_command(args.run, args.task, args.data, split=args.split, predictions=args.predictions,
-                     batch_size=args.batch_size, device=args.device, engine=args.engine)
+                     batch_size=args.batch_size, device=args.device, engine=args.engine,
+                     allow_unknown=args.allow_unknown)
         return
+    if args.allow_unknown:
+        raise UserError("--allow-unknown is for eval --task (token shards hold no characters)")
     args.split = args.split or "val"
     from lmforge.data.datadir import check_token_ids, describe_data
     from lmforge.data.loader import TokenWindows
@@ -190,7 +196,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from lmforge.tasks.predict import predict
 
     print(json.dumps(predict(args.run, args.text, context=args.context, max_new_tokens=args.max_new_tokens,
-                             device=resolve_device(args.device, "--device"))))
+                             device=resolve_device(args.device, "--device"), allow_unknown=args.allow_unknown)))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -199,15 +205,22 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     # The plan and the estimate come first; with --json they go to stderr, so stdout stays one JSON object.
     say = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    result = bench(load_config(args.config, args.overrides), steps=args.steps, say=say)
+    result = bench(load_config(args.config, args.overrides), steps=args.steps, say=say, measure_peak=args.measure_peak)
     if args.json:
         print(json.dumps(result))
         return
     print(f"{result['engine']} engine, {result['device']} {result['precision']}, compile {result['compile']}, "
           f"{result['params']:,} parameters, {result['tokens_per_step']:,} tokens per step")
     print(f"{result['ms_per_step']:.1f} ms/step | {result['tokens_per_s']:,.0f} tokens/s | "
-          f"{result['tflops']:.3f} TFLOP/s | MFU {result['mfu']:.1%} of {result['peak_tflops']:.2f} TFLOP/s | "
+          f"{result['tflops']:.3f} TFLOP/s | {mfu_text(result['mfu'], result['peak_tflops'])} | "
           f"peak memory {result['peak_mem_mb']:,.0f} MB")
+
+
+def mfu_text(mfu: float | None, peak_tflops: float) -> str:
+    if mfu is None:  # even measured again, the peak was below what the steps achieved
+        return (f"MFU unknown (the steps beat the measured peak of {peak_tflops:.2f} TFLOP/s; "
+                "lmforge bench --measure-peak on a quiet machine measures it again)")
+    return f"MFU {mfu:.1%} of {peak_tflops:.2f} TFLOP/s"
 
 
 def cmd_gradcheck(args: argparse.Namespace) -> None:
@@ -277,8 +290,8 @@ def cmd_plot(args: argparse.Namespace) -> None:
         raise UserError(f"plot {args.what} draws no run; drop {args.run}")
     if args.what in ("landscape", "next-token") and args.run is None:
         raise UserError(f"plot {args.what} needs a run directory: lmforge plot {args.what} RUN --out FILE.png")
-    if args.prompt is not None and args.what != "next-token":
-        raise UserError("--prompt is for plot next-token")
+    if (args.prompt is not None or args.allow_unknown) and args.what != "next-token":
+        raise UserError("--prompt and --allow-unknown are for plot next-token")
     if args.what == "activations":
         from lmforge.lab.activations import plot_activations
 
@@ -295,7 +308,8 @@ def cmd_plot(args: argparse.Namespace) -> None:
     else:
         from lmforge.lab.next_token import plot_next_token
 
-        written = plot_next_token(args.run, args.out, prompt=args.prompt or "", top_k=args.top_k, top_p=args.top_p)
+        written = plot_next_token(args.run, args.out, prompt=args.prompt or "", top_k=args.top_k, top_p=args.top_p,
+                                  allow_unknown=args.allow_unknown)
     print(f"wrote {written}")
 
 
@@ -311,6 +325,14 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(takes_overrides=True)
 
 
+def add_allow_unknown(parser: argparse.ArgumentParser) -> None:
+    """The one opt-in, named the same in every command that reads text for a run's model (and `allow_unknown`
+    in a server request): without it, characters a char tokenizer never saw are refused by name."""
+    parser.add_argument("--allow-unknown", action="store_true",
+                        help="read characters outside a char tokenizer's vocabulary as the unknown token "
+                             "(default: refuse them, naming them)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="lmforge", description="Train language models from scratch.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
@@ -323,12 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-source", action="append", help="held-out validation text (repeatable)")
     p.add_argument("--val-fraction", type=float, help="fraction of documents held out (default 0.1)")
     p.add_argument("--tokenizer", required=True, help="char, bpe or gpt2")
-    p.add_argument("--vocab-size", type=POSITIVE_INT, help="bpe vocabulary size")
+    p.add_argument("--vocab-size", type=size_flag(MAX_VOCAB), help="bpe vocabulary size")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet")
     p.add_argument("--lowercase", action="store_true")
     p.add_argument("--seed", type=SEED, default=1337)
-    p.add_argument("--shard-tokens", type=POSITIVE_INT, default=100_000_000)
-    p.add_argument("--workers", type=POSITIVE_INT, help="encoding processes (default: all cores)")
+    p.add_argument("--shard-tokens", type=size_flag(2**31), default=100_000_000)
+    p.add_argument("--workers", type=size_flag(1024), help="encoding processes (default: all cores)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset in --out")
     p.add_argument("--quiet", action="store_true")
@@ -362,16 +384,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory or a checkpoint directory inside one")
     p.add_argument("--prompt", help="text the samples continue (default: none, start from end-of-text)")
     p.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    p.add_argument("--max-new-tokens", type=COUNT, default=500)
+    p.add_argument("--max-new-tokens", type=NEW_TOKENS, default=500)
     p.add_argument("--temperature", type=TEMPERATURE, default=0.8, help="0 means greedy decoding")
-    p.add_argument("--top-k", type=POSITIVE_INT, help="sample among the k most likely tokens only")
+    p.add_argument("--top-k", type=TOP_K, help="sample among the k most likely tokens only")
     p.add_argument("--top-p", type=PROBABILITY, help="sample among the most likely tokens that make up this "
                                                       "probability, in (0, 1]")
-    p.add_argument("--num-samples", type=POSITIVE_INT, default=1)
+    p.add_argument("--num-samples", type=size_flag(MAX_SAMPLES), default=1,
+                   help=f"samples to generate (at most {MAX_SAMPLES})")
     p.add_argument("--seed", type=SEED, default=1337)
-    p.add_argument("--allow-unknown", action="store_true", help="read prompt characters outside a char "
-                                                                "tokenizer's vocabulary as the unknown token "
-                                                                "(default: refuse them, naming them)")
+    add_allow_unknown(p)
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--engine", choices=ENGINES, default="torch", help="scratch: the NumPy engine (CPU)")
 
@@ -379,11 +400,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_chat)
     p.add_argument("run", help="run directory or a checkpoint directory inside one")
     p.add_argument("--temperature", type=TEMPERATURE, default=0.8, help="0 means greedy decoding (/temp X changes it)")
-    p.add_argument("--top-k", type=POSITIVE_INT, help="sample among the k most likely tokens only")
+    p.add_argument("--top-k", type=TOP_K, help="sample among the k most likely tokens only")
     p.add_argument("--top-p", type=PROBABILITY, help="sample among the most likely tokens that make up this "
                                                       "probability, in (0, 1]")
-    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256, help="longest reply, in tokens")
+    p.add_argument("--max-new-tokens", type=size_flag(MAX_NEW_TOKENS), default=256, help="longest reply, in tokens")
     p.add_argument("--seed", type=SEED, default=1337)
+    add_allow_unknown(p)
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
 
     p = commands.add_parser("eval", help="loss, perplexity and bits per byte on a split; or --task metrics")
@@ -394,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="val by default; with --task and a directory, test by default")
     p.add_argument("--task", help="classify, translate, qa, choice or sft: the task's metrics as JSON")
     p.add_argument("--predictions", help="with --task: write each record's prediction and reference (JSON lines)")
-    p.add_argument("--batch-size", type=POSITIVE_INT, default=16)
+    add_allow_unknown(p)
+    p.add_argument("--batch-size", type=size_flag(MAX_BATCH), default=16)
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--engine", choices=ENGINES, default="torch", help="scratch: the NumPy engine (CPU)")
 
@@ -423,16 +446,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory or a checkpoint directory inside one")
     p.add_argument("--text", required=True)
     p.add_argument("--context", help="qa runs: the passage the --text question is about")
-    p.add_argument("--max-new-tokens", type=COUNT, default=200)
+    p.add_argument("--max-new-tokens", type=NEW_TOKENS, default=200,
+                   help="longest reply, in tokens (at most the run's context)")
     p.add_argument("--device", default="auto")
+    add_allow_unknown(p)
 
     p = commands.add_parser("bench", help="time training steps on random tokens (extra flags override config)")
     p.set_defaults(func=cmd_bench)
     add_config_options(p)
     p.add_argument("--config", help="TOML config (default: built-in defaults)")
-    p.add_argument("--steps", type=POSITIVE_INT, default=10,
+    p.add_argument("--steps", type=size_flag(MAX_BENCH_STEPS), default=10,
                    help="timed optimizer steps (after 2 untimed warm-up steps)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--measure-peak", action="store_true",
+                   help="measure the peak FLOP rate MFU is reported against again (run it on a quiet machine), "
+                        "replacing the cached one")
     p.add_argument("--engine", action=SetConfig, key="train.engine", choices=ENGINES,
                    help="sets train.engine: torch (default) or scratch (NumPy)")
 
@@ -501,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", metavar="RUN", help="run directory (landscape, next-token)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--prompt", help="next-token: the text before the token (default: none, end-of-text)")
-    p.add_argument("--top-k", type=POSITIVE_INT, default=10, help="next-token: the top-k cut-off to mark (default 10)")
+    add_allow_unknown(p)
+    p.add_argument("--top-k", type=TOP_K, default=10, help="next-token: the top-k cut-off to mark (default 10)")
     p.add_argument("--top-p", type=PROBABILITY, default=0.9,
                    help="next-token: the top-p cut-off to mark (default 0.9)")
     p.add_argument("--data", help="landscape: data directory (default: the one the run's log records)")
@@ -543,10 +572,38 @@ def checked(kind: type, *, low: float | None = None, high: float | None = None, 
     return parse
 
 
+def sampling_value(kind: type, check: typing.Callable[[typing.Any], typing.Any], text: str
+                   ) -> typing.Callable[[str], typing.Any]:
+    """An argparse type for a sampling flag: the value parsed as `kind`, then SamplingParams' own check of it
+    (lmforge/infer/sampling.py), so the flags, chat's /temp and the server accept the same values."""
+
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {text}, got {value!r}") from None
+        try:
+            return check(number)
+        except SamplingError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
+def size_flag(most: int) -> typing.Callable[[str], int]:
+    """An argparse type for a size: a positive integer up to `most`, a bound far above any real use that keeps
+    a typo from running for hours or failing in the allocator."""
+    return checked(int, low=1, high=most, text=f"a positive integer of at most {most:,}")
+
+
 POSITIVE_INT = checked(int, low=1, text="a positive integer")
-COUNT = checked(int, low=0, text="an integer of at least 0")
-TEMPERATURE = checked(float, low=0, text="0 (greedy) or a positive number")
-PROBABILITY = checked(float, above=0, high=1, text="a probability in (0, 1]")
+MAX_NEW_TOKENS = 1_000_000
+MAX_SAMPLES = 1024  # --num-samples run as one batch: one row of KV cache each
+MAX_BENCH_STEPS = 100_000
+NEW_TOKENS = checked(int, low=0, high=MAX_NEW_TOKENS, text=f"an integer from 0 to {MAX_NEW_TOKENS:,}")
+TEMPERATURE = sampling_value(float, check_temperature, "0 (greedy) or a positive number")
+TOP_K = sampling_value(int, check_top_k, "a positive number of tokens")
+PROBABILITY = sampling_value(float, check_top_p, "a probability in (0, 1]")
 SEED = checked(int, low=0, high=2**64 - 1, text="an integer in [0, 2**64)")
 
 

@@ -37,6 +37,15 @@ else:  # pragma: no cover
 
 AUTO = "auto"  # how a key whose value is None ("decide for me") is spelled in TOML and on the command line
 INT64_MAX = 2**63 - 1  # every int key ends up in a torch or NumPy int64 (the seed alone is a uint64)
+# Upper bounds on sizes, far above any model this project trains (GPT-2 XL: 50,257 tokens, 1,024 context, 48
+# layers, 25 heads, width 1,600; the largest open models stay within them too), low enough that a typo such
+# as block_size 1000000000 is refused by name instead of ending in an allocator's traceback.
+MAX_VOCAB = 2**20
+MAX_BLOCK = 2**17
+MAX_LAYERS = 1024
+MAX_HEADS = 1024
+MAX_WIDTH = 2**16
+MAX_BATCH = 2**16  # sequences per micro-batch
 TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
 
@@ -99,15 +108,16 @@ FIXED_NONLINEARITY = {
 @dataclass
 class ModelConfig(Section):
     arch: Arch = "gpt"  # gpt | bigram | mlp (Bengio) | rnn (Elman) | lstm | gru: lmforge/model/factory.py
-    vocab_size: int = number(0, at_least=0)  # 0: taken from the prepared data's tokenizer
-    block_size: int = number(256, above=0)  # context length in tokens
-    n_layer: int = number(6, above=0)
-    n_head: int = number(6, above=0)
-    n_kv_head: int = number(0, at_least=0)  # grouped-query attention: 0 means n_head (plain multi-head)
-    n_embd: int = number(384, above=0)
+    vocab_size: int = number(0, at_least=0, at_most=MAX_VOCAB)  # 0: taken from the prepared data's tokenizer
+    block_size: int = number(256, above=0, at_most=MAX_BLOCK)  # context length in tokens
+    n_layer: int = number(6, above=0, at_most=MAX_LAYERS)
+    n_head: int = number(6, above=0, at_most=MAX_HEADS)
+    # grouped-query attention: 0 means n_head (plain multi-head)
+    n_kv_head: int = number(0, at_least=0, at_most=MAX_HEADS)
+    n_embd: int = number(384, above=0, at_most=MAX_WIDTH)
     mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
     # 0: 4 * n_embd (gelu, relu2) or the parameter-matched 8/3 * n_embd (swiglu)
-    mlp_hidden: int = number(0, at_least=0)
+    mlp_hidden: int = number(0, at_least=0, at_most=4 * MAX_WIDTH)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     # 0: the usual epsilon of the norm (1e-5 for layernorm, 1e-6 for rmsnorm)
     norm_eps: float = number(0.0, at_least=0)
@@ -122,7 +132,7 @@ class ModelConfig(Section):
     init_std: float = number(0.02, above=0)
     # mlp, rnn only ("": tanh); gpt's MLP nonlinearity is model.mlp, and bigram, lstm, gru have none to choose
     activation: Activation = ""
-    context: int = number(3, above=0)  # arch = mlp: how many previous tokens the Bengio MLP sees
+    context: int = number(3, above=0, at_most=MAX_BLOCK)  # arch = mlp: how many previous tokens the Bengio MLP sees
 
     def check_combination(self) -> None:
         # One key decides each nonlinearity: gpt's is model.mlp, so model.activation may not quietly replace it.
@@ -145,7 +155,7 @@ ENGINES: tuple[str, ...] = typing.get_args(Engine)
 
 @dataclass
 class TrainConfig(Section):
-    batch_size: int = number(32, above=0)  # sequences per micro-step
+    batch_size: int = number(32, above=0, at_most=MAX_BATCH)  # sequences per micro-step
     # global batch in tokens; 0: batch_size * block_size (no accumulation)
     tokens_per_step: int = number(0, at_least=0)
     max_steps: int = number(5000, above=0)
@@ -160,7 +170,7 @@ class TrainConfig(Section):
     eval_every: int = number(250, at_least=0)  # 0: only the final evaluation
     eval_tokens: int = number(65536, above=0)  # size of the fixed validation subset used during training
     sample_every: int = number(0, at_least=0)  # 0: no samples during training
-    sample_tokens: int = number(200, above=0)
+    sample_tokens: int = number(200, above=0, at_most=MAX_BLOCK)
     checkpoint_every: int = number(1000, at_least=0)  # 0: only the final checkpoint
     keep_last: int = number(2, above=0)  # checkpoints kept besides the best by validation loss
     log_every: int = number(10, above=0)
@@ -206,7 +216,7 @@ class FinetuneConfig(Section):
     template: Literal["", "chat", "translate"] = ""
     train_blocks: int = number(0, at_least=0)  # full fine-tuning: train only the last N blocks (and heads); 0: all
     patience: int = number(5, at_least=0)  # evaluations without improvement before stopping early; 0: never
-    lora_rank: int = number(8, above=0)
+    lora_rank: int = number(8, above=0, at_most=MAX_WIDTH)  # and at most the adapted layers' width (tasks/lora.py)
     lora_alpha: float = number(16.0, above=0)
     lora_dropout: float = number(0.0, at_least=0, below=1)
     lora_targets: list[str] = field(default_factory=list)  # linear layer names (lmforge/tasks/lora.py); []: all

@@ -15,6 +15,7 @@ from lmforge.errors import UserError
 from lmforge.files import user_cache_dir, write_atomic
 
 FLOPS_CACHE = "peak_flops.json"
+MEASURE_TRIALS = 3
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s, from the vendors' data sheets.
 GPU_PEAK_BF16 = {
@@ -78,27 +79,34 @@ def configure_fast_math(device: torch.device) -> None:
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024,
-                         seconds: float = 0.3) -> float:
+                         seconds: float = 0.3, trials: int = MEASURE_TRIALS) -> float:
     """FLOP/s of square matmuls on this device: the reference for MFU where no data-sheet peak is known. The
-    fastest of the matmuls timed over `seconds` counts: other work on a shared machine slows some of them
-    down, and an average over them would read low (and MFU high, past 100%)."""
+    fastest matmul of `trials` separate bursts, each `seconds` long, counts: other work on a shared machine
+    slows some of them down, and an average over them would read low (and MFU high, past 100%); separate bursts
+    give a passing load a chance to leave."""
     generator = torch.Generator(device=device).manual_seed(0)  # not the global RNG: resume must stay exact
     a = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     b = torch.randn(size, size, device=device, dtype=dtype, generator=generator)
     a @ b  # warm-up: thread pools, kernel selection
     synchronize(device)
-    fastest, deadline = math.inf, time.perf_counter() + seconds
-    while math.isinf(fastest) or time.perf_counter() < deadline:
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        fastest = min(fastest, time.perf_counter() - start)
+    fastest = math.inf
+    for trial in range(trials):
+        if trial:
+            time.sleep(seconds / 2)  # let the other work on the machine have its turn
+        deadline = time.perf_counter() + seconds
+        while math.isinf(fastest) or time.perf_counter() < deadline:
+            start = time.perf_counter()
+            a @ b
+            synchronize(device)
+            fastest = min(fastest, time.perf_counter() - start)
     return 2 * size**3 / fastest
 
 
-def peak_flops(device: torch.device, precision: str) -> float:
-    """The FLOP/s that 100% MFU means here: data-sheet bf16 peak for known GPUs, else measured once per
-    machine (device, torch version, precision and thread count) and cached, as the probe takes 0.3 s."""
+def peak_flops(device: torch.device, precision: str, *, above: float = 0.0, replace: bool = False) -> float:
+    """The FLOP/s that 100% MFU means here: data-sheet bf16 peak for known GPUs, else measured and cached per
+    device, torch version, precision and thread count. A cached peak is measured again when it is not above
+    `above` (a rate a step actually achieved: the peak was measured while the machine was busy), keeping the
+    better of the two; `replace` measures again and keeps the new measurement (lmforge bench --measure-peak)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, flops in GPU_PEAK_BF16.items():
@@ -110,14 +118,34 @@ def peak_flops(device: torch.device, precision: str) -> float:
     key = f"{device.type} {name} | torch {torch.__version__} | {precision} | {torch.get_num_threads()} threads"
     path = user_cache_dir() / FLOPS_CACHE
     cache = _read_cache(path)
-    if isinstance(cache.get(key), (int, float)) and cache[key] > 0:
-        return float(cache[key])
-    cache[key] = measure_matmul_flops(device, dtype, size)
+    cached = float(cache[key]) if isinstance(cache.get(key), (int, float)) and cache[key] > 0 else 0.0
+    if cached > above and not replace:
+        return cached
+    measured = measure_matmul_flops(device, dtype, size)
+    cache[key] = measured if replace else max(measured, cached)
     try:
         write_atomic(path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
     except OSError:
         pass  # a read-only home: measure again next time rather than fail a run over MFU
     return cache[key]
+
+
+class PeakFlops:
+    """The peak MFU is measured against, for `devices` devices alike. An achieved rate above the cached peak
+    means the peak was measured on a busy machine: it is measured again, once, and an MFU that would still be
+    above 100% is reported as unknown (None), never as more than 1."""
+
+    def __init__(self, device: torch.device, precision: str, devices: int = 1, *, replace: bool = False):
+        self.device, self.precision, self.devices = device, precision, devices
+        self.value = peak_flops(device, precision, replace=replace) * devices
+        self.remeasured = replace
+
+    def mfu(self, achieved: float) -> float | None:
+        """Model FLOP utilisation of an achieved rate (FLOP/s over all devices), or None if the peak is unknown."""
+        if achieved > self.value and not self.remeasured:
+            self.remeasured = True
+            self.value = peak_flops(self.device, self.precision, above=achieved / self.devices) * self.devices
+        return achieved / self.value if achieved <= self.value else None
 
 
 def _read_cache(path: Path) -> dict:

@@ -28,11 +28,11 @@ def chat_run(tmp_path_factory, tiny_data) -> Path:
     """A tiny run with a 64-token context: room for a short conversation through the template."""
     from conftest import TINY_OVERRIDES
 
-    import lmforge.train.trainer as trainer_module
+    import lmforge.hardware as hardware
 
     run = tmp_path_factory.mktemp("chat") / "run"
     with pytest.MonkeyPatch.context() as patch:  # MFU's FLOP-rate probe: not under test
-        patch.setattr(trainer_module, "peak_flops", lambda device, precision: 1e12)
+        patch.setattr(hardware, "peak_flops", lambda device, precision, **_: 1e12)
         config = load_config(None, {**TINY_OVERRIDES, "model.block_size": "64", "train.max_steps": "2"})
         Trainer(config, tiny_data, run, quiet=True).run()
     return run
@@ -153,3 +153,37 @@ def test_chat_without_a_run_is_one_line_and_exit_2(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == f"lmforge chat: error: run directory not found: {tmp_path / 'missing'}\n"
+
+
+def test_temp_takes_what_temperature_takes_and_unknown_characters_are_refused_by_name(chat_run):
+    """/temp accepts the tiny temperatures the sampler is defined for and refuses nan and inf (as --temperature
+    does); a message with characters the tokenizer never saw is refused, naming them, and the chat goes on."""
+    child = spawn_chat(chat_run, "--max-new-tokens", "4", "--temperature", "0")
+    child.expect_exact("you> ")
+    for bad in ("nan", "inf", "-1"):
+        child.sendline(f"/temp {bad}")
+        child.expect_exact("(usage: /temp X")
+    child.sendline("/temp 5e-324")
+    child.expect_exact("(temperature 4.94066e-324)")
+    child.sendline("the cat Ω sat")
+    child.expect_exact("your message has characters the run's tokenizer does not know ('Ω')")
+    child.expect_exact("you> ")
+    child.sendline("the cat sat")
+    child.expect(r"model> (.*)\r\n")  # at a temperature of 5e-324 the reply is drawn without NaN
+    child.expect_exact("you> ")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_allow_unknown_reads_unknown_characters_as_the_unknown_token(chat_run):
+    child = spawn_chat(chat_run, "--max-new-tokens", "4", "--temperature", "0", "--allow-unknown")
+    child.expect_exact("you> ")
+    child.sendline("the cat Ω sat")
+    child.expect_exact("(read as the unknown token: 'Ω')")
+    child.expect(r"model> (.*)\r\n")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0

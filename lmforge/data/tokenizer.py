@@ -39,6 +39,14 @@ def check_kind(kind: str) -> str:
     return kind
 
 
+ALLOW_UNKNOWN_HINT = "pass --allow-unknown to read each as the unknown token"
+
+
+def name_characters(characters: Sequence[str], shown: int = 10) -> str:
+    """The first `shown` characters, quoted (so a space or a control character is visible), then '...'."""
+    return ", ".join(repr(c) for c in characters[:shown]) + (", ..." if len(characters) > shown else "")
+
+
 class Tokenizer:
     """The interface every command uses; `load_tokenizer` returns one of the subclasses below."""
 
@@ -57,6 +65,33 @@ class Tokenizer:
         """The characters of `text` this tokenizer cannot encode, in order of first appearance (byte-level
         tokenizers encode everything)."""
         return []
+
+    def check_known(self, text: str, *, what: str = "the prompt", allow_unknown: bool = False,
+                    allow_hint: str = ALLOW_UNKNOWN_HINT) -> list[str]:
+        """The one policy for text a user gives a run's model (sample, predict, chat, plot next-token, the
+        server's prompts and messages): a character the tokenizer cannot encode is refused, by name, unless
+        `allow_unknown` reads it as the unknown token. Returns the unknown characters that were allowed, for a
+        note; `allow_hint` tells the user how to allow them (a flag, or a request field)."""
+        unknown = self.unknown_characters(text)
+        if unknown and not allow_unknown:
+            raise UserError(f"{what} has characters the run's tokenizer does not know ({name_characters(unknown)}); "
+                            f"remove them, or {allow_hint}")
+        return unknown
+
+    def check_known_data(self, texts: Iterable[str], origin: str, *, allow_unknown: bool = False,
+                         advice: str = "") -> None:
+        """check_known for a data file's many texts: refused with how many characters are unknown and the
+        commonest of them (unless `allow_unknown`); `advice` ends the message."""
+        if allow_unknown:
+            return
+        unknown: dict[str, int] = {}
+        for text in texts:
+            for char in self.unknown_characters(text):
+                unknown[char] = unknown.get(char, 0) + text.count(char)
+        if unknown:
+            commonest = sorted(unknown, key=unknown.get, reverse=True)
+            raise UserError(f"{origin}: the run's tokenizer cannot encode {sum(unknown.values())} characters of the "
+                            f"data ({len(unknown)} distinct, e.g. {name_characters(commonest, 5)})" + advice)
 
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Like encode_batch, as int64 arrays; kinds override it where arrays are the fast path."""
@@ -94,6 +129,7 @@ class CharTokenizer(Tokenizer):
         self._table = np.full(int(codepoints.max(initial=0)) + 2, self.unknown_id, dtype=np.int64)
         self._table[codepoints] = np.arange(len(chars))
         self._pieces = list(chars) + [EOT_TEXT, "\ufffd"]
+        self._known = frozenset(chars)
 
     @classmethod
     def train(cls, texts: Iterable[str]) -> CharTokenizer:
@@ -117,8 +153,7 @@ class CharTokenizer(Tokenizer):
         return self.encode_arrays([text])[0].tolist()
 
     def unknown_characters(self, text: str) -> list[str]:
-        known = set(self.chars)
-        return list(dict.fromkeys(c for c in text if c not in known))
+        return list(dict.fromkeys(c for c in text if c not in self._known))
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [ids.tolist() for ids in self.encode_arrays(texts)]

@@ -33,6 +33,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.hardware import available_memory_bytes
 from lmforge.infer.generate import sample_next
+from lmforge.infer.sampling import SamplingParams
 from lmforge.model.gpt import GPT, KVCache, apply_rotary
 from lmforge.model.recurrent import RecurrentState
 
@@ -55,6 +56,9 @@ class GenerationRequest:
     logprobs: int | None = None  # with each new token: its log-probability and this many alternatives
     prompt_logprobs: bool = False  # with the first event: the log-probability of each prompt token after the first
     cancelled: bool = False  # set by `BatchedEngine.cancel` from any thread; the engine drops the row at its next step
+
+    def __post_init__(self) -> None:
+        SamplingParams(self.temperature, self.top_k, self.top_p)  # the one check of sampling values
 
 
 @dataclass

@@ -9,6 +9,7 @@ speaker's marker instead), at --max-new-tokens, or at Ctrl-C, which stops the an
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,9 +17,11 @@ from typing import TextIO
 
 import torch
 
+from lmforge.data.tokenizer import name_characters
 from lmforge.errors import UserError
 from lmforge.infer.generate import generate
 from lmforge.infer.load import load_for_inference
+from lmforge.infer.sampling import SamplingError, SamplingParams
 from lmforge.run import resolve_checkpoint
 from lmforge.tasks.template import ChatTemplate, load_chat_template
 
@@ -26,17 +29,7 @@ HELP = ("/reset forgets the conversation, /temp X sets the temperature (0 is gre
         "Ctrl-C stops an answer")
 USER_PROMPT = "you> "
 MODEL_PROMPT = "model> "
-
-
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
-    if temperature < 0:
-        raise UserError("--temperature must be 0 (greedy) or positive")
-    if top_k is not None and top_k <= 0:
-        raise UserError("--top-k must be a positive number of tokens")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError("--top-p must be in (0, 1]")
-    if max_new_tokens <= 0:
-        raise UserError("--max-new-tokens must be positive")
+DEFAULT_SAMPLING = SamplingParams(temperature=0.8)
 
 
 def fit_history(messages: list[dict], template: ChatTemplate, tokenizer, budget: int
@@ -102,11 +95,13 @@ def stream_reply(model: torch.nn.Module, tokenizer, prompt_ids: list[int], stop_
     return text, reason
 
 
-def chat(run: str | Path, *, temperature: float = 0.8, top_k: int | None = None, top_p: float | None = None,
-         max_new_tokens: int = 256, device: str = "auto", seed: int = 1337,
+def chat(run: str | Path, sampling: SamplingParams = DEFAULT_SAMPLING, *, max_new_tokens: int = 256,
+         device: str = "auto", seed: int = 1337, allow_unknown: bool = False,
          read_line: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
-    """Talk with a run's model until /quit or end of input."""
-    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    """Talk with a run's model until /quit or end of input. A message with characters the run's tokenizer
+    does not know is refused (the chat goes on) unless `allow_unknown` reads them as the unknown token."""
+    if max_new_tokens <= 0:
+        raise UserError("--max-new-tokens must be positive")
     model, config, tokenizer, checkpoint, torch_device = load_for_inference(run, device)
     template = load_chat_template(resolve_checkpoint(run)[0])
     stop_texts = template.stop_texts()
@@ -137,19 +132,26 @@ def chat(run: str | Path, *, temperature: float = 0.8, top_k: int | None = None,
             continue
         if command == "/temp":
             try:
-                new_temperature = float(argument)
-                check_sampling(new_temperature, top_k, top_p, max_new_tokens)
-            except (ValueError, UserError):
-                out.write("(usage: /temp X, with X = 0 for greedy or a positive number)\n")
+                sampling = dataclasses.replace(sampling, temperature=float(argument))
+            except (ValueError, SamplingError):
+                out.write("(usage: /temp X, with X = 0 for greedy or a finite positive number)\n")
                 continue
-            temperature = new_temperature
-            out.write(f"(temperature {temperature:g})\n")
+            out.write(f"(temperature {sampling.temperature:g})\n")
             continue
         if command.startswith("/"):
             out.write(f"(unknown command {command}; {HELP})\n")
             continue
         if not line.strip():
             continue
+        try:
+            allowed = tokenizer.check_known(line, what="your message", allow_unknown=allow_unknown,
+                                            allow_hint="start lmforge chat with --allow-unknown to read each as "
+                                                       "the unknown token")
+        except UserError as err:
+            out.write(f"({err})\n")
+            continue
+        if allowed:
+            out.write(f"(read as the unknown token: {name_characters(allowed)})\n")
         messages.append({"role": "user", "content": line})
         prompt_ids, dropped = fit_history(messages, template, tokenizer, prompt_budget)
         if dropped:
@@ -160,6 +162,7 @@ def chat(run: str | Path, *, temperature: float = 0.8, top_k: int | None = None,
         out.write(MODEL_PROMPT)
         out.flush()
         reply, reason = stream_reply(model, tokenizer, prompt_ids, stop_texts, out, max_new_tokens=max_new_tokens,
-                                     temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+                                     temperature=sampling.temperature, top_k=sampling.top_k,
+                                     top_p=sampling.top_p, generator=generator)
         out.write({"stop": "\n", "length": " [max tokens]\n", "interrupted": " [stopped]\n"}[reason])
         messages.append({"role": "assistant", "content": reply})

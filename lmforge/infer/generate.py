@@ -22,17 +22,22 @@ from lmforge.model.recurrent import RecurrentState
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
                 generator: torch.Generator | None) -> int:
     """One token id from logits (vocab,): greedy at temperature 0, else softmax(logits / T), optionally
-    kept to the k likeliest tokens and to the smallest set whose probability reaches top_p."""
+    kept to the k likeliest tokens and to the smallest set whose probability reaches top_p (the likeliest token
+    always stays). Defined for every value SamplingParams allows (lmforge/infer/sampling.py): the logits are
+    shifted so that their maximum is 0 before the division, in float64, so a tiny temperature sends every other
+    logit to -inf instead of turning the maximum into inf - inf = NaN."""
     if temperature == 0:
         return int(logits.argmax())
-    logits = logits.float() / temperature
+    logits = logits.double()
+    logits = (logits - logits.max()) / temperature
     if top_k is not None and top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # tokens entirely beyond the nucleus
+        probabilities = sorted_logits.softmax(-1)
+        drop = probabilities.cumsum(-1) - probabilities >= top_p  # tokens entirely beyond the nucleus
+        drop[0] = False  # the likeliest token is kept however small top_p is
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
 

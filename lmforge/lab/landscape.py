@@ -13,6 +13,8 @@ The loss is measured on a fixed set of validation windows spread evenly over the
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +23,16 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
+from tqdm import tqdm
 
 from lmforge.data.loader import TokenWindows, to_batch
 from lmforge.errors import UserError
 from lmforge.lab.learn import check_png_out, load_run, recorded_data_dir, write_png
+
+MIN_POINTS = 3
+# 101 per axis is 10,302 forward passes: minutes for a small model on a CPU; past it the plot grows no clearer.
+MAX_POINTS = 101
+MAX_WINDOWS = 1024  # validation windows, evaluated as one batch at every point
 
 
 @dataclass
@@ -75,25 +83,36 @@ def loss_landscape(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
             p.copy_(trained[name] + a * first[name] + b * second[name])
         return model(inputs, targets)[1].item()
 
+    # points + points² forward passes: at the largest --points that is about ten thousand, so show how far it is.
+    bar = tqdm(total=points + points * points, desc="loss landscape", unit="point", disable=None, leave=False)
     try:
-        line = np.array([loss_at(a, 0.0) for a in offsets])
-        grid = np.array([[loss_at(a, b) for a in offsets] for b in offsets])
+        line = np.array([loss_at(a, 0.0) for a in bar_over(offsets, bar)])
+        grid = np.array([[loss_at(a, b) for a in bar_over(offsets, bar)] for b in offsets])
     finally:
+        bar.close()
         for name, p in parameters.items():
             p.copy_(trained[name])
     return Landscape(offsets, line, grid)
+
+
+def bar_over(values: np.ndarray, bar: tqdm) -> Iterator[float]:
+    """The values, one tick of `bar` after each."""
+    for value in values:
+        yield float(value)
+        bar.update()
 
 
 def plot_landscape(run: str | Path, out: str | Path, *, data: str | Path | None = None, points: int = 21,
                    span: float = 1.0, seed: int = 0, windows: int = 8) -> Path:
     """Write the two-panel PNG (the line, the contours of the plane) for a run to `out`; return its path."""
     out = check_png_out(out)
-    if points < 3:
-        raise UserError(f"--points must be at least 3, got {points}")
-    if not span > 0:
-        raise UserError(f"--span must be positive, got {span}")
-    if windows < 1:
-        raise UserError(f"--windows must be at least 1, got {windows}")
+    if not MIN_POINTS <= points <= MAX_POINTS:
+        raise UserError(f"--points must be from {MIN_POINTS} to {MAX_POINTS} (points² losses are computed), "
+                        f"got {points}")
+    if not (math.isfinite(span) and span > 0):
+        raise UserError(f"--span must be a finite positive number, got {span}")
+    if not 1 <= windows <= MAX_WINDOWS:
+        raise UserError(f"--windows must be from 1 to {MAX_WINDOWS} (one batch at every point), got {windows}")
     model, config, _ = load_run(run)
     data_dir = Path(data) if data is not None else recorded_data_dir(run)
     if data_dir is None:

@@ -17,21 +17,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.errors import UserError
+from lmforge.infer.sampling import SamplingParams
 from lmforge.lab.learn import check_png_out, load_run, write_png
 
 TEMPERATURES = (0.5, 1.0, 2.0)
 SHOWN = 20
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """The prompt's token ids (the end-of-text id for an empty prompt, as `lmforge sample` does). A char
-    tokenizer would turn characters it never saw into its unknown id: those are refused by name instead."""
-    unknown = tokenizer.unknown_characters(prompt)
-    if unknown:
-        listed = ", ".join(repr(c) for c in unknown)
-        raise UserError(f"--prompt has characters the run's char tokenizer does not know: {listed} "
-                        "(it knows only the characters of its training text)")
+def prompt_ids(tokenizer: Tokenizer, prompt: str, allow_unknown: bool = False) -> list[int]:
+    """The prompt's token ids (the end-of-text id for an empty prompt, as `lmforge sample` does). Characters a
+    char tokenizer never saw are refused by name unless `allow_unknown` reads them as its unknown id."""
+    tokenizer.check_known(prompt, what="--prompt", allow_unknown=allow_unknown)
     return tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
 
 
@@ -58,15 +54,13 @@ def token_label(tokenizer: Tokenizer, token: int) -> str:
     return text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
 
 
-def plot_next_token(run: str | Path, out: str | Path, *, prompt: str, top_k: int = 10, top_p: float = 0.9) -> Path:
+def plot_next_token(run: str | Path, out: str | Path, *, prompt: str, top_k: int = 10, top_p: float = 0.9,
+                    allow_unknown: bool = False) -> Path:
     """Write the PNG (one panel per temperature) of the run's next-token distribution after `prompt`."""
     out = check_png_out(out)
-    if top_k < 1:
-        raise UserError(f"--top-k must be at least 1, got {top_k}")
-    if not 0 < top_p <= 1:
-        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+    SamplingParams(top_k=top_k, top_p=top_p)  # the cut-offs marked are ones `lmforge sample` accepts
     model, _, tokenizer = load_run(run)
-    ids = prompt_ids(tokenizer, prompt)
+    ids = prompt_ids(tokenizer, prompt, allow_unknown)
     logits = next_token_logits(model, ids)
     shown = logits.topk(min(SHOWN, logits.numel())).indices  # the same tokens at every temperature
     labels = [token_label(tokenizer, int(token)) for token in shown]

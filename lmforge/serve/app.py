@@ -43,6 +43,7 @@ from lmforge.serve.schemas import (
     LegacyLogprobs,
     Sampling,
     check_fits,
+    check_known,
     check_messages,
     check_model,
     check_token_ids,
@@ -346,12 +347,14 @@ def create_app(engine: BatchedEngine, template: ChatTemplate, settings: ServeSet
     async def tokenize(request: Request) -> dict:
         body = await server.read_json(request)
         if "messages" in body:
-            tokens, _ = template.encode(check_messages(body), server.tokenizer, add_generation_prompt=True)
+            tokens, _ = template.encode(check_messages(body, server.tokenizer), server.tokenizer,
+                                        add_generation_prompt=True)
         elif body.get("prompt") == server.tokenizer.decode([server.tokenizer.eot_id]):
             # lm-eval's remote tokenizer finds the end-of-text id by tokenizing its text; encode() reads that text
             # as plain characters, so the exact string alone names the special token here.
             tokens = [server.tokenizer.eot_id]
         elif isinstance(body.get("prompt"), str):
+            check_known(server.tokenizer, body["prompt"], body, "prompt")
             tokens = server.tokenizer.encode(body["prompt"])
         else:
             raise ApiError(400, "'prompt' must be a string (or give 'messages')", param="prompt")
@@ -460,7 +463,7 @@ def create_app(engine: BatchedEngine, template: ChatTemplate, settings: ServeSet
         arrived = time.monotonic()
         body = await server.read_json(request)
         check_model(body, settings.model_name)
-        messages = check_messages(body)
+        messages = check_messages(body, server.tokenizer)
         sampling = parse_sampling(body, settings.max_tokens_limit, None)
         refuse_unsupported(body, ("presence_penalty", "frequency_penalty", "logit_bias", "tools", "functions",
                                   "response_format"))

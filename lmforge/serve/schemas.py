@@ -9,16 +9,22 @@ implement (penalties, logit bias, suffix, best_of) are refused by name when set.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.errors import UserError
 from lmforge.infer.batched import GenerationEvent, TopLogprobs
+from lmforge.infer.sampling import SamplingError, SamplingParams
 
 MAX_STOP_STRINGS = 4
 MAX_LOGPROBS = 20
 MAX_N = 64
+MAX_TEMPERATURE = 2.0  # OpenAI's API refuses more; SamplingParams itself allows any finite temperature
+ALLOW_UNKNOWN_FIELD = "allow_unknown"
+ALLOW_UNKNOWN_HINT = f"set \"{ALLOW_UNKNOWN_FIELD}\": true to read each as the unknown token"
 
 
 class ApiError(Exception):
@@ -34,16 +40,16 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-def _number(body: dict, key: str, default: float | None, low: float, high: float, *,
-            low_open: bool = False) -> float | None:
+def _number(body: dict, key: str, default: float | None) -> float | None:
+    """A JSON number (finite: Python's json reads NaN and Infinity literals, which no sampling value may be);
+    its range is SamplingParams' to check."""
     value = body.get(key, default)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ApiError(400, f"'{key}' must be a number, got {type(value).__name__}", param=key)
-    if value < low or value > high or (low_open and value == low):
-        bounds = f"{'(' if low_open else '['}{low}, {high}]"
-        raise ApiError(400, f"'{key}' must be in {bounds}, got {value}", param=key)
+    if not math.isfinite(value):
+        raise ApiError(400, f"'{key}' must be a finite number, got {value}", param=key)
     return float(value)
 
 
@@ -111,8 +117,16 @@ def parse_sampling(body: dict, max_tokens_limit: int, default_max_tokens: int | 
     if max_tokens is not None and max_tokens > max_tokens_limit:
         raise ApiError(400, f"'max_tokens' is {max_tokens}, above this server's limit of {max_tokens_limit} "
                             "(lmforge serve --max-tokens-limit)", param="max_tokens")
-    top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
+    temperature = _number(body, "temperature", 1.0)
+    if temperature > MAX_TEMPERATURE:
+        raise ApiError(400, f"'temperature' must be at most {MAX_TEMPERATURE:g} (OpenAI's range), got {temperature}",
+                       param="temperature")
+    top_p = _number(body, "top_p", 1.0)
     top_k = _integer(body, "top_k", None, 0)
+    try:
+        params = SamplingParams(temperature, top_k or None, None if top_p == 1.0 else top_p)
+    except SamplingError as err:
+        raise ApiError(400, str(err), param=err.param) from None
     stream = _boolean(body, "stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -121,8 +135,8 @@ def parse_sampling(body: dict, max_tokens_limit: int, default_max_tokens: int | 
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ApiError(400, f"'seed' must be an integer, got {type(seed).__name__}", param="seed")
-    return Sampling(max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-                    top_p=None if top_p == 1.0 else top_p, top_k=top_k or None, n=_integer(body, "n", 1, 1, MAX_N),
+    return Sampling(max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                    n=_integer(body, "n", 1, 1, MAX_N),
                     stop=_stop(body), seed=None if seed is None else seed % 2**63, stream=stream,
                     include_usage=include_usage)
 
@@ -154,6 +168,7 @@ def parse_prompts(body: dict, tokenizer: Tokenizer) -> list[list[int]]:
     encoded = []
     for item in prompts:
         if isinstance(item, str):
+            check_known(tokenizer, item, body, "prompt")
             ids = tokenizer.encode(item)
         elif isinstance(item, list) and all(_is_token(t) for t in item):
             ids = check_token_ids(item, tokenizer.vocab_size, "prompt")
@@ -161,6 +176,16 @@ def parse_prompts(body: dict, tokenizer: Tokenizer) -> list[list[int]]:
             raise ApiError(400, "each prompt must be a string or a list of token ids", param="prompt")
         encoded.append(ids or [tokenizer.eot_id])  # an empty prompt starts from end-of-text, as a new document
     return encoded
+
+
+def check_known(tokenizer: Tokenizer, text: str, body: dict, param: str) -> None:
+    """The tokenizer's one unknown-character policy (Tokenizer.check_known) as a 400: characters the run's
+    tokenizer does not know are refused by name unless the request sets "allow_unknown": true."""
+    try:
+        tokenizer.check_known(text, what=f"'{param}'", allow_unknown=_boolean(body, ALLOW_UNKNOWN_FIELD),
+                              allow_hint=ALLOW_UNKNOWN_HINT)
+    except UserError as err:
+        raise ApiError(400, str(err), param=param, code="unknown_characters") from None
 
 
 def _is_token(value: Any) -> bool:
@@ -177,7 +202,9 @@ def check_token_ids(value: Any, vocab_size: int, param: str) -> list[int]:
     return list(value)
 
 
-def check_messages(body: dict) -> list[dict]:
+def check_messages(body: dict, tokenizer: Tokenizer) -> list[dict]:
+    """The chat messages of a request: each a {role, content} with a role the template knows and content the
+    run's tokenizer can encode (see check_known)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
@@ -187,6 +214,7 @@ def check_messages(body: dict) -> list[dict]:
         if message.get("role") not in ("system", "user", "assistant"):
             raise ApiError(400, f"messages[{index}] has role {message.get('role')!r}; roles are system, user, "
                                 "assistant", param="messages")
+        check_known(tokenizer, message["content"], body, "messages")
     return messages
 
 

@@ -33,9 +33,11 @@ from lmforge.tasks.records import CHAT_TRANSLATE_PROMPT, TASKS, as_messages, dat
 
 def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str = "test",
                   predictions: str | Path | None = None, batch_size: int = 16,
-                  device: str | torch.device = "cpu", max_new_tokens: int | None = None) -> dict:
+                  device: str | torch.device = "cpu", max_new_tokens: int | None = None,
+                  allow_unknown: bool = False) -> dict:
     """The task metrics of `run` on the records of `data` (a file, or a directory's `split` file); with
-    `predictions`, also write that file."""
+    `predictions`, also write that file. Records with characters the run's tokenizer does not know are refused
+    unless `allow_unknown` reads them as the unknown token."""
     from lmforge.infer.load import load_model
     from lmforge.run import read_config, resolve_checkpoint
     from lmforge.tasks.model import check_task
@@ -50,7 +52,8 @@ def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str = 
     finetune = read_config(resolve_checkpoint(run)[0]).finetune
     check_task(run, finetune, task)
     model, _, tokenizer, _ = load_model(run, device)
-    check_characters(tokenizer, record_texts(records, task), path)
+    tokenizer.check_known_data(record_texts(records, task), str(path), allow_unknown=allow_unknown,
+                               advice="; fix the data, or pass --allow-unknown to read each as the unknown token")
     if task == "classify":
         scores, rows = evaluate_classify(model, tokenizer, records, batch_size, device, path)
     elif task == "choice":
@@ -84,23 +87,6 @@ def record_texts(records: Sequence[dict], task: str) -> list[str]:
         else:
             texts += [record["context"], *record["choices"]]
     return texts
-
-
-def check_characters(tokenizer: Tokenizer, texts: Sequence[str], origin: Path) -> None:
-    """A character tokenizer reads a character it never saw as one 'unknown' id: refuse such data, saying how
-    many characters are unknown (byte-level tokenizers encode any text)."""
-    known = getattr(tokenizer, "chars", None)
-    if known is None:
-        return
-    known = set(known)
-    unknown: dict[str, int] = {}
-    for text in texts:
-        for char in set(text) - known:
-            unknown[char] = unknown.get(char, 0) + text.count(char)
-    if unknown:
-        shown = ", ".join(repr(c) for c in sorted(unknown, key=unknown.get, reverse=True)[:5])
-        raise UserError(f"{origin}: the run's character tokenizer cannot encode {sum(unknown.values())} characters "
-                        f"of the data ({len(unknown)} distinct, e.g. {shown})")
 
 
 def note_truncated(count: int, total: int, what: str) -> None:
@@ -251,7 +237,7 @@ def evaluate_generation(model: nn.Module, tokenizer: Tokenizer, records: Sequenc
 
 
 def eval_command(run: str, task: str | None, data: str, *, split: str | None, predictions: str | None,
-                 batch_size: int, device: str, engine: str) -> None:
+                 batch_size: int, device: str, engine: str, allow_unknown: bool = False) -> None:
     """`lmforge eval RUN --task T --data FILE [--predictions OUT]`: print the metrics as one JSON object."""
     from lmforge.hardware import resolve_device
 
@@ -260,5 +246,5 @@ def eval_command(run: str, task: str | None, data: str, *, split: str | None, pr
     if engine != "torch":
         raise UserError("--task evaluation runs on the torch engine; drop --engine scratch")
     scores = evaluate_task(run, task, data, split=split or "test", predictions=predictions, batch_size=batch_size,
-                           device=resolve_device(device, "--device"))
+                           device=resolve_device(device, "--device"), allow_unknown=allow_unknown)
     print(json.dumps(scores))

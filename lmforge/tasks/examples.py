@@ -94,22 +94,13 @@ def encode_examples(records: list[dict], task: str, tokenizer: Tokenizer, block_
 
 def check_encodable(tokenizer: Tokenizer, records: list[dict], task: str, origin: Path) -> None:
     """A character-level tokenizer maps characters it never saw to one 'unknown' id: refuse such data."""
-    if getattr(tokenizer, "unknown_id", None) is None:  # byte-level BPE encodes any text
-        return
     fields = {"classify": ("text",), "sft": ("prompt", "response"), "translate": ("source", "target"),
               "qa": ("context", "question", "answers")}[task]
-    unknown: dict[str, int] = {}
-    for record in records:
-        texts = [m["content"] for m in record["messages"]] if "messages" in record else \
-            [t for name in fields for t in (record[name] if isinstance(record[name], list) else [record[name]])]
-        for text in texts:
-            for char in set(text) - set(tokenizer.chars):
-                unknown[char] = unknown.get(char, 0) + text.count(char)
-    if unknown:
-        shown = ", ".join(repr(c) for c in sorted(unknown, key=unknown.get, reverse=True)[:5])
-        raise UserError(f"{origin}: the base run's character tokenizer cannot encode {sum(unknown.values())} "
-                        f"characters of the data ({len(unknown)} distinct, e.g. {shown}); fine-tune a run "
-                        "whose tokenizer covers them")
+    texts = (text for record in records
+             for text in ([m["content"] for m in record["messages"]] if "messages" in record else
+                          [t for name in fields for t in (record[name] if isinstance(record[name], list)
+                                                          else [record[name]])]))
+    tokenizer.check_known_data(texts, str(origin), advice="; fine-tune a run whose tokenizer covers them")
 
 
 def lm_batch(examples: Examples, rows: list[int], pad_id: int, device: torch.device

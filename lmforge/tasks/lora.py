@@ -68,6 +68,12 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float, tar
     if not 0 <= dropout < 1:
         raise UserError(f"--lora.dropout must be in [0, 1), got {dropout}")
     paths = resolve_targets(model, targets, arch)
+    # B·A has rank at most min(in, out) of its layer: a larger rank adds parameters (and gigabytes) but nothing
+    # the adapter could learn.
+    narrowest = min(min(layer.in_features, layer.out_features) for layer in map(model.get_submodule, paths))
+    if rank > narrowest:
+        raise UserError(f"--lora.rank {rank} is above {narrowest}, the smallest min(in, out) width of the adapted "
+                        f"layers, where an adapter already spans the whole layer; use a rank of at most {narrowest}")
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=paths, bias="none")

@@ -6,10 +6,12 @@ its greedy reply to the text, prompted exactly as it was trained (`prompt_ids`, 
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
-from lmforge.data.tokenizer import Tokenizer
+from lmforge.data.tokenizer import Tokenizer, name_characters
 from lmforge.errors import UserError
 from lmforge.infer.generate import generate
 from lmforge.infer.load import load_model
@@ -37,9 +39,10 @@ def generate_reply(model: nn.Module, tokenizer: Tokenizer, prompt: list[int], ma
 
 
 def predict(run: str, text: str, *, context: str | None = None, max_new_tokens: int = 200,
-            device: str | torch.device = "cpu") -> dict:
+            device: str | torch.device = "cpu", allow_unknown: bool = False) -> dict:
     """{"label", "probabilities"} for a classify run; {"reply"} for the others (qa: `text` is the question,
-    `context` its passage)."""
+    `context` its passage). Characters the run's tokenizer does not know are refused by name unless
+    `allow_unknown` reads them as the unknown token (then a note on stderr names them)."""
     if not text:
         raise UserError("--text is empty")
     finetune = read_config(resolve_checkpoint(run)[0]).finetune
@@ -47,7 +50,17 @@ def predict(run: str, text: str, *, context: str | None = None, max_new_tokens: 
     check_task(run, finetune, task)
     if context is not None and task != "qa":
         raise UserError(f"--context is for qa runs; {run} was fine-tuned for {task}")
-    model, _, tokenizer, checkpoint = load_model(run, device)
+    model, config, tokenizer, checkpoint = load_model(run, device)
+    if task != "classify" and max_new_tokens > config.model.block_size:
+        # A fine-tuned reply is learned within the context; past it, generation slides its window for as long
+        # as asked (a billion tokens is days of silent work before the JSON is printed).
+        raise UserError(f"--max-new-tokens is {max_new_tokens}, more than the run's {config.model.block_size}-token "
+                        f"context; a reply can be at most {config.model.block_size} tokens")
+    allowed = [char for field, value in (("--text", text), ("--context", context or ""))
+               for char in tokenizer.check_known(value, what=field, allow_unknown=allow_unknown)]
+    if allowed:
+        print(f"note: characters outside the vocabulary read as the unknown token: "
+              f"{name_characters(list(dict.fromkeys(allowed)))}", file=sys.stderr)
     if task == "classify":
         labels, probabilities = predict_labels(model, tokenizer, [text], batch_size=1, device=device)
         return {"label": labels[0],

@@ -26,7 +26,7 @@ from lmforge.data.datadir import check_token_ids, describe_data
 from lmforge.data.loader import TokenWindows, TrainLoader
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import TrainingDiverged, UserError
-from lmforge.hardware import configure_fast_math, peak_flops
+from lmforge.hardware import PeakFlops, configure_fast_math
 from lmforge.infer.evaluate import evaluate
 from lmforge.infer.generate import generate
 from lmforge.infer.load import load_language_model
@@ -254,7 +254,7 @@ class Trainer:
     def _announce(self) -> None:
         """The start record, and what the run is about to do, in words."""
         config, train, progress = self.config, self.config.train, self.progress
-        self.peak = peak_flops(self.device, self.precision) * self.cluster.world_size
+        self.peak = PeakFlops(self.device, self.precision, self.cluster.world_size)
         self.flops_per_token = self.model.flops_per_token()
         train_tokens = self.meta["splits"]["train"]["tokens"]
         start = StartRecord(
@@ -316,7 +316,7 @@ class Trainer:
             self.window = (time.perf_counter(), 0)
             record = TrainRecord(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(),
                                  tokens=self.progress.tokens, tokens_per_s=tokens_per_s, epoch=self.loader.epoch,
-                                 mfu=self.flops_per_token * tokens_per_s / self.peak, elapsed=self.progress.elapsed)
+                                 mfu=self.peak.mfu(self.flops_per_token * tokens_per_s), elapsed=self.progress.elapsed)
             self.log(record)
             self._update_bar(bar, record)
         if train.eval_every and step % train.eval_every == 0 and step < train.max_steps:  # else: the final one
@@ -375,7 +375,7 @@ class Trainer:
             bar.total = int(min(train.max_steps, max(by_time, record.step)))
         bar.n = record.step
         bar.set_postfix(loss=f"{record.loss:.4f}", lr=f"{record.lr:.2e}",
-                        tok_s=f"{record.tokens_per_s:,.0f}", mfu=f"{record.mfu:.1%}",
+                        tok_s=f"{record.tokens_per_s:,.0f}", mfu="?" if record.mfu is None else f"{record.mfu:.1%}",
                         epoch=f"{record.epoch:.2f}", refresh=False)
         bar.refresh()
 
