@@ -84,6 +84,10 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The ceiling, in seconds, on every wait for an event in the tests (a server up, a step logged, a reply shown, a
+# child finished). Only a hang reaches it: a slow or busy machine must never fail a test, so no wait is tighter.
+PATIENCE = 600.0
+
 
 def start_child_cli(*argv, cwd: Path = ROOT, file_size_limit: int | None = None) -> subprocess.Popen:
     """`python -m lmforge ARGV` in a child process (stdout and stderr piped, as text); with `file_size_limit`,
@@ -101,7 +105,7 @@ def start_child_cli(*argv, cwd: Path = ROOT, file_size_limit: int | None = None)
 def child_cli(*argv, cwd: Path = ROOT, file_size_limit: int | None = None) -> tuple[int, str, str]:
     """start_child_cli, waited for: the exit code, stdout and stderr."""
     child = start_child_cli(*argv, cwd=cwd, file_size_limit=file_size_limit)
-    out, err = child.communicate(timeout=300)
+    out, err = child.communicate(timeout=PATIENCE)
     return child.returncode, out, err
 
 

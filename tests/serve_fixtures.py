@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 import uvicorn
@@ -27,10 +28,15 @@ from lmforge.data.tokenizer import CharTokenizer
 from lmforge.model.factory import build_model
 from lmforge.run import save_checkpoint
 from lmforge.serve.cli import bind, build_app
+from tests.conftest import PATIENCE
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # Letters (the chat template's markers are capitals), digits, punctuation, space and newline.
+# The tests' HTTP client: waits up to PATIENCE for an answer (httpx's own default gives up after 5 s, which a busy
+# machine can pass), and opens a connection per request, so no request races a server closing an idle one.
+http = httpx.Client(timeout=PATIENCE, limits=httpx.Limits(max_keepalive_connections=0))
+
 CHARS = "".join(sorted(set(string.ascii_letters + string.digits + " .,:;!?'-\n")))
 
 SERVE_MODEL = {"model.n_layer": "1", "model.n_embd": "32", "model.n_head": "2", "model.block_size": "64",
@@ -64,7 +70,7 @@ class LiveServer:
 
     def __enter__(self) -> LiveServer:
         self.thread.start()
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + PATIENCE
         while not self.server.started:
             if time.monotonic() > deadline or not self.thread.is_alive():
                 raise RuntimeError("the test server did not start")
@@ -73,7 +79,7 @@ class LiveServer:
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=30)
+        self.thread.join(timeout=PATIENCE)
 
     @property
     def engine(self):
@@ -106,7 +112,7 @@ class ServeProcess:
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=log, cwd=ROOT,
                                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + PATIENCE
         while " on http://" not in self.log():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.process.kill()
@@ -118,7 +124,7 @@ class ServeProcess:
     def __exit__(self, *exc) -> None:
         self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(timeout=60)
+            self.process.wait(timeout=PATIENCE)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()

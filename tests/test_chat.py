@@ -17,6 +17,7 @@ from lmforge.data.tokenizer import CharTokenizer
 from lmforge.infer.chat import fit_history, held_back, stream_reply
 from lmforge.tasks.template import ChatTemplate
 from lmforge.train.trainer import Trainer
+from tests.conftest import PATIENCE
 
 pexpect = pytest.importorskip("pexpect", reason="pexpect is not installed (pip install pexpect, or the dev extra)")
 
@@ -42,7 +43,7 @@ def spawn_chat(run: Path, *options: str):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}
     return pexpect.spawn(sys.executable, ["-m", "lmforge", "chat", str(run), "--device", "cpu", *options],
-                         env=env, encoding="utf-8", timeout=30, dimensions=(24, 200))
+                         env=env, encoding="utf-8", timeout=PATIENCE, dimensions=(24, 200))
 
 
 def test_fit_history_drops_the_oldest_turns_until_the_prompt_fits():

@@ -23,14 +23,14 @@ from lmforge import run as ckpt
 from lmforge.config import load_config
 from lmforge.errors import UserError
 from lmforge.train.trainer import Trainer
-from tests.conftest import TINY_OVERRIDES, records, train_losses
+from tests.conftest import PATIENCE, TINY_OVERRIDES, records, train_losses
 
 STEPS = 10
 SETTINGS = {**TINY_OVERRIDES, "train.tokens_per_step": str(2 * 4 * 16), "train.max_steps": str(STEPS),
             "train.checkpoint_every": "5", "train.keep_last": "5", "train.eval_every": "5"}
 TOLERANCE = 1e-5
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-LAUNCH_TIMEOUT = 120
+LAUNCH_TIMEOUT = PATIENCE
 
 
 def settings(**overrides: str) -> dict[str, str]:
@@ -155,7 +155,7 @@ def launch_ranks(config: Path, data: Path, out: Path, options: dict[str, str]) -
             for rank in (0, 1)]
 
 
-def wait_for_step(run_dir: Path, step: int, ranks: list[subprocess.Popen], timeout: float = 60) -> None:
+def wait_for_step(run_dir: Path, step: int, ranks: list[subprocess.Popen], timeout: float = PATIENCE) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         log = run_dir / "log.jsonl"
@@ -178,7 +178,7 @@ def test_a_lost_rank_stops_the_other_with_a_clear_error(fate, runs, tiny_data):
         wait_for_step(out, 3, ranks)
         ranks[1].send_signal(signal.SIGKILL if fate == "killed" else signal.SIGSTOP)
         start = time.monotonic()
-        _, stderr = ranks[0].communicate(timeout=30)
+        _, stderr = ranks[0].communicate(timeout=PATIENCE)
         waited = time.monotonic() - start
     finally:
         for rank in ranks:
@@ -191,7 +191,7 @@ def test_a_lost_rank_stops_the_other_with_a_clear_error(fate, runs, tiny_data):
                                                     "rank"), stderr
     assert "--resume" in lines[0]
     if fate == "frozen":
-        assert 2.5 < waited < 20  # the timeout, not an instant socket error
+        assert 2.5 < waited < 60  # the timeout, not an instant socket error (nor a hang: 20x the timeout)
     else:
         assert waited < 10
 

@@ -18,6 +18,7 @@ import pytest
 
 from lmforge.cli import main
 from tests.conftest import (
+    PATIENCE,
     assert_one_line_error,
     checksums,
     child_cli,
@@ -51,12 +52,12 @@ def train_argv(base, out: Path, *extra) -> list:
 def test_a_signal_during_training_saves_a_checkpoint_and_exits_with_the_signals_code(base, tmp_path, signum, code):
     out = tmp_path / "run"
     process = start_child_cli(*train_argv(base, out, "--max-steps", "1000000", "--train.checkpoint_every", "0"))
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + PATIENCE
     while not (out / "log.jsonl").is_file() or '"kind": "train"' not in (out / "log.jsonl").read_text():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.05)
     process.send_signal(signum)
-    _, err = process.communicate(timeout=120)
+    _, err = process.communicate(timeout=PATIENCE)
     returncode = process.returncode
     assert returncode == code, err
     assert list((out / "checkpoints").iterdir()), "no checkpoint after a clean stop"
@@ -151,7 +152,7 @@ def test_a_second_writer_on_a_run_is_refused_naming_the_holder(base, tmp_path, c
     run = copy_run(base, tmp_path)
     first = start_child_cli("train", "--resume", "--out", run, "--data", base.data, "--quiet", "--max-steps",
                            "1000000", "--train.checkpoint_every", "0")
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + PATIENCE
     while len((run / "log.jsonl").read_text().splitlines()) <= len((base.run / "log.jsonl").read_text().splitlines()):
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()
         time.sleep(0.05)
@@ -162,7 +163,7 @@ def test_a_second_writer_on_a_run_is_refused_naming_the_holder(base, tmp_path, c
         assert (run / "log.jsonl").read_text().startswith(log_before)  # the holder's log is untouched
     finally:
         first.send_signal(signal.SIGTERM)
-        first.communicate(timeout=120)
+        first.communicate(timeout=PATIENCE)
     assert first.returncode == 143
 
 
@@ -357,7 +358,7 @@ def test_finetuning_stops_on_a_signal_with_a_checkpoint_and_holds_its_run_agains
     out = tmp_path / "classify"
     child = start_child_cli("finetune", base.run, "--task", "classify", "--data", data, "--out", out, "--quiet",
                             "--max-steps", "1000000", "--train.eval_every", "1000000")
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + PATIENCE
     while not (out / "log.jsonl").is_file() or '"kind": "train"' not in (out / "log.jsonl").read_text():
         assert child.poll() is None and time.monotonic() < deadline, child.communicate()
         time.sleep(0.05)
@@ -365,6 +366,6 @@ def test_finetuning_stops_on_a_signal_with_a_checkpoint_and_holds_its_run_agains
                            "--overwrite")
     assert_one_line_error(code, err, str(child.pid))
     child.send_signal(signal.SIGTERM)
-    _, err = child.communicate(timeout=120)
+    _, err = child.communicate(timeout=PATIENCE)
     assert child.returncode == 143, err
     assert list((out / "checkpoints").iterdir()), "no checkpoint after a clean stop"

@@ -10,6 +10,7 @@ PATH (the README's docs/img/playground.png).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 
 import lmforge
 from lmforge.serve.cli import build_app
+from tests.conftest import PATIENCE
 from tests.serve_fixtures import LiveServer, make_run
 
 PAGE = Path(lmforge.__file__).parent / "serve" / "static" / "index.html"
@@ -43,27 +45,20 @@ def browser():
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
     """`lmforge serve`'s app on a tiny random run with a 64-token context, on a free port, behind API_KEY."""
-    # Big enough that a reply streams over many network reads (seconds on a CPU): a 256-token context, 4 x 256.
+    # Big enough that a long reply takes a while on a CPU (a 256-token context, 4 x 256), so that stop can cut it.
     run = make_run(tmp_path_factory.mktemp("playground") / "tiny-playground",
                    **{"model.block_size": "256", "model.n_layer": "4", "model.n_embd": "256"})
     with LiveServer(build_app(run, device="cpu", max_batch=4, api_key=API_KEY)) as server:
         yield server.url
 
 
-# Counts the separate moments the output grew: more than one means the answer was shown as it streamed in,
-# not all at once when it ended.
-COUNT_GROWTH = """() => {
-  window.outputGrowths = 0;
-  new MutationObserver(() => { window.outputGrowths += 1; })
-    .observe(document.getElementById("output"), {childList: true, characterData: true, subtree: true});
-}"""
 FINISHED = "() => document.getElementById('stop').disabled && document.getElementById('status').textContent !== ''"
 
 
 @pytest.fixture
 def page(browser, server_url):
     page = browser.new_page(viewport={"width": 1100, "height": 720})
-    page.set_default_timeout(10_000)
+    page.set_default_timeout(PATIENCE * 1000)
     page.goto(server_url)
     page.fill("#api-key", API_KEY)
     page.fill("#temperature", "0")  # greedy: a real model answers the same way every run
@@ -94,13 +89,15 @@ def test_page_shows_the_model_and_streams_a_completion(page):
     context_length = int(page.text_content("#context-length"))
     assert int(page.get_attribute("#max-tokens", "max")) == context_length
     page.select_option("#mode", "completion")
-    page.evaluate(COUNT_GROWTH)
-    send(page, "the cat", max_tokens=context_length // 2)  # long enough to arrive in more than one piece
+    send(page, "the cat", max_tokens=context_length // 2)
     page.wait_for_function(FINISHED)
-    assert page.text_content("#status").startswith("done")
+    status = page.text_content("#status")
+    assert status.startswith("done")
     assert page.text_content("#output .prompt-text") == "the cat"
     assert page.text_content("#output .completion") != ""
-    assert page.evaluate("window.outputGrowths") >= 3  # the prompt, then the answer in more than one step
+    # The page shows the answer event by event as the server streams it: many text events, counted by the page
+    # itself (a count of network reads or screen updates would depend on the machine's speed).
+    assert int(re.search(r"(\d+) chunks", status).group(1)) > 1, status
 
 
 def test_chat_keeps_the_conversation_and_saves_a_screenshot(page, tmp_path):

@@ -9,16 +9,16 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx
 import pytest
 import serve_fixtures
 import torch
+from serve_fixtures import http
 
 from lmforge import hardware
 from lmforge.errors import UserError
 from lmforge.infer.generate import sample_next
 from lmforge.infer.sampling import SamplingParams
-from tests.conftest import assert_one_line_error, checksums, prepare_and_train, run_cli
+from tests.conftest import PATIENCE, assert_one_line_error, checksums, prepare_and_train, run_cli
 
 served_run = serve_fixtures.served_run
 live_server = serve_fixtures.live_server
@@ -88,7 +88,7 @@ def test_sample_refuses_non_finite_and_oversized_values_by_flag(flag, value, bas
                                   b'{"model": "tiny-served", "prompt": "a", "top_p": 0}',
                                   b'{"model": "tiny-served", "prompt": "a", "temperature": 2.5}'])
 def test_the_server_refuses_non_finite_and_out_of_range_sampling_values(live_server, body):
-    response = httpx.post(live_server.url + "/v1/completions", content=body,
+    response = http.post(live_server.url + "/v1/completions", content=body,
                           headers={"content-type": "application/json"})
     assert response.status_code == 400
     error = response.json()["error"]
@@ -99,8 +99,8 @@ def test_the_server_refuses_non_finite_and_out_of_range_sampling_values(live_ser
                                      {"temperature": 5e-324, "top_p": 1e-300, "n": 3}])
 def test_the_server_samples_extreme_allowed_values_as_greedy(live_server, extreme):
     body = {"model": "tiny-served", "prompt": "The cat", "max_tokens": 8}
-    greedy = httpx.post(live_server.url + "/v1/completions", json={**body, "temperature": 0}, timeout=60)
-    response = httpx.post(live_server.url + "/v1/completions", json={**body, **extreme}, timeout=60)
+    greedy = http.post(live_server.url + "/v1/completions", json={**body, "temperature": 0}, timeout=PATIENCE)
+    response = http.post(live_server.url + "/v1/completions", json={**body, **extreme}, timeout=PATIENCE)
     assert response.status_code == 200, response.text
     texts = {choice["text"] for choice in response.json()["choices"]}
     assert texts == {greedy.json()["choices"][0]["text"]}
@@ -118,11 +118,11 @@ def test_the_server_samples_extreme_allowed_values_as_greedy(live_server, extrem
     ("/tokenize", {"messages": [{"role": "user", "content": "a Ω b"}]}, "messages"),
 ])
 def test_the_server_refuses_unknown_characters_by_name_unless_allowed(live_server, route, body, param):
-    response = httpx.post(live_server.url + route, json=body, timeout=60)
+    response = http.post(live_server.url + route, json=body, timeout=PATIENCE)
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == param and "'Ω'" in error["message"] and "allow_unknown" in error["message"]
-    allowed = httpx.post(live_server.url + route, json={**body, "allow_unknown": True}, timeout=60)
+    allowed = http.post(live_server.url + route, json={**body, "allow_unknown": True}, timeout=PATIENCE)
     assert allowed.status_code == 200, allowed.text
 
 

@@ -14,13 +14,13 @@ import httpx
 import pytest
 import serve_fixtures
 import uvicorn
-from conftest import assert_one_line_error, run_cli, start_child_cli
 from serve_fixtures import ServeProcess
 
 from lmforge.serve.cli import MAX_BODY_BYTES, MAX_QUEUE, open_files_limit
+from tests.conftest import PATIENCE, assert_one_line_error, run_cli, start_child_cli
 
 served_run = serve_fixtures.served_run
-WAIT = 30.0  # the ceiling on every wait for the server; its own timeouts in these tests are 1 second
+WAIT = PATIENCE  # the ceiling on every wait for the server; its own timeouts in these tests are 1 second
 MODEL = "tiny-served"
 VOCAB_SIZE = "the vocabulary size"  # a token id parameter: the first id past the served tokenizer's
 
@@ -268,7 +268,7 @@ def test_a_batch_too_large_for_memory_is_refused_before_allocating_it(served_run
     """The reported case, as a user runs it: before, the cache's allocation failed with a traceback."""
     child = start_child_cli("serve", served_run, "--port", "0", "--device", "cpu", "--max-batch", "100000000")
     try:
-        _, err = child.communicate(timeout=300)
+        _, err = child.communicate(timeout=PATIENCE)
     finally:
         child.kill()
     assert_one_line_error(child.returncode, err, "100000000 sequences decoded at once", "GiB",

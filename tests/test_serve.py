@@ -13,13 +13,14 @@ import pytest
 import serve_fixtures
 import torch
 from openai import OpenAI
-from serve_fixtures import LiveServer
+from serve_fixtures import LiveServer, http
 
 from lmforge.cli import main
 from lmforge.infer.generate import generate
 from lmforge.infer.load import load_model
 from lmforge.serve.cli import build_app
 from lmforge.tasks.template import ChatTemplate
+from tests.conftest import PATIENCE
 
 served_run = serve_fixtures.served_run
 live_server = serve_fixtures.live_server
@@ -40,11 +41,11 @@ def test_models_lists_the_run_with_context_and_batching(live_server):
     assert card.id == "tiny-served"
     assert card.context_length == 64
     assert card.batching == {"continuous": True, "batched_decoding": True, "cache": "kv", "max_batch": 4}
-    assert httpx.get(live_server.url + "/health").json()["status"] == "ok"
-    info = httpx.get(live_server.url + "/tokenizer_info").json()
-    eot = httpx.post(live_server.url + "/tokenize", json={"prompt": info["eos_token"]}).json()["tokens"]
+    assert http.get(live_server.url + "/health").json()["status"] == "ok"
+    info = http.get(live_server.url + "/tokenizer_info").json()
+    eot = http.post(live_server.url + "/tokenize", json={"prompt": info["eos_token"]}).json()["tokens"]
     assert eot == [len(serve_fixtures.CHARS)]  # the char tokenizer's end-of-text id
-    assert httpx.post(live_server.url + "/detokenize", json={"tokens": [0, 1]}).json()["prompt"] == \
+    assert http.post(live_server.url + "/detokenize", json={"tokens": [0, 1]}).json()["prompt"] == \
         serve_fixtures.CHARS[:2]
 
 
@@ -81,14 +82,14 @@ def test_chat_streamed_and_not_give_the_same_reply_through_the_template(live_ser
 def test_sse_framing_is_data_events_ending_with_done(live_server):
     body = {"model": "tiny-served", "prompt": "we read", "max_tokens": 15, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
-    with httpx.stream("POST", live_server.url + "/v1/completions", json=body) as response:
+    with http.stream("POST", live_server.url + "/v1/completions", json=body) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         raw = response.read().decode()
     events = raw.split("\n\n")
     assert events[-1] == "" and events[-2] == "data: [DONE]"
     payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
     assert all(e.startswith("data: ") and "\n" not in e for e in events[:-1])
-    whole = httpx.post(live_server.url + "/v1/completions", json={**body, "stream": False}).json()
+    whole = http.post(live_server.url + "/v1/completions", json={**body, "stream": False}).json()
     assert "".join(c["text"] for p in payloads for c in p["choices"]) == whole["choices"][0]["text"]
     assert payloads[-1]["usage"] == whole["usage"] and payloads[-1]["choices"] == []
     assert payloads[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
@@ -101,7 +102,7 @@ def test_concurrent_requests_are_batched_and_match_alone(live_server, served_run
     results: dict[int, str] = {}
 
     def ask(index: int) -> None:
-        answer = httpx.post(live_server.url + "/v1/completions", timeout=60, json={
+        answer = http.post(live_server.url + "/v1/completions", timeout=PATIENCE, json={
             "model": "tiny-served", "prompt": PROMPTS[index], "max_tokens": 25, "temperature": 0})
         results[index] = answer.json()["choices"][0]["text"]
 
@@ -117,7 +118,7 @@ def test_concurrent_requests_are_batched_and_match_alone(live_server, served_run
 
 def test_echo_with_max_tokens_0_returns_the_prompts_logprobs(live_server, served_run):
     model, _, tokenizer, _ = load_model(served_run)
-    answer = httpx.post(live_server.url + "/v1/completions", json={
+    answer = http.post(live_server.url + "/v1/completions", json={
         "model": "tiny-served", "prompt": "the cat", "max_tokens": 0, "echo": True, "logprobs": 2}).json()
     logprobs = answer["choices"][0]["logprobs"]
     ids = tokenizer.encode("the cat")
@@ -139,10 +140,10 @@ def test_a_client_leaving_mid_stream_frees_its_slot(live_server):
     cancelled = engine.counters.cancelled
     try:
         body = {"model": "tiny-served", "prompt": "a", "max_tokens": 60, "temperature": 0, "stream": True}
-        with httpx.stream("POST", live_server.url + "/v1/completions", json=body) as response:
+        with http.stream("POST", live_server.url + "/v1/completions", json=body) as response:
             next(response.iter_lines())  # the first event: the request holds a slot
             assert engine.active_count() == 1
-        deadline = time.monotonic() + 0.5
+        deadline = time.monotonic() + PATIENCE
         while engine.active_count() and time.monotonic() < deadline:
             time.sleep(0.01)
         assert engine.active_count() == 0 and engine.counters.cancelled == cancelled + 1
@@ -168,7 +169,7 @@ def error(response: httpx.Response) -> dict:
 ])
 def test_bad_requests_get_their_status_in_openai_shape(live_server, body, status, param, words):
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    response = httpx.post(live_server.url + "/v1/completions", content=content,
+    response = http.post(live_server.url + "/v1/completions", content=content,
                           headers={"content-type": "application/json"})
     assert response.status_code == status
     message = error(response)
@@ -176,7 +177,7 @@ def test_bad_requests_get_their_status_in_openai_shape(live_server, body, status
 
 
 def test_prompt_too_long_names_both_numbers(live_server):
-    message = error(httpx.post(live_server.url + "/v1/completions", json={
+    message = error(http.post(live_server.url + "/v1/completions", json={
         "model": "tiny-served", "prompt": "a" * 60, "max_tokens": 10}))["message"]
     assert "60 tokens" in message and "more than the 54" in message and "context of 64" in message
 
@@ -185,22 +186,22 @@ def test_a_full_queue_answers_429_with_retry_after(served_run):
     app = build_app(served_run, device="cpu", max_batch=1, max_queue=1)
     engine = app.state.server.engine
     step, gate = engine.step, threading.Event()
-    engine.step = lambda: (gate.wait(10), step())  # the engine holds still until the test lets it go
+    engine.step = lambda: (gate.wait(PATIENCE), step())  # the engine holds still until the test lets it go
     with LiveServer(app) as server:
         body = {"model": "tiny-served", "prompt": "a", "max_tokens": 5}
         waiting = threading.Thread(target=httpx.post, args=(server.url + "/v1/completions",),
-                                   kwargs={"json": body, "timeout": 60})
+                                   kwargs={"json": body, "timeout": PATIENCE})
         waiting.start()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + PATIENCE
         while engine.waiting_count() < 1 and time.monotonic() < deadline:
             time.sleep(0.01)
-        response = httpx.post(server.url + "/v1/completions", json=body)
+        response = http.post(server.url + "/v1/completions", json=body)
         gate.set()
         waiting.join()
         assert response.status_code == 429 and response.headers["retry-after"] == "1"
         assert error(response)["type"] == "rate_limit_error"
-        assert httpx.post(server.url + "/v1/completions", json=body).status_code == 200  # room again
-        metrics = httpx.get(server.url + "/metrics").text
+        assert http.post(server.url + "/v1/completions", json=body).status_code == 200  # room again
+        metrics = http.get(server.url + "/metrics").text
     assert 'lmforge_requests_total{endpoint="/v1/completions",status="429"} 1.0' in metrics
     assert 'lmforge_requests_total{endpoint="/v1/completions",status="200"} 2.0' in metrics
     assert "lmforge_time_to_first_token_seconds_count 2.0" in metrics
@@ -208,11 +209,11 @@ def test_a_full_queue_answers_429_with_retry_after(served_run):
 
 def test_an_api_key_is_required_on_the_api_but_not_on_health(served_run):
     with LiveServer(build_app(served_run, device="cpu", api_key="sesame")) as server:
-        assert httpx.get(server.url + "/v1/models").status_code == 401
-        wrong = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer nope"})
+        assert http.get(server.url + "/v1/models").status_code == 401
+        wrong = http.get(server.url + "/v1/models", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and error(wrong)["type"] == "authentication_error"
         assert client(server, "sesame").models.list().data[0].id == "tiny-served"
-        assert httpx.get(server.url + "/health").status_code == 200
+        assert http.get(server.url + "/health").status_code == 200
 
 
 def lmforge_eval_choice(capsys, run, records: list[dict], folder) -> tuple[float, list[int]]:
@@ -274,13 +275,13 @@ def test_sigterm_drains_a_streaming_request_and_exits_0(served_run):
         url = line.split(" on ")[1].split()[0]
         body = {"model": "tiny-served", "prompt": "a", "max_tokens": 50, "temperature": 1, "stream": True,
                 "stop": None}
-        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
+        with http.stream("POST", url + "/v1/completions", json=body, timeout=PATIENCE) as response:
             lines = response.iter_lines()
             next(lines)
             process.send_signal(signal.SIGTERM)
             rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]" and not any('"error"' in line for line in rest)  # it finished
-        assert process.wait(timeout=30) == 0
+        assert process.wait(timeout=PATIENCE) == 0
     finally:
         process.kill()
 
@@ -303,12 +304,12 @@ def test_serve_refuses_a_missing_run_and_a_busy_port_in_one_line(served_run, tmp
 
 def test_n_choices_of_a_seeded_call_draw_with_seed_plus_index_and_stream_the_same(live_server):
     body = {"model": "tiny-served", "prompt": ["the", "we"], "n": 2, "max_tokens": 8, "seed": 7, "logprobs": 0}
-    whole = httpx.post(live_server.url + "/v1/completions", json=body).json()["choices"]
+    whole = http.post(live_server.url + "/v1/completions", json=body).json()["choices"]
     assert [c["index"] for c in whole] == [0, 1, 2, 3]
-    second = httpx.post(live_server.url + "/v1/completions", json={**body, "prompt": "the", "n": 1,
+    second = http.post(live_server.url + "/v1/completions", json={**body, "prompt": "the", "n": 1,
                                                                   "seed": 8}).json()["choices"][0]
     assert second["text"] == whole[1]["text"]
-    raw = httpx.post(live_server.url + "/v1/completions", json={**body, "stream": True}).text
+    raw = http.post(live_server.url + "/v1/completions", json={**body, "stream": True}).text
     chunks = [json.loads(e.removeprefix("data: ")) for e in raw.split("\n\n")[:-2]]
     for choice in whole:
         parts = [c for chunk in chunks for c in chunk["choices"] if c["index"] == choice["index"]]
