@@ -38,6 +38,7 @@ def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str = 
     `predictions`, also write that file."""
     from lmforge.infer.load import load_model
     from lmforge.run import read_config, resolve_checkpoint
+    from lmforge.tasks.examples import check_template_encodable
     from lmforge.tasks.model import check_task
     from lmforge.tasks.template import load_chat_template
 
@@ -50,18 +51,18 @@ def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str = 
     finetune = read_config(resolve_checkpoint(run)[0]).finetune
     check_task(run, finetune, task)
     model, _, tokenizer, _ = load_model(run, device)
-    check_characters(tokenizer, record_texts(records, task), path)
+    check_characters(tokenizer, records, task, path)
+    template = load_chat_template(resolve_checkpoint(run)[0])
+    chat = finetune is not None and finetune.template == "chat"
+    check_template_encodable(tokenizer, "sft" if chat and task == "translate" else task, template)
     if task == "classify":
         scores, rows = evaluate_classify(model, tokenizer, records, batch_size, device, path)
     elif task == "choice":
         scores, rows = evaluate_choice(model, tokenizer, records, batch_size, device)
     elif task == "sft":
-        template = load_chat_template(resolve_checkpoint(run)[0])
         scores, rows = evaluate_sft(model, tokenizer, records, template, batch_size, device,
                                     with_replies=predictions is not None, max_new_tokens=max_new_tokens)
     else:
-        template = load_chat_template(resolve_checkpoint(run)[0])
-        chat = finetune is not None and finetune.template == "chat"
         scores, rows = evaluate_generation(model, tokenizer, records, task, template, max_new_tokens, chat=chat)
     if predictions is not None:
         write_atomic(Path(predictions), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
@@ -86,21 +87,20 @@ def record_texts(records: Sequence[dict], task: str) -> list[str]:
     return texts
 
 
-def check_characters(tokenizer: Tokenizer, texts: Sequence[str], origin: Path) -> None:
+def check_characters(tokenizer: Tokenizer, records: Sequence[dict], task: str, origin: Path) -> None:
     """A character tokenizer reads a character it never saw as one 'unknown' id: refuse such data, saying how
-    many characters are unknown (byte-level tokenizers encode any text)."""
-    known = getattr(tokenizer, "chars", None)
-    if known is None:
-        return
-    known = set(known)
+    many characters are unknown and where the first is (byte-level tokenizers encode any text)."""
     unknown: dict[str, int] = {}
-    for text in texts:
-        for char in set(text) - known:
-            unknown[char] = unknown.get(char, 0) + text.count(char)
+    first = None
+    for record in records:
+        for text in record_texts([record], task):
+            for char in tokenizer.unknown_characters(text):
+                unknown[char] = unknown.get(char, 0) + text.count(char)
+                first = first or getattr(record, "where", str(origin))
     if unknown:
         shown = ", ".join(repr(c) for c in sorted(unknown, key=unknown.get, reverse=True)[:5])
         raise UserError(f"{origin}: the run's character tokenizer cannot encode {sum(unknown.values())} characters "
-                        f"of the data ({len(unknown)} distinct, e.g. {shown})")
+                        f"of the data ({len(unknown)} distinct, e.g. {shown}; the first at {first})")
 
 
 def note_truncated(count: int, total: int, what: str) -> None:
@@ -116,8 +116,9 @@ def evaluate_classify(model: nn.Module, tokenizer: Tokenizer, records: Sequence[
     references = [record["label"] for record in records]
     unseen = sorted(set(references) - set(model.labels))
     if unseen:
-        raise UserError(f"{origin}: label {', '.join(repr(u) for u in unseen)} never appeared in the run's "
-                        f"training data (its labels: {', '.join(model.labels)})")
+        first = next(record for record in records if record["label"] in unseen)
+        raise UserError(f"{getattr(first, 'where', origin)}: label {', '.join(repr(u) for u in unseen)} never "
+                        f"appeared in the run's training data (its labels: {', '.join(model.labels)})")
     texts = [record["text"] for record in records]
     block_size = model.body.config.block_size
     note_truncated(sum(len(ids) > block_size for ids in tokenizer.encode_batch(texts)), len(texts), "texts")

@@ -43,6 +43,7 @@ from lmforge.tasks import lora
 from lmforge.tasks.examples import (
     Examples,
     check_encodable,
+    check_template_encodable,
     encode_examples,
     evaluate_split,
     lm_batch,
@@ -216,6 +217,7 @@ class FinetuneRun:
         train_file, val_file = data_file(data, "train"), data_file(data, "val")
         if train_file == val_file:
             raise UserError(f"--data {data}: fine-tuning needs a directory with train and val files")
+        check_template_encodable(self.tokenizer, task, self.template)
         train_records, val_records = read_records(train_file, task), read_records(val_file, task)
         for records, origin in ((train_records, train_file), (val_records, val_file)):
             check_encodable(self.tokenizer, records, task, origin)
