@@ -423,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory or a checkpoint directory inside one")
     p.add_argument("--text", required=True)
     p.add_argument("--context", help="qa runs: the passage the --text question is about")
-    p.add_argument("--max-new-tokens", type=COUNT, default=200)
+    p.add_argument("--max-new-tokens", type=COUNT, help="runs that reply with text: reply length (default 200)")
     p.add_argument("--device", default="auto")
 
     p = commands.add_parser("bench", help="time training steps on random tokens (extra flags override config)")

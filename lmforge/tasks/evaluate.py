@@ -31,11 +31,11 @@ from lmforge.tasks import metrics
 from lmforge.tasks.records import CHAT_TRANSLATE_PROMPT, TASKS, as_messages, data_file, read_records
 
 
-def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str = "test",
+def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str | None = None,
                   predictions: str | Path | None = None, batch_size: int = 16,
                   device: str | torch.device = "cpu", max_new_tokens: int | None = None) -> dict:
-    """The task metrics of `run` on the records of `data` (a file, or a directory's `split` file); with
-    `predictions`, also write that file."""
+    """The task metrics of `run` on the records of `data` (a file, or a directory's `split` file, test by
+    default); with `predictions`, also write that file."""
     from lmforge.infer.load import load_model
     from lmforge.run import read_config, resolve_checkpoint
     from lmforge.tasks.examples import check_template_encodable
@@ -46,7 +46,9 @@ def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str = 
         raise UserError(f"unknown task '{task}'; tasks are {', '.join(TASKS)}")
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    path = data_file(data, split)
+    if split is not None and Path(data).is_file():
+        raise UserError(f"--split {split} chooses a file in a data directory; --data {data} is a file: drop --split")
+    path = data_file(data, split or "test")
     records = read_records(path, task)
     finetune = read_config(resolve_checkpoint(run)[0]).finetune
     check_task(run, finetune, task)
@@ -260,6 +262,6 @@ def eval_command(run: str, task: str | None, data: str, *, split: str | None, pr
         raise UserError("--predictions needs --task (the records' task: " + ", ".join(TASKS) + ")")
     if engine != "torch":
         raise UserError("--task evaluation runs on the torch engine; drop --engine scratch")
-    scores = evaluate_task(run, task, data, split=split or "test", predictions=predictions, batch_size=batch_size,
+    scores = evaluate_task(run, task, data, split=split, predictions=predictions, batch_size=batch_size,
                            device=resolve_device(device, "--device"))
     print(json.dumps(scores))

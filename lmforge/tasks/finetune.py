@@ -75,6 +75,17 @@ def user_spelling(key: str) -> str:
     return key.replace("finetune.lora_", "lora.")
 
 
+def check_method_keys(method: str, keys: list[str]) -> None:
+    """Refuse settings that would do nothing with this method: the LoRA keys on a full fine-tuning run (the
+    opposite, finetune.train_blocks with LoRA, is FinetuneConfig.check_combination's). A sweep checks its
+    --param keys here before its first trial, as `finetune` checks its flags."""
+    if method != "lora":
+        unused = [user_spelling(key) for key in map(canonical_key, keys) if key.startswith("finetune.lora_")]
+        if unused:
+            raise UserError(f"--{', --'.join(unused)}: LoRA settings apply to --method lora only; this run's method "
+                            f"is {method}, which would ignore them")
+
+
 def load_base(base_run: str | Path) -> tuple[nn.Module, Config, Tokenizer, Path]:
     """The model to fine-tune from (in train mode): a run trained or imported here, or a fine-tuned
     language-model run (merged)."""
@@ -176,6 +187,13 @@ class FinetuneRun:
             for flag, (given, stored) in asked.items():
                 if given is not None and given != stored:
                     raise UserError(f"--resume: {self.run_dir} was started with {flag} {stored}, not {given}")
+            given_dir, given_checkpoint = (path.resolve() for path in rundir.resolve_checkpoint(base_run))
+            named_checkpoint = (Path(base_run) / rundir.WEIGHTS_FILE).is_file()
+            if given_dir != Path(finetune.base_run) or (
+                    named_checkpoint and given_checkpoint != Path(finetune.base_checkpoint)):
+                raise UserError(f"--resume: {self.run_dir} fine-tunes {finetune.base_checkpoint}, not {base_run}; "
+                                f"resume it with that base run (lmforge finetune {finetune.base_run} --resume "
+                                f"--out {self.run_dir} ...)")
         else:
             if task is None:
                 raise UserError("finetune needs --task (classify, sft, translate or qa)")
@@ -192,6 +210,7 @@ class FinetuneRun:
                 if key not in USER_KEYS:
                     raise UserError(f"unknown fine-tuning key '{dotted}'; valid keys: "
                                     f"{', '.join(user_spelling(valid) for valid in USER_KEYS)}")
+                check_method_keys(finetune.method, [key])
                 before = dataclasses.replace(finetune)
                 set_value(config, key, value)
                 if resume and key != "finetune.patience" and finetune != before:
@@ -203,6 +222,9 @@ class FinetuneRun:
                 set_value(config, key, value)
         check_config(config)
         train = config.train
+        if not train.eval_every and "finetune.patience" in map(canonical_key, overrides) and finetune.patience:
+            raise UserError("--finetune.patience counts evaluations without improvement, but train.eval_every is 0 "
+                            "(one evaluation, at the end): set --train.eval_every too, or drop --finetune.patience")
         if train.engine != "torch":
             raise UserError(f"fine-tuning runs on the torch engine; train.engine '{train.engine}' is not supported "
                             "(the scratch engine has no backward for heads, masks or LoRA)")
@@ -358,13 +380,19 @@ class FinetuneRun:
         finally:
             self.bar.close()
         if last_eval_step != progress.step:
-            self.evaluate_and_save()
+            if reason == "interrupted":
+                # No evaluation here: one would count toward finetune.patience, so the resumed run would stop
+                # at another step than the uninterrupted one. The checkpoint alone lets --resume continue exactly.
+                self.save()
+            else:
+                self.evaluate_and_save()
         final = self.last_result
         self.log(rundir.EndRecord(step=progress.step, tokens=progress.tokens, elapsed=progress.elapsed,
                                   reason=reason, best_step=progress.best_step))
         self.log_writer.close()
-        self.say(f"stopped ({reason}) at step {progress.step}; best {key} {progress.best_metric:.4f} at step "
-                 f"{progress.best_step}; checkpoints in {self.run_dir / 'checkpoints'}")
+        best = "no evaluation yet" if progress.best_metric is None else \
+            f"best {key} {progress.best_metric:.4f} at step {progress.best_step}"
+        self.say(f"stopped ({reason}) at step {progress.step}; {best}; checkpoints in {self.run_dir / 'checkpoints'}")
         return {"reason": reason, "step": progress.step, "best_step": progress.best_step,
                 "best": progress.best_metric, "val": final}
 
@@ -399,13 +427,18 @@ class FinetuneRun:
                                    val_accuracy=result.get("val_accuracy"), val_macro_f1=result.get("val_macro_f1")))
         message = f"step {progress.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
         self.bar.write(message) if not self.bar.disable else self.say(message)
+        self.save()
+        patience = self.finetune.patience
+        return "early_stopping" if patience and progress.evals_without_improvement >= patience else None
+
+    def save(self) -> None:
+        """Write a checkpoint of the current step (keeping the best and the newest `train.keep_last`)."""
+        progress = self.progress
         model_state = lora.trainable_state(self.model) if self.finetune.method == "lora" else self.model.state_dict()
         rundir.save_checkpoint(self.run_dir, progress.step, model_state,
                                [optimizer.state_dict() for optimizer in self.engine.optimizers],
                                {"progress": dataclasses.asdict(progress)})
         rundir.prune_checkpoints(self.run_dir, self.config.train.keep_last, progress.best_step)
-        patience = self.finetune.patience
-        return "early_stopping" if patience and progress.evals_without_improvement >= patience else None
 
     # ----- output -----
     def log(self, record: rundir.Record) -> None:

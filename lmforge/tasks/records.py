@@ -11,8 +11,9 @@ Each task has one record shape (the same columns in every format):
 In a CSV file a list column (messages, answers, choices) holds JSON text. Other keys are allowed and kept
 (the built-in tasks add "play"). Every text a task reads (texts, prompts, labels, choices, answers, message
 contents) is refused, by file and line, if it holds a control character other than tab, newline and carriage
-return: NUL and its kin are never meant as text, and they break what shows them (a report's plots, a terminal). A data argument is a file, or a directory holding `train`, `val` and `test`
-files in any of the formats (`split_files`, `data_file`).
+return: NUL and its kin are never meant as text, and they break what shows them (a report's plots, a terminal).
+A data argument is a file, or a directory holding `train`, `val` and `test` files in any of the formats
+(`split_files`, `data_file`).
 
 The text formats a fine-tuned model sees are fixed here, so training (finetune) and evaluation (eval) agree:
 a translate record is the plain text `source + TRANSLATE_SEPARATOR` followed by the target and end-of-text
