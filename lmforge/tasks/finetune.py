@@ -15,7 +15,9 @@ optimizer state are in every checkpoint).
 What trains and how records become examples: lmforge/tasks/examples.py. With `--method lora` the base weights
 stay frozen and the checkpoint's `model.safetensors` holds only what trains (the adapters, and a classifier's
 head); lmforge/infer/load.py rebuilds the model from the base run named in [finetune] and merges the adapters,
-so every reader sees a plain model. The base run is only ever read.
+so every reader sees a plain model, after checking the base's weights against the fingerprint (SHA-256) the run
+recorded. The base run's files are only ever read; a LoRA run adds a note to its `lora_runs/` folder
+(`run.record_lora_dependent`) so that pruning the base's checkpoints keeps the one the adapters fit.
 """
 
 from __future__ import annotations
@@ -149,6 +151,7 @@ class FinetuneRun:
         else:
             body, _, self.tokenizer, base_checkpoint = load_base(base_run)
             finetune.base_checkpoint = str(base_checkpoint.resolve())
+            finetune.base_fingerprint = rundir.weights_fingerprint(base_checkpoint)
         self.template = load_chat_template(self.run_dir) if resume else ChatTemplate()
         self.data = Path(data).resolve()
         self.train_examples, self.val_examples = self._read_data(self.data, resume)
@@ -266,6 +269,8 @@ class FinetuneRun:
         run = self.run_dir
         existing = rundir.refuse_existing_run(run, overwrite)
         rundir.create_run(run, self.config, self.tokenizer, existing)
+        if self.finetune.method == "lora":  # its checkpoints hold only adapters: the base must keep its weights
+            rundir.record_lora_dependent(Path(self.finetune.base_checkpoint), run)
         if self.finetune.template == "chat":
             self.template.save(run)
 
@@ -438,7 +443,8 @@ class FinetuneRun:
         rundir.save_checkpoint(self.run_dir, progress.step, model_state,
                                [optimizer.state_dict() for optimizer in self.engine.optimizers],
                                {"progress": dataclasses.asdict(progress)})
-        rundir.prune_checkpoints(self.run_dir, self.config.train.keep_last, progress.best_step)
+        for note in rundir.prune_checkpoints(self.run_dir, self.config.train.keep_last, progress.best_step):
+            self.say(note)
 
     # ----- output -----
     def log(self, record: rundir.Record) -> None:

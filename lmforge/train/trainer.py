@@ -428,7 +428,9 @@ class Trainer:
         try:
             path = rundir.save_checkpoint(self.run_dir, progress.step, model_state, optimizer_states, state,
                                           hidden_state)
-            rundir.prune_checkpoints(self.run_dir, self.config.train.keep_last, progress.best_checkpoint_step)
+            for note in rundir.prune_checkpoints(self.run_dir, self.config.train.keep_last,
+                                                 progress.best_checkpoint_step):
+                self.say(note)
         finally:
             self.saving = False
         return path
