@@ -398,9 +398,12 @@ def newest_readable_checkpoint(run_dir: Path, say, schema: dict[str, type] | Non
     raise AssertionError("unreachable")
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int, keep_step: int | None) -> list[str]:
+def prune_checkpoints(run_dir: Path, keep_last: int, keep_step: int | None, said: set[Path] | None = None
+                      ) -> list[str]:
     """Delete all but the newest `keep_last` checkpoints, the one at `keep_step` (the best) and those a LoRA
-    run still adapts; return a line for each of those kept for a LoRA run as it leaves the newest ones."""
+    run still adapts; return a line for each checkpoint kept for a LoRA run, but those already in `said` (the
+    caller's set of checkpoints it has told about, which this updates)."""
+    said = set() if said is None else said
     checkpoints = list_checkpoints(run_dir)
     keep = set(checkpoints[-max(keep_last, 1):])  # the newest always stays: it is where resume starts
     if keep_step is not None:
@@ -410,7 +413,8 @@ def prune_checkpoints(run_dir: Path, keep_last: int, keep_step: int | None) -> l
     notes = []
     for path in leaving:
         if path in adapted:
-            if path == leaving[-1]:  # said once, when it first falls out of the newest checkpoints
+            if path not in said:
+                said.add(path)
                 notes.append(f"kept {path}, beyond train.keep_last: the LoRA run {', '.join(adapted[path])} adapts "
                              "it (delete that run, then this checkpoint, when it is no longer needed)")
             continue

@@ -126,12 +126,13 @@ def check_template_encodable(tokenizer: Tokenizer, task: str, template: ChatTemp
             texts["the qa prompt"] = QA_PROMPT.replace("{context}", "").replace("{question}", "")
     else:
         return
-    for what, text in texts.items():
-        unknown = tokenizer.unknown_characters(text)
-        if unknown:
-            raise UserError(f"the run's character tokenizer cannot encode {', '.join(map(repr, unknown))} of "
-                            f"{what} {text!r} (its training text had no such characters, e.g. a lower-cased "
-                            f"corpus); fine-tune a run whose tokenizer covers them")
+    unknown = {what: tokenizer.unknown_characters(text) for what, text in texts.items()}
+    if any(unknown.values()):
+        characters = dict.fromkeys(char for chars in unknown.values() for char in chars)
+        parts = "; ".join(f"{what} {texts[what]!r}" for what, chars in unknown.items() if chars)
+        raise UserError(f"the run's character tokenizer cannot encode {', '.join(map(repr, characters))}, which "
+                        f"{task} wraps around every record ({parts}): its training text had no such characters "
+                        "(a lower-cased corpus?); fine-tune a run whose tokenizer covers them")
 
 
 def lm_batch(examples: Examples, rows: list[int], pad_id: int, device: torch.device

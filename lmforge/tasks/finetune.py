@@ -174,6 +174,7 @@ class FinetuneRun:
             self._create_run_dir(overwrite)
         self.stop_signal: str | None = None
         self.last_result: dict = {}
+        self.kept_for_lora: set[Path] = set()  # checkpoints pruning keeps for a LoRA run, said once each
 
     # ----- set-up -----
     def _configure(self, base_run: str, task: str | None, method: str | None, train_blocks: int | None,
@@ -443,7 +444,8 @@ class FinetuneRun:
         rundir.save_checkpoint(self.run_dir, progress.step, model_state,
                                [optimizer.state_dict() for optimizer in self.engine.optimizers],
                                {"progress": dataclasses.asdict(progress)})
-        for note in rundir.prune_checkpoints(self.run_dir, self.config.train.keep_last, progress.best_step):
+        for note in rundir.prune_checkpoints(self.run_dir, self.config.train.keep_last, progress.best_step,
+                                             self.kept_for_lora):
             self.say(note)
 
     # ----- output -----
