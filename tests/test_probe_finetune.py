@@ -268,6 +268,9 @@ def test_options_that_would_do_nothing_are_refused(tmp_path, base, classify_run,
         ("eval", classify_run, "--task", "classify", "--data", data / "val.jsonl", "--split", "val"): "--split",
         ("sweep", "--finetune", base.run, "--task", "classify", "--data", data, "--out", tmp_path / "a",
          "--param", "lora.rank=2,4", "--method", "grid"): "lora.rank",
+        ("sweep", "--finetune", base.run, "--task", "classify", "--finetune-method", "lora", "--data", data,
+         "--out", tmp_path / "a", "--param", "finetune.train_blocks=1,2", "--method", "grid"): "train_blocks",
+        ("finetune", base.run, "--resume", "--overwrite", "--data", data, "--out", classify_run): "choose one",
         ("tasks", "list", "--overwrite"): "--overwrite",
     }
     shutil.copytree(base.run, tmp_path / "other")

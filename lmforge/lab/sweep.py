@@ -14,7 +14,9 @@ OUT/best.toml (the config with the best trial's values, ready for `lmforge train
 --data DATA` (lmforge/tasks/finetune.py) with the swept keys set, e.g. `optim.lr`, `lora.rank` (with
 `--finetune-method lora`) or `finetune.train_blocks`; a trial's result is the validation loss of its last
 evaluation (for classify, the cross-entropy over the labels; its accuracy is kept beside it). Fine-tuning
-trials are not pruned.
+trials are not pruned. A swept key the method ignores (`lora.*` with full fine-tuning, `finetune.train_blocks`
+with LoRA) is refused before the first trial, and a fine-tuning study is keyed on its base run, task, method and
+data besides the swept keys: an OUT holding another sweep is refused, never continued as this one.
 """
 
 from __future__ import annotations

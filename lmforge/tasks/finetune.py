@@ -79,13 +79,17 @@ def user_spelling(key: str) -> str:
 
 def check_method_keys(method: str, keys: list[str]) -> None:
     """Refuse settings that would do nothing with this method: the LoRA keys on a full fine-tuning run (the
-    opposite, finetune.train_blocks with LoRA, is FinetuneConfig.check_combination's). A sweep checks its
-    --param keys here before its first trial, as `finetune` checks its flags."""
+    opposite, finetune.train_blocks with LoRA, is also FinetuneConfig.check_combination's, on values). A sweep
+    checks its --param keys here before its first trial, as `finetune` checks its flags."""
+    keys = [canonical_key(key) for key in keys]
     if method != "lora":
-        unused = [user_spelling(key) for key in map(canonical_key, keys) if key.startswith("finetune.lora_")]
+        unused = [user_spelling(key) for key in keys if key.startswith("finetune.lora_")]
         if unused:
             raise UserError(f"--{', --'.join(unused)}: LoRA settings apply to --method lora only; this run's method "
                             f"is {method}, which would ignore them")
+    elif "finetune.train_blocks" in keys:
+        raise UserError("finetune.train_blocks chooses what full fine-tuning trains; with --method lora the "
+                        "adapters train (choose layers with --lora.targets)")
 
 
 def load_base(base_run: str | Path) -> tuple[nn.Module, Config, Tokenizer, Path]:
@@ -130,6 +134,8 @@ def finetune_command(base_run: str, *, task: str | None, data: str, out: str, me
                      train_blocks: int | None = None, overrides: dict[str, str] | None = None,
                      resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
     """`lmforge finetune`: set up (every check before anything is written), train, return the outcome."""
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: choose one")
     return FinetuneRun(base_run, task=task, data=data, out=out, method=method, train_blocks=train_blocks,
                        overrides=overrides or {}, resume=resume, overwrite=overwrite, quiet=quiet).run()
 
