@@ -369,8 +369,13 @@ def load_checkpoint(path: Path, schema: dict[str, type] | None = None
                or not isinstance(state.get(key), kind)]
     if missing:
         raise UserError(f"{what} is unreadable ({STATE_FILE} lacks {', '.join(missing)})")
-    optimizer_tensors = load_safetensors(path / OPTIMIZER_FILE, what)
-    hidden = load_safetensors(path / HIDDEN_FILE, what) if (path / HIDDEN_FILE).is_file() else {}
+    try:
+        optimizer_tensors = load_safetensors(path / OPTIMIZER_FILE, what)
+        hidden = load_safetensors(path / HIDDEN_FILE, what) if (path / HIDDEN_FILE).is_file() else {}
+    except UserError:
+        if not path.is_dir():
+            raise removed_meanwhile(path) from None
+        raise
     try:
         optimizer_states = _unflatten_optimizers(optimizer_tensors, state["optimizer_groups"])
     except (ValueError, IndexError) as err:
