@@ -446,8 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory or a checkpoint directory inside one")
     p.add_argument("--text", required=True)
     p.add_argument("--context", help="qa runs: the passage the --text question is about")
-    p.add_argument("--max-new-tokens", type=NEW_TOKENS, default=200,
-                   help="longest reply, in tokens (at most the run's context)")
+    p.add_argument("--max-new-tokens", type=NEW_TOKENS,
+                   help="runs that reply with text: reply length (default 200, at most the run's context)")
     p.add_argument("--device", default="auto")
     add_allow_unknown(p)
 

@@ -211,6 +211,7 @@ class FinetuneConfig(Section):
     method: Literal["full", "lora"] = "full"  # full: every weight (or the last train_blocks) trains; lora: adapters
     base_run: str = ""  # the run fine-tuned from (absolute path), and the checkpoint of it used
     base_checkpoint: str = ""
+    base_fingerprint: str = ""  # SHA-256 of the base checkpoint's weights file: a LoRA run refuses other weights
     labels: list[str] = field(default_factory=list)  # classify: label names, in the head's output order
     # chat: chat_template.json (sft, qa); translate: source, separator, target; "": classify
     template: Literal["", "chat", "translate"] = ""

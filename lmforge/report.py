@@ -211,11 +211,17 @@ def _fresh_sample_section(run: Path) -> str:
 
     from lmforge.infer.generate import generate
     from lmforge.infer.load import load_language_model
-    from lmforge.run import list_checkpoints
+    from lmforge.run import list_checkpoints, read_config
 
     title = "## Fresh sample"
     if not list_checkpoints(run):
         return f"{title}\n\nThe run has no checkpoint, so no fresh sample."
+    try:
+        finetune = read_config(run).finetune
+    except UserError as err:
+        return f"{title}\n\nThe run's config could not be read: {err}"
+    if finetune is not None and finetune.task == "classify":
+        return f"{title}\n\nA classify run predicts labels, not text, so no fresh sample (lmforge predict {run})."
     try:
         model, _, tokenizer, checkpoint = load_language_model(run, "cpu")
     except UserError as err:  # the rest of the report still stands without the sample

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -63,6 +64,9 @@ STATE_FILE = "state.json"
 HIDDEN_FILE = "hidden.safetensors"
 CHECKPOINT_FILES = (WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE, HIDDEN_FILE)
 LOCK_FILE = ".lock"  # held (fcntl) by the one process writing the run: lock_run
+# LoRA runs on this run's checkpoints, one small JSON file each ({"run", "checkpoint"}): pruning keeps those
+# checkpoints, as the LoRA runs' own checkpoints hold only adapters (record_lora_dependent).
+LORA_DEPENDENTS = "lora_runs"
 # Every file lmforge writes in a run directory, as `files.foreign_files` patterns: --overwrite replaces a run
 # only if it holds nothing else (the checkpoint patterns cover the temporary and swapped-out names too).
 RUN_OWNED = (CONFIG_FILE, TOKENIZER_FILE, LOG_FILE, LOCK_FILE, ".*.tmp",
@@ -319,7 +323,33 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], origi
 
 def read_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The weights of one checkpoint directory, or a UserError if the file cannot be read."""
-    return load_safetensors(checkpoint / WEIGHTS_FILE, f"checkpoint {checkpoint}")
+    try:
+        return load_safetensors(checkpoint / WEIGHTS_FILE, f"checkpoint {checkpoint}")
+    except UserError:
+        if not Path(checkpoint).is_dir():
+            raise removed_meanwhile(checkpoint) from None
+        raise
+
+
+def removed_meanwhile(checkpoint: Path) -> UserError:
+    """The error for a checkpoint that existed when a command chose it and was gone when it read it: a
+    training run writing into the same run pruned it in between (not a damaged file)."""
+    left = ", ".join(path.name for path in list_checkpoints(Path(checkpoint).parent.parent)) or "none"
+    return UserError(f"checkpoint {checkpoint} was removed while being read (a run training there pruned it); "
+                     f"run the command again (checkpoints there now: {left})")
+
+
+def weights_fingerprint(checkpoint: Path) -> str:
+    """The SHA-256 of a checkpoint's weights file: what a LoRA run records of its base, to tell the same
+    weights from others later written at the same path (the base retrained into the same directory)."""
+    digest = hashlib.sha256()
+    try:
+        with open(Path(checkpoint) / WEIGHTS_FILE, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    except OSError as err:
+        raise UserError(f"checkpoint {checkpoint} is unreadable ({err})") from None
+    return digest.hexdigest()
 
 
 def load_checkpoint(path: Path, schema: dict[str, type] | None = None
@@ -328,17 +358,24 @@ def load_checkpoint(path: Path, schema: dict[str, type] | None = None
     none) of one checkpoint directory; state.json must have the keys of `schema` (default STATE_SCHEMA), each
     of its type."""
     what = f"checkpoint {path}"
-    weights = load_safetensors(path / WEIGHTS_FILE, what)
+    weights = read_weights(path)
     try:
         state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as err:
+        if not path.is_dir():
+            raise removed_meanwhile(path) from None
         raise UserError(f"{what} is unreadable ({err})") from None
     missing = [key for key, kind in (schema or STATE_SCHEMA).items() if not isinstance(state, dict)
                or not isinstance(state.get(key), kind)]
     if missing:
         raise UserError(f"{what} is unreadable ({STATE_FILE} lacks {', '.join(missing)})")
-    optimizer_tensors = load_safetensors(path / OPTIMIZER_FILE, what)
-    hidden = load_safetensors(path / HIDDEN_FILE, what) if (path / HIDDEN_FILE).is_file() else {}
+    try:
+        optimizer_tensors = load_safetensors(path / OPTIMIZER_FILE, what)
+        hidden = load_safetensors(path / HIDDEN_FILE, what) if (path / HIDDEN_FILE).is_file() else {}
+    except UserError:
+        if not path.is_dir():
+            raise removed_meanwhile(path) from None
+        raise
     try:
         optimizer_states = _unflatten_optimizers(optimizer_tensors, state["optimizer_groups"])
     except (ValueError, IndexError) as err:
@@ -366,15 +403,64 @@ def newest_readable_checkpoint(run_dir: Path, say, schema: dict[str, type] | Non
     raise AssertionError("unreachable")
 
 
-def prune_checkpoints(run_dir: Path, keep_last: int, keep_step: int | None) -> None:
-    """Delete all but the newest `keep_last` checkpoints and the one at `keep_step` (the best)."""
+def prune_checkpoints(run_dir: Path, keep_last: int, keep_step: int | None, said: set[Path] | None = None
+                      ) -> list[str]:
+    """Delete all but the newest `keep_last` checkpoints, the one at `keep_step` (the best) and those a LoRA
+    run still adapts; return a line for each checkpoint kept for a LoRA run, but those already in `said` (the
+    caller's set of checkpoints it has told about, which this updates)."""
+    said = set() if said is None else said
     checkpoints = list_checkpoints(run_dir)
     keep = set(checkpoints[-max(keep_last, 1):])  # the newest always stays: it is where resume starts
     if keep_step is not None:
         keep.add(checkpoint_dir(run_dir, keep_step))
-    for path in checkpoints:
-        if path not in keep:
-            shutil.rmtree(path)
+    leaving = [path for path in checkpoints if path not in keep]
+    adapted = lora_dependents(run_dir, leaving) if leaving else {}
+    notes = []
+    for path in leaving:
+        if path in adapted:
+            if path not in said:
+                said.add(path)
+                notes.append(f"kept {path}, beyond train.keep_last: the LoRA run {', '.join(adapted[path])} adapts "
+                             "it (delete that run, then this checkpoint, when it is no longer needed)")
+            continue
+        shutil.rmtree(path)
+    return notes
+
+
+def record_lora_dependent(base_checkpoint: Path, lora_run: Path) -> None:
+    """Note in the base run that `lora_run` adapts `base_checkpoint`, so that its pruning keeps it. A base run
+    this process cannot write (read-only) goes without the note: the LoRA run still refuses a base that is gone
+    or changed when it loads."""
+    base_checkpoint, lora_run = Path(base_checkpoint).resolve(), Path(lora_run).resolve()
+    note = base_checkpoint.parent.parent / LORA_DEPENDENTS / \
+        f"{hashlib.sha256(str(lora_run).encode()).hexdigest()[:16]}.json"
+    try:
+        write_atomic(note, json.dumps({"run": str(lora_run), "checkpoint": base_checkpoint.name}) + "\n")
+    except UserError:
+        pass
+
+
+def lora_dependents(run_dir: Path, checkpoints: list[Path]) -> dict[Path, list[str]]:
+    """Which of `checkpoints` LoRA runs still adapt: {checkpoint: [LoRA run, ...]}. A note counts while its run
+    exists, names this checkpoint in its [finetune] section and recorded these very weights (a run deleted,
+    overwritten or on weights since replaced holds nothing)."""
+    notes = Path(run_dir) / LORA_DEPENDENTS
+    if not notes.is_dir():
+        return {}
+    wanted = {path.resolve(): path for path in checkpoints}
+    adapted: dict[Path, list[str]] = {}
+    for note in sorted(notes.glob("*.json")):
+        try:
+            recorded = json.loads(note.read_text(encoding="utf-8"))
+            finetune = read_config(Path(recorded["run"])).finetune
+        except (OSError, ValueError, KeyError, TypeError, UserError):
+            continue
+        if finetune is None or finetune.method != "lora":
+            continue
+        checkpoint = wanted.get(Path(finetune.base_checkpoint))
+        if checkpoint is not None and finetune.base_fingerprint in ("", weights_fingerprint(checkpoint)):
+            adapted.setdefault(checkpoint, []).append(recorded["run"])
+    return adapted
 
 
 def architecture(config: ModelConfig) -> dict:

@@ -317,7 +317,7 @@ def test_label_unseen_in_training(tmp_path, base, capsys):
     data = task_data(tmp_path / "data", "classify")
     write_jsonl(data / "val.jsonl", [{"text": "a cat", "label": "cat"}, {"text": "a fox", "label": "fox"}])
     err = bad(capsys, tmp_path, base, "classify", data)
-    assert "'fox'" in err and "record 2" in err
+    assert "'fox'" in err and "val.jsonl line 2" in err
 
 
 def test_empty_file(tmp_path, base, capsys):
@@ -452,9 +452,15 @@ def test_sweep_searches_fine_tuning_settings(tmp_path, base):
         sweep(None, data, tmp_path / "other", ["lora.rank=2,4"], quiet=True)
 
 
-def test_train_init_from_a_lora_run_starts_from_the_merged_weights(tmp_path, tiny_data, tiny_config, capsys):
+def test_train_init_from_a_lora_run_starts_from_the_merged_weights(tmp_path, tiny_corpus, tiny_config, capsys):
+    from lmforge.data.prepare import prepare
     from lmforge.infer.load import load_language_model
 
+    corpus = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus, corpus)
+    (corpus / "markers.txt").write_text("SYSTEM:\nUSER:\nASSISTANT:\n")  # the chat template's text encodes
+    tiny_data = tmp_path / "prepared"
+    prepare([str(corpus)], tiny_data, "char", val_fraction=0.2, workers=1, quiet=True)
     trained = tmp_path / "pretrained"
     Trainer(tiny_config(), tiny_data, trained, quiet=True).run()
     data = tmp_path / "data"

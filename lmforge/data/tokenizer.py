@@ -78,20 +78,24 @@ class Tokenizer:
                             f"remove them, or {allow_hint}")
         return unknown
 
-    def check_known_data(self, texts: Iterable[str], origin: str, *, allow_unknown: bool = False,
+    def check_known_data(self, texts: Iterable[tuple[str, str]], origin: str, *, allow_unknown: bool = False,
                          advice: str = "") -> None:
-        """check_known for a data file's many texts: refused with how many characters are unknown and the
-        commonest of them (unless `allow_unknown`); `advice` ends the message."""
+        """check_known for a data file's many texts, each given with where it was read ("FILE line N"): refused
+        with how many characters are unknown, the commonest of them and where the first is (unless
+        `allow_unknown`); `advice` ends the message."""
         if allow_unknown:
             return
         unknown: dict[str, int] = {}
-        for text in texts:
+        first = None
+        for text, where in texts:
             for char in self.unknown_characters(text):
                 unknown[char] = unknown.get(char, 0) + text.count(char)
+                first = first or where
         if unknown:
             commonest = sorted(unknown, key=unknown.get, reverse=True)
             raise UserError(f"{origin}: the run's tokenizer cannot encode {sum(unknown.values())} characters of the "
-                            f"data ({len(unknown)} distinct, e.g. {name_characters(commonest, 5)})" + advice)
+                            f"data ({len(unknown)} distinct, e.g. {name_characters(commonest, 5)}; the first at "
+                            f"{first})" + advice)
 
     def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Like encode_batch, as int64 arrays; kinds override it where arrays are the fast path."""

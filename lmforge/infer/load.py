@@ -27,7 +27,9 @@ from lmforge.run import (
     read_config,
     read_tokenizer,
     read_weights,
+    removed_meanwhile,
     resolve_checkpoint,
+    weights_fingerprint,
 )
 from lmforge.scratch.module import ScratchForward
 from lmforge.tasks import lora
@@ -44,6 +46,8 @@ def best_checkpoint(run_dir: Path) -> Path:
     try:
         state = json.loads((checkpoints[-1] / STATE_FILE).read_text())
     except (OSError, ValueError) as err:
+        if not checkpoints[-1].is_dir():
+            raise removed_meanwhile(checkpoints[-1]) from None
         raise UserError(f"checkpoint {checkpoints[-1]} is unreadable ({err})") from None
     best = state.get("progress", {}).get("best_step")
     best_path = checkpoint_dir(run_dir, best) if best is not None else checkpoints[-1]
@@ -53,8 +57,15 @@ def best_checkpoint(run_dir: Path) -> Path:
 def base_body(finetune: FinetuneConfig, run_dir: Path) -> torch.nn.Module:
     """The base model a LoRA run adapts, from the base checkpoint its [finetune] section names."""
     if not Path(finetune.base_checkpoint).is_dir():
-        raise UserError(f"{run_dir} is a LoRA run on {finetune.base_checkpoint}, which is gone: its checkpoints "
-                        "hold only the adapters")
+        left = [path.name for path in list_checkpoints(Path(finetune.base_run))] if finetune.base_run else []
+        raise UserError(f"{run_dir} is a LoRA run on {finetune.base_checkpoint}, which is gone (its base run "
+                        f"holds {', '.join(left) if left else 'no checkpoint'}): its checkpoints hold only the "
+                        "adapters, so fine-tune again from a base that exists")
+    # Runs made before fingerprints were recorded have none to compare.
+    if finetune.base_fingerprint and weights_fingerprint(Path(finetune.base_checkpoint)) != finetune.base_fingerprint:
+        raise UserError(f"{run_dir} is a LoRA run on {finetune.base_checkpoint}, whose weights have changed since "
+                        "it was fine-tuned (the base was trained again into the same directory?): its adapters fit "
+                        "the old weights only; restore them, or fine-tune again from the new base")
     return load_model(finetune.base_checkpoint)[0]
 
 

@@ -114,6 +114,15 @@ def plot_landscape(run: str | Path, out: str | Path, *, data: str | Path | None 
     if not 1 <= windows <= MAX_WINDOWS:
         raise UserError(f"--windows must be from 1 to {MAX_WINDOWS} (one batch at every point), got {windows}")
     model, config, _ = load_run(run)
+    if data is None and config.finetune is not None:
+        # A fine-tuning run's log records its task records, which have no token windows to measure.
+        try:
+            base_data = recorded_data_dir(config.finetune.base_run)
+        except UserError:  # the base run is gone or holds no checkpoint: no directory to suggest
+            base_data = None
+        raise UserError(f"{run} is a fine-tuning run: its log records task data, not prepared token shards; pass "
+                        f"--data with a directory prepared with its tokenizer"
+                        + (f" (its base run's: --data {base_data})" if base_data else ""))
     data_dir = Path(data) if data is not None else recorded_data_dir(run)
     if data_dir is None:
         raise UserError(f"{run}'s log does not record its data directory; pass --data DIR")

@@ -22,7 +22,7 @@ from lmforge.config import Config, ModelConfig
 from lmforge.data.tokenizer import CharTokenizer, Tokenizer
 from lmforge.errors import UserError
 from lmforge.files import write_atomic
-from lmforge.infer.load import load_model
+from lmforge.infer.load import load_language_model
 from lmforge.model.gpt import GPT
 from lmforge.run import LOG_FILE, read_log, resolve_checkpoint
 
@@ -31,8 +31,9 @@ STEPS = tuple(10.0**-exponent for exponent in range(1, 15))  # h = 1e-1 ... 1e-1
 
 
 def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, Tokenizer]:
-    """A trained run's model (eval mode), config and tokenizer."""
-    model, config, tokenizer, _ = load_model(run, device)
+    """A trained run's language model (eval mode), config and tokenizer; a classify run, which predicts labels
+    rather than next tokens, is refused by name."""
+    model, config, tokenizer, _ = load_language_model(run, device)
     return model, config, tokenizer
 
 

@@ -14,7 +14,9 @@ OUT/best.toml (the config with the best trial's values, ready for `lmforge train
 --data DATA` (lmforge/tasks/finetune.py) with the swept keys set, e.g. `optim.lr`, `lora.rank` (with
 `--finetune-method lora`) or `finetune.train_blocks`; a trial's result is the validation loss of its last
 evaluation (for classify, the cross-entropy over the labels; its accuracy is kept beside it). Fine-tuning
-trials are not pruned.
+trials are not pruned. A swept key the method ignores (`lora.*` with full fine-tuning, `finetune.train_blocks`
+with LoRA) is refused before the first trial, and a fine-tuning study is keyed on its base run, task, method and
+data besides the swept keys: an OUT holding another sweep is refused, never continued as this one.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from lmforge.config import SECTIONS, Config, canonical_key, dumps_config, load_c
 from lmforge.errors import TrainingDiverged, UserError
 from lmforge.files import WriteError, write_atomic, writing
 from lmforge.plots import new_figure, png_bytes
-from lmforge.tasks.finetune import FinetuneRun
+from lmforge.tasks.finetune import FinetuneRun, check_method_keys
 from lmforge.train.trainer import Trainer
 
 METHODS = ("grid", "random", "tpe")
@@ -175,6 +177,8 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
                         "--finetune BASE_RUN --task TASK")
     if len(set(keys)) != len(keys):
         raise UserError("each config key may be swept by one --param only")
+    if finetune is not None:  # a swept key the trials' method ignores would make identical trials
+        check_method_keys(finetune.method or "full", keys + list(overrides or {}))
     if method == "grid":
         ranges = [param.key for param in params if param.values is None]
         if ranges:
@@ -197,11 +201,19 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
     except Exception as err:  # SQLAlchemy's errors: a read-only directory, a file that is not a database
         reason = str(getattr(err, "orig", None) or err).splitlines()[0]
         raise UserError(f"could not open the study {out / 'sweep.db'}: {reason}") from None
-    space = {"method": method, "params": specs}
+    # What the trials are: the searched keys and, for a fine-tuning sweep, what each trial fine-tunes on what
+    # data, so that another sweep's trials are never reported as this one's.
+    space: dict[str, Any] = {"method": method, "params": specs}
+    if finetune is not None:
+        space["finetune"] = {"base_run": str(Path(finetune.base_run).resolve()), "task": finetune.task,
+                             "method": finetune.method or "full", "data": str(Path(data_dir).resolve())}
     existing = optuna.load_study(study_name="sweep", storage=storage) if _has_study(storage) else None
     if existing is not None and existing.user_attrs.get("space") != space:
-        raise UserError(f"{out} holds a sweep of other parameters ({existing.user_attrs.get('space')}); "
-                        "use another --out, or the same --method and --param flags to continue it")
+        held = existing.user_attrs.get("space") or {}
+        what = ", ".join(f"{key} {held.get(key)!r}" for key in sorted(set(held) | set(space))
+                         if held.get(key) != space.get(key))
+        raise UserError(f"{out} holds another sweep ({what}); use another --out, or the same --method, --param, "
+                        "--finetune, --task, --finetune-method and --data to continue it")
     started = len(existing.trials) if existing is not None else 0
     sampler_seed = seed + started  # a resumed random search draws new points, not the first ones again
     # The grid's seed shuffles the order of its points, which its trials refer to by number: it must not change.

@@ -484,8 +484,8 @@ def list_tasks() -> list[dict]:
 def tasks_command(action: str, name: str | None, out: str | None, overwrite: bool = False) -> None:
     """`lmforge tasks list` prints a table of the built-in tasks; `lmforge tasks make NAME --out DIR` writes one."""
     if action == "list":
-        if name is not None or out is not None:
-            raise UserError("tasks list takes no task name or --out")
+        if name is not None or out is not None or overwrite:
+            raise UserError("tasks list takes no task name, --out or --overwrite")
         print("building the tasks to count them and score their baselines (a few seconds)...", file=sys.stderr)
         print("| task | evaluated as | train / val / test | metrics | baselines (test split) |")
         print("|---|---|---|---|---|")

@@ -31,15 +31,16 @@ from lmforge.tasks import metrics
 from lmforge.tasks.records import CHAT_TRANSLATE_PROMPT, TASKS, as_messages, data_file, read_records
 
 
-def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str = "test",
+def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str | None = None,
                   predictions: str | Path | None = None, batch_size: int = 16,
                   device: str | torch.device = "cpu", max_new_tokens: int | None = None,
                   allow_unknown: bool = False) -> dict:
-    """The task metrics of `run` on the records of `data` (a file, or a directory's `split` file); with
-    `predictions`, also write that file. Records with characters the run's tokenizer does not know are refused
-    unless `allow_unknown` reads them as the unknown token."""
+    """The task metrics of `run` on the records of `data` (a file, or a directory's `split` file, test by
+    default); with `predictions`, also write that file. Records with characters the run's tokenizer does not
+    know are refused unless `allow_unknown` reads them as the unknown token."""
     from lmforge.infer.load import load_model
     from lmforge.run import read_config, resolve_checkpoint
+    from lmforge.tasks.examples import check_template_encodable
     from lmforge.tasks.model import check_task
     from lmforge.tasks.template import load_chat_template
 
@@ -47,45 +48,48 @@ def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str = 
         raise UserError(f"unknown task '{task}'; tasks are {', '.join(TASKS)}")
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
-    path = data_file(data, split)
+    if split is not None and Path(data).is_file():
+        raise UserError(f"--split {split} chooses a file in a data directory; --data {data} is a file: drop --split")
+    path = data_file(data, split or "test")
     records = read_records(path, task)
     finetune = read_config(resolve_checkpoint(run)[0]).finetune
     check_task(run, finetune, task)
     model, _, tokenizer, _ = load_model(run, device)
-    tokenizer.check_known_data(record_texts(records, task), str(path), allow_unknown=allow_unknown,
+    tokenizer.check_known_data(record_texts(records, task, path), str(path), allow_unknown=allow_unknown,
                                advice="; fix the data, or pass --allow-unknown to read each as the unknown token")
+    template = load_chat_template(resolve_checkpoint(run)[0])
+    chat = finetune is not None and finetune.template == "chat"
+    check_template_encodable(tokenizer, "sft" if chat and task == "translate" else task, template)
     if task == "classify":
         scores, rows = evaluate_classify(model, tokenizer, records, batch_size, device, path)
     elif task == "choice":
         scores, rows = evaluate_choice(model, tokenizer, records, batch_size, device)
     elif task == "sft":
-        template = load_chat_template(resolve_checkpoint(run)[0])
         scores, rows = evaluate_sft(model, tokenizer, records, template, batch_size, device,
                                     with_replies=predictions is not None, max_new_tokens=max_new_tokens)
     else:
-        template = load_chat_template(resolve_checkpoint(run)[0])
-        chat = finetune is not None and finetune.template == "chat"
         scores, rows = evaluate_generation(model, tokenizer, records, task, template, max_new_tokens, chat=chat)
     if predictions is not None:
         write_atomic(Path(predictions), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return scores
 
 
-def record_texts(records: Sequence[dict], task: str) -> list[str]:
+def record_texts(records: Sequence[dict], task: str, origin: Path) -> list[tuple[str, str]]:
     """The texts of the records that the model reads or is scored on (not a translate target or qa answers,
-    which are only compared with its replies)."""
-    texts: list[str] = []
+    which are only compared with its replies), each with where its record was read."""
+    texts: list[tuple[str, str]] = []
     for record in records:
         if task == "sft":
-            texts += [message["content"] for message in as_messages(record, task)]
+            fields = [message["content"] for message in as_messages(record, task)]
         elif task == "qa":
-            texts += [record["context"], record["question"]]
+            fields = [record["context"], record["question"]]
         elif task == "classify":
-            texts.append(record["text"])
+            fields = [record["text"]]
         elif task == "translate":
-            texts.append(record["source"])
+            fields = [record["source"]]
         else:
-            texts += [record["context"], *record["choices"]]
+            fields = [record["context"], *record["choices"]]
+        texts += [(text, getattr(record, "where", str(origin))) for text in fields]
     return texts
 
 
@@ -102,8 +106,9 @@ def evaluate_classify(model: nn.Module, tokenizer: Tokenizer, records: Sequence[
     references = [record["label"] for record in records]
     unseen = sorted(set(references) - set(model.labels))
     if unseen:
-        raise UserError(f"{origin}: label {', '.join(repr(u) for u in unseen)} never appeared in the run's "
-                        f"training data (its labels: {', '.join(model.labels)})")
+        first = next(record for record in records if record["label"] in unseen)
+        raise UserError(f"{getattr(first, 'where', origin)}: label {', '.join(repr(u) for u in unseen)} never "
+                        f"appeared in the run's training data (its labels: {', '.join(model.labels)})")
     texts = [record["text"] for record in records]
     block_size = model.body.config.block_size
     note_truncated(sum(len(ids) > block_size for ids in tokenizer.encode_batch(texts)), len(texts), "texts")
@@ -245,6 +250,6 @@ def eval_command(run: str, task: str | None, data: str, *, split: str | None, pr
         raise UserError("--predictions needs --task (the records' task: " + ", ".join(TASKS) + ")")
     if engine != "torch":
         raise UserError("--task evaluation runs on the torch engine; drop --engine scratch")
-    scores = evaluate_task(run, task, data, split=split or "test", predictions=predictions, batch_size=batch_size,
+    scores = evaluate_task(run, task, data, split=split, predictions=predictions, batch_size=batch_size,
                            device=resolve_device(device, "--device"), allow_unknown=allow_unknown)
     print(json.dumps(scores))

@@ -23,7 +23,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.hardware import autocast
 from lmforge.tasks.heads import classify_ids, pad_right
-from lmforge.tasks.records import as_messages, translate_prompt
+from lmforge.tasks.records import QA_PROMPT, TRANSLATE_SEPARATOR, as_messages, translate_prompt
 from lmforge.tasks.template import ChatTemplate
 
 IGNORE = -100  # cross_entropy's ignore_index: a target that is not trained on
@@ -68,7 +68,8 @@ def encode_examples(records: list[dict], task: str, tokenizer: Tokenizer, block_
     for number, record in enumerate(records, start=1):
         if task == "classify":
             if record["label"] not in index:
-                raise UserError(f"{origin} record {number}: label '{record['label']}' never appears in the "
+                where = getattr(record, "where", f"{origin} record {number}")
+                raise UserError(f"{where}: label '{record['label']}' never appears in the "
                                 f"training data (its labels: {', '.join(labels)})")
             ids, trained = tokenizer.encode(record["text"]), []
             examples.labels.append(index[record["label"]])
@@ -93,14 +94,36 @@ def encode_examples(records: list[dict], task: str, tokenizer: Tokenizer, block_
 
 
 def check_encodable(tokenizer: Tokenizer, records: list[dict], task: str, origin: Path) -> None:
-    """A character-level tokenizer maps characters it never saw to one 'unknown' id: refuse such data."""
+    """A character-level tokenizer maps characters it never saw to one 'unknown' id: refuse such data, naming
+    the record (file and line) where the first one is."""
     fields = {"classify": ("text",), "sft": ("prompt", "response"), "translate": ("source", "target"),
               "qa": ("context", "question", "answers")}[task]
-    texts = (text for record in records
+    texts = ((text, getattr(record, "where", str(origin))) for record in records
              for text in ([m["content"] for m in record["messages"]] if "messages" in record else
                           [t for name in fields for t in (record[name] if isinstance(record[name], list)
                                                           else [record[name]])]))
     tokenizer.check_known_data(texts, str(origin), advice="; fine-tune a run whose tokenizer covers them")
+
+
+def check_template_encodable(tokenizer: Tokenizer, task: str, template: ChatTemplate) -> None:
+    """The text a task adds around every record (the chat template's markers and turn end, the translate
+    separator) must encode too, or every example would train on unknown ids: refuse naming its characters."""
+    if task == "translate":
+        texts = {"the translate separator": TRANSLATE_SEPARATOR}
+    elif task in ("sft", "qa"):
+        texts = {f"the chat template's {role} marker": marker for role, marker in template.markers.items()}
+        texts["the chat template's turn end"] = template.turn_end
+        if task == "qa":
+            texts["the qa prompt"] = QA_PROMPT.replace("{context}", "").replace("{question}", "")
+    else:
+        return
+    unknown = {what: tokenizer.unknown_characters(text) for what, text in texts.items()}
+    if any(unknown.values()):
+        characters = dict.fromkeys(char for chars in unknown.values() for char in chars)
+        parts = "; ".join(f"{what} {texts[what]!r}" for what, chars in unknown.items() if chars)
+        raise UserError(f"the run's character tokenizer cannot encode {', '.join(map(repr, characters))}, which "
+                        f"{task} wraps around every record ({parts}): its training text had no such characters "
+                        "(a lower-cased corpus?); fine-tune a run whose tokenizer covers them")
 
 
 def lm_batch(examples: Examples, rows: list[int], pad_id: int, device: torch.device

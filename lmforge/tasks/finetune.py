@@ -15,7 +15,9 @@ optimizer state are in every checkpoint).
 What trains and how records become examples: lmforge/tasks/examples.py. With `--method lora` the base weights
 stay frozen and the checkpoint's `model.safetensors` holds only what trains (the adapters, and a classifier's
 head); lmforge/infer/load.py rebuilds the model from the base run named in [finetune] and merges the adapters,
-so every reader sees a plain model. The base run is only ever read.
+so every reader sees a plain model, after checking the base's weights against the fingerprint (SHA-256) the run
+recorded. The base run's files are only ever read; a LoRA run adds a note to its `lora_runs/` folder
+(`run.record_lora_dependent`) so that pruning the base's checkpoints keeps the one the adapters fit.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from lmforge.tasks import lora
 from lmforge.tasks.examples import (
     Examples,
     check_encodable,
+    check_template_encodable,
     encode_examples,
     evaluate_split,
     lm_batch,
@@ -72,6 +75,21 @@ USER_KEYS = ("finetune.patience", "finetune.train_blocks", "finetune.lora_rank",
 
 def user_spelling(key: str) -> str:
     return key.replace("finetune.lora_", "lora.")
+
+
+def check_method_keys(method: str, keys: list[str]) -> None:
+    """Refuse settings that would do nothing with this method: the LoRA keys on a full fine-tuning run (the
+    opposite, finetune.train_blocks with LoRA, is also FinetuneConfig.check_combination's, on values). A sweep
+    checks its --param keys here before its first trial, as `finetune` checks its flags."""
+    keys = [canonical_key(key) for key in keys]
+    if method != "lora":
+        unused = [user_spelling(key) for key in keys if key.startswith("finetune.lora_")]
+        if unused:
+            raise UserError(f"--{', --'.join(unused)}: LoRA settings apply to --method lora only; this run's method "
+                            f"is {method}, which would ignore them")
+    elif "finetune.train_blocks" in keys:
+        raise UserError("finetune.train_blocks chooses what full fine-tuning trains; with --method lora the "
+                        "adapters train (choose layers with --lora.targets)")
 
 
 def load_base(base_run: str | Path) -> tuple[nn.Module, Config, Tokenizer, Path]:
@@ -116,6 +134,8 @@ def finetune_command(base_run: str, *, task: str | None, data: str, out: str, me
                      train_blocks: int | None = None, overrides: dict[str, str] | None = None,
                      resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
     """`lmforge finetune`: set up (every check before anything is written), train, return the outcome."""
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: choose one")
     return FinetuneRun(base_run, task=task, data=data, out=out, method=method, train_blocks=train_blocks,
                        overrides=overrides or {}, resume=resume, overwrite=overwrite, quiet=quiet).run()
 
@@ -137,6 +157,7 @@ class FinetuneRun:
         else:
             body, _, self.tokenizer, base_checkpoint = load_base(base_run)
             finetune.base_checkpoint = str(base_checkpoint.resolve())
+            finetune.base_fingerprint = rundir.weights_fingerprint(base_checkpoint)
         self.template = load_chat_template(self.run_dir) if resume else ChatTemplate()
         self.data = Path(data).resolve()
         self.train_examples, self.val_examples = self._read_data(self.data, resume)
@@ -159,6 +180,7 @@ class FinetuneRun:
             self._create_run_dir(overwrite)
         self.stop_signal: str | None = None
         self.last_result: dict = {}
+        self.kept_for_lora: set[Path] = set()  # checkpoints pruning keeps for a LoRA run, said once each
 
     # ----- set-up -----
     def _configure(self, base_run: str, task: str | None, method: str | None, train_blocks: int | None,
@@ -175,6 +197,13 @@ class FinetuneRun:
             for flag, (given, stored) in asked.items():
                 if given is not None and given != stored:
                     raise UserError(f"--resume: {self.run_dir} was started with {flag} {stored}, not {given}")
+            given_dir, given_checkpoint = (path.resolve() for path in rundir.resolve_checkpoint(base_run))
+            named_checkpoint = (Path(base_run) / rundir.WEIGHTS_FILE).is_file()
+            if given_dir != Path(finetune.base_run) or (
+                    named_checkpoint and given_checkpoint != Path(finetune.base_checkpoint)):
+                raise UserError(f"--resume: {self.run_dir} fine-tunes {finetune.base_checkpoint}, not {base_run}; "
+                                f"resume it with that base run (lmforge finetune {finetune.base_run} --resume "
+                                f"--out {self.run_dir} ...)")
         else:
             if task is None:
                 raise UserError("finetune needs --task (classify, sft, translate or qa)")
@@ -191,6 +220,7 @@ class FinetuneRun:
                 if key not in USER_KEYS:
                     raise UserError(f"unknown fine-tuning key '{dotted}'; valid keys: "
                                     f"{', '.join(user_spelling(valid) for valid in USER_KEYS)}")
+                check_method_keys(finetune.method, [key])
                 before = dataclasses.replace(finetune)
                 set_value(config, key, value)
                 if resume and key != "finetune.patience" and finetune != before:
@@ -202,6 +232,9 @@ class FinetuneRun:
                 set_value(config, key, value)
         check_config(config)
         train = config.train
+        if not train.eval_every and "finetune.patience" in map(canonical_key, overrides) and finetune.patience:
+            raise UserError("--finetune.patience counts evaluations without improvement, but train.eval_every is 0 "
+                            "(one evaluation, at the end): set --train.eval_every too, or drop --finetune.patience")
         if train.engine != "torch":
             raise UserError(f"fine-tuning runs on the torch engine; train.engine '{train.engine}' is not supported "
                             "(the scratch engine has no backward for heads, masks or LoRA)")
@@ -216,6 +249,7 @@ class FinetuneRun:
         train_file, val_file = data_file(data, "train"), data_file(data, "val")
         if train_file == val_file:
             raise UserError(f"--data {data}: fine-tuning needs a directory with train and val files")
+        check_template_encodable(self.tokenizer, task, self.template)
         train_records, val_records = read_records(train_file, task), read_records(val_file, task)
         for records, origin in ((train_records, train_file), (val_records, val_file)):
             check_encodable(self.tokenizer, records, task, origin)
@@ -242,6 +276,8 @@ class FinetuneRun:
         run = self.run_dir
         existing = rundir.refuse_existing_run(run, overwrite)
         rundir.create_run(run, self.config, self.tokenizer, existing)
+        if self.finetune.method == "lora":  # its checkpoints hold only adapters: the base must keep its weights
+            rundir.record_lora_dependent(Path(self.finetune.base_checkpoint), run)
         if self.finetune.template == "chat":
             self.template.save(run)
 
@@ -356,13 +392,19 @@ class FinetuneRun:
         finally:
             self.bar.close()
         if last_eval_step != progress.step:
-            self.evaluate_and_save()
+            if reason == "interrupted":
+                # No evaluation here: one would count toward finetune.patience, so the resumed run would stop
+                # at another step than the uninterrupted one. The checkpoint alone lets --resume continue exactly.
+                self.save()
+            else:
+                self.evaluate_and_save()
         final = self.last_result
         self.log(rundir.EndRecord(step=progress.step, tokens=progress.tokens, elapsed=progress.elapsed,
                                   reason=reason, best_step=progress.best_step))
         self.log_writer.close()
-        self.say(f"stopped ({reason}) at step {progress.step}; best {key} {progress.best_metric:.4f} at step "
-                 f"{progress.best_step}; checkpoints in {self.run_dir / 'checkpoints'}")
+        best = "no evaluation yet" if progress.best_metric is None else \
+            f"best {key} {progress.best_metric:.4f} at step {progress.best_step}"
+        self.say(f"stopped ({reason}) at step {progress.step}; {best}; checkpoints in {self.run_dir / 'checkpoints'}")
         return {"reason": reason, "step": progress.step, "best_step": progress.best_step,
                 "best": progress.best_metric, "val": final}
 
@@ -397,13 +439,20 @@ class FinetuneRun:
                                    val_accuracy=result.get("val_accuracy"), val_macro_f1=result.get("val_macro_f1")))
         message = f"step {progress.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items())
         self.bar.write(message) if not self.bar.disable else self.say(message)
+        self.save()
+        patience = self.finetune.patience
+        return "early_stopping" if patience and progress.evals_without_improvement >= patience else None
+
+    def save(self) -> None:
+        """Write a checkpoint of the current step (keeping the best and the newest `train.keep_last`)."""
+        progress = self.progress
         model_state = lora.trainable_state(self.model) if self.finetune.method == "lora" else self.model.state_dict()
         rundir.save_checkpoint(self.run_dir, progress.step, model_state,
                                [optimizer.state_dict() for optimizer in self.engine.optimizers],
                                {"progress": dataclasses.asdict(progress)})
-        rundir.prune_checkpoints(self.run_dir, self.config.train.keep_last, progress.best_step)
-        patience = self.finetune.patience
-        return "early_stopping" if patience and progress.evals_without_improvement >= patience else None
+        for note in rundir.prune_checkpoints(self.run_dir, self.config.train.keep_last, progress.best_step,
+                                             self.kept_for_lora):
+            self.say(note)
 
     # ----- output -----
     def log(self, record: rundir.Record) -> None:

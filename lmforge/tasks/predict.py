@@ -38,11 +38,15 @@ def generate_reply(model: nn.Module, tokenizer: Tokenizer, prompt: list[int], ma
     return tokenizer.decode(generate(model, prompt, max_new_tokens, temperature=0.0, stop_token=tokenizer.eot_id))
 
 
-def predict(run: str, text: str, *, context: str | None = None, max_new_tokens: int = 200,
+DEFAULT_MAX_NEW_TOKENS = 200
+
+
+def predict(run: str, text: str, *, context: str | None = None, max_new_tokens: int | None = None,
             device: str | torch.device = "cpu", allow_unknown: bool = False) -> dict:
     """{"label", "probabilities"} for a classify run; {"reply"} for the others (qa: `text` is the question,
-    `context` its passage). Characters the run's tokenizer does not know are refused by name unless
-    `allow_unknown` reads them as the unknown token (then a note on stderr names them)."""
+    `context` its passage), of up to `max_new_tokens` tokens (default DEFAULT_MAX_NEW_TOKENS). Characters the
+    run's tokenizer does not know are refused by name unless `allow_unknown` reads them as the unknown token
+    (then a note on stderr names them)."""
     if not text:
         raise UserError("--text is empty")
     finetune = read_config(resolve_checkpoint(run)[0]).finetune
@@ -50,8 +54,11 @@ def predict(run: str, text: str, *, context: str | None = None, max_new_tokens: 
     check_task(run, finetune, task)
     if context is not None and task != "qa":
         raise UserError(f"--context is for qa runs; {run} was fine-tuned for {task}")
+    if max_new_tokens is not None and task == "classify":
+        raise UserError(f"--max-new-tokens is for runs that reply with text; {run} was fine-tuned for classify "
+                        "(it predicts a label): drop --max-new-tokens")
     model, config, tokenizer, checkpoint = load_model(run, device)
-    if task != "classify" and max_new_tokens > config.model.block_size:
+    if max_new_tokens is not None and max_new_tokens > config.model.block_size:
         # A fine-tuned reply is learned within the context; past it, generation slides its window for as long
         # as asked (a billion tokens is days of silent work before the JSON is printed).
         raise UserError(f"--max-new-tokens is {max_new_tokens}, more than the run's {config.model.block_size}-token "
@@ -73,5 +80,6 @@ def predict(run: str, text: str, *, context: str | None = None, max_new_tokens: 
     else:
         record = {"source": text, "target": ""} if task == "translate" else {"prompt": text, "response": ""}
     template = load_chat_template(resolve_checkpoint(run)[0])
-    reply = generate_reply(model, tokenizer, prompt_ids(task, record, tokenizer, template), max_new_tokens)
+    reply = generate_reply(model, tokenizer, prompt_ids(task, record, tokenizer, template),
+                           DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens)
     return {"reply": reply, "checkpoint": str(checkpoint)}

@@ -9,8 +9,11 @@ Each task has one record shape (the same columns in every format):
     choice     {"context": str, "choices": [str, ...], "label": int}   label indexes choices
 
 In a CSV file a list column (messages, answers, choices) holds JSON text. Other keys are allowed and kept
-(the built-in tasks add "play"). A data argument is a file, or a directory holding `train`, `val` and `test`
-files in any of the formats (`split_files`, `data_file`).
+(the built-in tasks add "play"). Every text a task reads (texts, prompts, labels, choices, answers, message
+contents) is refused, by file and line, if it holds a control character other than tab, newline and carriage
+return: NUL and its kin are never meant as text, and they break what shows them (a report's plots, a terminal).
+A data argument is a file, or a directory holding `train`, `val` and `test` files in any of the formats
+(`split_files`, `data_file`).
 
 The text formats a fine-tuned model sees are fixed here, so training (finetune) and evaluation (eval) agree:
 a translate record is the plain text `source + TRANSLATE_SEPARATOR` followed by the target and end-of-text
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,8 @@ QA_PROMPT = "Context: {context}\nQuestion: {question}"
 CHAT_TRANSLATE_PROMPT = "Modernize: {source}"
 
 LIST_FIELDS = ("messages", "answers", "choices")
+# Control characters (C0, DEL, C1) other than the whitespace of ordinary text: tab, newline, carriage return.
+CONTROL_CHARACTER = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 
 
 def translate_prompt(source: str) -> str:
@@ -59,6 +65,15 @@ def as_messages(record: dict, task: str) -> list[dict]:
     if "messages" in record:
         return record["messages"]
     return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+
+
+class Record(dict):
+    """A checked record, and where it was read (`where`: "FILE line N", or "row N" for Parquet), so that a
+    later check (its characters, its label) names the file and line too."""
+
+    def __init__(self, fields: dict, where: str):
+        super().__init__(fields)
+        self.where = where
 
 
 def split_files(data_dir: str | Path) -> dict[str, Path]:
@@ -90,7 +105,7 @@ def data_file(data: str | Path, split: str) -> Path:
     return files[split]
 
 
-def read_records(path: str | Path, task: str) -> list[dict]:
+def read_records(path: str | Path, task: str) -> list[Record]:
     """Every record of a task file, checked against the task's shape; a bad one is a UserError naming the file
     and its line (row, for Parquet)."""
     if task not in TASKS:
@@ -109,7 +124,7 @@ def read_records(path: str | Path, task: str) -> list[dict]:
     try:
         for where, row in reader(path):
             try:
-                records.append(check_record(row, task))
+                records.append(Record(check_record(row, task), f"{path} {where}"))
             except UserError as err:
                 raise UserError(f"{path} {where}: {err}") from None
     except UnicodeDecodeError:
@@ -145,8 +160,8 @@ def check_record(row: Any, task: str) -> dict:
             if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
                 raise UserError(f"'{name}' must be a non-empty list of strings")
         elif name == "label" and task == "choice":
-            if isinstance(value, str) and value.strip().isdigit():  # a CSV cell
-                record["label"] = value = int(value)
+            if isinstance(value, str) and re.fullmatch("[0-9]+", value.strip()):  # a CSV cell (ASCII digits:
+                record["label"] = value = int(value)  # str.isdigit also accepts '²', which int() refuses)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise UserError(f"'label' must be an integer index into choices, not {value!r}")
         elif name == "label":
@@ -156,14 +171,27 @@ def check_record(row: Any, task: str) -> dict:
                 raise UserError(f"'label' must be a non-empty string (or an integer), not {value!r}")
         elif not isinstance(value, str):
             raise UserError(f"'{name}' must be a string, not {type(value).__name__}")
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                check_text(text, f"'{name}'")
     if task == "choice":
         if len(record["choices"]) < 2:
             raise UserError("'choices' needs at least two choices")
+        if not all(record["choices"]):  # an empty choice has no tokens to score
+            raise UserError(f"choice {record['choices'].index('')} is empty; every choice needs text to score")
         if not 0 <= record["label"] < len(record["choices"]):
             raise UserError(f"'label' {record['label']} is not an index into {len(record['choices'])} choices")
     if task in ("classify", "translate") and not record[fields[0]]:
         raise UserError(f"'{fields[0]}' is empty")
     return record
+
+
+def check_text(text: str, what: str) -> None:
+    """A UserError naming the first control character of a task text (see the module's docstring)."""
+    found = CONTROL_CHARACTER.search(text)
+    if found:
+        raise UserError(f"{what} holds the control character {found.group()!r} at character {found.start() + 1}; "
+                        "remove it (task texts may hold tabs and line breaks, no other control characters)")
 
 
 def _jsonl_rows(path: Path):

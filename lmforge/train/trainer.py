@@ -124,6 +124,7 @@ class Trainer:
         self.progress = Progress()
         self.stop_signal: str | None = None
         self.saving = False  # a second signal during a save waits for the save to finish
+        self.kept_for_lora: set[Path] = set()  # checkpoints pruning keeps for a LoRA run, said once each
         self.created = not self.run_dir.exists()
         self.lock = None
         resume_from = self._prepare_run_dir(resume, overwrite)  # last: a failed check leaves no run behind
@@ -428,7 +429,9 @@ class Trainer:
         try:
             path = rundir.save_checkpoint(self.run_dir, progress.step, model_state, optimizer_states, state,
                                           hidden_state)
-            rundir.prune_checkpoints(self.run_dir, self.config.train.keep_last, progress.best_checkpoint_step)
+            for note in rundir.prune_checkpoints(self.run_dir, self.config.train.keep_last,
+                                                 progress.best_checkpoint_step, self.kept_for_lora):
+                self.say(note)
         finally:
             self.saving = False
         return path
