@@ -19,6 +19,10 @@ Two promises, checked separately, because they hold at different strengths:
   noise (GPT-2's tanh GELU replaced by the exact one moves these tiny runs by 7e-8) is beyond any golden
   file; the equivalence tests against transformers pin such details.
 
+Fine-tuning is pinned the same way (FINETUNE_CASES: classify and sft, full and LoRA, from a base trained like
+torch-gpt-adamw, on the committed records of tests/golden/tasks/), so that moving the fine-tuning loop onto
+the trainer cannot move its numbers.
+
 The cases run through the command line on committed text (tests/golden/text), so they depend on nothing
 but the public interface. When a change is meant to move the numbers, regenerate on purpose and say why in
 the commit:
@@ -39,7 +43,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from tests.conftest import ROOT, records
+from tests.conftest import PATIENCE, ROOT, records
 
 GOLDEN = Path(__file__).parent / "golden"
 LOSSES_FILE = GOLDEN / "losses.json"
@@ -62,6 +66,18 @@ CASES = {
     "scratch-gpt-adamw": {"train": {"engine": "scratch"}},
     "torch-gpt-muon": {"optim": {"name": "muon", "muon_lr": 0.02, "muon_momentum": 0.95}},
     "torch-lstm-adamw": {"model": {"arch": "lstm", "n_layer": 1}},
+}
+
+# Fine-tuning from a base trained like torch-gpt-adamw on the golden text plus the chat template's markers
+# (text/roles.txt: a character tokenizer must know them), on the committed records of golden/tasks/, with the
+# same explicit settings; a result holds the ten training losses and the validation loss of each evaluation.
+FINETUNE_FLAGS = ["--max-steps", str(STEPS), "--lr", "1e-2", "--train.eval_every", "5", "--train.warmup_steps", "2",
+                  "--train.batch_size", "4", "--train.log_every", "1", "--train.seed", "1337", "--train.device", "cpu",
+                  "--train.precision", "fp32", "--quiet"]
+FINETUNE_CASES = {
+    "finetune-classify-full": ["--task", "classify", "--data", "classify"],
+    "finetune-sft-full": ["--task", "sft", "--data", "sft"],
+    "finetune-sft-lora": ["--task", "sft", "--data", "sft", "--method", "lora", "--lora.rank", "4"],
 }
 
 
@@ -137,15 +153,59 @@ def results(golden_data, tmp_path_factory) -> dict[str, dict]:
     return {case: run_case(case, golden_data, root) for case in CASES}
 
 
+@pytest.fixture(scope="module")
+def finetune_base(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("golden-base")
+    data = root / "data"
+    assert main(["prepare", "--source", str(GOLDEN / "text" / "train.txt"), "--source",
+                 str(GOLDEN / "text" / "roles.txt"), "--val-source", str(GOLDEN / "text" / "val.txt"),
+                 "--tokenizer", "char", "--workers", "1", "--out", str(data), "--quiet"]) == 0
+    argv, run = train_command("torch-gpt-adamw", data, root)
+    assert main(argv) == 0
+    return run
+
+
+def finetune_command(case: str, base: Path, root: Path) -> tuple[list[str], Path]:
+    flags = FINETUNE_CASES[case]
+    flags = [str(GOLDEN / "tasks" / flag) if previous == "--data" else flag
+             for previous, flag in zip(["", *flags[:-1]], flags, strict=True)]
+    return ["finetune", str(base), *flags, "--out", str(root / case), *FINETUNE_FLAGS], root / case
+
+
+def finetune_result_of(run: Path) -> dict:
+    train = records(run, "train")
+    evals = records(run, "eval")
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1)) and [r["step"] for r in evals] == [5, 10]
+    return {"train_loss": [r["loss"] for r in train], "val_loss": [r["val_loss"] for r in evals]}
+
+
+@pytest.fixture(scope="module")
+def finetune_results(finetune_base, tmp_path_factory) -> dict[str, dict]:
+    root = tmp_path_factory.mktemp("golden-finetune")
+    results = {}
+    for case in FINETUNE_CASES:
+        argv, run = finetune_command(case, finetune_base, root)
+        assert main(argv) == 0
+        results[case] = finetune_result_of(run)
+    return results
+
+
 def stored() -> dict:
     return json.loads(LOSSES_FILE.read_text()) if LOSSES_FILE.exists() else {"cases": {}}
 
 
+def numbers(result: dict) -> list[float]:
+    """A result's losses in one list, key by key (train_loss, final_val_loss or val_loss)."""
+    values: list[float] = []
+    for key in sorted(result):
+        values += result[key] if isinstance(result[key], list) else [result[key]]
+    return values
+
+
 def worst_relative_difference(result: dict, expected: dict) -> float:
-    """The largest |a - b| / |b| over the ten training losses and the final validation loss."""
-    ours = [*result["train_loss"], result["final_val_loss"]]
-    theirs = [*expected["train_loss"], expected["final_val_loss"]]
-    assert len(ours) == len(theirs)
+    """The largest |a - b| / |b| over every training loss and validation loss of the result."""
+    ours, theirs = numbers(result), numbers(expected)
+    assert sorted(result) == sorted(expected) and len(ours) == len(theirs), (result, expected)
     return max(abs(a - b) / abs(b) for a, b in zip(ours, theirs, strict=True))
 
 
@@ -153,32 +213,53 @@ def matches_golden(result: dict, expected: dict) -> bool:
     return worst_relative_difference(result, expected) <= GOLDEN_TOLERANCE
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_ten_steps_reproduce_the_golden_losses(case, results):
-    result = results[case]
+def check_golden(case: str, result: dict) -> None:
+    """The result matches the stored losses within GOLDEN_TOLERANCE (or, regenerating, replaces them)."""
     golden = stored()
     if REGENERATE:
         golden["cases"][case] = result
         golden["torch_version"] = torch.__version__
-        golden["made_on"] = machine()
+        golden["made_on"] = {**golden.get("made_on", {}), case: machine()}
         golden["regenerate"] = "LMFORGE_REGENERATE_GOLDEN=1 python -m pytest tests/test_golden.py"
-        golden["cases"] = {name: golden["cases"][name] for name in sorted(golden["cases"]) if name in CASES}
+        known = {**CASES, **FINETUNE_CASES}
+        golden["cases"] = {name: golden["cases"][name] for name in sorted(golden["cases"]) if name in known}
+        golden["made_on"] = {name: golden["made_on"][name] for name in sorted(golden["made_on"]) if name in known}
         LOSSES_FILE.write_text(json.dumps(golden, indent=1) + "\n")
         pytest.skip(f"regenerated {case} in {LOSSES_FILE}")
     assert case in golden["cases"], f"no golden losses for {case}: regenerate them (see this file's docstring)"
     worst = worst_relative_difference(result, golden["cases"][case])
-    where = (f"made with torch {golden['torch_version']} on {golden.get('made_on', 'an AMD EPYC')}; "
+    where = (f"made with torch {golden['torch_version']} on {golden['made_on'][case]}; "
              f"this is torch {torch.__version__} on {machine()}")
     assert worst <= GOLDEN_TOLERANCE, f"{case}: relative difference {worst:.2e} > {GOLDEN_TOLERANCE} ({where})"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ten_steps_reproduce_the_golden_losses(case, results):
+    check_golden(case, results[case])
+
+
+@pytest.mark.parametrize("case", FINETUNE_CASES)
+def test_ten_fine_tuning_steps_reproduce_the_golden_losses(case, finetune_results):
+    check_golden(case, finetune_results[case])
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_a_second_process_reproduces_the_losses_bit_for_bit(case, results, golden_data, tmp_path):
     argv, run = train_command(case, golden_data, tmp_path)
     child = subprocess.run([sys.executable, "-m", "lmforge", *argv], capture_output=True, text=True, cwd=ROOT,
-                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=600)
+                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=PATIENCE)
     assert child.returncode == 0, child.stderr
     assert result_of(run) == results[case]
+
+
+@pytest.mark.parametrize("case", FINETUNE_CASES)
+def test_a_second_process_reproduces_the_fine_tuning_losses_bit_for_bit(case, finetune_results, finetune_base,
+                                                                       tmp_path):
+    argv, run = finetune_command(case, finetune_base, tmp_path)
+    child = subprocess.run([sys.executable, "-m", "lmforge", *argv], capture_output=True, text=True, cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=PATIENCE)
+    assert child.returncode == 0, child.stderr
+    assert finetune_result_of(run) == finetune_results[case]
 
 
 @pytest.mark.parametrize("case", CASES)
