@@ -170,32 +170,81 @@ def foreign_files(directory: Path, owned: Iterable[str]) -> list[str]:
 
 
 def refuse_file_in_path(path: Path) -> None:
-    """Refuse, before any work, an output below a file (`notes.txt/out`): its directory cannot be made."""
+    """Refuse, before any work, an output below a file (`notes.txt/out`, `/dev/null/x`): its directory cannot be
+    made."""
     existing = next((parent for parent in Path(path).parents if parent.exists()), None)
     if existing is not None and not existing.is_dir():
         raise UserError(f"cannot write {path}: {existing} is a file, not a directory")
 
 
-def check_output(final: Path, overwrite: bool, *, directory: bool, owned: Iterable[str] = ()) -> None:
-    """The checks before writing a named output, a file or (`directory`) a directory of the files `owned`
-    names: refused, with one line, when it is the current directory or one above it, when it exists and
-    `overwrite` is off, when it is a directory where a file goes or the reverse, or when the directory holds
-    anything lmforge did not write (naming it)."""
+# A run directory (lmforge.run's layout, recognised here, below it): its config beside its checkpoints or its log.
+RUN_CONFIG_FILE, RUN_LOG_FILE, RUN_CHECKPOINTS = "config.toml", "log.jsonl", "checkpoints"
+
+
+def is_run_directory(path: Path) -> bool:
+    """Whether `path` holds a run: config.toml and checkpoints/ or log.jsonl."""
+    path = Path(path)
+    return (path / RUN_CONFIG_FILE).is_file() and ((path / RUN_CHECKPOINTS).is_dir() or (path / RUN_LOG_FILE).is_file())
+
+
+def _same_path(first: Path, second: Path) -> bool:
+    """The same file or directory (a hard link or a symbolic link to it included), or the same resolved path."""
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one of them does not exist
+        return first.resolve() == second.resolve()
+
+
+def check_output_place(final: Path, *, directory: bool, inputs: Iterable[str | Path] = (),
+                       allow_current: bool = False) -> None:
+    """Where an output may go, whatever is there now: refused, with one line, when its name is empty or '..',
+    when a part of its path is a file, when it is the current directory or one above it (unless
+    `allow_current`), when it lies inside a run directory (a run's files are lmforge's to write, command by
+    command), or when it is one of the command's `inputs` or a directory holding one."""
     final = Path(final)
+    what = "directory" if directory else "file"
+    if final.name in ("", "..") and not allow_current:
+        raise UserError(f"{final} does not name a {what} of its own; name a new {what} to write "
+                        f"(e.g. {Path(final, 'out')})")
     refuse_file_in_path(final)
     resolved, here = final.resolve(), Path.cwd().resolve()
-    if resolved == here or resolved in here.parents:
-        raise UserError(f"{final} is the current directory or one above it; name a new "
-                        f"{'directory' if directory else 'file'} to write")
+    if not allow_current and (resolved == here or resolved in here.parents):
+        raise UserError(f"{final} is the current directory or one above it; name a new {what} to write")
+    run = next((parent for parent in resolved.parents if is_run_directory(parent)), None)
+    if run is not None:
+        raise UserError(f"{final} lies inside the run directory {run}, whose files lmforge alone writes; "
+                        "choose a path outside it")
+    for given in inputs:
+        source = Path(given)
+        if _same_path(final, source):
+            raise UserError(f"{final} is an input of this command; write the output somewhere else")
+        if resolved in source.resolve().parents:
+            raise UserError(f"{final} holds {source}, an input of this command; write the output somewhere else")
+
+
+def check_output(final: Path, overwrite: bool, *, directory: bool, owned: Iterable[str] = (),
+                 inputs: Iterable[str | Path] = ()) -> None:
+    """The checks before writing a named output, a file or (`directory`) a directory of the files `owned`
+    names: `check_output_place`, then, for one already there: refused unless `overwrite` (an empty directory
+    where a directory goes counts as free), and even then when it is a symbolic link, a device or other
+    special file, a directory where a file goes or the reverse, or a directory holding anything lmforge did
+    not write (naming it)."""
+    final = Path(final)
+    check_output_place(final, directory=directory, inputs=inputs)
     if not (final.exists() or final.is_symlink()):
         return
-    refuse_to_replace(final, overwrite)
     if final.is_symlink():
         raise UserError(f"{final} is a symbolic link; remove it or choose another output path")
+    if not (final.is_dir() or final.is_file()):
+        raise UserError(f"{final} is a device or other special file, not a regular file; lmforge never replaces "
+                        "one: choose another output path")
     if directory and not final.is_dir():
         raise UserError(f"{final} is a file and this writes a directory; remove it or choose another path")
     if not directory and final.is_dir():
         raise UserError(f"{final} is a directory and this writes a file; name a file (e.g. {final}/model.bin)")
+    if directory and not any(final.iterdir()):
+        return
+    refuse_to_replace(final, overwrite)
     foreign = foreign_files(final, owned) if directory else []
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")

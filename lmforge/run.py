@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import typing
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, ClassVar
@@ -39,22 +40,26 @@ from lmforge.config import Config, ModelConfig, dumps_config, load_config
 from lmforge.data.tokenizer import Tokenizer, load_tokenizer
 from lmforge.errors import UserError
 from lmforge.files import (
+    RUN_CHECKPOINTS,
+    RUN_CONFIG_FILE,
+    RUN_LOG_FILE,
     check_output,
+    check_output_place,
     foreign_files,
     load_safetensors,
     move_into_place,
     remove_path,
     replace_output,
     write_atomic,
+    write_error_message,
+    write_error_number,
     writing,
 )
 from lmforge.model.gpt import GPT, mlp_hidden_size, norm_eps
 from lmforge.tasks.template import TEMPLATE_FILE as CHAT_TEMPLATE_FILE
 
-CONFIG_FILE = "config.toml"
+CONFIG_FILE, LOG_FILE, CHECKPOINTS = RUN_CONFIG_FILE, RUN_LOG_FILE, RUN_CHECKPOINTS  # files.is_run_directory
 TOKENIZER_FILE = "tokenizer.json"
-LOG_FILE = "log.jsonl"
-CHECKPOINTS = "checkpoints"
 RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, LOG_FILE, CHECKPOINTS, CHAT_TEMPLATE_FILE, "report", "tensorboard")
 CHECKPOINT_PREFIX = "step_"
 WEIGHTS_FILE = "model.safetensors"
@@ -153,25 +158,51 @@ def remove_run(run_dir: Path, created: bool) -> None:
 
 
 # ----- one writer at a time -----
-def lock_run(run_dir: Path) -> IO:
+def lock_run(run_dir: Path, *, resume: bool = False) -> IO:
     """Take the run directory's lock for as long as the returned file stays open: a second process that
     would write the run gets a UserError naming the holder's PID. The kernel drops the lock when the holder
-    dies (even by kill -9), so a crashed run never leaves a stale lock behind."""
+    dies (even by kill -9), so a crashed run never leaves a stale lock behind.
+
+    The place is checked before anything is made there (`files.check_output_place`; a new run may not be the
+    current directory or one above it, a resumed one may), and a failure to make the directory or to write
+    the lock (read-only, no permission, disk full) is one line that leaves nothing this call made."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK_FILE, "a+", encoding="utf-8")
+    check_output_place(run_dir, directory=True, allow_current=resume)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file and a run is a directory; remove it or choose another --out")
+    made = [parent for parent in (run_dir, *run_dir.parents) if not parent.exists()]
+    lock_path = run_dir / LOCK_FILE
+    made_lock = not lock_path.exists()
+    handle = None
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise UserError(f"{run_dir} is being written by another lmforge process (PID {holder}); wait for it "
+                            "to finish or stop it, or choose another --out") from None
         handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise UserError(f"{run_dir} is being written by another lmforge process (PID {holder}); wait for it "
-                        "to finish or stop it, or choose another --out") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+    except BaseException as error:
+        if handle is not None:
+            with suppress(OSError):  # a PID the disk refused: the error to report is the write's
+                handle.close()
+        if made_lock and not isinstance(error, UserError):
+            remove_path(lock_path)
+        for directory in made:  # innermost first; only the directories this call made, once empty
+            try:
+                directory.rmdir()
+            except OSError:
+                break
+        number = write_error_number(error)
+        if isinstance(error, OSError) and not isinstance(error, UserError):
+            raise UserError(write_error_message(run_dir if handle is None else lock_path, number)) from None
+        raise
     return handle
 
 
@@ -505,17 +536,23 @@ def record_json(record: Record) -> str:
 
 
 class LogWriter:
-    """Appends records to RUN/log.jsonl, one flushed line each, so a reader sees every finished step."""
+    """Appends records to RUN/log.jsonl, one flushed line each, so a reader sees every finished step. A line
+    that cannot be written (disk full) is a WriteError; the part of it written is an unfinished last line,
+    which `read_log` skips and a resume trims."""
 
     def __init__(self, run_dir: Path):
-        self.file = open(Path(run_dir) / LOG_FILE, "a")
+        self.path = Path(run_dir) / LOG_FILE
+        with writing(self.path):
+            self.file = open(self.path, "a")
 
     def write(self, record: Record) -> None:
-        self.file.write(record_json(record) + "\n")
-        self.file.flush()
+        with writing(self.path):
+            self.file.write(record_json(record) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        with suppress(OSError):  # what the disk refused was reported when it was written
+            self.file.close()
 
 
 @dataclass

@@ -420,7 +420,7 @@ def export_hf(run: str | Path, out: str | Path, *, dtype: str = "fp32", overwrit
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
     out = Path(out)
-    check_output(out, overwrite, directory=True, owned=EXPORT_FILES)
+    check_output(out, overwrite, directory=True, owned=EXPORT_FILES, inputs=(run,))
     model, config, tokenizer, _ = load_language_model(run)
     family = export_family(config.model)
     weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}

@@ -152,9 +152,9 @@ def tokenizer_path(model_path: Path) -> Path:
     return model_path.with_name(f"{model_path.stem}_tokenizer.bin")
 
 
-def check_llmc_output(path: Path, magic: int, overwrite: bool) -> None:
+def check_llmc_output(path: Path, magic: int, overwrite: bool, inputs: tuple[str | Path, ...] = ()) -> None:
     """An llm.c output file may replace only a file of the same kind (its magic number): never another file."""
-    check_output(path, overwrite, directory=False)
+    check_output(path, overwrite, directory=False, inputs=inputs)
     if path.is_file():
         with open(path, "rb") as file:
             head = file.read(4)
@@ -170,9 +170,9 @@ def export_llmc(run: str | Path, out: str | Path, *, dtype: str = "fp32", overwr
     if dtype not in VERSIONS.values():
         raise UserError(f"unknown --dtype '{dtype}'; choose one of {', '.join(VERSIONS.values())}")
     out = Path(out)
+    check_llmc_output(out, MODEL_MAGIC, overwrite, inputs=(run,))  # first: it refuses a path with no file name
     vocab_file = tokenizer_path(out)
-    check_llmc_output(out, MODEL_MAGIC, overwrite)
-    check_llmc_output(vocab_file, TOKENIZER_MAGIC, overwrite)
+    check_llmc_output(vocab_file, TOKENIZER_MAGIC, overwrite, inputs=(run,))
     model, config, tokenizer, _ = load_language_model(run)
     weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     contents = {out: model_bytes(config.model, weights, dtype), vocab_file: tokenizer_bytes(tokenizer)}

@@ -85,9 +85,9 @@ def loss_landscape(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
 
 
 def plot_landscape(run: str | Path, out: str | Path, *, data: str | Path | None = None, points: int = 21,
-                   span: float = 1.0, seed: int = 0, windows: int = 8) -> Path:
+                   span: float = 1.0, seed: int = 0, windows: int = 8, overwrite: bool = False) -> Path:
     """Write the two-panel PNG (the line, the contours of the plane) for a run to `out`; return its path."""
-    out = check_png_out(out)
+    out = check_png_out(out, overwrite, inputs=(run, data))
     if points < 3:
         raise UserError(f"--points must be at least 3, got {points}")
     if not span > 0:

@@ -58,9 +58,10 @@ def token_label(tokenizer: Tokenizer, token: int) -> str:
     return text.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
 
 
-def plot_next_token(run: str | Path, out: str | Path, *, prompt: str, top_k: int = 10, top_p: float = 0.9) -> Path:
+def plot_next_token(run: str | Path, out: str | Path, *, prompt: str, top_k: int = 10, top_p: float = 0.9,
+                    overwrite: bool = False) -> Path:
     """Write the PNG (one panel per temperature) of the run's next-token distribution after `prompt`."""
-    out = check_png_out(out)
+    out = check_png_out(out, overwrite, inputs=(run,))
     if top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {top_k}")
     if not 0 < top_p <= 1:

@@ -26,16 +26,17 @@ from torch import nn
 
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.files import write_atomic
+from lmforge.files import check_output, write_atomic
 from lmforge.tasks import metrics
-from lmforge.tasks.records import CHAT_TRANSLATE_PROMPT, TASKS, as_messages, data_file, read_records
+from lmforge.tasks.records import CHAT_TRANSLATE_PROMPT, TASKS, as_messages, data_file, read_records, split_files
 
 
 def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str = "test",
-                  predictions: str | Path | None = None, batch_size: int = 16,
+                  predictions: str | Path | None = None, overwrite: bool = False, batch_size: int = 16,
                   device: str | torch.device = "cpu", max_new_tokens: int | None = None) -> dict:
     """The task metrics of `run` on the records of `data` (a file, or a directory's `split` file); with
-    `predictions`, also write that file."""
+    `predictions`, also write that file (checked first: an existing file only with `overwrite`, never an
+    input, never inside a run)."""
     from lmforge.infer.load import load_model
     from lmforge.run import read_config, resolve_checkpoint
     from lmforge.tasks.model import check_task
@@ -46,6 +47,10 @@ def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str = 
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     path = data_file(data, split)
+    if predictions is not None:
+        task_files = split_files(data).values() if Path(data).is_dir() else ()
+        check_output(Path(predictions), overwrite, directory=False,
+                     inputs=(path, *task_files, resolve_checkpoint(run)[0]))
     records = read_records(path, task)
     finetune = read_config(resolve_checkpoint(run)[0]).finetune
     check_task(run, finetune, task)
@@ -251,7 +256,7 @@ def evaluate_generation(model: nn.Module, tokenizer: Tokenizer, records: Sequenc
 
 
 def eval_command(run: str, task: str | None, data: str, *, split: str | None, predictions: str | None,
-                 batch_size: int, device: str, engine: str) -> None:
+                 overwrite: bool, batch_size: int, device: str, engine: str) -> None:
     """`lmforge eval RUN --task T --data FILE [--predictions OUT]`: print the metrics as one JSON object."""
     from lmforge.hardware import resolve_device
 
@@ -259,6 +264,6 @@ def eval_command(run: str, task: str | None, data: str, *, split: str | None, pr
         raise UserError("--predictions needs --task (the records' task: " + ", ".join(TASKS) + ")")
     if engine != "torch":
         raise UserError("--task evaluation runs on the torch engine; drop --engine scratch")
-    scores = evaluate_task(run, task, data, split=split or "test", predictions=predictions, batch_size=batch_size,
-                           device=resolve_device(device, "--device"))
+    scores = evaluate_task(run, task, data, split=split or "test", predictions=predictions, overwrite=overwrite,
+                           batch_size=batch_size, device=resolve_device(device, "--device"))
     print(json.dumps(scores))

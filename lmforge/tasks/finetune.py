@@ -148,15 +148,19 @@ class FinetuneRun:
         self.engine = build_engine(self.config, TaskLoss(self.model, finetune.task), self.device, self.precision)
         self.log_writer: rundir.LogWriter | None = None
         self.progress = Progress()
-        self.created = not resume
+        self.created = False  # the run's files are this start's: a failure before a checkpoint removes them
         self.made_dir = not self.run_dir.exists()
-        self.lock = rundir.lock_run(self.run_dir)  # one writer per run; released when the process ends
-        for repair in rundir.clean_leftovers(self.run_dir):
-            self.say(repair)
-        if resume:
-            self._restore()
-        else:
-            self._create_run_dir(overwrite)
+        self.lock = rundir.lock_run(self.run_dir, resume=resume)  # one writer per run; released when it ends
+        try:
+            for repair in rundir.clean_leftovers(self.run_dir):
+                self.say(repair)
+            if resume:
+                self._restore()
+            else:
+                self._create_run_dir(overwrite)
+        except BaseException:
+            self._remove_failed_start()
+            raise
         self.stop_signal: str | None = None
         self.last_result: dict = {}
 
@@ -241,6 +245,7 @@ class FinetuneRun:
     def _create_run_dir(self, overwrite: bool) -> None:
         run = self.run_dir
         existing = rundir.refuse_existing_run(run, overwrite)
+        self.created = True
         rundir.create_run(run, self.config, self.tokenizer, existing)
         if self.finetune.template == "chat":
             self.template.save(run)
@@ -291,14 +296,19 @@ class FinetuneRun:
             stopped_by = self.stop_signal if self.stop_signal in signal.Signals.__members__ else None
             return {**result, "signal": signal.Signals[stopped_by].value if stopped_by else None}
         except BaseException:
-            self.lock.close()
-            if self.created and not rundir.list_checkpoints(self.run_dir):
-                rundir.remove_run(self.run_dir, self.made_dir)
+            self._remove_failed_start()
             raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.lock.close()
+
+    def _remove_failed_start(self) -> None:
+        """Let go of the lock; a new run that failed before its first checkpoint removes what it wrote (and its
+        directory, if this start made it), so the corrected command needs no --overwrite."""
+        self.lock.close()
+        if (self.created or self.made_dir) and not rundir.list_checkpoints(self.run_dir):
+            rundir.remove_run(self.run_dir, self.made_dir)
 
     def _run(self) -> dict:
         config, train, progress, finetune = self.config, self.config.train, self.progress, self.finetune
