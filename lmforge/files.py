@@ -196,20 +196,23 @@ def _same_path(first: Path, second: Path) -> bool:
 
 
 def check_output_place(final: Path, *, directory: bool, inputs: Iterable[str | Path] = (),
-                       allow_current: bool = False) -> None:
-    """Where an output may go, whatever is there now: refused, with one line, when its name is empty or '..',
-    when a part of its path is a file, when it is the current directory or one above it (unless
-    `allow_current`), when it lies inside a run directory (a run's files are lmforge's to write, command by
-    command), or when it is one of the command's `inputs` or a directory holding one."""
+                       allow_current: bool = False, allow_run: bool = False) -> None:
+    """Where an output may go, whatever is there now: refused, with one line, when a part of its path is a
+    file, when it is the current directory or one above it (unless `allow_current`) or ends in '..', when it
+    is a run directory (unless `allow_run`: the commands that write runs) or lies inside one (a run's files
+    are lmforge's to write, command by command), or when it is one of the command's `inputs` or a directory
+    holding one."""
     final = Path(final)
     what = "directory" if directory else "file"
-    if final.name in ("", "..") and not allow_current:
-        raise UserError(f"{final} does not name a {what} of its own; name a new {what} to write "
-                        f"(e.g. {Path(final, 'out')})")
     refuse_file_in_path(final)
     resolved, here = final.resolve(), Path.cwd().resolve()
     if not allow_current and (resolved == here or resolved in here.parents):
         raise UserError(f"{final} is the current directory or one above it; name a new {what} to write")
+    if not allow_current and final.name in ("", ".."):  # the temporary beside it would need a name
+        raise UserError(f"{final} ends in '..' and names no {what} of its own; name a new {what} to write "
+                        f"(e.g. {Path(final, 'out')})")
+    if not allow_run and is_run_directory(resolved):
+        raise UserError(f"{final} is a run directory; choose another path for this {what}")
     run = next((parent for parent in resolved.parents if is_run_directory(parent)), None)
     if run is not None:
         raise UserError(f"{final} lies inside the run directory {run}, whose files lmforge alone writes; "
@@ -230,7 +233,8 @@ def check_output(final: Path, overwrite: bool, *, directory: bool, owned: Iterab
     special file, a directory where a file goes or the reverse, or a directory holding anything lmforge did
     not write (naming it)."""
     final = Path(final)
-    check_output_place(final, directory=directory, inputs=inputs)
+    # A run there is refused below (it exists; its files are foreign to every owner but a run's own).
+    check_output_place(final, directory=directory, inputs=inputs, allow_run=True)
     if not (final.exists() or final.is_symlink()):
         return
     if final.is_symlink():
@@ -241,7 +245,8 @@ def check_output(final: Path, overwrite: bool, *, directory: bool, owned: Iterab
     if directory and not final.is_dir():
         raise UserError(f"{final} is a file and this writes a directory; remove it or choose another path")
     if not directory and final.is_dir():
-        raise UserError(f"{final} is a directory and this writes a file; name a file (e.g. {final}/model.bin)")
+        raise UserError(f"{final} is a directory and this writes a file; name a file "
+                        f"(e.g. {final / ('out' + final.suffix)})")
     if directory and not any(final.iterdir()):
         return
     refuse_to_replace(final, overwrite)

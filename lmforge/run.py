@@ -167,7 +167,7 @@ def lock_run(run_dir: Path, *, resume: bool = False) -> IO:
     current directory or one above it, a resumed one may), and a failure to make the directory or to write
     the lock (read-only, no permission, disk full) is one line that leaves nothing this call made."""
     run_dir = Path(run_dir)
-    check_output_place(run_dir, directory=True, allow_current=resume)
+    check_output_place(run_dir, directory=True, allow_current=resume, allow_run=True)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file and a run is a directory; remove it or choose another --out")
     made = [parent for parent in (run_dir, *run_dir.parents) if not parent.exists()]
