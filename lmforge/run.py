@@ -158,16 +158,17 @@ def remove_run(run_dir: Path, created: bool) -> None:
 
 
 # ----- one writer at a time -----
-def lock_run(run_dir: Path, *, resume: bool = False) -> IO:
+def lock_run(run_dir: Path, *, resume: bool = False, inputs: typing.Sequence[str | Path] = ()) -> IO:
     """Take the run directory's lock for as long as the returned file stays open: a second process that
     would write the run gets a UserError naming the holder's PID. The kernel drops the lock when the holder
     dies (even by kill -9), so a crashed run never leaves a stale lock behind.
 
-    The place is checked before anything is made there (`files.check_output_place`; a new run may not be the
-    current directory or one above it, a resumed one may), and a failure to make the directory or to write
+    The place is checked before anything is made there (`files.check_output_place`: never one of the
+    command's `inputs` or a directory holding one; a new run may not be the current directory or one above
+    it, a resumed one may), and a failure to make the directory or to write
     the lock (read-only, no permission, disk full) is one line that leaves nothing this call made."""
     run_dir = Path(run_dir)
-    check_output_place(run_dir, directory=True, allow_current=resume, allow_run=True)
+    check_output_place(run_dir, directory=True, inputs=inputs, allow_current=resume, allow_run=True)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file and a run is a directory; remove it or choose another --out")
     made = [parent for parent in (run_dir, *run_dir.parents) if not parent.exists()]
@@ -231,12 +232,13 @@ def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], origin:
 
 
 def write_run(out: str | Path, model_config: ModelConfig, tokenizer: dict, weights: dict[str, torch.Tensor], *,
-              origin: str, overwrite: bool = False) -> Path:
+              origin: str, overwrite: bool = False, inputs: typing.Sequence[str | Path] = ()) -> Path:
     """A run directory made from weights trained elsewhere (import): config, tokenizer and these weights as its
     step-0 checkpoint, written atomically; returns it. It has no optimizer state or log, so `train --resume`
-    does not apply to it; `sample`, `eval`, `export` and `train --init-from` read only its weights."""
+    does not apply to it; `sample`, `eval`, `export` and `train --init-from` read only its weights. `inputs`:
+    the files it was made from, which `out` may not be or hold."""
     out = Path(out)
-    check_output(out, overwrite, directory=True, owned=RUN_OWNED)
+    check_output(out, overwrite, directory=True, owned=RUN_OWNED, inputs=inputs)
     check_weights(model_config, weights, origin)
     if tokenizer["vocab_size"] > model_config.vocab_size:
         raise UserError(f"{origin}: the tokenizer has {tokenizer['vocab_size']} tokens, more than the model's "

@@ -268,7 +268,8 @@ def import_hf(source: str, out: str | Path, *, tokenizer: str | Path | None = No
     except KeyError as err:
         raise UserError(f"{folder / 'config.json'} lacks {err}") from None
     tokenizer_dict = load_tokenizer(tokenizer).to_dict() if tokenizer else tokenizer_from_hf(folder, cfg)
-    return write_run(out, config, tokenizer_dict, weights, origin=str(folder), overwrite=overwrite)
+    return write_run(out, config, tokenizer_dict, weights, origin=str(folder), overwrite=overwrite,
+                     inputs=[path for path in (folder, tokenizer) if path is not None])
 
 
 # ----- writing a Hugging Face directory -----

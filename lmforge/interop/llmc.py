@@ -242,4 +242,5 @@ def import_llmc(source: str | Path, out: str | Path, *, tokenizer: str | Path | 
         raise UserError(f"{source} has a vocabulary of {config.vocab_size} tokens, not GPT-2's, and llm.c model "
                         "files carry no tokenizer: pass --tokenizer with the lmforge tokenizer.json it was trained "
                         "with (or a run or data directory holding it)")
-    return write_run(out, config, tokenizer_dict, weights, origin=str(source), overwrite=overwrite)
+    return write_run(out, config, tokenizer_dict, weights, origin=str(source), overwrite=overwrite,
+                     inputs=[path for path in (source, tokenizer) if path is not None])

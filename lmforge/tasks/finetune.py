@@ -150,7 +150,8 @@ class FinetuneRun:
         self.progress = Progress()
         self.created = False  # the run's files are this start's: a failure before a checkpoint removes them
         self.made_dir = not self.run_dir.exists()
-        self.lock = rundir.lock_run(self.run_dir, resume=resume)  # one writer per run; released when it ends
+        # one writer per run, released when it ends; never where it reads its data
+        self.lock = rundir.lock_run(self.run_dir, resume=resume, inputs=[self.data, base_dir])
         try:
             for repair in rundir.clean_leftovers(self.run_dir):
                 self.say(repair)

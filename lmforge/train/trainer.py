@@ -131,7 +131,8 @@ class Trainer:
         self.log_writer, self.tensorboard = None, None
         self.closed = False
         try:  # last: a failed check leaves no run behind, and a failure from here on removes what it wrote
-            resume_from = self._prepare_run_dir(resume, overwrite)
+            inputs = [self.data_dir, *([init_from] if init_from is not None else [])]
+            resume_from = self._prepare_run_dir(resume, overwrite, inputs)
             if resume_from is not None:
                 self._restore(*resume_from)
             main = self.cluster.is_main
@@ -152,12 +153,12 @@ class Trainer:
         return self.engine.forward
 
     # ----- set-up -----
-    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> tuple[Path, tuple] | None:
-        """Take the run's lock, repair what an interrupted save left, refuse to clobber a previous run; return
-        the checkpoint to resume from and its contents, if any."""
+    def _prepare_run_dir(self, resume: bool, overwrite: bool, inputs: list[str | Path]) -> tuple[Path, tuple] | None:
+        """Take the run's lock (never where the run's `inputs` are), repair what an interrupted save left, refuse
+        to clobber a previous run; return the checkpoint to resume from and its contents, if any."""
         run = self.run_dir
         if self.cluster.is_main:  # one writer per run directory; the other ranks follow rank 0
-            self.lock = rundir.lock_run(run, resume=resume)
+            self.lock = rundir.lock_run(run, resume=resume, inputs=inputs)
             for repair in rundir.clean_leftovers(run):
                 self.say(repair)
         self.cluster.barrier()  # every rank has looked before rank 0 changes anything
