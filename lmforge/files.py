@@ -99,6 +99,33 @@ def writing(path: Path, *temporaries: Path, needed: int | None = None) -> Iterat
         raise failure from None
 
 
+def missing_directories(path: Path) -> list[Path]:
+    """`path` and the directories above it that do not exist (yet), innermost first: what writing it makes."""
+    return [directory for directory in (Path(path), *Path(path).parents) if not directory.exists()]
+
+
+def remove_empty_directories(directories: Iterable[Path]) -> None:
+    """Remove `missing_directories`' list once a failed command is done with it, innermost first, each only if
+    it is empty: a failed command leaves no empty directory behind, and never removes anything else."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:  # not made after all, or not empty: it and those above it stay
+            break
+
+
+@contextmanager
+def removing_new_parents(path: Path) -> Iterator[None]:
+    """On any failure in the block, remove the directories the block made for `path` (and `path` itself), once
+    empty."""
+    missing = missing_directories(path)
+    try:
+        yield
+    except BaseException:
+        remove_empty_directories(missing)
+        raise
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write `data` (text as UTF-8) to `path` through `.{name}.tmp`."""
     path = Path(path)

@@ -48,7 +48,9 @@ from lmforge.files import (
     foreign_files,
     load_safetensors,
     move_into_place,
+    remove_empty_directories,
     remove_path,
+    removing_new_parents,
     replace_output,
     write_atomic,
     write_error_message,
@@ -143,9 +145,10 @@ def clean_leftovers(run_dir: Path) -> list[str]:
     return repairs
 
 
-def remove_run(run_dir: Path, created: bool) -> None:
+def remove_run(run_dir: Path, made: typing.Sequence[Path]) -> None:
     """Undo a start that failed before its first checkpoint, so the corrected command needs no --overwrite:
-    the run's files go, and the directory too if this start created it and it is now empty."""
+    the run's files go, and the directories this start `made` (`files.missing_directories(run_dir)` before it
+    began) too, once empty."""
     run_dir = Path(run_dir)
     for name in (*RUN_FILES, LOCK_FILE):
         path = run_dir / name
@@ -153,8 +156,7 @@ def remove_run(run_dir: Path, created: bool) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
-    if created and run_dir.is_dir() and not any(run_dir.iterdir()):
-        run_dir.rmdir()
+    remove_empty_directories(made)
 
 
 # ----- one writer at a time -----
@@ -171,13 +173,24 @@ def lock_run(run_dir: Path, *, resume: bool = False, inputs: typing.Sequence[str
     check_output_place(run_dir, directory=True, inputs=inputs, allow_current=resume, allow_run=True)
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir} is a file and a run is a directory; remove it or choose another --out")
-    made = [parent for parent in (run_dir, *run_dir.parents) if not parent.exists()]
     lock_path = run_dir / LOCK_FILE
-    made_lock = not lock_path.exists()
-    handle = None
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(lock_path, "a+", encoding="utf-8")
+        with removing_new_parents(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            return _take_lock(run_dir, lock_path)
+    except OSError as error:
+        if isinstance(error, UserError):
+            raise
+        failed = lock_path if run_dir.is_dir() else run_dir
+        raise UserError(write_error_message(failed, write_error_number(error))) from None
+
+
+def _take_lock(run_dir: Path, lock_path: Path) -> IO:
+    """The lock file, opened, locked and holding this process's PID; on a failure it is closed, and deleted if
+    this call made it."""
+    made_lock = not lock_path.exists()
+    handle = open(lock_path, "a+", encoding="utf-8")
+    try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -190,19 +203,10 @@ def lock_run(run_dir: Path, *, resume: bool = False, inputs: typing.Sequence[str
         handle.write(f"{os.getpid()}\n")
         handle.flush()
     except BaseException as error:
-        if handle is not None:
-            with suppress(OSError):  # a PID the disk refused: the error to report is the write's
-                handle.close()
+        with suppress(OSError):  # a PID the disk refused: the error to report is the write's
+            handle.close()
         if made_lock and not isinstance(error, UserError):
             remove_path(lock_path)
-        for directory in made:  # innermost first; only the directories this call made, once empty
-            try:
-                directory.rmdir()
-            except OSError:
-                break
-        number = write_error_number(error)
-        if isinstance(error, OSError) and not isinstance(error, UserError):
-            raise UserError(write_error_message(run_dir if handle is None else lock_path, number)) from None
         raise
     return handle
 

@@ -30,7 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from lmforge.errors import UserError
-from lmforge.files import check_output, remove_path, replace_output, writing
+from lmforge.files import check_output, remove_path, removing_new_parents, replace_output, writing
 from lmforge.tasks.records import CHAT_TRANSLATE_PROMPT
 
 
@@ -464,14 +464,15 @@ def make_task(name: str, out: str | Path, overwrite: bool = False) -> dict[str, 
     check_output(out, overwrite, directory=True, owned=TASK_FILES)
     splits = task.make()
     temporary = out.with_name(f".{out.name}.tmp")
-    with writing(out, temporary):
-        remove_path(temporary)
-        temporary.mkdir(parents=True)
-        for split, records in splits.items():
-            (temporary / f"{split}.jsonl").write_text(
-                "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
-        (temporary / "README.md").write_text(readme(name, splits), encoding="utf-8")
-    replace_output(temporary, out, overwrite, TASK_FILES)
+    with removing_new_parents(out.parent):
+        with writing(out, temporary):
+            remove_path(temporary)
+            temporary.mkdir(parents=True)
+            for split, records in splits.items():
+                (temporary / f"{split}.jsonl").write_text(
+                    "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+            (temporary / "README.md").write_text(readme(name, splits), encoding="utf-8")
+        replace_output(temporary, out, overwrite, TASK_FILES)
     return {split: len(records) for split, records in splits.items()}
 
 

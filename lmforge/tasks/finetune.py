@@ -37,6 +37,7 @@ from lmforge import run as rundir
 from lmforge.config import Config, FinetuneConfig, OptimConfig, TrainConfig, canonical_key, check_config, set_value
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import TrainingDiverged, UserError
+from lmforge.files import missing_directories
 from lmforge.infer.load import base_body, load_model
 from lmforge.model.factory import build_model
 from lmforge.tasks import lora
@@ -149,7 +150,7 @@ class FinetuneRun:
         self.log_writer: rundir.LogWriter | None = None
         self.progress = Progress()
         self.created = False  # the run's files are this start's: a failure before a checkpoint removes them
-        self.made_dir = not self.run_dir.exists()
+        self.made = missing_directories(self.run_dir)  # what a failed start removes, with the run's files
         # one writer per run, released when it ends; never where it reads its data
         self.lock = rundir.lock_run(self.run_dir, resume=resume, inputs=[self.data, base_dir])
         try:
@@ -308,8 +309,8 @@ class FinetuneRun:
         """Let go of the lock; a new run that failed before its first checkpoint removes what it wrote (and its
         directory, if this start made it), so the corrected command needs no --overwrite."""
         self.lock.close()
-        if (self.created or self.made_dir) and not rundir.list_checkpoints(self.run_dir):
-            rundir.remove_run(self.run_dir, self.made_dir)
+        if (self.created or self.made) and not rundir.list_checkpoints(self.run_dir):
+            rundir.remove_run(self.run_dir, self.made)
 
     def _run(self) -> dict:
         config, train, progress, finetune = self.config, self.config.train, self.progress, self.finetune

@@ -26,6 +26,7 @@ from lmforge.data.datadir import check_token_ids, describe_data
 from lmforge.data.loader import TokenWindows, TrainLoader
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import TrainingDiverged, UserError
+from lmforge.files import missing_directories
 from lmforge.hardware import configure_fast_math, peak_flops
 from lmforge.infer.evaluate import evaluate
 from lmforge.infer.generate import generate
@@ -124,7 +125,7 @@ class Trainer:
         self.progress = Progress()
         self.stop_signal: str | None = None
         self.saving = False  # a second signal during a save waits for the save to finish
-        self.created = not self.run_dir.exists()
+        self.made = missing_directories(self.run_dir)  # what a failed start removes, with the run's files
         self.lock = None
         self.resumed = resume
         self.wrote_fresh_run = False  # the run's files are this start's: a failure before a checkpoint removes them
@@ -176,9 +177,9 @@ class Trainer:
         its directory, if this start made it), so the corrected command needs no --overwrite. Only the lock's
         holder removes anything: a run another process writes, or files that were there before, stay."""
         self.close()
-        if self.lock is not None and not self.resumed and (self.created or self.wrote_fresh_run) \
+        if self.lock is not None and not self.resumed and (self.made or self.wrote_fresh_run) \
                 and not rundir.list_checkpoints(self.run_dir):
-            rundir.remove_run(self.run_dir, self.created)
+            rundir.remove_run(self.run_dir, self.made)
 
     def _restore(self, path: Path, loaded: tuple) -> None:
         weights, optimizer_states, state, hidden = loaded
