@@ -117,7 +117,7 @@ def test_a_users_file_is_replaced_only_with_overwrite(command, base, tmp_path, c
 def test_eval_never_writes_its_predictions_over_its_own_task_file(base, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for out, fragment in ((base.task / "test.jsonl", "is an input"), (base.task / "val.jsonl", "is an input"),
-                          (base.task, "is a directory")):
+                          (base.task, "an input")):
         assert_refused_and_unchanged(base, tmp_path, [*FILE_COMMANDS["eval --predictions"](base, out),
                                                       "--overwrite"], fragment, capsys=capsys)
 

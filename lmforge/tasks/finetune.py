@@ -151,6 +151,8 @@ class FinetuneRun:
         self.progress = Progress()
         self.created = False  # the run's files are this start's: a failure before a checkpoint removes them
         self.made = missing_directories(self.run_dir)  # what a failed start removes, with the run's files
+        if not resume:  # refused before the lock is taken, the directory is left as it was (no .lock in it)
+            rundir.refuse_existing_run(self.run_dir, overwrite)
         # one writer per run, released when it ends; never where it reads its data
         self.lock = rundir.lock_run(self.run_dir, resume=resume, inputs=[self.data, base_dir])
         try:

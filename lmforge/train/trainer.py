@@ -158,6 +158,8 @@ class Trainer:
         """Take the run's lock (never where the run's `inputs` are), repair what an interrupted save left, refuse
         to clobber a previous run; return the checkpoint to resume from and its contents, if any."""
         run = self.run_dir
+        if not resume:  # refused before the lock is taken, the directory is left as it was (no .lock in it)
+            rundir.refuse_existing_run(run, overwrite)
         if self.cluster.is_main:  # one writer per run directory; the other ranks follow rank 0
             self.lock = rundir.lock_run(run, resume=resume, inputs=inputs)
             for repair in rundir.clean_leftovers(run):
