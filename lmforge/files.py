@@ -5,6 +5,11 @@ under a hidden temporary name beside its destination (same filesystem, so the fi
 then moved into place; a crash leaves at most a hidden leftover, never half a file, and a failed write
 (disk full, read-only, a file where a directory should be) removes its temporary and ends in one line.
 
+Where an output may go is checked here for every command, before its work starts (`check_output`, or
+`check_output_place` for the commands that write beside what a directory holds): never below a file, never
+the current directory or one above it, never inside a run directory or one of the command's inputs; an
+existing file only with `--overwrite`, and never a device, a special file or a symbolic link.
+
 Replacing an output (`--overwrite`) removes only what lmforge writes there: a directory that holds anything
 else is refused, naming what it holds, so a mistyped `--out` never deletes the user's files.
 """
