@@ -7,7 +7,9 @@ which ignores permissions, so a read-only place is simulated by a path below a f
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import stat
 from pathlib import Path
@@ -286,3 +288,32 @@ def test_a_full_disk_keeps_an_existing_empty_directory_empty(base, tmp_path):
     code, _, err = child_cli(*FULL_DISK["train"](base, out), file_size_limit=200)
     assert_one_line_error(code, err, "could not write", "File too large")
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", FULL_DISK)
+def test_a_read_only_place_is_one_line_and_leaves_nothing(command, base, tmp_path, capsys, monkeypatch):
+    """Read-only is simulated by a mkdir that fails there with EROFS (as root, chmod would not stop a write)."""
+    read_only = tmp_path / "read-only"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == read_only or read_only in self.parents:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    code, _, err = run_cli(capsys, *FULL_DISK[command](base, read_only / "out"))
+    assert_one_line_error(code, err, "could not write", "Read-only file system")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_report_never_writes_through_a_link_in_place_of_its_directory(base, tmp_path, capsys):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    shutil.copytree(base.run, run)
+    elsewhere.mkdir()
+    (elsewhere / "loss.png").write_bytes(b"a picture of the user's")
+    (run / "report").symlink_to(elsewhere)
+    before = checksums(tmp_path)
+    code, _, err = run_cli(capsys, "report", run)
+    assert_one_line_error(code, err, "symbolic link")
+    assert checksums(tmp_path) == before
