@@ -167,8 +167,8 @@ def lock_run(run_dir: Path, *, resume: bool = False, inputs: typing.Sequence[str
 
     The place is checked before anything is made there (`files.check_output_place`: never one of the
     command's `inputs` or a directory holding one; a new run may not be the current directory or one above
-    it, a resumed one may), and a failure to make the directory or to write
-    the lock (read-only, no permission, disk full) is one line that leaves nothing this call made."""
+    it, a resumed one may), and a failure to make the directory or to write the lock (read-only, no
+    permission, disk full) is one line that leaves nothing this call made."""
     run_dir = Path(run_dir)
     check_output_place(run_dir, directory=True, inputs=inputs, allow_current=resume, allow_run=True)
     if run_dir.exists() and not run_dir.is_dir():
