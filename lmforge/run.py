@@ -235,6 +235,11 @@ def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], origin:
                         f"(missing {missing[:3]}, unexpected {extra[:3]}, wrong shape {wrong[:3]})")
 
 
+def check_import_output(out: str | Path, overwrite: bool, inputs: typing.Sequence[str | Path] = ()) -> None:
+    """The checks of `write_run`'s output, for an import to make before it reads weights (which takes long)."""
+    check_output(Path(out), overwrite, directory=True, owned=RUN_OWNED, inputs=inputs)
+
+
 def write_run(out: str | Path, model_config: ModelConfig, tokenizer: dict, weights: dict[str, torch.Tensor], *,
               origin: str, overwrite: bool = False, inputs: typing.Sequence[str | Path] = ()) -> Path:
     """A run directory made from weights trained elsewhere (import): config, tokenizer and these weights as its
@@ -242,7 +247,7 @@ def write_run(out: str | Path, model_config: ModelConfig, tokenizer: dict, weigh
     does not apply to it; `sample`, `eval`, `export` and `train --init-from` read only its weights. `inputs`:
     the files it was made from, which `out` may not be or hold."""
     out = Path(out)
-    check_output(out, overwrite, directory=True, owned=RUN_OWNED, inputs=inputs)
+    check_import_output(out, overwrite, inputs)
     check_weights(model_config, weights, origin)
     if tokenizer["vocab_size"] > model_config.vocab_size:
         raise UserError(f"{origin}: the tokenizer has {tokenizer['vocab_size']} tokens, more than the model's "
