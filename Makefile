@@ -40,7 +40,7 @@ lab: $(STAMP)
 	for arch in $(LAB_ARCHS); do \
 		$(BIN)/lmforge train --config configs/$$arch.toml --data $(DEMO_DATA) --out $(LAB_RUNS)/$$arch --max-time $(LAB_TIME) --overwrite --quiet || exit 1; \
 	done
-	$(BIN)/lmforge compare $(addprefix $(LAB_RUNS)/,$(LAB_ARCHS)) --out $(LAB_RUNS)/compare
+	$(BIN)/lmforge compare $(addprefix $(LAB_RUNS)/,$(LAB_ARCHS)) --out $(LAB_RUNS)/compare --overwrite
 	cat $(LAB_RUNS)/compare/compare.md
 
 # Every figure of the learner's course (docs/learn/img/) from lmforge commands: trains runs/learn/ (about six

@@ -154,7 +154,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from lmforge.tasks.evaluate import eval_command
 
         eval_command(args.run, args.task, args.data, split=args.split, predictions=args.predictions,
-                     batch_size=args.batch_size, device=args.device, engine=args.engine,
+                     overwrite=args.overwrite, batch_size=args.batch_size, device=args.device, engine=args.engine,
                      allow_unknown=args.allow_unknown)
         return
     if args.allow_unknown:
@@ -271,7 +271,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from lmforge.lab.compare import compare
 
-    print(f"comparison written to {compare(args.runs, args.out)}")
+    print(f"comparison written to {compare(args.runs, args.out, overwrite=args.overwrite)}")
 
 
 def cmd_sweep(args: argparse.Namespace) -> None:
@@ -295,21 +295,21 @@ def cmd_plot(args: argparse.Namespace) -> None:
     if args.what == "activations":
         from lmforge.lab.activations import plot_activations
 
-        written = plot_activations(args.out)
+        written = plot_activations(args.out, overwrite=args.overwrite)
     elif args.what == "derivative":
         from lmforge.lab.learn import plot_difference_errors
 
-        written = plot_difference_errors(args.out)
+        written = plot_difference_errors(args.out, overwrite=args.overwrite)
     elif args.what == "landscape":
         from lmforge.lab.landscape import plot_landscape
 
         written = plot_landscape(args.run, args.out, data=args.data, points=args.points, span=args.span,
-                                 seed=args.seed, windows=args.windows)
+                                 seed=args.seed, windows=args.windows, overwrite=args.overwrite)
     else:
         from lmforge.lab.next_token import plot_next_token
 
         written = plot_next_token(args.run, args.out, prompt=args.prompt or "", top_k=args.top_k, top_p=args.top_p,
-                                  allow_unknown=args.allow_unknown)
+                                  allow_unknown=args.allow_unknown, overwrite=args.overwrite)
     print(f"wrote {written}")
 
 
@@ -417,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", help="classify, translate, qa, choice or sft: the task's metrics as JSON")
     p.add_argument("--predictions", help="with --task: write each record's prediction and reference (JSON lines)")
     add_allow_unknown(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --predictions file")
     p.add_argument("--batch-size", type=size_flag(MAX_BATCH), default=16)
     p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
     p.add_argument("--engine", choices=ENGINES, default="torch", help="scratch: the NumPy engine (CPU)")
@@ -497,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     p.add_argument("--out", required=True, help="directory for compare.md and the PNG curves")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
 
     p = commands.add_parser("sweep", help="hyperparameter search with Optuna (extra --section.key value flags "
                                           "override the config)")
@@ -528,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "distribution after --prompt")
     p.add_argument("run", nargs="?", metavar="RUN", help="run directory (landscape, next-token)")
     p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--prompt", help="next-token: the text before the token (default: none, end-of-text)")
     add_allow_unknown(p)
     p.add_argument("--top-k", type=TOP_K, default=10, help="next-token: the top-k cut-off to mark (default 10)")

@@ -5,6 +5,11 @@ under a hidden temporary name beside its destination (same filesystem, so the fi
 then moved into place; a crash leaves at most a hidden leftover, never half a file, and a failed write
 (disk full, read-only, a file where a directory should be) removes its temporary and ends in one line.
 
+Where an output may go is checked here for every command, before its work starts (`check_output`, or
+`check_output_place` for the commands that write beside what a directory holds): never below a file, never
+the current directory or one above it, never inside a run directory or one of the command's inputs; an
+existing file only with `--overwrite`, and never a device, a special file or a symbolic link.
+
 Replacing an output (`--overwrite`) removes only what lmforge writes there: a directory that holds anything
 else is refused, naming what it holds, so a mistyped `--out` never deletes the user's files.
 """
@@ -99,6 +104,33 @@ def writing(path: Path, *temporaries: Path, needed: int | None = None) -> Iterat
         raise failure from None
 
 
+def missing_directories(path: Path) -> list[Path]:
+    """`path` and the directories above it that do not exist (yet), innermost first: what writing it makes."""
+    return [directory for directory in (Path(path), *Path(path).parents) if not directory.exists()]
+
+
+def remove_empty_directories(directories: Iterable[Path]) -> None:
+    """Remove `missing_directories`' list once a failed command is done with it, innermost first, each only if
+    it is empty: a failed command leaves no empty directory behind, and never removes anything else."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:  # not made after all, or not empty: it and those above it stay
+            break
+
+
+@contextmanager
+def removing_new_parents(path: Path) -> Iterator[None]:
+    """On any failure in the block, remove the directories the block made for `path` (and `path` itself), once
+    empty."""
+    missing = missing_directories(path)
+    try:
+        yield
+    except BaseException:
+        remove_empty_directories(missing)
+        raise
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
     """Write `data` (text as UTF-8) to `path` through `.{name}.tmp`."""
     path = Path(path)
@@ -170,32 +202,86 @@ def foreign_files(directory: Path, owned: Iterable[str]) -> list[str]:
 
 
 def refuse_file_in_path(path: Path) -> None:
-    """Refuse, before any work, an output below a file (`notes.txt/out`): its directory cannot be made."""
+    """Refuse, before any work, an output below a file (`notes.txt/out`, `/dev/null/x`): its directory cannot be
+    made."""
     existing = next((parent for parent in Path(path).parents if parent.exists()), None)
     if existing is not None and not existing.is_dir():
         raise UserError(f"cannot write {path}: {existing} is a file, not a directory")
 
 
-def check_output(final: Path, overwrite: bool, *, directory: bool, owned: Iterable[str] = ()) -> None:
-    """The checks before writing a named output, a file or (`directory`) a directory of the files `owned`
-    names: refused, with one line, when it is the current directory or one above it, when it exists and
-    `overwrite` is off, when it is a directory where a file goes or the reverse, or when the directory holds
-    anything lmforge did not write (naming it)."""
+# A run directory (lmforge.run's layout, recognised here, below it): its config beside its checkpoints or its log.
+RUN_CONFIG_FILE, RUN_LOG_FILE, RUN_CHECKPOINTS = "config.toml", "log.jsonl", "checkpoints"
+
+
+def is_run_directory(path: Path) -> bool:
+    """Whether `path` holds a run: config.toml and checkpoints/ or log.jsonl."""
+    path = Path(path)
+    return (path / RUN_CONFIG_FILE).is_file() and ((path / RUN_CHECKPOINTS).is_dir() or (path / RUN_LOG_FILE).is_file())
+
+
+def _same_path(first: Path, second: Path) -> bool:
+    """The same file or directory (a hard link or a symbolic link to it included), or the same resolved path."""
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one of them does not exist
+        return first.resolve() == second.resolve()
+
+
+def check_output_place(final: Path, *, directory: bool, inputs: Iterable[str | Path] = (),
+                       allow_current: bool = False, allow_run: bool = False) -> None:
+    """Where an output may go, whatever is there now: refused, with one line, when a part of its path is a
+    file, when it is the current directory or one above it (unless `allow_current`) or ends in '..', when it
+    is a run directory (unless `allow_run`: the commands that write runs) or lies inside one (a run's files
+    are lmforge's to write, command by command), or when it is one of the command's `inputs` or a directory
+    holding one."""
     final = Path(final)
+    what = "directory" if directory else "file"
     refuse_file_in_path(final)
     resolved, here = final.resolve(), Path.cwd().resolve()
-    if resolved == here or resolved in here.parents:
-        raise UserError(f"{final} is the current directory or one above it; name a new "
-                        f"{'directory' if directory else 'file'} to write")
+    if not allow_current and (resolved == here or resolved in here.parents):
+        raise UserError(f"{final} is the current directory or one above it; name a new {what} to write")
+    if not allow_current and final.name in ("", ".."):  # the temporary beside it would need a name
+        raise UserError(f"{final} ends in '..' and names no {what} of its own; name a new {what} to write "
+                        f"(e.g. {Path(final, 'out')})")
+    if not allow_run and is_run_directory(resolved):
+        raise UserError(f"{final} is a run directory; choose another path for this {what}")
+    run = next((parent for parent in resolved.parents if is_run_directory(parent)), None)
+    if run is not None:
+        raise UserError(f"{final} lies inside the run directory {run}, whose files lmforge alone writes; "
+                        "choose a path outside it")
+    for given in inputs:
+        source = Path(given)
+        if _same_path(final, source):
+            raise UserError(f"{final} is an input of this command; write the output somewhere else")
+        if resolved in source.resolve().parents:
+            raise UserError(f"{final} holds {source}, an input of this command; write the output somewhere else")
+
+
+def check_output(final: Path, overwrite: bool, *, directory: bool, owned: Iterable[str] = (),
+                 inputs: Iterable[str | Path] = ()) -> None:
+    """The checks before writing a named output, a file or (`directory`) a directory of the files `owned`
+    names: `check_output_place`, then, for one already there: refused unless `overwrite` (an empty directory
+    where a directory goes counts as free), and even then when it is a symbolic link, a device or other
+    special file, a directory where a file goes or the reverse, or a directory holding anything lmforge did
+    not write (naming it)."""
+    final = Path(final)
+    # A run there is refused below (it exists; its files are foreign to every owner but a run's own).
+    check_output_place(final, directory=directory, inputs=inputs, allow_run=True)
     if not (final.exists() or final.is_symlink()):
         return
-    refuse_to_replace(final, overwrite)
     if final.is_symlink():
         raise UserError(f"{final} is a symbolic link; remove it or choose another output path")
+    if not (final.is_dir() or final.is_file()):
+        raise UserError(f"{final} is a device or other special file, not a regular file; lmforge never replaces "
+                        "one: choose another output path")
     if directory and not final.is_dir():
         raise UserError(f"{final} is a file and this writes a directory; remove it or choose another path")
     if not directory and final.is_dir():
-        raise UserError(f"{final} is a directory and this writes a file; name a file (e.g. {final}/model.bin)")
+        raise UserError(f"{final} is a directory and this writes a file; name a file "
+                        f"(e.g. {final / ('out' + final.suffix)})")
+    if directory and not any(final.iterdir()):
+        return
+    refuse_to_replace(final, overwrite)
     foreign = foreign_files(final, owned) if directory else []
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")

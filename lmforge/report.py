@@ -45,6 +45,9 @@ def write_report(run: str | Path, attention_layer: int = -1) -> Path:
         raise UserError(f"{log_path} holds no training steps yet; train the run until it logs a step")
 
     out = run / "report"
+    if out.is_symlink() or (out.exists() and not out.is_dir()):  # never written through or replaced
+        raise UserError(f"{out} is a {'symbolic link' if out.is_symlink() else 'file'}, not the report directory "
+                        "lmforge writes; move it away and run the report again")
     with writing(out):
         out.mkdir(exist_ok=True)
     train, evals = last_per_step(log.train), last_per_step(log.evals)

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import typing
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, ClassVar
@@ -40,22 +41,28 @@ from lmforge.config import Config, ModelConfig, dumps_config, load_config
 from lmforge.data.tokenizer import Tokenizer, load_tokenizer
 from lmforge.errors import UserError
 from lmforge.files import (
+    RUN_CHECKPOINTS,
+    RUN_CONFIG_FILE,
+    RUN_LOG_FILE,
     check_output,
+    check_output_place,
     foreign_files,
     load_safetensors,
     move_into_place,
+    remove_empty_directories,
     remove_path,
+    removing_new_parents,
     replace_output,
     write_atomic,
+    write_error_message,
+    write_error_number,
     writing,
 )
 from lmforge.model.gpt import GPT, mlp_hidden_size, norm_eps
 from lmforge.tasks.template import TEMPLATE_FILE as CHAT_TEMPLATE_FILE
 
-CONFIG_FILE = "config.toml"
+CONFIG_FILE, LOG_FILE, CHECKPOINTS = RUN_CONFIG_FILE, RUN_LOG_FILE, RUN_CHECKPOINTS  # files.is_run_directory
 TOKENIZER_FILE = "tokenizer.json"
-LOG_FILE = "log.jsonl"
-CHECKPOINTS = "checkpoints"
 RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, LOG_FILE, CHECKPOINTS, CHAT_TEMPLATE_FILE, "report", "tensorboard")
 CHECKPOINT_PREFIX = "step_"
 WEIGHTS_FILE = "model.safetensors"
@@ -142,9 +149,10 @@ def clean_leftovers(run_dir: Path) -> list[str]:
     return repairs
 
 
-def remove_run(run_dir: Path, created: bool) -> None:
+def remove_run(run_dir: Path, made: typing.Sequence[Path]) -> None:
     """Undo a start that failed before its first checkpoint, so the corrected command needs no --overwrite:
-    the run's files go, and the directory too if this start created it and it is now empty."""
+    the run's files go, and the directories this start `made` (`files.missing_directories(run_dir)` before it
+    began) too, once empty."""
     run_dir = Path(run_dir)
     for name in (*RUN_FILES, LOCK_FILE):
         path = run_dir / name
@@ -152,30 +160,58 @@ def remove_run(run_dir: Path, created: bool) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
-    if created and run_dir.is_dir() and not any(run_dir.iterdir()):
-        run_dir.rmdir()
+    remove_empty_directories(made)
 
 
 # ----- one writer at a time -----
-def lock_run(run_dir: Path) -> IO:
+def lock_run(run_dir: Path, *, resume: bool = False, inputs: typing.Sequence[str | Path] = ()) -> IO:
     """Take the run directory's lock for as long as the returned file stays open: a second process that
     would write the run gets a UserError naming the holder's PID. The kernel drops the lock when the holder
-    dies (even by kill -9), so a crashed run never leaves a stale lock behind."""
+    dies (even by kill -9), so a crashed run never leaves a stale lock behind.
+
+    The place is checked before anything is made there (`files.check_output_place`: never one of the
+    command's `inputs` or a directory holding one; a new run may not be the current directory or one above
+    it, a resumed one may), and a failure to make the directory or to write the lock (read-only, no
+    permission, disk full) is one line that leaves nothing this call made."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK_FILE, "a+", encoding="utf-8")
+    check_output_place(run_dir, directory=True, inputs=inputs, allow_current=resume, allow_run=True)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file and a run is a directory; remove it or choose another --out")
+    lock_path = run_dir / LOCK_FILE
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        with removing_new_parents(run_dir):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            return _take_lock(run_dir, lock_path)
+    except OSError as error:
+        if isinstance(error, UserError):
+            raise
+        failed = lock_path if run_dir.is_dir() else run_dir
+        raise UserError(write_error_message(failed, write_error_number(error))) from None
+
+
+def _take_lock(run_dir: Path, lock_path: Path) -> IO:
+    """The lock file, opened, locked and holding this process's PID; on a failure it is closed, and deleted if
+    this call made it."""
+    made_lock = not lock_path.exists()
+    handle = open(lock_path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise UserError(f"{run_dir} is being written by another lmforge process (PID {holder}); wait for it "
+                            "to finish or stop it, or choose another --out") from None
         handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise UserError(f"{run_dir} is being written by another lmforge process (PID {holder}); wait for it "
-                        "to finish or stop it, or choose another --out") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()}\n")
-    handle.flush()
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+    except BaseException as error:
+        with suppress(OSError):  # a PID the disk refused: the error to report is the write's
+            handle.close()
+        if made_lock and not isinstance(error, UserError):
+            remove_path(lock_path)
+        raise
     return handle
 
 
@@ -203,13 +239,19 @@ def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], origin:
                         f"(missing {missing[:3]}, unexpected {extra[:3]}, wrong shape {wrong[:3]})")
 
 
+def check_import_output(out: str | Path, overwrite: bool, inputs: typing.Sequence[str | Path] = ()) -> None:
+    """The checks of `write_run`'s output, for an import to make before it reads weights (which takes long)."""
+    check_output(Path(out), overwrite, directory=True, owned=RUN_OWNED, inputs=inputs)
+
+
 def write_run(out: str | Path, model_config: ModelConfig, tokenizer: dict, weights: dict[str, torch.Tensor], *,
-              origin: str, overwrite: bool = False) -> Path:
+              origin: str, overwrite: bool = False, inputs: typing.Sequence[str | Path] = ()) -> Path:
     """A run directory made from weights trained elsewhere (import): config, tokenizer and these weights as its
     step-0 checkpoint, written atomically; returns it. It has no optimizer state or log, so `train --resume`
-    does not apply to it; `sample`, `eval`, `export` and `train --init-from` read only its weights."""
+    does not apply to it; `sample`, `eval`, `export` and `train --init-from` read only its weights. `inputs`:
+    the files it was made from, which `out` may not be or hold."""
     out = Path(out)
-    check_output(out, overwrite, directory=True, owned=RUN_OWNED)
+    check_import_output(out, overwrite, inputs)
     check_weights(model_config, weights, origin)
     if tokenizer["vocab_size"] > model_config.vocab_size:
         raise UserError(f"{origin}: the tokenizer has {tokenizer['vocab_size']} tokens, more than the model's "
@@ -591,17 +633,23 @@ def record_json(record: Record) -> str:
 
 
 class LogWriter:
-    """Appends records to RUN/log.jsonl, one flushed line each, so a reader sees every finished step."""
+    """Appends records to RUN/log.jsonl, one flushed line each, so a reader sees every finished step. A line
+    that cannot be written (disk full) is a WriteError; the part of it written is an unfinished last line,
+    which `read_log` skips and a resume trims."""
 
     def __init__(self, run_dir: Path):
-        self.file = open(Path(run_dir) / LOG_FILE, "a")
+        self.path = Path(run_dir) / LOG_FILE
+        with writing(self.path):
+            self.file = open(self.path, "a")
 
     def write(self, record: Record) -> None:
-        self.file.write(record_json(record) + "\n")
-        self.file.flush()
+        with writing(self.path):
+            self.file.write(record_json(record) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        with suppress(OSError):  # what the disk refused was reported when it was written
+            self.file.close()
 
 
 @dataclass

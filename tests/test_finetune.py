@@ -153,7 +153,8 @@ def test_classify_and_sft_on_other_architectures(tmp_path, arch):
     base = make_base(tmp_path / "base", arch)
     for task in ("classify", "sft"):
         out = tmp_path / task
-        finetune_command(str(base), task=task, data=str(task_data(tmp_path / task, task, count=4)), out=str(out),
+        data = task_data(tmp_path / f"{task}-data", task, count=4)  # a run is never written where its data is
+        finetune_command(str(base), task=task, data=str(data), out=str(out),
                          quiet=True, overrides={"train.max_steps": "2", "train.eval_every": "2"})
         assert log_records(out, "eval")
     model = load_model(tmp_path / "classify")[0]

@@ -46,16 +46,19 @@ def make_figures(out: Path, data: Path, runs: Path, *, steps: int, trio_steps: i
     run = runs / "gpt"
     lmforge("train", "--config", config, "--data", str(data), "--out", str(run), "--max-steps", str(steps),
             "--overwrite", "--quiet")
-    lmforge("plot", "activations", "--out", str(out / "activations.png"))
-    lmforge("plot", "derivative", "--out", str(out / "derivative.png"))
-    lmforge("plot", "landscape", str(run), "--points", str(landscape_points), "--out", str(out / "landscape.png"))
-    lmforge("plot", "next-token", str(run), "--prompt", prompt, "--out", str(out / "next-token.png"))
+    # The figures replace the committed ones: --overwrite.
+    lmforge("plot", "activations", "--out", str(out / "activations.png"), "--overwrite")
+    lmforge("plot", "derivative", "--out", str(out / "derivative.png"), "--overwrite")
+    lmforge("plot", "landscape", str(run), "--points", str(landscape_points), "--out", str(out / "landscape.png"),
+            "--overwrite")
+    lmforge("plot", "next-token", str(run), "--prompt", prompt, "--out", str(out / "next-token.png"), "--overwrite")
 
     for name, rate in LEARNING_RATES.items():
         lmforge("train", "--config", mlp, "--data", str(data), "--out", str(runs / "lr" / name), "--max-steps",
                 str(trio_steps), "--optim.lr", rate, "--train.schedule", "constant", "--train.eval_every",
                 str(max(1, trio_steps // 10)), "--train.eval_tokens", "4096", "--overwrite", "--quiet")
-    lmforge("compare", *(str(runs / "lr" / name) for name in LEARNING_RATES), "--out", str(runs / "lr" / "compare"))
+    lmforge("compare", *(str(runs / "lr" / name) for name in LEARNING_RATES), "--out", str(runs / "lr" / "compare"),
+            "--overwrite")
     shutil.copyfile(runs / "lr" / "compare" / "val_loss_vs_tokens.png", out / "learning-rates.png")
 
     sweep = runs / "sweep-lr"

@@ -56,7 +56,7 @@ from lmforge.data.tokenizer import (
     train_tokenizer,
 )
 from lmforge.errors import UserError
-from lmforge.files import refuse_file_in_path, write_atomic, writing
+from lmforge.files import check_output_place, write_atomic, writing
 
 DEFAULT_VAL_FRACTION = 0.1
 PIECE_CHARS = 1 << 18  # longer documents are trained on and encoded in pieces of 1 to 2 times this
@@ -137,10 +137,12 @@ def _settings(sources: list[str], val_sources: list[str], val_fraction: float | 
 
 
 def _check_out_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
-    """Refuse to write over a dataset unless asked to; never touch files that are not ours."""
+    """Refuse to write over a dataset unless asked to, or into a place no dataset goes (a run, the current
+    directory, a directory holding a source); never touch files that are not ours."""
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
-    refuse_file_in_path(out)
+    sources = [*settings["sources"], *settings["val_sources"]]
+    check_output_place(out, directory=True, inputs=[source for source in sources if Path(source).exists()])
     if overwrite or not out.is_dir():
         return
     meta_path = out / "meta.json"

@@ -31,7 +31,7 @@ from lmforge.files import check_output, load_safetensors, remove_path, replace_o
 from lmforge.infer.load import load_language_model
 from lmforge.interop.llmc import byte_characters, pad_rows
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
-from lmforge.run import write_run
+from lmforge.run import check_import_output, write_run
 
 GPT2_LAYER = (("norm_1", "ln_1", False), ("attn.qkv", "attn.c_attn", True), ("attn.proj", "attn.c_proj", True),
               ("norm_2", "ln_2", False), ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True))
@@ -254,6 +254,8 @@ def tokenizer_from_hf(folder: Path, cfg: dict) -> dict:
 def import_hf(source: str, out: str | Path, *, tokenizer: str | Path | None = None,
               overwrite: bool = False) -> Path:
     """Write an lmforge run holding the Hugging Face model at `source` (a directory, or a hub name)."""
+    inputs = [path for path in (Path(source), tokenizer) if path is not None and Path(path).exists()]
+    check_import_output(out, overwrite, inputs)  # before a download or reading the weights, which take long
     folder = resolve_source(source)
     cfg = read_json(folder / "config.json")
     if not isinstance(cfg, dict):
@@ -268,7 +270,8 @@ def import_hf(source: str, out: str | Path, *, tokenizer: str | Path | None = No
     except KeyError as err:
         raise UserError(f"{folder / 'config.json'} lacks {err}") from None
     tokenizer_dict = load_tokenizer(tokenizer).to_dict() if tokenizer else tokenizer_from_hf(folder, cfg)
-    return write_run(out, config, tokenizer_dict, weights, origin=str(folder), overwrite=overwrite)
+    return write_run(out, config, tokenizer_dict, weights, origin=str(folder), overwrite=overwrite,
+                     inputs=[folder, *inputs])
 
 
 # ----- writing a Hugging Face directory -----
@@ -420,7 +423,7 @@ def export_hf(run: str | Path, out: str | Path, *, dtype: str = "fp32", overwrit
     if dtype not in DTYPES:
         raise UserError(f"unknown --dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
     out = Path(out)
-    check_output(out, overwrite, directory=True, owned=EXPORT_FILES)
+    check_output(out, overwrite, directory=True, owned=EXPORT_FILES, inputs=(run,))
     model, config, tokenizer, _ = load_language_model(run)
     family = export_family(config.model)
     weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}

@@ -27,7 +27,7 @@ from lmforge.errors import UserError
 from lmforge.files import check_output, move_into_place, writing
 from lmforge.infer.load import load_language_model
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
-from lmforge.run import write_run
+from lmforge.run import check_import_output, write_run
 
 MODEL_MAGIC = 20240326
 VERSIONS = {3: "fp32", 5: "bf16"}
@@ -152,9 +152,9 @@ def tokenizer_path(model_path: Path) -> Path:
     return model_path.with_name(f"{model_path.stem}_tokenizer.bin")
 
 
-def check_llmc_output(path: Path, magic: int, overwrite: bool) -> None:
+def check_llmc_output(path: Path, magic: int, overwrite: bool, inputs: tuple[str | Path, ...] = ()) -> None:
     """An llm.c output file may replace only a file of the same kind (its magic number): never another file."""
-    check_output(path, overwrite, directory=False)
+    check_output(path, overwrite, directory=False, inputs=inputs)
     if path.is_file():
         with open(path, "rb") as file:
             head = file.read(4)
@@ -170,9 +170,9 @@ def export_llmc(run: str | Path, out: str | Path, *, dtype: str = "fp32", overwr
     if dtype not in VERSIONS.values():
         raise UserError(f"unknown --dtype '{dtype}'; choose one of {', '.join(VERSIONS.values())}")
     out = Path(out)
+    check_llmc_output(out, MODEL_MAGIC, overwrite, inputs=(run,))  # first: it refuses a path with no file name
     vocab_file = tokenizer_path(out)
-    check_llmc_output(out, MODEL_MAGIC, overwrite)
-    check_llmc_output(vocab_file, TOKENIZER_MAGIC, overwrite)
+    check_llmc_output(vocab_file, TOKENIZER_MAGIC, overwrite, inputs=(run,))
     model, config, tokenizer, _ = load_language_model(run)
     weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     contents = {out: model_bytes(config.model, weights, dtype), vocab_file: tokenizer_bytes(tokenizer)}
@@ -233,6 +233,8 @@ def import_llmc(source: str | Path, out: str | Path, *, tokenizer: str | Path | 
     """Write an lmforge run holding the llm.c model file at `source`. The file carries no tokenizer: GPT-2's
     vocabulary size means the gpt2 kind, otherwise --tokenizer must name one."""
     source = Path(source)
+    inputs = [path for path in (source, tokenizer) if path is not None]
+    check_import_output(out, overwrite, inputs)
     config, weights = read_llmc_model(source)
     if tokenizer is not None:
         tokenizer_dict = load_tokenizer(tokenizer).to_dict()
@@ -242,4 +244,4 @@ def import_llmc(source: str | Path, out: str | Path, *, tokenizer: str | Path | 
         raise UserError(f"{source} has a vocabulary of {config.vocab_size} tokens, not GPT-2's, and llm.c model "
                         "files carry no tokenizer: pass --tokenizer with the lmforge tokenizer.json it was trained "
                         "with (or a run or data directory holding it)")
-    return write_run(out, config, tokenizer_dict, weights, origin=str(source), overwrite=overwrite)
+    return write_run(out, config, tokenizer_dict, weights, origin=str(source), overwrite=overwrite, inputs=inputs)

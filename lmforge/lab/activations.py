@@ -10,19 +10,16 @@ from pathlib import Path
 
 import torch
 
-from lmforge.errors import UserError
-from lmforge.files import refuse_file_in_path, write_atomic
+from lmforge.files import write_atomic
+from lmforge.lab.learn import check_png_out
 from lmforge.model.activations import ACTIVATIONS
 from lmforge.plots import new_figure, png_bytes
 
 
-def plot_activations(out: str | Path) -> Path:
+def plot_activations(out: str | Path, overwrite: bool = False) -> Path:
     """Write the PNG (functions left, derivatives right) to `out`, atomically (making its directory); return
     its path."""
-    out = Path(out)
-    if out.suffix.lower() != ".png":
-        raise UserError(f"--out must name a .png file, got {out}")
-    refuse_file_in_path(out)  # a missing directory is made, as for every other output
+    out = check_png_out(out, overwrite, make_directory=True)  # a missing directory is made, as for other outputs
     figure = new_figure(11, 4.5)
     values_axes, slopes_axes = figure.subplots(1, 2)
     for name, function in ACTIVATIONS.items():

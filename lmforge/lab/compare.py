@@ -13,7 +13,7 @@ from pathlib import Path
 from matplotlib.ticker import EngFormatter
 
 from lmforge.errors import UserError
-from lmforge.files import refuse_file_in_path, write_atomic, writing
+from lmforge.files import check_output, write_atomic, writing
 from lmforge.plots import new_figure, png_bytes
 from lmforge.run import last_per_step, read_log
 
@@ -51,7 +51,11 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def compare(runs: list[str | Path], out: str | Path) -> Path:
+# What compare writes into its directory: all that --overwrite may replace there.
+COMPARE_FILES = ("compare.md", "val_loss_vs_tokens.png", "val_loss_vs_time.png", ".*.tmp")
+
+
+def compare(runs: list[str | Path], out: str | Path, overwrite: bool = False) -> Path:
     """Write OUT/compare.md (the table, sorted by val bits per byte, else loss) and the two curve PNGs."""
     if not runs:
         raise UserError("compare needs at least one run directory")
@@ -61,9 +65,7 @@ def compare(runs: list[str | Path], out: str | Path) -> Path:
         rows = [dict(row, run=str(Path(run))) for row, run in zip(rows, runs, strict=True)]
     rows.sort(key=lambda row: (row["val bits/byte"] is None, row["val bits/byte"] or row["best val loss"]))
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; compare writes a directory (compare.md and two PNGs)")
-    refuse_file_in_path(out)
+    check_output(out, overwrite, directory=True, owned=COMPARE_FILES, inputs=runs)
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
     # Tokens on a log axis: at equal time a bigram sees a hundred times the tokens a transformer does.

@@ -103,9 +103,9 @@ def bar_over(values: np.ndarray, bar: tqdm) -> Iterator[float]:
 
 
 def plot_landscape(run: str | Path, out: str | Path, *, data: str | Path | None = None, points: int = 21,
-                   span: float = 1.0, seed: int = 0, windows: int = 8) -> Path:
+                   span: float = 1.0, seed: int = 0, windows: int = 8, overwrite: bool = False) -> Path:
     """Write the two-panel PNG (the line, the contours of the plane) for a run to `out`; return its path."""
-    out = check_png_out(out)
+    out = check_png_out(out, overwrite, inputs=(run, data))
     if not MIN_POINTS <= points <= MAX_POINTS:
         raise UserError(f"--points must be from {MIN_POINTS} to {MAX_POINTS} (points² losses are computed), "
                         f"got {points}")

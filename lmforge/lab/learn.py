@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from matplotlib.figure import Figure
 from lmforge.config import Config, ModelConfig
 from lmforge.data.tokenizer import CharTokenizer, Tokenizer
 from lmforge.errors import UserError
-from lmforge.files import write_atomic
+from lmforge.files import check_output, write_atomic
 from lmforge.infer.load import load_language_model
 from lmforge.model.gpt import GPT
 from lmforge.run import LOG_FILE, read_log, resolve_checkpoint
@@ -53,12 +54,16 @@ def load_transformer(run: str | Path) -> tuple[GPT, Config, Tokenizer]:
     return model, config, tokenizer
 
 
-def check_png_out(out: str | Path) -> Path:
-    """--out as a Path, refused (UserError) unless it names a .png file in an existing directory."""
+def check_png_out(out: str | Path, overwrite: bool = False, inputs: Iterable[str | Path | None] = (),
+                  make_directory: bool = False) -> Path:
+    """--out as a Path, refused (UserError) unless it names a .png file in an existing directory (or one to
+    make, with `make_directory`) that `files.check_output` allows: an existing file only with `overwrite`, and
+    never one of the command's `inputs` (None: no such input) or a file inside a run."""
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise UserError(f"--out must name a .png file, got {out}")
-    if not out.parent.is_dir():
+    check_output(out, overwrite, directory=False, inputs=[path for path in inputs if path is not None])
+    if not make_directory and not out.parent.is_dir():
         raise UserError(f"the directory of --out does not exist: {out.parent}")
     return out
 
@@ -134,9 +139,9 @@ def difference_table(dtype: torch.dtype = torch.float64, steps: tuple[float, ...
     return exact, rows
 
 
-def plot_difference_errors(out: str | Path) -> Path:
+def plot_difference_errors(out: str | Path, overwrite: bool = False) -> Path:
     """Error of the difference quotients against h, log-log: float64 forward and central, float32 forward."""
-    out = check_png_out(out)
+    out = check_png_out(out, overwrite)
     figure = Figure(figsize=(7, 4.5), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.subplots()

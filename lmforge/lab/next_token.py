@@ -55,9 +55,9 @@ def token_label(tokenizer: Tokenizer, token: int) -> str:
 
 
 def plot_next_token(run: str | Path, out: str | Path, *, prompt: str, top_k: int = 10, top_p: float = 0.9,
-                    allow_unknown: bool = False) -> Path:
+                    allow_unknown: bool = False, overwrite: bool = False) -> Path:
     """Write the PNG (one panel per temperature) of the run's next-token distribution after `prompt`."""
-    out = check_png_out(out)
+    out = check_png_out(out, overwrite, inputs=(run,))
     SamplingParams(top_k=top_k, top_p=top_p)  # the cut-offs marked are ones `lmforge sample` accepts
     model, _, tokenizer = load_run(run)
     ids = prompt_ids(tokenizer, prompt, allow_unknown)

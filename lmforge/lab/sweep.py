@@ -30,7 +30,7 @@ import optuna
 
 from lmforge.config import SECTIONS, Config, canonical_key, dumps_config, load_config, set_value
 from lmforge.errors import TrainingDiverged, UserError
-from lmforge.files import WriteError, write_atomic, writing
+from lmforge.files import WriteError, check_output_place, write_atomic, writing
 from lmforge.plots import new_figure, png_bytes
 from lmforge.tasks.finetune import FinetuneRun, check_method_keys
 from lmforge.train.trainer import Trainer
@@ -192,6 +192,8 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
         raise UserError("--budget-time must be positive (seconds of training per trial)")
     base = load_config(config_path, overrides)  # a bad config fails here, before any trial
     out = Path(out)
+    # An existing sweep directory is continued; the place itself is checked as every output's is.
+    check_output_place(out, directory=True, inputs=[path for path in (config_path, data_dir) if path is not None])
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
 

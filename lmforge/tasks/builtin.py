@@ -22,7 +22,6 @@ import importlib.resources
 import json
 import random
 import re
-import shutil
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from lmforge.errors import UserError
-from lmforge.files import move_into_place, write_atomic
+from lmforge.files import check_output, remove_path, removing_new_parents, replace_output, writing
 from lmforge.tasks.records import CHAT_TRANSLATE_PROMPT
 
 
@@ -452,21 +451,28 @@ def readme(name: str, splits: dict[str, list[dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What `make_task` writes into its directory: all that --overwrite may replace there.
+TASK_FILES = (*(f"{split}.jsonl" for split in SPLITS), "README.md")
+
+
 def make_task(name: str, out: str | Path, overwrite: bool = False) -> dict[str, int]:
-    """Write NAME's train/val/test .jsonl and README.md into `out` (whole or not at all); the record counts."""
+    """Write NAME's train/val/test .jsonl and README.md into `out` (whole or not at all: a failure removes the
+    temporary directory and leaves `out` as it was); the record counts. --overwrite replaces only a directory
+    holding nothing but those files."""
     task = builtin_task(name)
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    check_output(out, overwrite, directory=True, owned=TASK_FILES)
     splits = task.make()
     temporary = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    for split, records in splits.items():
-        write_atomic(temporary / f"{split}.jsonl",
-                     "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
-    write_atomic(temporary / "README.md", readme(name, splits))
-    move_into_place(temporary, out)
+    with removing_new_parents(out.parent):
+        with writing(out, temporary):
+            remove_path(temporary)
+            temporary.mkdir(parents=True)
+            for split, records in splits.items():
+                (temporary / f"{split}.jsonl").write_text(
+                    "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
+            (temporary / "README.md").write_text(readme(name, splits), encoding="utf-8")
+        replace_output(temporary, out, overwrite, TASK_FILES)
     return {split: len(records) for split, records in splits.items()}
 
 

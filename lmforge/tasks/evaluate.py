@@ -26,18 +26,19 @@ from torch import nn
 
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.files import write_atomic
+from lmforge.files import check_output, write_atomic
 from lmforge.tasks import metrics
-from lmforge.tasks.records import CHAT_TRANSLATE_PROMPT, TASKS, as_messages, data_file, read_records
+from lmforge.tasks.records import CHAT_TRANSLATE_PROMPT, TASKS, as_messages, data_file, read_records, split_files
 
 
 def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str | None = None,
-                  predictions: str | Path | None = None, batch_size: int = 16,
+                  predictions: str | Path | None = None, overwrite: bool = False, batch_size: int = 16,
                   device: str | torch.device = "cpu", max_new_tokens: int | None = None,
                   allow_unknown: bool = False) -> dict:
     """The task metrics of `run` on the records of `data` (a file, or a directory's `split` file, test by
-    default); with `predictions`, also write that file. Records with characters the run's tokenizer does not
-    know are refused unless `allow_unknown` reads them as the unknown token."""
+    default); with `predictions`, also write that file (checked first: an existing file only with `overwrite`,
+    never an input, never inside a run). Records with characters the run's tokenizer does not know are refused
+    unless `allow_unknown` reads them as the unknown token."""
     from lmforge.infer.load import load_model
     from lmforge.run import read_config, resolve_checkpoint
     from lmforge.tasks.examples import check_template_encodable
@@ -51,6 +52,10 @@ def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str | 
     if split is not None and Path(data).is_file():
         raise UserError(f"--split {split} chooses a file in a data directory; --data {data} is a file: drop --split")
     path = data_file(data, split or "test")
+    if predictions is not None:
+        task_files = split_files(data).values() if Path(data).is_dir() else ()
+        check_output(Path(predictions), overwrite, directory=False,
+                     inputs=(path, *task_files, resolve_checkpoint(run)[0]))
     records = read_records(path, task)
     finetune = read_config(resolve_checkpoint(run)[0]).finetune
     check_task(run, finetune, task)
@@ -242,7 +247,7 @@ def evaluate_generation(model: nn.Module, tokenizer: Tokenizer, records: Sequenc
 
 
 def eval_command(run: str, task: str | None, data: str, *, split: str | None, predictions: str | None,
-                 batch_size: int, device: str, engine: str, allow_unknown: bool = False) -> None:
+                 overwrite: bool, batch_size: int, device: str, engine: str, allow_unknown: bool = False) -> None:
     """`lmforge eval RUN --task T --data FILE [--predictions OUT]`: print the metrics as one JSON object."""
     from lmforge.hardware import resolve_device
 
@@ -250,6 +255,7 @@ def eval_command(run: str, task: str | None, data: str, *, split: str | None, pr
         raise UserError("--predictions needs --task (the records' task: " + ", ".join(TASKS) + ")")
     if engine != "torch":
         raise UserError("--task evaluation runs on the torch engine; drop --engine scratch")
-    scores = evaluate_task(run, task, data, split=split, predictions=predictions, batch_size=batch_size,
-                           device=resolve_device(device, "--device"), allow_unknown=allow_unknown)
+    scores = evaluate_task(run, task, data, split=split, predictions=predictions, overwrite=overwrite,
+                           batch_size=batch_size, device=resolve_device(device, "--device"),
+                           allow_unknown=allow_unknown)
     print(json.dumps(scores))

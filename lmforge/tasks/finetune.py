@@ -39,6 +39,7 @@ from lmforge import run as rundir
 from lmforge.config import Config, FinetuneConfig, OptimConfig, TrainConfig, canonical_key, check_config, set_value
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import TrainingDiverged, UserError
+from lmforge.files import missing_directories
 from lmforge.infer.load import base_body, load_model
 from lmforge.model.factory import build_model
 from lmforge.tasks import lora
@@ -169,15 +170,22 @@ class FinetuneRun:
         self.engine = build_engine(self.config, TaskLoss(self.model, finetune.task), self.device, self.precision)
         self.log_writer: rundir.LogWriter | None = None
         self.progress = Progress()
-        self.created = not resume
-        self.made_dir = not self.run_dir.exists()
-        self.lock = rundir.lock_run(self.run_dir)  # one writer per run; released when the process ends
-        for repair in rundir.clean_leftovers(self.run_dir):
-            self.say(repair)
-        if resume:
-            self._restore()
-        else:
-            self._create_run_dir(overwrite)
+        self.created = False  # the run's files are this start's: a failure before a checkpoint removes them
+        self.made = missing_directories(self.run_dir)  # what a failed start removes, with the run's files
+        if not resume:  # refused before the lock is taken, the directory is left as it was (no .lock in it)
+            rundir.refuse_existing_run(self.run_dir, overwrite)
+        # one writer per run, released when it ends; never where it reads its data
+        self.lock = rundir.lock_run(self.run_dir, resume=resume, inputs=[self.data, base_dir])
+        try:
+            for repair in rundir.clean_leftovers(self.run_dir):
+                self.say(repair)
+            if resume:
+                self._restore()
+            else:
+                self._create_run_dir(overwrite)
+        except BaseException:
+            self._remove_failed_start()
+            raise
         self.stop_signal: str | None = None
         self.last_result: dict = {}
         self.kept_for_lora: set[Path] = set()  # checkpoints pruning keeps for a LoRA run, said once each
@@ -275,6 +283,7 @@ class FinetuneRun:
     def _create_run_dir(self, overwrite: bool) -> None:
         run = self.run_dir
         existing = rundir.refuse_existing_run(run, overwrite)
+        self.created = True
         rundir.create_run(run, self.config, self.tokenizer, existing)
         if self.finetune.method == "lora":  # its checkpoints hold only adapters: the base must keep its weights
             rundir.record_lora_dependent(Path(self.finetune.base_checkpoint), run)
@@ -327,14 +336,19 @@ class FinetuneRun:
             stopped_by = self.stop_signal if self.stop_signal in signal.Signals.__members__ else None
             return {**result, "signal": signal.Signals[stopped_by].value if stopped_by else None}
         except BaseException:
-            self.lock.close()
-            if self.created and not rundir.list_checkpoints(self.run_dir):
-                rundir.remove_run(self.run_dir, self.made_dir)
+            self._remove_failed_start()
             raise
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             self.lock.close()
+
+    def _remove_failed_start(self) -> None:
+        """Let go of the lock; a new run that failed before its first checkpoint removes what it wrote (and its
+        directory, if this start made it), so the corrected command needs no --overwrite."""
+        self.lock.close()
+        if (self.created or self.made) and not rundir.list_checkpoints(self.run_dir):
+            rundir.remove_run(self.run_dir, self.made)
 
     def _run(self) -> dict:
         config, train, progress, finetune = self.config, self.config.train, self.progress, self.finetune

@@ -26,6 +26,7 @@ from lmforge.data.datadir import check_token_ids, describe_data
 from lmforge.data.loader import TokenWindows, TrainLoader
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import TrainingDiverged, UserError
+from lmforge.files import missing_directories
 from lmforge.hardware import PeakFlops, configure_fast_math
 from lmforge.infer.evaluate import evaluate
 from lmforge.infer.generate import generate
@@ -125,17 +126,24 @@ class Trainer:
         self.stop_signal: str | None = None
         self.saving = False  # a second signal during a save waits for the save to finish
         self.kept_for_lora: set[Path] = set()  # checkpoints pruning keeps for a LoRA run, said once each
-        self.created = not self.run_dir.exists()
+        self.made = missing_directories(self.run_dir)  # what a failed start removes, with the run's files
         self.lock = None
-        resume_from = self._prepare_run_dir(resume, overwrite)  # last: a failed check leaves no run behind
-        self.resumed = resume_from is not None
-        if resume_from is not None:
-            self._restore(*resume_from)
-        main = self.cluster.is_main
-        self.log_writer = LogWriter(self.run_dir) if main else None
-        self.tensorboard = self._open_tensorboard() if train.tensorboard and main else None
-        self.last_eval: tuple[int, float] = (-1, math.inf)
-        self.closed = False  # (step, val loss) of the latest evaluation
+        self.resumed = resume
+        self.wrote_fresh_run = False  # the run's files are this start's: a failure before a checkpoint removes them
+        self.log_writer, self.tensorboard = None, None
+        self.closed = False
+        try:  # last: a failed check leaves no run behind, and a failure from here on removes what it wrote
+            inputs = [self.data_dir, *([init_from] if init_from is not None else [])]
+            resume_from = self._prepare_run_dir(resume, overwrite, inputs)
+            if resume_from is not None:
+                self._restore(*resume_from)
+            main = self.cluster.is_main
+            self.log_writer = LogWriter(self.run_dir) if main else None
+            self.tensorboard = self._open_tensorboard() if train.tensorboard and main else None
+        except BaseException:
+            self._remove_failed_start()
+            raise
+        self.last_eval: tuple[int, float] = (-1, math.inf)  # (step, val loss) of the latest evaluation
 
     @property
     def optimizers(self) -> list:
@@ -147,12 +155,14 @@ class Trainer:
         return self.engine.forward
 
     # ----- set-up -----
-    def _prepare_run_dir(self, resume: bool, overwrite: bool) -> tuple[Path, tuple] | None:
-        """Take the run's lock, repair what an interrupted save left, refuse to clobber a previous run; return
-        the checkpoint to resume from and its contents, if any."""
+    def _prepare_run_dir(self, resume: bool, overwrite: bool, inputs: list[str | Path]) -> tuple[Path, tuple] | None:
+        """Take the run's lock (never where the run's `inputs` are), repair what an interrupted save left, refuse
+        to clobber a previous run; return the checkpoint to resume from and its contents, if any."""
         run = self.run_dir
+        if not resume:  # refused before the lock is taken, the directory is left as it was (no .lock in it)
+            rundir.refuse_existing_run(run, overwrite)
         if self.cluster.is_main:  # one writer per run directory; the other ranks follow rank 0
-            self.lock = rundir.lock_run(run)
+            self.lock = rundir.lock_run(run, resume=resume, inputs=inputs)
             for repair in rundir.clean_leftovers(run):
                 self.say(repair)
         self.cluster.barrier()  # every rank has looked before rank 0 changes anything
@@ -161,8 +171,18 @@ class Trainer:
         existing = rundir.refuse_existing_run(run, overwrite)
         self.cluster.barrier()
         if self.cluster.is_main:
+            self.wrote_fresh_run = True
             rundir.create_run(run, self.config, self.tokenizer, replace=existing)
         return None
+
+    def _remove_failed_start(self) -> None:
+        """Close everything; then a new run that failed before its first checkpoint removes what it wrote (and
+        its directory, if this start made it), so the corrected command needs no --overwrite. Only the lock's
+        holder removes anything: a run another process writes, or files that were there before, stay."""
+        self.close()
+        if self.lock is not None and not self.resumed and (self.made or self.wrote_fresh_run) \
+                and not rundir.list_checkpoints(self.run_dir):
+            rundir.remove_run(self.run_dir, self.made)
 
     def _restore(self, path: Path, loaded: tuple) -> None:
         weights, optimizer_states, state, hidden = loaded
@@ -236,10 +256,10 @@ class Trainer:
                 self._announce()
                 return self._finish(self._loop())
         except BaseException as error:
-            self.close()
-            if not isinstance(error, TrainingDiverged) and not self.resumed and self.cluster.is_main \
-                    and not rundir.list_checkpoints(self.run_dir):
-                rundir.remove_run(self.run_dir, self.created)
+            if isinstance(error, TrainingDiverged):
+                self.close()
+            else:
+                self._remove_failed_start()
             raise
         finally:
             for sig, handler in previous_handlers.items():
