@@ -308,7 +308,7 @@ def test_a_trials_user_error_is_one_line_without_optunas_traceback(base, tmp_pat
 
 @pytest.mark.parametrize("spec, fragment", [("model.n_embd=lin:1.5:3.5", "lin:2:3"),
                                             ("model.n_embd=lin:1.2:1.8", "whole-number"),
-                                            ("model.n_embd=lin:-4:8", "positive")])
+                                            ("model.n_embd=lin:-4:8", "must be in (0, ")])
 def test_an_integer_range_must_hold_allowed_whole_numbers(spec, fragment, base, tmp_path, capsys):
     code, _, err = run_cli(capsys, "sweep", "--config", base.config, "--data", base.data, "--out", tmp_path / "s",
                            "--param", spec)

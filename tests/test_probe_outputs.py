@@ -28,7 +28,12 @@ QA = [{"context": "the cat sat on a mat", "question": "who sat", "answers": ["ca
 def base(tmp_path_factory, tiny_corpus) -> SimpleNamespace:
     """In one directory: a char data directory, a finished 10-step run, its Hugging Face export, a qa task
     directory (train/val/test .jsonl) and two files of the user's."""
-    base = prepare_and_train(tmp_path_factory.mktemp("probe-outputs"), tiny_corpus, "--max-steps", "10")
+    corpus = tmp_path_factory.mktemp("probe-corpus")
+    for document in tiny_corpus.iterdir():
+        shutil.copy(document, corpus)
+    # qa wraps each record in the chat template and its prompt: the tokenizer must know their characters
+    (corpus / "roles.txt").write_text("SYSTEM:\nUSER:\nASSISTANT:\nContext: \nQuestion: \n")
+    base = prepare_and_train(tmp_path_factory.mktemp("probe-outputs"), corpus, "--max-steps", "10")
     base.hf, base.task = base.root / "hf", base.root / "task"
     assert main(["export", str(base.run), "--format", "hf", "--out", str(base.hf)]) == 0
     base.task.mkdir()
