@@ -14,7 +14,8 @@ import torch
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.data.tokenizer import CharTokenizer
-from lmforge.infer.chat import fit_history, held_back, stream_reply
+from lmforge.infer.chat import fit_history, stream_reply
+from lmforge.infer.decode import TextStream
 from lmforge.tasks.template import ChatTemplate
 from lmforge.train.trainer import Trainer
 from tests.conftest import PATIENCE
@@ -57,12 +58,12 @@ def test_fit_history_drops_the_oldest_turns_until_the_prompt_fits():
     assert fit_history(messages, template, tokenizer, 3) == (newest, 2)  # the newest message always stays
 
 
-def test_held_back_keeps_a_possible_start_of_a_stop_text_unshown():
-    stops = ChatTemplate().stop_texts()  # "\n\nUSER:\n", "\n\nSYSTEM:\n"
-    assert held_back("the end\n\nUS", stops) == 4
-    assert held_back("the end\n", stops) == 1
-    assert held_back("the end", stops) == 0
-    assert held_back("the end\n\nUX", stops) == 0
+@pytest.mark.parametrize("text, held", [("the end\n\nUS", 4), ("the end\n", 1), ("the end", 0), ("the end\n\nUX", 0)])
+def test_a_possible_start_of_a_stop_text_is_held_back_unshown(text, held):
+    tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ :\n")
+    stream = TextStream(tokenizer, ChatTemplate().stop_texts())  # "\n\nUSER:\n", "\n\nSYSTEM:\n"
+    shown = "".join(stream.add(token) for token in tokenizer.encode(text))
+    assert shown == stream.shown == text[: len(text) - held] and not stream.stopped
 
 
 class ScriptedModel(torch.nn.Module):
