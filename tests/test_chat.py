@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 from lmforge.cli import main
 from lmforge.config import load_config
@@ -19,6 +16,7 @@ from lmforge.infer.decode import TextStream
 from lmforge.tasks.template import ChatTemplate
 from lmforge.train.trainer import Trainer
 from tests.conftest import PATIENCE
+from tests.test_decode import ScriptedModel, Writes
 
 pexpect = pytest.importorskip("pexpect", reason="pexpect is not installed (pip install pexpect, or the dev extra)")
 
@@ -64,36 +62,6 @@ def test_a_possible_start_of_a_stop_text_is_held_back_unshown(text, held):
     stream = TextStream(tokenizer, ChatTemplate().stop_texts())  # "\n\nUSER:\n", "\n\nSYSTEM:\n"
     shown = "".join(stream.add(token) for token in tokenizer.encode(text))
     assert shown == stream.shown == text[: len(text) - held] and not stream.stopped
-
-
-class ScriptedModel(torch.nn.Module):
-    """A stand-in model whose next token is always the next one of a script (whatever the input)."""
-
-    def __init__(self, script: list[int], vocab_size: int):
-        super().__init__()
-        self.wte = torch.nn.Embedding(vocab_size, 1)
-        self.config = SimpleNamespace(block_size=64)
-        self.script, self.vocab_size = iter(script), vocab_size
-
-    def new_cache(self, *args):
-        return None
-
-    def forward(self, idx, cache=None):
-        logits = torch.zeros(1, idx.shape[1], self.vocab_size)
-        logits[0, -1, next(self.script)] = 1.0
-        return logits, None
-
-
-class Writes(io.StringIO):
-    """Records each write, to see what was shown before the reply ended."""
-
-    def __init__(self):
-        super().__init__()
-        self.pieces: list[str] = []
-
-    def write(self, text: str) -> int:
-        self.pieces.append(text)
-        return super().write(text)
 
 
 @pytest.mark.parametrize("ending, reason", [("\n\nUSER:\nmore", "stop"), ("<eot>", "stop"), ("", "length")])

@@ -26,18 +26,18 @@ STOP = "✓ ok"  # a stop string of several tokens, starting inside a multi-byte
 class ScriptedModel(torch.nn.Module):
     """A stand-in model whose next token is always the next one of a script (whatever the input)."""
 
-    def __init__(self, script: list[int]):
+    def __init__(self, script: list[int], vocab_size: int = TOKENIZER.vocab_size):
         super().__init__()
-        self.wte = torch.nn.Embedding(TOKENIZER.vocab_size, 1)
-        self.config = SimpleNamespace(block_size=256, n_layer=1, n_embd=1)
-        self.script = iter(script)
+        self.wte = torch.nn.Embedding(vocab_size, 1)
+        self.config = SimpleNamespace(block_size=64)
+        self.script, self.vocab_size = iter(script), vocab_size
 
     def new_cache(self, *args):
         return None
 
     def forward(self, idx, cache=None):
-        logits = torch.zeros(idx.shape[0], idx.shape[1], TOKENIZER.vocab_size)
-        logits[:, -1, next(self.script)] = 1.0
+        logits = torch.zeros(1, idx.shape[1], self.vocab_size)
+        logits[0, -1, next(self.script)] = 1.0
         return logits, None
 
 
