@@ -102,6 +102,14 @@ def test_cache_past_block_size_is_refused():
     model(random_ids(16, batch=1), cache=cache)
     with pytest.raises(ValueError, match="block_size"):
         model(random_ids(1, batch=1), cache=cache)
+    ragged = model.new_cache(2, torch.device("cpu"), torch.float32)  # one full row refuses the batch's step
+    model(random_ids(16, batch=1), cache=ragged.select([0]))
+    model(random_ids(3, batch=1), cache=ragged.select([1]))
+    with pytest.raises(ValueError, match="17 tokens exceeds block_size 16"):
+        model(random_ids(1, batch=2), cache=ragged)
+    assert ragged.lengths == [16, 3]
+    model(random_ids(1, batch=1), cache=ragged.select([1]))  # the other row alone still has room
+    assert ragged.lengths == [16, 4]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
