@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lmforge.data.tokenizer import BPETokenizer, CharTokenizer
-from lmforge.infer.batched import BatchedEngine, GenerationRequest, TextTracker, generate_batch
+from lmforge.infer.batched import BatchedEngine, GenerationRequest, generate_batch
+from lmforge.infer.decode import TextStream
 from lmforge.infer.generate import generate
 from lmforge.model.factory import build_model
 
@@ -15,10 +16,20 @@ TOKENIZER = CharTokenizer("abcdefghijklmnopqrstuvwxyz .,")
 PROMPTS = ["a", "the cat", "we read books", "you drink tea and the", "xyz"]
 MAX_TOKENS = 12
 
-ARCHS = {
+# Every transformer option is in at least one of the "gpt-" entries: positions (learned, rope), norms
+# (layernorm, rmsnorm, a set epsilon), MLPs (gelu, swiglu, relu2), QK-norm, grouped-query attention (two
+# and one key/value heads), the logit soft-cap, an untied head, biases on and off.
+GPT_OPTIONS = {
     "gpt-learned": {"model.position": "learned"},
     "gpt-rope-gqa": {"model.position": "rope", "model.n_head": "4", "model.n_kv_head": "2", "model.qk_norm": "true",
                      "model.norm": "rmsnorm", "model.mlp": "swiglu", "model.tie_embeddings": "false"},
+    "gpt-softcap-relu2-mqa": {"model.logit_softcap": "2.5", "model.mlp": "relu2", "model.bias": "false",
+                              "model.n_head": "4", "model.n_kv_head": "1", "model.norm_eps": "0.001"},
+    "gpt-rope-untied-nobias": {"model.position": "rope", "model.tie_embeddings": "false", "model.bias": "false",
+                               "model.mlp_hidden": "48", "model.rope_theta": "500"},
+}
+ARCHS = {
+    **GPT_OPTIONS,
     "gru": {"model.arch": "gru"},
     "lstm": {"model.arch": "lstm", "model.n_layer": "2"},
     "rnn": {"model.arch": "rnn"},
@@ -46,6 +57,33 @@ def test_greedy_tokens_are_the_same_alone_and_batched(arch, tiny_config):
         assert [c.tokens for c in batched] == alone
         assert [c.finish_reason for c in batched] == ["length"] * len(prompts)
         assert [c.text for c in batched] == [TOKENIZER.decode(tokens) for tokens in alone]
+
+
+@pytest.mark.parametrize("options", GPT_OPTIONS)
+def test_each_rows_logprobs_are_the_models_own_over_its_whole_sequence(options, tiny_config):
+    """Every step of every row, batched beside rows at other positions, gives the distribution the model gives
+    that row's whole sequence alone without a cache (its soft-cap and head included)."""
+    model = tiny_model(tiny_config, GPT_OPTIONS[options])
+    vocab = TOKENIZER.vocab_size
+    engine = BatchedEngine(model, TOKENIZER, max_batch=3)
+    events: list[list] = [[] for _ in PROMPTS]
+    for prompt, received in zip(PROMPTS, events, strict=True):
+        engine.submit(GenerationRequest(TOKENIZER.encode(prompt), 6, received.append, temperature=0, logprobs=vocab))
+    while engine.has_work():
+        engine.step()
+    assert max(engine.counters.rows_per_step) == 3  # rows really were decoded together
+    for prompt, received in zip(PROMPTS, events, strict=True):
+        sequence = TOKENIZER.encode(prompt)
+        for event in received:
+            batched = torch.full((vocab,), float("nan"))
+            for token, logprob in event.top_logprobs:
+                batched[token] = logprob
+            with torch.no_grad():
+                alone = torch.log_softmax(model(torch.tensor([sequence]))[0][0, -1].float(), -1)
+            torch.testing.assert_close(batched, alone, rtol=1e-4, atol=1e-4)
+            assert event.token == int(alone.argmax())
+            sequence.append(event.token)
+        assert len(sequence) == len(TOKENIZER.encode(prompt)) + 6
 
 
 def test_every_decode_step_is_one_forward_pass_over_all_active_rows(tiny_config):
@@ -120,17 +158,17 @@ def test_echo_prompt_logprobs_are_the_models_log_softmax(tiny_config):
     assert all(len(top) == 2 and top[0][1] >= top[1][1] for _, top in event.prompt_logprobs)
 
 
-def test_text_tracker_never_splits_a_character_or_shows_a_possible_stop_string():
+def test_text_stream_never_splits_a_character_or_shows_a_possible_stop_string():
     tokenizer = BPETokenizer.train(["plain ascii text only"], vocab_size=260)
     text = "naïve € ✓ end"
     ids = tokenizer.encode(text)
     assert len(ids) > len(text)  # multi-byte characters span several tokens
-    tracker = TextTracker(tokenizer)
+    tracker = TextStream(tokenizer)
     deltas = [tracker.add(token) for token in ids]
     assert "".join(deltas) + tracker.flush() == text
     assert not any("\ufffd" in delta for delta in deltas)
 
-    tracker = TextTracker(TOKENIZER, stop=["cat!"])
+    tracker = TextStream(TOKENIZER, stop=["cat!"])
     shown = [tracker.add(token) for token in TOKENIZER.encode("a ca")]
     assert "".join(shown) == "a " and not tracker.stopped  # "ca" could begin "cat!": held back
     assert tracker.add(TOKENIZER.encode("b")[0]) == "cab" and not tracker.stopped  # no longer a prefix

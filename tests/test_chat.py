@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 from lmforge.cli import main
 from lmforge.config import load_config
 from lmforge.data.tokenizer import CharTokenizer
-from lmforge.infer.chat import fit_history, held_back, stream_reply
+from lmforge.infer.chat import fit_history, stream_reply
+from lmforge.infer.decode import TextStream
 from lmforge.tasks.template import ChatTemplate
 from lmforge.train.trainer import Trainer
 from tests.conftest import PATIENCE
+from tests.test_decode import ScriptedModel, Writes
 
 pexpect = pytest.importorskip("pexpect", reason="pexpect is not installed (pip install pexpect, or the dev extra)")
 
@@ -57,42 +56,12 @@ def test_fit_history_drops_the_oldest_turns_until_the_prompt_fits():
     assert fit_history(messages, template, tokenizer, 3) == (newest, 2)  # the newest message always stays
 
 
-def test_held_back_keeps_a_possible_start_of_a_stop_text_unshown():
-    stops = ChatTemplate().stop_texts()  # "\n\nUSER:\n", "\n\nSYSTEM:\n"
-    assert held_back("the end\n\nUS", stops) == 4
-    assert held_back("the end\n", stops) == 1
-    assert held_back("the end", stops) == 0
-    assert held_back("the end\n\nUX", stops) == 0
-
-
-class ScriptedModel(torch.nn.Module):
-    """A stand-in model whose next token is always the next one of a script (whatever the input)."""
-
-    def __init__(self, script: list[int], vocab_size: int):
-        super().__init__()
-        self.wte = torch.nn.Embedding(vocab_size, 1)
-        self.config = SimpleNamespace(block_size=64)
-        self.script, self.vocab_size = iter(script), vocab_size
-
-    def new_cache(self, *args):
-        return None
-
-    def forward(self, idx, cache=None):
-        logits = torch.zeros(1, idx.shape[1], self.vocab_size)
-        logits[0, -1, next(self.script)] = 1.0
-        return logits, None
-
-
-class Writes(io.StringIO):
-    """Records each write, to see what was shown before the reply ended."""
-
-    def __init__(self):
-        super().__init__()
-        self.pieces: list[str] = []
-
-    def write(self, text: str) -> int:
-        self.pieces.append(text)
-        return super().write(text)
+@pytest.mark.parametrize("text, held", [("the end\n\nUS", 4), ("the end\n", 1), ("the end", 0), ("the end\n\nUX", 0)])
+def test_a_possible_start_of_a_stop_text_is_held_back_unshown(text, held):
+    tokenizer = CharTokenizer("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ :\n")
+    stream = TextStream(tokenizer, ChatTemplate().stop_texts())  # "\n\nUSER:\n", "\n\nSYSTEM:\n"
+    shown = "".join(stream.add(token) for token in tokenizer.encode(text))
+    assert shown == stream.shown == text[: len(text) - held] and not stream.stopped
 
 
 @pytest.mark.parametrize("ending, reason", [("\n\nUSER:\nmore", "stop"), ("<eot>", "stop"), ("", "length")])

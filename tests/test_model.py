@@ -63,8 +63,37 @@ def test_prefill_then_steps_with_a_kv_cache_equals_the_full_forward(name):
             logits, _ = model(ids[:, start : start + size], cache=cache)
             pieces.append(logits)
             start += size
-        assert cache.length == 16
+        assert cache.lengths == [16] * ids.size(0)
         torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@torch.no_grad()
+def test_rows_of_one_cache_at_different_lengths_each_equal_their_sequence_alone(name):
+    """The batched engine's case: rows prefilled one at a time (in an order unlike their slots), then stepped
+    together, each at its own position, and in a subset of rows."""
+    model = tiny_model(**CONFIGS[name])
+    ids = random_ids(16, batch=3)
+    full, _ = model(ids)
+    cache = model.new_cache(3, ids.device, torch.float32)
+    starts = {2: 9, 0: 3, 1: 6}  # row: prompt length
+    for row, length in starts.items():
+        logits, _ = model(ids[row : row + 1, :length], cache=cache.select([row]))
+        torch.testing.assert_close(logits[0], full[row, :length], rtol=1e-5, atol=1e-5)
+    assert cache.lengths == [3, 6, 9]
+    for _ in range(4):  # all three rows, one token each at its own position
+        positions = list(cache.lengths)
+        logits, _ = model(ids[[0, 1, 2], positions][:, None], cache=cache)
+        torch.testing.assert_close(logits[:, 0], full[[0, 1, 2], positions], rtol=1e-5, atol=1e-5)
+    rows = [2, 0]  # a subset, out of order
+    positions = [cache.lengths[row] for row in rows]
+    logits, _ = model(ids[rows, positions][:, None], cache=cache.select(rows))
+    torch.testing.assert_close(logits[:, 0], full[rows, positions], rtol=1e-5, atol=1e-5)
+    assert cache.lengths == [8, 10, 14]
+    cache.reset(1)  # a slot taken by a new sequence starts over
+    logits, _ = model(ids[1:2, :5], cache=cache.select([1]))
+    torch.testing.assert_close(logits[0], full[1, :5], rtol=1e-5, atol=1e-5)
+    assert cache.lengths == [8, 5, 14]
 
 
 def test_cache_past_block_size_is_refused():
@@ -73,6 +102,14 @@ def test_cache_past_block_size_is_refused():
     model(random_ids(16, batch=1), cache=cache)
     with pytest.raises(ValueError, match="block_size"):
         model(random_ids(1, batch=1), cache=cache)
+    ragged = model.new_cache(2, torch.device("cpu"), torch.float32)  # one full row refuses the batch's step
+    model(random_ids(16, batch=1), cache=ragged.select([0]))
+    model(random_ids(3, batch=1), cache=ragged.select([1]))
+    with pytest.raises(ValueError, match="17 tokens exceeds block_size 16"):
+        model(random_ids(1, batch=2), cache=ragged)
+    assert ragged.lengths == [16, 3]
+    model(random_ids(1, batch=1), cache=ragged.select([1]))  # the other row alone still has room
+    assert ragged.lengths == [16, 4]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -265,7 +302,7 @@ def test_flops_per_token_is_about_six_per_parameter_when_attention_is_small():
     (dict(norm="batchnorm"), "unknown model.norm"),
     (dict(n_head=4, n_kv_head=3), "n_kv_head"),
     (dict(n_embd=20, n_head=4, position="rope"), "even head size"),
-    (dict(n_layer=0), "model.n_layer must be positive"),
+    (dict(n_layer=0), r"model.n_layer must be in \(0, "),
     (dict(dropout=1.0), "model.dropout"),
 ])
 def test_bad_config_is_a_user_error(options, message):

@@ -1,20 +1,22 @@
 """Continuous batching: one engine generates for many requests at once, each at its own length.
 
 The engine owns a fixed number of slots (`max_batch`). A request waits until a slot is free, then its prompt
-is prefilled alone (one forward pass over the prompt, exactly as `generate` does it) and its keys and values
-are copied into its slot's row of a batched cache. From then on every `step()` runs ONE forward pass over all
-active rows, one new token per row: each row has its own length, so its own position (learned or rotary) and
-its own attention mask over the cache. A finished or cancelled request frees its slot between steps, and a
-waiting one takes it. At temperature 0 a request's tokens are the ones `generate` gives it alone.
+is prefilled alone (one forward pass over the prompt, exactly as `generate` does it) into its slot's row of a
+batched cache. From then on every `step()` runs ONE forward pass over all active rows, one new token per row.
+The engine does no model math: it only chooses the rows, and the model's own forward (with the cache) gives
+each row its own position and its own view of its cached tokens. A finished or cancelled request frees its
+slot between steps, and a waiting one takes it. At temperature 0 a request's tokens are the ones `generate`
+gives it alone.
 
 The batched cache per architecture (`BatchedEngine.cache_kind`):
-- "kv" (transformer): keys and values (layers, slots, kv heads, block_size, head size) and a length per slot;
+- "kv" (transformer): the model's KVCache with one row per slot, each with its own length; a forward extends
+  the rows its `select` names;
 - "recurrent" (rnn, lstm, gru): the hidden state (layers, slots, width), gathered for the active rows;
 - "none" (bigram, Bengio's MLP): no state to carry; each row recomputes its window, one row at a time
   (`batches_decoding` is False).
 
-Text: `TextTracker` turns a row's tokens into text deltas that never end inside a multi-byte character or a
-possible stop string, and finds stop strings.
+Text: each row's `TextStream` (lmforge/infer/decode.py) turns its tokens into text deltas that never end inside
+a multi-byte character or a possible stop string, and finds stop strings.
 """
 
 from __future__ import annotations
@@ -26,15 +28,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.hardware import available_memory_bytes
+from lmforge.infer.decode import TextStream
 from lmforge.infer.generate import sample_next
 from lmforge.infer.sampling import SamplingParams
-from lmforge.model.gpt import GPT, KVCache, apply_rotary
+from lmforge.model.gpt import KVCache
 from lmforge.model.recurrent import RecurrentState
 
 TopLogprobs = list[tuple[int, float]]  # (token id, log-probability), likeliest first
@@ -77,48 +79,12 @@ class GenerationEvent:
     error: str | None = None
 
 
-class TextTracker:
-    """The text of a growing list of token ids, released in deltas that hold back an unfinished multi-byte
-    character (decoded as U+FFFD until its last byte arrives) and anything that may begin a stop string."""
-
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.ids: list[int] = []
-        self.text = ""
-        self.released = 0
-        self.stopped = False
-
-    def add(self, token: int) -> str:
-        """Take one token; return the text now safe to show. Sets `stopped` when a stop string appeared (the
-        text ends before it)."""
-        self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids)
-        hits = [index for index in (self.text.find(s, self.released) for s in self.stop) if index >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.stopped = True
-            return self.flush()
-        end = len(self.text.rstrip("\ufffd"))
-        held = max((size for stop in self.stop for size in range(1, len(stop))
-                    if self.text[:end].endswith(stop[:size])), default=0)
-        return self._release(max(end - held, self.released))
-
-    def flush(self) -> str:
-        """Everything not yet released (at the end: a held-back tail is final)."""
-        return self._release(len(self.text))
-
-    def _release(self, end: int) -> str:
-        delta, self.released = self.text[self.released : end], end
-        return delta
-
-
 @dataclass
 class _Row:
     request: GenerationRequest
     slot: int
     tokens: list[int]  # prompt and generated so far (the window of an architecture without a cache)
-    tracker: TextTracker
+    text: TextStream
     generator: torch.Generator
     generated: int = 0
     length: int = 0  # tokens in this slot's cache
@@ -153,9 +119,7 @@ class BatchedEngine:
             else "none"
         self.batches_decoding = self.cache_kind != "none"
         self._check_memory(probe)
-        if self.cache_kind == "kv":
-            self.keys = probe.keys[0].new_zeros((model.config.n_layer, max_batch, *probe.keys[0].shape[1:]))
-            self.values = torch.zeros_like(self.keys)
+        self.cache = model.new_cache(max_batch, self.device, self.dtype) if self.cache_kind == "kv" else None
         self.hidden: tuple[torch.Tensor, ...] | None = None  # recurrent: (layers, slots, width) per part
         self.rows: dict[int, _Row] = {}
         self.waiting: deque[GenerationRequest] = deque()
@@ -257,7 +221,7 @@ class BatchedEngine:
     def _admit(self, request: GenerationRequest) -> None:
         slot = next(index for index in range(self.max_batch) if index not in self.rows)
         seed = request.seed if request.seed is not None else random.getrandbits(63)
-        row = _Row(request, slot, list(request.prompt), TextTracker(self.tokenizer, request.stop),
+        row = _Row(request, slot, list(request.prompt), TextStream(self.tokenizer, request.stop),
                    torch.Generator(device=self.device).manual_seed(seed))
         self.rows[slot] = row
         try:
@@ -280,12 +244,9 @@ class BatchedEngine:
         if self.cache_kind == "kv":
             if prompt.size(1) > self.block_size:
                 raise ValueError(f"prompt of {prompt.size(1)} tokens exceeds the context of {self.block_size}")
-            cache = self.model.new_cache(1, self.device, self.dtype)
-            logits, _ = self.model(prompt, cache=cache)
-            for layer in range(len(cache.keys)):
-                self.keys[layer, row.slot, :, : cache.length] = cache.keys[layer][0, :, : cache.length]
-                self.values[layer, row.slot, :, : cache.length] = cache.values[layer][0, :, : cache.length]
-            row.length = cache.length
+            self.cache.reset(row.slot)
+            logits, _ = self.model(prompt, cache=self.cache.select([row.slot]))
+            row.length = self.cache.lengths[row.slot]
         elif self.cache_kind == "recurrent":
             state = self.model.new_cache(1, self.device, self.dtype)
             logits, _ = self.model(prompt, cache=state)
@@ -303,7 +264,8 @@ class BatchedEngine:
         """Next-token logits (rows, vocab) after feeding each row its last sampled token."""
         tokens = torch.tensor([[row.next_token] for row in rows], device=self.device)
         if self.cache_kind == "kv":
-            logits = self._decode_transformer(rows, tokens)
+            logits, _ = self.model(tokens, cache=self.cache.select([row.slot for row in rows]))
+            logits = logits[:, -1]
         elif self.cache_kind == "recurrent":
             slots = torch.tensor([row.slot for row in rows], device=self.device)
             parts = tuple(store[:, slots] for store in self.hidden)
@@ -318,48 +280,6 @@ class BatchedEngine:
                                                           device=self.device))[0][0, -1] for row in rows])
         for row in rows:
             row.length += 1
-        return logits
-
-    def _decode_transformer(self, rows: list[_Row], tokens: torch.Tensor) -> torch.Tensor:
-        """GPT.forward for one new token per row, each row at its own position in its own cache slot: the
-        same modules in the same order, with per-row positions and a mask hiding each row's unused cache."""
-        model: GPT = self.model
-        slots = torch.tensor([row.slot for row in rows], device=self.device)
-        positions = torch.tensor([row.length for row in rows], device=self.device)
-        span = int(positions.max()) + 1
-        visible = (torch.arange(span, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
-        x = model.wte(tokens)  # (rows, 1, width)
-        rotary = None
-        if model.wpe is not None:
-            x = x + model.wpe(positions)[:, None]
-        else:
-            rotary = (model.rope_cos[positions][:, None, None], model.rope_sin[positions][:, None, None])
-        for layer, block in enumerate(model.blocks):
-            attn = block.attn
-            q, k, v = attn.qkv(block.norm_1(x)).split(
-                [attn.n_head * attn.head_size, attn.n_kv_head * attn.head_size, attn.n_kv_head * attn.head_size],
-                dim=-1)
-            q = q.view(len(rows), 1, attn.n_head, attn.head_size).transpose(1, 2)  # (rows, H, 1, D)
-            k = k.view(len(rows), 1, attn.n_kv_head, attn.head_size).transpose(1, 2)
-            v = v.view(len(rows), 1, attn.n_kv_head, attn.head_size).transpose(1, 2)
-            if attn.qk_norm:
-                q, k = F.rms_norm(q, (attn.head_size,)), F.rms_norm(k, (attn.head_size,))
-            if rotary is not None:
-                q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
-            self.keys[layer, slots, :, positions] = k[:, :, 0]
-            self.values[layer, slots, :, positions] = v[:, :, 0]
-            keys = self.keys[layer, slots, :, :span]  # (rows, kv heads, span, D)
-            values = self.values[layer, slots, :, :span]
-            if attn.n_kv_head != attn.n_head:
-                keys = keys.repeat_interleave(attn.n_head // attn.n_kv_head, dim=1)
-                values = values.repeat_interleave(attn.n_head // attn.n_kv_head, dim=1)
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible)
-            x = x + attn.proj(y.transpose(1, 2).reshape(len(rows), 1, -1))
-            x = x + block.mlp(block.norm_2(x))
-        logits = F.linear(model.norm_f(x), model.head_weight())[:, -1, : model.vocab_size]
-        if model.config.logit_softcap > 0:
-            cap = model.config.logit_softcap
-            logits = cap * torch.tanh(logits / cap)
         return logits
 
     def _sampled(self, row: _Row, logits: torch.Tensor, event: GenerationEvent | None = None,
@@ -387,17 +307,17 @@ class BatchedEngine:
         if token == request.stop_token:
             event.is_stop_token = True
             event.finish_reason = "stop"
-            event.text = row.tracker.flush()
+            event.text = row.text.flush()
             self._finish(row, event)
             return
         row.tokens.append(token)
         row.next_token = token
-        event.text = row.tracker.add(token)
-        if row.tracker.stopped:
+        event.text = row.text.add(token)
+        if row.text.stopped:
             event.finish_reason = "stop"
         elif row.generated >= request.max_tokens or (self.cache_kind == "kv" and row.length >= self.block_size):
             event.finish_reason = "length"
-            event.text += row.tracker.flush()
+            event.text += row.text.flush()
         if event.finish_reason:
             self._finish(row, event)
         else:

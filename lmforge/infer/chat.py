@@ -19,6 +19,7 @@ import torch
 
 from lmforge.data.tokenizer import name_characters
 from lmforge.errors import UserError
+from lmforge.infer.decode import TextStream
 from lmforge.infer.generate import generate
 from lmforge.infer.load import load_for_inference
 from lmforge.infer.sampling import SamplingError, SamplingParams
@@ -48,51 +49,32 @@ def fit_history(messages: list[dict], template: ChatTemplate, tokenizer, budget:
             dropped += 1
 
 
-def held_back(text: str, stop_texts: list[str]) -> int:
-    """How many characters at the end of `text` could be the start of a stop text, so must not be shown
-    until the next tokens decide."""
-    longest = 0
-    for stop in stop_texts:
-        for size in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:size]):
-                longest = size
-                break
-    return longest
-
-
 def stream_reply(model: torch.nn.Module, tokenizer, prompt_ids: list[int], stop_texts: list[str], out: TextIO,
                  **sampling) -> tuple[str, str]:
-    """Write the model's reply to `out` as it is generated; return (reply text, why it ended: "stop",
-    "length" or "interrupted")."""
-    ids: list[int] = []
-    text, shown = "", 0
+    """Write the model's reply to `out` as it is generated (through a TextStream, which holds back what may
+    still become a stop text or a multi-byte character); return (reply text, why it ended: "stop", "length" or
+    "interrupted")."""
+    stream = TextStream(tokenizer, stop_texts)
     reason = "length"
     tokens = generate(model, prompt_ids, stop_token=tokenizer.eot_id, **sampling)
     try:
         for token in tokens:
-            ids.append(token)
-            text = tokenizer.decode(ids)
-            cut = min((text.find(stop) for stop in stop_texts if stop in text), default=-1)
-            if cut >= 0:
-                text, reason = text[:cut], "stop"
-                break
-            if text.endswith("\ufffd"):  # the rest of a multi-byte character is still to come
-                continue
-            visible = len(text) - held_back(text, stop_texts)
-            if visible > shown:
-                out.write(text[shown:visible])
+            piece = stream.add(token)
+            if piece:
+                out.write(piece)
                 out.flush()
-                shown = visible
+            if stream.stopped:
+                reason = "stop"
+                break
         else:
-            if len(ids) < sampling["max_new_tokens"]:
+            if len(stream.ids) < sampling["max_new_tokens"]:
                 reason = "stop"  # generate ended early: the model wrote end-of-text
     except KeyboardInterrupt:
-        reason = "interrupted"
-        text = text[:shown]  # what the user saw is what the history keeps
+        return stream.shown, "interrupted"  # what the user saw is what the history keeps
     finally:
         tokens.close()
-    out.write(text[shown:])
-    return text, reason
+    out.write(stream.flush())
+    return stream.text, reason
 
 
 def chat(run: str | Path, sampling: SamplingParams = DEFAULT_SAMPLING, *, max_new_tokens: int = 256,

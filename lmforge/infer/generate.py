@@ -61,7 +61,7 @@ def generate(model: nn.Module, prompt: Sequence[int], max_new_tokens: int, *, te
             window = tokens[-block_size:]
             if not use_cache:
                 logits, _ = model(torch.tensor([window], device=device))
-            elif cache is None or (isinstance(cache, KVCache) and cache.length >= block_size):  # first, or slid
+            elif cache is None or (isinstance(cache, KVCache) and cache.lengths[0] >= block_size):  # first, or slid
                 # A model without a cache (bigram, mlp) gets None here and so recomputes the window each token.
                 cache = model.new_cache(1, device, model.wte.weight.dtype)
                 logits, _ = model(torch.tensor([window], device=device), cache=cache)

@@ -11,6 +11,7 @@ Parameter names (`wte`, `wpe`, `blocks.{i}.norm_1`, `.attn.qkv`, `.attn.proj`, `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,17 +99,75 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 @dataclass
 class KVCache:
-    """Keys and values of the tokens seen so far, per layer: (batch, n_kv_head, capacity, head_size)."""
+    """Keys and values of the tokens seen so far, per layer (rows, n_kv_head, block_size, head_size), and how many
+    tokens each row holds. Rows fill at their own pace (the batched engine's requests each have their own
+    length): a row's new tokens take the positions after its own cached ones and see only its own tokens. A
+    forward extends every row in order, or the rows a `select` names."""
 
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
-    length: int = 0
+    lengths: list[int]
+    rows: list[int] | None = None  # the cache rows of a forward's batch rows, in order; None: every row
 
     @classmethod
     def empty(cls, config: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
         shape = (batch, config.n_kv_head or config.n_head, config.block_size, config.n_embd // config.n_head)
         return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
-                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)])
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)], [0] * batch)
+
+    def select(self, rows: Sequence[int]) -> KVCache:
+        """The same cache (storage and lengths shared) for a forward whose batch row i extends cache row rows[i]."""
+        return KVCache(self.keys, self.values, self.lengths, list(rows))
+
+    def reset(self, row: int) -> None:
+        """Forget a row's tokens: the next forward on it starts at position 0 and overwrites its keys and values."""
+        self.lengths[row] = 0
+
+    def step(self, batch: int, length: int, block_size: int, device: torch.device) -> CacheStep:
+        """Where a forward of `length` new tokens for each of `batch` rows goes."""
+        rows = self.rows if self.rows is not None else list(range(len(self.lengths)))
+        if batch != len(rows):
+            raise ValueError(f"a batch of {batch} rows for a cache of {len(rows)}")
+        starts = [self.lengths[row] for row in rows]
+        if max(starts) + length > block_size:
+            raise ValueError(f"sequence of {max(starts) + length} tokens exceeds block_size {block_size}")
+        positions = torch.tensor(starts, device=device)[:, None] + torch.arange(length, device=device)
+        span = max(starts) + length
+        mask = None
+        if any(starts):  # new token t of row b sees that row's cached tokens and new tokens up to itself
+            mask = (torch.arange(span, device=device) <= positions[:, :, None])[:, None]
+        return CacheStep(self, rows, torch.tensor(rows, device=device), positions, span, mask)
+
+
+@dataclass(frozen=True)
+class CacheStep:
+    """One forward's place in a KVCache: batch row b writes cache row rows[b] at positions[b] (B, T) and
+    attends over that row's first `span` entries through `mask` (B, 1, T, span). The mask is None when no row
+    has cached tokens: the new tokens alone, under the plain causal mask, exactly as without a cache."""
+
+    cache: KVCache
+    rows: list[int]
+    row_index: torch.Tensor  # rows, on the device
+    positions: torch.Tensor
+    span: int
+    mask: torch.Tensor | None
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys and values (B, H_kv, T, D) of one layer; return all that the new tokens attend
+        over."""
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys[self.row_index[:, None], :, self.positions] = k.transpose(1, 2)
+        values[self.row_index[:, None], :, self.positions] = v.transpose(1, 2)
+        if self.mask is None:
+            return k, v
+        if self.cache.rows is None:  # every row in order: a view, no copy
+            return keys[:, :, : self.span], values[:, :, : self.span]
+        return keys[self.row_index, :, : self.span], values[self.row_index, :, : self.span]
+
+    def advance(self) -> None:
+        """The rows now hold their new tokens too."""
+        for row in self.rows:
+            self.cache.lengths[row] += self.positions.size(1)
 
 
 class Attention(nn.Module):
@@ -149,24 +208,20 @@ class Attention(nn.Module):
         return scores.masked_fill(~visible, float("-inf")).softmax(-1)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None, layer: int) -> torch.Tensor:
+                cache_step: CacheStep | None, layer: int) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.heads(x, rotary)
-        start = 0
-        if cache is not None:
-            start = cache.length
-            cache.keys[layer][:, :, start : start + length] = k
-            cache.values[layer][:, :, start : start + length] = v
-            k = cache.keys[layer][:, :, : start + length]
-            v = cache.values[layer][:, :, : start + length]
+        mask = None
+        if cache_step is not None:
+            k, v = cache_step.extend(layer, k, v)
+            mask = cache_step.mask
         if self.n_kv_head != self.n_head:  # each key/value head serves a group of query heads
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         dropout = self.dropout if self.training else 0.0
-        if start == 0:
+        if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        else:  # new tokens after cached ones: token i may see every cached token and new tokens up to i
-            mask = torch.ones(length, start + length, dtype=torch.bool, device=x.device).tril(start)
+        else:  # new tokens after cached ones, each row at its own position
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(batch, length, width))
 
@@ -205,8 +260,9 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, rotary, cache: KVCache | None, layer: int) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm_1(x), rotary, cache, layer))
+    def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+                cache_step: CacheStep | None, layer: int) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm_1(x), rotary, cache_step, layer))
         return x + self.dropout(self.mlp(self.norm_2(x)))
 
 
@@ -251,27 +307,38 @@ class GPT(nn.Module):
             hook.remove()
         return maps[0]
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab_size) for token ids idx (B, T); with targets, also the mean cross-entropy.
-        With a cache, idx continues the cached tokens and the cache grows by T."""
-        length = idx.size(1)
-        start = cache.length if cache is not None else 0
-        if start + length > self.config.block_size:
-            raise ValueError(f"sequence of {start + length} tokens exceeds block_size {self.config.block_size}")
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final normed states (B, T, n_embd) that the head reads, for token ids idx (B, T). With a cache,
+        each row of idx continues its own cached tokens, at its own positions, and the cache grows by T."""
+        batch, length = idx.shape
+        cache_step = None
+        if cache is None:
+            if length > self.config.block_size:
+                raise ValueError(f"sequence of {length} tokens exceeds block_size {self.config.block_size}")
+            positions = torch.arange(length, device=idx.device)  # (T,): the same for every row
+        else:
+            cache_step = cache.step(batch, length, self.config.block_size, idx.device)
+            positions = cache_step.positions  # (B, T)
         x = self.wte(idx)
         rotary = None
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(start, start + length, device=idx.device))
+            x = x + self.wpe(positions)
         else:
-            rotary = (self.rope_cos[start : start + length], self.rope_sin[start : start + length])
+            rotary = self.rope_cos[positions], self.rope_sin[positions]
+            if positions.dim() == 2:  # per row: broadcast over the heads of (B, H, T, D)
+                rotary = rotary[0][:, None], rotary[1][:, None]
         x = self.dropout(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rotary, cache, layer)
-        if cache is not None:
-            cache.length += length
-        x = self.norm_f(x)
-        logits = F.linear(x, self.head_weight())
+            x = block(x, rotary, cache_step, layer)
+        if cache_step is not None:
+            cache_step.advance()
+        return self.norm_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab_size) for token ids idx (B, T); with targets, also the mean cross-entropy.
+        With a cache, idx continues the cached tokens of each row (see `hidden_states`)."""
+        logits = F.linear(self.hidden_states(idx, cache), self.head_weight())
         if self.padded_vocab_size != self.vocab_size:
             logits = logits[..., : self.vocab_size]
         if self.config.logit_softcap > 0:

@@ -39,23 +39,11 @@ def hidden_width(body: nn.Module) -> int:
 
 
 def hidden_states(body: nn.Module, idx: torch.Tensor) -> torch.Tensor:
-    """The states (B, T, width) that the language-model head would read, without computing that head.
-    These mirror each model's forward up to its head (a `features` method on the models would remove the
-    repetition)."""
+    """The states (B, T, width) that the language-model head would read, without computing that head. The
+    transformer has its own (GPT.hidden_states, what its forward runs); the others mirror their forward up to
+    their head."""
     if isinstance(body, GPT):
-        length = idx.size(1)
-        if length > body.config.block_size:
-            raise ValueError(f"sequence of {length} tokens exceeds block_size {body.config.block_size}")
-        x = body.wte(idx)
-        rotary = None
-        if body.wpe is not None:
-            x = x + body.wpe(torch.arange(length, device=idx.device))
-        else:
-            rotary = (body.rope_cos[:length], body.rope_sin[:length])
-        x = body.dropout(x)
-        for layer, block in enumerate(body.blocks):
-            x = block(x, rotary, None, layer)
-        return body.norm_f(x)
+        return body.hidden_states(idx)
     if isinstance(body, RecurrentLM):
         x, _ = body.core(body.dropout(body.wte(idx)), None)
         return body.dropout(x)
