@@ -24,14 +24,24 @@ from lmforge.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    RequestT,
     TokenizeRequest,
     fit_max_tokens,
 )
-from lmforge.serve.server import RequestT, Server, get_server
+from lmforge.serve.server import Server, get_server
 
 STATIC_DIR = Path(__file__).parent / "static"
 router = APIRouter()
 ServerDep = Annotated[Server, Depends(get_server)]
+
+
+def arrival(request: Request) -> float:
+    """When the request arrived (app.Guard notes it before the body is read): where its time to first token
+    starts."""
+    return request.state.arrived
+
+
+Arrival = Annotated[float, Depends(arrival)]
 
 
 def body(kind: type[RequestT]):
@@ -87,7 +97,7 @@ async def detokenize(request: Annotated[DetokenizeRequest, body(DetokenizeReques
 
 @router.post("/v1/completions")
 async def completions(request: Annotated[CompletionRequest, body(CompletionRequest)], server: ServerDep,
-                      http: Request) -> Response:
+                      arrived: Arrival) -> Response:
     sampling = request.to_sampling_params()
     prompts = request.prompt_ids(server.tokenizer)
     max_tokens = request.max_tokens_per_choice
@@ -99,13 +109,13 @@ async def completions(request: Annotated[CompletionRequest, body(CompletionReque
     completion = TextCompletion(server.tokenizer, server.settings.model_name,
                                 [prompts[i // request.n] for i in range(len(requests))],
                                 sum(len(prompt) for prompt in prompts), echo=request.echo, logprobs=request.logprobs)
-    return await respond(completion, server.events(requests, http.state.arrived), stream=request.stream,
+    return await respond(completion, server.events(requests, arrived), stream=request.stream,
                          include_usage=request.include_usage)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Annotated[ChatCompletionRequest, body(ChatCompletionRequest)],
-                           server: ServerDep, http: Request) -> Response:
+                           server: ServerDep, arrived: Arrival) -> Response:
     sampling = request.to_sampling_params()
     prompt = request.prompt_ids(server.tokenizer, server.template)
     max_tokens = fit_max_tokens(len(prompt), request.requested_tokens, server.context,
@@ -113,7 +123,7 @@ async def chat_completions(request: Annotated[ChatCompletionRequest, body(ChatCo
     requests = server.requests_for([prompt], request, sampling, max_tokens,
                                    stop=server.template.stop_texts() + request.stop_texts)
     completion = ChatCompletion(server.settings.model_name, len(requests), len(prompt))
-    return await respond(completion, server.events(requests, http.state.arrived), stream=request.stream,
+    return await respond(completion, server.events(requests, arrived), stream=request.stream,
                          include_usage=request.include_usage)
 
 

@@ -65,6 +65,8 @@ class ApiRequest(BaseModel):
 
 
 class ChatMessage(ApiRequest):
+    """One message of a chat: the roles are the chat template's."""
+
     role: Literal[ROLES]
     content: str
 
@@ -73,6 +75,8 @@ class ChatMessage(ApiRequest):
 
 
 class StreamOptions(ApiRequest):
+    """A streamed completion's options: include_usage adds a last chunk with the token counts."""
+
     include_usage: bool = False
 
 

@@ -11,7 +11,6 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TypeVar
 
 from fastapi import Request
 from starlette.datastructures import Headers
@@ -22,11 +21,10 @@ from lmforge.infer.sampling import SamplingParams
 from lmforge.serve.errors import ApiError
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.scheduler import Scheduler
-from lmforge.serve.schemas import ApiRequest, SamplingRequest, validate_request
+from lmforge.serve.schemas import RequestT, SamplingRequest, validate_request
 from lmforge.tasks.template import ChatTemplate
 
 MAX_JSON_DEPTH = 32  # the deepest request is a list of messages (3 levels); deeper bodies are probes
-RequestT = TypeVar("RequestT", bound=ApiRequest)
 
 
 @dataclass
