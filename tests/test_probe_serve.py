@@ -189,6 +189,80 @@ def test_token_ids_in_range_still_detokenize(probe_server):
     assert answer.json()["prompt"] == serve_fixtures.CHARS[0] + serve_fixtures.CHARS[-1]
 
 
+COMPLETION = {"model": MODEL, "prompt": "a", "max_tokens": 1}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+
+
+@pytest.mark.parametrize("path, body, param, words", [
+    # JSON types as they are: a string is not a number, a boolean not an integer, a float not an integer
+    ("/v1/completions", {**COMPLETION, "temperature": "0.5"}, "temperature", "must be a number"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": 1.0}, "max_tokens", "must be an integer"),
+    ("/v1/completions", {**COMPLETION, "n": True}, "n", "got true"),
+    ("/v1/completions", {**COMPLETION, "seed": 1.5}, "seed", "must be an integer"),
+    ("/v1/completions", {**COMPLETION, "stream": 1}, "stream", "true or false"),
+    ("/v1/completions", {**COMPLETION, "echo": "yes"}, "echo", "true or false"),
+    ("/v1/completions", {**COMPLETION, "top_k": -1}, "top_k", "got -1"),
+    ("/v1/completions", {**COMPLETION, "n": 65}, "n", "from 1 to 64"),
+    ("/v1/completions", {**COMPLETION, "logprobs": 21}, "logprobs", "from 0 to 20"),
+    ("/v1/completions", {**COMPLETION, "stop": ["a", 1]}, "stop", "list of at most 4 strings"),
+    ("/v1/completions", {**COMPLETION, "stop": ["a"] * 5}, "stop", "at most 4"),
+    ("/v1/completions", {**COMPLETION, "stream_options": {"include_usage": "yes"}}, "stream_options",
+     "stream_options.include_usage: got 'yes'"),
+    ("/v1/completions", {**COMPLETION, "prompt": [[0, 1], "a", 3]}, "prompt", "list of such lists"),
+    ("/v1/completions", {**COMPLETION, "prompt": []}, "prompt", "not empty"),
+    ("/v1/completions", {**COMPLETION, "max_tokens": 51}, "max_tokens", "--max-tokens-limit"),
+    ("/v1/completions", {"model": MODEL, "prompt": "a", "max_completion_tokens": 51}, "max_completion_tokens",
+     "--max-tokens-limit"),
+    ("/v1/completions", {"model": MODEL}, "prompt", "'prompt' is required"),
+    ("/v1/completions", {"prompt": "a"}, "model", "'model' is required"),
+    ("/v1/completions", {**COMPLETION, "best_of": 2}, "best_of", "not supported"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "bot", "content": "hi"}]}, "messages",
+     "messages[0].role: got 'bot'"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": 5}]}, "messages",
+     "messages[0].content: got 5"),
+    ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user"}]}, "messages", "messages[0].content: missing"),
+    ("/v1/chat/completions", {**CHAT, "messages": []}, "messages", "non-empty list"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True}, "logprobs", "use /v1/completions"),
+    ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function"}]}, "tools", "not supported"),
+    ("/v1/chat/completions", {**CHAT, "temperature": 2.5}, "temperature", "at most 2"),
+    ("/tokenize", {"prompt": 5}, "prompt", "must be a string"),
+    ("/tokenize", {}, "prompt", "must be a string"),
+    ("/tokenize", {"messages": [{"role": "user"}]}, "messages", "messages[0].content: missing"),
+    ("/detokenize", {}, "tokens", "'tokens' is required"),
+])
+def test_each_route_names_the_field_its_body_gets_wrong(probe_server, path, body, param, words):
+    response = httpx.post(probe_server.url + path, json=body, timeout=WAIT)
+    assert response.status_code == 400, response.text
+    message = error(response)
+    assert message["param"] == param and message["type"] == "invalid_request_error"
+    assert words in message["message"]
+    assert_quiet_log(probe_server)
+
+
+def test_null_means_not_given_and_unknown_keys_are_ignored(probe_server):
+    """As before the request models: null takes the default and keys the API does not know pass unread."""
+    nulls = {"temperature": None, "top_p": None, "top_k": None, "n": None, "stop": None, "seed": None,
+             "stream": None, "stream_options": None, "logprobs": None, "presence_penalty": None, "user": "someone"}
+    completed = httpx.post(probe_server.url + "/v1/completions", json={**COMPLETION, **nulls}, timeout=WAIT)
+    assert completed.status_code == 200, completed.text
+    assert len(completed.json()["choices"]) == 1 and completed.json()["usage"]["completion_tokens"] <= 1
+    chatted = httpx.post(probe_server.url + "/v1/chat/completions", json={**CHAT, "max_tokens": None, **nulls},
+                         timeout=WAIT)
+    assert chatted.status_code == 200, chatted.text
+    assert_quiet_log(probe_server)
+
+
+def test_a_chat_too_long_for_the_context_is_a_400_naming_both_numbers(probe_server):
+    """With no max_tokens a chat gets what the context leaves; a conversation that leaves nothing never fits."""
+    long_chat = {**CHAT, "messages": [{"role": "user", "content": "a" * 70}]}
+    for body in (long_chat, {**long_chat, "max_tokens": None}):
+        response = httpx.post(probe_server.url + "/v1/chat/completions", json=body, timeout=WAIT)
+        assert response.status_code == 400
+        message = error(response)
+        assert message["code"] == "context_length_exceeded" and "context of 64 tokens" in message["message"]
+    assert_quiet_log(probe_server)
+
+
 @pytest.mark.parametrize("prompt, n", [("a", 5), (["a", "b"], 3), (["a"] * 5, 1)])
 def test_a_request_larger_than_the_queue_is_a_400_naming_the_limit_not_a_429(probe_server, prompt, n):
     response = httpx.post(probe_server.url + "/v1/completions", timeout=WAIT,

@@ -86,7 +86,8 @@ def build_app(run: str | Path, *, device: str = "auto", api_key: str | None = No
     from lmforge.infer.batched import BatchedEngine
     from lmforge.infer.load import load_for_inference
     from lmforge.run import resolve_checkpoint
-    from lmforge.serve.app import ServeSettings, create_app
+    from lmforge.serve.app import create_app
+    from lmforge.serve.server import ServeSettings
     from lmforge.tasks.template import load_chat_template
 
     check_api_key(api_key)

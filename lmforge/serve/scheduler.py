@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from lmforge.infer.batched import BatchedEngine, GenerationEvent, GenerationRequest
-from lmforge.serve.schemas import ApiError
+from lmforge.serve.errors import ApiError
 
 log = logging.getLogger("lmforge.serve")
 

@@ -1,260 +1,324 @@
-"""The OpenAI-shaped side of the server: request bodies checked field by field, errors in OpenAI's shape, and
-the response objects (completions, chat completions, their streamed chunks, legacy logprobs).
+"""The request bodies of the API as pydantic models, and the checks on them that need the served run.
 
-Requests are plain JSON checked here by hand, not by a schema library, so that every mistake becomes a 400
-naming the parameter (`param`) in OpenAI's error shape {"error": {"message", "type", "param", "code"}}.
-Unknown keys are ignored, as OpenAI-compatible servers do; known OpenAI options this server does not
-implement (penalties, logit bias, suffix, best_of) are refused by name when set.
+Each body is validated by `validate_request` against the server's settings (the model's name, the
+--max-tokens-limit); the first thing wrong becomes a 400 in OpenAI's shape whose `param` names the field
+({"error": {"message", "type", "param", "code"}}), with a message built from the field's description. JSON types
+are taken as they are (strict: "1" is not a number, true is not 1), null means "not given", unknown keys are
+ignored as OpenAI-compatible servers do, and the OpenAI options this server does not implement (penalties, logit
+bias, suffix, best_of...) are refused by name when set.
+
+What a schema cannot say, because it needs the run, is checked in one place each: token ids against the
+vocabulary (`check_in_vocabulary`), characters the tokenizer does not know (`check_known`), and a prompt with its
+max_tokens against the context (`fit_max_tokens`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.infer.batched import GenerationEvent, TopLogprobs
 from lmforge.infer.sampling import SamplingError, SamplingParams
+from lmforge.serve.errors import ApiError, model_not_found
+from lmforge.tasks.template import ROLES, ChatTemplate
+
+if TYPE_CHECKING:
+    from lmforge.serve.server import ServeSettings
 
 MAX_STOP_STRINGS = 4
 MAX_LOGPROBS = 20
 MAX_N = 64
 MAX_TEMPERATURE = 2.0  # OpenAI's API refuses more; SamplingParams itself allows any finite temperature
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 ALLOW_UNKNOWN_FIELD = "allow_unknown"
 ALLOW_UNKNOWN_HINT = f"set \"{ALLOW_UNKNOWN_FIELD}\": true to read each as the unknown token"
+NOT_SUPPORTED = "by this server"
+REFUSED = "lmforge_refused"  # the pydantic error type that carries an ApiError raised by a validator
+
+TokenId = Annotated[int, Field(ge=0)]
+RequestT = TypeVar("RequestT", bound="ApiRequest")
 
 
-class ApiError(Exception):
-    """An error answered in OpenAI's shape with its HTTP status."""
+class ApiRequest(BaseModel):
+    """A request body: strict JSON types, null as "not given", unknown keys ignored, and the OpenAI options in
+    UNSUPPORTED (each with how to say so) refused unless they hold their no-op value."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
+    model_config = ConfigDict(strict=True, extra="ignore")
+    UNSUPPORTED: ClassVar[dict[str, str]] = {}
 
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def _number(body: dict, key: str, default: float | None) -> float | None:
-    """A JSON number (finite: Python's json reads NaN and Infinity literals, which no sampling value may be);
-    its range is SamplingParams' to check."""
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ApiError(400, f"'{key}' must be a number, got {type(value).__name__}", param=key)
-    if not math.isfinite(value):
-        raise ApiError(400, f"'{key}' must be a finite number, got {value}", param=key)
-    return float(value)
+    @model_validator(mode="before")
+    @classmethod
+    def _given_and_supported(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        given = {key: value for key, value in data.items() if value is not None}
+        for key, how in cls.UNSUPPORTED.items():
+            value = given.get(key)
+            if value in (None, 0, "", {}, []) or (key == "best_of" and value == given.get("n", 1)):
+                continue
+            raise refusal(ApiError(400, f"'{key}' is not supported {how}", param=key))
+        return given
 
 
-def _integer(body: dict, key: str, default: int | None, low: int, high: int | None = None) -> int | None:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ApiError(400, f"'{key}' must be an integer, got {type(value).__name__}", param=key)
-    if value < low or (high is not None and value > high):
-        raise ApiError(400, f"'{key}' must be at least {low}" + (f" and at most {high}" if high is not None else "")
-                       + f", got {value}", param=key)
-    return value
+class ChatMessage(ApiRequest):
+    """One message of a chat: the roles are the chat template's."""
+
+    role: Literal[ROLES]
+    content: str
+
+    def as_dict(self) -> dict:
+        return {"role": self.role, "content": self.content}
 
 
-def _boolean(body: dict, key: str, default: bool = False) -> bool:
-    value = body.get(key, default)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise ApiError(400, f"'{key}' must be true or false, got {type(value).__name__}", param=key)
-    return value
+class StreamOptions(ApiRequest):
+    """A streamed completion's options: include_usage adds a last chunk with the token counts."""
+
+    include_usage: bool = False
 
 
-def _stop(body: dict) -> list[str]:
-    value = body.get("stop")
-    if value is None:
-        return []
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
-    if len(stops) > MAX_STOP_STRINGS:
-        raise ApiError(400, f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stops)}", param="stop")
-    return [s for s in stops if s]
+MESSAGES = f"a non-empty list of {{role, content}} objects, role one of {', '.join(ROLES)} and content a string"
+ALLOW_UNKNOWN = "true or false (true: read unknown characters as the unknown token)"
 
 
-def refuse_unsupported(body: dict, keys: Sequence[str]) -> None:
-    """A 400 naming the first OpenAI option among `keys` that is set to something other than its no-op value."""
-    for key in keys:
-        value = body.get(key)
-        if value in (None, 0, "", {}, []) or (key == "best_of" and value == body.get("n", 1)):
-            continue
-        raise ApiError(400, f"'{key}' is not supported by this server", param=key)
+class SamplingRequest(ApiRequest):
+    """What completions and chat completions share: the model, how many tokens, how to sample, how to answer."""
+
+    model: str = Field(description="a string naming the model (GET /v1/models lists it)")
+    max_tokens: int | None = Field(None, ge=0, description="an integer, 0 or more")
+    max_completion_tokens: int | None = Field(None, ge=0, description="an integer, 0 or more")
+    temperature: float = Field(1.0, le=MAX_TEMPERATURE, description=f"a number, at most {MAX_TEMPERATURE:g} "
+                                                                    "(OpenAI's range)")
+    top_p: float = Field(1.0, description="a number")
+    top_k: int = Field(0, ge=0, description="an integer, 0 (no cut-off) or more")
+    n: int = Field(1, ge=1, le=MAX_N, description=f"an integer from 1 to {MAX_N}")
+    seed: int | None = Field(None, description="an integer")
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
+        None, description=f"a string or a list of at most {MAX_STOP_STRINGS} strings")
+    stream: bool = Field(False, description="true or false")
+    stream_options: StreamOptions | None = Field(None, description="an object with include_usage true or false")
+    allow_unknown: bool = Field(False, description=ALLOW_UNKNOWN)
+
+    @field_validator("model")
+    @classmethod
+    def _served(cls, model: str, info: ValidationInfo) -> str:
+        served = _settings(info).model_name
+        if model != served:
+            raise refusal(model_not_found(model, served))
+        return model
+
+    @field_validator("max_tokens", "max_completion_tokens")
+    @classmethod
+    def _within_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        limit = _settings(info).max_tokens_limit
+        if value is not None and value > limit:
+            raise refusal(ApiError(400, f"'{info.field_name}' is {value}, above this server's limit of {limit} "
+                                        "(lmforge serve --max-tokens-limit)", param=info.field_name))
+        return value
+
+    def to_sampling_params(self) -> SamplingParams:
+        """How each token is drawn (a top_k of 0 and a top_p of 1 mean no cut-off); SamplingParams checks the
+        values, and what it refuses is a 400 naming the field."""
+        try:
+            return SamplingParams(self.temperature, self.top_k or None, None if self.top_p == 1.0 else self.top_p)
+        except SamplingError as err:
+            raise ApiError(400, str(err), param=err.param) from None
+
+    @property
+    def requested_tokens(self) -> int | None:
+        return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
+
+    @property
+    def stop_texts(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return [stop for stop in stops if stop]
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def seed_of_choice(self, choice: int) -> int | None:
+        """Choice i of a seeded call draws with seed + i (within the engine's 63 bits)."""
+        return None if self.seed is None else (self.seed % 2**63 + choice) % 2**63
 
 
-@dataclass
-class Sampling:
-    """The sampling options shared by completions and chat completions."""
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions."""
 
-    max_tokens: int | None
-    temperature: float
-    top_p: float | None
-    top_k: int | None
-    n: int
-    stop: list[str]
-    seed: int | None
-    stream: bool
-    include_usage: bool
+    UNSUPPORTED = {key: NOT_SUPPORTED for key in ("presence_penalty", "frequency_penalty", "logit_bias", "suffix",
+                                                  "best_of")}
+    prompt: (str | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[str | list[TokenId]], Field(min_length=1)]) = Field(
+        description="a string, a list of strings, a list of token ids or a list of such lists, and not empty")
+    echo: bool = Field(False, description="true or false")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=f"an integer from 0 to {MAX_LOGPROBS} "
+                                                                          "(alternatives per token) or null")
 
+    def prompt_ids(self, tokenizer: Tokenizer) -> list[list[int]]:
+        """Each prompt as token ids (as evaluation harnesses send them, or encoded); an empty prompt starts from
+        end-of-text, as a new document."""
+        prompts = [self.prompt] if isinstance(self.prompt, str) or _all_ids(self.prompt) else self.prompt
+        encoded = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                check_known(tokenizer, prompt, self.allow_unknown, "prompt")
+                ids = tokenizer.encode(prompt)
+            else:
+                ids = check_in_vocabulary(prompt, tokenizer.vocab_size, "prompt")
+            encoded.append(ids or [tokenizer.eot_id])
+        return encoded
 
-def parse_sampling(body: dict, max_tokens_limit: int, default_max_tokens: int | None) -> Sampling:
-    max_tokens = _integer(body, "max_tokens", None, 0)
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_completion_tokens", default_max_tokens, 0)
-    if max_tokens is not None and max_tokens > max_tokens_limit:
-        raise ApiError(400, f"'max_tokens' is {max_tokens}, above this server's limit of {max_tokens_limit} "
-                            "(lmforge serve --max-tokens-limit)", param="max_tokens")
-    temperature = _number(body, "temperature", 1.0)
-    if temperature > MAX_TEMPERATURE:
-        raise ApiError(400, f"'temperature' must be at most {MAX_TEMPERATURE:g} (OpenAI's range), got {temperature}",
-                       param="temperature")
-    top_p = _number(body, "top_p", 1.0)
-    top_k = _integer(body, "top_k", None, 0)
-    try:
-        params = SamplingParams(temperature, top_k or None, None if top_p == 1.0 else top_p)
-    except SamplingError as err:
-        raise ApiError(400, str(err), param=err.param) from None
-    stream = _boolean(body, "stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, dict):
-        raise ApiError(400, "'stream_options' must be an object", param="stream_options")
-    include_usage = bool(options and _boolean(options, "include_usage"))
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ApiError(400, f"'seed' must be an integer, got {type(seed).__name__}", param="seed")
-    return Sampling(max_tokens=max_tokens, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                    n=_integer(body, "n", 1, 1, MAX_N),
-                    stop=_stop(body), seed=None if seed is None else seed % 2**63, stream=stream,
-                    include_usage=include_usage)
+    @property
+    def max_tokens_per_choice(self) -> int:
+        return DEFAULT_COMPLETION_TOKENS if self.requested_tokens is None else self.requested_tokens
 
 
-def check_model(body: dict, model_name: str) -> None:
-    model = body.get("model")
-    if not isinstance(model, str):
-        raise ApiError(400, "'model' is required: a string naming the model (GET /v1/models lists it)", param="model")
-    if model != model_name:
-        raise ApiError(404, f"the model '{model}' does not exist; this server serves '{model_name}'", param="model",
-                       code="model_not_found")
+class ChatCompletionRequest(SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    UNSUPPORTED = {**{key: NOT_SUPPORTED for key in ("presence_penalty", "frequency_penalty", "logit_bias", "tools",
+                                                     "functions", "response_format")},
+                   "logprobs": "for chat completions; use /v1/completions with logprobs"}
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] = Field(description=MESSAGES)
+
+    def prompt_ids(self, tokenizer: Tokenizer, template: ChatTemplate) -> list[int]:
+        return conversation_ids(self.messages, self.allow_unknown, tokenizer, template)
 
 
-def parse_prompts(body: dict, tokenizer: Tokenizer) -> list[list[int]]:
-    """The prompt of a completion request as token-id lists: a string, a list of strings, a list of token ids,
-    or a list of such lists (as evaluation harnesses send it)."""
-    prompt = body.get("prompt")
-    if prompt is None:
-        raise ApiError(400, "'prompt' is required", param="prompt")
-    if isinstance(prompt, str):
-        prompts: list = [prompt]
-    elif isinstance(prompt, list) and prompt and all(_is_token(t) for t in prompt):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt:
-        prompts = prompt
-    else:
-        raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of such "
-                            "lists, and not empty", param="prompt")
-    encoded = []
-    for item in prompts:
-        if isinstance(item, str):
-            check_known(tokenizer, item, body, "prompt")
-            ids = tokenizer.encode(item)
-        elif isinstance(item, list) and all(_is_token(t) for t in item):
-            ids = check_token_ids(item, tokenizer.vocab_size, "prompt")
-        else:
-            raise ApiError(400, "each prompt must be a string or a list of token ids", param="prompt")
-        encoded.append(ids or [tokenizer.eot_id])  # an empty prompt starts from end-of-text, as a new document
-    return encoded
+class TokenizeRequest(ApiRequest):
+    """POST /tokenize: a prompt, or the messages of a chat through the run's template."""
+
+    prompt: str | None = Field(None, description="a string (or give 'messages')")
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = Field(None, description=MESSAGES)
+    allow_unknown: bool = Field(False, description=ALLOW_UNKNOWN)
+
+    def token_ids(self, tokenizer: Tokenizer, template: ChatTemplate) -> list[int]:
+        if self.messages is not None:
+            return conversation_ids(self.messages, self.allow_unknown, tokenizer, template)
+        if self.prompt is None:
+            raise ApiError(400, "'prompt' must be a string (or give 'messages')", param="prompt")
+        if self.prompt == tokenizer.decode([tokenizer.eot_id]):
+            # lm-eval's remote tokenizer finds the end-of-text id by tokenizing its text; encode() reads that text
+            # as plain characters, so the exact string alone names the special token here.
+            return [tokenizer.eot_id]
+        check_known(tokenizer, self.prompt, self.allow_unknown, "prompt")
+        return tokenizer.encode(self.prompt)
 
 
-def check_known(tokenizer: Tokenizer, text: str, body: dict, param: str) -> None:
+class DetokenizeRequest(ApiRequest):
+    """POST /detokenize."""
+
+    tokens: list[TokenId] = Field(description="a list of token ids (integers from 0)")
+
+    def text(self, tokenizer: Tokenizer) -> str:
+        return tokenizer.decode(check_in_vocabulary(self.tokens, tokenizer.vocab_size, "tokens"))
+
+
+def conversation_ids(messages: list[ChatMessage], allow_unknown: bool, tokenizer: Tokenizer,
+                     template: ChatTemplate) -> list[int]:
+    """A chat's messages through the run's template, up to where the assistant's reply begins."""
+    for message in messages:
+        check_known(tokenizer, message.content, allow_unknown, "messages")
+    ids, _ = template.encode([m.as_dict() for m in messages], tokenizer, add_generation_prompt=True)
+    return ids
+
+
+def check_known(tokenizer: Tokenizer, text: str, allow_unknown: bool, param: str) -> None:
     """The tokenizer's one unknown-character policy (Tokenizer.check_known) as a 400: characters the run's
     tokenizer does not know are refused by name unless the request sets "allow_unknown": true."""
     try:
-        tokenizer.check_known(text, what=f"'{param}'", allow_unknown=_boolean(body, ALLOW_UNKNOWN_FIELD),
-                              allow_hint=ALLOW_UNKNOWN_HINT)
+        tokenizer.check_known(text, what=f"'{param}'", allow_unknown=allow_unknown, allow_hint=ALLOW_UNKNOWN_HINT)
     except UserError as err:
         raise ApiError(400, str(err), param=param, code="unknown_characters") from None
 
 
-def _is_token(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def check_token_ids(value: Any, vocab_size: int, param: str) -> list[int]:
-    """The one token-id check of every endpoint that takes ids (completion prompts, /detokenize): a list of
-    integers (not booleans) from 0 to vocab_size - 1, else a 400 naming `param`."""
-    if not isinstance(value, list) or not all(_is_token(t) for t in value):
-        raise ApiError(400, f"'{param}' must be a list of token ids (integers from 0)", param=param)
-    if any(t >= vocab_size for t in value):
+def check_in_vocabulary(ids: list[int], vocab_size: int, param: str) -> list[int]:
+    """The vocabulary bound of every endpoint that takes token ids (completion prompts, /detokenize); the
+    request models already hold them to integers from 0."""
+    if any(token >= vocab_size for token in ids):
         raise ApiError(400, f"token ids must be below the vocabulary size {vocab_size}", param=param)
-    return list(value)
+    return list(ids)
 
 
-def check_messages(body: dict, tokenizer: Tokenizer) -> list[dict]:
-    """The chat messages of a request: each a {role, content} with a role the template knows and content the
-    run's tokenizer can encode (see check_known)."""
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", param="messages")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise ApiError(400, f"messages[{index}] must be an object with a string 'content'", param="messages")
-        if message.get("role") not in ("system", "user", "assistant"):
-            raise ApiError(400, f"messages[{index}] has role {message.get('role')!r}; roles are system, user, "
-                                "assistant", param="messages")
-        check_known(tokenizer, message["content"], body, "messages")
-    return messages
-
-
-def check_fits(prompt_tokens: int, max_tokens: int, context: int) -> None:
-    if prompt_tokens + max_tokens > context:
-        raise ApiError(400, f"the prompt is {prompt_tokens} tokens, more than the {max(context - max_tokens, 0)} "
-                            f"that fit in the context of {context} tokens with max_tokens {max_tokens}; "
+def fit_max_tokens(prompt_tokens: int, requested: int | None, context: int, limit: int) -> int:
+    """The tokens to generate after a prompt: `requested`, or when None as many as the context leaves (within the
+    server's limit); a 400 when the prompt and them cannot fit in the context."""
+    if requested is None:
+        requested = min(limit, context - prompt_tokens) if prompt_tokens < context else 1
+    if prompt_tokens + requested > context:
+        raise ApiError(400, f"the prompt is {prompt_tokens} tokens, more than the {max(context - requested, 0)} "
+                            f"that fit in the context of {context} tokens with max_tokens {requested}; "
                             "shorten the prompt or lower max_tokens", param="prompt", code="context_length_exceeded")
+    return requested
 
 
-@dataclass
-class LegacyLogprobs:
-    """The `logprobs` object of a (non-chat) completion choice: tokens, their log-probabilities (None for the
-    first prompt token, which nothing predicts), the alternatives at each, and each token's text offset."""
-
-    tokenizer: Tokenizer
-    tokens: list[str] = field(default_factory=list)
-    token_logprobs: list[float | None] = field(default_factory=list)
-    top_logprobs: list[dict[str, float] | None] = field(default_factory=list)
-    text_offset: list[int] = field(default_factory=list)
-    offset: int = 0
-
-    def add(self, token: int, logprob: float | None, top: TopLogprobs | None) -> None:
-        text = self.tokenizer.decode([token])
-        self.tokens.append(text)
-        self.token_logprobs.append(logprob)
-        self.top_logprobs.append(None if top is None else {self.tokenizer.decode([t]): lp for t, lp in top})
-        self.text_offset.append(self.offset)
-        self.offset += len(text)
-
-    def add_prompt(self, prompt: list[int], event: GenerationEvent) -> None:
-        self.add(prompt[0], None, None)
-        for token, (logprob, top) in zip(prompt[1:], event.prompt_logprobs or [], strict=True):
-            self.add(token, logprob, top)
-
-    def body(self) -> dict:
-        return {"tokens": self.tokens, "token_logprobs": self.token_logprobs, "top_logprobs": self.top_logprobs,
-                "text_offset": self.text_offset}
+def validate_request(kind: type[RequestT], data: dict, settings: ServeSettings) -> RequestT:
+    """`data` as a `kind`, or the first thing wrong with it as an ApiError."""
+    try:
+        return kind.model_validate(data, context=settings)
+    except ValidationError as err:
+        raise _api_error(kind, err.errors()[0]) from None
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def refusal(error: ApiError) -> PydanticCustomError:
+    """An ApiError raised from a validator, carried through pydantic to `validate_request` as it is."""
+    return PydanticCustomError(REFUSED, "{error}", {"error": error})
+
+
+def _api_error(kind: type[BaseModel], error: ErrorDetails) -> ApiError:
+    """A pydantic error as a 400 naming the field, in the words of the field's description."""
+    if error["type"] == REFUSED:
+        return error["ctx"]["error"]
+    param = str(error["loc"][0])
+    description = kind.model_fields[param].description
+    where = _path(kind, error["loc"])
+    if error["type"] == "missing" and where == param:
+        return ApiError(400, f"'{param}' is required: {description}", param=param)
+    found = "missing" if error["type"] == "missing" else f"got {_shown(error['input'])}"
+    detail = f", {found}" if where == param else f" ({where}: {found})"
+    return ApiError(400, f"'{param}' must be {description}{detail}", param=param)
+
+
+def _path(kind: type[BaseModel], loc: tuple[int | str, ...]) -> str:
+    """Where in the body an error is, as `messages[1].role` (pydantic's names for union members left out)."""
+    path, model = "", kind
+    for key in loc:
+        if isinstance(key, int):
+            path += f"[{key}]"
+        elif model is not None and key in model.model_fields:
+            path += f".{key}" if path else key
+            model = _model_in(model.model_fields[key].annotation)
+        else:
+            break
+    return path
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The request model a field holds (itself, in a list, or optional), if any."""
+    if get_origin(annotation) is None and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((model for arg in get_args(annotation) if (model := _model_in(arg)) is not None), None)
+
+
+def _shown(value: Any) -> str:
+    """A request value as a message shows it: short scalars as JSON writes them, else their JSON kind."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+    if isinstance(value, int | float):
+        return repr(value) if len(repr(value)) <= 20 else "a long number"
+    if isinstance(value, str):
+        return repr(value) if len(value) <= 20 else "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _all_ids(prompt: list) -> bool:
+    return all(isinstance(item, int) for item in prompt)
+
+
+def _settings(info: ValidationInfo) -> ServeSettings:
+    return info.context

@@ -18,7 +18,7 @@ from http import HTTPStatus
 from fastapi.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from lmforge.serve.schemas import ApiError
+from lmforge.serve.errors import ApiError
 
 
 class GuardedH11Protocol(H11Protocol):
