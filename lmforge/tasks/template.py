@@ -12,7 +12,7 @@ speech headings, so that a character-level tokenizer trained on English text can
 
 Each turn is `MARKER + content + "\\n\\n"`, except that an assistant turn ends with the tokenizer's end-of-text
 token instead: a model fine-tuned on this template learns to stop there, which the server reports as
-`finish_reason: "stop"`. A base model (not fine-tuned) gets the same rendering, documented in the README: it
+`finish_reason: "stop"`. A base model (not fine-tuned) gets the same rendering, documented in docs/serve.md: it
 has never seen the markers, so it continues the text as it would any play.
 
 A run fine-tuned with the sft task stores its template as `chat_template.json` in the run directory
