@@ -1,46 +1,33 @@
-"""The `lmforge` command line: parse arguments, call one function per command, map user errors to exit 2.
+"""The `lmforge` command line: one parser for every command, one function per command, user errors to exit 2.
 
-Every command's function takes the parsed arguments; `train`, `bench` and `sweep` also take config overrides.
-An override is `--section.key VALUE` for any config key; a few common keys have a short flag of their own
-(`--max-steps`, `--engine`, ...), which writes the same override, so both spellings take one path.
+Each command's flags are declared in lmforge/arguments/ (choices a config key declares come from lmforge/config.py);
+the functions here run the commands. Every command's function takes the parsed arguments; `train`, `finetune`,
+`bench` and `sweep` also take config overrides. An override is `--section.key VALUE` for any config key, checked
+by the config; a few common keys have a short flag of their own (`--max-steps`, `--engine`, ...), which writes the
+same override, so both spellings take one path. A command whose optional packages are missing (serve, finetune,
+sweep: see lmforge/extras.py) says in one line which extra to install.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import typing
 from pathlib import Path
 
 from lmforge import __version__
-from lmforge.config import ENGINES, MAX_BATCH, MAX_VOCAB
+from lmforge.arguments import inference, tools, training
+from lmforge.arguments.flags import ArgumentParser
 from lmforge.errors import UserError
-from lmforge.infer.sampling import SamplingError, SamplingParams, check_temperature, check_top_k, check_top_p
-from lmforge.serve.cli import add_serve_parser
+from lmforge.extras import extra_of, require_extra
+from lmforge.infer.sampling import SamplingParams
+from lmforge.serve.cli import run_server
 
 if typing.TYPE_CHECKING:  # the CLI imports torch only inside the commands that need it
     from torch import nn
 
     from lmforge.data.tokenizer import Tokenizer
-
-OVERRIDES_EPILOG = ("Any config key can be set with --section.key VALUE (or --section.key=VALUE), e.g. "
-                    "--optim.lr 3e-3 --model.n_layer 4 --train.tokens_per_step 8192; see configs/*.toml for the keys.")
-
-
-class SetConfig(argparse.Action):
-    """A short flag for one config key: stores `--section.key VALUE` in `args.overrides` (a flag without a
-    value stores `const`), so a short flag and the dotted spelling are one setting."""
-
-    def __init__(self, option_strings, dest, key: str, **kwargs):
-        self.key = key
-        super().__init__(option_strings, dest=argparse.SUPPRESS, **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        value = self.const if self.nargs == 0 else values
-        namespace.config_flags = {**getattr(namespace, "config_flags", {}), self.key: str(value)}
-
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from lmforge.data.prepare import prepare
@@ -319,295 +306,25 @@ def cmd_tasks(args: argparse.Namespace) -> None:
     tasks_command(args.action, args.name, args.out, overwrite=args.overwrite)
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """A command that takes a config: it accepts --section.key VALUE overrides, and its help says so."""
-    parser.epilog = OVERRIDES_EPILOG
-    parser.set_defaults(takes_overrides=True)
-
-
-def add_allow_unknown(parser: argparse.ArgumentParser) -> None:
-    """The one opt-in, named the same in every command that reads text for a run's model (and `allow_unknown`
-    in a server request): without it, characters a char tokenizer never saw are refused by name."""
-    parser.add_argument("--allow-unknown", action="store_true",
-                        help="read characters outside a char tokenizer's vocabulary as the unknown token "
-                             "(default: refuse them, naming them)")
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
+    """The one parser: each command's flags (lmforge/arguments/), the function that runs it, and the extra it
+    needs beyond the core install (checked before it starts)."""
     parser = ArgumentParser(prog="lmforge", description="Train language models from scratch.")
     parser.add_argument("--version", action="version", version=f"lmforge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = commands.add_parser("prepare", help="clean and tokenize text into token shards")
-    p.set_defaults(func=cmd_prepare)
-    p.add_argument("--source", action="append", required=True,
-                   help="'shakespeare', a .txt/.md file or directory, .jsonl or .parquet (repeatable)")
-    p.add_argument("--val-source", action="append", help="held-out validation text (repeatable)")
-    p.add_argument("--val-fraction", type=float, help="fraction of documents held out (default 0.1)")
-    p.add_argument("--tokenizer", required=True, help="char, bpe or gpt2")
-    p.add_argument("--vocab-size", type=size_flag(MAX_VOCAB), help="bpe vocabulary size")
-    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet")
-    p.add_argument("--lowercase", action="store_true")
-    p.add_argument("--seed", type=SEED, default=1337)
-    p.add_argument("--shard-tokens", type=size_flag(2**31), default=100_000_000)
-    p.add_argument("--workers", type=size_flag(1024), help="encoding processes (default: all cores)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--overwrite", action="store_true", help="replace a different dataset in --out")
-    p.add_argument("--quiet", action="store_true")
-
-    p = commands.add_parser("train", help="train a model (extra --section.key value flags override the config)")
-    p.set_defaults(func=cmd_train)
-    add_config_options(p)
-    p.add_argument("--config", help="TOML config (configs/*.toml); optional with --resume")
-    p.add_argument("--data", required=True, help="directory written by lmforge prepare, or of llm.c shards")
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--max-steps", action=SetConfig, key="train.max_steps", metavar="N",
-                   help="sets train.max_steps: optimizer steps to train for")
-    p.add_argument("--max-time", action=SetConfig, key="train.max_time", metavar="SECONDS",
-                   help="sets train.max_time: seconds of training")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p.add_argument("--compile", action=SetConfig, key="train.compile", nargs=0, const="true",
-                   help="sets train.compile = true: torch.compile the model (default: on CUDA only)")
-    p.add_argument("--no-compile", action=SetConfig, key="train.compile", nargs=0, const="false",
-                   help="sets train.compile = false")
-    p.add_argument("--engine", action=SetConfig, key="train.engine", choices=ENGINES,
-                   help="sets train.engine: torch (default) or scratch (NumPy)")
-    p.add_argument("--init-from", help="start from this run's weights (and its config unless --config is given)")
-    p.add_argument("--parallel", action=SetConfig, key="train.parallel", choices=("ddp", "fsdp"),
-                   help="sets train.parallel, under torchrun: ddp (default) or fsdp (shards parameters and "
-                        "optimizer state)")
-    p.add_argument("--quiet", action="store_true")
-
-    p = commands.add_parser("sample", help="generate text from a trained run")
-    p.set_defaults(func=cmd_sample)
-    p.add_argument("run", help="run directory or a checkpoint directory inside one")
-    p.add_argument("--prompt", help="text the samples continue (default: none, start from end-of-text)")
-    p.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
-    p.add_argument("--max-new-tokens", type=NEW_TOKENS, default=500)
-    p.add_argument("--temperature", type=TEMPERATURE, default=0.8, help="0 means greedy decoding")
-    p.add_argument("--top-k", type=TOP_K, help="sample among the k most likely tokens only")
-    p.add_argument("--top-p", type=PROBABILITY, help="sample among the most likely tokens that make up this "
-                                                      "probability, in (0, 1]")
-    p.add_argument("--num-samples", type=size_flag(MAX_SAMPLES), default=1,
-                   help=f"samples to generate (at most {MAX_SAMPLES})")
-    p.add_argument("--seed", type=SEED, default=1337)
-    add_allow_unknown(p)
-    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
-    p.add_argument("--engine", choices=ENGINES, default="torch", help="scratch: the NumPy engine (CPU)")
-
-    p = commands.add_parser("chat", help="talk with a run's model in the terminal (multi-turn, streamed)")
-    p.set_defaults(func=cmd_chat)
-    p.add_argument("run", help="run directory or a checkpoint directory inside one")
-    p.add_argument("--temperature", type=TEMPERATURE, default=0.8, help="0 means greedy decoding (/temp X changes it)")
-    p.add_argument("--top-k", type=TOP_K, help="sample among the k most likely tokens only")
-    p.add_argument("--top-p", type=PROBABILITY, help="sample among the most likely tokens that make up this "
-                                                      "probability, in (0, 1]")
-    p.add_argument("--max-new-tokens", type=size_flag(MAX_NEW_TOKENS), default=256, help="longest reply, in tokens")
-    p.add_argument("--seed", type=SEED, default=1337)
-    add_allow_unknown(p)
-    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
-
-    p = commands.add_parser("eval", help="loss, perplexity and bits per byte on a split; or --task metrics")
-    p.set_defaults(func=cmd_eval)
-    p.add_argument("run", help="run directory or a checkpoint directory inside one")
-    p.add_argument("--data", required=True, help="a data directory tokenized with the run's tokenizer; with "
-                                                 "--task, a task file or a directory of train/val/test files")
-    p.add_argument("--split", help="val by default; with --task and a directory, test by default")
-    p.add_argument("--task", help="classify, translate, qa, choice or sft: the task's metrics as JSON")
-    p.add_argument("--predictions", help="with --task: write each record's prediction and reference (JSON lines)")
-    add_allow_unknown(p)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --predictions file")
-    p.add_argument("--batch-size", type=size_flag(MAX_BATCH), default=16)
-    p.add_argument("--device", default="auto", help="auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:1, mps")
-    p.add_argument("--engine", choices=ENGINES, default="torch", help="scratch: the NumPy engine (CPU)")
-
-    p = commands.add_parser("finetune", help="fine-tune a run on task data (extra --section.key value flags, "
-                                             "--lora.rank/alpha/dropout/targets, --finetune.patience)")
-    p.set_defaults(func=cmd_finetune)
-    add_config_options(p)
-    p.add_argument("base_run", help="run (or checkpoint) to start from: trained or imported here")
-    p.add_argument("--task", choices=("classify", "sft", "translate", "qa"), help="optional with --resume")
-    p.add_argument("--data", required=True, help="directory with train and val files (.jsonl, .csv, .parquet)")
-    p.add_argument("--out", required=True, help="the new run directory")
-    p.add_argument("--method", choices=("full", "lora"), help="full (default) or lora (PEFT adapters)")
-    p.add_argument("--train-blocks", type=int, help="full: train only the last N blocks (+ final norm, heads)")
-    p.add_argument("--lr", action=SetConfig, key="optim.lr", metavar="LR",
-                   help="sets optim.lr (default 1e-4 full, 1e-3 lora)")
-    p.add_argument("--max-steps", action=SetConfig, key="train.max_steps", metavar="N", help="sets train.max_steps")
-    p.add_argument("--max-time", action=SetConfig, key="train.max_time", metavar="SECONDS",
-                   help="sets train.max_time: seconds of training")
-    p.add_argument("--resume", action="store_true", help="continue the fine-tuning run in --out")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
-    p.add_argument("--quiet", action="store_true")
-
-    p = commands.add_parser("predict", help="a fine-tuned run on one text: label and probabilities (classify) "
-                                            "or its reply, as JSON")
-    p.set_defaults(func=cmd_predict)
-    p.add_argument("run", help="run directory or a checkpoint directory inside one")
-    p.add_argument("--text", required=True)
-    p.add_argument("--context", help="qa runs: the passage the --text question is about")
-    p.add_argument("--max-new-tokens", type=NEW_TOKENS,
-                   help="runs that reply with text: reply length (default 200, at most the run's context)")
-    p.add_argument("--device", default="auto")
-    add_allow_unknown(p)
-
-    p = commands.add_parser("bench", help="time training steps on random tokens (extra flags override config)")
-    p.set_defaults(func=cmd_bench)
-    add_config_options(p)
-    p.add_argument("--config", help="TOML config (default: built-in defaults)")
-    p.add_argument("--steps", type=size_flag(MAX_BENCH_STEPS), default=10,
-                   help="timed optimizer steps (after 2 untimed warm-up steps)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--measure-peak", action="store_true",
-                   help="measure the peak FLOP rate MFU is reported against again (run it on a quiet machine), "
-                        "replacing the cached one")
-    p.add_argument("--engine", action=SetConfig, key="train.engine", choices=ENGINES,
-                   help="sets train.engine: torch (default) or scratch (NumPy)")
-
-    p = commands.add_parser("gradcheck", help="check the scratch engine's gradients (finite differences, torch)")
-    p.set_defaults(func=cmd_gradcheck)
-    p.add_argument("--layers", action="store_true", help="every layer, float64")
-    p.add_argument("--model", choices=("tiny",), help="the whole tiny model, float64 and float32")
-
-    p = commands.add_parser("import", help="make a run from a Hugging Face model or an llm.c model file")
-    p.set_defaults(func=cmd_import)
-    p.add_argument("source", help="a Hugging Face model directory, a hub name such as gpt2 (needs network), "
-                                  "or an llm.c model .bin file")
-    p.add_argument("--out", required=True, help="run directory to create")
-    p.add_argument("--tokenizer", help="an lmforge tokenizer.json (or a run or data directory holding one) "
-                                       "instead of the source's")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-
-    p = commands.add_parser("export", help="write a run's model for Hugging Face transformers or llm.c")
-    p.set_defaults(func=cmd_export)
-    p.add_argument("run", help="run directory or a checkpoint directory inside one")
-    p.add_argument("--format", required=True, choices=("hf", "llmc"))
-    p.add_argument("--out", required=True, help="hf: a directory; llmc: the model file (its tokenizer file "
-                                                "goes beside it as NAME_tokenizer.bin)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-
-    p = commands.add_parser("report", help="write RUN/report/report.md with plots")
-    p.set_defaults(func=cmd_report)
-    p.add_argument("run", help="run directory")
-    p.add_argument("--attention-layer", type=int, default=-1,
-                   help="transformer layer whose attention maps are drawn (default -1: the last)")
-
-    p = commands.add_parser("compare", help="runs side by side: a Markdown table and overlaid val-loss curves")
-    p.set_defaults(func=cmd_compare)
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
-    p.add_argument("--out", required=True, help="directory for compare.md and the PNG curves")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in --out")
-
-    p = commands.add_parser("sweep", help="hyperparameter search with Optuna (extra --section.key value flags "
-                                          "override the config)")
-    p.set_defaults(func=cmd_sweep)
-    add_config_options(p)
-    p.add_argument("--config", help="TOML config every trial starts from")
-    p.add_argument("--data", required=True)
-    p.add_argument("--out", required=True, help="sweep directory: sweep.db, trial_000/, ..., results, best.toml")
-    p.add_argument("--param", action="append", help="KEY=a,b,c or KEY=log:LOW:HIGH or KEY=lin:LOW:HIGH "
-                                                    "(repeatable)")
-    p.add_argument("--method", default="tpe", help="grid, random or tpe (default)")
-    p.add_argument("--trials", type=int, help="trials in all, counting finished ones (default: the grid's "
-                                              "size, else 10)")
-    p.add_argument("--budget-time", type=float, help="seconds of training per trial")
-    p.add_argument("--finetune", metavar="BASE_RUN", help="search fine-tuning of this run instead of training "
-                   "(with --task; --data is then the task data: e.g. --param optim.lr=log:1e-4:1e-2 "
-                   "--param lora.rank=4,8,16 --param finetune.train_blocks=1,2,4)")
-    p.add_argument("--task", choices=("classify", "sft", "translate", "qa"), help="with --finetune: the task")
-    p.add_argument("--finetune-method", choices=("full", "lora"), help="with --finetune: full (default) or lora")
-    p.add_argument("--quiet", action="store_true")
-
-    add_serve_parser(commands)
-
-    p = commands.add_parser("plot", help="teaching plots")
-    p.set_defaults(func=cmd_plot)
-    p.add_argument("what", choices=("activations", "derivative", "landscape", "next-token"),
-                   help="activations: the functions and their derivatives; derivative: finite-difference error "
-                        "against h; landscape: the loss around RUN's weights; next-token: RUN's next-token "
-                        "distribution after --prompt")
-    p.add_argument("run", nargs="?", metavar="RUN", help="run directory (landscape, next-token)")
-    p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--prompt", help="next-token: the text before the token (default: none, end-of-text)")
-    add_allow_unknown(p)
-    p.add_argument("--top-k", type=TOP_K, default=10, help="next-token: the top-k cut-off to mark (default 10)")
-    p.add_argument("--top-p", type=PROBABILITY, default=0.9,
-                   help="next-token: the top-p cut-off to mark (default 0.9)")
-    p.add_argument("--data", help="landscape: data directory (default: the one the run's log records)")
-    p.add_argument("--points", type=int, default=21, help="landscape: points per axis (default 21)")
-    p.add_argument("--span", type=float, default=1.0, help="landscape: offsets from -SPAN to SPAN (default 1)")
-    p.add_argument("--windows", type=POSITIVE_INT, default=8, help="landscape: validation windows (default 8)")
-    p.add_argument("--seed", type=SEED, default=0, help="landscape: seed of the random directions")
-
-    p = commands.add_parser("tasks", help="built-in fine-tuning tasks: list them, or make one's data files")
-    p.set_defaults(func=cmd_tasks)
-    p.add_argument("action", choices=("list", "make"))
-    p.add_argument("name", nargs="?", help="make: genre, folio, next-line or modernize")
-    p.add_argument("--out", help="make: the directory for train/val/test .jsonl")
-    p.add_argument("--overwrite", action="store_true", help="make: replace a non-empty --out")
+    # Looked up when the parser is built, so a test may stand in for a command's function.
+    for add, func, extra in (
+            (training.add_prepare, cmd_prepare, None), (training.add_train, cmd_train, None),
+            (inference.add_sample, cmd_sample, None), (inference.add_chat, cmd_chat, None),
+            (inference.add_eval, cmd_eval, None), (training.add_finetune, cmd_finetune, "tasks"),
+            (inference.add_predict, cmd_predict, None), (training.add_bench, cmd_bench, None),
+            (tools.add_gradcheck, cmd_gradcheck, None), (tools.add_import, cmd_import, None),
+            (tools.add_export, cmd_export, None), (tools.add_report, cmd_report, None),
+            (tools.add_compare, cmd_compare, None), (training.add_sweep, cmd_sweep, "lab"),
+            (inference.add_serve, run_server, "serve"), (tools.add_plot, cmd_plot, None),
+            (tools.add_tasks, cmd_tasks, None)):
+        add(commands).set_defaults(func=func, extra=extra)
     return parser
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, with a bad argument reported as every other user error: one line on stderr and exit 2."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def checked(kind: type, *, low: float | None = None, high: float | None = None, above: float | None = None,
-            text: str) -> typing.Callable[[str], typing.Any]:
-    """An argparse type: a finite `kind` within the bounds, else an error saying what is allowed (`text`)."""
-
-    def parse(value: str):
-        try:
-            number = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {text}, got {value!r}") from None
-        if not math.isfinite(number) or (low is not None and number < low) or (high is not None and number > high) \
-                or (above is not None and number <= above):
-            raise argparse.ArgumentTypeError(f"expected {text}, got {value}")
-        return number
-
-    return parse
-
-
-def sampling_value(kind: type, check: typing.Callable[[typing.Any], typing.Any], text: str
-                   ) -> typing.Callable[[str], typing.Any]:
-    """An argparse type for a sampling flag: the value parsed as `kind`, then SamplingParams' own check of it
-    (lmforge/infer/sampling.py), so the flags, chat's /temp and the server accept the same values."""
-
-    def parse(value: str):
-        try:
-            number = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {text}, got {value!r}") from None
-        try:
-            return check(number)
-        except SamplingError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    return parse
-
-
-def size_flag(most: int) -> typing.Callable[[str], int]:
-    """An argparse type for a size: a positive integer up to `most`, a bound far above any real use that keeps
-    a typo from running for hours or failing in the allocator."""
-    return checked(int, low=1, high=most, text=f"a positive integer of at most {most:,}")
-
-
-POSITIVE_INT = checked(int, low=1, text="a positive integer")
-MAX_NEW_TOKENS = 1_000_000
-MAX_SAMPLES = 1024  # --num-samples run as one batch: one row of KV cache each
-MAX_BENCH_STEPS = 100_000
-NEW_TOKENS = checked(int, low=0, high=MAX_NEW_TOKENS, text=f"an integer from 0 to {MAX_NEW_TOKENS:,}")
-TEMPERATURE = sampling_value(float, check_temperature, "0 (greedy) or a positive number")
-TOP_K = sampling_value(int, check_top_k, "a positive number of tokens")
-PROBABILITY = sampling_value(float, check_top_p, "a probability in (0, 1]")
-SEED = checked(int, low=0, high=2**64 - 1, text="an integer in [0, 2**64)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -619,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "takes_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.extra is not None:
+            require_extra(args.extra)
         if getattr(args, "takes_overrides", False):
             from lmforge.config import parse_overrides
 
@@ -627,6 +346,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except UserError as err:
         print(f"lmforge {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:  # an optional package a command reached without its extra installed
+        missing = extra_of(err)
+        if missing is None:
+            raise
+        print(f"lmforge {args.command}: error: {missing}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"lmforge {args.command}: interrupted", file=sys.stderr)

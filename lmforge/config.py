@@ -6,10 +6,11 @@ choices, `bool`, or a number with its range (`number(...)`). Values are checked 
 is made: loading a file, a command-line override, `from_dict`, or constructing a section directly. A bad value
 is a one-line UserError naming the key, the value and what is allowed; an unknown key names the closest valid
 key in any section. `[finetune]` is the one optional section: only a fine-tuning run has it (a plain run's
-config.toml has no such table), and `--lora.KEY` is the short spelling of `--finetune.lora_KEY`. Rules between
-keys that need the model's code (head divisibility, what the scratch engine
-implements) stay beside that code; the one between keys of this file (`model.activation` and `model.arch`)
-lives here.
+config.toml has no such table), and `--lora.KEY` is the short spelling of `--finetune.lora_KEY`. The rules
+between keys (a section's `check_combination`: which arch takes `model.activation`, the transformer's head
+shapes) live here too, so the modules that build from a config trust it. Rules that need more than the config
+stay beside what they need: what the scratch engine implements, a LoRA rank against a layer's width, devices
+and process counts only known at run time.
 """
 
 from __future__ import annotations
@@ -139,6 +140,19 @@ class ModelConfig(Section):
         if self.activation and self.arch not in ACTIVATION_ARCHS:
             raise UserError(f"model.activation = '{self.activation}' does not apply to arch '{self.arch}': "
                             f"{FIXED_NONLINEARITY[self.arch]}; leave model.activation empty")
+        if self.arch == "gpt":
+            self.check_attention_shape()
+
+    def check_attention_shape(self) -> None:
+        """The transformer splits its width into equal heads, its heads into equal key/value groups, and a
+        rotary head into channel pairs."""
+        if self.n_embd % self.n_head:
+            raise UserError(f"model.n_embd ({self.n_embd}) must be a multiple of model.n_head ({self.n_head})")
+        n_kv_head = self.n_kv_head or self.n_head
+        if self.n_head % n_kv_head:
+            raise UserError(f"model.n_head ({self.n_head}) must be a multiple of model.n_kv_head ({n_kv_head})")
+        if self.position == "rope" and (self.n_embd // self.n_head) % 2:
+            raise UserError("rotary positions need an even head size (model.n_embd / model.n_head)")
 
 
 @dataclass

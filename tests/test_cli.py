@@ -207,3 +207,50 @@ def test_bench_says_its_accumulation_before_it_starts(capsys):
     assert code == 0
     assert json.loads(out)["accumulation"] == 4  # 64 tokens per step / (2 x 8)
     assert err.startswith("4 micro-batches of 2 x 8 tokens per step") and "estimate:" in err
+
+
+# ----- one parser, its choices from the config -----
+
+# Flags that are not a config key's short spelling but name one of its choices.
+CHOICE_FLAGS = {("sample", "--engine"): "train.engine", ("eval", "--engine"): "train.engine",
+                ("finetune", "--task"): "finetune.task", ("finetune", "--method"): "finetune.method",
+                ("sweep", "--task"): "finetune.task", ("sweep", "--finetune-method"): "finetune.method"}
+
+
+def command_parsers() -> dict:
+    import argparse
+
+    from lmforge.cli import build_parser
+
+    parser = build_parser()
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_flag_that_names_a_config_choice_offers_exactly_the_configs_choices():
+    from lmforge.arguments.flags import SetConfig
+    from lmforge.config import KEYS
+
+    short_flags, named = 0, set()
+    for command, parser in command_parsers().items():
+        for action in parser._actions:
+            flag = (command, action.option_strings[0] if action.option_strings else None)
+            if isinstance(action, SetConfig):
+                assert tuple(action.choices or ()) == KEYS[action.key].choices, flag
+                short_flags += 1
+            elif flag in CHOICE_FLAGS:
+                assert tuple(action.choices) == KEYS[CHOICE_FLAGS[flag]].choices, flag
+                named.add(flag)
+    assert short_flags >= 10 and named == set(CHOICE_FLAGS)
+
+
+def test_serve_is_a_command_of_the_one_parser(capsys):
+    assert "serve" in command_parsers()
+    code, out, _ = run_cli(capsys, "serve", "--help")
+    assert code == 0 and "--max-queue" in out and "--drain-timeout" in out
+    code, _, err = run_cli(capsys, "serve", "some-run", "--port", "eighty")
+    assert code == 2 and err.count("\n") == 1 and "--port" in err and "Traceback" not in err
+
+
+def test_a_short_flag_refuses_a_choice_the_config_does_not_declare(capsys):
+    code, _, err = run_cli(capsys, "train", "--data", "d", "--out", "o", "--parallel", "zero")
+    assert code == 2 and err.count("\n") == 1 and "'ddp', 'fsdp'" in err

@@ -146,9 +146,12 @@ def test_every_numeric_key_enforces_its_declared_range(dotted):
         edges_and_outsides.append((bound.at_most, bound.at_most + step))
     if bound.below is not None:
         edges_and_outsides.append((bound.below - step, bound.below))
+    # A bigram has no attention heads: a width or head count at its edge is not also refused by the
+    # transformer's rule between them (tested below), so the key's own range is what is tested here.
+    alone = {"model.arch": "bigram"} if dotted.startswith("model.") else {}
     for edge, outside in edges_and_outsides:
-        assert value_of(load_config(None, {dotted: str(edge)}), dotted) == edge
-        refused(dotted, lambda outside=outside: load_config(None, {dotted: str(outside)}))
+        assert value_of(load_config(None, {**alone, dotted: str(edge)}), dotted) == edge
+        refused(dotted, lambda outside=outside: load_config(None, {**alone, dotted: str(outside)}))
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN", "infinity"])
@@ -263,8 +266,9 @@ def test_mlp_and_rnn_take_model_activation(arch):
 
 def test_the_rule_between_keys_is_checked_after_every_override():
     # mlp.toml sets activation = tanh; switching to gpt works when the same command line clears it, in any order
+    # (and gives a head count that divides mlp.toml's width of 32, the transformer's own rule)
     for order in (["--model.arch", "gpt", "--model.activation", ""], ["--model.activation", "", "--model.arch", "gpt"]):
-        config = load_config(CONFIGS / "mlp.toml", parse_overrides(order))
+        config = load_config(CONFIGS / "mlp.toml", parse_overrides([*order, "--model.n_head", "4"]))
         assert config.model.arch == "gpt" and config.model.activation == ""
     refused("model.mlp", lambda: load_config(CONFIGS / "mlp.toml", {"model.arch": "gpt"}))
 
@@ -297,3 +301,30 @@ def test_the_finetune_section_is_optional_typed_and_spelled_two_ways(tmp_path):
     refused("finetune.lora_rank", lambda: load_config(None, {"lora.rank": "0"}))
     refused("finetune.task", lambda: load_config(None, {"finetune.task": "chat"}))
     refused("--lora.targets", lambda: load_config(None, {"finetune.method": "lora", "finetune.train_blocks": "1"}))
+
+
+# ----- the transformer's shape rules are the config's, met by every command that reads a config -----
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    (["--model.n_embd", "30", "--model.n_head", "4"], "model.n_embd (30) must be a multiple of model.n_head (4)"),
+    (["--model.n_head", "4", "--model.n_kv_head", "3"], "model.n_head (4) must be a multiple of model.n_kv_head (3)"),
+    (["--model.n_embd", "20", "--model.n_head", "4", "--model.position", "rope"],
+     "rotary positions need an even head size"),
+])
+@pytest.mark.parametrize("command", ["train", "bench"])
+def test_a_transformer_shape_that_cannot_build_is_a_config_error(command, overrides, fragment, tmp_path, capsys):
+    from tests.conftest import assert_one_line_error, run_cli
+
+    (tmp_path / "tiny.toml").write_text("[model]\nn_layer = 1\n")
+    where = ["--data", tmp_path / "data", "--out", tmp_path / "run"] if command == "train" else []
+    code, _, err = run_cli(capsys, command, "--config", tmp_path / "tiny.toml", *where, "--train.device", "cpu",
+                           *overrides)
+    assert_one_line_error(code, err, f"lmforge {command}: error: {fragment}")
+    assert not (tmp_path / "run").exists()  # refused while reading the config, before the run is made
+
+
+def test_shape_rules_apply_to_the_transformer_only():
+    config = load_config(None, {"model.arch": "rnn", "model.n_embd": "30", "model.n_head": "4"})
+    assert (config.model.n_embd, config.model.n_head) == (30, 4)  # an rnn has no heads to divide its width
+    refused("multiple of model.n_head", lambda: ModelConfig(n_embd=30, n_head=4))  # made directly: the same rule

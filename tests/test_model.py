@@ -302,7 +302,7 @@ def test_flops_per_token_is_about_six_per_parameter_when_attention_is_small():
     (dict(norm="batchnorm"), "unknown model.norm"),
     (dict(n_head=4, n_kv_head=3), "n_kv_head"),
     (dict(n_embd=20, n_head=4, position="rope"), "even head size"),
-    (dict(n_layer=0), r"model.n_layer must be in \(0, "),
+    (dict(n_layer=0), r"model.n_layer must be in \(0, 1024\]"),
     (dict(dropout=1.0), "model.dropout"),
 ])
 def test_bad_config_is_a_user_error(options, message):

@@ -1,4 +1,7 @@
-"""`lmforge serve RUN`: its command-line options, loading the run, and running uvicorn until SIGTERM or Ctrl-C.
+"""`lmforge serve RUN`: checking its options, loading the run, and running uvicorn until SIGTERM or Ctrl-C.
+
+The flags are declared with every other command's (lmforge/arguments/inference.py); their values are checked here,
+where Python callers of `build_app` reach the same checks.
 
 SIGTERM drains: uvicorn stops accepting connections, in-flight requests finish (up to --drain-timeout
 seconds), the engine stops, and the process exits 0.
@@ -22,32 +25,6 @@ MAX_QUEUE = 100_000  # each waiting request holds its prompt; a longer line only
 MAX_BODY_BYTES = 100_000_000  # a body is held whole, then parsed: several times its size in memory
 DEFAULT_MAX_CONNECTIONS = 512
 RESERVED_FILES = 64  # descriptors the server needs besides its connections (checkpoints, logs, the listener)
-
-
-def add_serve_parser(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API with a playground page")
-    p.set_defaults(func=run_server)
-    p.add_argument("run", help="run directory or a checkpoint directory inside one")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on the API (default: ${API_KEY_ENV})")
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together in one forward pass")
-    p.add_argument("--max-queue", type=int, default=256,
-                   help=f"requests waiting for a slot before 429 (at most {MAX_QUEUE})")
-    p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
-    p.add_argument("--max-body-bytes", type=int, default=1_000_000,
-                   help=f"largest request body (else 413; at most {MAX_BODY_BYTES})")
-    p.add_argument("--max-connections", type=int, default=None,
-                   help=f"open connections served at once, beyond that 503 (default {DEFAULT_MAX_CONNECTIONS}, "
-                        "or fewer if ulimit -n is low)")
-    p.add_argument("--header-timeout", type=float, default=10.0,
-                   help="seconds a client has to send a request's head (else 408 and closed)")
-    p.add_argument("--body-timeout", type=float, default=30.0,
-                   help="seconds a client has to send a request's body (else 408 and closed)")
-    p.add_argument("--keep-alive-timeout", type=float, default=5.0,
-                   help="seconds an idle connection stays open between requests")
-    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests")
-    p.add_argument("--device", default="auto")
 
 
 def check_count(name: str, value: int, high: int | None = None, why: str = "") -> None:

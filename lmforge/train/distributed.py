@@ -53,8 +53,6 @@ from torch.nn.parallel import DistributedDataParallel
 from lmforge.config import TrainConfig
 from lmforge.errors import UserError
 
-PARALLEL = ("ddp", "fsdp")
-
 
 @dataclass
 class Cluster:
@@ -198,8 +196,6 @@ class Cluster:
 
 def start_cluster(train: TrainConfig, device: torch.device) -> tuple[Cluster, torch.device]:
     """Join the job torchrun started (a process group and, on CUDA, this local rank's GPU), or stay alone."""
-    if train.parallel not in PARALLEL:
-        raise UserError(f"unknown train.parallel '{train.parallel}'; choose ddp or fsdp")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Cluster(parallel=train.parallel, device=device), device
@@ -207,8 +203,6 @@ def start_cluster(train: TrainConfig, device: torch.device) -> tuple[Cluster, to
         raise UserError("the scratch engine trains in one process; run it without torchrun")
     if device.type == "mps":
         raise UserError("several processes need CUDA GPUs or the CPU, not MPS; use --train.device cpu")
-    if train.dist_timeout <= 0:
-        raise UserError("train.dist_timeout must be a positive number of seconds")
     if train.parallel == "fsdp" and train.precision == "fp16":
         raise UserError("--parallel fsdp does not support train.precision fp16 (its loss scaling would differ "
                         "between shards); use bf16")

@@ -16,7 +16,6 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lmforge.config import OptimConfig
-from lmforge.errors import UserError
 
 # Coefficients of the quintic Newton-Schulz iteration tuned for speed of convergence (Keller Jordan, 2024).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -105,21 +104,20 @@ def build_optimizers(model: nn.Module, config: OptimConfig, device: torch.device
     if config.name == "adamw":
         return [_adamw([{"params": matrices, "weight_decay": config.weight_decay},
                         {"params": vectors, "weight_decay": 0.0}], config, device)]
-    if config.name == "muon":
-        hidden_names = set(hidden_matrices(model))
-        hidden = [p for name, p in named if name in hidden_names]
-        hidden_ids = {id(p) for p in hidden}
-        others = [p for p in matrices if id(p) not in hidden_ids]
-        adamw = _adamw([{"params": others, "weight_decay": config.weight_decay},
-                        {"params": vectors, "weight_decay": 0.0}], config, device)
-        if not hidden:
-            if say is not None:
-                say("optim.name = muon: this model has no hidden matrices for Muon (only embeddings and the "
-                    "head), so AdamW trains all of it")
-            return [adamw]
-        muon = Muon(hidden, lr=config.muon_lr, momentum=config.muon_momentum, weight_decay=0.0)
-        return [adamw, muon]
-    raise UserError(f"unknown optim.name '{config.name}'; choose adamw or muon")
+    # muon: the other optim.name choice config.py allows
+    hidden_names = set(hidden_matrices(model))
+    hidden = [p for name, p in named if name in hidden_names]
+    hidden_ids = {id(p) for p in hidden}
+    others = [p for p in matrices if id(p) not in hidden_ids]
+    adamw = _adamw([{"params": others, "weight_decay": config.weight_decay},
+                    {"params": vectors, "weight_decay": 0.0}], config, device)
+    if not hidden:
+        if say is not None:
+            say("optim.name = muon: this model has no hidden matrices for Muon (only embeddings and the "
+                "head), so AdamW trains all of it")
+        return [adamw]
+    muon = Muon(hidden, lr=config.muon_lr, momentum=config.muon_momentum, weight_decay=0.0)
+    return [adamw, muon]
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], multiplier: float) -> float:

@@ -26,11 +26,9 @@ def lr_multiplier(schedule: str, step: int, progress: float, *, warmup_steps: in
         decay = 0.5 * (1.0 + math.cos(math.pi * progress))
     elif schedule == "linear":
         decay = 1.0 - progress
-    elif schedule == "wsd":
+    else:  # wsd, the last of the train.schedule choices config.py checked
         cooldown_start = 1.0 - cooldown_fraction
         decay = 1.0 if progress < cooldown_start else (1.0 - progress) / max(cooldown_fraction, 1e-12)
-    else:
-        raise ValueError(f"unknown schedule {schedule!r}")
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
 
