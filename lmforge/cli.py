@@ -89,6 +89,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise UserError("give either --prompt or --prompt-file, not both")
     prompt = args.prompt or ""
     if args.prompt_file is not None:
+        from lmforge.inputs import refuse_special_file
+
+        refuse_special_file(args.prompt_file, "--prompt-file")
         try:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8", errors="replace")
         except OSError as err:

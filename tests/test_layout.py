@@ -15,7 +15,7 @@ PACKAGE = Path(lmforge.__file__).parent
 # A module may import modules of a lower layer, and modules of its own layer in its own package. A module's
 # layer is its own entry, else its package's.
 LAYERS = {
-    "lmforge": 0, "lmforge.errors": 0,
+    "lmforge": 0, "lmforge.errors": 0, "lmforge.inputs": 0,
     "lmforge.files": 1, "lmforge.plots": 1,
     "lmforge.config": 1,
     "lmforge.model": 2, "lmforge.data": 2,
