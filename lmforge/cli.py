@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
+import threading
 import typing
 from pathlib import Path
 
@@ -553,7 +555,29 @@ PROBABILITY = checked(float, above=0, high=1, text="a probability in (0, 1]")
 SEED = checked(int, low=0, high=2**64 - 1, text="an integer in [0, 2**64)")
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is, so that its clean-up runs as for Ctrl-C: half-written outputs and
+    temporary files are removed (the default action would kill the process on the spot and leave them)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
+    # The training loops and the server install handlers of their own while they run, and restore this one.
+    on_sigterm = threading.current_thread() is threading.main_thread() \
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if on_sigterm:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run(argv)
+    finally:
+        if on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -574,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lmforge {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"lmforge {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:  # `lmforge sample ... | head`: the reader left, which is fine
         return 0
     return 0

@@ -565,7 +565,7 @@ def read_log(path: str | Path) -> RunLog:
 
 def parse_record(line: bytes | str, where: str) -> Record | None:
     """One line of the log as its typed record (None for an unknown kind), or a UserError saying what is wrong."""
-    fix = "repair or delete that line and run the report again"
+    fix = "repair or delete that line and run the command again"
     try:
         values = json.loads(line)
     except UnicodeDecodeError:
