@@ -51,8 +51,8 @@ def make_fifo(path: Path) -> Path:
 
 def special_inputs(root: Path, tiny) -> list[tuple[list, str]]:
     """(command line, what the error must name) for each way a named file is read: prepare's sources (text,
-    jsonl, --val-source), the two import formats, a config file (train; bench, sweep and every run's
-    config.toml read it through the same function) and sample's --prompt-file."""
+    jsonl, --val-source), the two import formats and import's --tokenizer, a config file (train; bench, sweep
+    and every run's config.toml read it through the same function) and sample's --prompt-file."""
     fifo_txt = make_fifo(root / "fifo.txt")
     zero_txt = root / "zero.txt"
     zero_txt.symlink_to("/dev/zero")
@@ -74,6 +74,7 @@ def special_inputs(root: Path, tiny) -> list[tuple[list, str]]:
         (["prepare", "--source", loop, "--tokenizer", "char", "--out", out], "symbolic links"),
         (["import", make_fifo(root / "fifo.bin"), "--out", out], "llm.c model file"),
         (["import", hf_dir, "--out", out], "model config"),
+        (["import", tiny.root / "model.bin", "--tokenizer", fifo_txt, "--out", out], "tokenizer"),
         (["train", "--config", fifo_txt, "--data", tiny.data, "--out", out], "config file"),
         (["sample", tiny.run, "--prompt-file", fifo_txt, "--device", "cpu"], "--prompt-file"),
     ]
@@ -85,6 +86,7 @@ def test_fifos_and_devices_named_as_input_are_refused(tmp_path, tiny):
     for (argv, fragment), child in zip(cases, children, strict=True):
         _, err = child.communicate(timeout=300)  # before the fix the fifo cases never returned
         assert_one_line_error(child.returncode, err, fragment)
+        assert "not a regular file" in err or "symbolic links" in err, argv
         assert not (tmp_path / "out").exists(), argv
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from lmforge.errors import UserError
 from lmforge.files import write_atomic
+from lmforge.inputs import refuse_special_file
 
 KINDS = ("char", "bpe", "gpt2")
 EOT_TEXT = "<|endoftext|>"
@@ -262,6 +263,7 @@ def tokenizer_from_dict(data: dict[str, Any], origin: str = "tokenizer.json") ->
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer saved at `path`: a tokenizer.json file or a directory holding one."""
     path = Path(path)
+    refuse_special_file(path, "tokenizer")
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():
