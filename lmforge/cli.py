@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import typing
 from pathlib import Path
 
@@ -77,6 +79,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
         raise UserError("give either --prompt or --prompt-file, not both")
     prompt = args.prompt or ""
     if args.prompt_file is not None:
+        from lmforge.inputs import refuse_special_file
+
+        refuse_special_file(args.prompt_file, "--prompt-file")
         try:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8", errors="replace")
         except OSError as err:
@@ -328,6 +333,19 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The training loops and the server install handlers of their own while they run, and restore this one.
+    on_sigterm = threading.current_thread() is threading.main_thread() \
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    if on_sigterm:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return _run(argv)
+    finally:
+        if on_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
@@ -356,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lmforge {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"lmforge {args.command}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:  # `lmforge sample ... | head`: the reader left, which is fine
         return 0
     return 0

@@ -30,6 +30,7 @@ from typing import Any, Literal
 import tomli_w
 
 from lmforge.errors import UserError
+from lmforge.inputs import refuse_special_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -454,6 +455,7 @@ def from_dict(data: dict[str, Any]) -> Config:
 
 
 def _read_text(path: Path) -> str:
+    refuse_special_file(path, "config file")
     if path.is_dir():
         raise UserError(f"config path {path} is a directory; pass a TOML file such as configs/gpt.toml")
     try:

@@ -227,7 +227,7 @@ def create_run(run_dir: Path, config: Config, tokenizer: Tokenizer, replace: lis
 
 
 def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], origin: str) -> None:
-    """The weights must be exactly the parameters of GPT(config): same names, same shapes."""
+    """The weights must be exactly the parameters of GPT(config): same names, same shapes, finite values."""
     with torch.device("meta"):  # shapes only: no memory, no initialization cost
         expected = {name: tuple(tensor.shape) for name, tensor in GPT(config).state_dict().items()}
     got = {name: tuple(tensor.shape) for name, tensor in weights.items()}
@@ -237,6 +237,12 @@ def check_weights(config: ModelConfig, weights: dict[str, torch.Tensor], origin:
         wrong = sorted(name for name in set(got) & set(expected) if got[name] != expected[name])
         raise UserError(f"{origin}: its weights do not make the model its config describes "
                         f"(missing {missing[:3]}, unexpected {extra[:3]}, wrong shape {wrong[:3]})")
+    # A model with a NaN or infinite weight computes NaN everywhere: sampling from it fails deep in torch and
+    # its evaluation prints NaN. Refuse it at the door.
+    for name, tensor in weights.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise UserError(f"{origin}: weight '{name}' holds NaN or infinite values (a diverged or corrupt "
+                            "model); cannot import it")
 
 
 def check_import_output(out: str | Path, overwrite: bool, inputs: typing.Sequence[str | Path] = ()) -> None:
@@ -693,7 +699,7 @@ def read_log(path: str | Path) -> RunLog:
 
 def parse_record(line: bytes | str, where: str) -> Record | None:
     """One line of the log as its typed record (None for an unknown kind), or a UserError saying what is wrong."""
-    fix = "repair or delete that line and run the report again"
+    fix = "repair or delete that line and run the command again"
     try:
         values = json.loads(line)
     except UnicodeDecodeError:

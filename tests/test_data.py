@@ -442,7 +442,7 @@ def test_summary_is_printed_unless_quiet(tmp_path, capsys):
     ({"val_sources": ["{tmp}/blank.txt"]}, "no validation documents"),
     ({"val_sources": ["{tmp}/good.txt"]}, "no validation documents .*1 duplicates"),
     ({"vocab_size": 1000}, "--vocab-size applies to the bpe tokenizer only"),
-    ({"tokenizer": "bpe", "vocab_size": 100}, "--vocab-size must be at least 257"),
+    ({"tokenizer": "bpe", "vocab_size": 100}, "--vocab-size must be between 257"),
     ({"sources": ["{tmp}/empty_dir"]}, "holds no .txt or .md files"),
 ])
 def test_bad_input_is_one_clear_user_error(tmp_path, kwargs, message):

@@ -16,6 +16,7 @@ PACKAGE = Path(lmforge.__file__).parent
 # layer is its own entry, else its package's.
 LAYERS = {
     "lmforge": 0, "lmforge.errors": 0,
+    "lmforge.inputs": 0.5,  # the input-file check: on errors, under config (which reads config files through it)
     "lmforge.files": 1, "lmforge.plots": 1, "lmforge.extras": 1,
     "lmforge.config": 1,
     "lmforge.model": 2, "lmforge.data": 2,

@@ -29,7 +29,7 @@ def add_prepare(commands: Commands) -> argparse.ArgumentParser:
     p.add_argument("--lowercase", action="store_true")
     p.add_argument("--seed", type=SEED, default=1337)
     p.add_argument("--shard-tokens", type=size_flag(2**31), default=100_000_000)
-    p.add_argument("--workers", type=size_flag(1024), help="encoding processes (default: all cores)")
+    p.add_argument("--workers", type=size_flag(1024), help="encoding processes (default and most: all cores)")
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace a different dataset in --out")
     p.add_argument("--quiet", action="store_true")

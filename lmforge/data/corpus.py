@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmforge.errors import UserError
+from lmforge.inputs import refuse_special_file
 
 SHAKESPEARE = "shakespeare"
 TEXT_SUFFIXES = (".txt", ".md")
@@ -173,6 +174,7 @@ def resolve_source(spec: str) -> Source:
     if spec == SHAKESPEARE:
         return Source(spec, "shakespeare", tuple(shakespeare_files()))
     path = Path(spec)
+    refuse_special_file(path, "source")
     if path.is_dir():
         # Hidden files and folders (.git, editor backups) are not corpus.
         files = sorted(p for p in path.rglob("*")

@@ -48,9 +48,9 @@ from lmforge.data.corpus import (
 from lmforge.data.shards import SPLITS, ShardWriter, token_dtype
 from lmforge.data.tokenizer import (
     DEFAULT_BPE_VOCAB_SIZE,
-    MIN_BPE_VOCAB_SIZE,
     GPT2Tokenizer,
     Tokenizer,
+    check_bpe_vocab_size,
     check_kind,
     tokenizer_from_dict,
     train_tokenizer,
@@ -336,9 +336,8 @@ def _check_arguments(source_names: list[str], val_names: list[str], tokenizer: s
         fixed_by = "the training text" if tokenizer == "char" else "GPT-2"
         raise UserError(f"--vocab-size applies to the bpe tokenizer only; the {tokenizer} vocabulary is "
                         f"fixed by {fixed_by}")
-    if vocab_size is not None and vocab_size < MIN_BPE_VOCAB_SIZE:
-        raise UserError(f"--vocab-size must be at least {MIN_BPE_VOCAB_SIZE} for bpe "
-                        f"(256 byte tokens and end-of-text), got {vocab_size}")
+    if vocab_size is not None:
+        check_bpe_vocab_size(vocab_size, "--vocab-size")
     if shard_tokens < 1:
         raise UserError(f"--shard-tokens must be at least 1, got {shard_tokens}")
     if workers < 1:
@@ -374,8 +373,12 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str, *, val_sources:
     """Clean, split and tokenize `sources` into `out`; prints a summary unless quiet; returns meta.json."""
     source_names = [sources] if isinstance(sources, str) else list(sources)
     val_names = [val_sources] if isinstance(val_sources, str) else list(val_sources or [])
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    cores = os.cpu_count() or 1
+    workers = cores if workers is None else workers
     _check_arguments(source_names, val_names, tokenizer, val_fraction, vocab_size, shard_tokens, workers)
+    # The process pool starts a process for each unit of work in flight (2 * workers): an --workers in the
+    # millions would start one per unit and read the whole corpus ahead. Past the cores, more only wait.
+    workers = min(workers, cores)
     if tokenizer == "bpe" and vocab_size is None:
         vocab_size = DEFAULT_BPE_VOCAB_SIZE
     fraction = None if val_names else (DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction)

@@ -26,11 +26,21 @@ import numpy as np
 
 from lmforge.errors import UserError
 from lmforge.files import write_atomic
+from lmforge.inputs import refuse_special_file
 
 KINDS = ("char", "bpe", "gpt2")
 EOT_TEXT = "<|endoftext|>"
 DEFAULT_BPE_VOCAB_SIZE = 4096
 MIN_BPE_VOCAB_SIZE = 257  # the 256 byte tokens and end-of-text
+# The trainer sizes its tables by the vocabulary up front: a size in the billions aborts the whole process
+# in Rust (out of memory) before reading any text. The largest vocabularies in use hold about 256k tokens.
+MAX_BPE_VOCAB_SIZE = 1 << 20
+
+
+def check_bpe_vocab_size(vocab_size: int, name: str = "bpe vocab size") -> None:
+    if not MIN_BPE_VOCAB_SIZE <= vocab_size <= MAX_BPE_VOCAB_SIZE:
+        raise UserError(f"{name} must be between {MIN_BPE_VOCAB_SIZE} (256 byte tokens and end-of-text) and "
+                        f"{MAX_BPE_VOCAB_SIZE:,} (2**20), got {vocab_size}")
 
 
 def check_kind(kind: str) -> str:
@@ -192,9 +202,7 @@ class BPETokenizer(Tokenizer):
         from tokenizers import Tokenizer as HFTokenizer
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
-        if vocab_size < MIN_BPE_VOCAB_SIZE:
-            raise UserError(f"bpe vocab size must be at least {MIN_BPE_VOCAB_SIZE} "
-                            f"(256 byte tokens and end-of-text), got {vocab_size}")
+        check_bpe_vocab_size(vocab_size)
         hf = HFTokenizer(models.BPE())
         # Byte level with no prefix space and no normalizer: every string maps to bytes and back unchanged.
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -294,6 +302,7 @@ def tokenizer_from_dict(data: dict[str, Any], origin: str = "tokenizer.json") ->
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer saved at `path`: a tokenizer.json file or a directory holding one."""
     path = Path(path)
+    refuse_special_file(path, "tokenizer")
     if path.is_dir():
         path = path / "tokenizer.json"
     if not path.is_file():

@@ -29,6 +29,7 @@ from lmforge.data.tokenizer import EOT_TEXT, BPETokenizer, Tokenizer, load_token
 from lmforge.errors import UserError
 from lmforge.files import check_output, load_safetensors, remove_path, replace_output, writing
 from lmforge.infer.load import load_language_model
+from lmforge.inputs import refuse_special_file
 from lmforge.interop.llmc import byte_characters, pad_rows
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
 from lmforge.run import check_import_output, write_run
@@ -75,6 +76,7 @@ def download(name: str) -> Path:
 
 
 def read_json(path: Path) -> dict:
+    refuse_special_file(path, "model config")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -122,7 +124,12 @@ def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
 def take(tensors: dict[str, torch.Tensor], name: str, origin: Path) -> torch.Tensor:
     if name not in tensors:
         raise UserError(f"{origin}: tensor '{name}' missing from the weights")
-    return tensors[name].float()
+    tensor = tensors[name]
+    # Converted as they are, integer weights (a quantized checkpoint) would import as a model that emits noise.
+    if not tensor.is_floating_point():
+        raise UserError(f"{origin}: tensor '{name}' holds {str(tensor.dtype).removeprefix('torch.')} numbers "
+                        "(a quantized checkpoint?); lmforge imports floating-point weights only")
+    return tensor.float()
 
 
 def refuse_unless(condition: bool, origin: Path, what: str) -> None:

@@ -26,6 +26,7 @@ from lmforge.data.tokenizer import EOT_TEXT, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
 from lmforge.files import check_output, move_into_place, writing
 from lmforge.infer.load import load_language_model
+from lmforge.inputs import refuse_special_file
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
 from lmforge.run import check_import_output, write_run
 
@@ -189,6 +190,7 @@ def export_llmc(run: str | Path, out: str | Path, *, dtype: str = "fp32", overwr
 
 def read_llmc_model(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """The config and lmforge weights held by an llm.c model file, after checking its header and size."""
+    refuse_special_file(path, "llm.c model file")
     try:
         data = path.read_bytes()
     except OSError as err:
