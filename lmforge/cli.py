@@ -332,6 +332,15 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the command is, so that its clean-up runs as for Ctrl-C: half-written outputs and
+    temporary files are removed (the default action would kill the process on the spot and leave them)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     # The training loops and the server install handlers of their own while they run, and restore this one.
     on_sigterm = threading.current_thread() is threading.main_thread() \
