@@ -13,9 +13,9 @@ import torch
 
 from lmforge.cli import main
 from lmforge.config import load_config
+from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import CharTokenizer
 from lmforge.infer.chat import fit_history, held_back, stream_reply
-from lmforge.tasks.template import ChatTemplate
 from lmforge.train.trainer import Trainer
 from tests.conftest import PATIENCE
 

@@ -13,17 +13,18 @@ import torch
 
 from lmforge.cli import main
 from lmforge.config import Config, FinetuneConfig, ModelConfig, dumps_config
+from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import CharTokenizer, load_tokenizer
 from lmforge.errors import UserError
 from lmforge.infer.load import load_model
 from lmforge.model.factory import build_model
+from lmforge.model.finetuned import build_finetune_model
+from lmforge.model.heads import Classifier, pad_right
 from lmforge.run import read_config, save_checkpoint, write_run
 from lmforge.tasks.examples import IGNORE, encode_examples, lm_batch, macro_f1, task_loss
 from lmforge.tasks.finetune import finetune_command
-from lmforge.tasks.heads import Classifier, encode_texts, pad_right
-from lmforge.tasks.model import build_finetune_model
+from lmforge.tasks.kinds import encode_texts, task_kind
 from lmforge.tasks.predict import predict
-from lmforge.tasks.template import ChatTemplate
 from lmforge.train.trainer import Trainer
 
 CHARS = "".join(sorted(set(string.ascii_letters + string.digits + " .,:;!'\n=>")))
@@ -354,9 +355,7 @@ def test_a_run_used_for_a_task_it_was_not_trained_for(tmp_path, base, capsys):
     finetune_command(str(base), task="sft", data=str(task_data(tmp_path / "data", "sft", 4)), out=str(out),
                      quiet=True, overrides={"train.max_steps": "1", "train.eval_every": "1"})
     with pytest.raises(UserError, match="not fine-tuned for classify"):
-        from lmforge.tasks.model import check_task
-
-        check_task(out, read_config(out).finetune, "classify")
+        task_kind("classify").check_run(out, read_config(out).finetune)
     with pytest.raises(UserError, match="resume"):
         finetune_command(str(base), task="classify", data=str(tmp_path / "data"), out=str(out), resume=True)
     code, _, err = run_cli(capsys, "finetune", str(base), "--task", "sft", "--data", str(tmp_path / "data"),

@@ -184,7 +184,7 @@ def test_next_line_items_hold_the_true_next_line(made):
 
 def test_modernize_conversations_fit_the_demo_context(made):
     splits = read_split_records(made["modernize"], "sft")
-    from lmforge.tasks.template import ChatTemplate
+    from lmforge.data.template import ChatTemplate
 
     answers = set()
     for record in splits["train"]:

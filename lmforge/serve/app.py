@@ -5,7 +5,7 @@ playground page, health, Prometheus metrics and the tokenizer endpoints evaluati
 |---|---|
 | GET /v1/models, /v1/models/{id} | the one model: its context length and how it batches |
 | POST /v1/completions | prompt (string, list, token ids), echo, logprobs, n, stop, seed, stream, top_k |
-| POST /v1/chat/completions | messages through the run's chat template (lmforge.tasks.template) |
+| POST /v1/chat/completions | messages through the run's chat template (lmforge.data.template) |
 | GET /tokenizer_info, POST /tokenize, /detokenize | the run's tokenizer (lm-eval's remote tokenizer) |
 | GET /health, /metrics, / | liveness, Prometheus text, the playground (lmforge/serve/static/index.html) |
 
@@ -34,6 +34,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.infer.batched import BatchedEngine, GenerationEvent, GenerationRequest
 from lmforge.serve.metrics import Metrics
@@ -52,7 +53,6 @@ from lmforge.serve.schemas import (
     refuse_unsupported,
     usage,
 )
-from lmforge.tasks.template import ChatTemplate
 
 log = logging.getLogger("lmforge.serve")
 STATIC_DIR = Path(__file__).parent / "static"

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from lmforge.errors import UserError
 from lmforge.files import check_output, remove_path, removing_new_parents, replace_output, writing
-from lmforge.tasks.records import CHAT_TRANSLATE_PROMPT
+from lmforge.tasks.kinds import CHAT_TRANSLATE_PROMPT
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ FOLIO_SIMILARITY = 0.9  # least similarity of an aligned pair's spelling-blind k
 NEXT_LINE_CONTEXT = 3  # lines of context before the four candidate next lines
 NEXT_LINE_CHARS = (10, 60)  # the true line and each distractor
 CONVERSATION_CHARS = 128  # a modernize conversation, rendered with the chat template, fits the demo's context
-# The first is the request `eval --task translate` puts to a chat run (records.CHAT_TRANSLATE_PROMPT).
+# The first is the request `eval --task translate` puts to a chat run (kinds.CHAT_TRANSLATE_PROMPT).
 MODERNIZE_PHRASINGS = (CHAT_TRANSLATE_PROMPT, "Modern spelling: {source}", "Modernize this line:\n{source}")
 GENRE_PHRASINGS = ("Which genre is this passage?\n{text}", "Comedy, history or tragedy?\n{text}", "Genre?\n{text}")
 
@@ -318,7 +318,7 @@ def make_next_line(caps: dict[str, int] | None = None, seed: str = "next-line") 
 
 def conversation_chars(prompt: str, response: str) -> int:
     """Characters of a one-turn conversation as the chat template renders it (end-of-text counted as one)."""
-    from lmforge.tasks.template import ChatTemplate
+    from lmforge.data.template import ChatTemplate
 
     template = ChatTemplate()
     return (len(template.markers["user"]) + len(prompt) + len(template.turn_end)

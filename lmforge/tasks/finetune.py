@@ -31,32 +31,29 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from lmforge import run as rundir
 from lmforge.config import Config, FinetuneConfig, OptimConfig, TrainConfig, canonical_key, check_config, set_value
+from lmforge.data.template import ChatTemplate, load_chat_template
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import TrainingDiverged, UserError
 from lmforge.files import missing_directories
 from lmforge.infer.load import base_body, load_model
+from lmforge.model import lora
 from lmforge.model.factory import build_model
-from lmforge.tasks import lora
+from lmforge.model.finetuned import build_finetune_model
 from lmforge.tasks.examples import (
     Examples,
     check_encodable,
     check_template_encodable,
     encode_examples,
     evaluate_split,
-    lm_batch,
-    lm_loss,
-    metric_of,
+    training_batch,
 )
-from lmforge.tasks.heads import check_classify_arch, pad_right
-from lmforge.tasks.model import build_finetune_model
+from lmforge.tasks.kinds import TRAINABLE, TaskKind, task_kind
 from lmforge.tasks.records import data_file, read_records
-from lmforge.tasks.template import ChatTemplate, load_chat_template
 from lmforge.train.engine import build_engine, engine_device
 from lmforge.train.optim import set_lr
 from lmforge.train.schedule import limit_reached, lr_multiplier
@@ -97,7 +94,7 @@ def load_base(base_run: str | Path) -> tuple[nn.Module, Config, Tokenizer, Path]
     """The model to fine-tune from (in train mode): a run trained or imported here, or a fine-tuned
     language-model run (merged)."""
     model, config, tokenizer, checkpoint = load_model(base_run)
-    if config.finetune is not None and config.finetune.task == "classify":
+    if config.finetune is not None and task_kind(config.finetune.task).labelled:
         raise UserError(f"{base_run} is a classify run: its language-model head was replaced, so it cannot be "
                         "fine-tuned further; start from its base run")
     return model.train(), config, tokenizer, checkpoint
@@ -108,14 +105,12 @@ class TaskLoss(nn.Module):
     loss). classify: inputs are (token ids, lengths) and targets the label indices; the others: next-token
     loss on the trained targets only."""
 
-    def __init__(self, model: nn.Module, task: str):
+    def __init__(self, model: nn.Module, kind: TaskKind):
         super().__init__()
-        self.model, self.task = model, task
+        self.model, self.kind = model, kind
 
     def forward(self, inputs, targets: torch.Tensor) -> tuple[None, torch.Tensor]:
-        if self.task == "classify":
-            return None, F.cross_entropy(self.model(*inputs).float(), targets)
-        return None, lm_loss(self.model, inputs, targets)
+        return None, self.kind.loss(self.model, inputs, targets)
 
 
 # ----- the run -----
@@ -167,7 +162,8 @@ class FinetuneRun:
         torch.manual_seed(train.seed)  # the new head's and the adapters' initial values
         self.model = build_finetune_model(self.config, finetune, body).to(self.device)
         self.trainable, self.total = lora.parameter_counts(self.model)
-        self.engine = build_engine(self.config, TaskLoss(self.model, finetune.task), self.device, self.precision)
+        self.engine = build_engine(self.config, TaskLoss(self.model, task_kind(finetune.task)), self.device,
+                                   self.precision)
         self.log_writer: rundir.LogWriter | None = None
         self.progress = Progress()
         self.created = False  # the run's files are this start's: a failure before a checkpoint removes them
@@ -214,11 +210,11 @@ class FinetuneRun:
                                 f"--out {self.run_dir} ...)")
         else:
             if task is None:
-                raise UserError("finetune needs --task (classify, sft, translate or qa)")
+                raise UserError(f"finetune needs --task ({', '.join(TRAINABLE[:-1])} or {TRAINABLE[-1]})")
             base_config = rundir.read_config(rundir.resolve_checkpoint(base_run)[0])
             finetune = FinetuneConfig(task=task, method=method or "full", train_blocks=train_blocks or 0,
                                       base_run=str(rundir.resolve_checkpoint(base_run)[0].resolve()),
-                                      template={"sft": "chat", "qa": "chat", "translate": "translate"}.get(task, ""))
+                                      template=task_kind(task).template)
             config = Config(model=base_config.model, train=TrainConfig(), optim=OptimConfig(), finetune=finetune)
             for dotted, value in {**FINETUNE_DEFAULTS, "optim.lr": LR_DEFAULTS[finetune.method]}.items():
                 set_value(config, dotted, value)
@@ -248,20 +244,20 @@ class FinetuneRun:
                             "(the scratch engine has no backward for heads, masks or LoRA)")
         if config.optim.name != "adamw":  # Muon finds its matrices by the plain model's names ("blocks.")
             raise UserError(f"fine-tuning uses optim.name 'adamw', not '{config.optim.name}'")
-        if finetune.task == "classify":
-            check_classify_arch(config.model.arch)
+        task_kind(finetune.task).check_arch(config.model.arch)
         return config, finetune
 
     def _read_data(self, data: Path, resume: bool) -> tuple[Examples, Examples]:
         task, finetune = self.finetune.task, self.finetune
+        kind = task_kind(task)
         train_file, val_file = data_file(data, "train"), data_file(data, "val")
         if train_file == val_file:
             raise UserError(f"--data {data}: fine-tuning needs a directory with train and val files")
-        check_template_encodable(self.tokenizer, task, self.template)
+        check_template_encodable(self.tokenizer, kind, self.template)
         train_records, val_records = read_records(train_file, task), read_records(val_file, task)
         for records, origin in ((train_records, train_file), (val_records, val_file)):
             check_encodable(self.tokenizer, records, task, origin)
-        if task == "classify":
+        if kind.labelled:
             labels = sorted({record["label"] for record in train_records})
             if resume and labels != finetune.labels:
                 raise UserError(f"--resume: {train_file} has labels {labels}, the run was started with "
@@ -321,10 +317,7 @@ class FinetuneRun:
         """(inputs, targets) of the next batch, as `TaskLoss` takes them; counts the tokens read."""
         rows, examples, pad_id = self.next_rows(), self.train_examples, self.tokenizer.eot_id
         self.progress.tokens += sum(len(examples.ids[row]) for row in rows)
-        if self.finetune.task == "classify":
-            inputs = pad_right([examples.ids[row] for row in rows], pad_id, self.device)
-            return inputs, torch.tensor([examples.labels[row] for row in rows], device=self.device)
-        return lm_batch(examples, rows, pad_id, self.device)
+        return training_batch(examples, rows, pad_id, self.device)
 
     def run(self) -> dict:
         """Train until a limit, early stopping or a signal; a run that fails before its first checkpoint
@@ -352,7 +345,7 @@ class FinetuneRun:
 
     def _run(self) -> dict:
         config, train, progress, finetune = self.config, self.config.train, self.progress, self.finetune
-        key, _ = metric_of(finetune.task)
+        key, _ = task_kind(finetune.task).metric
         with torch.device("meta"):  # the base architecture's sizes, without memory or initialization
             plain = build_model(config.model)
         self.log_writer = rundir.LogWriter(self.run_dir)
@@ -442,7 +435,7 @@ class FinetuneRun:
         result = evaluate_split(self.model, self.val_examples, task, self.config.train.batch_size,
                                 self.tokenizer.eot_id, self.device, self.precision)
         self.last_result = result
-        key, higher = metric_of(task)
+        key, higher = task_kind(task).metric
         value = result[key]
         if progress.best_metric is None or (value > progress.best_metric if higher else value < progress.best_metric):
             progress.best_metric, progress.best_step, progress.evals_without_improvement = value, progress.step, 0
