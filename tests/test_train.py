@@ -65,7 +65,7 @@ def test_loss_falls_well_below_its_start(tiny_data, tiny_config, tmp_path):
     first = losses[1]
     assert first == pytest.approx(math.log(trainer.config.model.vocab_size), abs=0.15)  # starts near uniform
     final_eval = records(tmp_path / "run", "eval")[-1]
-    assert final_eval["final"] and final_eval["val_loss"] == result["val"]["loss"]
+    assert final_eval["final"] and final_eval["val_loss"] == result["val"]["val_loss"]
     assert final_eval["val_loss"] < 0.7 * first
     assert np.mean([losses[step] for step in range(141, 151)]) < 0.75 * first
 

@@ -11,12 +11,13 @@ Outputs: OUT/results.md (trials sorted by val loss), OUT/param_KEY.png (val loss
 OUT/best.toml (the config with the best trial's values, ready for `lmforge train`).
 
 `--finetune BASE_RUN --task T` searches fine-tuning instead: each trial is `lmforge finetune BASE_RUN --task T
---data DATA` (lmforge/tasks/finetune.py) with the swept keys set, e.g. `optim.lr`, `lora.rank` (with
-`--finetune-method lora`) or `finetune.train_blocks`; a trial's result is the validation loss of its last
-evaluation (for classify, the cross-entropy over the labels; its accuracy is kept beside it). Fine-tuning
-trials are not pruned. A swept key the method ignores (`lora.*` with full fine-tuning, `finetune.train_blocks`
-with LoRA) is refused before the first trial, and a fine-tuning study is keyed on its base run, task, method and
-data besides the swept keys: an OUT holding another sweep is refused, never continued as this one.
+--data DATA` (lmforge/tasks/finetune.py, on the same trainer) with the swept keys set, e.g. `optim.lr`,
+`lora.rank` (with `--finetune-method lora`) or `finetune.train_blocks`; a trial's result is the validation loss
+of its last evaluation (for classify, the cross-entropy over the labels; its accuracy is kept beside it).
+Fine-tuning trials are not pruned. A swept key the method ignores (`lora.*` with full fine-tuning,
+`finetune.train_blocks` with LoRA) is refused before the first trial, and a fine-tuning study is keyed on its base
+run, task, method and data besides the swept keys: an OUT holding another sweep is refused, never continued as
+this one.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from lmforge.config import SECTIONS, Config, canonical_key, dumps_config, load_c
 from lmforge.errors import TrainingDiverged, UserError
 from lmforge.files import WriteError, check_output_place, write_atomic, writing
 from lmforge.plots import new_figure, png_bytes
-from lmforge.tasks.finetune import FinetuneRun, check_method_keys
+from lmforge.run import EvalRecord
+from lmforge.tasks.finetune import finetune_trainer
+from lmforge.tasks.finetune_config import check_method_keys
 from lmforge.train.trainer import Trainer
 
 METHODS = ("grid", "random", "tpe")
@@ -125,16 +128,14 @@ class FinetuneSearch:
     method: str | None = None
 
 
-def finetune_trial(search: FinetuneSearch, data_dir: str | Path, run_dir: Path, chosen: dict[str, Any],
-                   overrides: dict[str, str] | None, budget_time: float | None) -> tuple[dict, FinetuneRun]:
-    """One fine-tuning trial: its run's outcome (`val`: the last evaluation) and the run itself."""
+def finetune_settings(chosen: dict[str, Any], overrides: dict[str, str] | None, budget_time: float | None
+                      ) -> dict[str, str]:
+    """A fine-tuning trial's --section.key flags: the sweep's overrides, the trial's values, the time budget."""
     settings = dict(overrides or {})
     settings.update({key: ",".join(value) if isinstance(value, list) else str(value) for key, value in chosen.items()})
     if budget_time is not None:
         settings["train.max_time"] = str(budget_time)
-    run = FinetuneRun(search.base_run, task=search.task, data=str(data_dir), out=str(run_dir), method=search.method,
-                      train_blocks=None, overrides=settings, resume=False, overwrite=True, quiet=True)
-    return run.run(), run
+    return settings
 
 
 class TrialTrainer(Trainer):
@@ -145,12 +146,12 @@ class TrialTrainer(Trainer):
         self.pruned = False
         super().__init__(*args, **kwargs)
 
-    def run_eval(self, max_windows: int | None, *, final: bool = False, bar=None) -> dict:
-        result = super().run_eval(max_windows, final=final, bar=bar)
-        if not final and math.isfinite(result["loss"]):
-            self.trial.report(result["loss"], self.progress.step)
+    def run_eval(self, *, final: bool = False, bar=None) -> EvalRecord:
+        record = super().run_eval(final=final, bar=bar)
+        if not final and math.isfinite(record.val_loss):
+            self.trial.report(record.val_loss, self.progress.step)
             self.pruned = self.trial.should_prune()
-        return result
+        return record
 
     def stop_reason(self, elapsed: float) -> str | None:
         return "pruned" if self.pruned else super().stop_reason(elapsed)
@@ -241,19 +242,27 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
         storage.set_trial_state_values(
             storage.get_trial_id_from_study_id_trial_number(study_id, trial.number), optuna.trial.TrialState.FAIL)
 
-    def objective(trial: optuna.Trial) -> float:
+    def trial_trainer(trial: optuna.Trial, run_dir: Path, chosen: dict[str, Any]) -> Trainer:
+        """The trial's run: pretraining from the config (pruned by the median rule), or a fine-tuning run."""
+        if finetune is not None:
+            return finetune_trainer(finetune.base_run, task=finetune.task, data=str(data_dir), out=str(run_dir),
+                                    method=finetune.method, train_blocks=None,
+                                    overrides=finetune_settings(chosen, overrides, budget_time), resume=False,
+                                    overwrite=True, quiet=True)
         config = load_config(config_path, overrides)
-        chosen = {param.key: param.suggest(trial) for param in params}
         for key, value in chosen.items():
             set_value(config, key, value)
         if budget_time is not None:
             config.train.max_time = budget_time
+        return TrialTrainer(trial, config, data_dir, run_dir, overwrite=True, quiet=True)
+
+    def objective(trial: optuna.Trial) -> float:
+        chosen = {param.key: param.suggest(trial) for param in params}
         run_dir = out / f"trial_{trial.number:03d}"
         say(f"trial {trial.number}: " + ", ".join(f"{key}={_show(value)}" for key, value in chosen.items()))
-        if finetune is not None:
-            return finetune_objective(trial, run_dir, chosen)
-        trainer = TrialTrainer(trial, config, data_dir, run_dir, overwrite=True, quiet=True)
+        trainer = None
         try:
+            trainer = trial_trainer(trial, run_dir, chosen)
             result = trainer.run()
             if result["reason"] == "interrupted":
                 raise KeyboardInterrupt
@@ -268,39 +277,17 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
             if not isinstance(err, UserError) or isinstance(err, WriteError):  # a mistake would fail again
                 say(f"sweep stopped; run the same command again to continue it ({out / 'sweep.db'})")
             raise
-        val = result["val"]
-        trial.set_user_attr("run", run_dir.name)
-        trial.set_user_attr("val_loss", val["loss"])
-        trial.set_user_attr("val_bpb", val["bpb"])
-        trial.set_user_attr("steps", result["step"])
-        trial.set_user_attr("elapsed", trainer.progress.elapsed)
-        say(f"trial {trial.number}: val loss {val['loss']:.4f}" + (" (pruned)" if trainer.pruned else ""))
-        if trainer.pruned:
-            raise optuna.TrialPruned()
-        return val["loss"]
-
-    def finetune_objective(trial: optuna.Trial, run_dir: Path, chosen: dict[str, Any]) -> float:
-        try:
-            result, run = finetune_trial(finetune, data_dir, run_dir, chosen, overrides, budget_time)
-            if result["reason"] == "interrupted":
-                raise KeyboardInterrupt
-        except TrainingDiverged:
-            say(f"trial {trial.number}: diverged (non-finite loss)")
-            for name, value in {"run": run_dir.name, "val_loss": math.inf, "val_bpb": None, "steps": 0,
-                                "elapsed": 0.0}.items():
-                trial.set_user_attr(name, value)
-            return math.inf
-        except BaseException:
-            forget_grid_point(trial.number)
-            say(f"sweep stopped; run the same command again to continue it ({out / 'sweep.db'})")
-            raise
-        val = result["val"]
-        for name, value in {"run": run_dir.name, "val_loss": val["val_loss"], "val_bpb": None,
-                            "val_accuracy": val.get("val_accuracy"), "steps": result["step"],
-                            "elapsed": run.progress.elapsed}.items():
+        val = result["val"]  # the last evaluation (pretraining: the final one, on the whole split)
+        pruned = getattr(trainer, "pruned", False)
+        accuracy = val["val_accuracy"]
+        for name, value in {"run": run_dir.name, "val_loss": val["val_loss"], "val_bpb": val["val_bpb"],
+                            "steps": result["step"], "elapsed": trainer.progress.elapsed,
+                            **({"val_accuracy": accuracy} if accuracy is not None else {})}.items():
             trial.set_user_attr(name, value)
         say(f"trial {trial.number}: val loss {val['val_loss']:.4f}"
-            + (f", val accuracy {val['val_accuracy']:.4f}" if "val_accuracy" in val else ""))
+            + (f", val accuracy {accuracy:.4f}" if accuracy is not None else "") + (" (pruned)" if pruned else ""))
+        if pruned:
+            raise optuna.TrialPruned()
         return val["val_loss"]
 
     def say(message: str) -> None:
