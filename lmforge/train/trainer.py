@@ -204,23 +204,21 @@ class Trainer:
                              interrupted=bool(self.stop_signal))
 
     def run(self) -> dict:
-        """Train until a limit is reached or a signal arrives; then a checkpoint and a full evaluation.
+        """Train until a limit is reached, the task's patience runs out or a signal arrives; then the final
+        evaluation (unless the task's last one is at this step, or it skips it on a signal) and a checkpoint.
 
         SIGINT and SIGTERM are handled from the first step until the last checkpoint is on disk: the first stops
         the loop after its step, a second skips the final evaluation, and neither ever interrupts a save. The
         result names the signal (`signal`: its number, or None), so the command exits 128 + that number.
-        A start that fails before its first checkpoint removes what it wrote, so the command can simply be
-        run again."""
+        A start that fails before its first checkpoint (a non-finite loss too) removes what it wrote, so the
+        command can simply be run again."""
         previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             with self.cluster.collective_failures():
                 self._announce()
                 return self._finish(self._loop())
-        except BaseException as error:
-            if isinstance(error, TrainingDiverged):
-                self.close()
-            else:
-                self._remove_failed_start()
+        except BaseException:  # a diverged run too: what it saved stays, a start without a checkpoint goes
+            self._remove_failed_start()
             raise
         finally:
             for sig, handler in previous_handlers.items():
