@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 
 from lmforge import __version__
-from lmforge.config import ENGINES, MAX_BATCH, MAX_VOCAB
+from lmforge.config import ENGINES, FINETUNE_TASKS, MAX_BATCH, MAX_VOCAB
 from lmforge.errors import UserError
 from lmforge.infer.sampling import SamplingError, SamplingParams, check_temperature, check_top_k, check_top_p
 from lmforge.serve.cli import add_serve_parser
@@ -427,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
     add_config_options(p)
     p.add_argument("base_run", help="run (or checkpoint) to start from: trained or imported here")
-    p.add_argument("--task", choices=("classify", "sft", "translate", "qa"), help="optional with --resume")
+    p.add_argument("--task", choices=FINETUNE_TASKS, help="optional with --resume")
     p.add_argument("--data", required=True, help="directory with train and val files (.jsonl, .csv, .parquet)")
     p.add_argument("--out", required=True, help="the new run directory")
     p.add_argument("--method", choices=("full", "lora"), help="full (default) or lora (PEFT adapters)")
@@ -516,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune", metavar="BASE_RUN", help="search fine-tuning of this run instead of training "
                    "(with --task; --data is then the task data: e.g. --param optim.lr=log:1e-4:1e-2 "
                    "--param lora.rank=4,8,16 --param finetune.train_blocks=1,2,4)")
-    p.add_argument("--task", choices=("classify", "sft", "translate", "qa"), help="with --finetune: the task")
+    p.add_argument("--task", choices=FINETUNE_TASKS, help="with --finetune: the task")
     p.add_argument("--finetune-method", choices=("full", "lora"), help="with --finetune: full (default) or lora")
     p.add_argument("--quiet", action="store_true")
 

@@ -199,7 +199,8 @@ class OptimConfig(Section):
     muon_momentum: float = number(0.95, at_least=0, below=1)
 
 
-Task = Literal["classify", "sft", "translate", "qa"]  # what `lmforge finetune` trains: lmforge/tasks/finetune.py
+Task = Literal["classify", "sft", "translate", "qa"]  # what `lmforge finetune` trains: the registry's trainable kinds
+# (lmforge/tasks/kinds.py; tests/test_tasks_data.py checks that the two agree)
 FINETUNE_TASKS: tuple[str, ...] = typing.get_args(Task)
 
 

@@ -4,6 +4,7 @@ blocks trained, exact resume, early stopping and every bad input, on tiny models
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import string
 from pathlib import Path
@@ -289,6 +290,41 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path, base):
     assert result["reason"] == "early_stopping" and result["step"] == 6 and result["best_step"] == 2
     assert log_records(out, "end")[-1]["reason"] == "early_stopping"
     assert load_model(out)[3].name == "step_0000002"
+
+
+def test_only_the_last_fine_tuning_evaluation_is_final(tmp_path, base, capsys):
+    """One loop for every run: as in pretraining, an evaluation is logged `final` only at the end of the run."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "finetune", str(base), "--task", "sft", "--data",
+                           str(task_data(tmp_path / "data", "sft")), "--out", str(out), *FAST, "--max-steps", "6")
+    assert code == 0, err
+    assert [(r["step"], r["final"]) for r in log_records(out, "eval")] == [(2, False), (4, False), (6, True)]
+    assert [path.name for path in sorted((out / "checkpoints").iterdir())][-1] == "step_0000006"
+
+
+def test_a_second_signal_during_a_fine_tuning_save_lets_the_save_finish(tmp_path, base, monkeypatch):
+    """The one signal rule of the trainer holds for fine-tuning too: a second Ctrl-C while a checkpoint is
+    being written waits for it (it stops the run at once only outside a save)."""
+    import signal
+
+    import lmforge.run as rundir
+    import lmforge.train.trainer as trainer_module
+
+    save_checkpoint, seen = rundir.save_checkpoint, []
+
+    def save_during_signals(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the first: finish this step, then save and stop
+        os.kill(os.getpid(), signal.SIGINT)  # the second, during this save: the save must still complete
+        seen.append(args[1])
+        return save_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.rundir, "save_checkpoint", save_during_signals)
+    out = tmp_path / "run"
+    result = finetune_command(str(base), task="sft", data=str(task_data(tmp_path / "data", "sft")), out=str(out),
+                              quiet=True, overrides={"train.max_steps": "8", "train.eval_every": "2"})
+    assert result["reason"] == "interrupted" and result["signal"] == signal.SIGINT and seen == [2]
+    assert [path.name for path in (out / "checkpoints").iterdir()] == ["step_0000002"]
+    assert log_records(out, "end")[-1]["reason"] == "interrupted"
 
 
 def test_max_epochs_counts_examples(tmp_path, base):

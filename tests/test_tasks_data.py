@@ -223,3 +223,23 @@ def test_tasks_list_prints_each_task_with_its_sizes_and_baselines(made, capsys):
                            for split in ("train", "val", "test"))
         assert f"| {sizes} |" in by_name[name]
     assert "copy_bleu" in by_name["folio"] and "tfidf_accuracy" in by_name["genre"]
+
+
+def test_the_task_vocabulary_is_the_registry_s():
+    """The config's fine-tuning tasks are the registry's trainable kinds, and no module outside the registry
+    compares a task's name (each asks the kind instead)."""
+    import re
+    import typing
+
+    import lmforge
+    from lmforge.config import Task
+    from lmforge.tasks.kinds import KINDS, TRAINABLE
+
+    assert typing.get_args(Task) == TRAINABLE and set(TRAINABLE) < set(KINDS)
+    package = Path(lmforge.__file__).parent
+    branching = re.compile(r"""task(\.name)?\s*(==|!=|in)\s*[("']""")
+    found = [f"{path.relative_to(package)}:{number}" for path in sorted(package.rglob("*.py"))
+             if path.name != "kinds.py"
+             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+             if branching.search(line)]
+    assert found == []
