@@ -157,12 +157,10 @@ class TrialTrainer(Trainer):
         return "pruned" if self.pruned else super().stop_reason(elapsed)
 
 
-def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path, specs: list[str], *,
-          method: str = "tpe", trials: int | None = None, budget_time: float | None = None,
-          overrides: dict[str, str] | None = None, seed: int = 1337, quiet: bool = False,
-          finetune: FinetuneSearch | None = None) -> dict:
-    """Run (or continue) the study in `out`; write its results; return the best finished trial's row. With
-    `finetune`, each trial fine-tunes its base run on `data_dir` instead of training from `config_path`."""
+def checked_request(config_path: str | Path | None, specs: list[str], method: str, trials: int | None,
+                    budget_time: float | None, overrides: dict[str, str] | None,
+                    finetune: FinetuneSearch | None) -> tuple[list[Param], int]:
+    """The swept parameters and the number of trials, after every check of the request (before any trial)."""
     if finetune is not None and config_path is not None:
         raise UserError("--config sets up training from scratch; a --finetune sweep starts from the base run's "
                         "model (set other keys with --section.key flags)")
@@ -191,13 +189,13 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
         raise UserError("--trials must be positive")
     if budget_time is not None and budget_time <= 0:
         raise UserError("--budget-time must be positive (seconds of training per trial)")
-    base = load_config(config_path, overrides)  # a bad config fails here, before any trial
-    out = Path(out)
-    # An existing sweep directory is continued; the place itself is checked as every output's is.
-    check_output_place(out, directory=True, inputs=[path for path in (config_path, data_dir) if path is not None])
-    with writing(out):
-        out.mkdir(parents=True, exist_ok=True)
+    return params, trials
 
+
+def open_study(out: Path, method: str, specs: list[str], params: list[Param], seed: int,
+               finetune: FinetuneSearch | None, data_dir: str | Path) -> tuple[optuna.Study, Any]:
+    """The study in OUT/sweep.db (created, or continued if it is this sweep's), and the function that puts a
+    failed trial's grid point back among those to run."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'sweep.db').resolve()}")
@@ -241,41 +239,54 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
         forget_grid_point(trial.number)
         storage.set_trial_state_values(
             storage.get_trial_id_from_study_id_trial_number(study_id, trial.number), optuna.trial.TrialState.FAIL)
+    return study, forget_grid_point
 
-    def trial_trainer(trial: optuna.Trial, run_dir: Path, chosen: dict[str, Any]) -> Trainer:
+
+class Trials:
+    """The sweep's objective: each trial's run, pretraining from the config or fine-tuning the base run (both on
+    the one Trainer), and its result, the validation loss of its last evaluation."""
+
+    def __init__(self, *, config_path: str | Path | None, data_dir: str | Path, out: Path, params: list[Param],
+                 overrides: dict[str, str] | None, budget_time: float | None, finetune: FinetuneSearch | None,
+                 forget_grid_point, quiet: bool):
+        self.config_path, self.data_dir, self.out, self.params = config_path, data_dir, out, params
+        self.overrides, self.budget_time, self.finetune = overrides, budget_time, finetune
+        self.forget_grid_point, self.quiet = forget_grid_point, quiet
+
+    def trainer(self, trial: optuna.Trial, run_dir: Path, chosen: dict[str, Any]) -> Trainer:
         """The trial's run: pretraining from the config (pruned by the median rule), or a fine-tuning run."""
-        if finetune is not None:
-            return finetune_trainer(finetune.base_run, task=finetune.task, data=str(data_dir), out=str(run_dir),
-                                    method=finetune.method, train_blocks=None,
-                                    overrides=finetune_settings(chosen, overrides, budget_time), resume=False,
-                                    overwrite=True, quiet=True)
-        config = load_config(config_path, overrides)
+        if self.finetune is not None:
+            search = self.finetune
+            return finetune_trainer(search.base_run, task=search.task, data=str(self.data_dir), out=str(run_dir),
+                                    method=search.method, train_blocks=None,
+                                    overrides=finetune_settings(chosen, self.overrides, self.budget_time),
+                                    resume=False, overwrite=True, quiet=True)
+        config = load_config(self.config_path, self.overrides)
         for key, value in chosen.items():
             set_value(config, key, value)
-        if budget_time is not None:
-            config.train.max_time = budget_time
-        return TrialTrainer(trial, config, data_dir, run_dir, overwrite=True, quiet=True)
+        if self.budget_time is not None:
+            config.train.max_time = self.budget_time
+        return TrialTrainer(trial, config, self.data_dir, run_dir, overwrite=True, quiet=True)
 
-    def objective(trial: optuna.Trial) -> float:
-        chosen = {param.key: param.suggest(trial) for param in params}
-        run_dir = out / f"trial_{trial.number:03d}"
-        say(f"trial {trial.number}: " + ", ".join(f"{key}={_show(value)}" for key, value in chosen.items()))
-        trainer = None
+    def __call__(self, trial: optuna.Trial) -> float:
+        chosen = {param.key: param.suggest(trial) for param in self.params}
+        run_dir = self.out / f"trial_{trial.number:03d}"
+        self.say(f"trial {trial.number}: " + ", ".join(f"{key}={_show(value)}" for key, value in chosen.items()))
         try:
-            trainer = trial_trainer(trial, run_dir, chosen)
+            trainer = self.trainer(trial, run_dir, chosen)
             result = trainer.run()
             if result["reason"] == "interrupted":
                 raise KeyboardInterrupt
         except TrainingDiverged:
-            say(f"trial {trial.number}: diverged (non-finite loss)")  # a result of the search, not an error
+            self.say(f"trial {trial.number}: diverged (non-finite loss)")  # a result of the search, not an error
             for name, value in {"run": run_dir.name, "val_loss": math.inf, "val_bpb": None,
                                 "steps": trainer.progress.step, "elapsed": trainer.progress.elapsed}.items():
                 trial.set_user_attr(name, value)
             return math.inf
         except BaseException as err:  # interrupted or crashed: the trial fails, a resumed grid runs it again
-            forget_grid_point(trial.number)
+            self.forget_grid_point(trial.number)
             if not isinstance(err, UserError) or isinstance(err, WriteError):  # a mistake would fail again
-                say(f"sweep stopped; run the same command again to continue it ({out / 'sweep.db'})")
+                self.say(f"sweep stopped; run the same command again to continue it ({self.out / 'sweep.db'})")
             raise
         val = result["val"]  # the last evaluation (pretraining: the final one, on the whole split)
         pruned = getattr(trainer, "pruned", False)
@@ -284,16 +295,35 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
                             "steps": result["step"], "elapsed": trainer.progress.elapsed,
                             **({"val_accuracy": accuracy} if accuracy is not None else {})}.items():
             trial.set_user_attr(name, value)
-        say(f"trial {trial.number}: val loss {val['val_loss']:.4f}"
-            + (f", val accuracy {accuracy:.4f}" if accuracy is not None else "") + (" (pruned)" if pruned else ""))
+        self.say(f"trial {trial.number}: val loss {val['val_loss']:.4f}"
+                 + (f", val accuracy {accuracy:.4f}" if accuracy is not None else "") + (" (pruned)" if pruned else ""))
         if pruned:
             raise optuna.TrialPruned()
         return val["val_loss"]
 
-    def say(message: str) -> None:
-        if not quiet:
+    def say(self, message: str) -> None:
+        if not self.quiet:
             print(message, flush=True)
 
+
+def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path, specs: list[str], *,
+          method: str = "tpe", trials: int | None = None, budget_time: float | None = None,
+          overrides: dict[str, str] | None = None, seed: int = 1337, quiet: bool = False,
+          finetune: FinetuneSearch | None = None) -> dict:
+    """Run (or continue) the study in `out`; write its results; return the best finished trial's row. With
+    `finetune`, each trial fine-tunes its base run on `data_dir` instead of training from `config_path`."""
+    params, trials = checked_request(config_path, specs, method, trials, budget_time, overrides, finetune)
+    keys = [param.key for param in params]
+    base = load_config(config_path, overrides)  # a bad config fails here, before any trial
+    out = Path(out)
+    # An existing sweep directory is continued; the place itself is checked as every output's is.
+    check_output_place(out, directory=True, inputs=[path for path in (config_path, data_dir) if path is not None])
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    study, forget_grid_point = open_study(out, method, specs, params, seed, finetune, data_dir)
+    objective = Trials(config_path=config_path, data_dir=data_dir, out=out, params=params, overrides=overrides,
+                       budget_time=budget_time, finetune=finetune, forget_grid_point=forget_grid_point, quiet=quiet)
+    say = objective.say
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     if finished < trials:
         # Optuna logs each trial's result (INFO) and a failed trial's traceback (WARNING) before re-raising
