@@ -105,7 +105,7 @@ def finetune_trainer(base_run: str, *, task: str | None, data: str, out: str, me
 
 class FinetuneTask:
     """Fine-tuning as the trainer's task: the base model with its head or adapters, the task's examples in a
-    fresh seeded order each epoch, and the kind's validation metric (see `Trainer` for what a task answers)."""
+    fresh seeded order each epoch, and the kind's validation metric: a `TrainingTask` (lmforge/train/task.py)."""
 
     save_at_eval = True  # every evaluation is saved, so the best by the metric is a checkpoint to keep
     evaluate_when_interrupted = False  # an evaluation counts toward patience: an interrupted run only saves

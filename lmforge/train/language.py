@@ -56,14 +56,15 @@ def settle_config(config: Config, tokenizer: Tokenizer) -> Config:
 
 
 class LanguageModelling:
-    """The trainer's task for pretraining (see the module docstring). Its attributes and methods are the ones
-    the trainer asks every task for (lmforge/train/trainer.py, `Trainer`)."""
+    """The trainer's task for pretraining (see the module docstring): a `TrainingTask` (lmforge/train/task.py)."""
 
     metric = ("val_loss", False)  # the log key that picks the best checkpoint, and whether higher is better
     patience = 0  # pretraining never stops early
     save_at_eval = False  # checkpoints follow train.checkpoint_every
     evaluate_when_interrupted = True  # a stopped run still gets its full evaluation
     final_eval_is_wider = True  # the final evaluation reads the whole split, the others its first eval_tokens
+
+    accumulation: int  # set with the data, as are tokens_per_step and (at the start record) flops_per_token
 
     def __init__(self, config: Config, data_dir: str | Path, run_dir: Path, *, resume: bool,
                  init_from: str | Path | None):

@@ -34,6 +34,7 @@ from lmforge.train.engine import build_engine, engine_device
 from lmforge.train.language import LanguageModelling
 from lmforge.train.optim import set_lr
 from lmforge.train.schedule import limit_reached, lr_multiplier
+from lmforge.train.task import TrainingTask
 
 
 @dataclass
@@ -69,21 +70,17 @@ def better(value: float, best: float | None, higher: bool) -> bool:
 class Trainer:
     """One training run: set up in __init__ (task, model, engine, run directory, resume), then `run()`.
 
-    `task` is what the run trains (see the module docstring); without one, pretraining on the prepared data in
-    `data_dir` (and, with `init_from`, from another run's weights). The task answers: `config`, `tokenizer`,
-    `inputs` (what the run reads: never its place), `metric` (log key, higher is better), `patience`,
-    `save_at_eval`, `evaluate_when_interrupted`, `final_eval_is_wider`, `build_model`, `objective`,
-    `start_data`, `next_batch`, `tokens_read`, `epoch`, `weights`/`load_weights`, `data_state`/
-    `load_data_state`, `carried_state`/`restore_carried_state`, `create_run`, `start_record`, `announce`,
-    `resume_hint`, `evaluate` and `sample`."""
+    `task` is what the run trains (a `TrainingTask`, lmforge/train/task.py); without one, pretraining on the
+    prepared data in `data_dir` (and, with `init_from`, from another run's weights)."""
 
     def __init__(self, config: Config | None, data_dir: str | Path | None, run_dir: str | Path, *,
                  resume: bool = False, overwrite: bool = False, quiet: bool = False,
-                 init_from: str | Path | None = None, task=None):
+                 init_from: str | Path | None = None, task: TrainingTask | None = None):
         self.run_dir = Path(run_dir)
         self.quiet = quiet
-        self.task = task if task is not None else LanguageModelling(config, data_dir, self.run_dir, resume=resume,
-                                                                      init_from=init_from)
+        if task is None:
+            task = LanguageModelling(config, data_dir, self.run_dir, resume=resume, init_from=init_from)
+        self.task = task
         self.config = config = self.task.config
         self.tokenizer = self.task.tokenizer
         train = config.train
