@@ -144,8 +144,8 @@ def main() -> None:
         finetune(scratch, "classify", genre, work / "genre-random", seconds, *extra)
         add("genre", f"random init, trained {seconds:.0f} s",
             classify_result(evaluate(work / "genre-random", "classify", genre / "test.jsonl")))
-        from lmforge.tasks.builtin import baseline_scores
         from lmforge.tasks.records import read_records, split_files
+        from lmforge.tasks.task_readme import baseline_scores
 
         splits = {split: read_records(path, "classify") for split, path in split_files(genre).items()}
         baselines = baseline_scores("genre", splits)

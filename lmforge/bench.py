@@ -16,7 +16,7 @@ from lmforge.config import Config
 from lmforge.hardware import PeakFlops, configure_fast_math, peak_memory_mb, synchronize
 from lmforge.model.factory import build_model
 from lmforge.train.engine import build_engine, engine_device
-from lmforge.train.trainer import accumulation_steps
+from lmforge.train.language import accumulation_steps
 
 DEFAULT_BENCH_VOCAB = 50257  # GPT-2's, for configs that take their vocabulary from the data
 PROBE_STEPS = 2  # one-micro-batch steps run before the estimate; the last one is timed

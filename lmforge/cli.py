@@ -306,7 +306,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 
 def cmd_tasks(args: argparse.Namespace) -> None:
-    from lmforge.tasks.builtin import tasks_command
+    from lmforge.tasks.make import tasks_command
 
     tasks_command(args.action, args.name, args.out, overwrite=args.overwrite)
 

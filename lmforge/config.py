@@ -214,7 +214,8 @@ class OptimConfig(Section):
     muon_momentum: float = number(0.95, at_least=0, below=1)
 
 
-Task = Literal["classify", "sft", "translate", "qa"]  # what `lmforge finetune` trains: lmforge/tasks/finetune.py
+Task = Literal["classify", "sft", "translate", "qa"]  # what `lmforge finetune` trains: the registry's trainable kinds
+# (lmforge/tasks/kinds.py; tests/test_tasks_data.py checks that the two agree)
 FINETUNE_TASKS: tuple[str, ...] = typing.get_args(Task)
 
 
@@ -232,10 +233,10 @@ class FinetuneConfig(Section):
     template: Literal["", "chat", "translate"] = ""
     train_blocks: int = number(0, at_least=0)  # full fine-tuning: train only the last N blocks (and heads); 0: all
     patience: int = number(5, at_least=0)  # evaluations without improvement before stopping early; 0: never
-    lora_rank: int = number(8, above=0, at_most=MAX_WIDTH)  # and at most the adapted layers' width (tasks/lora.py)
+    lora_rank: int = number(8, above=0, at_most=MAX_WIDTH)  # and at most the adapted layers' width (model/lora.py)
     lora_alpha: float = number(16.0, above=0)
     lora_dropout: float = number(0.0, at_least=0, below=1)
-    lora_targets: list[str] = field(default_factory=list)  # linear layer names (lmforge/tasks/lora.py); []: all
+    lora_targets: list[str] = field(default_factory=list)  # linear layer names (lmforge/model/lora.py); []: all
 
     def check_combination(self) -> None:
         if self.train_blocks and self.method == "lora":

@@ -215,6 +215,7 @@ def _fresh_sample_section(run: Path) -> str:
     from lmforge.infer.generate import generate
     from lmforge.infer.load import load_language_model
     from lmforge.run import list_checkpoints, read_config
+    from lmforge.tasks.kinds import task_kind
 
     title = "## Fresh sample"
     if not list_checkpoints(run):
@@ -223,7 +224,7 @@ def _fresh_sample_section(run: Path) -> str:
         finetune = read_config(run).finetune
     except UserError as err:
         return f"{title}\n\nThe run's config could not be read: {err}"
-    if finetune is not None and finetune.task == "classify":
+    if finetune is not None and task_kind(finetune.task).labelled:
         return f"{title}\n\nA classify run predicts labels, not text, so no fresh sample (lmforge predict {run})."
     try:
         model, _, tokenizer, checkpoint = load_language_model(run, "cpu")
@@ -291,6 +292,7 @@ def _task_section(run: Path, out: Path, log: RunLog) -> str:
     on the held-out split; empty for a run that was not fine-tuned."""
     from lmforge.run import read_config
     from lmforge.tasks.evaluate import evaluate_task
+    from lmforge.tasks.kinds import task_kind
     from lmforge.tasks.records import data_file, split_files
 
     try:
@@ -299,6 +301,7 @@ def _task_section(run: Path, out: Path, log: RunLog) -> str:
         return ""
     if finetune is None:
         return ""
+    kind = task_kind(finetune.task)
     lines = ["## Fine-tuning", "", f"- **task**: {finetune.task}, method {finetune.method}",
              f"- **base run**: {finetune.base_checkpoint}"]
     start = log.starts[-1] if log.starts else None
@@ -307,13 +310,13 @@ def _task_section(run: Path, out: Path, log: RunLog) -> str:
                      f"({start.trainable_params / start.params:.2%})")
     if log.end is not None and log.end.best_step is not None:
         lines.append(f"- **best checkpoint**: step {log.end.best_step:,} (by validation "
-                     f"{'accuracy' if finetune.task == 'classify' else 'loss on the trained tokens'})")
+                     f"{kind.metric_words})")
     evals = last_per_step(log.evals)
     if evals and evals[-1].val_accuracy is not None:
         best = max(evals, key=lambda record: record.val_accuracy)
         lines.append(f"- **best val accuracy**: {best.val_accuracy:.4f} (macro F1 {best.val_macro_f1:.4f}) at "
                      f"step {best.step:,}")
-    if finetune.task != "classify":
+    if not kind.labelled:
         return "\n".join(lines)
     data = Path(start.data) if start is not None and start.data else None
     if data is None or not data.is_dir():
@@ -321,7 +324,7 @@ def _task_section(run: Path, out: Path, log: RunLog) -> str:
         return "\n".join(lines)
     split = "test" if "test" in split_files(data) else "val"
     try:
-        scores = evaluate_task(run, "classify", data, split=split, device="cpu")
+        scores = evaluate_task(run, kind.name, data, split=split, device="cpu")
     except UserError as err:
         lines += ["", f"No confusion matrix: {err}"]
         return "\n".join(lines)

@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import save_file
 
 from lmforge.config import Config, ModelConfig, dumps_config, load_config
+from lmforge.data.template import TEMPLATE_FILE as CHAT_TEMPLATE_FILE
 from lmforge.data.tokenizer import Tokenizer, load_tokenizer
 from lmforge.errors import UserError
 from lmforge.files import (
@@ -59,7 +60,6 @@ from lmforge.files import (
     writing,
 )
 from lmforge.model.gpt import GPT, mlp_hidden_size, norm_eps
-from lmforge.tasks.template import TEMPLATE_FILE as CHAT_TEMPLATE_FILE
 
 CONFIG_FILE, LOG_FILE, CHECKPOINTS = RUN_CONFIG_FILE, RUN_LOG_FILE, RUN_CHECKPOINTS  # files.is_run_directory
 TOKENIZER_FILE = "tokenizer.json"

@@ -10,10 +10,10 @@ import pytest
 
 from lmforge.cli import main
 from lmforge.config import load_config
+from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import CharTokenizer
 from lmforge.infer.chat import fit_history, stream_reply
 from lmforge.infer.decode import TextStream
-from lmforge.tasks.template import ChatTemplate
 from lmforge.train.trainer import Trainer
 from tests.conftest import PATIENCE
 from tests.test_decode import ScriptedModel, Writes

@@ -4,6 +4,7 @@ blocks trained, exact resume, early stopping and every bad input, on tiny models
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import string
 from pathlib import Path
@@ -13,17 +14,18 @@ import torch
 
 from lmforge.cli import main
 from lmforge.config import Config, FinetuneConfig, ModelConfig, dumps_config
+from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import CharTokenizer, load_tokenizer
 from lmforge.errors import UserError
 from lmforge.infer.load import load_model
 from lmforge.model.factory import build_model
+from lmforge.model.finetuned import build_finetune_model
+from lmforge.model.heads import Classifier, pad_right
 from lmforge.run import read_config, save_checkpoint, write_run
 from lmforge.tasks.examples import IGNORE, encode_examples, lm_batch, macro_f1, task_loss
 from lmforge.tasks.finetune import finetune_command
-from lmforge.tasks.heads import Classifier, encode_texts, pad_right
-from lmforge.tasks.model import build_finetune_model
+from lmforge.tasks.kinds import encode_texts, task_kind
 from lmforge.tasks.predict import predict
-from lmforge.tasks.template import ChatTemplate
 from lmforge.train.trainer import Trainer
 
 CHARS = "".join(sorted(set(string.ascii_letters + string.digits + " .,:;!'\n=>")))
@@ -290,6 +292,41 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path, base):
     assert load_model(out)[3].name == "step_0000002"
 
 
+def test_only_the_last_fine_tuning_evaluation_is_final(tmp_path, base, capsys):
+    """One loop for every run: as in pretraining, an evaluation is logged `final` only at the end of the run."""
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "finetune", str(base), "--task", "sft", "--data",
+                           str(task_data(tmp_path / "data", "sft")), "--out", str(out), *FAST, "--max-steps", "6")
+    assert code == 0, err
+    assert [(r["step"], r["final"]) for r in log_records(out, "eval")] == [(2, False), (4, False), (6, True)]
+    assert [path.name for path in sorted((out / "checkpoints").iterdir())][-1] == "step_0000006"
+
+
+def test_a_second_signal_during_a_fine_tuning_save_lets_the_save_finish(tmp_path, base, monkeypatch):
+    """The one signal rule of the trainer holds for fine-tuning too: a second Ctrl-C while a checkpoint is
+    being written waits for it (it stops the run at once only outside a save)."""
+    import signal
+
+    import lmforge.run as rundir
+    import lmforge.train.trainer as trainer_module
+
+    save_checkpoint, seen = rundir.save_checkpoint, []
+
+    def save_during_signals(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # the first: finish this step, then save and stop
+        os.kill(os.getpid(), signal.SIGINT)  # the second, during this save: the save must still complete
+        seen.append(args[1])
+        return save_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.rundir, "save_checkpoint", save_during_signals)
+    out = tmp_path / "run"
+    result = finetune_command(str(base), task="sft", data=str(task_data(tmp_path / "data", "sft")), out=str(out),
+                              quiet=True, overrides={"train.max_steps": "8", "train.eval_every": "2"})
+    assert result["reason"] == "interrupted" and result["signal"] == signal.SIGINT and seen == [2]
+    assert [path.name for path in (out / "checkpoints").iterdir()] == ["step_0000002"]
+    assert log_records(out, "end")[-1]["reason"] == "interrupted"
+
+
 def test_max_epochs_counts_examples(tmp_path, base):
     result = finetune_command(str(base), task="classify", data=str(task_data(tmp_path / "data", "classify", 12)),
                               out=str(tmp_path / "run"), quiet=True,
@@ -354,9 +391,7 @@ def test_a_run_used_for_a_task_it_was_not_trained_for(tmp_path, base, capsys):
     finetune_command(str(base), task="sft", data=str(task_data(tmp_path / "data", "sft", 4)), out=str(out),
                      quiet=True, overrides={"train.max_steps": "1", "train.eval_every": "1"})
     with pytest.raises(UserError, match="not fine-tuned for classify"):
-        from lmforge.tasks.model import check_task
-
-        check_task(out, read_config(out).finetune, "classify")
+        task_kind("classify").check_run(out, read_config(out).finetune)
     with pytest.raises(UserError, match="resume"):
         finetune_command(str(base), task="classify", data=str(tmp_path / "data"), out=str(out), resume=True)
     code, _, err = run_cli(capsys, "finetune", str(base), "--task", "sft", "--data", str(tmp_path / "data"),

@@ -66,9 +66,9 @@ def test_a_signal_during_training_saves_a_checkpoint_and_exits_with_the_signals_
 
 def test_a_signal_during_the_final_evaluation_still_saves_a_checkpoint(base, tmp_path, capsys, monkeypatch):
     """Fault injection: SIGTERM arrives while the final whole-split evaluation runs, after the loop ended."""
-    import lmforge.train.trainer as trainer_module
+    import lmforge.train.language as language_module
 
-    evaluate = trainer_module.evaluate
+    evaluate = language_module.evaluate
 
     def evaluate_then_signal(*args, **kwargs):
         if kwargs.get("max_windows") is None:  # the final evaluation reads the whole split
@@ -78,7 +78,7 @@ def test_a_signal_during_the_final_evaluation_still_saves_a_checkpoint(base, tmp
     def unhandled(signum, frame):  # reached only if the trainer let go of the signal: fail, don't kill pytest
         raise AssertionError("SIGTERM reached the default handler: the trainer was not listening")
 
-    monkeypatch.setattr(trainer_module, "evaluate", evaluate_then_signal)
+    monkeypatch.setattr(language_module, "evaluate", evaluate_then_signal)
     out = tmp_path / "run"
     previous = signal.signal(signal.SIGTERM, unhandled)
     try:

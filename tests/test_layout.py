@@ -1,4 +1,5 @@
-"""The import direction of the package: cli -> commands -> run -> model, data, config; never back up.
+"""The import direction of the package, one layer per package: cli -> commands -> run -> model, data, config;
+never back up.
 
 Every module's imports (at the top or inside a function) are read with `ast`, without importing anything.
 """
@@ -12,37 +13,29 @@ import lmforge
 
 PACKAGE = Path(lmforge.__file__).parent
 
-# A module may import modules of a lower layer, and modules of its own layer in its own package. A module's
-# layer is its own entry, else its package's.
+# A module may import modules of a lower layer, and modules of its own package. Each package (a folder, or a
+# module at the top) has one layer: there are no per-module entries.
 LAYERS = {
     "lmforge": 0, "lmforge.errors": 0,
-    "lmforge.inputs": 0.5,  # the input-file check: on errors, under config (which reads config files through it)
-    "lmforge.files": 1, "lmforge.plots": 1, "lmforge.extras": 1,
-    "lmforge.config": 1,
-    "lmforge.model": 2, "lmforge.data": 2,
-    "lmforge.data.prepare": 3,  # the data writer: the readers (datadir, loader, shards) must not need it
-    "lmforge.scratch": 3,
-    # task records, chat template, metrics, built-in tasks, the classifier head, LoRA and the fine-tuned model
-    # they make: what loading a run (infer/load.py) needs, below it
-    "lmforge.tasks": 3,
-    "lmforge.run": 4,
-    "lmforge.hardware": 4,  # devices, precision, autocast, MFU: inference needs them as much as training
-    "lmforge.infer": 5,
-    "lmforge.tasks.examples": 5,  # records as masked training examples, their loss (autocast: hardware)
-    "lmforge.interop": 6, "lmforge.train": 6,
-    "lmforge.lab": 6,  # compare, the teaching plots (which load runs for inference), the report's histograms
-    "lmforge.tasks.evaluate": 6, "lmforge.tasks.predict": 6,  # commands on infer: eval --task, predict
-    "lmforge.tasks.finetune": 7,  # the fine-tuning loop: drives the torch engine
-    "lmforge.serve": 7,  # the HTTP server: the batched engine behind the OpenAI API
-    "lmforge.bench": 7,  # times the trainer's engine
-    "lmforge.report": 7,  # a fine-tuning run's section evaluates its task (tasks.evaluate)
-    "lmforge.lab.sweep": 8,  # drives the trainer and the fine-tuning loop
-    "lmforge.arguments": 9,  # each command's flags (the server's limits come from serve.cli)
-    "lmforge.cli": 10,
-    "lmforge.__main__": 11,
+    "lmforge.inputs": 1,  # the input-file check (no fifo, device or symlink loop): config reads files through it
+    "lmforge.files": 2, "lmforge.plots": 2, "lmforge.config": 2,
+    "lmforge.extras": 2,  # which optional package each extra brings, and the one line when one is missing
+    # the building blocks: tokenizer, chat template, shards; the model, its heads, LoRA, the fine-tuned builder
+    "lmforge.model": 3, "lmforge.data": 3,
+    "lmforge.scratch": 4,
+    "lmforge.run": 5,
+    "lmforge.hardware": 5,  # devices, precision, autocast, MFU: inference needs them as much as training
+    "lmforge.infer": 6,  # loading a run, generation, evaluation: what every command on a run needs
+    "lmforge.interop": 7, "lmforge.train": 7,  # train: the one loop, for pretraining and every fine-tuning kind
+    "lmforge.tasks": 8,  # the task kinds, and the commands on them: finetune (drives the trainer), eval --task, predict
+    "lmforge.serve": 9,  # the HTTP server: the batched engine behind the OpenAI API
+    "lmforge.bench": 9,  # times the trainer's engine
+    "lmforge.lab": 9,  # compare, sweep (drives the trainer and fine-tuning), the teaching plots
+    "lmforge.report": 10,  # its histograms (lab.inside); a fine-tuning run's section evaluates its task
+    "lmforge.arguments": 11,  # each command's flags (the server's limits come from serve.cli)
+    "lmforge.cli": 12,
+    "lmforge.__main__": 13,
 }
-# Known exceptions, each to be removed by the change its comment names.
-ALLOWED: set[tuple[str, str]] = set()
 
 
 def module_names() -> dict[str, Path]:
@@ -71,11 +64,8 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
 
 
 def layer(module: str) -> int:
-    parts = module.split(".")
-    for end in range(len(parts), 0, -1):
-        if ".".join(parts[:end]) in LAYERS:
-            return LAYERS[".".join(parts[:end])]
-    raise KeyError(module)
+    """The layer of the module's package (lmforge.train.trainer: lmforge.train's)."""
+    return LAYERS[top_package(module)]
 
 
 def top_package(module: str) -> str:
@@ -83,12 +73,12 @@ def top_package(module: str) -> str:
 
 
 def violations(graph: dict[str, set[str]]) -> list[str]:
-    """Every import that goes up, or sideways into another package of the same layer."""
+    """Every import that goes up, or sideways into another package of the same layer (within a package,
+    modules import each other freely)."""
     found = []
     for importer, imported in graph.items():
         for target in imported:
-            if (importer, target) in ALLOWED or target == "lmforge" or top_package(target) == top_package(importer) \
-                    and layer(target) <= layer(importer):
+            if target == "lmforge" or top_package(target) == top_package(importer):
                 continue
             if layer(target) >= layer(importer):
                 found.append(f"{importer} (layer {layer(importer)}) imports {target} (layer {layer(target)})")
@@ -98,6 +88,12 @@ def violations(graph: dict[str, set[str]]) -> list[str]:
 def import_graph() -> dict[str, set[str]]:
     modules = module_names()
     return {name: imports_of(path, set(modules)) for name, path in modules.items()}
+
+
+def test_layers_name_packages_only():
+    """One entry per package (a folder, or a module at the top), never one for a module inside a folder."""
+    packages = {top_package(module) for module in module_names()}
+    assert set(LAYERS) == packages
 
 
 def test_every_module_has_a_layer():
@@ -127,8 +123,14 @@ def test_nothing_outside_train_imports_it():
 def test_the_check_catches_an_import_that_goes_up():
     bad = {"lmforge.run": {"lmforge.train.trainer"}, "lmforge.lab.compare": {"lmforge.report"},
            "lmforge.model.gpt": {"lmforge.config"}}
-    assert violations(bad) == ["lmforge.lab.compare (layer 6) imports lmforge.report (layer 7)",
+    assert violations(bad) == ["lmforge.lab.compare (layer 8) imports lmforge.report (layer 9)",
                                "lmforge.run (layer 4) imports lmforge.train.trainer (layer 6)"]
+
+
+def test_the_check_catches_an_import_sideways_and_from_below_into_tasks():
+    bad = {"lmforge.infer.load": {"lmforge.tasks.finetune"}, "lmforge.model.heads": {"lmforge.data.tokenizer"}}
+    assert violations(bad) == ["lmforge.infer.load (layer 5) imports lmforge.tasks.finetune (layer 7)",
+                               "lmforge.model.heads (layer 2) imports lmforge.data.tokenizer (layer 2)"]
 
 
 def test_imports_inside_functions_count(tmp_path):

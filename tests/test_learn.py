@@ -32,7 +32,7 @@ from lmforge.infer.generate import sample_next
 from lmforge.lab.landscape import filter_normalised_direction, loss_landscape, validation_batch
 from lmforge.lab.learn import difference_table, load_run
 from lmforge.lab.next_token import nucleus, prompt_ids
-from lmforge.train.trainer import accumulation_steps
+from lmforge.train.language import accumulation_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 COURSE = ROOT / "docs" / "learn"

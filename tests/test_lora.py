@@ -14,12 +14,12 @@ from test_finetune import TOKENIZER, make_base, task_data, tiny_model_config
 from lmforge.config import Config, FinetuneConfig
 from lmforge.errors import UserError
 from lmforge.infer.load import load_model
+from lmforge.model import lora
 from lmforge.model.factory import build_model
+from lmforge.model.finetuned import build_finetune_model
+from lmforge.model.heads import Classifier, pad_right
 from lmforge.run import read_config
-from lmforge.tasks import lora
 from lmforge.tasks.finetune import finetune_command
-from lmforge.tasks.heads import Classifier, pad_right
-from lmforge.tasks.model import build_finetune_model
 from lmforge.tasks.predict import predict
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.tasks.finetune import FinetuneRun
+from lmforge.tasks.finetune import FinetuneTask
 from tests.conftest import assert_one_line_error, checksums, prepare_and_train, records, run_cli, start_child_cli
 
 FAST = ["--max-steps", "2", "--train.eval_every", "2", "--train.batch_size", "4", "--train.device", "cpu", "--quiet"]
@@ -226,7 +226,7 @@ def test_signal_then_resume_of_an_early_stopping_fine_tune_is_the_same_run(tmp_p
     flags = ["--task", "classify", "--data", data, "--max-steps", "200", "--train.eval_every", "2",
              "--finetune.patience", "3", "--train.log_every", "1", "--train.batch_size", "4",
              "--train.device", "cpu", "--lr", "3e-3", "--quiet"]
-    real, calls = FinetuneRun.next_batch, []
+    real, calls = FinetuneTask.next_batch, []
 
     def counted(self):
         calls.append(1)
@@ -234,7 +234,7 @@ def test_signal_then_resume_of_an_early_stopping_fine_tune_is_the_same_run(tmp_p
             os.kill(os.getpid(), signal.SIGTERM)  # handled by the run: it finishes this step and saves
         return real(self)
 
-    monkeypatch.setattr(FinetuneRun, "next_batch", counted)
+    monkeypatch.setattr(FinetuneTask, "next_batch", counted)
     interrupt_at = None
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert run_cli(capsys, "finetune", base.run, "--out", whole, *flags)[0] == 0

@@ -16,10 +16,10 @@ from openai import OpenAI
 from serve_fixtures import LiveServer, http
 
 from lmforge.cli import main
+from lmforge.data.template import ChatTemplate
 from lmforge.infer.generate import generate
 from lmforge.infer.load import load_model
 from lmforge.serve.cli import build_app
-from lmforge.tasks.template import ChatTemplate
 from tests.conftest import PATIENCE
 
 served_run = serve_fixtures.served_run

@@ -14,12 +14,12 @@ import torch.nn.functional as F
 
 from lmforge.cli import main
 from lmforge.config import Config, ModelConfig, dumps_config
+from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import CharTokenizer
 from lmforge.infer.load import load_model
 from lmforge.model.factory import build_model
 from lmforge.run import save_checkpoint
 from lmforge.tasks import metrics
-from lmforge.tasks.template import ChatTemplate
 
 TOKENIZER = CharTokenizer("".join(sorted(set(string.ascii_letters + string.digits + " .,:;!'?\n=>"))))
 KEYS = {"classify": {"accuracy", "macro_precision", "macro_recall", "macro_f1", "per_class", "confusion"},
@@ -208,12 +208,13 @@ def test_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys):
 def test_translate_prompts_plain_runs_with_the_separator_and_chat_runs_with_the_modernize_request(run, monkeypatch):
     import lmforge.tasks.predict as predict_module
     from lmforge.tasks.evaluate import evaluate_generation
+    from lmforge.tasks.kinds import task_kind
 
     prompts = []
     monkeypatch.setattr(predict_module, "generate_reply",
                         lambda model, tokenizer, prompt, limit: prompts.append(tokenizer.decode(prompt)) or "x")
     model = load_model(run)[0]
     records = [{"source": "a cat", "target": "the cat"}]
-    evaluate_generation(model, TOKENIZER, records, "translate", ChatTemplate(), None)
-    evaluate_generation(model, TOKENIZER, records, "translate", ChatTemplate(), None, chat=True)
+    evaluate_generation(model, TOKENIZER, records, task_kind("translate"), ChatTemplate(), None)
+    evaluate_generation(model, TOKENIZER, records, task_kind("translate"), ChatTemplate(), None, chat=True)
     assert prompts == ["a cat\n=>\n", "USER:\nModernize: a cat\n\nASSISTANT:\n"]

@@ -12,6 +12,7 @@ import pytest
 from lmforge.cli import main
 from lmforge.errors import UserError
 from lmforge.tasks import builtin
+from lmforge.tasks import plays as play_texts
 from lmforge.tasks.records import data_file, read_records, split_files
 
 # ----- records -----
@@ -129,7 +130,7 @@ def read_split_records(directory: Path, task: str) -> dict[str, list[dict]]:
 
 
 def test_every_builtin_task_is_split_by_play_into_valid_records(made):
-    held_out = {split: set(titles) for split, titles in builtin.HELD_OUT.items()}
+    held_out = {split: set(titles) for split, titles in play_texts.HELD_OUT.items()}
     for name, directory in made.items():
         splits = read_split_records(directory, builtin.BUILTIN[name].task)  # every record passes its task's check
         assert set(splits) == {"train", "val", "test"}
@@ -139,15 +140,15 @@ def test_every_builtin_task_is_split_by_play_into_valid_records(made):
         for split, records in splits.items():
             assert 0 < len(records) <= builtin.CAPS[name][split]
         readme = (directory / "README.md").read_text()
-        assert all(title in readme for title in builtin.HELD_OUT["test"])
+        assert all(title in readme for title in play_texts.HELD_OUT["test"])
 
 
 def test_genre_is_balanced_and_passages_come_from_their_play(made):
     splits = read_split_records(made["genre"], "classify")
-    genre_of = {play.title: play.genre for play in builtin.PLAYS}
-    texts = {play.title: "\n".join(builtin.load_plays()[play.title][0]) for play in builtin.PLAYS}
+    genre_of = {play.title: play.genre for play in play_texts.PLAYS}
+    texts = {play.title: "\n".join(play_texts.load_plays()[play.title][0]) for play in play_texts.PLAYS}
     for records in splits.values():
-        counts = {genre: sum(r["label"] == genre for r in records) for genre in builtin.GENRES}
+        counts = {genre: sum(r["label"] == genre for r in records) for genre in play_texts.GENRES}
         assert len(set(counts.values())) == 1, counts
         for record in records[:50]:
             assert record["label"] == genre_of[record["play"]]
@@ -159,21 +160,21 @@ def test_genre_is_balanced_and_passages_come_from_their_play(made):
 def test_folio_pairs_are_the_same_line_in_two_spellings(made):
     splits = read_split_records(made["folio"], "translate")
     test = splits["test"]
-    folio_lines = {play.title: set(builtin.load_plays()[play.title][1]) for play in builtin.PLAYS}
-    modern_lines = {play.title: set(builtin.load_plays()[play.title][0]) for play in builtin.PLAYS}
+    folio_lines = {play.title: set(play_texts.load_plays()[play.title][1]) for play in play_texts.PLAYS}
+    modern_lines = {play.title: set(play_texts.load_plays()[play.title][0]) for play in play_texts.PLAYS}
     for record in test:
         assert record["source"] in folio_lines[record["play"]]
         assert record["target"] in modern_lines[record["play"]]
     # the alignment keeps real respellings: most pairs differ, and few words change beyond spelling
     assert sum(r["source"] != r["target"] for r in test) > 0.8 * len(test)
     assert all(len(r["source"].split()) - len(r["target"].split()) in range(-2, 3) for r in test)
-    assert builtin.spelling_key("Haue you had quiet Guard?") == builtin.spelling_key("Have you had quiet guard?")
+    assert play_texts.spelling_key("Haue you had quiet Guard?") == play_texts.spelling_key("Have you had quiet guard?")
 
 
 def test_next_line_items_hold_the_true_next_line(made):
     splits = read_split_records(made["next-line"], "choice")
     for record in splits["test"][:100]:
-        lines = builtin.load_plays()[record["play"]][0]
+        lines = play_texts.load_plays()[record["play"]][0]
         context = record["context"].splitlines()
         true = record["choices"][record["label"]]
         assert len(context) == builtin.NEXT_LINE_CONTEXT and len(set(record["choices"])) == 4
@@ -184,14 +185,14 @@ def test_next_line_items_hold_the_true_next_line(made):
 
 def test_modernize_conversations_fit_the_demo_context(made):
     splits = read_split_records(made["modernize"], "sft")
-    from lmforge.tasks.template import ChatTemplate
+    from lmforge.data.template import ChatTemplate
 
     answers = set()
     for record in splits["train"]:
         user, assistant = record["messages"]
         rendered = sum(len(ChatTemplate().markers[m["role"]]) + len(m["content"]) + 2 for m in (user, assistant))
         assert rendered - 1 <= builtin.CONVERSATION_CHARS  # the assistant's "\n\n" is end-of-text (one token)
-        answers.add(assistant["content"] if assistant["content"] in builtin.GENRES else "modern line")
+        answers.add(assistant["content"] if assistant["content"] in play_texts.GENRES else "modern line")
     assert answers == {"comedy", "history", "tragedy", "modern line"}
 
 
@@ -223,3 +224,23 @@ def test_tasks_list_prints_each_task_with_its_sizes_and_baselines(made, capsys):
                            for split in ("train", "val", "test"))
         assert f"| {sizes} |" in by_name[name]
     assert "copy_bleu" in by_name["folio"] and "tfidf_accuracy" in by_name["genre"]
+
+
+def test_the_task_vocabulary_is_the_registry_s():
+    """The config's fine-tuning tasks are the registry's trainable kinds, and no module outside the registry
+    compares a task's name (each asks the kind instead)."""
+    import re
+    import typing
+
+    import lmforge
+    from lmforge.config import Task
+    from lmforge.tasks.kinds import KINDS, TRAINABLE
+
+    assert typing.get_args(Task) == TRAINABLE and set(TRAINABLE) < set(KINDS)
+    package = Path(lmforge.__file__).parent
+    branching = re.compile(r"""task(\.name)?\s*(==|!=|in)\s*[("']""")
+    found = [f"{path.relative_to(package)}:{number}" for path in sorted(package.rglob("*.py"))
+             if path.name != "kinds.py"
+             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+             if branching.search(line)]
+    assert found == []

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import lmforge.train.trainer as trainer_module
+import lmforge.train.language as language_module
 from lmforge import run as ckpt
 from lmforge.data.loader import TokenWindows, TrainLoader
 from lmforge.errors import UserError
@@ -65,7 +65,7 @@ def test_loss_falls_well_below_its_start(tiny_data, tiny_config, tmp_path):
     first = losses[1]
     assert first == pytest.approx(math.log(trainer.config.model.vocab_size), abs=0.15)  # starts near uniform
     final_eval = records(tmp_path / "run", "eval")[-1]
-    assert final_eval["final"] and final_eval["val_loss"] == result["val"]["loss"]
+    assert final_eval["final"] and final_eval["val_loss"] == result["val"]["val_loss"]
     assert final_eval["val_loss"] < 0.7 * first
     assert np.mean([losses[step] for step in range(141, 151)]) < 0.75 * first
 
@@ -225,7 +225,7 @@ def test_checkpoints_keep_the_last_ones_and_the_best(tiny_data, tiny_config, tmp
         loss = next(scripted)
         return {"loss": loss, "perplexity": math.exp(loss), "bpb": loss, "tokens": 1}
 
-    monkeypatch.setattr(trainer_module, "evaluate", fake_evaluate)
+    monkeypatch.setattr(language_module, "evaluate", fake_evaluate)
     config = tiny_config(train__max_steps=10, train__eval_every=2, train__checkpoint_every=2,
                          train__keep_last=2)
     run = tmp_path / "run"

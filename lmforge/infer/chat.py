@@ -1,6 +1,6 @@
 """`lmforge chat RUN`: a multi-turn conversation with a run's model in the terminal, streamed as it is written.
 
-The history goes through the run's chat template (lmforge/tasks/template.py) every turn, so the model sees
+The history goes through the run's chat template (lmforge/data/template.py) every turn, so the model sees
 the conversation the way a fine-tuned run was trained on it. The context window is the model's block size:
 when the conversation no longer fits beside room for the reply, the oldest turns are dropped, and the chat
 says so. A reply ends at the end-of-text token, at the start of another turn (a base model writes the next
@@ -17,6 +17,7 @@ from typing import TextIO
 
 import torch
 
+from lmforge.data.template import ChatTemplate, load_chat_template
 from lmforge.data.tokenizer import name_characters
 from lmforge.errors import UserError
 from lmforge.infer.decode import TextStream
@@ -24,7 +25,6 @@ from lmforge.infer.generate import generate
 from lmforge.infer.load import load_for_inference
 from lmforge.infer.sampling import SamplingError, SamplingParams
 from lmforge.run import resolve_checkpoint
-from lmforge.tasks.template import ChatTemplate, load_chat_template
 
 HELP = ("/reset forgets the conversation, /temp X sets the temperature (0 is greedy), /quit or Ctrl-D exits; "
         "Ctrl-C stops an answer")

@@ -18,7 +18,10 @@ from lmforge.config import Config, FinetuneConfig
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.hardware import resolve_device
+from lmforge.model import lora
 from lmforge.model.factory import build_model
+from lmforge.model.finetuned import build_finetune_model
+from lmforge.model.heads import Classifier
 from lmforge.run import (
     STATE_FILE,
     checkpoint_dir,
@@ -32,9 +35,6 @@ from lmforge.run import (
     weights_fingerprint,
 )
 from lmforge.scratch.module import ScratchForward
-from lmforge.tasks import lora
-from lmforge.tasks.heads import Classifier
-from lmforge.tasks.model import build_finetune_model
 
 
 def best_checkpoint(run_dir: Path) -> Path:

@@ -11,12 +11,13 @@ Outputs: OUT/results.md (trials sorted by val loss), OUT/param_KEY.png (val loss
 OUT/best.toml (the config with the best trial's values, ready for `lmforge train`).
 
 `--finetune BASE_RUN --task T` searches fine-tuning instead: each trial is `lmforge finetune BASE_RUN --task T
---data DATA` (lmforge/tasks/finetune.py) with the swept keys set, e.g. `optim.lr`, `lora.rank` (with
-`--finetune-method lora`) or `finetune.train_blocks`; a trial's result is the validation loss of its last
-evaluation (for classify, the cross-entropy over the labels; its accuracy is kept beside it). Fine-tuning
-trials are not pruned. A swept key the method ignores (`lora.*` with full fine-tuning, `finetune.train_blocks`
-with LoRA) is refused before the first trial, and a fine-tuning study is keyed on its base run, task, method and
-data besides the swept keys: an OUT holding another sweep is refused, never continued as this one.
+--data DATA` (lmforge/tasks/finetune.py, on the same trainer) with the swept keys set, e.g. `optim.lr`,
+`lora.rank` (with `--finetune-method lora`) or `finetune.train_blocks`; a trial's result is the validation loss
+of its last evaluation (for classify, the cross-entropy over the labels; its accuracy is kept beside it).
+Fine-tuning trials are not pruned. A swept key the method ignores (`lora.*` with full fine-tuning,
+`finetune.train_blocks` with LoRA) is refused before the first trial, and a fine-tuning study is keyed on its base
+run, task, method and data besides the swept keys: an OUT holding another sweep is refused, never continued as
+this one.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ from lmforge.config import SECTIONS, Config, canonical_key, dumps_config, load_c
 from lmforge.errors import TrainingDiverged, UserError
 from lmforge.files import WriteError, check_output_place, write_atomic, writing
 from lmforge.plots import new_figure, png_bytes
-from lmforge.tasks.finetune import FinetuneRun, check_method_keys
+from lmforge.run import EvalRecord
+from lmforge.tasks.finetune import finetune_trainer
+from lmforge.tasks.finetune_config import check_method_keys
 from lmforge.train.trainer import Trainer
 
 METHODS = ("grid", "random", "tpe")
@@ -125,16 +128,14 @@ class FinetuneSearch:
     method: str | None = None
 
 
-def finetune_trial(search: FinetuneSearch, data_dir: str | Path, run_dir: Path, chosen: dict[str, Any],
-                   overrides: dict[str, str] | None, budget_time: float | None) -> tuple[dict, FinetuneRun]:
-    """One fine-tuning trial: its run's outcome (`val`: the last evaluation) and the run itself."""
+def finetune_settings(chosen: dict[str, Any], overrides: dict[str, str] | None, budget_time: float | None
+                      ) -> dict[str, str]:
+    """A fine-tuning trial's --section.key flags: the sweep's overrides, the trial's values, the time budget."""
     settings = dict(overrides or {})
     settings.update({key: ",".join(value) if isinstance(value, list) else str(value) for key, value in chosen.items()})
     if budget_time is not None:
         settings["train.max_time"] = str(budget_time)
-    run = FinetuneRun(search.base_run, task=search.task, data=str(data_dir), out=str(run_dir), method=search.method,
-                      train_blocks=None, overrides=settings, resume=False, overwrite=True, quiet=True)
-    return run.run(), run
+    return settings
 
 
 class TrialTrainer(Trainer):
@@ -145,23 +146,21 @@ class TrialTrainer(Trainer):
         self.pruned = False
         super().__init__(*args, **kwargs)
 
-    def run_eval(self, max_windows: int | None, *, final: bool = False, bar=None) -> dict:
-        result = super().run_eval(max_windows, final=final, bar=bar)
-        if not final and math.isfinite(result["loss"]):
-            self.trial.report(result["loss"], self.progress.step)
+    def run_eval(self, *, final: bool = False, bar=None) -> EvalRecord:
+        record = super().run_eval(final=final, bar=bar)
+        if not final and math.isfinite(record.val_loss):
+            self.trial.report(record.val_loss, self.progress.step)
             self.pruned = self.trial.should_prune()
-        return result
+        return record
 
     def stop_reason(self, elapsed: float) -> str | None:
         return "pruned" if self.pruned else super().stop_reason(elapsed)
 
 
-def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path, specs: list[str], *,
-          method: str = "tpe", trials: int | None = None, budget_time: float | None = None,
-          overrides: dict[str, str] | None = None, seed: int = 1337, quiet: bool = False,
-          finetune: FinetuneSearch | None = None) -> dict:
-    """Run (or continue) the study in `out`; write its results; return the best finished trial's row. With
-    `finetune`, each trial fine-tunes its base run on `data_dir` instead of training from `config_path`."""
+def checked_request(config_path: str | Path | None, specs: list[str], method: str, trials: int | None,
+                    budget_time: float | None, overrides: dict[str, str] | None,
+                    finetune: FinetuneSearch | None) -> tuple[list[Param], int]:
+    """The swept parameters and the number of trials, after every check of the request (before any trial)."""
     if finetune is not None and config_path is not None:
         raise UserError("--config sets up training from scratch; a --finetune sweep starts from the base run's "
                         "model (set other keys with --section.key flags)")
@@ -190,13 +189,13 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
         raise UserError("--trials must be positive")
     if budget_time is not None and budget_time <= 0:
         raise UserError("--budget-time must be positive (seconds of training per trial)")
-    base = load_config(config_path, overrides)  # a bad config fails here, before any trial
-    out = Path(out)
-    # An existing sweep directory is continued; the place itself is checked as every output's is.
-    check_output_place(out, directory=True, inputs=[path for path in (config_path, data_dir) if path is not None])
-    with writing(out):
-        out.mkdir(parents=True, exist_ok=True)
+    return params, trials
 
+
+def open_study(out: Path, method: str, specs: list[str], params: list[Param], seed: int,
+               finetune: FinetuneSearch | None, data_dir: str | Path) -> tuple[optuna.Study, Any]:
+    """The study in OUT/sweep.db (created, or continued if it is this sweep's), and the function that puts a
+    failed trial's grid point back among those to run."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         storage = optuna.storages.RDBStorage(f"sqlite:///{(out / 'sweep.db').resolve()}")
@@ -240,73 +239,91 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
         forget_grid_point(trial.number)
         storage.set_trial_state_values(
             storage.get_trial_id_from_study_id_trial_number(study_id, trial.number), optuna.trial.TrialState.FAIL)
+    return study, forget_grid_point
 
-    def objective(trial: optuna.Trial) -> float:
-        config = load_config(config_path, overrides)
-        chosen = {param.key: param.suggest(trial) for param in params}
+
+class Trials:
+    """The sweep's objective: each trial's run, pretraining from the config or fine-tuning the base run (both on
+    the one Trainer), and its result, the validation loss of its last evaluation."""
+
+    def __init__(self, *, config_path: str | Path | None, data_dir: str | Path, out: Path, params: list[Param],
+                 overrides: dict[str, str] | None, budget_time: float | None, finetune: FinetuneSearch | None,
+                 forget_grid_point, quiet: bool):
+        self.config_path, self.data_dir, self.out, self.params = config_path, data_dir, out, params
+        self.overrides, self.budget_time, self.finetune = overrides, budget_time, finetune
+        self.forget_grid_point, self.quiet = forget_grid_point, quiet
+
+    def trainer(self, trial: optuna.Trial, run_dir: Path, chosen: dict[str, Any]) -> Trainer:
+        """The trial's run: pretraining from the config (pruned by the median rule), or a fine-tuning run."""
+        if self.finetune is not None:
+            search = self.finetune
+            return finetune_trainer(search.base_run, task=search.task, data=str(self.data_dir), out=str(run_dir),
+                                    method=search.method, train_blocks=None,
+                                    overrides=finetune_settings(chosen, self.overrides, self.budget_time),
+                                    resume=False, overwrite=True, quiet=True)
+        config = load_config(self.config_path, self.overrides)
         for key, value in chosen.items():
             set_value(config, key, value)
-        if budget_time is not None:
-            config.train.max_time = budget_time
-        run_dir = out / f"trial_{trial.number:03d}"
-        say(f"trial {trial.number}: " + ", ".join(f"{key}={_show(value)}" for key, value in chosen.items()))
-        if finetune is not None:
-            return finetune_objective(trial, run_dir, chosen)
-        trainer = TrialTrainer(trial, config, data_dir, run_dir, overwrite=True, quiet=True)
+        if self.budget_time is not None:
+            config.train.max_time = self.budget_time
+        return TrialTrainer(trial, config, self.data_dir, run_dir, overwrite=True, quiet=True)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        chosen = {param.key: param.suggest(trial) for param in self.params}
+        run_dir = self.out / f"trial_{trial.number:03d}"
+        self.say(f"trial {trial.number}: " + ", ".join(f"{key}={_show(value)}" for key, value in chosen.items()))
         try:
+            trainer = self.trainer(trial, run_dir, chosen)
             result = trainer.run()
             if result["reason"] == "interrupted":
                 raise KeyboardInterrupt
         except TrainingDiverged:
-            say(f"trial {trial.number}: diverged (non-finite loss)")  # a result of the search, not an error
+            self.say(f"trial {trial.number}: diverged (non-finite loss)")  # a result of the search, not an error
             for name, value in {"run": run_dir.name, "val_loss": math.inf, "val_bpb": None,
                                 "steps": trainer.progress.step, "elapsed": trainer.progress.elapsed}.items():
                 trial.set_user_attr(name, value)
             return math.inf
         except BaseException as err:  # interrupted or crashed: the trial fails, a resumed grid runs it again
-            forget_grid_point(trial.number)
+            self.forget_grid_point(trial.number)
             if not isinstance(err, UserError) or isinstance(err, WriteError):  # a mistake would fail again
-                say(f"sweep stopped; run the same command again to continue it ({out / 'sweep.db'})")
+                self.say(f"sweep stopped; run the same command again to continue it ({self.out / 'sweep.db'})")
             raise
-        val = result["val"]
-        trial.set_user_attr("run", run_dir.name)
-        trial.set_user_attr("val_loss", val["loss"])
-        trial.set_user_attr("val_bpb", val["bpb"])
-        trial.set_user_attr("steps", result["step"])
-        trial.set_user_attr("elapsed", trainer.progress.elapsed)
-        say(f"trial {trial.number}: val loss {val['loss']:.4f}" + (" (pruned)" if trainer.pruned else ""))
-        if trainer.pruned:
-            raise optuna.TrialPruned()
-        return val["loss"]
-
-    def finetune_objective(trial: optuna.Trial, run_dir: Path, chosen: dict[str, Any]) -> float:
-        try:
-            result, run = finetune_trial(finetune, data_dir, run_dir, chosen, overrides, budget_time)
-            if result["reason"] == "interrupted":
-                raise KeyboardInterrupt
-        except TrainingDiverged:
-            say(f"trial {trial.number}: diverged (non-finite loss)")
-            for name, value in {"run": run_dir.name, "val_loss": math.inf, "val_bpb": None, "steps": 0,
-                                "elapsed": 0.0}.items():
-                trial.set_user_attr(name, value)
-            return math.inf
-        except BaseException:
-            forget_grid_point(trial.number)
-            say(f"sweep stopped; run the same command again to continue it ({out / 'sweep.db'})")
-            raise
-        val = result["val"]
-        for name, value in {"run": run_dir.name, "val_loss": val["val_loss"], "val_bpb": None,
-                            "val_accuracy": val.get("val_accuracy"), "steps": result["step"],
-                            "elapsed": run.progress.elapsed}.items():
+        val = result["val"]  # the last evaluation (pretraining: the final one, on the whole split)
+        pruned = getattr(trainer, "pruned", False)
+        accuracy = val["val_accuracy"]
+        for name, value in {"run": run_dir.name, "val_loss": val["val_loss"], "val_bpb": val["val_bpb"],
+                            "steps": result["step"], "elapsed": trainer.progress.elapsed,
+                            **({"val_accuracy": accuracy} if accuracy is not None else {})}.items():
             trial.set_user_attr(name, value)
-        say(f"trial {trial.number}: val loss {val['val_loss']:.4f}"
-            + (f", val accuracy {val['val_accuracy']:.4f}" if "val_accuracy" in val else ""))
+        self.say(f"trial {trial.number}: val loss {val['val_loss']:.4f}"
+                 + (f", val accuracy {accuracy:.4f}" if accuracy is not None else "") + (" (pruned)" if pruned else ""))
+        if pruned:
+            raise optuna.TrialPruned()
         return val["val_loss"]
 
-    def say(message: str) -> None:
-        if not quiet:
+    def say(self, message: str) -> None:
+        if not self.quiet:
             print(message, flush=True)
 
+
+def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path, specs: list[str], *,
+          method: str = "tpe", trials: int | None = None, budget_time: float | None = None,
+          overrides: dict[str, str] | None = None, seed: int = 1337, quiet: bool = False,
+          finetune: FinetuneSearch | None = None) -> dict:
+    """Run (or continue) the study in `out`; write its results; return the best finished trial's row. With
+    `finetune`, each trial fine-tunes its base run on `data_dir` instead of training from `config_path`."""
+    params, trials = checked_request(config_path, specs, method, trials, budget_time, overrides, finetune)
+    keys = [param.key for param in params]
+    base = load_config(config_path, overrides)  # a bad config fails here, before any trial
+    out = Path(out)
+    # An existing sweep directory is continued; the place itself is checked as every output's is.
+    check_output_place(out, directory=True, inputs=[path for path in (config_path, data_dir) if path is not None])
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    study, forget_grid_point = open_study(out, method, specs, params, seed, finetune, data_dir)
+    objective = Trials(config_path=config_path, data_dir=data_dir, out=out, params=params, overrides=overrides,
+                       budget_time=budget_time, finetune=finetune, forget_grid_point=forget_grid_point, quiet=quiet)
+    say = objective.say
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     if finished < trials:
         # Optuna logs each trial's result (INFO) and a failed trial's traceback (WARNING) before re-raising

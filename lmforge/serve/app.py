@@ -21,11 +21,11 @@ from fastapi.staticfiles import StaticFiles
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lmforge.data.template import ChatTemplate
 from lmforge.infer.batched import BatchedEngine
 from lmforge.serve.errors import ApiError, add_error_handlers
 from lmforge.serve.routes import STATIC_DIR, router
 from lmforge.serve.server import Server, ServeSettings
-from lmforge.tasks.template import ChatTemplate
 
 PUBLIC_PATHS = ("/", "/health", "/metrics")
 COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",

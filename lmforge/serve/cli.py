@@ -60,12 +60,12 @@ def build_app(run: str | Path, *, device: str = "auto", api_key: str | None = No
               body_timeout: float = 30.0, drain_timeout: float = 30.0):
     """The app serving a run, named after its directory (checks the options, loads the model; the engine
     refuses a batch whose cache does not fit in memory)."""
+    from lmforge.data.template import load_chat_template
     from lmforge.infer.batched import BatchedEngine
     from lmforge.infer.load import load_for_inference
     from lmforge.run import resolve_checkpoint
     from lmforge.serve.app import create_app
     from lmforge.serve.server import ServeSettings
-    from lmforge.tasks.template import load_chat_template
 
     check_api_key(api_key)
     check_count("--max-batch", max_batch)

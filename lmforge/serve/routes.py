@@ -5,7 +5,7 @@ schemas.py, read within the server's limits) and the app's `Server` as dependenc
 |---|---|
 | GET /v1/models, /v1/models/{id} | the one model: its context length and how it batches |
 | POST /v1/completions | prompt (string, list, token ids), echo, logprobs, n, stop, seed, stream, top_k |
-| POST /v1/chat/completions | messages through the run's chat template (lmforge.tasks.template) |
+| POST /v1/chat/completions | messages through the run's chat template (lmforge.data.template) |
 | GET /tokenizer_info, POST /tokenize, /detokenize | the run's tokenizer (lm-eval's remote tokenizer) |
 | GET /health, /metrics, / | liveness, Prometheus text, the playground (lmforge/serve/static/index.html) |
 """

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar, ge
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from lmforge.data.template import ROLES, ChatTemplate
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.infer.sampling import SamplingError, SamplingParams
 from lmforge.serve.errors import ApiError, model_not_found
-from lmforge.tasks.template import ROLES, ChatTemplate
 
 if TYPE_CHECKING:
     from lmforge.serve.server import ServeSettings

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from fastapi import Request
 from starlette.datastructures import Headers
 
+from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.infer.batched import BatchedEngine, GenerationEvent, GenerationRequest
 from lmforge.infer.sampling import SamplingParams
@@ -22,7 +23,6 @@ from lmforge.serve.errors import ApiError
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.scheduler import Scheduler
 from lmforge.serve.schemas import RequestT, SamplingRequest, validate_request
-from lmforge.tasks.template import ChatTemplate
 
 MAX_JSON_DEPTH = 32  # the deepest request is a list of messages (3 levels); deeper bodies are probes
 

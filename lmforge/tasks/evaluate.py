@@ -7,9 +7,9 @@
     choice     acc, acc_norm, acc_centered   (zero-shot: each choice's summed log-probability given the context)
     sft        loss, perplexity   (next-token loss on the assistant turns only, per token)
 
-Models are prompted exactly as fine-tuning trained them (`lmforge.tasks.predict.prompt_ids`). A text longer
-than the context keeps its last tokens; how many were cut is said on stderr, not in the metrics. With a
-predictions file, one JSON object per record, in input order: {"prediction", "reference"} (the label, the
+Models are prompted exactly as fine-tuning trained them (each kind's `prompt_ids`: lmforge/tasks/kinds.py). A
+text longer than the context keeps its last tokens; how many were cut is said on stderr, not in the metrics.
+With a predictions file, one JSON object per record, in input order: {"prediction", "reference"} (the label, the
 target text, the answers, the correct choice index; choice adds "prediction_norm", acc_norm's pick).
 """
 
@@ -28,7 +28,8 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.files import check_output, write_atomic
 from lmforge.tasks import metrics
-from lmforge.tasks.records import CHAT_TRANSLATE_PROMPT, TASKS, as_messages, data_file, read_records, split_files
+from lmforge.tasks.kinds import TASKS, TaskKind, task_kind
+from lmforge.tasks.records import data_file, read_records, split_files
 
 
 def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str | None = None,
@@ -39,14 +40,12 @@ def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str | 
     default); with `predictions`, also write that file (checked first: an existing file only with `overwrite`,
     never an input, never inside a run). Records with characters the run's tokenizer does not know are refused
     unless `allow_unknown` reads them as the unknown token."""
+    from lmforge.data.template import load_chat_template
     from lmforge.infer.load import load_model
     from lmforge.run import read_config, resolve_checkpoint
     from lmforge.tasks.examples import check_template_encodable
-    from lmforge.tasks.model import check_task
-    from lmforge.tasks.template import load_chat_template
 
-    if task not in TASKS:
-        raise UserError(f"unknown task '{task}'; tasks are {', '.join(TASKS)}")
+    kind = task_kind(task)
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     if split is not None and Path(data).is_file():
@@ -58,44 +57,25 @@ def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str | 
                      inputs=(path, *task_files, resolve_checkpoint(run)[0]))
     records = read_records(path, task)
     finetune = read_config(resolve_checkpoint(run)[0]).finetune
-    check_task(run, finetune, task)
+    kind.check_run(run, finetune)
     model, _, tokenizer, _ = load_model(run, device)
-    tokenizer.check_known_data(record_texts(records, task, path), str(path), allow_unknown=allow_unknown,
+    tokenizer.check_known_data(record_texts(records, kind, path), str(path), allow_unknown=allow_unknown,
                                advice="; fix the data, or pass --allow-unknown to read each as the unknown token")
     template = load_chat_template(resolve_checkpoint(run)[0])
     chat = finetune is not None and finetune.template == "chat"
-    check_template_encodable(tokenizer, "sft" if chat and task == "translate" else task, template)
-    if task == "classify":
-        scores, rows = evaluate_classify(model, tokenizer, records, batch_size, device, path)
-    elif task == "choice":
-        scores, rows = evaluate_choice(model, tokenizer, records, batch_size, device)
-    elif task == "sft":
-        scores, rows = evaluate_sft(model, tokenizer, records, template, batch_size, device,
-                                    with_replies=predictions is not None, max_new_tokens=max_new_tokens)
-    else:
-        scores, rows = evaluate_generation(model, tokenizer, records, task, template, max_new_tokens, chat=chat)
+    check_template_encodable(tokenizer, kind.asked_as(chat), template)
+    scores, rows = kind.score(model, tokenizer, records, template=template, batch_size=batch_size, device=device,
+                              origin=path, chat=chat, with_replies=predictions is not None,
+                              max_new_tokens=max_new_tokens)
     if predictions is not None:
         write_atomic(Path(predictions), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return scores
 
 
-def record_texts(records: Sequence[dict], task: str, origin: Path) -> list[tuple[str, str]]:
+def record_texts(records: Sequence[dict], kind: TaskKind, origin: Path) -> list[tuple[str, str]]:
     """The texts of the records that the model reads or is scored on (not a translate target or qa answers,
     which are only compared with its replies), each with where its record was read."""
-    texts: list[tuple[str, str]] = []
-    for record in records:
-        if task == "sft":
-            fields = [message["content"] for message in as_messages(record, task)]
-        elif task == "qa":
-            fields = [record["context"], record["question"]]
-        elif task == "classify":
-            fields = [record["text"]]
-        elif task == "translate":
-            fields = [record["source"]]
-        else:
-            fields = [record["context"], *record["choices"]]
-        texts += [(text, getattr(record, "where", str(origin))) for text in fields]
-    return texts
+    return [(text, getattr(record, "where", str(origin))) for record in records for text in kind.read_texts(record)]
 
 
 def note_truncated(count: int, total: int, what: str) -> None:
@@ -106,7 +86,7 @@ def note_truncated(count: int, total: int, what: str) -> None:
 
 def evaluate_classify(model: nn.Module, tokenizer: Tokenizer, records: Sequence[dict], batch_size: int,
                       device: str | torch.device, origin: Path) -> tuple[dict, list[dict]]:
-    from lmforge.tasks.heads import predict_labels
+    from lmforge.tasks.kinds import predict_labels
 
     references = [record["label"] for record in records]
     unseen = sorted(set(references) - set(model.labels))
@@ -194,8 +174,9 @@ def evaluate_sft(model: nn.Module, tokenizer: Tokenizer, records: Sequence[dict]
     (`examples.task_loss`), and its exponential; with_replies: also each conversation's greedy reply to its
     turns before the last assistant turn."""
     from lmforge.tasks.examples import task_loss
-    from lmforge.tasks.predict import generate_reply, prompt_ids
+    from lmforge.tasks.predict import generate_reply
 
+    sft = task_kind("sft")
     result = task_loss(model, tokenizer, list(records), "sft", template=template, batch_size=batch_size,
                        device=device)
     note_truncated(result["truncated"], len(records), "conversations")
@@ -204,45 +185,32 @@ def evaluate_sft(model: nn.Module, tokenizer: Tokenizer, records: Sequence[dict]
               file=sys.stderr)
     rows = []
     for record in records:
-        reference = [m for m in as_messages(record, "sft") if m["role"] == "assistant"][-1]["content"]
+        reference = [m for m in sft.messages(record) if m["role"] == "assistant"][-1]["content"]
         reply = None
         if with_replies:
-            prompt = prompt_ids("sft", record, tokenizer, template)
+            prompt = sft.prompt_ids(record, tokenizer, template)
             reply = generate_reply(model, tokenizer, prompt, max_new_tokens or model.config.block_size)
         rows.append({"prediction": reply, "reference": reference})
     return {"loss": result["loss"], "perplexity": result["perplexity"]}, rows
 
 
-def evaluate_generation(model: nn.Module, tokenizer: Tokenizer, records: Sequence[dict], task: str, template,
+def evaluate_generation(model: nn.Module, tokenizer: Tokenizer, records: Sequence[dict], kind: TaskKind, template,
                         max_new_tokens: int | None, *, chat: bool = False) -> tuple[dict, list[dict]]:
-    """translate and qa: each record's greedy reply (without surrounding whitespace), scored against its
-    target (BLEU, chrF, beside the score of copying the source) or its answers (SQuAD exact match and F1).
+    """translate and qa: each record's greedy reply (without surrounding whitespace), scored by the kind against
+    its target (BLEU, chrF, beside the score of copying the source) or its answers (SQuAD exact match and F1).
     `chat`: the run was fine-tuned on chat (sft), so a translate source is asked as CHAT_TRANSLATE_PROMPT."""
-    from lmforge.tasks.predict import generate_reply, prompt_ids
+    from lmforge.tasks.predict import generate_reply
 
+    asked = kind.asked_as(chat)
     block_size = model.config.block_size
     replies, cut = [], 0
     for record in records:
-        if chat and task == "translate":
-            request = {"prompt": CHAT_TRANSLATE_PROMPT.format(source=record["source"]), "response": ""}
-            prompt = prompt_ids("sft", request, tokenizer, template)
-        else:
-            prompt = prompt_ids(task, record, tokenizer, template)
+        prompt = asked.prompt_ids(record, tokenizer, template)
         cut += len(prompt) > block_size
-        limit = max_new_tokens
-        if limit is None:  # room for a target about as long as the source, or a short answer
-            limit = 2 * len(tokenizer.encode(record["source"])) + 16 if task == "translate" else 64
+        limit = kind.reply_tokens(record, tokenizer) if max_new_tokens is None else max_new_tokens
         replies.append(generate_reply(model, tokenizer, prompt, limit).strip())
     note_truncated(cut, len(records), "prompts")
-    if task == "translate":
-        sources = [record["source"] for record in records]
-        targets = [record["target"] for record in records]
-        scores = {"bleu": metrics.bleu(replies, targets), "chrf": metrics.chrf(replies, targets),
-                  "copy_bleu": metrics.bleu(sources, targets), "copy_chrf": metrics.chrf(sources, targets)}
-        references: list = targets
-    else:
-        references = [record["answers"] for record in records]
-        scores = metrics.qa_scores(replies, references)
+    scores, references = kind.generation_scores(replies, records)
     return scores, [{"prediction": p, "reference": r} for p, r in zip(replies, references, strict=True)]
 
 

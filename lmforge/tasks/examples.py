@@ -1,7 +1,7 @@
 """Task records as training examples: encoded, masked, batched, and their loss and metrics on a split.
 
-Shared by the fine-tuning loop (lmforge/tasks/finetune.py) and `eval --task sft` (lmforge/tasks/evaluate.py),
-so that evaluation scores exactly the tokens training trains on:
+Shared by fine-tuning (lmforge/tasks/finetune.py) and `eval --task sft` (lmforge/tasks/evaluate.py), so that
+evaluation scores exactly the tokens training trains on (each kind's `encode`, lmforge/tasks/kinds.py):
 - classify: a text's token ids and its label's index (the head reads the last real token).
 - sft, qa: the chat template's encoding, the loss on the assistant turns only (ChatTemplate.encode's mask;
   a qa record becomes a user turn "Context: ...\\nQuestion: ..." and its first answer).
@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.hardware import autocast
-from lmforge.tasks.heads import classify_ids, pad_right
-from lmforge.tasks.records import QA_PROMPT, TRANSLATE_SEPARATOR, as_messages, translate_prompt
-from lmforge.tasks.template import ChatTemplate
+from lmforge.model.heads import classify_ids, pad_right
+from lmforge.tasks.kinds import TaskKind, task_kind
 
 IGNORE = -100  # cross_entropy's ignore_index: a target that is not trained on
 
@@ -48,25 +48,16 @@ class Examples:
         return sum(len(ids) for ids in self.ids)
 
 
-def encode_record(record: dict, task: str, tokenizer: Tokenizer, template: ChatTemplate
-                  ) -> tuple[list[int], list[bool]]:
-    """Token ids of an sft, qa or translate record and, per id, whether the loss trains on predicting it."""
-    if task == "translate":
-        prompt = tokenizer.encode(translate_prompt(record["source"]))
-        target = tokenizer.encode(record["target"]) + [tokenizer.eot_id]
-        return prompt + target, [False] * len(prompt) + [True] * len(target)
-    return template.encode(as_messages(record, task), tokenizer)
-
-
 def encode_examples(records: list[dict], task: str, tokenizer: Tokenizer, block_size: int,
                     labels: list[str], template: ChatTemplate, origin: Path) -> Examples:
     """Encode a split, keeping each example's last tokens when it is longer than the context (classify:
     block_size tokens; the others: block_size + 1, as inputs and targets are shifted by one)."""
+    kind = task_kind(task)
     examples = Examples(ids=[])
-    limit = block_size if task == "classify" else block_size + 1
+    limit = block_size if kind.labelled else block_size + 1
     index = {label: i for i, label in enumerate(labels)}
     for number, record in enumerate(records, start=1):
-        if task == "classify":
+        if kind.labelled:
             if record["label"] not in index:
                 where = getattr(record, "where", f"{origin} record {number}")
                 raise UserError(f"{where}: label '{record['label']}' never appears in the "
@@ -74,13 +65,13 @@ def encode_examples(records: list[dict], task: str, tokenizer: Tokenizer, block_
             ids, trained = tokenizer.encode(record["text"]), []
             examples.labels.append(index[record["label"]])
         else:
-            ids, trained = encode_record(record, task, tokenizer, template)
+            ids, trained = kind.encode(record, tokenizer, template)
             # what follows the last trained token (the template's turn end) is never a target: keep the room
             end = max((i + 1 for i, keep in enumerate(trained) if keep), default=len(ids))
             ids, trained = ids[:end], trained[:end]
         if len(ids) > limit:
             ids, trained, examples.truncated = ids[-limit:], trained[-limit:], examples.truncated + 1
-        if task != "classify":
+        if not kind.labelled:
             # A guard: with the tail after the last reply cut above, every record keeps at least its final
             # end-of-text as a target; eval reports the count (always 0 until templates change).
             if not any(trained[1:]):
@@ -96,33 +87,21 @@ def encode_examples(records: list[dict], task: str, tokenizer: Tokenizer, block_
 def check_encodable(tokenizer: Tokenizer, records: list[dict], task: str, origin: Path) -> None:
     """A character-level tokenizer maps characters it never saw to one 'unknown' id: refuse such data, naming
     the record (file and line) where the first one is."""
-    fields = {"classify": ("text",), "sft": ("prompt", "response"), "translate": ("source", "target"),
-              "qa": ("context", "question", "answers")}[task]
-    texts = ((text, getattr(record, "where", str(origin))) for record in records
-             for text in ([m["content"] for m in record["messages"]] if "messages" in record else
-                          [t for name in fields for t in (record[name] if isinstance(record[name], list)
-                                                          else [record[name]])]))
+    kind = task_kind(task)
+    texts = ((text, getattr(record, "where", str(origin))) for record in records for text in kind.data_texts(record))
     tokenizer.check_known_data(texts, str(origin), advice="; fine-tune a run whose tokenizer covers them")
 
 
-def check_template_encodable(tokenizer: Tokenizer, task: str, template: ChatTemplate) -> None:
+def check_template_encodable(tokenizer: Tokenizer, kind: TaskKind, template: ChatTemplate) -> None:
     """The text a task adds around every record (the chat template's markers and turn end, the translate
     separator) must encode too, or every example would train on unknown ids: refuse naming its characters."""
-    if task == "translate":
-        texts = {"the translate separator": TRANSLATE_SEPARATOR}
-    elif task in ("sft", "qa"):
-        texts = {f"the chat template's {role} marker": marker for role, marker in template.markers.items()}
-        texts["the chat template's turn end"] = template.turn_end
-        if task == "qa":
-            texts["the qa prompt"] = QA_PROMPT.replace("{context}", "").replace("{question}", "")
-    else:
-        return
+    texts = kind.wrapper_texts(template)
     unknown = {what: tokenizer.unknown_characters(text) for what, text in texts.items()}
     if any(unknown.values()):
         characters = dict.fromkeys(char for chars in unknown.values() for char in chars)
         parts = "; ".join(f"{what} {texts[what]!r}" for what, chars in unknown.items() if chars)
         raise UserError(f"the run's character tokenizer cannot encode {', '.join(map(repr, characters))}, which "
-                        f"{task} wraps around every record ({parts}): its training text had no such characters "
+                        f"{kind.name} wraps around every record ({parts}): its training text had no such characters "
                         "(a lower-cased corpus?); fine-tune a run whose tokenizer covers them")
 
 
@@ -137,6 +116,15 @@ def lm_batch(examples: Examples, rows: list[int], pad_id: int, device: torch.dev
     idx, _ = pad_right(inputs, pad_id, device)
     target, _ = pad_right(targets, IGNORE, device)
     return idx, target
+
+
+def training_batch(examples: Examples, rows: list[int], pad_id: int, device: torch.device) -> tuple:
+    """(inputs, targets) of these examples as the kind's `loss` takes them: labelled examples (classify) are
+    ((ids, lengths), label indices); the others `lm_batch`'s."""
+    if examples.labels:
+        inputs = pad_right([examples.ids[row] for row in rows], pad_id, device)
+        return inputs, torch.tensor([examples.labels[row] for row in rows], device=device)
+    return lm_batch(examples, rows, pad_id, device)
 
 
 def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -166,7 +154,7 @@ def evaluate_split(model: nn.Module, examples: Examples, task: str, batch_size: 
     model.eval()
     try:
         with autocast(device, precision):
-            if task == "classify":
+            if task_kind(task).labelled:
                 logits = classify_ids(model, examples.ids, pad_id, batch_size, device)
                 truth = torch.tensor(examples.labels)
                 predicted = logits.argmax(-1)
@@ -195,8 +183,3 @@ def task_loss(model: nn.Module, tokenizer: Tokenizer, records: list[dict], task:
     result = evaluate_split(model, examples, task, batch_size, tokenizer.eot_id, device, "fp32")
     return {"loss": result["val_loss"], "perplexity": result["val_ppl"], "truncated": examples.truncated,
             "untrainable": examples.untrainable}
-
-
-def metric_of(task: str) -> tuple[str, bool]:
-    """The log key that picks the best checkpoint, and whether higher is better."""
-    return ("val_accuracy", True) if task == "classify" else ("val_loss", False)

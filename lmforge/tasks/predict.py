@@ -1,7 +1,8 @@
 """`lmforge predict`: one input through a fine-tuned run, as the task it was trained for.
 
 A classify run prints the likeliest label and every label's probability; an sft, qa or translate run prints
-its greedy reply to the text, prompted exactly as it was trained (`prompt_ids`, which evaluation uses too).
+its greedy reply to the text, prompted exactly as it was trained (its kind's `prompt_ids`, which evaluation
+uses too).
 """
 
 from __future__ import annotations
@@ -11,26 +12,13 @@ import sys
 import torch
 from torch import nn
 
+from lmforge.data.template import load_chat_template
 from lmforge.data.tokenizer import Tokenizer, name_characters
 from lmforge.errors import UserError
 from lmforge.infer.generate import generate
 from lmforge.infer.load import load_model
 from lmforge.run import read_config, resolve_checkpoint
-from lmforge.tasks.heads import predict_labels
-from lmforge.tasks.model import check_task
-from lmforge.tasks.records import as_messages, translate_prompt
-from lmforge.tasks.template import ChatTemplate, load_chat_template
-
-
-def prompt_ids(task: str, record: dict, tokenizer: Tokenizer, template: ChatTemplate) -> list[int]:
-    """The token ids a model fine-tuned for `task` continues with its answer: a translate record's source and
-    separator; an sft or qa record's turns before its last assistant turn, then the assistant marker."""
-    if task == "translate":
-        return tokenizer.encode(translate_prompt(record["source"]))
-    messages = as_messages(record, task)
-    while messages and messages[-1]["role"] == "assistant":
-        messages = messages[:-1]
-    return template.encode(messages, tokenizer, add_generation_prompt=True)[0]
+from lmforge.tasks.kinds import predict_labels, task_kind
 
 
 def generate_reply(model: nn.Module, tokenizer: Tokenizer, prompt: list[int], max_new_tokens: int) -> str:
@@ -50,11 +38,11 @@ def predict(run: str, text: str, *, context: str | None = None, max_new_tokens: 
     if not text:
         raise UserError("--text is empty")
     finetune = read_config(resolve_checkpoint(run)[0]).finetune
-    task = finetune.task if finetune else "sft"
-    check_task(run, finetune, task)
-    if context is not None and task != "qa":
-        raise UserError(f"--context is for qa runs; {run} was fine-tuned for {task}")
-    if max_new_tokens is not None and task == "classify":
+    kind = task_kind(finetune.task if finetune else "sft")
+    kind.check_run(run, finetune)
+    if context is not None and not kind.takes_context:
+        raise UserError(f"--context is for qa runs; {run} was fine-tuned for {kind.name}")
+    if max_new_tokens is not None and kind.labelled:
         raise UserError(f"--max-new-tokens is for runs that reply with text; {run} was fine-tuned for classify "
                         "(it predicts a label): drop --max-new-tokens")
     model, config, tokenizer, checkpoint = load_model(run, device)
@@ -68,18 +56,13 @@ def predict(run: str, text: str, *, context: str | None = None, max_new_tokens: 
     if allowed:
         print(f"note: characters outside the vocabulary read as the unknown token: "
               f"{name_characters(list(dict.fromkeys(allowed)))}", file=sys.stderr)
-    if task == "classify":
+    if kind.labelled:
         labels, probabilities = predict_labels(model, tokenizer, [text], batch_size=1, device=device)
         return {"label": labels[0],
                 "probabilities": dict(zip(model.labels, probabilities[0].tolist(), strict=True)),
                 "checkpoint": str(checkpoint)}
-    if task == "qa":
-        if context is None:
-            raise UserError("a qa run answers a --text question about a --context passage: give --context")
-        record = {"context": context, "question": text, "answers": [""]}
-    else:
-        record = {"source": text, "target": ""} if task == "translate" else {"prompt": text, "response": ""}
+    record = kind.request(text, context)
     template = load_chat_template(resolve_checkpoint(run)[0])
-    reply = generate_reply(model, tokenizer, prompt_ids(task, record, tokenizer, template),
+    reply = generate_reply(model, tokenizer, kind.prompt_ids(record, tokenizer, template),
                            DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens)
     return {"reply": reply, "checkpoint": str(checkpoint)}

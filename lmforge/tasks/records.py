@@ -15,10 +15,7 @@ return: NUL and its kin are never meant as text, and they break what shows them 
 A data argument is a file, or a directory holding `train`, `val` and `test` files in any of the formats
 (`split_files`, `data_file`).
 
-The text formats a fine-tuned model sees are fixed here, so training (finetune) and evaluation (eval) agree:
-a translate record is the plain text `source + TRANSLATE_SEPARATOR` followed by the target and end-of-text
-(no chat template); sft and qa records become chat messages (`as_messages`) for `ChatTemplate.encode`;
-a chat run asked to translate gets the user turn CHAT_TRANSLATE_PROMPT.
+What each task's records mean, and every other per-task rule, is its kind's (lmforge/tasks/kinds.py).
 """
 
 from __future__ import annotations
@@ -30,41 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import UserError
-from lmforge.tasks.template import check_message
+from lmforge.tasks.kinds import check_sft_messages, task_kind
 
-TASKS = ("classify", "sft", "translate", "qa", "choice")
 SPLITS = ("train", "val", "test")
 FORMATS = (".jsonl", ".csv", ".parquet")
-
-# A translate record as a model reads it: source, this separator, then the target (ended by end-of-text).
-TRANSLATE_SEPARATOR = "\n=>\n"
-# A qa record as the user turn of a chat; its first answer is the assistant turn.
-QA_PROMPT = "Context: {context}\nQuestion: {question}"
-# A translate record put to a chat (sft) run, as `eval --task translate` does: the request the built-in
-# `modernize` task trains, so a run fine-tuned on it is scored on `folio` records in its own format.
-CHAT_TRANSLATE_PROMPT = "Modernize: {source}"
 
 LIST_FIELDS = ("messages", "answers", "choices")
 # Control characters (C0, DEL, C1) other than the whitespace of ordinary text: tab, newline, carriage return.
 CONTROL_CHARACTER = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-
-
-def translate_prompt(source: str) -> str:
-    """The text a translate model continues with the target."""
-    return source + TRANSLATE_SEPARATOR
-
-
-def as_messages(record: dict, task: str) -> list[dict]:
-    """The chat messages of an sft or qa record (a prompt/response pair is one user and one assistant turn)."""
-    if task == "qa":
-        return [{"role": "user", "content": QA_PROMPT.format(context=record["context"],
-                                                             question=record["question"])},
-                {"role": "assistant", "content": record["answers"][0]}]
-    if task != "sft":
-        raise ValueError(f"{task} records are not chat messages")
-    if "messages" in record:
-        return record["messages"]
-    return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
 
 
 class Record(dict):
@@ -108,8 +78,7 @@ def data_file(data: str | Path, split: str) -> Path:
 def read_records(path: str | Path, task: str) -> list[Record]:
     """Every record of a task file, checked against the task's shape; a bad one is a UserError naming the file
     and its line (row, for Parquet)."""
-    if task not in TASKS:
-        raise UserError(f"unknown task '{task}'; tasks are {', '.join(TASKS)}")
+    task_kind(task)
     path = Path(path)
     if path.is_dir():
         names = ", ".join(file.name for file in split_files(path).values())
@@ -135,54 +104,30 @@ def read_records(path: str | Path, task: str) -> list[Record]:
 
 
 def check_record(row: Any, task: str) -> dict:
-    """The record with its fields checked (and a classify label as a string), or a UserError saying why not."""
+    """The record with its fields checked (and a label as its kind reads it), or a UserError saying why not."""
+    kind = task_kind(task)
     if not isinstance(row, dict):
         raise UserError(f"a {task} record must be an object, not {type(row).__name__}")
     record = dict(row)
-    if task == "sft" and "messages" in record:
-        messages = record["messages"]
-        if not isinstance(messages, list) or not messages:
-            raise UserError("'messages' must be a non-empty list of {role, content} objects")
-        for index, message in enumerate(messages):
-            check_message(message, index)
-        if not any(message["role"] == "assistant" for message in messages):
-            raise UserError("'messages' has no assistant turn to train on")
+    if kind.accepts_messages and "messages" in record:
+        check_sft_messages(record)
         return record
-    fields = {"classify": ("text", "label"), "sft": ("prompt", "response"), "translate": ("source", "target"),
-              "qa": ("context", "question", "answers"), "choice": ("context", "choices", "label")}[task]
-    missing = [name for name in fields if name not in record]
+    missing = [name for name in kind.fields if name not in record]
     if missing:
-        shape = "prompt, response (or messages)" if task == "sft" else ", ".join(fields)
-        raise UserError(f"missing field {', '.join(repr(m) for m in missing)} ({task} records have {shape})")
-    for name in fields:
+        raise UserError(f"missing field {', '.join(repr(m) for m in missing)} ({task} records have {kind.shape()})")
+    for name in kind.fields:
         value = record[name]
-        if name in ("answers", "choices"):
+        if name in LIST_FIELDS:
             if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
                 raise UserError(f"'{name}' must be a non-empty list of strings")
-        elif name == "label" and task == "choice":
-            if isinstance(value, str) and re.fullmatch("[0-9]+", value.strip()):  # a CSV cell (ASCII digits:
-                record["label"] = value = int(value)  # str.isdigit also accepts '²', which int() refuses)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise UserError(f"'label' must be an integer index into choices, not {value!r}")
         elif name == "label":
-            if isinstance(value, int) and not isinstance(value, bool):
-                record["label"] = value = str(value)
-            if not isinstance(value, str) or not value:
-                raise UserError(f"'label' must be a non-empty string (or an integer), not {value!r}")
+            record["label"] = value = kind.check_label(value)
         elif not isinstance(value, str):
             raise UserError(f"'{name}' must be a string, not {type(value).__name__}")
         for text in value if isinstance(value, list) else [value]:
             if isinstance(text, str):
                 check_text(text, f"'{name}'")
-    if task == "choice":
-        if len(record["choices"]) < 2:
-            raise UserError("'choices' needs at least two choices")
-        if not all(record["choices"]):  # an empty choice has no tokens to score
-            raise UserError(f"choice {record['choices'].index('')} is empty; every choice needs text to score")
-        if not 0 <= record["label"] < len(record["choices"]):
-            raise UserError(f"'label' {record['label']} is not an index into {len(record['choices'])} choices")
-    if task in ("classify", "translate") and not record[fields[0]]:
-        raise UserError(f"'{fields[0]}' is empty")
+    kind.check_record(record)
     return record
 
 

@@ -1,14 +1,17 @@
 """The training loop, steps 4-8 of the recipe: forward, loss, backward, update, and iterate over the data.
 
-One step = `accumulation` micro-batches of `batch_size x block_size` tokens whose gradients add up to
-one global batch of `tokens_per_step` tokens, then one clipped optimizer update at the scheduled rate.
-Around the loop: evaluation, samples, atomic checkpoints, logs, and exact resume. Under torchrun every rank
-runs this same loop on its slice of each batch (DDP or FSDP: lmforge/train/distributed.py).
+One loop for every kind of training: a `Trainer` runs a task, which says what it trains on and how it is
+measured: pretraining's (`LanguageModelling`, lmforge/train/language.py) or a fine-tuning task's
+(lmforge/tasks/finetune.py). One step = `accumulation` micro-batches whose gradients add up to one global batch,
+then one clipped optimizer update at the scheduled rate. Around the loop, the same for every task: the run's
+lock and leftover repair, signals, the progress bar, the log, evaluations (the best checkpoint by the task's
+metric is kept; `patience` evaluations without improvement stop the run early), samples, atomic checkpoints
+and exact resume. Under torchrun every rank runs this same loop on its slice of each batch (DDP or FSDP:
+lmforge/train/distributed.py).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import signal
@@ -22,47 +25,16 @@ from tqdm import tqdm
 
 from lmforge import run as rundir
 from lmforge.config import Config
-from lmforge.data.datadir import check_token_ids, describe_data
-from lmforge.data.loader import TokenWindows, TrainLoader
-from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import TrainingDiverged, UserError
 from lmforge.files import missing_directories
 from lmforge.hardware import PeakFlops, configure_fast_math
-from lmforge.infer.evaluate import evaluate
-from lmforge.infer.generate import generate
-from lmforge.infer.load import load_language_model
-from lmforge.model.factory import build_model
-from lmforge.model.recurrent import RECURRENT_ARCHS
-from lmforge.run import EndRecord, EvalRecord, LogWriter, Record, SampleRecord, StartRecord, TrainRecord
+from lmforge.run import EndRecord, EvalRecord, LogWriter, Record, TrainRecord
 from lmforge.train.distributed import start_cluster
 from lmforge.train.engine import build_engine, engine_device
+from lmforge.train.language import LanguageModelling
 from lmforge.train.optim import set_lr
 from lmforge.train.schedule import limit_reached, lr_multiplier
-
-
-def accumulation_steps(config: Config, world_size: int = 1) -> int:
-    """Micro-steps per optimizer step so that every step sees exactly `tokens_per_step` tokens."""
-    micro_tokens = config.train.batch_size * config.model.block_size * world_size
-    tokens_per_step = config.train.tokens_per_step or micro_tokens
-    if tokens_per_step % micro_tokens:
-        raise UserError(
-            f"train.tokens_per_step ({tokens_per_step}) must be a multiple of batch_size x block_size x ranks "
-            f"= {micro_tokens}"
-        )
-    return tokens_per_step // micro_tokens
-
-
-def settle_config(config: Config, tokenizer: Tokenizer) -> Config:
-    """A copy of the config with the values the data decides filled in (model.vocab_size = 0: the tokenizer's),
-    and checked against the tokenizer; the caller's config is left as it was."""
-    config = copy.deepcopy(config)
-    model = config.model
-    if model.vocab_size == 0:
-        model.vocab_size = tokenizer.vocab_size
-    elif model.vocab_size < tokenizer.vocab_size:
-        raise UserError(f"model.vocab_size {model.vocab_size} is smaller than the data's tokenizer "
-                        f"({tokenizer.vocab_size}); leave it at 0 to take the tokenizer's")
-    return config
+from lmforge.train.task import TrainingTask
 
 
 @dataclass
@@ -72,58 +44,58 @@ class Progress:
     step: int = 0
     tokens: int = 0
     elapsed: float = 0.0  # seconds spent in the loop, summed over launches
-    best_val_loss: float = math.inf  # best of all evaluations so far, and its step
+    best_metric: float | None = None  # best of all evaluations so far by the task's metric, and its step
     best_step: int | None = None
-    best_checkpoint_loss: float = math.inf  # best among saved checkpoints (evaluated at their step): kept
+    best_checkpoint_metric: float | None = None  # best among saved checkpoints (evaluated at their step): kept
     best_checkpoint_step: int | None = None
+    evals_without_improvement: int = 0  # early stopping: evaluations in a row that did not beat the best
+
+    @classmethod
+    def from_state(cls, saved: dict) -> Progress:
+        """The progress a checkpoint saved, also one written before the metric was the task's (pretraining's
+        best_val_loss and best_checkpoint_loss, infinite for none)."""
+        saved = dict(saved)
+        for old, new in (("best_val_loss", "best_metric"), ("best_checkpoint_loss", "best_checkpoint_metric")):
+            if old in saved:
+                value = saved.pop(old)
+                saved[new] = value if math.isfinite(value) else None
+        return cls(**{field.name: saved[field.name] for field in dataclasses.fields(cls) if field.name in saved})
+
+
+def better(value: float, best: float | None, higher: bool) -> bool:
+    """Whether a finite metric value beats the best so far (None: nothing yet)."""
+    return math.isfinite(value) and (best is None or (value > best if higher else value < best))
 
 
 class Trainer:
-    """One training run: set up in __init__ (data, model, engine, run directory, resume), then `run()`."""
+    """One training run: set up in __init__ (task, model, engine, run directory, resume), then `run()`.
 
-    def __init__(self, config: Config, data_dir: str | Path, run_dir: str | Path, *, resume: bool = False,
-                 overwrite: bool = False, quiet: bool = False, init_from: str | Path | None = None):
-        self.data_dir = Path(data_dir)
+    `task` is what the run trains (a `TrainingTask`, lmforge/train/task.py); without one, pretraining on the
+    prepared data in `data_dir` (and, with `init_from`, from another run's weights)."""
+
+    def __init__(self, config: Config | None, data_dir: str | Path | None, run_dir: str | Path, *,
+                 resume: bool = False, overwrite: bool = False, quiet: bool = False,
+                 init_from: str | Path | None = None, task: TrainingTask | None = None):
         self.run_dir = Path(run_dir)
         self.quiet = quiet
-        # Starting from another run's weights, or continuing this one, means using its tokenizer: the data must
-        # have been tokenized with it (bare llm.c shards have none of their own).
-        if init_from is not None:
-            run_tokenizer = rundir.run_tokenizer(init_from)
-        elif resume and (self.run_dir / rundir.TOKENIZER_FILE).is_file():
-            run_tokenizer = rundir.read_tokenizer(self.run_dir)
-        else:
-            run_tokenizer = None
-        self.meta, self.tokenizer = describe_data(self.data_dir, run_tokenizer)
-        self.config = config = settle_config(config, self.tokenizer)
-        if resume:
-            rundir.check_same_model(self.run_dir, config.model, "--resume")
-        check_token_ids(self.data_dir, config.model.vocab_size)
+        if task is None:
+            task = LanguageModelling(config, data_dir, self.run_dir, resume=resume, init_from=init_from)
+        self.task = task
+        self.config = config = self.task.config
+        self.tokenizer = self.task.tokenizer
         train = config.train
 
         device, self.precision = engine_device(config)
         self.cluster, self.device = start_cluster(train, device)  # torchrun: this rank's place and device
         configure_fast_math(self.device)
-        torch.manual_seed(train.seed)
-        self.model = build_model(config.model).to(self.device)
-        # Truncated BPTT: a recurrent model reading sequentially carries its hidden state from batch to batch.
-        self.carries_state = config.model.arch in RECURRENT_ARCHS and config.data.sequential
-        if config.model.arch in RECURRENT_ARCHS:
-            self.model.carry_state(self.carries_state)
-        if init_from is not None:  # a fine-tuning run's weights are its language model's, LoRA merged
-            tuned = rundir.read_config(rundir.resolve_checkpoint(init_from)[0]).finetune is not None
-            rundir.init_from_run(self.model, init_from,
-                                 load_language_model(init_from)[0].state_dict() if tuned else None)
-        self.engine = build_engine(config, self.model, self.device, self.precision, self.cluster, self.say)
-        self.loader = TrainLoader(self.data_dir, config.model.block_size, train.batch_size,
-                                  shuffle=config.data.shuffle, seed=train.seed, rank=self.cluster.rank,
-                                  world_size=self.cluster.world_size, device=self.device,
-                                  sequential=config.data.sequential)
-        self.val_windows = TokenWindows(self.data_dir, "val", config.model.block_size)
-        self.accumulation = accumulation_steps(config, self.cluster.world_size)
-        self.tokens_per_step = self.accumulation * train.batch_size * config.model.block_size * self.cluster.world_size
+        torch.manual_seed(train.seed)  # the model's initial weights (a new head's, LoRA's adapters')
+        self.model = self.task.build_model(self.device)
+        self.engine = build_engine(config, self.task.objective(self.model), self.device, self.precision,
+                                   self.cluster, self.say)
+        self.task.start_data(self.cluster, self.device, self.precision)
         self.progress = Progress()
         self.stop_signal: str | None = None
+        self.stopped_early = False
         self.saving = False  # a second signal during a save waits for the save to finish
         self.kept_for_lora: set[Path] = set()  # checkpoints pruning keeps for a LoRA run, said once each
         self.made = missing_directories(self.run_dir)  # what a failed start removes, with the run's files
@@ -133,8 +105,7 @@ class Trainer:
         self.log_writer, self.tensorboard = None, None
         self.closed = False
         try:  # last: a failed check leaves no run behind, and a failure from here on removes what it wrote
-            inputs = [self.data_dir, *([init_from] if init_from is not None else [])]
-            resume_from = self._prepare_run_dir(resume, overwrite, inputs)
+            resume_from = self._prepare_run_dir(resume, overwrite, self.task.inputs)
             if resume_from is not None:
                 self._restore(*resume_from)
             main = self.cluster.is_main
@@ -143,7 +114,8 @@ class Trainer:
         except BaseException:
             self._remove_failed_start()
             raise
-        self.last_eval: tuple[int, float] = (-1, math.inf)  # (step, val loss) of the latest evaluation
+        self.last_eval: EvalRecord | None = None  # the latest evaluation
+        self.saved: tuple[int, EvalRecord | None] | None = None  # the step of the latest save, and the eval before
 
     @property
     def optimizers(self) -> list:
@@ -153,6 +125,11 @@ class Trainer:
     def forward(self) -> torch.nn.Module:
         """The forward for evaluation: the model, compiled or not, or the scratch engine's."""
         return self.engine.forward
+
+    @property
+    def loader(self):
+        """Pretraining's data loader (where the windows come from)."""
+        return self.task.loader
 
     # ----- set-up -----
     def _prepare_run_dir(self, resume: bool, overwrite: bool, inputs: list[str | Path]) -> tuple[Path, tuple] | None:
@@ -172,7 +149,7 @@ class Trainer:
         self.cluster.barrier()
         if self.cluster.is_main:
             self.wrote_fresh_run = True
-            rundir.create_run(run, self.config, self.tokenizer, replace=existing)
+            self.task.create_run(run, existing)
         return None
 
     def _remove_failed_start(self) -> None:
@@ -186,30 +163,18 @@ class Trainer:
 
     def _restore(self, path: Path, loaded: tuple) -> None:
         weights, optimizer_states, state, hidden = loaded
-        rundir.load_weights(self.model, self.cluster.shard_like(weights, self.model.state_dict()), path)
+        self.task.load_weights(weights, path)
         if len(optimizer_states) != len(self.optimizers):
             raise UserError(f"checkpoint {path} was written with another optim.name; resume with the same one")
         for optimizer, optimizer_state in zip(self.optimizers, optimizer_states, strict=True):
             optimizer.load_state_dict(self.cluster.shard_optimizer(optimizer, optimizer_state))
-        self.loader.load_state_dict(state["loader"])
-        if self.carries_state:
-            self._restore_hidden_state(hidden)
-        self.progress = Progress(**state["progress"])
+        self.task.load_data_state(state["loader"])
+        self.task.restore_carried_state(hidden, self.say)
+        self.progress = Progress.from_state(state["progress"])
         rundir.set_rng_state(state["rng"])
         if self.cluster.is_main:
             rundir.write_config(self.run_dir, self.config)
             rundir.trim_log(self.run_dir, self.progress.step)
-
-    def _restore_hidden_state(self, hidden: dict[str, torch.Tensor]) -> None:
-        """Continue every stream from the hidden state the checkpoint carried (zeros if it has none, or if the
-        global batch has another number of rows now: those are other streams)."""
-        saved_rows, rows = next(iter(hidden.values())).size(1) if hidden else 0, self.loader.streams
-        if hidden and saved_rows != rows:
-            self.say(f"the checkpoint's hidden state has {saved_rows} rows, this run's global batch {rows}: "
-                     "the recurrent state starts again from zeros")
-            hidden = {}
-        self.model.restore_carried_state({name: self.cluster.own_rows(value).to(self.device)
-                                          for name, value in hidden.items()})
 
     def _open_tensorboard(self):
         try:
@@ -218,15 +183,6 @@ class Trainer:
             raise UserError("train.tensorboard needs the tensorboard package: pip install tensorboard") from None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
-    def data_order(self) -> dict:
-        """How the loader reads the windows, and so whether a recurrent model carries its hidden state."""
-        data = self.config.data
-        order = "sequential" if data.sequential else "shuffled" if data.shuffle else "corpus"
-        state = None
-        if self.config.model.arch in RECURRENT_ARCHS:
-            state = "carried" if self.carries_state else "reset"
-        return {"data_order": order, "recurrent_state": state}
-
     # ----- the loop -----
     def schedule_progress(self, elapsed: float) -> float:
         train = self.config.train
@@ -234,32 +190,32 @@ class Trainer:
         if train.max_time > 0:
             progress = max(progress, elapsed / train.max_time)
         if train.max_epochs > 0:
-            progress = max(progress, self.loader.epoch / train.max_epochs)
+            progress = max(progress, self.task.epoch / train.max_epochs)
         return progress
 
     def stop_reason(self, elapsed: float) -> str | None:
         """Why the loop should stop now, or None to go on (a subclass may add reasons: the sweep's pruning)."""
-        return limit_reached(self.config.train, step=self.progress.step, elapsed=elapsed, epochs=self.loader.epoch,
+        if self.stopped_early:
+            return "early_stopping"
+        return limit_reached(self.config.train, step=self.progress.step, elapsed=elapsed, epochs=self.task.epoch,
                              interrupted=bool(self.stop_signal))
 
     def run(self) -> dict:
-        """Train until a limit is reached or a signal arrives; then a checkpoint and a full evaluation.
+        """Train until a limit is reached, the task's patience runs out or a signal arrives; then the final
+        evaluation (unless the task's last one is at this step, or it skips it on a signal) and a checkpoint.
 
         SIGINT and SIGTERM are handled from the first step until the last checkpoint is on disk: the first stops
         the loop after its step, a second skips the final evaluation, and neither ever interrupts a save. The
         result names the signal (`signal`: its number, or None), so the command exits 128 + that number.
-        A start that fails before its first checkpoint removes what it wrote, so the command can simply be
-        run again."""
+        A start that fails before its first checkpoint (a non-finite loss too) removes what it wrote, so the
+        command can simply be run again."""
         previous_handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             with self.cluster.collective_failures():
                 self._announce()
                 return self._finish(self._loop())
-        except BaseException as error:
-            if isinstance(error, TrainingDiverged):
-                self.close()
-            else:
-                self._remove_failed_start()
+        except BaseException:  # a diverged run too: what it saved stays, a start without a checkpoint goes
+            self._remove_failed_start()
             raise
         finally:
             for sig, handler in previous_handlers.items():
@@ -274,30 +230,14 @@ class Trainer:
 
     def _announce(self) -> None:
         """The start record, and what the run is about to do, in words."""
-        config, train, progress = self.config, self.config.train, self.progress
+        train = self.config.train
         self.peak = PeakFlops(self.device, self.precision, self.cluster.world_size)
-        self.flops_per_token = self.model.flops_per_token()
-        train_tokens = self.meta["splits"]["train"]["tokens"]
-        start = StartRecord(
-            time=time.time(), params=self.model.num_params(),
-            params_non_embedding=self.model.num_params(include_embeddings=False),
-            flops_per_token=self.flops_per_token, train_tokens=train_tokens,
-            val_tokens=self.meta["splits"]["val"]["tokens"], tokens_per_step=self.tokens_per_step,
-            iters_per_epoch=train_tokens / self.tokens_per_step, device=str(self.device),
-            precision=self.precision, engine=train.engine, world_size=self.cluster.world_size,
-            parallel=train.parallel if self.cluster.distributed else None, resumed_from_step=progress.step,
-            **self.data_order(), arch=config.model.arch, data=str(self.data_dir.resolve()))
+        start = self.task.start_record(
+            time=time.time(), device=str(self.device), precision=self.precision, engine=train.engine,
+            world_size=self.cluster.world_size, parallel=train.parallel if self.cluster.distributed else None,
+            resumed_from_step=self.progress.step)
         self.log(start)
-        self.say(f"model: {start.params:,} parameters, {self.flops_per_token / 1e6:.1f} MFLOPs per token; "
-                 f"device {self.device}, {self.precision}")
-        self.say(f"data: {train_tokens:,} training tokens / {self.tokens_per_step:,} tokens per step "
-                 f"({train.batch_size} x {config.model.block_size} x {self.accumulation} accumulation) = "
-                 f"{start.iters_per_epoch:.1f} iterations per epoch"
-                 + (f"; resuming at step {progress.step}" if progress.step else ""))
-        state = {"carried": "carried from batch to batch (truncated BPTT)",
-                 "reset": "reset to zeros for every window (data.sequential = true carries it)"}
-        self.say(f"data order: {start.data_order}" + (f"; {config.model.arch} hidden state "
-                 f"{state[start.recurrent_state]}" if start.recurrent_state else ""))
+        self.task.announce(start, self.say)
 
     def _loop(self) -> str:
         """Optimizer steps, with logging, evaluation, samples and checkpoints between them, until a stop reason;
@@ -316,10 +256,12 @@ class Trainer:
                                            warmup_steps=train.warmup_steps, min_lr_ratio=train.min_lr_ratio,
                                            cooldown_fraction=train.cooldown_fraction)
                 lr = set_lr(self.optimizers, multiplier)
-                self.loss, grad_norm = self.engine.step(self.loader.next_batch, self.accumulation, train.grad_clip)
+                self.loss, grad_norm = self.engine.step(self.task.next_batch, self.task.accumulation,
+                                                        train.grad_clip)
+                tokens = self.task.tokens_read()
                 progress.step += 1
-                progress.tokens += self.tokens_per_step
-                self.window = (self.window[0], self.window[1] + self.tokens_per_step)
+                progress.tokens += tokens
+                self.window = (self.window[0], self.window[1] + tokens)
                 progress.elapsed = time.perf_counter() - launch_start
                 self._between_steps(lr, grad_norm, bar)
         finally:
@@ -335,38 +277,55 @@ class Trainer:
             window_start, window_tokens = self.window
             tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
             self.window = (time.perf_counter(), 0)
+            flops_per_token = self.task.flops_per_token
             record = TrainRecord(step=step, loss=loss_value, lr=lr, grad_norm=grad_norm.item(),
-                                 tokens=self.progress.tokens, tokens_per_s=tokens_per_s, epoch=self.loader.epoch,
-                                 mfu=self.peak.mfu(self.flops_per_token * tokens_per_s), elapsed=self.progress.elapsed)
+                                 tokens=self.progress.tokens, tokens_per_s=tokens_per_s, epoch=self.task.epoch,
+                                 mfu=self.peak.mfu(flops_per_token * tokens_per_s) if flops_per_token else None,
+                                 elapsed=self.progress.elapsed)
             self.log(record)
             self._update_bar(bar, record)
+        evaluated = False
         if train.eval_every and step % train.eval_every == 0 and step < train.max_steps:  # else: the final one
-            self.run_eval(max_windows=max(1, train.eval_tokens // self.config.model.block_size), bar=bar)
+            self.run_eval(bar=bar)
+            evaluated = True
         if train.sample_every and step % train.sample_every == 0:
             self.run_sample(bar)
-        if train.checkpoint_every and step % train.checkpoint_every == 0:
+        if train.checkpoint_every and step % train.checkpoint_every == 0 or evaluated and self.task.save_at_eval:
             self._stop_if_not_finite(self.loss.item())
             self.save()
 
     def _finish(self, reason: str) -> dict:
-        """The full evaluation, the last checkpoint and the end record."""
-        progress = self.progress
+        """The final evaluation, the last checkpoint and the end record."""
+        progress, task = self.progress, self.task
         if progress.step > self.launch[0]:  # the last steps may not have been logged: never save a NaN model
             self._stop_if_not_finite(self.loss.item())
-        try:
-            final = self.run_eval(max_windows=None, final=True)
-        except KeyboardInterrupt:  # a second signal: the user will not wait for the evaluation, but gets the model
-            final = None
-            self.say("skipping the final evaluation; saving the checkpoint")
-        self.save()
-        self.log(EndRecord(step=progress.step, tokens=progress.tokens, elapsed=progress.elapsed, reason=reason))
+        evaluated_here = self.last_eval is not None and self.last_eval.step == progress.step
+        if reason == "interrupted" and not task.evaluate_when_interrupted:
+            # No evaluation: it would count toward early stopping, so the resumed run would stop at another step
+            # than the uninterrupted one. The checkpoint alone lets --resume continue exactly.
+            pass
+        elif not evaluated_here or task.final_eval_is_wider:
+            try:
+                self.run_eval(final=True)
+            except KeyboardInterrupt:  # a second signal: the user will not wait for the evaluation, but gets the model
+                self.say("skipping the final evaluation; saving the checkpoint")
+        if self.saved != (progress.step, self.last_eval):
+            self.save()
+        self.log(EndRecord(step=progress.step, tokens=progress.tokens, elapsed=progress.elapsed, reason=reason,
+                           best_step=progress.best_checkpoint_step if task.save_at_eval else None))
+        metric, _ = task.metric
+        best = "" if progress.best_step is None or not task.save_at_eval else \
+            f"; best {metric} {progress.best_metric:.4f} at step {progress.best_step}"
         self.say(f"stopped ({reason}) at step {progress.step}, {progress.tokens:,} tokens, "
-                 f"{progress.elapsed:.0f}s; checkpoint saved in {self.run_dir / rundir.CHECKPOINTS}")
+                 f"{progress.elapsed:.0f}s{best}; checkpoint saved in {self.run_dir / rundir.CHECKPOINTS}")
         if reason == "interrupted":
-            self.say(f"continue with: lmforge train --resume --data {self.data_dir} --out {self.run_dir}")
+            self.say(f"continue with: {task.resume_hint(self.run_dir)}")
         self.close()
         signum = signal.Signals[self.stop_signal].value if self.stop_signal in signal.Signals.__members__ else None
-        return {"reason": reason, "step": progress.step, "val": final, "signal": signum}
+        final = self.last_eval
+        return {"reason": reason, "step": progress.step, "signal": signum,
+                "val": dataclasses.asdict(final) if final is not None else None,
+                "best_step": progress.best_step, "best": progress.best_metric}
 
     def _on_signal(self, signum: int, frame) -> None:
         if self.stop_signal:  # a second one: the user does not want to wait, but a save in progress finishes
@@ -401,48 +360,43 @@ class Trainer:
         bar.refresh()
 
     # ----- evaluation, samples, checkpoints -----
-    def run_eval(self, max_windows: int | None, *, final: bool = False, bar: tqdm | None = None) -> dict:
-        val = self.meta["splits"]["val"]
-        result = evaluate(self.forward, self.val_windows, batch_size=self.config.train.batch_size,
-                          max_windows=max_windows, device=self.device, precision=self.precision,
-                          bytes_per_token=val["bytes"] / val["tokens"] if val["bytes"] else None,
-                          rank=self.cluster.rank, world_size=self.cluster.world_size)
+    def run_eval(self, *, final: bool = False, bar: tqdm | None = None) -> EvalRecord:
+        """Evaluate, log it, keep track of the best by the task's metric (and of early stopping)."""
         progress = self.progress
-        if result["loss"] < progress.best_val_loss:
-            progress.best_val_loss, progress.best_step = result["loss"], progress.step
-        self.last_eval = (progress.step, result["loss"])
-        self.log(EvalRecord(step=progress.step, tokens=progress.tokens, val_loss=result["loss"],
-                            val_ppl=result["perplexity"], val_bpb=result["bpb"], elapsed=progress.elapsed,
-                            final=final))
-        message = (f"step {progress.step}: val loss {result['loss']:.4f}, perplexity {result['perplexity']:.2f}, "
-                   + (f"{result['bpb']:.4f} bits/byte" if result["bpb"] is not None else "bits/byte unknown (no byte "
-                    "counts: not a prepared data directory)") + (" (full validation split)" if final else ""))
+        record, message = self.task.evaluate(self.forward, final=final, step=progress.step, tokens=progress.tokens,
+                                             elapsed=progress.elapsed)
+        key, higher = self.task.metric
+        if better(getattr(record, key), progress.best_metric, higher):
+            progress.best_metric, progress.best_step, progress.evals_without_improvement = \
+                getattr(record, key), progress.step, 0
+        else:
+            progress.evals_without_improvement += 1
+        patience = self.task.patience
+        self.stopped_early = bool(patience) and progress.evals_without_improvement >= patience
+        self.last_eval = record
+        self.log(record)
         (bar.write(message) if bar is not None and not bar.disable else self.say(message))
-        return result
+        return record
 
     def run_sample(self, bar: tqdm) -> None:
-        if not (self.cluster.is_main or self.cluster.sharded):  # a sharded forward needs every rank
+        sample = self.task.sample(self.progress.step)
+        if sample is None:
             return
-        tokenizer = self.tokenizer
-        # A generator of its own: sampling must not move the training RNG (dropout, resume).
-        generator = torch.Generator(self.device).manual_seed((self.config.train.seed + self.progress.step) % 2**64)
-        ids = list(generate(self.model, [tokenizer.eot_id], self.config.train.sample_tokens, temperature=0.8,
-                            top_k=200, generator=generator, stop_token=tokenizer.eot_id))
-        text = tokenizer.decode(ids)
-        self.log(SampleRecord(step=self.progress.step, prompt="", text=text))
-        (bar.write if not bar.disable else self.say)(f"--- sample at step {self.progress.step} ---\n{text}\n---")
+        self.log(sample)
+        (bar.write if not bar.disable else self.say)(f"--- sample at step {sample.step} ---\n{sample.text}\n---")
 
     def save(self) -> Path | None:
-        progress = self.progress
-        eval_step, eval_loss = self.last_eval
-        if eval_step == progress.step and eval_loss < progress.best_checkpoint_loss:
-            progress.best_checkpoint_loss, progress.best_checkpoint_step = eval_loss, progress.step
-        state = {"progress": vars(progress).copy(), "loader": self.loader.state_dict()}
+        progress, last = self.progress, self.last_eval
+        key, higher = self.task.metric
+        if last is not None and last.step == progress.step and better(getattr(last, key),
+                                                                       progress.best_checkpoint_metric, higher):
+            progress.best_checkpoint_metric, progress.best_checkpoint_step = getattr(last, key), progress.step
+        state = {"progress": vars(progress).copy(), "loader": self.task.data_state()}
         # Every rank takes part in gathering the shards (FSDP); rank 0 alone writes.
-        model_state = self.cluster.gather_full(self.model.state_dict())
+        model_state = self.task.weights()
         optimizer_states = [self.cluster.gather_optimizer(optimizer.state_dict()) for optimizer in self.optimizers]
-        carried = self.model.carried_state() if self.carries_state else {}
-        hidden_state = {name: self.cluster.gather_rows(value) for name, value in carried.items()}
+        hidden_state = self.task.carried_state()
+        self.saved = (progress.step, last)
         if not self.cluster.is_main:
             return None
         self.saving = True

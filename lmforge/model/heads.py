@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.model.gpt import GPT
 from lmforge.model.mlp import BengioMLP
@@ -109,18 +108,6 @@ def train_only_last_blocks(model: nn.Module, body: nn.Module, blocks: int) -> No
         param.requires_grad_(True)
 
 
-def encode_texts(tokenizer: Tokenizer, texts: Sequence[str], block_size: int) -> tuple[list[list[int]], int]:
-    """Token ids of each text, longer ones cut to their last `block_size` tokens, and how many were cut."""
-    encoded, truncated = [], 0
-    for ids in tokenizer.encode_batch(list(texts)):
-        if not ids:
-            raise UserError("a text to classify is empty")
-        if len(ids) > block_size:
-            ids, truncated = ids[-block_size:], truncated + 1
-        encoded.append(ids)
-    return encoded, truncated
-
-
 def pad_right(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (B, longest), lengths (B,)): each sequence followed by pad_id up to the longest."""
@@ -144,14 +131,3 @@ def classify_ids(model: Classifier, sequences: Sequence[Sequence[int]], pad_id: 
     finally:
         model.train(was_training)
     return torch.cat(logits)
-
-
-def predict_labels(model: Classifier, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int,
-                   device: torch.device | str) -> tuple[list[str], torch.Tensor]:
-    """The likeliest label of each text and the probabilities of all labels (N, labels; columns in the order
-    of `model.labels`)."""
-    if not isinstance(model, Classifier):
-        raise UserError("this run has no classification head (fine-tune it with --task classify)")
-    sequences, _ = encode_texts(tokenizer, texts, model.body.config.block_size)
-    probabilities = classify_ids(model, sequences, tokenizer.eot_id, batch_size, device).softmax(-1)
-    return [model.labels[i] for i in probabilities.argmax(-1).tolist()], probabilities
