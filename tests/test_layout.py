@@ -123,14 +123,14 @@ def test_nothing_outside_train_imports_it():
 def test_the_check_catches_an_import_that_goes_up():
     bad = {"lmforge.run": {"lmforge.train.trainer"}, "lmforge.lab.compare": {"lmforge.report"},
            "lmforge.model.gpt": {"lmforge.config"}}
-    assert violations(bad) == ["lmforge.lab.compare (layer 8) imports lmforge.report (layer 9)",
-                               "lmforge.run (layer 4) imports lmforge.train.trainer (layer 6)"]
+    assert violations(bad) == ["lmforge.lab.compare (layer 9) imports lmforge.report (layer 10)",
+                               "lmforge.run (layer 5) imports lmforge.train.trainer (layer 7)"]
 
 
 def test_the_check_catches_an_import_sideways_and_from_below_into_tasks():
     bad = {"lmforge.infer.load": {"lmforge.tasks.finetune"}, "lmforge.model.heads": {"lmforge.data.tokenizer"}}
-    assert violations(bad) == ["lmforge.infer.load (layer 5) imports lmforge.tasks.finetune (layer 7)",
-                               "lmforge.model.heads (layer 2) imports lmforge.data.tokenizer (layer 2)"]
+    assert violations(bad) == ["lmforge.infer.load (layer 6) imports lmforge.tasks.finetune (layer 8)",
+                               "lmforge.model.heads (layer 3) imports lmforge.data.tokenizer (layer 3)"]
 
 
 def test_imports_inside_functions_count(tmp_path):

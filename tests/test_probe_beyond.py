@@ -152,8 +152,8 @@ def test_bpe_vocab_size_beyond_the_bound_is_one_line(tmp_path, tiny, vocab_size)
 
 
 def test_workers_beyond_the_cores_start_no_more_processes(capsys, tmp_path, monkeypatch):
-    """The process pool starts a process for each unit of work in flight, and 2 * --workers units are: a
-    --workers of a million started one process per unit of the corpus and read it all ahead."""
+    """The process pool starts a process for each unit of work in flight, and 2 * --workers units are: the
+    large --workers started one process per unit of the corpus and read it all ahead."""
     import lmforge.data.prepare as prepare_module
 
     pools: list[int] = []
@@ -170,7 +170,7 @@ def test_workers_beyond_the_cores_start_no_more_processes(capsys, tmp_path, monk
     corpus.mkdir()
     for index in range(3):  # more than one unit of work (CHUNK_CHARS), so that the pool is used
         (corpus / f"doc{index}.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(300_000)))
-    code, _, err = run_cli(capsys, "prepare", "--source", corpus, "--tokenizer", "char", "--workers", 1_000_000,
+    code, _, err = run_cli(capsys, "prepare", "--source", corpus, "--tokenizer", "char", "--workers", 1024,
                            "--out", tmp_path / "data", "--quiet")
     assert code == 0, err
     assert pools == [2]

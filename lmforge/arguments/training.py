@@ -12,7 +12,6 @@ from lmforge.arguments.flags import (
     choices_of,
     size_flag,
 )
-from lmforge.config import MAX_VOCAB
 
 Commands = argparse._SubParsersAction
 
@@ -24,7 +23,7 @@ def add_prepare(commands: Commands) -> argparse.ArgumentParser:
     p.add_argument("--val-source", action="append", help="held-out validation text (repeatable)")
     p.add_argument("--val-fraction", type=float, help="fraction of documents held out (default 0.1)")
     p.add_argument("--tokenizer", required=True, help="char, bpe or gpt2")
-    p.add_argument("--vocab-size", type=size_flag(MAX_VOCAB), help="bpe vocabulary size")
+    p.add_argument("--vocab-size", type=int, help="bpe vocabulary size, 257 to 2**20 (checked by prepare)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet")
     p.add_argument("--lowercase", action="store_true")
     p.add_argument("--seed", type=SEED, default=1337)
