@@ -191,7 +191,7 @@ def measure_transformers(run: str, device: str, batch: int, max_tokens: int, pro
     from transformers import AutoModelForCausalLM
 
     from lmforge.hardware import resolve_device
-    from lmforge.infer.load import load_model
+    from lmforge.infer.load import load_run
 
     export = work / "hf"
     if not export.exists():
@@ -201,7 +201,7 @@ def measure_transformers(run: str, device: str, batch: int, max_tokens: int, pro
             raise NoExport(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "lmforge export failed")
     torch_device = resolve_device(device, "--device")
     model = AutoModelForCausalLM.from_pretrained(export).to(torch_device).eval()
-    _, _, tokenizer, _ = load_model(run)
+    tokenizer = load_run(run).tokenizer
     batch_ids = [tokenizer.encode(prompts[index % len(prompts)]) for index in range(batch)]
     width = max(len(ids) for ids in batch_ids)
     pad = tokenizer.eot_id
@@ -237,11 +237,11 @@ def measure_generate(run: str, device: str, max_tokens: int, prompts: list[str])
     server at one client should match."""
     import torch
 
-    from lmforge.hardware import resolve_device
     from lmforge.infer.generate import generate
-    from lmforge.infer.load import load_model
+    from lmforge.infer.load import load_run
 
-    model, _, tokenizer, _ = load_model(run, resolve_device(device, "--device"))
+    loaded = load_run(run, device=device)
+    model, tokenizer = loaded.model, loaded.tokenizer
     generator = torch.Generator(device=model.wte.weight.device).manual_seed(0)
     list(generate(model, tokenizer.encode(prompts[0]), 4, generator=generator))  # warm-up
     level = Level("lmforge sample (generate, no server)", 1)

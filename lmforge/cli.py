@@ -73,7 +73,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     from lmforge.infer.decode import stream_text
     from lmforge.infer.generate import generate
-    from lmforge.infer.load import load_for_inference
+    from lmforge.infer.load import load_run
 
     if args.prompt is not None and args.prompt_file is not None:
         raise UserError("give either --prompt or --prompt-file, not both")
@@ -86,7 +86,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8", errors="replace")
         except OSError as err:
             raise UserError(f"cannot read --prompt-file: {err}") from None
-    model, _, tokenizer, _, device = load_for_inference(args.run, args.device, args.engine)
+    loaded = load_run(args.run, device=args.device, engine=args.engine)
+    model, tokenizer = loaded.model, loaded.tokenizer
     note_unknown("sample", tokenizer, tokenizer.check_known(prompt, allow_unknown=args.allow_unknown))
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     # The batched engine keeps each row's whole context in its cache and cannot slide it as `generate` does:
@@ -95,7 +96,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             and len(prompt_ids) + args.max_new_tokens <= model.config.block_size):
         print_batched_samples(model, tokenizer, prompt, prompt_ids, args)
         return
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generator = torch.Generator(device=loaded.device).manual_seed(args.seed)
     for index in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {index + 1} ---")
@@ -156,21 +157,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from lmforge.data.loader import TokenWindows
     from lmforge.hardware import resolve_precision
     from lmforge.infer.evaluate import bits_per_character, evaluate
-    from lmforge.infer.load import load_for_inference
+    from lmforge.infer.load import load_run
 
-    model, config, tokenizer, checkpoint, device = load_for_inference(args.run, args.device, args.engine)
-    meta, _ = describe_data(args.data, tokenizer)  # a prepared directory, or bare llm.c shards (no byte counts)
+    loaded = load_run(args.run, device=args.device, engine=args.engine)
+    config, device = loaded.config, loaded.device
+    meta, _ = describe_data(args.data, loaded.tokenizer)  # a prepared directory, or bare llm.c shards (no byte counts)
     if args.split not in meta["splits"]:
         raise UserError(f"unknown split '{args.split}'; {args.data} has {', '.join(meta['splits'])}")
     split = meta["splits"][args.split]
     check_token_ids(args.data, config.model.vocab_size, (args.split,))
     windows = TokenWindows(args.data, args.split, config.model.block_size)
-    result = evaluate(model, windows, batch_size=args.batch_size, max_windows=None, device=device,
+    result = evaluate(loaded.model, windows, batch_size=args.batch_size, max_windows=None, device=device,
                       precision=resolve_precision("fp32" if device.type == "cpu" else config.train.precision,
                                                   device),
                       bytes_per_token=split["bytes"] / split["tokens"] if split["bytes"] else None)
     result["bpc"] = bits_per_character(result["bpb"], split)
-    result["checkpoint"] = str(checkpoint)
+    result["checkpoint"] = str(loaded.checkpoint)
     print(json.dumps(result))
 
 

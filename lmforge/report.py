@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -21,6 +22,9 @@ from lmforge.errors import UserError
 from lmforge.files import write_atomic, writing
 from lmforge.plots import new_figure, png_bytes
 from lmforge.run import EvalRecord, RunLog, TrainRecord, last_per_step, read_log
+
+if TYPE_CHECKING:
+    from lmforge.infer.load import LoadedRun
 
 SAMPLES_SHOWN = 3  # the last few samples logged during training
 # The fresh sample: seeded, so that writing the report twice writes the same report.
@@ -52,21 +56,32 @@ def write_report(run: str | Path, attention_layer: int = -1) -> Path:
         out.mkdir(exist_ok=True)
     train, evals = last_per_step(log.train), last_per_step(log.evals)
     plots = write_plots(train, evals, out)
+    loaded = _load_once(run)
     sections = [
         f"# Training report: {run.resolve().name}",
         _summary_section(log, train, evals),
         _model_section(log),
-        _task_section(run, out, log),
+        _task_section(run, out, log, loaded),
         _config_section(run),
         _plots_section(plots, evals),
         _samples_section(log),
-        _inside_section(run, out, log, attention_layer),
-        _fresh_sample_section(run),
+        _inside_section(run, out, log, attention_layer, loaded),
+        _fresh_sample_section(run, loaded),
     ]
     path = out / "report.md"
     write_atomic(path, "\n\n".join(section for section in sections if section) + "\n")
     return path
 
+
+def _load_once(run: Path) -> LoadedRun | UserError:
+    """The run's model, loaded once for every section that looks at it, or the UserError saying why it cannot
+    be (those sections say so; the rest of the report still stands)."""
+    from lmforge.infer.load import load_run
+
+    try:
+        return load_run(run, language_model=False, chat_template=True)  # a classify run's head: its confusion
+    except UserError as err:
+        return err
 
 
 # ----- plots -----
@@ -208,12 +223,11 @@ def _samples_section(log: RunLog) -> str:
     return "\n".join(lines)
 
 
-def _fresh_sample_section(run: Path) -> str:
-    # Imported here: torch and the model are needed only for this section, and only when a checkpoint exists.
+def _fresh_sample_section(run: Path, loaded: LoadedRun | UserError) -> str:
+    # Imported here: torch is needed only for this section, and only when a checkpoint exists.
     import torch
 
     from lmforge.infer.generate import generate
-    from lmforge.infer.load import load_language_model
     from lmforge.run import list_checkpoints, read_config
     from lmforge.tasks.kinds import task_kind
 
@@ -226,10 +240,9 @@ def _fresh_sample_section(run: Path) -> str:
         return f"{title}\n\nThe run's config could not be read: {err}"
     if finetune is not None and task_kind(finetune.task).labelled:
         return f"{title}\n\nA classify run predicts labels, not text, so no fresh sample (lmforge predict {run})."
-    try:
-        model, _, tokenizer, checkpoint = load_language_model(run, "cpu")
-    except UserError as err:  # the rest of the report still stands without the sample
-        return f"{title}\n\nThe newest checkpoint could not be loaded: {err}"
+    if isinstance(loaded, UserError):  # the rest of the report still stands without the sample
+        return f"{title}\n\nThe newest checkpoint could not be loaded: {loaded}"
+    model, tokenizer, checkpoint = loaded.model, loaded.tokenizer, loaded.checkpoint
     ids = list(generate(model, [tokenizer.eot_id], FRESH_TOKENS, temperature=FRESH_TEMPERATURE,
                         top_k=FRESH_TOP_K, generator=torch.Generator().manual_seed(FRESH_SEED),
                         stop_token=tokenizer.eot_id))
@@ -239,23 +252,22 @@ def _fresh_sample_section(run: Path) -> str:
             f"up to {FRESH_TOKENS} tokens:\n\n{_fenced(text)}")
 
 
-def _inside_section(run: Path, out: Path, log: RunLog, attention_layer: int) -> str:
+def _inside_section(run: Path, out: Path, log: RunLog, attention_layer: int, loaded: LoadedRun | UserError
+                    ) -> str:
     """Weight and gradient histograms per layer at the newest checkpoint, and a transformer's attention maps."""
     import numpy as np
     import torch
 
     from lmforge.data.loader import TokenWindows, to_batch
-    from lmforge.infer.load import load_model
     from lmforge.lab.inside import attention_png, histograms_png, layer_gradients
     from lmforge.run import list_checkpoints
 
     title = "## Inside the model"
     if not list_checkpoints(run):
         return f"{title}\n\nThe run has no checkpoint, so there is nothing to look inside."
-    try:
-        model, config, tokenizer, checkpoint = load_model(run, "cpu")
-    except UserError as err:
-        return f"{title}\n\nThe newest checkpoint could not be loaded: {err}"
+    if isinstance(loaded, UserError):
+        return f"{title}\n\nThe newest checkpoint could not be loaded: {loaded}"
+    model, config, tokenizer, checkpoint = loaded.model, loaded.config, loaded.tokenizer, loaded.checkpoint
     matrices = {name: p for name, p in model.named_parameters() if p.dim() >= 2}
     write_atomic(out / "weights.png", histograms_png(matrices, f"Weights per layer at {checkpoint.name}"))
     lines = [title, "", f"At checkpoint `{checkpoint.name}`: every weight matrix, its values and the gradient of "
@@ -287,7 +299,7 @@ def _inside_section(run: Path, out: Path, log: RunLog, attention_layer: int) -> 
     return "\n".join(lines)
 
 
-def _task_section(run: Path, out: Path, log: RunLog) -> str:
+def _task_section(run: Path, out: Path, log: RunLog, loaded: LoadedRun | UserError) -> str:
     """A fine-tuning run's task, what trained, its validation metric and, for classify, its confusion matrix
     on the held-out split; empty for a run that was not fine-tuned."""
     from lmforge.run import read_config
@@ -324,7 +336,9 @@ def _task_section(run: Path, out: Path, log: RunLog) -> str:
         return "\n".join(lines)
     split = "test" if "test" in split_files(data) else "val"
     try:
-        scores = evaluate_task(run, kind.name, data, split=split, device="cpu")
+        if isinstance(loaded, UserError):
+            raise loaded
+        scores = evaluate_task(loaded, kind.name, data, split=split)
     except UserError as err:
         lines += ["", f"No confusion matrix: {err}"]
         return "\n".join(lines)

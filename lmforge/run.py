@@ -301,6 +301,23 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
     return path, checkpoints[-1]
 
 
+def best_checkpoint(run_dir: Path) -> Path:
+    """A fine-tuning run's best checkpoint by the task's validation metric, as its newest checkpoint records
+    it (the newest itself if that one is gone)."""
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        raise UserError(f"{run_dir} holds no checkpoint")
+    try:
+        state = json.loads((checkpoints[-1] / STATE_FILE).read_text())
+    except (OSError, ValueError) as err:
+        if not checkpoints[-1].is_dir():
+            raise removed_meanwhile(checkpoints[-1]) from None
+        raise UserError(f"checkpoint {checkpoints[-1]} is unreadable ({err})") from None
+    best = state.get("progress", {}).get("best_step")
+    best_path = checkpoint_dir(run_dir, best) if best is not None else checkpoints[-1]
+    return best_path if best_path.is_dir() else checkpoints[-1]
+
+
 def _flatten_optimizers(optimizer_states: list[dict]) -> tuple[dict, list]:
     tensors: dict[str, torch.Tensor] = {}
     groups = []

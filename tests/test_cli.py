@@ -17,7 +17,7 @@ from lmforge.cli import main
 from lmforge.data.datadir import load_meta
 from lmforge.data.loader import TokenWindows
 from lmforge.infer.generate import generate
-from lmforge.infer.load import load_model
+from lmforge.infer.load import load_run
 from tests.conftest import records, run_cli
 
 CONFIG_TOML = """
@@ -70,7 +70,8 @@ def test_sample_prints_the_prompt_then_new_text_and_greedy_repeats(trained, caps
     assert code == 0 and err == ""
     assert first.startswith("the ") and len(first.rstrip("\n")) > len("the ")
     assert run_cli(capsys, *argv, "--seed", "99") == (0, first, "")  # greedy: no randomness at all
-    model, _, tokenizer, _ = load_model(trained.run)  # the same continuation as the library computes
+    loaded = load_run(trained.run)  # the same continuation as the library computes
+    model, tokenizer = loaded.model, loaded.tokenizer
     ids = list(generate(model, tokenizer.encode("the "), 30, temperature=0, stop_token=tokenizer.eot_id))
     assert first == "the " + tokenizer.decode(ids) + "\n"
     # 4 + 30 tokens overflow the 16-token context: one sample after another, as generate slides its window
@@ -82,7 +83,8 @@ def test_sample_prints_the_prompt_then_new_text_and_greedy_repeats(trained, caps
 
 
 def test_sample_runs_num_samples_in_one_batch_and_greedy_matches_generate(trained, capsys):
-    model, _, tokenizer, _ = load_model(trained.run)
+    loaded = load_run(trained.run)
+    model, tokenizer = loaded.model, loaded.tokenizer
     ids = list(generate(model, tokenizer.encode("the "), 10, temperature=0, stop_token=tokenizer.eot_id))
     alone = "the " + tokenizer.decode(ids) + "\n"
     code, out, err = run_cli(capsys, "sample", trained.run, "--prompt", "the ", "--max-new-tokens", "10",

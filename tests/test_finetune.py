@@ -17,7 +17,7 @@ from lmforge.config import Config, FinetuneConfig, ModelConfig, dumps_config
 from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import CharTokenizer, load_tokenizer
 from lmforge.errors import UserError
-from lmforge.infer.load import load_model
+from lmforge.infer.load import load_run
 from lmforge.model.factory import build_model
 from lmforge.model.finetuned import build_finetune_model
 from lmforge.model.heads import Classifier, pad_right
@@ -159,7 +159,7 @@ def test_classify_and_sft_on_other_architectures(tmp_path, arch):
         finetune_command(str(base), task=task, data=str(data), out=str(out),
                          quiet=True, overrides={"train.max_steps": "2", "train.eval_every": "2"})
         assert log_records(out, "eval")
-    model = load_model(tmp_path / "classify")[0]
+    model = load_run(tmp_path / "classify", language_model=False).model
     assert isinstance(model, Classifier)
 
 
@@ -195,8 +195,8 @@ def test_train_blocks_freezes_all_but_the_last_blocks(tmp_path, base):
     finetune_command(str(base), task="classify", data=str(task_data(tmp_path / "data", "classify", 4)),
                      out=str(out), train_blocks=1, quiet=True,
                      overrides={"train.max_steps": "2", "train.eval_every": "2", "optim.lr": "1e-2"})
-    before = load_model(base)[0]
-    after = load_model(out)[0].body
+    before = load_run(base, language_model=False).model
+    after = load_run(out, language_model=False).model.body
     torch.testing.assert_close(after.blocks[0].attn.qkv.weight, before.blocks[0].attn.qkv.weight, rtol=0, atol=0)
     assert not torch.equal(after.blocks[1].attn.qkv.weight, before.blocks[1].attn.qkv.weight)
 
@@ -289,7 +289,7 @@ def test_early_stopping_keeps_the_best_checkpoint(tmp_path, base):
                                          "optim.lr": "0"})  # nothing changes: no evaluation improves on the first
     assert result["reason"] == "early_stopping" and result["step"] == 6 and result["best_step"] == 2
     assert log_records(out, "end")[-1]["reason"] == "early_stopping"
-    assert load_model(out)[3].name == "step_0000002"
+    assert load_run(out, language_model=False).checkpoint.name == "step_0000002"
 
 
 def test_only_the_last_fine_tuning_evaluation_is_final(tmp_path, base, capsys):
@@ -490,7 +490,6 @@ def test_sweep_searches_fine_tuning_settings(tmp_path, base):
 
 def test_train_init_from_a_lora_run_starts_from_the_merged_weights(tmp_path, tiny_corpus, tiny_config, capsys):
     from lmforge.data.prepare import prepare
-    from lmforge.infer.load import load_language_model
 
     corpus = tmp_path / "corpus"
     shutil.copytree(tiny_corpus, corpus)
@@ -506,8 +505,9 @@ def test_train_init_from_a_lora_run_starts_from_the_merged_weights(tmp_path, tin
     tuned = tmp_path / "tuned"
     finetune_command(str(trained), task="sft", data=str(data), out=str(tuned), method="lora", quiet=True,
                      overrides={"train.max_steps": "2", "train.eval_every": "2", "optim.lr": "0.05"})
-    merged = load_language_model(tuned)[0].state_dict()
-    assert any(not torch.equal(merged[k], v) for k, v in load_model(trained)[0].state_dict().items())
+    merged = load_run(tuned).model.state_dict()
+    base = load_run(trained, language_model=False).model.state_dict()
+    assert any(not torch.equal(merged[k], v) for k, v in base.items())
     again = Trainer(tiny_config(), tiny_data, tmp_path / "again", quiet=True, init_from=str(tuned))
     assert all(torch.equal(again.model.state_dict()[k], v) for k, v in merged.items())
     code, _, err = run_cli(capsys, "train", "--data", str(tiny_data), "--out", str(tmp_path / "cli"),

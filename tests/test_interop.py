@@ -17,7 +17,7 @@ from lmforge.config import ModelConfig
 from lmforge.data.shards import ShardWriter
 from lmforge.data.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 from lmforge.infer.generate import generate
-from lmforge.infer.load import load_model
+from lmforge.infer.load import load_run
 from lmforge.model.gpt import GPT
 from lmforge.run import write_run
 from tests.conftest import records, run_cli
@@ -77,7 +77,8 @@ def imported(request, tmp_path_factory, bpe) -> SimpleNamespace:
 
 
 def test_import_matches_transformers_logits(imported, bpe):
-    model, config, tokenizer, _ = load_model(imported.run)
+    loaded = load_run(imported.run)
+    model, config, tokenizer = loaded.model, loaded.config, loaded.tokenizer
     assert config.model.position == ("learned" if imported.family == "gpt2" else "rope")
     tokens = torch.randint(0, HF_VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -88,7 +89,7 @@ def test_import_matches_transformers_logits(imported, bpe):
 
 
 def test_greedy_generation_matches_transformers(imported):
-    model, _, _, _ = load_model(imported.run)
+    model = load_run(imported.run).model
     prompt = [5, 17, 42, 99]
     ours = list(generate(model, prompt, 20, temperature=0))
     with torch.no_grad():
@@ -135,7 +136,7 @@ def test_export_native_model_matches_transformers(style, tmp_path, capsys):
     code, _, err = run_cli(capsys, "export", run, "--format", "hf", "--out", tmp_path / "hf")
     assert code == 0, err
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    ours, _, _, _ = load_model(run)
+    ours = load_run(run).model
     tokens = torch.tensor([tokenizer.encode(TEXT)[:32]])
     with torch.no_grad():
         torch.testing.assert_close(hf(tokens).logits, ours(tokens)[0])
@@ -167,7 +168,7 @@ def test_prepared_bpe_tokenizer_survives_hf_export(bpe_run, capsys):
     assert hf_tokenizer.encode(TEXT) == ids
     assert hf_tokenizer.decode(ids) == TEXT
     assert hf_tokenizer.eos_token_id == ours.eot_id
-    model, _, _, _ = load_model(bpe_run.run)
+    model = load_run(bpe_run.run).model
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     window = torch.tensor([ids[:16]])  # the run's block_size
     with torch.no_grad():
@@ -193,7 +194,8 @@ def gpt2_run(tmp_path) -> tuple[Path, CharTokenizer]:
 
 
 def expected_llmc_tensors(run: Path) -> list[tuple[str, torch.Tensor]]:
-    model, config, _, _ = load_model(run)
+    loaded = load_run(run)
+    model, config = loaded.model, loaded.config
     weights = model.state_dict()
     sizes = {"L": config.model.n_layer, "C": config.model.n_embd, "T": config.model.block_size, "Vp": 64}
     tensors = []
@@ -240,7 +242,7 @@ def test_llmc_export_header_and_tensor_order(gpt2_run, tmp_path, capsys):
 
 def test_llmc_bf16_export_and_round_trips(gpt2_run, tmp_path, capsys):
     run, tokenizer = gpt2_run
-    original = load_model(run)[0].state_dict()
+    original = load_run(run).model.state_dict()
     for dtype in ("fp32", "bf16"):
         model_file = tmp_path / f"model_{dtype}.bin"
         assert run_cli(capsys, "export", run, "--format", "llmc", "--dtype", dtype, "--out", model_file)[0] == 0
@@ -250,9 +252,10 @@ def test_llmc_bf16_export_and_round_trips(gpt2_run, tmp_path, capsys):
         assert model_file.stat().st_size == 1024 + {"fp32": 4, "bf16": 2}[dtype] * sum(t.numel() for _, t in tensors)
         code, _, err = run_cli(capsys, "import", model_file, "--out", tmp_path / f"back_{dtype}", "--tokenizer", run)
         assert code == 0, err
-        back, config, back_tokenizer, _ = load_model(tmp_path / f"back_{dtype}")
+        loaded = load_run(tmp_path / f"back_{dtype}")
+        back, config, back_tokenizer = loaded.model, loaded.config, loaded.tokenizer
         assert back_tokenizer.to_dict() == tokenizer.to_dict()
-        assert config.model == load_model(run)[1].model
+        assert config.model == load_run(run).config.model
         for name, tensor in back.state_dict().items():
             expected = original[name] if dtype == "fp32" else original[name].to(torch.bfloat16).float()
             assert torch.equal(tensor, expected), name
@@ -279,7 +282,7 @@ def test_import_reads_pytorch_pickles(imported, tmp_path):
         (folder / name).write_bytes((imported.hf_dir / name).read_bytes())
     torch.save(load_file(imported.hf_dir / "model.safetensors"), folder / "pytorch_model.bin")
     assert main(["import", str(folder), "--out", str(tmp_path / "run")]) == 0
-    ours, theirs = load_model(tmp_path / "run")[0].state_dict(), load_model(imported.run)[0].state_dict()
+    ours, theirs = load_run(tmp_path / "run").model.state_dict(), load_run(imported.run).model.state_dict()
     assert all(torch.equal(ours[name], theirs[name]) for name in theirs)
 
 

@@ -14,7 +14,7 @@ from lmforge.config import ModelConfig
 from lmforge.data.loader import TrainLoader
 from lmforge.errors import UserError
 from lmforge.infer.generate import generate
-from lmforge.infer.load import load_model
+from lmforge.infer.load import load_run
 from lmforge.model.factory import ARCHS, build_model
 from lmforge.train.trainer import Trainer
 from tests.conftest import assert_picture, records
@@ -46,9 +46,10 @@ def test_every_arch_trains_and_its_loss_falls(arch, tiny_data, tiny_config, tmp_
     assert np.mean(losses[-5:]) < 0.8 * losses[0]
     assert records(tmp_path / arch, "start")[0]["arch"] == arch
     # The saved run loads back as the model that trained: its architecture, its weights, its outputs.
-    model, loaded, _, _ = load_model(tmp_path / arch)
+    loaded = load_run(tmp_path / arch)
+    model = loaded.model
     trained = trainer.model.eval()
-    assert loaded.model.arch == arch and type(model) is type(trained)
+    assert loaded.config.model.arch == arch and type(model) is type(trained)
     saved, kept = model.state_dict(), trained.state_dict()
     assert saved.keys() == kept.keys() and all(torch.equal(saved[name], kept[name]) for name in kept)
     inputs = torch.randint(0, trainer.config.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))

@@ -13,7 +13,7 @@ from test_finetune import TOKENIZER, make_base, task_data, tiny_model_config
 
 from lmforge.config import Config, FinetuneConfig
 from lmforge.errors import UserError
-from lmforge.infer.load import load_model
+from lmforge.infer.load import load_run
 from lmforge.model import lora
 from lmforge.model.factory import build_model
 from lmforge.model.finetuned import build_finetune_model
@@ -95,11 +95,12 @@ def test_lora_run_saves_adapters_and_loads_merged_without_touching_the_base(tmp_
     assert {name.split(".")[-4] for name in saved if "lora_" in name} == {"qkv", "fc"}
     assert all(tensor.shape[0] == 2 or tensor.shape[1] == 2 for name, tensor in saved.items() if "lora_" in name)
 
-    # the checkpoint, loaded the unmerged way (base + adapters), computes what load_model's merged model does
+    # the checkpoint, loaded the unmerged way (base + adapters), computes what load_run's merged model does
     unmerged = build_finetune_model(Config(model=tiny_model_config(tie_embeddings=False)),
-                                    read_config(out).finetune, load_model(base)[0].train())
+                                    read_config(out).finetune, load_run(base, language_model=False).model.train())
     lora.load_trainable_state(unmerged, saved, "test")
-    merged, _, tokenizer, used = load_model(out)
+    loaded = load_run(out, language_model=False)
+    merged, tokenizer, used = loaded.model, loaded.tokenizer, loaded.checkpoint
     assert used == checkpoint and not any("lora" in name for name, _ in merged.named_parameters())
     sequences = [tokenizer.encode("the cat sat"), tokenizer.encode("a dog")]
     inputs = pad_right(sequences, tokenizer.eot_id, "cpu")
@@ -110,7 +111,7 @@ def test_lora_run_saves_adapters_and_loads_merged_without_touching_the_base(tmp_
         else:
             torch.testing.assert_close(merged(inputs[0])[0], unmerged(inputs[0])[0], rtol=1e-5, atol=1e-5)
     merged_body = merged.body if task == "classify" else merged
-    base_model = load_model(base)[0]
+    base_model = load_run(base, language_model=False).model
     assert not torch.equal(merged_body.blocks[0].attn.qkv.weight, base_model.blocks[0].attn.qkv.weight)
     torch.testing.assert_close(merged_body.blocks[0].attn.proj.weight, base_model.blocks[0].attn.proj.weight,
                                rtol=0, atol=0)  # not a target: untouched
@@ -157,7 +158,6 @@ def test_runs_imported_from_transformers_fine_tune(tmp_path, tiny_corpus, family
 
 
 def test_export_of_a_lora_run_writes_the_merged_model(tmp_path):
-    from lmforge.infer.load import load_language_model
     from lmforge.interop.hf import export_hf, import_hf
 
     base, out = make_base(tmp_path / "base"), tmp_path / "lora"
@@ -167,6 +167,6 @@ def test_export_of_a_lora_run_writes_the_merged_model(tmp_path):
     export_hf(out, tmp_path / "hf")
     import_hf(str(tmp_path / "hf"), tmp_path / "back")
     idx = torch.tensor([[1, 2, 3, 4]])
-    merged, back = load_language_model(out)[0], load_language_model(tmp_path / "back")[0]
+    merged, back = load_run(out).model, load_run(tmp_path / "back").model
     torch.testing.assert_close(back(idx)[0], merged(idx)[0])
-    assert not torch.allclose(load_language_model(base)[0](idx)[0], merged(idx)[0])
+    assert not torch.allclose(load_run(base).model(idx)[0], merged(idx)[0])

@@ -109,6 +109,18 @@ def test_writing_the_report_again_writes_the_same_report(trained_run, report):
     assert write_report(trained_run).read_text() == before  # the fresh sample is seeded
 
 
+def test_the_report_reads_the_checkpoint_once_for_every_section_that_looks_inside(trained_run, monkeypatch):
+    import lmforge.infer.load as load_module
+
+    reads = []
+    read_weights = load_module.read_weights
+    monkeypatch.setattr(load_module, "read_weights", lambda checkpoint: reads.append(checkpoint) or
+                        read_weights(checkpoint))
+    text = write_report(trained_run).read_text()
+    assert reads == [trained_run / "checkpoints" / "step_0000020"]
+    assert "From checkpoint `step_0000020`" in text and "At checkpoint `step_0000020`" in text
+
+
 def test_last_per_step_keeps_the_last_record_of_each_step_in_step_order():
     def record(step: int, loss: float) -> TrainRecord:
         return TrainRecord(step=step, loss=loss, lr=1e-3, grad_norm=1.0, tokens=64 * step, tokens_per_s=1.0,

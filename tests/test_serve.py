@@ -18,7 +18,7 @@ from serve_fixtures import LiveServer, http
 from lmforge.cli import main
 from lmforge.data.template import ChatTemplate
 from lmforge.infer.generate import generate
-from lmforge.infer.load import load_model
+from lmforge.infer.load import load_run
 from lmforge.serve.cli import build_app
 from tests.conftest import PATIENCE
 
@@ -32,7 +32,8 @@ def client(server: LiveServer, key: str = "unused") -> OpenAI:
 
 
 def greedy(run, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    model, _, tokenizer, _ = load_model(run)
+    loaded = load_run(run)
+    model, tokenizer = loaded.model, loaded.tokenizer
     return list(generate(model, prompt_ids, max_tokens, temperature=0, stop_token=tokenizer.eot_id))
 
 
@@ -50,7 +51,7 @@ def test_models_lists_the_run_with_context_and_batching(live_server):
 
 
 def test_completion_through_the_openai_client_is_the_greedy_continuation(live_server, served_run):
-    model, _, tokenizer, _ = load_model(served_run)
+    tokenizer = load_run(served_run).tokenizer
     result = client(live_server).completions.create(model="tiny-served", prompt="the cat", max_tokens=20,
                                                      temperature=0)
     expected = greedy(served_run, tokenizer.encode("the cat"), 20)
@@ -62,7 +63,7 @@ def test_completion_through_the_openai_client_is_the_greedy_continuation(live_se
 
 
 def test_chat_streamed_and_not_give_the_same_reply_through_the_template(live_server, served_run):
-    model, _, tokenizer, _ = load_model(served_run)
+    tokenizer = load_run(served_run).tokenizer
     messages = [{"role": "user", "content": "Hello there"}]
     api = client(live_server)
     reply = api.chat.completions.create(model="tiny-served", messages=messages, max_tokens=12, temperature=0)
@@ -96,7 +97,7 @@ def test_sse_framing_is_data_events_ending_with_done(live_server):
 
 
 def test_concurrent_requests_are_batched_and_match_alone(live_server, served_run):
-    _, _, tokenizer, _ = load_model(served_run)
+    tokenizer = load_run(served_run).tokenizer
     engine = live_server.engine
     engine.counters.rows_per_step.clear()
     results: dict[int, str] = {}
@@ -117,7 +118,8 @@ def test_concurrent_requests_are_batched_and_match_alone(live_server, served_run
 
 
 def test_echo_with_max_tokens_0_returns_the_prompts_logprobs(live_server, served_run):
-    model, _, tokenizer, _ = load_model(served_run)
+    loaded = load_run(served_run)
+    model, tokenizer = loaded.model, loaded.tokenizer
     answer = http.post(live_server.url + "/v1/completions", json={
         "model": "tiny-served", "prompt": "the cat", "max_tokens": 0, "echo": True, "logprobs": 2}).json()
     logprobs = answer["choices"][0]["logprobs"]

@@ -16,7 +16,7 @@ from lmforge.cli import main
 from lmforge.config import Config, ModelConfig, dumps_config
 from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import CharTokenizer
-from lmforge.infer.load import load_model
+from lmforge.infer.load import load_run
 from lmforge.model.factory import build_model
 from lmforge.run import save_checkpoint
 from lmforge.tasks import metrics
@@ -82,7 +82,7 @@ def direct_log_likelihood(model, context: str, choice: str, block_size: int) -> 
 
 def test_choice_equals_a_direct_computation(run, tmp_path, capsys):
     data = write_jsonl(tmp_path / "choice.jsonl", CHOICES)
-    model = load_model(run)[0]
+    model = load_run(run, language_model=False).model
     log_likelihoods, lengths = [], []
     for record in CHOICES:
         pairs = [direct_log_likelihood(model, record["context"], c, 24) for c in record["choices"]]
@@ -108,7 +108,7 @@ def test_choice_equals_a_direct_computation(run, tmp_path, capsys):
 def test_choice_log_likelihoods_match_per_choice(run):
     from lmforge.tasks.evaluate import completion_sequences, sequence_log_likelihoods
 
-    model = load_model(run)[0]
+    model = load_run(run, language_model=False).model
     record = CHOICES[3]
     sequences, scored, cut = completion_sequences(TOKENIZER, record["context"], record["choices"], 24)
     assert cut == 2 and all(len(ids) == 25 for ids in sequences)  # kept their last block_size + 1 tokens
@@ -122,7 +122,7 @@ def test_sft_loss_is_the_mean_over_assistant_tokens(run, tmp_path, capsys):
                {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
                              {"role": "user", "content": "again"}, {"role": "assistant", "content": "no"}]}]
     data = write_jsonl(tmp_path / "sft.jsonl", records)
-    model = load_model(run)[0]
+    model = load_run(run, language_model=False).model
     total, count = 0.0, 0
     for record in records:
         messages = record.get("messages") or [{"role": "user", "content": record["prompt"]},
@@ -213,7 +213,7 @@ def test_translate_prompts_plain_runs_with_the_separator_and_chat_runs_with_the_
     prompts = []
     monkeypatch.setattr(predict_module, "generate_reply",
                         lambda model, tokenizer, prompt, limit: prompts.append(tokenizer.decode(prompt)) or "x")
-    model = load_model(run)[0]
+    model = load_run(run, language_model=False).model
     records = [{"source": "a cat", "target": "the cat"}]
     evaluate_generation(model, TOKENIZER, records, task_kind("translate"), ChatTemplate(), None)
     evaluate_generation(model, TOKENIZER, records, task_kind("translate"), ChatTemplate(), None, chat=True)

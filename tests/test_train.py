@@ -17,7 +17,7 @@ import lmforge.train.language as language_module
 from lmforge import run as ckpt
 from lmforge.data.loader import TokenWindows, TrainLoader
 from lmforge.errors import UserError
-from lmforge.infer.load import load_model
+from lmforge.infer.load import load_run
 from lmforge.train.engine import TorchEngine
 from lmforge.train.trainer import Trainer
 from tests.conftest import records, train_losses
@@ -249,7 +249,8 @@ def test_a_leftover_temporary_checkpoint_is_never_listed(tiny_data, tiny_config,
     (partial / "model.safetensors").write_bytes(b"half a file")
     assert ckpt.list_checkpoints(run) == [ckpt.checkpoint_dir(run, 3)]
     assert ckpt.resolve_checkpoint(run) == (run, ckpt.checkpoint_dir(run, 3))
-    model, _, _, used = load_model(run)
+    loaded = load_run(run)
+    model, used = loaded.model, loaded.checkpoint
     assert used == ckpt.checkpoint_dir(run, 3)
     assert all(torch.equal(model.state_dict()[name], weights[name]) for name in weights)
     resumed = Trainer(tiny_config(train__max_steps=5), tiny_data, run, resume=True, quiet=True)
@@ -275,7 +276,8 @@ def test_an_absurd_learning_rate_stops_with_the_step_and_keeps_the_last_good_che
     assert checkpoint_steps(run) == list(range(1, step))  # nothing saved at or after the bad step
     last_good = ckpt.checkpoint_dir(run, step - 1)
     assert str(last_good) in str(caught.value)
-    model, _, _, used = load_model(run)
+    loaded = load_run(run)
+    model, used = loaded.model, loaded.checkpoint
     assert used == last_good
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -293,7 +295,7 @@ def test_a_nan_between_log_steps_is_caught_before_the_checkpoint(tiny_data, tiny
     with pytest.raises(UserError, match="at step 6; the last good checkpoint is .*step_0000004"):
         Trainer(config, tiny_data, run, quiet=True).run()
     assert checkpoint_steps(run) == [2, 4]
-    model, _, _, _ = load_model(ckpt.checkpoint_dir(run, 4))
+    model = load_run(ckpt.checkpoint_dir(run, 4)).model
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -309,7 +311,8 @@ def test_a_nan_in_the_last_unlogged_steps_is_not_saved_as_the_newest_checkpoint(
     config = tiny_config(train__max_steps=7, train__log_every=100, train__checkpoint_every=2)
     with pytest.raises(UserError, match="at step 7"):
         Trainer(config, tiny_data, run, quiet=True).run()
-    model, _, _, used = load_model(run)  # what sample, eval and resume would pick up
+    loaded = load_run(run)  # what sample, eval and resume would pick up
+    model, used = loaded.model, loaded.checkpoint
     assert used == ckpt.checkpoint_dir(run, 6)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 

@@ -17,14 +17,13 @@ from typing import TextIO
 
 import torch
 
-from lmforge.data.template import ChatTemplate, load_chat_template
+from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import name_characters
 from lmforge.errors import UserError
 from lmforge.infer.decode import TextStream
 from lmforge.infer.generate import generate
-from lmforge.infer.load import load_for_inference
+from lmforge.infer.load import load_run
 from lmforge.infer.sampling import SamplingError, SamplingParams
-from lmforge.run import resolve_checkpoint
 
 HELP = ("/reset forgets the conversation, /temp X sets the temperature (0 is greedy), /quit or Ctrl-D exits; "
         "Ctrl-C stops an answer")
@@ -84,18 +83,18 @@ def chat(run: str | Path, sampling: SamplingParams = DEFAULT_SAMPLING, *, max_ne
     does not know is refused (the chat goes on) unless `allow_unknown` reads them as the unknown token."""
     if max_new_tokens <= 0:
         raise UserError("--max-new-tokens must be positive")
-    model, config, tokenizer, checkpoint, torch_device = load_for_inference(run, device)
-    template = load_chat_template(resolve_checkpoint(run)[0])
+    loaded = load_run(run, device=device, chat_template=True)
+    model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.chat_template
     stop_texts = template.stop_texts()
-    block_size = config.model.block_size
+    block_size = loaded.config.model.block_size
     # Room for the reply: the whole of it when it fits in half the window, else half the window (the
     # window then slides as the reply grows, as in `lmforge sample`).
     prompt_budget = block_size - min(max_new_tokens, block_size // 2)
-    generator = torch.Generator(device=torch_device).manual_seed(seed)
+    generator = torch.Generator(device=loaded.device).manual_seed(seed)
     messages: list[dict] = []
     if read_line is input and sys.stdin.isatty():
         import readline  # noqa: F401  (importing it gives input() line editing and arrow-key history)
-    out.write(f"lmforge chat: {checkpoint} ({block_size}-token context)\n{HELP}\n")
+    out.write(f"lmforge chat: {loaded.checkpoint} ({block_size}-token context)\n{HELP}\n")
     while True:
         try:
             line = read_line(USER_PROMPT)

@@ -28,7 +28,7 @@ from lmforge.config import ModelConfig
 from lmforge.data.tokenizer import EOT_TEXT, BPETokenizer, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
 from lmforge.files import check_output, load_safetensors, remove_path, replace_output, writing
-from lmforge.infer.load import load_language_model
+from lmforge.infer.load import load_run
 from lmforge.inputs import refuse_special_file
 from lmforge.interop.llmc import byte_characters, pad_rows
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
@@ -431,7 +431,8 @@ def export_hf(run: str | Path, out: str | Path, *, dtype: str = "fp32", overwrit
         raise UserError(f"unknown --dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
     out = Path(out)
     check_output(out, overwrite, directory=True, owned=EXPORT_FILES, inputs=(run,))
-    model, config, tokenizer, _ = load_language_model(run)
+    loaded = load_run(run)
+    model, config, tokenizer = loaded.model, loaded.config, loaded.tokenizer
     family = export_family(config.model)
     weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     tensors = {name: tensor.to(DTYPES[dtype]).contiguous()

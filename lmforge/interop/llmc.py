@@ -25,7 +25,7 @@ from lmforge.data.shards import HEADER_INTS
 from lmforge.data.tokenizer import EOT_TEXT, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
 from lmforge.files import check_output, move_into_place, writing
-from lmforge.infer.load import load_language_model
+from lmforge.infer.load import load_run
 from lmforge.inputs import refuse_special_file
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
 from lmforge.run import check_import_output, write_run
@@ -174,7 +174,8 @@ def export_llmc(run: str | Path, out: str | Path, *, dtype: str = "fp32", overwr
     check_llmc_output(out, MODEL_MAGIC, overwrite, inputs=(run,))  # first: it refuses a path with no file name
     vocab_file = tokenizer_path(out)
     check_llmc_output(vocab_file, TOKENIZER_MAGIC, overwrite, inputs=(run,))
-    model, config, tokenizer, _ = load_language_model(run)
+    loaded = load_run(run)
+    model, config, tokenizer = loaded.model, loaded.config, loaded.tokenizer
     weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     contents = {out: model_bytes(config.model, weights, dtype), vocab_file: tokenizer_bytes(tokenizer)}
     temporaries = {path: path.with_name(f".{path.name}.tmp") for path in contents}

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import nn
 from tqdm import tqdm
 
 from lmforge.data.loader import TokenWindows, to_batch
 from lmforge.errors import UserError
-from lmforge.lab.learn import check_png_out, load_run, recorded_data_dir, write_png
+from lmforge.infer.load import load_run
+from lmforge.lab.learn import check_png_out, recorded_data_dir, write_png
+from lmforge.plots import new_figure
 
 MIN_POINTS = 3
 # 101 per axis is 10,302 forward passes: minutes for a small model on a CPU; past it the plot grows no clearer.
@@ -113,7 +113,8 @@ def plot_landscape(run: str | Path, out: str | Path, *, data: str | Path | None 
         raise UserError(f"--span must be a finite positive number, got {span}")
     if not 1 <= windows <= MAX_WINDOWS:
         raise UserError(f"--windows must be from 1 to {MAX_WINDOWS} (one batch at every point), got {windows}")
-    model, config, _ = load_run(run)
+    loaded = load_run(run)
+    model, config = loaded.model, loaded.config
     if data is None and config.finetune is not None:
         # A fine-tuning run's log records its task records, which have no token windows to measure.
         try:
@@ -132,8 +133,7 @@ def plot_landscape(run: str | Path, out: str | Path, *, data: str | Path | None 
                         "it was prepared with another tokenizer")
     landscape = loss_landscape(model, inputs, targets, points=points, span=span, seed=seed)
 
-    figure = Figure(figsize=(12, 5), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(12, 5)
     line_axes, plane_axes = figure.subplots(1, 2)
     figure.suptitle(f"Validation loss around the trained weights of {Path(run).name} "
                     f"({len(inputs)} windows of {inputs.size(1)} tokens, filter-normalised directions, seed {seed})")

@@ -8,7 +8,6 @@ so the numbers a chapter prints are the numbers its test asserts.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,15 +15,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from lmforge.config import Config, ModelConfig
 from lmforge.data.tokenizer import CharTokenizer, Tokenizer
 from lmforge.errors import UserError
 from lmforge.files import check_output, write_atomic
-from lmforge.infer.load import load_language_model
+from lmforge.infer import load as run_loader
 from lmforge.model.gpt import GPT
+from lmforge.plots import new_figure, png_bytes
 from lmforge.run import LOG_FILE, read_log, resolve_checkpoint
 
 TINY_TEXT = "to be, or not to be, that is the question"
@@ -32,10 +31,11 @@ STEPS = tuple(10.0**-exponent for exponent in range(1, 15))  # h = 1e-1 ... 1e-1
 
 
 def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Config, Tokenizer]:
-    """A trained run's language model (eval mode), config and tokenizer; a classify run, which predicts labels
-    rather than next tokens, is refused by name."""
-    model, config, tokenizer, _ = load_language_model(run, device)
-    return model, config, tokenizer
+    """A trained run's language model (eval mode), config and tokenizer, as the course's chapters unpack them
+    (the commands take the whole `lmforge.infer.load.LoadedRun`); a classify run, which predicts labels rather
+    than next tokens, is refused by name."""
+    loaded = run_loader.load_run(run, device=device)
+    return loaded.model, loaded.config, loaded.tokenizer
 
 
 def recorded_data_dir(run: str | Path) -> Path | None:
@@ -69,9 +69,7 @@ def check_png_out(out: str | Path, overwrite: bool = False, inputs: Iterable[str
 
 
 def write_png(figure: Figure, out: Path) -> Path:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
-    write_atomic(out, buffer.getvalue())
+    write_atomic(out, png_bytes(figure))
     return out
 
 
@@ -142,8 +140,7 @@ def difference_table(dtype: torch.dtype = torch.float64, steps: tuple[float, ...
 def plot_difference_errors(out: str | Path, overwrite: bool = False) -> Path:
     """Error of the difference quotients against h, log-log: float64 forward and central, float32 forward."""
     out = check_png_out(out, overwrite)
-    figure = Figure(figsize=(7, 4.5), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(7, 4.5)
     axes = figure.subplots()
     tiny = 1e-18  # an error of exactly 0 has no place on a log axis
     _, rows64 = difference_table(torch.float64)

@@ -13,12 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.infer.load import load_run
 from lmforge.infer.sampling import SamplingParams
-from lmforge.lab.learn import check_png_out, load_run, write_png
+from lmforge.lab.learn import check_png_out, write_png
+from lmforge.plots import new_figure
 
 TEMPERATURES = (0.5, 1.0, 2.0)
 SHOWN = 20
@@ -59,7 +59,8 @@ def plot_next_token(run: str | Path, out: str | Path, *, prompt: str, top_k: int
     """Write the PNG (one panel per temperature) of the run's next-token distribution after `prompt`."""
     out = check_png_out(out, overwrite, inputs=(run,))
     SamplingParams(top_k=top_k, top_p=top_p)  # the cut-offs marked are ones `lmforge sample` accepts
-    model, _, tokenizer = load_run(run)
+    loaded = load_run(run)
+    model, tokenizer = loaded.model, loaded.tokenizer
     ids = prompt_ids(tokenizer, prompt, allow_unknown)
     logits = next_token_logits(model, ids)
     shown = logits.topk(min(SHOWN, logits.numel())).indices  # the same tokens at every temperature
@@ -67,8 +68,7 @@ def plot_next_token(run: str | Path, out: str | Path, *, prompt: str, top_k: int
 
     # One probability scale for all panels, so that sharpening and flattening show as heights.
     tallest = max(float((logits / t).softmax(-1).max()) for t in TEMPERATURES)
-    figure = Figure(figsize=(11, 9), layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = new_figure(11, 9)
     figure.suptitle(f"{Path(run).name}: the next token after {prompt[-60:]!r} "
                     f"(the {len(shown)} likeliest of {logits.numel()})")
     for axes, temperature in zip(figure.subplots(len(TEMPERATURES), 1, sharex=True), TEMPERATURES, strict=True):

@@ -60,10 +60,8 @@ def build_app(run: str | Path, *, device: str = "auto", api_key: str | None = No
               body_timeout: float = 30.0, drain_timeout: float = 30.0):
     """The app serving a run, named after its directory (checks the options, loads the model; the engine
     refuses a batch whose cache does not fit in memory)."""
-    from lmforge.data.template import load_chat_template
     from lmforge.infer.batched import BatchedEngine
-    from lmforge.infer.load import load_for_inference
-    from lmforge.run import resolve_checkpoint
+    from lmforge.infer.load import load_run
     from lmforge.serve.app import create_app
     from lmforge.serve.server import ServeSettings
 
@@ -74,13 +72,12 @@ def build_app(run: str | Path, *, device: str = "auto", api_key: str | None = No
     check_count("--max-body-bytes", max_body_bytes, MAX_BODY_BYTES)
     check_seconds("--body-timeout", body_timeout)
     check_seconds("--drain-timeout", drain_timeout, zero=True)
-    run_dir, _ = resolve_checkpoint(run)
-    model, _, tokenizer, _, _ = load_for_inference(run, device)
-    engine = BatchedEngine(model, tokenizer, max_batch=max_batch)
-    settings = ServeSettings(model_name=run_dir.resolve().name, api_key=api_key, max_batch=max_batch,
+    loaded = load_run(run, device=device, chat_template=True)
+    engine = BatchedEngine(loaded.model, loaded.tokenizer, max_batch=max_batch)
+    settings = ServeSettings(model_name=loaded.run_dir.resolve().name, api_key=api_key, max_batch=max_batch,
                              max_queue=max_queue, max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes,
                              body_timeout=body_timeout, drain_timeout=drain_timeout)
-    return create_app(engine, load_chat_template(run_dir), settings)
+    return create_app(engine, loaded.chat_template, settings)
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -27,22 +27,20 @@ from torch import nn
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.files import check_output, write_atomic
+from lmforge.infer.load import LoadedRun
 from lmforge.tasks import metrics
 from lmforge.tasks.kinds import TASKS, TaskKind, task_kind
 from lmforge.tasks.records import data_file, read_records, split_files
 
 
-def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str | None = None,
+def evaluate_task(loaded: LoadedRun, task: str, data: str | Path, *, split: str | None = None,
                   predictions: str | Path | None = None, overwrite: bool = False, batch_size: int = 16,
-                  device: str | torch.device = "cpu", max_new_tokens: int | None = None,
-                  allow_unknown: bool = False) -> dict:
-    """The task metrics of `run` on the records of `data` (a file, or a directory's `split` file, test by
-    default); with `predictions`, also write that file (checked first: an existing file only with `overwrite`,
-    never an input, never inside a run). Records with characters the run's tokenizer does not know are refused
-    unless `allow_unknown` reads them as the unknown token."""
-    from lmforge.data.template import load_chat_template
-    from lmforge.infer.load import load_model
-    from lmforge.run import read_config, resolve_checkpoint
+                  max_new_tokens: int | None = None, allow_unknown: bool = False) -> dict:
+    """The task metrics of a loaded run (`load_run(..., language_model=False, chat_template=True)`) on the
+    records of `data` (a file, or a directory's `split` file, test by default); with `predictions`, also write
+    that file (checked first: an existing file only with `overwrite`, never an input, never inside a run).
+    Records with characters the run's tokenizer does not know are refused unless `allow_unknown` reads them as
+    the unknown token."""
     from lmforge.tasks.examples import check_template_encodable
 
     kind = task_kind(task)
@@ -53,20 +51,18 @@ def evaluate_task(run: str | Path, task: str, data: str | Path, *, split: str | 
     path = data_file(data, split or "test")
     if predictions is not None:
         task_files = split_files(data).values() if Path(data).is_dir() else ()
-        check_output(Path(predictions), overwrite, directory=False,
-                     inputs=(path, *task_files, resolve_checkpoint(run)[0]))
+        check_output(Path(predictions), overwrite, directory=False, inputs=(path, *task_files, loaded.run_dir))
     records = read_records(path, task)
-    finetune = read_config(resolve_checkpoint(run)[0]).finetune
-    kind.check_run(run, finetune)
-    model, _, tokenizer, _ = load_model(run, device)
+    finetune = loaded.config.finetune
+    kind.check_run(loaded.run_dir, finetune)
+    tokenizer = loaded.tokenizer
     tokenizer.check_known_data(record_texts(records, kind, path), str(path), allow_unknown=allow_unknown,
                                advice="; fix the data, or pass --allow-unknown to read each as the unknown token")
-    template = load_chat_template(resolve_checkpoint(run)[0])
     chat = finetune is not None and finetune.template == "chat"
-    check_template_encodable(tokenizer, kind.asked_as(chat), template)
-    scores, rows = kind.score(model, tokenizer, records, template=template, batch_size=batch_size, device=device,
-                              origin=path, chat=chat, with_replies=predictions is not None,
-                              max_new_tokens=max_new_tokens)
+    check_template_encodable(tokenizer, kind.asked_as(chat), loaded.chat_template)
+    scores, rows = kind.score(loaded.model, tokenizer, records, template=loaded.chat_template,
+                              batch_size=batch_size, device=loaded.device, origin=path, chat=chat,
+                              with_replies=predictions is not None, max_new_tokens=max_new_tokens)
     if predictions is not None:
         write_atomic(Path(predictions), "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     return scores
@@ -217,13 +213,13 @@ def evaluate_generation(model: nn.Module, tokenizer: Tokenizer, records: Sequenc
 def eval_command(run: str, task: str | None, data: str, *, split: str | None, predictions: str | None,
                  overwrite: bool, batch_size: int, device: str, engine: str, allow_unknown: bool = False) -> None:
     """`lmforge eval RUN --task T --data FILE [--predictions OUT]`: print the metrics as one JSON object."""
-    from lmforge.hardware import resolve_device
+    from lmforge.infer.load import load_run
 
     if task is None:
         raise UserError("--predictions needs --task (the records' task: " + ", ".join(TASKS) + ")")
     if engine != "torch":
         raise UserError("--task evaluation runs on the torch engine; drop --engine scratch")
-    scores = evaluate_task(run, task, data, split=split, predictions=predictions, overwrite=overwrite,
-                           batch_size=batch_size, device=resolve_device(device, "--device"),
-                           allow_unknown=allow_unknown)
+    loaded = load_run(run, device=device, language_model=False, chat_template=True)
+    scores = evaluate_task(loaded, task, data, split=split, predictions=predictions, overwrite=overwrite,
+                           batch_size=batch_size, allow_unknown=allow_unknown)
     print(json.dumps(scores))

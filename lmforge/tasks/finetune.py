@@ -32,9 +32,8 @@ from torch import nn
 from lmforge import run as rundir
 from lmforge.config import Config
 from lmforge.data.template import ChatTemplate, load_chat_template
-from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.infer.load import base_body, load_model
+from lmforge.infer.load import LoadedRun, load_run, lora_base
 from lmforge.model import lora
 from lmforge.model.factory import build_model
 from lmforge.model.finetuned import build_finetune_model
@@ -54,14 +53,15 @@ from lmforge.train.distributed import Cluster
 from lmforge.train.trainer import Trainer
 
 
-def load_base(base_run: str | Path) -> tuple[nn.Module, Config, Tokenizer, Path]:
-    """The model to fine-tune from (in train mode): a run trained or imported here, or a fine-tuned
+def load_base(base_run: str | Path) -> LoadedRun:
+    """The run to fine-tune from, its model in train mode: a run trained or imported here, or a fine-tuned
     language-model run (merged)."""
-    model, config, tokenizer, checkpoint = load_model(base_run)
-    if config.finetune is not None and task_kind(config.finetune.task).labelled:
+    loaded = load_run(base_run, language_model=False)
+    if loaded.config.finetune is not None and task_kind(loaded.config.finetune.task).labelled:
         raise UserError(f"{base_run} is a classify run: its language-model head was replaced, so it cannot be "
                         "fine-tuned further; start from its base run")
-    return model.train(), config, tokenizer, checkpoint
+    loaded.model.train()
+    return loaded
 
 
 class TaskLoss(nn.Module):
@@ -120,10 +120,11 @@ class FinetuneTask:
         self.data = data.resolve()
         self.inputs = [self.data, rundir.resolve_checkpoint(base_run)[0]]
         if resume:  # a full fine-tuning checkpoint holds every weight; a LoRA one needs the base under it
-            self.body = base_body(self.finetune, run_dir) if self.finetune.method == "lora" else None
+            self.body = lora_base(self.finetune, run_dir) if self.finetune.method == "lora" else None
             self.tokenizer = rundir.read_tokenizer(run_dir)
         else:
-            self.body, _, self.tokenizer, base_checkpoint = load_base(base_run)
+            base = load_base(base_run)
+            self.body, self.tokenizer, base_checkpoint = base.model, base.tokenizer, base.checkpoint
             self.finetune.base_checkpoint = str(base_checkpoint.resolve())
             self.finetune.base_fingerprint = rundir.weights_fingerprint(base_checkpoint)
         self.template = load_chat_template(run_dir) if resume else ChatTemplate()

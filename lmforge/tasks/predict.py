@@ -12,12 +12,10 @@ import sys
 import torch
 from torch import nn
 
-from lmforge.data.template import load_chat_template
 from lmforge.data.tokenizer import Tokenizer, name_characters
 from lmforge.errors import UserError
 from lmforge.infer.generate import generate
-from lmforge.infer.load import load_model
-from lmforge.run import read_config, resolve_checkpoint
+from lmforge.infer.load import load_run
 from lmforge.tasks.kinds import predict_labels, task_kind
 
 
@@ -37,7 +35,8 @@ def predict(run: str, text: str, *, context: str | None = None, max_new_tokens: 
     (then a note on stderr names them)."""
     if not text:
         raise UserError("--text is empty")
-    finetune = read_config(resolve_checkpoint(run)[0]).finetune
+    loaded = load_run(run, device=device, language_model=False, chat_template=True)
+    model, tokenizer, checkpoint, finetune = loaded.model, loaded.tokenizer, loaded.checkpoint, loaded.config.finetune
     kind = task_kind(finetune.task if finetune else "sft")
     kind.check_run(run, finetune)
     if context is not None and not kind.takes_context:
@@ -45,24 +44,23 @@ def predict(run: str, text: str, *, context: str | None = None, max_new_tokens: 
     if max_new_tokens is not None and kind.labelled:
         raise UserError(f"--max-new-tokens is for runs that reply with text; {run} was fine-tuned for classify "
                         "(it predicts a label): drop --max-new-tokens")
-    model, config, tokenizer, checkpoint = load_model(run, device)
-    if max_new_tokens is not None and max_new_tokens > config.model.block_size:
+    block_size = loaded.config.model.block_size
+    if max_new_tokens is not None and max_new_tokens > block_size:
         # A fine-tuned reply is learned within the context; past it, generation slides its window for as long
         # as asked (a billion tokens is days of silent work before the JSON is printed).
-        raise UserError(f"--max-new-tokens is {max_new_tokens}, more than the run's {config.model.block_size}-token "
-                        f"context; a reply can be at most {config.model.block_size} tokens")
+        raise UserError(f"--max-new-tokens is {max_new_tokens}, more than the run's {block_size}-token "
+                        f"context; a reply can be at most {block_size} tokens")
     allowed = [char for field, value in (("--text", text), ("--context", context or ""))
                for char in tokenizer.check_known(value, what=field, allow_unknown=allow_unknown)]
     if allowed:
         print(f"note: characters outside the vocabulary read as the unknown token: "
               f"{name_characters(list(dict.fromkeys(allowed)))}", file=sys.stderr)
     if kind.labelled:
-        labels, probabilities = predict_labels(model, tokenizer, [text], batch_size=1, device=device)
+        labels, probabilities = predict_labels(model, tokenizer, [text], batch_size=1, device=loaded.device)
         return {"label": labels[0],
                 "probabilities": dict(zip(model.labels, probabilities[0].tolist(), strict=True)),
                 "checkpoint": str(checkpoint)}
     record = kind.request(text, context)
-    template = load_chat_template(resolve_checkpoint(run)[0])
-    reply = generate_reply(model, tokenizer, kind.prompt_ids(record, tokenizer, template),
+    reply = generate_reply(model, tokenizer, kind.prompt_ids(record, tokenizer, loaded.chat_template),
                            DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens)
     return {"reply": reply, "checkpoint": str(checkpoint)}

@@ -23,7 +23,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.infer.evaluate import evaluate
 from lmforge.infer.generate import generate
-from lmforge.infer.load import load_language_model
+from lmforge.infer.load import load_run
 from lmforge.model.factory import build_model
 from lmforge.model.recurrent import RECURRENT_ARCHS
 from lmforge.run import EvalRecord, SampleRecord, StartRecord
@@ -95,7 +95,7 @@ class LanguageModelling:
         if self.init_from is not None:  # a fine-tuning run's weights are its language model's, LoRA merged
             tuned = rundir.read_config(rundir.resolve_checkpoint(self.init_from)[0]).finetune is not None
             rundir.init_from_run(model, self.init_from,
-                                 load_language_model(self.init_from)[0].state_dict() if tuned else None)
+                                 load_run(self.init_from).model.state_dict() if tuned else None)
         self.model = model
         return model
 
