@@ -29,7 +29,7 @@ from typing import Any
 
 import optuna
 
-from lmforge.config import SECTIONS, Config, canonical_key, dumps_config, load_config, set_value
+from lmforge.config import SECTIONS, Config, canonical_key, check_config, dumps_config, load_config, set_value
 from lmforge.errors import TrainingDiverged, UserError
 from lmforge.files import WriteError, check_output_place, write_atomic, writing
 from lmforge.plots import new_figure, png_bytes
@@ -264,6 +264,7 @@ class Trials:
         config = load_config(self.config_path, self.overrides)
         for key, value in chosen.items():
             set_value(config, key, value)
+        check_config(config)  # the rules between keys, now that the trial's values are all set
         if self.budget_time is not None:
             config.train.max_time = self.budget_time
         return TrialTrainer(trial, config, self.data_dir, run_dir, overwrite=True, quiet=True)
