@@ -28,7 +28,6 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_MOST_LINES = 220
 # Pages the README links to before they exist, each with why; an entry whose page has appeared must go.
-PAGES_TO_COME = {"docs/architecture.md": "written once issue 18's code moves are merged, to describe the code as it is"}
 MARKER = re.compile(r"#\s*docs:\s*(?P<kind>[\w-]+)\s*(?:\((?P<reason>[^)]*)\))?")
 MARKER_KINDS = ("refused", "not-checked")
 LINK = re.compile(r"\[[^\]]*\]\((?P<target>[^)\s]+)\)")
@@ -242,8 +241,6 @@ def broken_links(path: Path, text: str | None = None) -> list[str]:
             continue
         file_part, _, anchor = target.partition("#")
         destination = (path.parent / file_part).resolve() if file_part else path
-        if destination.is_relative_to(ROOT) and relative(destination) in PAGES_TO_COME:
-            continue
         if not destination.exists():
             broken.append(f"{relative(path)}: {target} (no such file)")
         elif anchor and destination.suffix == ".md" and anchor not in anchors(destination):
@@ -254,12 +251,6 @@ def broken_links(path: Path, text: str | None = None) -> list[str]:
 @pytest.mark.parametrize("path", DOCS, ids=relative)
 def test_relative_links_resolve(path: Path):
     assert broken_links(path) == []
-
-
-def test_pages_to_come_are_still_to_come():
-    """Once a page the README links ahead of time exists, its exception goes (and its links are checked)."""
-    arrived = [page for page in PAGES_TO_COME if (ROOT / page).exists()]
-    assert not arrived, f"{arrived} now exist: remove them from PAGES_TO_COME in tests/test_docs.py"
 
 
 def test_a_broken_link_is_found():

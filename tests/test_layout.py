@@ -7,6 +7,7 @@ Every module's imports (at the top or inside a function) are read with `ast`, wi
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import lmforge
@@ -138,3 +139,11 @@ def test_imports_inside_functions_count(tmp_path):
     source.write_text("def f():\n    from lmforge.train import trainer\n    import lmforge.report\n")
     assert imports_of(source, {"lmforge.train.trainer", "lmforge.report"}) == {"lmforge.train.trainer",
                                                                               "lmforge.report"}
+
+
+def test_the_architecture_page_gives_these_layers():
+    """docs/architecture.md's table of layers is the one LAYERS enforces (the page describes the code as it is)."""
+    page = (PACKAGE.parent / "docs" / "architecture.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| (\d+) \| (.+) \|$", page, re.M)
+    documented = {f"lmforge.{name.strip(' `/')}": int(number) for number, names in rows for name in names.split(",")}
+    assert documented == {package: number for package, number in LAYERS.items() if package != "lmforge"}
