@@ -70,7 +70,7 @@ def random_init_copy(base: Path, out: Path) -> Path:
 
     from lmforge.config import load_config
     from lmforge.model.factory import build_model
-    from lmforge.run import resolve_checkpoint, save_checkpoint
+    from lmforge.run.checkpoints import resolve_checkpoint, save_checkpoint
 
     run_dir, _ = resolve_checkpoint(base)
     shutil.rmtree(out, ignore_errors=True)

@@ -51,7 +51,7 @@ def fitting_prompts(run: str, max_tokens: int) -> list[str]:
     others, and the HF export has no positions beyond it)."""
     from lmforge.config import load_config
     from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.run import resolve_checkpoint
+    from lmforge.run.checkpoints import resolve_checkpoint
 
     run_dir, _ = resolve_checkpoint(run)
     context = load_config(run_dir / "config.toml").model.block_size

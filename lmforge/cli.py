@@ -41,7 +41,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lmforge.config import canonical_key, load_config
-    from lmforge.run import CONFIG_FILE, resolve_checkpoint
+    from lmforge.run.checkpoints import resolve_checkpoint
+    from lmforge.run.directory import CONFIG_FILE
     from lmforge.train.trainer import Trainer
 
     config_path = args.config

@@ -19,7 +19,7 @@ from lmforge.data.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 from lmforge.infer.generate import generate
 from lmforge.infer.load import load_run
 from lmforge.model.gpt import GPT
-from lmforge.run import write_run
+from lmforge.run.directory import write_run
 from tests.conftest import records, run_cli
 
 transformers = pytest.importorskip("transformers")

@@ -18,7 +18,7 @@ from lmforge.model import lora
 from lmforge.model.factory import build_model
 from lmforge.model.finetuned import build_finetune_model
 from lmforge.model.heads import Classifier, pad_right
-from lmforge.run import read_config
+from lmforge.run.directory import read_config
 from lmforge.tasks.finetune import finetune_command
 from lmforge.tasks.predict import predict
 

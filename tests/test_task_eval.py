@@ -18,7 +18,7 @@ from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import CharTokenizer
 from lmforge.infer.load import load_run
 from lmforge.model.factory import build_model
-from lmforge.run import save_checkpoint
+from lmforge.run.checkpoints import save_checkpoint
 from lmforge.tasks import metrics
 
 TOKENIZER = CharTokenizer("".join(sorted(set(string.ascii_letters + string.digits + " .,:;!'?\n=>"))))

@@ -28,7 +28,7 @@ from lmforge.files import check_output, move_into_place, writing
 from lmforge.infer.load import load_run
 from lmforge.inputs import refuse_special_file
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
-from lmforge.run import check_import_output, write_run
+from lmforge.run.directory import check_import_output, write_run
 
 MODEL_MAGIC = 20240326
 VERSIONS = {3: "fp32", 5: "bf16"}

@@ -16,7 +16,7 @@ from torch import nn
 
 from lmforge.config import Config
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.run import EvalRecord, SampleRecord, StartRecord
+from lmforge.run.log import EvalRecord, SampleRecord, StartRecord
 from lmforge.train.distributed import Cluster
 
 
