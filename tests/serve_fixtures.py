@@ -23,7 +23,7 @@ import pytest
 import torch
 import uvicorn
 
-from lmforge.config import dumps_config, load_config
+from lmforge.config.load import dumps_config, load_config
 from lmforge.data.tokenizer import CharTokenizer
 from lmforge.model.factory import build_model
 from lmforge.run.checkpoints import save_checkpoint

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.config import load_config
+from lmforge.config.load import load_config
 from lmforge.errors import UserError
 from lmforge.run import checkpoints as run_checkpoints
 from lmforge.run import directory as rundir

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import Config, FinetuneConfig, ModelConfig, dumps_config
+from lmforge.config.load import dumps_config
+from lmforge.config.sections import Config, FinetuneConfig, ModelConfig
 from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import CharTokenizer, load_tokenizer
 from lmforge.errors import UserError

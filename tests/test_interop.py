@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.cli import main
-from lmforge.config import ModelConfig
+from lmforge.config.sections import ModelConfig
 from lmforge.data.shards import ShardWriter
 from lmforge.data.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 from lmforge.infer.generate import generate

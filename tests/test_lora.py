@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from test_finetune import TOKENIZER, make_base, task_data, tiny_model_config
 
-from lmforge.config import Config, FinetuneConfig
+from lmforge.config.sections import Config, FinetuneConfig
 from lmforge.errors import UserError
 from lmforge.infer.load import load_run
 from lmforge.model import lora

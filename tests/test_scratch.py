@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import Config, ModelConfig, OptimConfig
+from lmforge.config.sections import Config, ModelConfig, OptimConfig
 from lmforge.errors import UserError
 from lmforge.model.gpt import GPT
 from lmforge.run import checkpoints as run_checkpoints
@@ -216,7 +216,7 @@ def test_float32_stays_float32_through_forward_backward_and_update():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_data):
-    from lmforge.config import load_config
+    from lmforge.config.load import load_config
     from tests.conftest import TINY_OVERRIDES
 
     run = tmp_path_factory.mktemp("scratch") / "run"

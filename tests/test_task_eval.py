@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.cli import main
-from lmforge.config import Config, ModelConfig, dumps_config
+from lmforge.config.load import dumps_config
+from lmforge.config.sections import Config, ModelConfig
 from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import CharTokenizer
 from lmforge.infer.load import load_run

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import Config, FinetuneConfig
+from lmforge.config.sections import Config, FinetuneConfig
 from lmforge.data.template import ChatTemplate, load_chat_template
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lmforge.config import ModelConfig
+from lmforge.config.sections import ModelConfig
 from lmforge.data.tokenizer import EOT_TEXT, BPETokenizer, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
 from lmforge.files import check_output, load_safetensors, remove_path, replace_output, writing

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.config import ModelConfig
+from lmforge.config.sections import ModelConfig
 from lmforge.data.shards import HEADER_INTS
 from lmforge.data.tokenizer import EOT_TEXT, Tokenizer, load_tokenizer
 from lmforge.errors import UserError

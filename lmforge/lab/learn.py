@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from lmforge.config import Config, ModelConfig
+from lmforge.config.sections import Config, ModelConfig
 from lmforge.data.tokenizer import CharTokenizer, Tokenizer
 from lmforge.errors import UserError
 from lmforge.files import check_output, write_atomic

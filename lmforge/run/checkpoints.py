@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lmforge.config import ModelConfig
+from lmforge.config.sections import ModelConfig
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.files import load_safetensors, move_into_place, remove_path, write_atomic, writing

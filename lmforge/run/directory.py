@@ -36,7 +36,8 @@ from typing import IO
 import torch
 from safetensors.torch import save_file
 
-from lmforge.config import Config, ModelConfig, dumps_config, load_config
+from lmforge.config.load import dumps_config, load_config
+from lmforge.config.sections import Config, ModelConfig
 from lmforge.data.template import TEMPLATE_FILE as CHAT_TEMPLATE_FILE
 from lmforge.data.tokenizer import Tokenizer, load_tokenizer
 from lmforge.errors import UserError

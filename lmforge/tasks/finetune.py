@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.config import Config
+from lmforge.config.sections import Config
 from lmforge.data.template import ChatTemplate, load_chat_template
 from lmforge.errors import UserError
 from lmforge.infer.load import LoadedRun, load_run, lora_base

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from lmforge.config import Config, FinetuneConfig, OptimConfig, TrainConfig, canonical_key, check_config, set_value
+from lmforge.config.load import canonical_key, set_value
+from lmforge.config.sections import Config, FinetuneConfig, OptimConfig, TrainConfig, check_config
 from lmforge.errors import UserError
 from lmforge.run import checkpoints as run_checkpoints
 from lmforge.run import directory as rundir

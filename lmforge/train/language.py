@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge.config import Config
+from lmforge.config.sections import Config
 from lmforge.data.datadir import check_token_ids, describe_data
 from lmforge.data.loader import TokenWindows, TrainLoader
 from lmforge.data.tokenizer import Tokenizer

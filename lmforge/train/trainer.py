@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lmforge.config import Config
+from lmforge.config.sections import Config
 from lmforge.errors import TrainingDiverged, UserError
 from lmforge.files import missing_directories
 from lmforge.hardware import PeakFlops, configure_fast_math
