@@ -68,9 +68,9 @@ def random_init_copy(base: Path, out: Path) -> Path:
     """A run with the base's config and tokenizer and freshly initialised weights (the no-pretraining arm)."""
     import torch
 
-    from lmforge.config import load_config
+    from lmforge.config.load import load_config
     from lmforge.model.factory import build_model
-    from lmforge.run import resolve_checkpoint, save_checkpoint
+    from lmforge.run.checkpoints import resolve_checkpoint, save_checkpoint
 
     run_dir, _ = resolve_checkpoint(base)
     shutil.rmtree(out, ignore_errors=True)

@@ -22,7 +22,7 @@ SHAPE = {"model.vocab_size": "50257", "model.block_size": "64", "model.n_layer":
 
 def measure(engine: str, steps: int) -> dict:
     from lmforge.bench import bench
-    from lmforge.config import load_config
+    from lmforge.config.load import load_config
 
     return bench(load_config(None, {**SHAPE, "train.engine": engine}), steps=steps, warmup=1)
 

@@ -49,9 +49,9 @@ PROMPT_CHOICES = ["ROMEO:", "JULIET:\nO Romeo,", "First Citizen:\nBefore we proc
 def fitting_prompts(run: str, max_tokens: int) -> list[str]:
     """The prompts that leave room for max_tokens new tokens in the run's context (the server refuses the
     others, and the HF export has no positions beyond it)."""
-    from lmforge.config import load_config
+    from lmforge.config.load import load_config
     from lmforge.data.tokenizer import load_tokenizer
-    from lmforge.run import resolve_checkpoint
+    from lmforge.run.checkpoints import resolve_checkpoint
 
     run_dir, _ = resolve_checkpoint(run)
     context = load_config(run_dir / "config.toml").model.block_size

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from lmforge.config import Config
+from lmforge.config.sections import Config
 from lmforge.hardware import PeakFlops, configure_fast_math, peak_memory_mb, synchronize
 from lmforge.model.factory import build_model
 from lmforge.train.engine import build_engine, engine_device

@@ -1,6 +1,6 @@
 """The `lmforge` command line: one parser for every command, one function per command, user errors to exit 2.
 
-Each command's flags are declared in lmforge/arguments/ (choices a config key declares come from lmforge/config.py);
+Each command's flags are declared in lmforge/arguments/ (choices a config key declares come from lmforge/config/);
 the functions here run the commands. Every command's function takes the parsed arguments; `train`, `finetune`,
 `bench` and `sweep` also take config overrides. An override is `--section.key VALUE` for any config key, checked
 by the config; a few common keys have a short flag of their own (`--max-steps`, `--engine`, ...), which writes the
@@ -40,8 +40,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lmforge.config import canonical_key, load_config
-    from lmforge.run import CONFIG_FILE, resolve_checkpoint
+    from lmforge.config.load import canonical_key, load_config
+    from lmforge.run.checkpoints import resolve_checkpoint
+    from lmforge.run.directory import CONFIG_FILE
     from lmforge.train.trainer import Trainer
 
     config_path = args.config
@@ -195,7 +196,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> None:
     from lmforge.bench import bench
-    from lmforge.config import load_config
+    from lmforge.config.load import load_config
 
     # The plan and the estimate come first; with --json they go to stderr, so stdout stays one JSON object.
     say = (lambda line: print(line, file=sys.stderr)) if args.json else print
@@ -368,7 +369,7 @@ def _run(argv: list[str] | None) -> int:
         if args.extra is not None:
             require_extra(args.extra)
         if getattr(args, "takes_overrides", False):
-            from lmforge.config import parse_overrides
+            from lmforge.config.load import parse_overrides
 
             # A short flag is the same setting as its dotted spelling; given both, the short flag wins.
             args.overrides = {**parse_overrides(extra), **getattr(args, "config_flags", {})}

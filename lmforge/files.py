@@ -209,7 +209,8 @@ def refuse_file_in_path(path: Path) -> None:
         raise UserError(f"cannot write {path}: {existing} is a file, not a directory")
 
 
-# A run directory (lmforge.run's layout, recognised here, below it): its config beside its checkpoints or its log.
+# A run directory (lmforge.run.directory's layout, recognised here, below it): its config beside its checkpoints or
+# its log.
 RUN_CONFIG_FILE, RUN_LOG_FILE, RUN_CHECKPOINTS = "config.toml", "log.jsonl", "checkpoints"
 
 

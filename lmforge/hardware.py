@@ -51,7 +51,7 @@ def resolve_device(name: str, option: str = "--train.device") -> torch.device:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """The precision a `train.precision` choice (checked by config.py) means on this device."""
+    """The precision a `train.precision` choice (checked by lmforge/config/) means on this device."""
     if name == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     if name == "fp16" and device.type == "cpu":

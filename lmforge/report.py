@@ -21,7 +21,7 @@ from matplotlib.ticker import EngFormatter, MaxNLocator
 from lmforge.errors import UserError
 from lmforge.files import write_atomic, writing
 from lmforge.plots import new_figure, png_bytes
-from lmforge.run import EvalRecord, RunLog, TrainRecord, last_per_step, read_log
+from lmforge.run.log import EvalRecord, RunLog, TrainRecord, last_per_step, read_log
 
 if TYPE_CHECKING:
     from lmforge.infer.load import LoadedRun
@@ -228,7 +228,8 @@ def _fresh_sample_section(run: Path, loaded: LoadedRun | UserError) -> str:
     import torch
 
     from lmforge.infer.generate import generate
-    from lmforge.run import list_checkpoints, read_config
+    from lmforge.run.checkpoints import list_checkpoints
+    from lmforge.run.directory import read_config
     from lmforge.tasks.kinds import task_kind
 
     title = "## Fresh sample"
@@ -260,7 +261,7 @@ def _inside_section(run: Path, out: Path, log: RunLog, attention_layer: int, loa
 
     from lmforge.data.loader import TokenWindows, to_batch
     from lmforge.lab.inside import attention_png, histograms_png, layer_gradients
-    from lmforge.run import list_checkpoints
+    from lmforge.run.checkpoints import list_checkpoints
 
     title = "## Inside the model"
     if not list_checkpoints(run):
@@ -302,7 +303,7 @@ def _inside_section(run: Path, out: Path, log: RunLog, attention_layer: int, loa
 def _task_section(run: Path, out: Path, log: RunLog, loaded: LoadedRun | UserError) -> str:
     """A fine-tuning run's task, what trained, its validation metric and, for classify, its confusion matrix
     on the held-out split; empty for a run that was not fine-tuned."""
-    from lmforge.run import read_config
+    from lmforge.run.directory import read_config
     from lmforge.tasks.evaluate import evaluate_task
     from lmforge.tasks.kinds import task_kind
     from lmforge.tasks.records import data_file, split_files

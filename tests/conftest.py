@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import Config, load_config
+from lmforge.config.load import load_config
+from lmforge.config.sections import Config
 from lmforge.data.prepare import prepare
 
 # Tiny models gain nothing from intra-op threads, and on a shared machine the threads' spinning costs

@@ -23,10 +23,10 @@ import pytest
 import torch
 import uvicorn
 
-from lmforge.config import dumps_config, load_config
+from lmforge.config.load import dumps_config, load_config
 from lmforge.data.tokenizer import CharTokenizer
 from lmforge.model.factory import build_model
-from lmforge.run import save_checkpoint
+from lmforge.run.checkpoints import save_checkpoint
 from lmforge.serve.cli import bind, build_app
 from tests.conftest import PATIENCE
 

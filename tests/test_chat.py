@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.cli import main
-from lmforge.config import load_config
+from lmforge.config.load import load_config
 from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import CharTokenizer
 from lmforge.infer.chat import fit_history, stream_reply

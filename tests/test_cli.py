@@ -230,7 +230,7 @@ def command_parsers() -> dict:
 
 def test_every_flag_that_names_a_config_choice_offers_exactly_the_configs_choices():
     from lmforge.arguments.flags import SetConfig
-    from lmforge.config import KEYS
+    from lmforge.config.sections import KEYS
 
     short_flags, named = 0, set()
     for command, parser in command_parsers().items():

@@ -7,18 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmforge.config import (
-    KEYS,
-    Config,
-    ModelConfig,
-    TrainConfig,
-    check_config,
-    dumps_config,
-    from_dict,
-    load_config,
-    parse_overrides,
-    set_value,
-)
+from lmforge.config.load import dumps_config, from_dict, load_config, parse_overrides, set_value
+from lmforge.config.sections import KEYS, Config, ModelConfig, TrainConfig, check_config
 from lmforge.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from lmforge import run as ckpt
-from lmforge.config import load_config
+from lmforge.config.load import load_config
 from lmforge.errors import UserError
+from lmforge.run import checkpoints as run_checkpoints
+from lmforge.run import directory as rundir
 from lmforge.train.trainer import Trainer
 from tests.conftest import PATIENCE, TINY_OVERRIDES, records, train_losses
 
@@ -64,8 +65,8 @@ def train_in_process(data: Path, out: Path, options: dict[str, str], *, resume: 
 def rewind(run_dir: Path, copy: Path, step: int) -> Path:
     """A copy of a run as it was when the checkpoint at `step` was its newest."""
     shutil.copytree(run_dir, copy)
-    for path in ckpt.list_checkpoints(copy):
-        if int(path.name.removeprefix(ckpt.CHECKPOINT_PREFIX)) > step:
+    for path in run_checkpoints.list_checkpoints(copy):
+        if int(path.name.removeprefix(rundir.CHECKPOINT_PREFIX)) > step:
             shutil.rmtree(path)
     return copy
 
@@ -130,7 +131,7 @@ def test_two_ranks_resume_a_recurrent_models_carried_state(runs, tiny_data):
     options = settings(model__arch="lstm", data__sequential="true")
     whole = runs.root / "lstm-whole"
     torchrun(runs.config, tiny_data, whole, options)
-    hidden = ckpt.load_checkpoint(ckpt.checkpoint_dir(whole, 5))[3]
+    hidden = run_checkpoints.load_checkpoint(rundir.checkpoint_dir(whole, 5))[3]
     assert {name: value.shape[1] for name, value in hidden.items()} == {"h": 2 * 4, "c": 2 * 4}
     run = rewind(whole, runs.root / "lstm-resumed", 5)
     torchrun(runs.config, tiny_data, run, options, "--resume")

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from lmforge.cli import build_parser
-from lmforge.config import Config, parse_overrides, set_value
+from lmforge.config.load import parse_overrides, set_value
+from lmforge.config.sections import Config
 from lmforge.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import Config, FinetuneConfig, ModelConfig, dumps_config
+from lmforge.config.load import dumps_config
+from lmforge.config.sections import Config, FinetuneConfig, ModelConfig
 from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import CharTokenizer, load_tokenizer
 from lmforge.errors import UserError
@@ -21,7 +22,8 @@ from lmforge.infer.load import load_run
 from lmforge.model.factory import build_model
 from lmforge.model.finetuned import build_finetune_model
 from lmforge.model.heads import Classifier, pad_right
-from lmforge.run import read_config, save_checkpoint, write_run
+from lmforge.run.checkpoints import save_checkpoint
+from lmforge.run.directory import read_config, write_run
 from lmforge.tasks.examples import IGNORE, encode_examples, lm_batch, macro_f1, task_loss
 from lmforge.tasks.finetune import finetune_command
 from lmforge.tasks.kinds import encode_texts, task_kind
@@ -307,10 +309,10 @@ def test_a_second_signal_during_a_fine_tuning_save_lets_the_save_finish(tmp_path
     being written waits for it (it stops the run at once only outside a save)."""
     import signal
 
-    import lmforge.run as rundir
     import lmforge.train.trainer as trainer_module
+    from lmforge.run import checkpoints as run_checkpoints
 
-    save_checkpoint, seen = rundir.save_checkpoint, []
+    save_checkpoint, seen = run_checkpoints.save_checkpoint, []
 
     def save_during_signals(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # the first: finish this step, then save and stop
@@ -318,7 +320,7 @@ def test_a_second_signal_during_a_fine_tuning_save_lets_the_save_finish(tmp_path
         seen.append(args[1])
         return save_checkpoint(*args, **kwargs)
 
-    monkeypatch.setattr(trainer_module.rundir, "save_checkpoint", save_during_signals)
+    monkeypatch.setattr(trainer_module.run_checkpoints, "save_checkpoint", save_during_signals)
     out = tmp_path / "run"
     result = finetune_command(str(base), task="sft", data=str(task_data(tmp_path / "data", "sft")), out=str(out),
                               quiet=True, overrides={"train.max_steps": "8", "train.eval_every": "2"})

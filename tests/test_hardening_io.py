@@ -153,7 +153,7 @@ def test_a_full_disk_keeps_the_earlier_output_byte_for_byte(command, base, tmp_p
 
 
 def test_a_failed_checkpoint_save_deletes_its_temporary_and_keeps_the_earlier(base, tmp_path, monkeypatch):
-    import lmforge.run as run_module
+    from lmforge.run import checkpoints as checkpoints_module
 
     run = tmp_path / "run"
     shutil.copytree(base.run, run)
@@ -162,9 +162,9 @@ def test_a_failed_checkpoint_save_deletes_its_temporary_and_keeps_the_earlier(ba
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(run_module, "save_file", disk_full)
+    monkeypatch.setattr(checkpoints_module, "save_file", disk_full)
     with pytest.raises(UserError, match=r"could not write .*step_0000020: No space left on device; it needs"):
-        run_module.save_checkpoint(run, 20, {}, [], {})
+        checkpoints_module.save_checkpoint(run, 20, {}, [], {})
     assert checksums(run / "checkpoints") == before
     assert not temporaries(run)
 

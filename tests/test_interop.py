@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.cli import main
-from lmforge.config import ModelConfig
+from lmforge.config.sections import ModelConfig
 from lmforge.data.shards import ShardWriter
 from lmforge.data.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 from lmforge.infer.generate import generate
 from lmforge.infer.load import load_run
 from lmforge.model.gpt import GPT
-from lmforge.run import write_run
+from lmforge.run.directory import write_run
 from tests.conftest import records, run_cli
 
 transformers = pytest.importorskip("transformers")

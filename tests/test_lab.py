@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import ModelConfig
+from lmforge.config.sections import ModelConfig
 from lmforge.data.loader import TrainLoader
 from lmforge.errors import UserError
 from lmforge.infer.generate import generate
@@ -245,7 +245,7 @@ def run_sweep(tiny_data, tmp_path, *extra: str) -> int:
 
 
 def combinations(sweep_dir) -> list[tuple[float, int]]:
-    from lmforge.config import load_config
+    from lmforge.config.load import load_config
 
     found = []
     for run in sorted(sweep_dir.glob("trial_*")):
@@ -263,7 +263,7 @@ def test_a_grid_runs_every_combination_once_and_reports_the_best(tiny_data, tmp_
     losses = [float(row[5]) for row in results[1:]]
     assert len(losses) == 4 and losses == sorted(losses)
     best_run = next(row for row in results[1:] if row[2] == "complete")[1]
-    from lmforge.config import load_config
+    from lmforge.config.load import load_config
 
     best = load_config(out / "best.toml")
     trial = load_config(out / best_run / "config.toml")

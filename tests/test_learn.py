@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from lmforge.cli import main
-from lmforge.config import load_config
+from lmforge.config.load import load_config
 from lmforge.data.prepare import prepare
 from lmforge.errors import UserError
 from lmforge.infer.generate import sample_next

@@ -1,5 +1,5 @@
 """Loading a run (lmforge/infer/load.py): each command resolves and reads the run once, and the best-checkpoint
-rule (lmforge/run.py) picks the checkpoint a fine-tuning run's newest state names."""
+rule (lmforge/run/checkpoints.py) picks the checkpoint a fine-tuning run's newest state names."""
 
 from __future__ import annotations
 
@@ -12,12 +12,14 @@ import pytest
 import torch
 
 import lmforge.infer.load as load_module
-import lmforge.run as run_module
 from lmforge.cli import main
 from lmforge.data.template import ChatTemplate
 from lmforge.errors import UserError
 from lmforge.infer.load import LoadedRun, load_run
-from lmforge.run import best_checkpoint, checkpoint_dir, save_checkpoint
+from lmforge.run import checkpoints as run_checkpoints
+from lmforge.run import directory as rundir
+from lmforge.run.checkpoints import best_checkpoint, save_checkpoint
+from lmforge.run.directory import checkpoint_dir
 from tests.conftest import assert_one_line_error, run_cli
 from tests.serve_fixtures import make_run
 
@@ -34,7 +36,7 @@ def count_loads(monkeypatch) -> types.SimpleNamespace:
     """Counters of checkpoint weight reads (the loader's one read per model) and of checkpoint listings (one
     each time a run directory is resolved to its checkpoint)."""
     counts = types.SimpleNamespace(weights=0, listings=0)
-    read_weights, list_checkpoints = load_module.read_weights, run_module.list_checkpoints
+    read_weights, list_checkpoints = load_module.read_weights, run_checkpoints.list_checkpoints
 
     def counted_read(checkpoint: Path):
         counts.weights += 1
@@ -45,7 +47,7 @@ def count_loads(monkeypatch) -> types.SimpleNamespace:
         return list_checkpoints(run_dir)
 
     monkeypatch.setattr(load_module, "read_weights", counted_read)
-    monkeypatch.setattr(run_module, "list_checkpoints", counted_list)
+    monkeypatch.setattr(run_checkpoints, "list_checkpoints", counted_list)
     return counts
 
 
@@ -116,7 +118,7 @@ def test_the_report_of_a_classify_run_loads_it_once_for_every_section(classify_r
     assert "![Weight histograms per layer](weights.png)" in text  # the inside section's
 
 
-# ----- the best-checkpoint rule (lmforge/run.py) -----
+# ----- the best-checkpoint rule (lmforge/run/checkpoints.py) -----
 def fine_tuning_checkpoints(run: Path, steps: list[int], best_step: int | None) -> Path:
     """Checkpoints at `steps`, the newest recording `best_step` as a fine-tuning run's progress does."""
     weights = {"w": torch.zeros(1)}
@@ -143,6 +145,6 @@ def test_best_checkpoint_of_no_or_an_unreadable_checkpoint_is_a_user_error(tmp_p
     with pytest.raises(UserError, match="holds no checkpoint"):
         best_checkpoint(tmp_path / "empty")
     run = fine_tuning_checkpoints(tmp_path / "run", [2], best_step=2)
-    (checkpoint_dir(run, 2) / run_module.STATE_FILE).write_text("{half")
+    (checkpoint_dir(run, 2) / rundir.STATE_FILE).write_text("{half")
     with pytest.raises(UserError, match="step_0000002 is unreadable"):
         best_checkpoint(run)

@@ -11,14 +11,14 @@ import torch
 from safetensors.torch import load_file
 from test_finetune import TOKENIZER, make_base, task_data, tiny_model_config
 
-from lmforge.config import Config, FinetuneConfig
+from lmforge.config.sections import Config, FinetuneConfig
 from lmforge.errors import UserError
 from lmforge.infer.load import load_run
 from lmforge.model import lora
 from lmforge.model.factory import build_model
 from lmforge.model.finetuned import build_finetune_model
 from lmforge.model.heads import Classifier, pad_right
-from lmforge.run import read_config
+from lmforge.run.directory import read_config
 from lmforge.tasks.finetune import finetune_command
 from lmforge.tasks.predict import predict
 

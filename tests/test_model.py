@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from lmforge.config import ModelConfig
+from lmforge.config.sections import ModelConfig
 from lmforge.errors import UserError
 from lmforge.infer.generate import generate, sample_next
 from lmforge.model.gpt import GPT, KVCache, padded_vocab_size

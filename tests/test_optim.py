@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lmforge.config import ModelConfig, OptimConfig
+from lmforge.config.sections import ModelConfig, OptimConfig
 from lmforge.model.factory import ARCHS, build_model
 from lmforge.model.gpt import GPT
 from lmforge.train.engine import build_engine

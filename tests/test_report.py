@@ -12,11 +12,11 @@ import pytest
 
 import lmforge.report as report_module
 from lmforge.cli import main
-from lmforge.config import load_config
+from lmforge.config.load import load_config
 from lmforge.data.prepare import prepare
 from lmforge.errors import UserError
 from lmforge.report import last_per_step, read_log, write_report
-from lmforge.run import TrainRecord
+from lmforge.run.log import TrainRecord
 from lmforge.train.trainer import Trainer
 from tests.conftest import assert_picture, records
 

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from lmforge import run as ckpt
 from lmforge.cli import main
-from lmforge.config import Config, ModelConfig, OptimConfig
+from lmforge.config.sections import Config, ModelConfig, OptimConfig
 from lmforge.errors import UserError
 from lmforge.model.gpt import GPT
+from lmforge.run import checkpoints as run_checkpoints
+from lmforge.run import directory as rundir
 from lmforge.scratch import layers
 from lmforge.scratch.gpt import gpt_backward, gpt_forward
 from lmforge.scratch.gradcheck import check_layers, check_model, tiny_model_config
@@ -138,8 +139,8 @@ def test_scratch_resume_continues_the_exact_loss_sequence(tiny_data, tiny_config
     whole, halves = train_losses(tmp_path / "whole"), train_losses(tmp_path / "halves")
     assert len(set(whole.values())) == 8
     assert [halves[step] for step in range(1, 9)] == [whole[step] for step in range(1, 9)]  # bit for bit
-    final_whole = ckpt.load_checkpoint(ckpt.checkpoint_dir(tmp_path / "whole", 8))[0]
-    final_halves = ckpt.load_checkpoint(ckpt.checkpoint_dir(tmp_path / "halves", 8))[0]
+    final_whole = run_checkpoints.load_checkpoint(rundir.checkpoint_dir(tmp_path / "whole", 8))[0]
+    final_halves = run_checkpoints.load_checkpoint(rundir.checkpoint_dir(tmp_path / "halves", 8))[0]
     assert all(torch.equal(final_whole[name], final_halves[name]) for name in final_whole)
 
 
@@ -215,7 +216,7 @@ def test_float32_stays_float32_through_forward_backward_and_update():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_data):
-    from lmforge.config import load_config
+    from lmforge.config.load import load_config
     from tests.conftest import TINY_OVERRIDES
 
     run = tmp_path_factory.mktemp("scratch") / "run"

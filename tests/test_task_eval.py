@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.cli import main
-from lmforge.config import Config, ModelConfig, dumps_config
+from lmforge.config.load import dumps_config
+from lmforge.config.sections import Config, ModelConfig
 from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import CharTokenizer
 from lmforge.infer.load import load_run
 from lmforge.model.factory import build_model
-from lmforge.run import save_checkpoint
+from lmforge.run.checkpoints import save_checkpoint
 from lmforge.tasks import metrics
 
 TOKENIZER = CharTokenizer("".join(sorted(set(string.ascii_letters + string.digits + " .,:;!'?\n=>"))))

@@ -233,7 +233,7 @@ def test_the_task_vocabulary_is_the_registry_s():
     import typing
 
     import lmforge
-    from lmforge.config import Task
+    from lmforge.config.sections import Task
     from lmforge.tasks.kinds import KINDS, TRAINABLE
 
     assert typing.get_args(Task) == TRAINABLE and set(TRAINABLE) < set(KINDS)

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import lmforge.train.language as language_module
-from lmforge import run as ckpt
 from lmforge.data.loader import TokenWindows, TrainLoader
 from lmforge.errors import UserError
 from lmforge.infer.load import load_run
+from lmforge.run import checkpoints as run_checkpoints
+from lmforge.run import directory as rundir
 from lmforge.train.engine import TorchEngine
 from lmforge.train.trainer import Trainer
 from tests.conftest import records, train_losses
@@ -27,11 +28,11 @@ CHECKPOINT_FILES = {"model.safetensors", "optimizer.safetensors", "state.json"}
 
 
 def checkpoint_steps(run_dir) -> list[int]:
-    return [int(path.name.removeprefix(ckpt.CHECKPOINT_PREFIX)) for path in ckpt.list_checkpoints(run_dir)]
+    return [int(path.name.removeprefix(rundir.CHECKPOINT_PREFIX)) for path in run_checkpoints.list_checkpoints(run_dir)]
 
 
 def weights_of(checkpoint_path) -> dict[str, torch.Tensor]:
-    return ckpt.load_checkpoint(checkpoint_path)[0]
+    return run_checkpoints.load_checkpoint(checkpoint_path)[0]
 
 
 def call_counter(monkeypatch, before=None, after=None):
@@ -99,8 +100,8 @@ def test_resume_continues_the_exact_loss_sequence(variant, tiny_data, tiny_confi
     assert [halves[step] for step in range(5, 9)] == [whole[step] for step in range(5, 9)]  # bit for bit
     assert len(set(whole.values())) == 8  # the losses do move, so equality is not trivial
     assert [r["resumed_from_step"] for r in records(tmp_path / "halves", "start")] == [0, 4]
-    final_whole = weights_of(ckpt.checkpoint_dir(tmp_path / "whole", 8))
-    final_halves = weights_of(ckpt.checkpoint_dir(tmp_path / "halves", 8))
+    final_whole = weights_of(rundir.checkpoint_dir(tmp_path / "whole", 8))
+    final_halves = weights_of(rundir.checkpoint_dir(tmp_path / "halves", 8))
     assert all(torch.equal(final_whole[name], final_halves[name]) for name in final_whole)
 
 
@@ -125,7 +126,7 @@ def test_resume_after_a_crash_keeps_one_log_record_per_step(tiny_data, tiny_conf
     run = tmp_path / "run"
     options = dict(train__schedule="constant", train__checkpoint_every=4)
     Trainer(tiny_config(train__max_steps=6, **options), tiny_data, run, quiet=True).run()
-    crashed = ckpt.checkpoint_dir(run, 6)
+    crashed = rundir.checkpoint_dir(run, 6)
     for file in crashed.iterdir():
         file.unlink()
     crashed.rmdir()
@@ -231,9 +232,9 @@ def test_checkpoints_keep_the_last_ones_and_the_best(tiny_data, tiny_config, tmp
     run = tmp_path / "run"
     Trainer(config, tiny_data, run, quiet=True).run()
     assert checkpoint_steps(run) == [4, 8, 10]
-    for path in ckpt.list_checkpoints(run):
+    for path in run_checkpoints.list_checkpoints(run):
         assert {file.name for file in path.iterdir()} == CHECKPOINT_FILES
-    state = json.loads((ckpt.checkpoint_dir(run, 10) / "state.json").read_text())
+    state = json.loads((rundir.checkpoint_dir(run, 10) / "state.json").read_text())
     assert state["progress"]["step"] == 10 and state["progress"]["best_checkpoint_step"] == 4
     assert state["loader"]["cursor"] == 10 * 4
     assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith(".")]  # no leftovers
@@ -247,11 +248,11 @@ def test_a_leftover_temporary_checkpoint_is_never_listed(tiny_data, tiny_config,
     partial = run / "checkpoints" / ".tmp-step_0000099"  # what a crash in the middle of a save leaves
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"half a file")
-    assert ckpt.list_checkpoints(run) == [ckpt.checkpoint_dir(run, 3)]
-    assert ckpt.resolve_checkpoint(run) == (run, ckpt.checkpoint_dir(run, 3))
+    assert run_checkpoints.list_checkpoints(run) == [rundir.checkpoint_dir(run, 3)]
+    assert run_checkpoints.resolve_checkpoint(run) == (run, rundir.checkpoint_dir(run, 3))
     loaded = load_run(run)
     model, used = loaded.model, loaded.checkpoint
-    assert used == ckpt.checkpoint_dir(run, 3)
+    assert used == rundir.checkpoint_dir(run, 3)
     assert all(torch.equal(model.state_dict()[name], weights[name]) for name in weights)
     resumed = Trainer(tiny_config(train__max_steps=5), tiny_data, run, resume=True, quiet=True)
     assert resumed.progress.step == 3
@@ -274,7 +275,7 @@ def test_an_absurd_learning_rate_stops_with_the_step_and_keeps_the_last_good_che
     assert end["kind"] == "end" and end["reason"] == "non_finite_loss" and end["step"] == step
     assert all(math.isfinite(r["loss"]) for r in records(run, "train"))  # the bad loss is not logged as one
     assert checkpoint_steps(run) == list(range(1, step))  # nothing saved at or after the bad step
-    last_good = ckpt.checkpoint_dir(run, step - 1)
+    last_good = rundir.checkpoint_dir(run, step - 1)
     assert str(last_good) in str(caught.value)
     loaded = load_run(run)
     model, used = loaded.model, loaded.checkpoint
@@ -295,7 +296,7 @@ def test_a_nan_between_log_steps_is_caught_before_the_checkpoint(tiny_data, tiny
     with pytest.raises(UserError, match="at step 6; the last good checkpoint is .*step_0000004"):
         Trainer(config, tiny_data, run, quiet=True).run()
     assert checkpoint_steps(run) == [2, 4]
-    model = load_run(ckpt.checkpoint_dir(run, 4)).model
+    model = load_run(rundir.checkpoint_dir(run, 4)).model
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -313,7 +314,7 @@ def test_a_nan_in_the_last_unlogged_steps_is_not_saved_as_the_newest_checkpoint(
         Trainer(config, tiny_data, run, quiet=True).run()
     loaded = load_run(run)  # what sample, eval and resume would pick up
     model, used = loaded.model, loaded.checkpoint
-    assert used == ckpt.checkpoint_dir(run, 6)
+    assert used == rundir.checkpoint_dir(run, 6)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -340,7 +341,7 @@ def test_a_signal_saves_a_checkpoint_and_stops(signum, tiny_data, tiny_config, t
         signal.signal(signum, previous)
     assert (result["reason"], result["step"]) == ("interrupted", 3)
     assert checkpoint_steps(run) == [3]
-    assert {file.name for file in ckpt.checkpoint_dir(run, 3).iterdir()} == CHECKPOINT_FILES
+    assert {file.name for file in rundir.checkpoint_dir(run, 3).iterdir()} == CHECKPOINT_FILES
     log = records(run)
     assert log[-1] == {**log[-1], "kind": "end", "step": 3, "reason": "interrupted"}
     assert log[-2]["kind"] == "eval" and log[-2]["final"] and log[-2]["step"] == 3

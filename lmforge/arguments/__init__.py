@@ -2,5 +2,5 @@
 
 lmforge/cli.py assembles them into the one parser and pairs each command with the function that runs it. A flag
 that sets a config key (`--engine`, `--parallel`, ...) and a flag whose choices a config key declares take those
-choices from lmforge/config.py, so a choice is written once.
+choices from lmforge/config/, so a choice is written once.
 """

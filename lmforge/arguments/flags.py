@@ -7,7 +7,7 @@ import argparse
 import math
 import typing
 
-from lmforge.config import KEYS
+from lmforge.config.sections import KEYS
 from lmforge.infer.sampling import SamplingError, check_temperature, check_top_k, check_top_p
 
 OVERRIDES_EPILOG = ("Any config key can be set with --section.key VALUE (or --section.key=VALUE), e.g. "

@@ -17,7 +17,7 @@ from lmforge.arguments.flags import (
     choices_of,
     size_flag,
 )
-from lmforge.config import MAX_BATCH
+from lmforge.config.sections import MAX_BATCH
 from lmforge.serve.cli import API_KEY_ENV, DEFAULT_MAX_CONNECTIONS, MAX_BODY_BYTES, MAX_QUEUE
 
 Commands = argparse._SubParsersAction

@@ -2,11 +2,11 @@
 run directory, device and, when asked, the chat template).
 
 Any run loads here: one trained or imported (its newest checkpoint), or a fine-tuning run (its best checkpoint
-by the task's validation metric, the rule of `lmforge.run.best_checkpoint`). A LoRA run's checkpoints hold only
-the adapters (and a classifier's head): its base model is rebuilt from the base run its [finetune] section names
-and the adapters are merged in, so every reader sees a plain model. A classify run's model is a `Classifier`
-(labels, not next tokens): commands that need next-token logits (the default, `language_model=True`) refuse it
-by name; those that take any fine-tuned model pass `language_model=False`.
+by the task's validation metric, the rule of `lmforge.run.checkpoints.best_checkpoint`). A LoRA run's
+checkpoints hold only the adapters (and a classifier's head): its base model is rebuilt from the base run its
+[finetune] section names and the adapters are merged in, so every reader sees a plain model. A classify run's
+model is a `Classifier` (labels, not next tokens): commands that need next-token logits (the default,
+`language_model=True`) refuse it by name; those that take any fine-tuned model pass `language_model=False`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.config import Config, FinetuneConfig
+from lmforge.config.sections import Config, FinetuneConfig
 from lmforge.data.template import ChatTemplate, load_chat_template
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
@@ -25,16 +25,15 @@ from lmforge.model import lora
 from lmforge.model.factory import build_model
 from lmforge.model.finetuned import build_finetune_model
 from lmforge.model.heads import Classifier
-from lmforge.run import (
+from lmforge.run.checkpoints import (
     best_checkpoint,
     list_checkpoints,
     load_weights,
-    read_config,
-    read_tokenizer,
     read_weights,
     resolve_checkpoint,
     weights_fingerprint,
 )
+from lmforge.run.directory import read_config, read_tokenizer
 from lmforge.scratch.module import ScratchForward
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from lmforge.config import ModelConfig
+from lmforge.config.sections import ModelConfig
 from lmforge.data.tokenizer import EOT_TEXT, BPETokenizer, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
 from lmforge.files import check_output, load_safetensors, remove_path, replace_output, writing
@@ -32,7 +32,7 @@ from lmforge.infer.load import load_run
 from lmforge.inputs import refuse_special_file
 from lmforge.interop.llmc import byte_characters, pad_rows
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
-from lmforge.run import check_import_output, write_run
+from lmforge.run.directory import check_import_output, write_run
 
 GPT2_LAYER = (("norm_1", "ln_1", False), ("attn.qkv", "attn.c_attn", True), ("attn.proj", "attn.c_proj", True),
               ("norm_2", "ln_2", False), ("mlp.fc", "mlp.c_fc", True), ("mlp.proj", "mlp.c_proj", True))

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmforge.config import ModelConfig
+from lmforge.config.sections import ModelConfig
 from lmforge.data.shards import HEADER_INTS
 from lmforge.data.tokenizer import EOT_TEXT, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
@@ -28,7 +28,7 @@ from lmforge.files import check_output, move_into_place, writing
 from lmforge.infer.load import load_run
 from lmforge.inputs import refuse_special_file
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
-from lmforge.run import check_import_output, write_run
+from lmforge.run.directory import check_import_output, write_run
 
 MODEL_MAGIC = 20240326
 VERSIONS = {3: "fp32", 5: "bf16"}

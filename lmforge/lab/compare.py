@@ -15,7 +15,7 @@ from matplotlib.ticker import EngFormatter
 from lmforge.errors import UserError
 from lmforge.files import check_output, write_atomic, writing
 from lmforge.plots import new_figure, png_bytes
-from lmforge.run import last_per_step, read_log
+from lmforge.run.log import last_per_step, read_log
 
 COLUMNS = ("run", "architecture", "parameters", "tokens seen", "wall time (s)", "tokens/s", "best val loss",
            "val bits/byte", "epochs")

@@ -17,14 +17,16 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from lmforge.config import Config, ModelConfig
+from lmforge.config.sections import Config, ModelConfig
 from lmforge.data.tokenizer import CharTokenizer, Tokenizer
 from lmforge.errors import UserError
 from lmforge.files import check_output, write_atomic
 from lmforge.infer import load as run_loader
 from lmforge.model.gpt import GPT
 from lmforge.plots import new_figure, png_bytes
-from lmforge.run import LOG_FILE, read_log, resolve_checkpoint
+from lmforge.run.checkpoints import resolve_checkpoint
+from lmforge.run.directory import LOG_FILE
+from lmforge.run.log import read_log
 
 TINY_TEXT = "to be, or not to be, that is the question"
 STEPS = tuple(10.0**-exponent for exponent in range(1, 15))  # h = 1e-1 ... 1e-14

@@ -29,11 +29,12 @@ from typing import Any
 
 import optuna
 
-from lmforge.config import SECTIONS, Config, canonical_key, check_config, dumps_config, load_config, set_value
+from lmforge.config.load import canonical_key, dumps_config, load_config, set_value
+from lmforge.config.sections import SECTIONS, Config, check_config
 from lmforge.errors import TrainingDiverged, UserError
 from lmforge.files import WriteError, check_output_place, write_atomic, writing
 from lmforge.plots import new_figure, png_bytes
-from lmforge.run import EvalRecord
+from lmforge.run.log import EvalRecord
 from lmforge.tasks.finetune import finetune_trainer
 from lmforge.tasks.finetune_config import check_method_keys
 from lmforge.train.trainer import Trainer

@@ -20,5 +20,5 @@ ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The function called `name`, one of the `model.activation` choices config.py checked."""
+    """The function called `name`, one of the `model.activation` choices lmforge/config/ checked."""
     return ACTIVATIONS[name]

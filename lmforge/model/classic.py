@@ -1,5 +1,5 @@
 """What the language models before the transformer (bigram, Bengio's MLP, rnn, lstm, gru) share: a base
-class with GPT's interface (their config was checked when it was made: lmforge/config.py).
+class with GPT's interface (their config was checked when it was made: lmforge/config/).
 
 Every one has `forward(idx, targets=None, cache=None) -> (logits, loss)` with logits (B, T, vocab_size) where
 position t sees only tokens 0..t, `num_params`, `flops_per_token`, `head_weight` and `new_cache`.
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import ModelConfig
+from lmforge.config.sections import ModelConfig
 
 
 class LanguageModel(nn.Module):
@@ -21,7 +21,7 @@ class LanguageModel(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.config = config  # checked when it was made: lmforge/config.py
+        self.config = config  # checked when it was made: lmforge/config/
         self.vocab_size = config.vocab_size
 
     def head_weight(self) -> torch.Tensor:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from lmforge.config import ModelConfig
+from lmforge.config.sections import ModelConfig
 from lmforge.model.bigram import Bigram
 from lmforge.model.gpt import GPT
 from lmforge.model.mlp import BengioMLP
 from lmforge.model.recurrent import RECURRENT_ARCHS, RecurrentLM
 
-# One class per model.arch choice (config.py declares them; a test keeps the two lists equal).
+# One class per model.arch choice (lmforge/config/ declares them; a test keeps the two lists equal).
 MODELS: dict[str, type[nn.Module]] = {"gpt": GPT, "bigram": Bigram, "mlp": BengioMLP,
                                       **dict.fromkeys(RECURRENT_ARCHS, RecurrentLM)}
 ARCHS = tuple(MODELS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from lmforge.config import Config, FinetuneConfig
+from lmforge.config.sections import Config, FinetuneConfig
 from lmforge.model import lora
 from lmforge.model.factory import build_model
 from lmforge.model.heads import Classifier, train_only_last_blocks

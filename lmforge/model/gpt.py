@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import ModelConfig
+from lmforge.config.sections import ModelConfig
 from lmforge.errors import UserError
 from lmforge.model.activations import activation
 from lmforge.model.init import init_weights
@@ -238,7 +238,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.arch != "gpt":  # the values themselves were checked when the config was made (config.py)
+        if config.arch != "gpt":  # the values themselves were checked when the config was made (lmforge/config/)
             raise UserError(f"GPT builds model.arch 'gpt', not '{config.arch}' (lmforge.model.factory.build_model "
                             "builds every arch)")
         self.config = config

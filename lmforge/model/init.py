@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from lmforge.config import ModelConfig
+from lmforge.config.sections import ModelConfig
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import ModelConfig
+from lmforge.config.sections import ModelConfig
 from lmforge.model.activations import activation
 from lmforge.model.classic import LanguageModel
 from lmforge.model.init import init_weights

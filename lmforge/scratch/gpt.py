@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lmforge.config import ModelConfig
+from lmforge.config.sections import ModelConfig
 from lmforge.errors import UserError
 from lmforge.scratch.layers import (
     LAYERNORM_EPS,

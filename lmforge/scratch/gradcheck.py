@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmforge.config import ModelConfig
+from lmforge.config.sections import ModelConfig
 from lmforge.scratch import layers as L
 from lmforge.scratch.gpt import gpt_backward, gpt_forward
 

@@ -1,6 +1,6 @@
 """`lmforge finetune`: continue a run's model on task data (classify, sft, translate, qa), fully or with LoRA.
 
-A fine-tuning run is an ordinary run directory (lmforge/run.py): `config.toml` (the base run's [model], this
+A fine-tuning run is an ordinary run directory (lmforge/run/): `config.toml` (the base run's [model], this
 run's [train] and [optim], and its [finetune] section: task, method, LoRA settings, label names, template, base
 run), `tokenizer.json` (the base run's), `log.jsonl` (typed records; eval records carry the task's metric),
 `checkpoints/` and, for the chat tasks, `chat_template.json`. A step trains on `train.batch_size` examples
@@ -18,8 +18,8 @@ With `--method lora` the base weights stay frozen and the checkpoint's `model.sa
 trains (the adapters, and a classifier's head); lmforge/infer/load.py rebuilds the model from the base run named
 in [finetune] and merges the adapters, so every reader sees a plain model, after checking the base's weights
 against the fingerprint (SHA-256) the run recorded. The base run's files are only ever read; a LoRA run adds a
-note to its `lora_runs/` folder (`run.record_lora_dependent`) so that pruning the base's checkpoints keeps the
-one the adapters fit.
+note to its `lora_runs/` folder (`run.checkpoints.record_lora_dependent`) so that pruning the base's
+checkpoints keeps the one the adapters fit.
 """
 
 from __future__ import annotations
@@ -29,15 +29,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge import run as rundir
-from lmforge.config import Config
+from lmforge.config.sections import Config
 from lmforge.data.template import ChatTemplate, load_chat_template
 from lmforge.errors import UserError
 from lmforge.infer.load import LoadedRun, load_run, lora_base
 from lmforge.model import lora
 from lmforge.model.factory import build_model
 from lmforge.model.finetuned import build_finetune_model
-from lmforge.run import EvalRecord, StartRecord
+from lmforge.run import checkpoints as run_checkpoints
+from lmforge.run import directory as rundir
+from lmforge.run.log import EvalRecord, StartRecord
 from lmforge.tasks.examples import (
     Examples,
     check_encodable,
@@ -92,7 +93,7 @@ def finetune_trainer(base_run: str, *, task: str | None, data: str, out: str, me
     if resume and overwrite:
         raise UserError("--resume continues the run in --out and --overwrite replaces it: choose one")
     run_dir = Path(out)
-    base_dir = rundir.resolve_checkpoint(base_run)[0]
+    base_dir = run_checkpoints.resolve_checkpoint(base_run)[0]
     if base_dir.resolve() in (run_dir.resolve(), *run_dir.resolve().parents):
         raise UserError(f"--out {out} is inside the base run {base_dir}; fine-tuning writes a new run and never "
                         "changes its base")
@@ -118,7 +119,7 @@ class FinetuneTask:
         self.kind = task_kind(self.finetune.task)
         self.metric, self.patience = self.kind.metric, self.finetune.patience
         self.data = data.resolve()
-        self.inputs = [self.data, rundir.resolve_checkpoint(base_run)[0]]
+        self.inputs = [self.data, run_checkpoints.resolve_checkpoint(base_run)[0]]
         if resume:  # a full fine-tuning checkpoint holds every weight; a LoRA one needs the base under it
             self.body = lora_base(self.finetune, run_dir) if self.finetune.method == "lora" else None
             self.tokenizer = rundir.read_tokenizer(run_dir)
@@ -126,7 +127,7 @@ class FinetuneTask:
             base = load_base(base_run)
             self.body, self.tokenizer, base_checkpoint = base.model, base.tokenizer, base.checkpoint
             self.finetune.base_checkpoint = str(base_checkpoint.resolve())
-            self.finetune.base_fingerprint = rundir.weights_fingerprint(base_checkpoint)
+            self.finetune.base_fingerprint = run_checkpoints.weights_fingerprint(base_checkpoint)
         self.template = load_chat_template(run_dir) if resume else ChatTemplate()
         self.train_examples, self.val_examples = self._read_data(resume, say or (lambda message: None))
         self.epoch_count, self.position = 0, 0  # epochs done, and examples of this epoch's order already read
@@ -217,7 +218,7 @@ class FinetuneTask:
         if self.finetune.method == "lora":
             lora.load_trainable_state(self.model, weights, str(path))
         else:
-            rundir.load_weights(self.model, weights, path)
+            run_checkpoints.load_weights(self.model, weights, path)
 
     def carried_state(self) -> dict[str, torch.Tensor]:
         return {}
@@ -228,7 +229,7 @@ class FinetuneTask:
     def create_run(self, run_dir: Path, replace: bool) -> None:
         rundir.create_run(run_dir, self.config, self.tokenizer, replace)
         if self.finetune.method == "lora":  # its checkpoints hold only adapters: the base must keep its weights
-            rundir.record_lora_dependent(Path(self.finetune.base_checkpoint), run_dir)
+            run_checkpoints.record_lora_dependent(Path(self.finetune.base_checkpoint), run_dir)
         if self.finetune.template == "chat":
             self.template.save(run_dir)
 

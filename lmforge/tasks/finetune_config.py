@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from lmforge import run as rundir
-from lmforge.config import Config, FinetuneConfig, OptimConfig, TrainConfig, canonical_key, check_config, set_value
+from lmforge.config.load import canonical_key, set_value
+from lmforge.config.sections import Config, FinetuneConfig, OptimConfig, TrainConfig, check_config
 from lmforge.errors import UserError
+from lmforge.run import checkpoints as run_checkpoints
+from lmforge.run import directory as rundir
 from lmforge.tasks.kinds import TRAINABLE, task_kind
 
 # Fine-tuning is short and gentle next to pretraining: these replace the pretraining defaults (a base run's
@@ -87,7 +89,7 @@ def configure(base_run: str, run_dir: Path, task: str | None, method: str | None
 def resumed_config(base_run: str, run_dir: Path, task: str | None, method: str | None,
                    train_blocks: int | None) -> Config:
     """The config of the run to resume, after checking that the flags given agree with it."""
-    if not rundir.list_checkpoints(run_dir):
+    if not run_checkpoints.list_checkpoints(run_dir):
         raise UserError(f"--resume: {run_dir} holds no checkpoint to resume from")
     config = rundir.read_config(run_dir)
     finetune = config.finetune
@@ -98,7 +100,7 @@ def resumed_config(base_run: str, run_dir: Path, task: str | None, method: str |
     for flag, (given, stored) in asked.items():
         if given is not None and given != stored:
             raise UserError(f"--resume: {run_dir} was started with {flag} {stored}, not {given}")
-    given_dir, given_checkpoint = (path.resolve() for path in rundir.resolve_checkpoint(base_run))
+    given_dir, given_checkpoint = (path.resolve() for path in run_checkpoints.resolve_checkpoint(base_run))
     named_checkpoint = (Path(base_run) / rundir.WEIGHTS_FILE).is_file()
     if given_dir != Path(finetune.base_run) or (
             named_checkpoint and given_checkpoint != Path(finetune.base_checkpoint)):
@@ -112,9 +114,9 @@ def new_config(base_run: str, task: str | None, method: str | None, train_blocks
     """A new run's config: the base run's model, the fine-tuning defaults, the task's [finetune] section."""
     if task is None:
         raise UserError(f"finetune needs --task ({', '.join(TRAINABLE[:-1])} or {TRAINABLE[-1]})")
-    base_config = rundir.read_config(rundir.resolve_checkpoint(base_run)[0])
+    base_config = rundir.read_config(run_checkpoints.resolve_checkpoint(base_run)[0])
     finetune = FinetuneConfig(task=task, method=method or "full", train_blocks=train_blocks or 0,
-                              base_run=str(rundir.resolve_checkpoint(base_run)[0].resolve()),
+                              base_run=str(run_checkpoints.resolve_checkpoint(base_run)[0].resolve()),
                               template=task_kind(task).template)
     config = Config(model=base_config.model, train=TrainConfig(), optim=OptimConfig(), finetune=finetune)
     for dotted, value in {**FINETUNE_DEFAULTS, "optim.lr": LR_DEFAULTS[finetune.method]}.items():

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmforge.config import FinetuneConfig
+from lmforge.config.sections import FinetuneConfig
 from lmforge.data.template import ChatTemplate, check_message
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError

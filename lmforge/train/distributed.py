@@ -50,7 +50,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from lmforge.config import TrainConfig
+from lmforge.config.sections import TrainConfig
 from lmforge.errors import UserError
 
 

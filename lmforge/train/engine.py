@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.config import Config, OptimConfig
+from lmforge.config.sections import Config, OptimConfig
 from lmforge.errors import UserError
 from lmforge.hardware import autocast, resolve_compile, resolve_device, resolve_precision
 from lmforge.model.gpt import GPT

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmforge import run as rundir
-from lmforge.config import Config
+from lmforge.config.sections import Config
 from lmforge.data.datadir import check_token_ids, describe_data
 from lmforge.data.loader import TokenWindows, TrainLoader
 from lmforge.data.tokenizer import Tokenizer
@@ -26,7 +25,9 @@ from lmforge.infer.generate import generate
 from lmforge.infer.load import load_run
 from lmforge.model.factory import build_model
 from lmforge.model.recurrent import RECURRENT_ARCHS
-from lmforge.run import EvalRecord, SampleRecord, StartRecord
+from lmforge.run import checkpoints as run_checkpoints
+from lmforge.run import directory as rundir
+from lmforge.run.log import EvalRecord, SampleRecord, StartRecord
 from lmforge.train.distributed import Cluster
 
 
@@ -74,7 +75,7 @@ class LanguageModelling:
         # Starting from another run's weights, or continuing this one, means using its tokenizer: the data must
         # have been tokenized with it (bare llm.c shards have none of their own).
         if init_from is not None:
-            run_tokenizer = rundir.run_tokenizer(init_from)
+            run_tokenizer = run_checkpoints.run_tokenizer(init_from)
         elif resume and (run_dir / rundir.TOKENIZER_FILE).is_file():
             run_tokenizer = rundir.read_tokenizer(run_dir)
         else:
@@ -82,7 +83,7 @@ class LanguageModelling:
         self.meta, self.tokenizer = describe_data(self.data_dir, run_tokenizer)
         self.config = config = settle_config(config, self.tokenizer)
         if resume:
-            rundir.check_same_model(run_dir, config.model, "--resume")
+            run_checkpoints.check_same_model(run_dir, config.model, "--resume")
         check_token_ids(self.data_dir, config.model.vocab_size)
         # Truncated BPTT: a recurrent model reading sequentially carries its hidden state from batch to batch.
         self.carries_state = config.model.arch in RECURRENT_ARCHS and config.data.sequential
@@ -93,9 +94,9 @@ class LanguageModelling:
         if self.config.model.arch in RECURRENT_ARCHS:
             model.carry_state(self.carries_state)
         if self.init_from is not None:  # a fine-tuning run's weights are its language model's, LoRA merged
-            tuned = rundir.read_config(rundir.resolve_checkpoint(self.init_from)[0]).finetune is not None
-            rundir.init_from_run(model, self.init_from,
-                                 load_run(self.init_from).model.state_dict() if tuned else None)
+            tuned = rundir.read_config(run_checkpoints.resolve_checkpoint(self.init_from)[0]).finetune is not None
+            run_checkpoints.init_from_run(model, self.init_from,
+                                          load_run(self.init_from).model.state_dict() if tuned else None)
         self.model = model
         return model
 
@@ -130,7 +131,7 @@ class LanguageModelling:
         return self.cluster.gather_full(self.model.state_dict())
 
     def load_weights(self, weights: dict[str, torch.Tensor], path: Path) -> None:
-        rundir.load_weights(self.model, self.cluster.shard_like(weights, self.model.state_dict()), path)
+        run_checkpoints.load_weights(self.model, self.cluster.shard_like(weights, self.model.state_dict()), path)
 
     def data_state(self) -> dict:
         return self.loader.state_dict()

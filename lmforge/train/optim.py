@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from lmforge.config import OptimConfig
+from lmforge.config.sections import OptimConfig
 
 # Coefficients of the quintic Newton-Schulz iteration tuned for speed of convergence (Keller Jordan, 2024).
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -104,7 +104,7 @@ def build_optimizers(model: nn.Module, config: OptimConfig, device: torch.device
     if config.name == "adamw":
         return [_adamw([{"params": matrices, "weight_decay": config.weight_decay},
                         {"params": vectors, "weight_decay": 0.0}], config, device)]
-    # muon: the other optim.name choice config.py allows
+    # muon: the other optim.name choice lmforge/config/ allows
     hidden_names = set(hidden_matrices(model))
     hidden = [p for name, p in named if name in hidden_names]
     hidden_ids = {id(p) for p in hidden}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from lmforge.config import TrainConfig
+from lmforge.config.sections import TrainConfig
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 
@@ -26,7 +26,7 @@ def lr_multiplier(schedule: str, step: int, progress: float, *, warmup_steps: in
         decay = 0.5 * (1.0 + math.cos(math.pi * progress))
     elif schedule == "linear":
         decay = 1.0 - progress
-    else:  # wsd, the last of the train.schedule choices config.py checked
+    else:  # wsd, the last of the train.schedule choices lmforge/config/ checked
         cooldown_start = 1.0 - cooldown_fraction
         decay = 1.0 if progress < cooldown_start else (1.0 - progress) / max(cooldown_fraction, 1e-12)
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay

@@ -14,9 +14,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from lmforge.config import Config
+from lmforge.config.sections import Config
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.run import EvalRecord, SampleRecord, StartRecord
+from lmforge.run.log import EvalRecord, SampleRecord, StartRecord
 from lmforge.train.distributed import Cluster
 
 

@@ -23,12 +23,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lmforge import run as rundir
-from lmforge.config import Config
+from lmforge.config.sections import Config
 from lmforge.errors import TrainingDiverged, UserError
 from lmforge.files import missing_directories
 from lmforge.hardware import PeakFlops, configure_fast_math
-from lmforge.run import EndRecord, EvalRecord, LogWriter, Record, TrainRecord
+from lmforge.run import checkpoints as run_checkpoints
+from lmforge.run import directory as rundir
+from lmforge.run import log as run_log
+from lmforge.run.log import EndRecord, EvalRecord, LogWriter, Record, TrainRecord
 from lmforge.train.distributed import start_cluster
 from lmforge.train.engine import build_engine, engine_device
 from lmforge.train.language import LanguageModelling
@@ -144,7 +146,8 @@ class Trainer:
                 self.say(repair)
         self.cluster.barrier()  # every rank has looked before rank 0 changes anything
         if resume:
-            return rundir.newest_readable_checkpoint(run, self.say, {**rundir.STATE_SCHEMA, "loader": dict})
+            return run_checkpoints.newest_readable_checkpoint(run, self.say,
+                                                              {**run_checkpoints.STATE_SCHEMA, "loader": dict})
         existing = rundir.refuse_existing_run(run, overwrite)
         self.cluster.barrier()
         if self.cluster.is_main:
@@ -158,7 +161,7 @@ class Trainer:
         holder removes anything: a run another process writes, or files that were there before, stay."""
         self.close()
         if self.lock is not None and not self.resumed and (self.made or self.wrote_fresh_run) \
-                and not rundir.list_checkpoints(self.run_dir):
+                and not run_checkpoints.list_checkpoints(self.run_dir):
             rundir.remove_run(self.run_dir, self.made)
 
     def _restore(self, path: Path, loaded: tuple) -> None:
@@ -171,10 +174,10 @@ class Trainer:
         self.task.load_data_state(state["loader"])
         self.task.restore_carried_state(hidden, self.say)
         self.progress = Progress.from_state(state["progress"])
-        rundir.set_rng_state(state["rng"])
+        run_checkpoints.set_rng_state(state["rng"])
         if self.cluster.is_main:
             rundir.write_config(self.run_dir, self.config)
-            rundir.trim_log(self.run_dir, self.progress.step)
+            run_log.trim_log(self.run_dir, self.progress.step)
 
     def _open_tensorboard(self):
         try:
@@ -338,7 +341,7 @@ class Trainer:
     def _stop_if_not_finite(self, loss: float) -> None:
         if math.isfinite(loss):
             return
-        saved = rundir.list_checkpoints(self.run_dir)
+        saved = run_checkpoints.list_checkpoints(self.run_dir)
         kept = f"the last good checkpoint is {saved[-1]}" if saved else "no checkpoint had been saved yet"
         self.log(EndRecord(step=self.progress.step, tokens=self.progress.tokens, elapsed=self.progress.elapsed,
                            reason="non_finite_loss"))
@@ -401,10 +404,10 @@ class Trainer:
             return None
         self.saving = True
         try:
-            path = rundir.save_checkpoint(self.run_dir, progress.step, model_state, optimizer_states, state,
-                                          hidden_state)
-            for note in rundir.prune_checkpoints(self.run_dir, self.config.train.keep_last,
-                                                 progress.best_checkpoint_step, self.kept_for_lora):
+            path = run_checkpoints.save_checkpoint(self.run_dir, progress.step, model_state, optimizer_states,
+                                                   state, hidden_state)
+            for note in run_checkpoints.prune_checkpoints(self.run_dir, self.config.train.keep_last,
+                                                          progress.best_checkpoint_step, self.kept_for_lora):
                 self.say(note)
         finally:
             self.saving = False

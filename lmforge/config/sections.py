@@ -1,4 +1,4 @@
-"""Run configuration: typed dataclass sections, loaded from TOML, overridden by dotted CLI flags, saved back.
+"""The typed config sections: every key with its default and what it accepts, and the rules between keys.
 
 A preset in configs/*.toml names only what differs from the defaults below; `--section.key value` on the
 command line wins over the file. Every key declares what it accepts next to its default: a `Literal` of
@@ -11,34 +11,22 @@ between keys (a section's `check_combination`: which arch takes `model.activatio
 shapes) live here too, so the modules that build from a config trust it. Rules that need more than the config
 stay beside what they need: what the scratch engine implements, a LoRA rank against a layer's width, devices
 and process counts only known at run time.
+
+How a key is parsed is in lmforge/config/keys.py; loading, overriding and saving a config in
+lmforge/config/load.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import numbers
-import sys
 import types
 import typing
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
-from pathlib import Path
 from typing import Any, Literal
 
-import tomli_w
-
+from lmforge.config.keys import Key, declared_keys, number, parse_value
 from lmforge.errors import UserError
-from lmforge.inputs import refuse_special_file
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-AUTO = "auto"  # how a key whose value is None ("decide for me") is spelled in TOML and on the command line
-INT64_MAX = 2**63 - 1  # every int key ends up in a torch or NumPy int64 (the seed alone is a uint64)
 # Upper bounds on sizes, far above any model this project trains (GPT-2 XL: 50,257 tokens, 1,024 context, 48
 # layers, 25 heads, width 1,600; the largest open models stay within them too), low enough that a typo such
 # as block_size 1000000000 is refused by name instead of ending in an allocator's traceback.
@@ -48,41 +36,6 @@ MAX_LAYERS = 1024
 MAX_HEADS = 1024
 MAX_WIDTH = 2**16
 MAX_BATCH = 2**16  # sequences per micro-batch
-TRUE_WORDS = ("true", "1", "yes", "on")
-FALSE_WORDS = ("false", "0", "no", "off")
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric key allows: `at_least`/`at_most` are inclusive bounds, `above`/`below` exclusive."""
-
-    at_least: float | None = None
-    at_most: float | None = None
-    above: float | None = None
-    below: float | None = None
-
-    def allows(self, value: float) -> bool:
-        return ((self.at_least is None or value >= self.at_least) and (self.at_most is None or value <= self.at_most)
-                and (self.above is None or value > self.above) and (self.below is None or value < self.below))
-
-    def describe(self) -> str:
-        low = f"[{self.at_least}" if self.at_least is not None else f"({self.above}" if self.above is not None else ""
-        high = f"{self.at_most}]" if self.at_most is not None else f"{self.below})" if self.below is not None else ""
-        if low and high:
-            return f"in {low}, {high}"
-        if self.above == 0 and not high:
-            return "positive"
-        if self.at_least is not None:
-            return f"{self.at_least} or more"
-        if self.above is not None:
-            return f"above {self.above}"
-        return f"at most {self.at_most}" if self.at_most is not None else f"below {self.below}"
-
-
-def number(default: float, *, at_least: float | None = None, at_most: float | None = None,
-           above: float | None = None, below: float | None = None) -> Any:
-    """A numeric key's default and its declared range (a dataclass field)."""
-    return field(default=default, metadata={"range": Range(at_least, at_most, above, below)})
 
 
 class Section:
@@ -257,45 +210,6 @@ class Config:
         return {name: values for name, values in dataclasses.asdict(self).items() if values is not None}
 
 
-@dataclass(frozen=True)
-class Key:
-    """One config key as declared: its dotted name, its type, and the choices or range it allows."""
-
-    name: str
-    kind: type  # bool, int, float, str (free text when it has no choices) or list (of names)
-    choices: tuple[str, ...] = ()  # a str key's allowed values
-    optional: bool = False  # None allowed, spelled AUTO
-    range: Range | None = None
-
-    def allowed(self) -> str:
-        if self.choices:
-            named = [choice for choice in self.choices if choice]
-            listed = ", ".join(named[:-1]) + " or " + named[-1] if len(named) > 1 else named[0]
-            return listed + (' (or "" for the default)' if "" in self.choices else "")
-        if self.kind is bool:
-            return f"{AUTO}, true or false" if self.optional else "true or false"
-        if self.kind is list:
-            return "a list of names, or one text of names separated by commas"
-        if self.kind is str:
-            return "any text"
-        return self.range.describe() if self.range else "any value"
-
-
-def _declared_keys(name: str, section: type) -> dict[str, Key]:
-    hints = typing.get_type_hints(section)
-    keys = {}
-    for item in dataclasses.fields(section):
-        hint, optional = hints[item.name], False
-        if isinstance(hint, types.UnionType):  # `X | None`
-            (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
-            optional = True
-        choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
-        hint = list if typing.get_origin(hint) is list else hint
-        dotted = f"{name}.{item.name}"
-        keys[dotted] = Key(dotted, str if choices else hint, choices, optional, item.metadata.get("range"))
-    return keys
-
-
 def _section_type(hint: Any) -> type:
     """A section's class, also for an optional one (`X | None`)."""
     if isinstance(hint, types.UnionType):
@@ -308,81 +222,7 @@ OPTIONAL_SECTIONS = ("finetune",)
 ALIASES = {"lora": "finetune.lora_"}  # --lora.rank is --finetune.lora_rank
 SECTION_NAMES = {section: name for name, section in SECTIONS.items()}
 KEYS: dict[str, Key] = {dotted: key for name, section in SECTIONS.items()
-                        for dotted, key in _declared_keys(name, section).items()}
-
-
-def _wrong_type(key: Key, value: Any, what: str) -> UserError:
-    return UserError(f"{key.name} expects {what} ({key.allowed()}), got {value!r}")
-
-
-def _parse_int(key: Key, value: Any) -> int:
-    """A whole number in any spelling (4, 4.0, "4", "4e0", "1_000"); a fraction is refused, never truncated."""
-    if isinstance(value, numbers.Integral):  # Python's or NumPy's
-        return int(value)
-    if isinstance(value, numbers.Real):
-        if math.isfinite(value) and float(value).is_integer():
-            return int(value)
-        raise _wrong_type(key, value, "int")
-    try:
-        return int(value)
-    except ValueError:
-        pass
-    try:
-        exact = Decimal(value.strip().replace("_", ""))
-    except InvalidOperation:
-        raise _wrong_type(key, value, "int") from None
-    # adjusted() < 40: int() of 1e999999999 would build a billion-digit number before the range check
-    if exact.is_finite() and exact.adjusted() < 40 and exact == exact.to_integral_value():
-        return int(exact)
-    raise _wrong_type(key, value, "int")
-
-
-def _parse_float(key: Key, value: Any) -> float:
-    try:
-        parsed = float(value)  # int, float, or text such as "3e-4"
-    except (ValueError, OverflowError):
-        raise _wrong_type(key, value, "a finite float") from None
-    if not math.isfinite(parsed):
-        raise _wrong_type(key, value, "a finite float")
-    return parsed
-
-
-def _parse_bool(key: Key, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
-        return value.strip().lower() in TRUE_WORDS
-    raise UserError(f"{key.name} expects {key.allowed()}, got {value!r}")
-
-
-def parse_value(key: Key, value: Any) -> Any:
-    """A TOML, command-line (text) or Python value as the key's type, checked against its choices or range."""
-    if key.optional and (value is None or (isinstance(value, str) and value.strip().lower() == AUTO)):
-        return None
-    if key.choices:
-        if isinstance(value, str) and value in key.choices:
-            return value
-        raise UserError(f"unknown {key.name} {value!r}; choose {key.allowed()}")
-    if key.kind is bool:
-        return _parse_bool(key, value)
-    if key.kind is list:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        if isinstance(value, list | tuple) and all(isinstance(part, str) for part in value):
-            return list(value)
-        raise _wrong_type(key, value, "a list of names")
-    if key.kind is str:
-        if isinstance(value, str):
-            return value
-        raise _wrong_type(key, value, "text")
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, str)):  # True is an int to Python, not here
-        raise _wrong_type(key, value, key.kind.__name__)
-    parsed = _parse_int(key, value) if key.kind is int else _parse_float(key, value)
-    if key.range and not key.range.allows(parsed):
-        raise UserError(f"{key.name} must be {key.range.describe()}, got {parsed}")
-    if key.kind is int and key.range and key.range.at_most is None and parsed > INT64_MAX:
-        raise UserError(f"{key.name} must be at most 2**63 - 1 (a 64-bit integer), got {parsed}")
-    return parsed
+                        for dotted, key in declared_keys(name, section).items()}
 
 
 def check_section(part: Section) -> None:
@@ -399,121 +239,3 @@ def check_config(config: Config) -> None:
     for name in SECTIONS:
         if getattr(config, name) is not None:
             check_section(getattr(config, name))
-
-
-def _unknown(dotted: str) -> UserError:
-    """Name the closest key in any section: `train.n_layer` is most likely `model.n_layer`."""
-    section, _, name = dotted.rpartition(".")
-
-    def likeness(candidate: str) -> float:
-        their_section, their_name = candidate.split(".")
-        return (difflib.SequenceMatcher(None, name, their_name).ratio()
-                + 0.5 * difflib.SequenceMatcher(None, section, their_section).ratio())
-
-    best = max(KEYS, key=likeness)
-    if difflib.SequenceMatcher(None, name, best.split(".")[1]).ratio() >= 0.6:
-        hint = f"; did you mean '{best}'?"
-    else:
-        hint = f"; valid sections: {', '.join(SECTIONS)}"
-    return UserError(f"unknown config key '{dotted}'{hint}")
-
-
-def canonical_key(dotted: str) -> str:
-    """The declared name of a key given in any spelling (`lora.rank` is `finetune.lora_rank`)."""
-    section, _, name = dotted.partition(".")
-    return ALIASES[section] + name if section in ALIASES and name else dotted
-
-
-def set_value(config: Config, dotted: str, value: Any) -> None:
-    """Set `section.key` on a config, checking the value's type and range; an unknown key names the closest.
-    Setting a key of an absent optional section ([finetune]) adds that section with its defaults."""
-    dotted = canonical_key(dotted)
-    if dotted not in KEYS:
-        raise _unknown(dotted)
-    section, name = dotted.split(".")
-    parsed = parse_value(KEYS[dotted], value)
-    if getattr(config, section) is None:
-        setattr(config, section, SECTIONS[section]())
-    setattr(getattr(config, section), name, parsed)
-
-
-def _set_all(config: Config, data: dict[str, Any]) -> None:
-    for section, values in data.items():
-        if not isinstance(values, dict):
-            if section in SECTIONS:
-                raise UserError(f"config section '{section}' must be a table ([{section}]), got {values!r}")
-            raise _unknown(section)
-        for key, value in values.items():
-            set_value(config, f"{section}.{key}", value)
-
-
-def from_dict(data: dict[str, Any]) -> Config:
-    """A config from parsed TOML: {section: {key: value}} over the defaults, every value and rule checked."""
-    config = Config()
-    _set_all(config, data)
-    check_config(config)
-    return config
-
-
-def _read_text(path: Path) -> str:
-    refuse_special_file(path, "config file")
-    if path.is_dir():
-        raise UserError(f"config path {path} is a directory; pass a TOML file such as configs/gpt.toml")
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
-    except UnicodeDecodeError as err:
-        raise UserError(f"config file {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
-                        f"{err.start}); save it as UTF-8") from None
-    except OSError as err:
-        raise UserError(f"cannot read config file {path}: {err.strerror}") from None
-
-
-def load_config(path: str | Path | None, overrides: dict[str, str] | None = None) -> Config:
-    """Defaults, then the TOML file (if any), then `section.key` overrides; every value and rule checked."""
-    config = Config()
-    if path is not None:
-        path = Path(path)
-        try:
-            data = tomllib.loads(_read_text(path))
-        except tomllib.TOMLDecodeError as err:
-            raise UserError(f"config file {path} is not valid TOML: {err}") from None
-        _set_all(config, data)  # the rules between keys are checked once the overrides are in too
-    for dotted, value in (overrides or {}).items():
-        set_value(config, dotted, value)
-    check_config(config)
-    return config
-
-
-def dumps_config(config: Config) -> str:
-    """The config as TOML; `load_config` reads it back equal. TOML has no null: None is written as AUTO."""
-    data = config.to_dict()
-    for dotted, key in KEYS.items():
-        section, name = dotted.split(".")
-        if section in data and key.optional and data[section][name] is None:
-            data[section][name] = AUTO
-    return tomli_w.dumps(data)
-
-
-def parse_overrides(args: list[str]) -> dict[str, str]:
-    """Turn ['--optim.lr', '3e-3', '--model.n_layer=4'] into {'optim.lr': '3e-3', 'model.n_layer': '4'}."""
-    overrides: dict[str, str] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise UserError(f"unexpected argument '{arg}' (config overrides look like --section.key value)")
-        name = arg[2:]
-        if "=" in name:
-            name, value = name.split("=", 1)
-        elif i + 1 < len(args):
-            i += 1
-            value = args[i]
-        else:
-            raise UserError(f"option '{arg}' needs a value")
-        if "." not in name:
-            raise UserError(f"unknown option '{arg}'")
-        overrides[name] = value
-        i += 1
-    return overrides
