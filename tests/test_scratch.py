@@ -125,7 +125,7 @@ def test_a_scratch_training_run_learns(tiny_data, tiny_config, tmp_path):
     assert sorted(losses) == list(range(1, 121))
     assert losses[1] == pytest.approx(math.log(trainer.config.model.vocab_size), abs=0.15)
     assert np.mean([losses[step] for step in range(111, 121)]) < 0.75 * losses[1]
-    assert result["val"]["loss"] < 0.75 * losses[1]  # evaluated by the scratch forward
+    assert result["val"]["val_loss"] < 0.75 * losses[1]  # evaluated by the scratch forward
     assert trainer.model.wte.weight[trainer.config.model.vocab_size :].abs().max() == 0  # padding rows stay zero
 
 
