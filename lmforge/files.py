@@ -17,14 +17,15 @@ else is refused, naming what it holds, so a mistyped `--out` never deletes the u
 from __future__ import annotations
 
 import errno
+import fcntl
 import fnmatch
 import os
 import re
 import shutil
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 from lmforge.errors import UserError
 
@@ -309,3 +310,31 @@ def load_safetensors(path: Path, what: str, hint: str = "") -> dict[str, torch.T
         return load_file(path)
     except (OSError, SafetensorError) as err:
         raise UserError(f"{what} is unreadable ({err})" + (f"; {hint}" if hint else "")) from None
+
+
+def take_directory_lock(directory: Path, lock_path: Path) -> IO:
+    """The lock of an output directory (a run, a prepared dataset) for as long as the returned file stays open:
+    the lock file, opened, locked (fcntl; the kernel drops it when the holder dies, even by kill -9) and holding
+    this process's PID. A second writer gets a UserError naming the holder's PID; on any other failure the file
+    is closed, and deleted if this call made it."""
+    made_lock = not lock_path.exists()
+    handle = open(lock_path, "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise UserError(f"{directory} is being written by another lmforge process (PID {holder}); wait for it "
+                            "to finish or stop it, or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+    except BaseException as error:
+        with suppress(OSError):  # a PID the disk refused: the error to report is the write's
+            handle.close()
+        if made_lock and not isinstance(error, UserError):
+            remove_path(lock_path)
+        raise
+    return handle

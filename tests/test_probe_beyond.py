@@ -216,3 +216,27 @@ def test_compare_names_the_bad_log_line_without_naming_report(capsys, tmp_path, 
     assert_one_line_error(code, err, "log.jsonl, line 10", "run the command again")
     assert "run the report" not in err
 
+
+
+# ----- two writers at once -----
+
+def test_a_second_prepare_into_the_same_out_is_refused_and_the_first_dataset_stays(tmp_path, tiny):
+    """Two prepares into one --out at once lost the dataset (one said done, the directory ended empty): the
+    writer holds the directory's lock, and another prepare is one line naming its PID. Here the test holds the
+    lock as a first prepare would, over a dataset already written."""
+    from lmforge.files import take_directory_lock
+
+    out = tmp_path / "data"
+    argv = ["prepare", "--source", tiny.corpus, "--tokenizer", "char", "--out", out, "--workers", "1", "--quiet"]
+    code, _, err = child_cli(*argv)
+    assert code == 0, err
+    assert not (out / ".lock").exists()  # a finished prepare leaves no lock file behind
+    before = checksums(out)
+    lock = take_directory_lock(out, out / ".lock")
+    try:
+        code, _, err = child_cli(*argv, "--overwrite", "--lowercase")
+    finally:
+        lock.close()
+    assert_one_line_error(code, err, "being written by another lmforge process", f"PID {os.getpid()}")
+    (out / ".lock").unlink()
+    assert checksums(out) == before

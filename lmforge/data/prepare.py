@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -56,11 +56,12 @@ from lmforge.data.tokenizer import (
     train_tokenizer,
 )
 from lmforge.errors import UserError
-from lmforge.files import check_output_place, write_atomic, writing
+from lmforge.files import check_output_place, take_directory_lock, write_atomic, writing
 
 DEFAULT_VAL_FRACTION = 0.1
 PIECE_CHARS = 1 << 18  # longer documents are trained on and encoded in pieces of 1 to 2 times this
 CHUNK_CHARS = 1 << 21  # characters per unit of work handed to an encoding worker
+LOCK_FILE = ".lock"  # held by the one prepare writing --out (files.take_directory_lock)
 OUR_FILE = re.compile(r"^(meta\.json|tokenizer\.json|(train|val)_\d{6}\.bin)$")
 OUR_TEMPORARY = re.compile(r"^\.(meta\.json|tokenizer\.json|(train|val)_\d{6}\.bin)\.tmp$")
 
@@ -166,6 +167,13 @@ def _check_out_dir(out: Path, settings: dict[str, Any], overwrite: bool) -> None
         shown = ", ".join(leftovers[:3]) + (", ..." if len(leftovers) > 3 else "")
         raise UserError(f"{out} holds {shown} but no meta.json (an interrupted prepare?); "
                         "pass --overwrite to replace them")
+
+
+def _release(lock: IO, out: Path) -> None:
+    """Let go of the output directory's lock and delete its file (a later prepare makes its own)."""
+    with suppress(OSError):
+        (out / LOCK_FILE).unlink(missing_ok=True)
+        lock.close()
 
 
 def _clear_out_dir(out: Path) -> None:
@@ -414,7 +422,15 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str, *, val_sources:
 
     with writing(out):
         out.mkdir(parents=True, exist_ok=True)
-        _clear_out_dir(out)
+        lock = take_directory_lock(out, out / LOCK_FILE)
+    try:
+        # Again under the lock: another prepare into the same --out may have finished since the first check.
+        _check_out_dir(out, settings, overwrite)
+        with writing(out):
+            _clear_out_dir(out)
+    except BaseException:
+        _release(lock, out)
+        raise
     # A failure from here on (disk full, interrupted) removes what this prepare wrote, so that running it
     # again needs no --overwrite; the dataset it replaces was already removed above.
     try:
@@ -443,6 +459,8 @@ def prepare(sources: list[str], out: str | Path, tokenizer: str, *, val_sources:
             _clear_out_dir(out)
             (out / "tokenizer.json").unlink(missing_ok=True)
         raise
+    finally:
+        _release(lock, out)
     if not quiet:
         print(_summary(out, meta, stats))
     return meta

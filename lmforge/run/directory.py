@@ -24,12 +24,10 @@ lmforge/run/log.py.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import typing
-from contextlib import suppress
 from pathlib import Path
 from typing import IO
 
@@ -52,6 +50,7 @@ from lmforge.files import (
     remove_path,
     removing_new_parents,
     replace_output,
+    take_directory_lock,
     write_atomic,
     write_error_message,
     write_error_number,
@@ -179,38 +178,12 @@ def lock_run(run_dir: Path, *, resume: bool = False, inputs: typing.Sequence[str
     try:
         with removing_new_parents(run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
-            return _take_lock(run_dir, lock_path)
+            return take_directory_lock(run_dir, lock_path)
     except OSError as error:
         if isinstance(error, UserError):
             raise
         failed = lock_path if run_dir.is_dir() else run_dir
         raise UserError(write_error_message(failed, write_error_number(error))) from None
-
-
-def _take_lock(run_dir: Path, lock_path: Path) -> IO:
-    """The lock file, opened, locked and holding this process's PID; on a failure it is closed, and deleted if
-    this call made it."""
-    made_lock = not lock_path.exists()
-    handle = open(lock_path, "a+", encoding="utf-8")
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise UserError(f"{run_dir} is being written by another lmforge process (PID {holder}); wait for it "
-                            "to finish or stop it, or choose another --out") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-    except BaseException as error:
-        with suppress(OSError):  # a PID the disk refused: the error to report is the write's
-            handle.close()
-        if made_lock and not isinstance(error, UserError):
-            remove_path(lock_path)
-        raise
-    return handle
 
 
 def create_run(run_dir: Path, config: Config, tokenizer: Tokenizer, replace: list[str]) -> None:
