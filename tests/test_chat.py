@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -41,8 +42,11 @@ def chat_run(tmp_path_factory, tiny_data) -> Path:
 def spawn_chat(run: Path, *options: str):
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "OMP_NUM_THREADS": "1"}
+    # Ctrl-C reaches the chat as it would from a terminal: a test run started in the background (a job in a
+    # non-interactive shell, as CI may) inherits SIGINT ignored, and a child would inherit that too.
     return pexpect.spawn(sys.executable, ["-m", "lmforge", "chat", str(run), "--device", "cpu", *options],
-                         env=env, encoding="utf-8", timeout=PATIENCE, dimensions=(24, 200))
+                         env=env, encoding="utf-8", timeout=PATIENCE, dimensions=(24, 200),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_fit_history_drops_the_oldest_turns_until_the_prompt_fits():
