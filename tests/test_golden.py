@@ -243,12 +243,17 @@ def test_ten_fine_tuning_steps_reproduce_the_golden_losses(case, finetune_result
     check_golden(case, finetune_results[case])
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_a_second_process_reproduces_the_losses_bit_for_bit(case, results, golden_data, tmp_path):
-    argv, run = train_command(case, golden_data, tmp_path)
+def run_in_another_process(argv: list[str]) -> None:
+    """`lmforge ARGV` in a fresh Python process on one thread, as the goldens' own runs are."""
     child = subprocess.run([sys.executable, "-m", "lmforge", *argv], capture_output=True, text=True, cwd=ROOT,
                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=PATIENCE)
     assert child.returncode == 0, child.stderr
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_second_process_reproduces_the_losses_bit_for_bit(case, results, golden_data, tmp_path):
+    argv, run = train_command(case, golden_data, tmp_path)
+    run_in_another_process(argv)
     assert result_of(run) == results[case]
 
 
@@ -256,9 +261,7 @@ def test_a_second_process_reproduces_the_losses_bit_for_bit(case, results, golde
 def test_a_second_process_reproduces_the_fine_tuning_losses_bit_for_bit(case, finetune_results, finetune_base,
                                                                        tmp_path):
     argv, run = finetune_command(case, finetune_base, tmp_path)
-    child = subprocess.run([sys.executable, "-m", "lmforge", *argv], capture_output=True, text=True, cwd=ROOT,
-                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=PATIENCE)
-    assert child.returncode == 0, child.stderr
+    run_in_another_process(argv)
     assert finetune_result_of(run) == finetune_results[case]
 
 

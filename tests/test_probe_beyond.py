@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    PATIENCE,
     WORDS,
     assert_one_line_error,
     checksums,
@@ -190,13 +191,13 @@ def test_sigterm_during_prepare_removes_what_it_wrote(tmp_path, tiny):
     before = checksums(tiny.data)
     out = tmp_path / "data"
     child = start_child_cli("prepare", "--source", source, "--tokenizer", "char", "--workers", "1", "--out", out)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + PATIENCE
     while not (out.is_dir() and any(path.name.endswith(".tmp") for path in out.iterdir())):
         assert child.poll() is None, "prepare ended before it started writing a shard"
         assert time.monotonic() < deadline
         time.sleep(0.002)
     child.send_signal(signal.SIGTERM)
-    _, err = child.communicate(timeout=300)
+    _, err = child.communicate(timeout=PATIENCE)
     assert child.returncode == 128 + signal.SIGTERM, err
     assert "Traceback" not in err
     assert [line for line in err.splitlines() if line.strip()] == ["lmforge prepare: terminated"]
