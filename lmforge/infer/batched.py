@@ -34,7 +34,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.hardware import available_memory_bytes
 from lmforge.infer.decode import TextStream
-from lmforge.infer.generate import sample_next
+from lmforge.infer.generate import TokenConstraint, sample_next
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.gpt import KVCache
 from lmforge.model.recurrent import RecurrentState
@@ -58,6 +58,7 @@ class GenerationRequest:
     logprobs: int | None = None  # with each new token: its log-probability and this many alternatives
     prompt_logprobs: bool = False  # with the first event: the log-probability of each prompt token after the first
     cancelled: bool = False  # set by `BatchedEngine.cancel` from any thread; the engine drops the row at its next step
+    constraint: TokenConstraint | None = None  # masks each draw to a format (lmforge/infer/constrained.py)
 
     def __post_init__(self) -> None:
         SamplingParams(self.temperature, self.top_k, self.top_p)  # the one check of sampling values
@@ -289,11 +290,14 @@ class BatchedEngine:
         event = event or GenerationEvent()
         request = row.request
         try:
-            if request.temperature == 0 and greedy_token is not None:
+            allowed_logits = logits if request.constraint is None else request.constraint.mask(logits)
+            if request.temperature == 0 and greedy_token is not None and request.constraint is None:
                 token = greedy_token
             else:
-                token = sample_next(logits, temperature=request.temperature, top_k=request.top_k,
+                token = sample_next(allowed_logits, temperature=request.temperature, top_k=request.top_k,
                                     top_p=request.top_p, generator=row.generator)
+            if request.constraint is not None:
+                request.constraint.accept(token)
         except Exception as err:
             self._finish(row, GenerationEvent(finish_reason="error", error=f"{type(err).__name__}: {err}"))
             return
@@ -360,9 +364,10 @@ class Completion:
 def generate_batch(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], max_tokens: int, *,
                    max_batch: int = 16, temperature: float = 1.0, top_k: int | None = None,
                    top_p: float | None = None, seeds: Sequence[int | None] | None = None, stop: Sequence[str] = (),
-                   stop_token: int | None = None) -> list[Completion]:
+                   stop_token: int | None = None, constraints: Sequence[TokenConstraint | None] | None = None
+                   ) -> list[Completion]:
     """Run every prompt to completion on one engine, at most `max_batch` at a time (for `sample
-    --num-samples` and evaluation); request i draws from a generator seeded with seeds[i]."""
+    --num-samples` and evaluation); request i draws from a generator seeded with seeds[i], within constraints[i]."""
     engine = BatchedEngine(model, tokenizer, max_batch=max_batch)
     results: list[dict] = [{"tokens": [], "text": "", "finish_reason": None} for _ in prompts]
 
@@ -382,7 +387,7 @@ def generate_batch(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[Seq
     for index, prompt in enumerate(prompts):
         engine.submit(GenerationRequest(list(prompt), max_tokens, collect(index), temperature=temperature,
                                         top_k=top_k, top_p=top_p, seed=seeds[index] if seeds else None, stop=stop,
-                                        stop_token=stop_token))
+                                        stop_token=stop_token, constraint=constraints[index] if constraints else None))
     while engine.has_work():
         engine.step()
     if raise_later:

@@ -11,12 +11,22 @@ Models without a cache (bigram, Bengio's MLP) recompute the window.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from lmforge.model.gpt import KVCache
 from lmforge.model.recurrent import RecurrentState
+
+
+class TokenConstraint(Protocol):
+    """What limits the tokens an answer may draw (a format: lmforge/infer/constrained.py): `mask` the next-token
+    logits before each draw (forbidden tokens at -inf), then `accept` the drawn token."""
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+    def accept(self, token: int) -> None: ...
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
@@ -45,9 +55,10 @@ def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, 
 @torch.no_grad()
 def generate(model: nn.Module, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, generator: torch.Generator | None = None,
-             stop_token: int | None = None, use_cache: bool = True) -> Iterator[int]:
+             stop_token: int | None = None, use_cache: bool = True, constraint: TokenConstraint | None = None
+             ) -> Iterator[int]:
     """Yield up to max_new_tokens new token ids after the prompt (stopping after stop_token, not
-    yielding it)."""
+    yielding it); with a `constraint`, each token is drawn among those it allows."""
     if not prompt:
         raise ValueError("generation needs a prompt of at least one token (e.g. the end-of-text id)")
     was_training = model.training
@@ -67,8 +78,10 @@ def generate(model: nn.Module, prompt: Sequence[int], max_new_tokens: int, *, te
                 logits, _ = model(torch.tensor([window], device=device), cache=cache)
             else:
                 logits, _ = model(torch.tensor([window[-1:]], device=device), cache=cache)
-            token = sample_next(logits[0, -1], temperature=temperature, top_k=top_k, top_p=top_p,
-                                generator=generator)
+            next_logits = logits[0, -1] if constraint is None else constraint.mask(logits[0, -1])
+            token = sample_next(next_logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if constraint is not None:
+                constraint.accept(token)
             if token == stop_token:
                 return
             tokens.append(token)

@@ -6,6 +6,7 @@ schemas.py, read within the server's limits) and the app's `Server` as dependenc
 | GET /v1/models, /v1/models/{id} | the one model: its context length and how it batches |
 | POST /v1/completions | prompt (string, list, token ids), echo, logprobs, n, stop, seed, stream, top_k |
 | POST /v1/chat/completions | messages through the run's chat template (lmforge.data.template) |
+| (both completion routes) | response_format json_object, json_schema; structured_outputs regex, grammar, choice |
 | GET /tokenizer_info, POST /tokenize, /detokenize | the run's tokenizer (lm-eval's remote tokenizer) |
 | GET /health, /metrics, / | liveness, Prometheus text, the playground (lmforge/serve/static/index.html) |
 """
@@ -17,14 +18,17 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
+from starlette.concurrency import run_in_threadpool
 
-from lmforge.serve.errors import model_not_found
+from lmforge.infer.constrained import CompiledFormat, FormatError, compile_format
+from lmforge.serve.errors import ApiError, model_not_found
 from lmforge.serve.responses import ChatCompletion, TextCompletion, respond
 from lmforge.serve.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     RequestT,
+    SamplingRequest,
     TokenizeRequest,
     fit_max_tokens,
 )
@@ -51,6 +55,18 @@ def body(kind: type[RequestT]):
         return await server.read_request(request, kind)
 
     return Depends(read)
+
+
+async def output_format(request: SamplingRequest, server: Server) -> CompiledFormat | None:
+    """The request's format (response_format or structured_outputs) checked against the run's tokenizer, or None;
+    compiled off the event loop (a large grammar takes a while). What llguidance cannot use is a 400 naming it."""
+    requested = request.output_format()
+    if requested is None:
+        return None
+    try:
+        return await run_in_threadpool(compile_format, server.tokenizer, requested)
+    except FormatError as err:
+        raise ApiError(400, str(err), param=err.param, code="invalid_format") from None
 
 
 @router.get("/health")
@@ -104,8 +120,10 @@ async def completions(request: Annotated[CompletionRequest, body(CompletionReque
     for prompt in prompts:
         fit_max_tokens(len(prompt), max_tokens, server.context, server.settings.max_tokens_limit)
     with_logprobs = request.logprobs is not None
+    output = await output_format(request, server)
     requests = server.requests_for(prompts, request, sampling, max_tokens, stop=request.stop_texts,
-                                   logprobs=request.logprobs, prompt_logprobs=request.echo and with_logprobs)
+                                   logprobs=request.logprobs, prompt_logprobs=request.echo and with_logprobs,
+                                   output=output)
     completion = TextCompletion(server.tokenizer, server.settings.model_name,
                                 [prompts[i // request.n] for i in range(len(requests))],
                                 sum(len(prompt) for prompt in prompts), echo=request.echo, logprobs=request.logprobs)
@@ -120,8 +138,12 @@ async def chat_completions(request: Annotated[ChatCompletionRequest, body(ChatCo
     prompt = request.prompt_ids(server.tokenizer, server.template)
     max_tokens = fit_max_tokens(len(prompt), request.requested_tokens, server.context,
                                 server.settings.max_tokens_limit)
-    requests = server.requests_for([prompt], request, sampling, max_tokens,
-                                   stop=server.template.stop_texts() + request.stop_texts)
+    output = await output_format(request, server)
+    # A constrained reply ends where its format does; the template's turn markers could be inside a regex's or
+    # a grammar's answer, and cutting it there would break it.
+    turn_stops = server.template.stop_texts() if output is None else []
+    requests = server.requests_for([prompt], request, sampling, max_tokens, stop=turn_stops + request.stop_texts,
+                                   output=output)
     completion = ChatCompletion(server.settings.model_name, len(requests), len(prompt))
     return await respond(completion, server.events(requests, arrived), stream=request.stream,
                          include_usage=request.include_usage)

@@ -14,6 +14,7 @@ max_tokens against the context (`fit_max_tokens`).
 
 from __future__ import annotations
 
+import json
 import math
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
@@ -23,6 +24,7 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 from lmforge.data.template import ROLES, ChatTemplate
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
+from lmforge.infer.constrained import OutputFormat
 from lmforge.infer.sampling import SamplingError, SamplingParams
 from lmforge.serve.errors import ApiError, model_not_found
 
@@ -80,6 +82,11 @@ class StreamOptions(ApiRequest):
     include_usage: bool = False
 
 
+RESPONSE_FORMAT = ('an object: {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+                   '{"name": ..., "schema": {...}}}')
+STRUCTURED_OUTPUTS = ('an object with one of "json" (a JSON schema), "regex" (a pattern), "grammar" (a Lark grammar) '
+                      'or "choice" (a list of strings)')
+STRUCTURED_KINDS = {"json": "json_schema", "regex": "regex", "grammar": "grammar", "choice": "choice"}
 MESSAGES = f"a non-empty list of {{role, content}} objects, role one of {', '.join(ROLES)} and content a string"
 ALLOW_UNKNOWN = "true or false (true: read unknown characters as the unknown token)"
 
@@ -101,6 +108,8 @@ class SamplingRequest(ApiRequest):
     stream: bool = Field(False, description="true or false")
     stream_options: StreamOptions | None = Field(None, description="an object with include_usage true or false")
     allow_unknown: bool = Field(False, description=ALLOW_UNKNOWN)
+    response_format: dict | None = Field(None, description=RESPONSE_FORMAT)
+    structured_outputs: dict | None = Field(None, description=STRUCTURED_OUTPUTS)
 
     @field_validator("model")
     @classmethod
@@ -118,6 +127,19 @@ class SamplingRequest(ApiRequest):
             raise refusal(ApiError(400, f"'{info.field_name}' is {value}, above this server's limit of {limit} "
                                         "(lmforge serve --max-tokens-limit)", param=info.field_name))
         return value
+
+    def output_format(self) -> OutputFormat | None:
+        """The format every answer must follow (response_format's json_object or json_schema, or vLLM's
+        structured_outputs: json, regex, grammar or choice), or None; a 400 naming what is malformed. Whether the
+        schema, regex or grammar itself is usable is checked against the run (lmforge.infer.constrained)."""
+        if self.response_format is not None and self.structured_outputs is not None:
+            raise ApiError(400, "give either 'response_format' or 'structured_outputs', not both",
+                           param="structured_outputs")
+        if self.structured_outputs is not None:
+            return _structured_outputs(self.structured_outputs)
+        if self.response_format is not None:
+            return _response_format(self.response_format)
+        return None
 
     def to_sampling_params(self) -> SamplingParams:
         """How each token is drawn (a top_k of 0 and a top_p of 1 mean no cut-off); SamplingParams checks the
@@ -180,7 +202,7 @@ class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions."""
 
     UNSUPPORTED = {**{key: NOT_SUPPORTED for key in ("presence_penalty", "frequency_penalty", "logit_bias", "tools",
-                                                     "functions", "response_format")},
+                                                     "functions")},
                    "logprobs": "for chat completions; use /v1/completions with logprobs"}
     messages: Annotated[list[ChatMessage], Field(min_length=1)] = Field(description=MESSAGES)
 
@@ -224,6 +246,55 @@ def conversation_ids(messages: list[ChatMessage], allow_unknown: bool, tokenizer
         check_known(tokenizer, message.content, allow_unknown, "messages")
     ids, _ = template.encode([m.as_dict() for m in messages], tokenizer, add_generation_prompt=True)
     return ids
+
+
+def _response_format(value: dict) -> OutputFormat | None:
+    """OpenAI's response_format: text (no constraint), json_object, or json_schema with its schema."""
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return OutputFormat("json_object", param="response_format")
+    if kind != "json_schema":
+        raise ApiError(400, f"'response_format' type must be text, json_object or json_schema, got {_shown(kind)}",
+                       param="response_format")
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise ApiError(400, "'response_format' json_schema must be an object holding the JSON schema as an object "
+                            'under "schema": {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}',
+                       param="response_format")
+    name = spec.get("name")
+    if name is not None and not isinstance(name, str):
+        raise ApiError(400, f"'response_format' json_schema name must be a string, got {_shown(name)}",
+                       param="response_format")
+    return OutputFormat("json_schema", spec["schema"], param="response_format")
+
+
+def _structured_outputs(value: dict) -> OutputFormat:
+    """vLLM's structured_outputs: exactly one of json, regex, grammar, choice."""
+    given = {key: item for key, item in value.items() if item is not None}
+    unknown = [key for key in given if key not in STRUCTURED_KINDS]
+    if unknown:
+        raise ApiError(400, f"'structured_outputs' option {_shown(unknown[0])} is not supported by this server; it "
+                            f"takes one of {', '.join(STRUCTURED_KINDS)}", param="structured_outputs")
+    if len(given) != 1:
+        raise ApiError(400, f"'structured_outputs' must be {STRUCTURED_OUTPUTS}, exactly one",
+                       param="structured_outputs")
+    [(key, source)] = given.items()
+    if key == "json" and isinstance(source, str):  # vLLM also takes the schema as JSON text
+        try:
+            source = json.loads(source)
+        except ValueError:
+            raise ApiError(400, "'structured_outputs' json must be a JSON schema (an object, or its JSON text)",
+                           param="structured_outputs") from None
+    wanted = {"json": dict, "regex": str, "grammar": str, "choice": list}[key]
+    if not isinstance(source, wanted) or (key == "choice" and not (source and all(isinstance(c, str) and c
+                                                                                     for c in source))):
+        what = {"json": "a JSON schema object", "regex": "a string", "grammar": "a string",
+                "choice": "a non-empty list of non-empty strings"}[key]
+        raise ApiError(400, f"'structured_outputs' {key} must be {what}, got {_shown(source)}",
+                       param="structured_outputs")
+    return OutputFormat(STRUCTURED_KINDS[key], source, param="structured_outputs")
 
 
 def check_known(tokenizer: Tokenizer, text: str, allow_unknown: bool, param: str) -> None:

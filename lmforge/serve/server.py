@@ -18,6 +18,7 @@ from starlette.datastructures import Headers
 from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.infer.batched import BatchedEngine, GenerationEvent, GenerationRequest
+from lmforge.infer.constrained import CompiledFormat
 from lmforge.infer.sampling import SamplingParams
 from lmforge.serve.errors import ApiError
 from lmforge.serve.metrics import Metrics
@@ -107,15 +108,18 @@ class Server:
 
     def requests_for(self, prompts: list[list[int]], request: SamplingRequest, sampling: SamplingParams,
                      max_tokens: int, *, stop: list[str], logprobs: int | None = None,
-                     prompt_logprobs: bool = False) -> list[GenerationRequest]:
-        """One engine request per choice: each prompt n times (choice i of a seeded call draws with seed + i)."""
+                     prompt_logprobs: bool = False, output: CompiledFormat | None = None
+                     ) -> list[GenerationRequest]:
+        """One engine request per choice: each prompt n times (choice i of a seeded call draws with seed + i),
+        each choice in its own place in the `output` format when there is one."""
         requests = []
         for prompt in prompts:
             for copy in range(request.n):
                 requests.append(GenerationRequest(
                     prompt, max_tokens, emit=_unset, temperature=sampling.temperature, top_k=sampling.top_k,
                     top_p=sampling.top_p, seed=request.seed_of_choice(copy), stop=stop,
-                    stop_token=self.tokenizer.eot_id, logprobs=logprobs, prompt_logprobs=prompt_logprobs))
+                    stop_token=self.tokenizer.eot_id, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                    constraint=None if output is None else output.constraint()))
         return requests
 
     async def events(self, requests: list[GenerationRequest], arrived: float
