@@ -30,6 +30,7 @@ if typing.TYPE_CHECKING:  # the CLI imports torch only inside the commands that 
     from torch import nn
 
     from lmforge.data.tokenizer import Tokenizer
+    from lmforge.infer.constrained import GrammarConstraint
 
 def cmd_prepare(args: argparse.Namespace) -> None:
     from lmforge.data.prepare import prepare
@@ -72,6 +73,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
+    from lmforge.infer.constrained import compile_format, format_from_flags
     from lmforge.infer.decode import stream_text
     from lmforge.infer.generate import generate
     from lmforge.infer.load import load_run
@@ -87,28 +89,40 @@ def cmd_sample(args: argparse.Namespace) -> None:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8", errors="replace")
         except OSError as err:
             raise UserError(f"cannot read --prompt-file: {err}") from None
+    output_format = format_from_flags(args.json_schema, args.regex)
     loaded = load_run(args.run, device=args.device, engine=args.engine)
     model, tokenizer = loaded.model, loaded.tokenizer
     note_unknown("sample", tokenizer, tokenizer.check_known(prompt, allow_unknown=args.allow_unknown))
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
+    output = None if output_format is None else compile_format(tokenizer, output_format)
+    constraints = [None if output is None else output.constraint() for _ in range(args.num_samples)]
     # The batched engine keeps each row's whole context in its cache and cannot slide it as `generate` does:
     # samples longer than the context run one at a time.
     if (args.num_samples > 1 and args.engine == "torch"
             and len(prompt_ids) + args.max_new_tokens <= model.config.block_size):
-        print_batched_samples(model, tokenizer, prompt, prompt_ids, args)
+        print_batched_samples(model, tokenizer, prompt, prompt_ids, args, constraints)
         return
     generator = torch.Generator(device=loaded.device).manual_seed(args.seed)
-    for index in range(args.num_samples):
+    for index, constraint in enumerate(constraints):
         if args.num_samples > 1:
             print(f"--- sample {index + 1} ---")
         sys.stdout.write(prompt)
         tokens = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, generator=generator, stop_token=tokenizer.eot_id,
-                          use_cache=args.engine == "torch")
+                          use_cache=args.engine == "torch", constraint=constraint)
         for piece in stream_text(tokenizer, tokens):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        note_unfinished(index, constraint)
+
+
+def note_unfinished(index: int, constraint: GrammarConstraint | None) -> None:
+    """Say on stderr when --max-new-tokens (or the context) ended a constrained sample before its format did."""
+    if constraint is not None and not constraint.finished:
+        print(f"lmforge sample: note: sample {index + 1} reached --max-new-tokens before its "
+              f"{constraint.format.param} format was complete, so it does not match it; raise --max-new-tokens",
+              file=sys.stderr)
 
 
 def note_unknown(command: str, tokenizer: Tokenizer, allowed: list[str]) -> None:
@@ -121,7 +135,7 @@ def note_unknown(command: str, tokenizer: Tokenizer, allowed: list[str]) -> None
 
 
 def print_batched_samples(model: nn.Module, tokenizer: Tokenizer, prompt: str, prompt_ids: list[int],
-                          args: argparse.Namespace) -> None:
+                          args: argparse.Namespace, constraints: list[GrammarConstraint | None]) -> None:
     """All --num-samples in one batch on the batched engine (sample i seeded with --seed + i), each printed
     under its header once the batch is done."""
     from lmforge.infer.batched import generate_batch
@@ -129,18 +143,21 @@ def print_batched_samples(model: nn.Module, tokenizer: Tokenizer, prompt: str, p
     samples = generate_batch(model, tokenizer, [prompt_ids] * args.num_samples, args.max_new_tokens,
                              max_batch=args.num_samples, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, seeds=[args.seed + index for index in range(args.num_samples)],
-                             stop_token=tokenizer.eot_id)
+                             stop_token=tokenizer.eot_id, constraints=constraints)
     for index, sample in enumerate(samples):
         print(f"--- sample {index + 1} ---")
         sys.stdout.write(prompt + sample.text + "\n")
         sys.stdout.flush()
+        note_unfinished(index, constraints[index])
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
     from lmforge.infer.chat import chat
+    from lmforge.infer.constrained import format_from_flags
 
     chat(args.run, SamplingParams(args.temperature, args.top_k, args.top_p), max_new_tokens=args.max_new_tokens,
-         device=args.device, seed=args.seed, allow_unknown=args.allow_unknown)
+         device=args.device, seed=args.seed, allow_unknown=args.allow_unknown,
+         output_format=format_from_flags(args.json_schema, args.regex))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

@@ -13,7 +13,7 @@ from lmforge.errors import UserError
 
 # The importable name of each optional package, by the extra (pyproject.toml) that installs it.
 EXTRAS: dict[str, tuple[str, ...]] = {
-    "serve": ("fastapi", "uvicorn", "prometheus_client"),
+    "serve": ("fastapi", "uvicorn", "prometheus_client", "llguidance"),
     "tasks": ("peft", "sklearn", "sacrebleu"),
     "lab": ("optuna",),
 }

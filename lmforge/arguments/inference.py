@@ -25,6 +25,14 @@ RUN_HELP = "run directory or a checkpoint directory inside one"
 TOP_P_HELP = "sample among the most likely tokens that make up this probability, in (0, 1]"
 
 
+def add_output_format(parser: argparse.ArgumentParser) -> None:
+    """Structured outputs (lmforge/infer/constrained.py): every answer follows a JSON schema or a regex."""
+    parser.add_argument("--json-schema", metavar="FILE",
+                        help="answer with JSON that validates against the JSON schema in FILE (the 'serve' extra)")
+    parser.add_argument("--regex", metavar="PATTERN",
+                        help="answer with text that matches PATTERN in full (the 'serve' extra)")
+
+
 def add_sample(commands: Commands) -> argparse.ArgumentParser:
     p = commands.add_parser("sample", help="generate text from a trained run")
     p.add_argument("run", help=RUN_HELP)
@@ -38,6 +46,7 @@ def add_sample(commands: Commands) -> argparse.ArgumentParser:
                    help=f"samples to generate (at most {MAX_SAMPLES})")
     p.add_argument("--seed", type=SEED, default=1337)
     add_allow_unknown(p)
+    add_output_format(p)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--engine", choices=choices_of("train.engine"), default="torch",
                    help="scratch: the NumPy engine (CPU)")
@@ -53,6 +62,7 @@ def add_chat(commands: Commands) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=size_flag(MAX_NEW_TOKENS), default=256, help="longest reply, in tokens")
     p.add_argument("--seed", type=SEED, default=1337)
     add_allow_unknown(p)
+    add_output_format(p)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     return p
 

@@ -20,6 +20,7 @@ import torch
 from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import name_characters
 from lmforge.errors import UserError
+from lmforge.infer.constrained import CompiledFormat, OutputFormat, compile_format
 from lmforge.infer.decode import TextStream
 from lmforge.infer.generate import generate
 from lmforge.infer.load import load_run
@@ -49,13 +50,15 @@ def fit_history(messages: list[dict], template: ChatTemplate, tokenizer, budget:
 
 
 def stream_reply(model: torch.nn.Module, tokenizer, prompt_ids: list[int], stop_texts: list[str], out: TextIO,
-                 **sampling) -> tuple[str, str]:
+                 output: CompiledFormat | None = None, **sampling) -> tuple[str, str]:
     """Write the model's reply to `out` as it is generated (through a TextStream, which holds back what may
     still become a stop text or a multi-byte character); return (reply text, why it ended: "stop", "length" or
-    "interrupted")."""
-    stream = TextStream(tokenizer, stop_texts)
+    "interrupted"). A reply in an `output` format ends where the format does (never at a stop text, which could
+    be inside it)."""
+    stream = TextStream(tokenizer, stop_texts if output is None else [])
     reason = "length"
-    tokens = generate(model, prompt_ids, stop_token=tokenizer.eot_id, **sampling)
+    tokens = generate(model, prompt_ids, stop_token=tokenizer.eot_id,
+                      constraint=None if output is None else output.constraint(), **sampling)
     try:
         for token in tokens:
             piece = stream.add(token)
@@ -78,13 +81,16 @@ def stream_reply(model: torch.nn.Module, tokenizer, prompt_ids: list[int], stop_
 
 def chat(run: str | Path, sampling: SamplingParams = DEFAULT_SAMPLING, *, max_new_tokens: int = 256,
          device: str = "auto", seed: int = 1337, allow_unknown: bool = False,
-         read_line: Callable[[str], str] = input, out: TextIO = sys.stdout) -> None:
+         output_format: OutputFormat | None = None, read_line: Callable[[str], str] = input,
+         out: TextIO = sys.stdout) -> None:
     """Talk with a run's model until /quit or end of input. A message with characters the run's tokenizer
-    does not know is refused (the chat goes on) unless `allow_unknown` reads them as the unknown token."""
+    does not know is refused (the chat goes on) unless `allow_unknown` reads them as the unknown token. With an
+    `output_format` (--json-schema, --regex), every reply follows it."""
     if max_new_tokens <= 0:
         raise UserError("--max-new-tokens must be positive")
     loaded = load_run(run, device=device, chat_template=True)
     model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.chat_template
+    output = None if output_format is None else compile_format(tokenizer, output_format)
     stop_texts = template.stop_texts()
     block_size = loaded.config.model.block_size
     # Room for the reply: the whole of it when it fits in half the window, else half the window (the
@@ -142,7 +148,8 @@ def chat(run: str | Path, sampling: SamplingParams = DEFAULT_SAMPLING, *, max_ne
             out.write(f"(your message is longer than the {block_size}-token context; the model sees its end)\n")
         out.write(MODEL_PROMPT)
         out.flush()
-        reply, reason = stream_reply(model, tokenizer, prompt_ids, stop_texts, out, max_new_tokens=max_new_tokens,
+        reply, reason = stream_reply(model, tokenizer, prompt_ids, stop_texts, out, output,
+                                     max_new_tokens=max_new_tokens,
                                      temperature=sampling.temperature, top_k=sampling.top_k,
                                      top_p=sampling.top_p, generator=generator)
         out.write({"stop": "\n", "length": " [max tokens]\n", "interrupted": " [stopped]\n"}[reason])

@@ -23,6 +23,7 @@ import json
 import threading
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -30,6 +31,7 @@ import torch
 
 from lmforge.data.tokenizer import EOT_TEXT, BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
 from lmforge.errors import UserError
+from lmforge.inputs import refuse_special_file
 
 FormatKind = Literal["json_schema", "json_object", "regex", "grammar", "choice"]
 # Compact JSON: no whitespace between tokens. A small model given free whitespace can spend its whole budget on
@@ -113,6 +115,7 @@ class GrammarConstraint:
         self.eot_id = eot_id
         self.never = list(never)
         self.format = output_format
+        self.finished = False  # end-of-text was drawn: the answer is complete
 
     def allowed(self) -> np.ndarray:
         """A boolean per token of the tokenizer: may it come next? (llguidance offers a special token when no text
@@ -134,7 +137,9 @@ class GrammarConstraint:
 
     def accept(self, token: int) -> None:
         """Advance past the drawn token (one that `mask` allowed); end-of-text ends the answer."""
-        if token != self.eot_id and not self.matcher.consume_token(token):
+        if token == self.eot_id:
+            self.finished = True
+        elif not self.matcher.consume_token(token):
             raise RuntimeError(f"the {self.format.kind} constraint refused token {token}: "
                                f"{_one_line(self.matcher.get_error())}")
 
@@ -144,6 +149,26 @@ class GrammarConstraint:
             return f"the {self.format.kind} constraint failed: {_one_line(error)}"
         return (f"no token of the run's tokenizer can continue the {self.format.kind} format here (it needs "
                 "characters the vocabulary lacks)")
+
+
+def format_from_flags(json_schema: str | None, regex: str | None) -> OutputFormat | None:
+    """The format `sample` and `chat` were given: --json-schema FILE (read here) or --regex PATTERN, or None."""
+    if json_schema is not None and regex is not None:
+        raise UserError("give either --json-schema or --regex, not both")
+    if regex is not None:
+        return OutputFormat("regex", regex, param="--regex")
+    if json_schema is None:
+        return None
+    refuse_special_file(json_schema, "--json-schema")
+    try:
+        schema = json.loads(Path(json_schema).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--json-schema: no such file: {json_schema}") from None
+    except OSError as err:
+        raise UserError(f"--json-schema: cannot read {json_schema}: {err.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise UserError(f"--json-schema: {json_schema} is not JSON ({_one_line(str(err))})") from None
+    return OutputFormat("json_schema", schema, param="--json-schema")
 
 
 def compile_format(tokenizer: Tokenizer, output_format: OutputFormat) -> CompiledFormat:
