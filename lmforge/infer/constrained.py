@@ -20,6 +20,7 @@ makes one `GrammarConstraint` per answer. The llguidance view of a tokenizer is 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import weakref
 from dataclasses import dataclass
@@ -88,20 +89,17 @@ class OutputFormat:
 
 @dataclass(frozen=True)
 class CompiledFormat:
-    """A checked format for one tokenizer: `constraint()` makes the per-answer state."""
+    """A checked format for one tokenizer: `constraint()` makes the per-answer state, a copy of the matcher built
+    once (building one compiles the grammar, which can take a second for a large one; copying is cheap)."""
 
     format: OutputFormat
-    grammar: str
-    tokenizer: Any  # llguidance.LLTokenizer
+    matcher: Any  # llguidance.LLMatcher at the start of the format
+    vocab_size: int  # the tokenizer's
     eot_id: int
     never: tuple[int, ...]  # ids that are no text: never allowed
 
     def constraint(self) -> GrammarConstraint:
-        from llguidance import LLMatcher, LLParserLimits
-
-        # Short errors: the verbose ones hold the parser state and the whole grammar, many lines of it.
-        matcher = LLMatcher(self.tokenizer, self.grammar, log_level=0, limits=LLParserLimits(verbose_errors=False))
-        return GrammarConstraint(matcher, self.tokenizer.vocab_size, self.eot_id, self.never, self.format)
+        return GrammarConstraint(self.matcher.deep_copy(), self.vocab_size, self.eot_id, self.never, self.format)
 
 
 class GrammarConstraint:
@@ -175,16 +173,16 @@ def compile_format(tokenizer: Tokenizer, output_format: OutputFormat) -> Compile
     """The format as a checked grammar for this tokenizer: a FormatError naming the problem (an unsupported schema
     keyword by name, where a regex or a grammar fails to parse), or one whose first token no token of the
     tokenizer can write."""
-    from llguidance import LLMatcher
+    from llguidance import LLMatcher, LLParserLimits
 
     guidance = guidance_tokenizer(tokenizer)
-    grammar = output_format.grammar()
-    is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, guidance)
-    if is_error:
-        raise FormatError(f"{output_format._where()}: {_describe(output_format.kind, messages[0])}",
+    # Short errors: the verbose ones hold the parser state and the whole grammar, many lines of it.
+    matcher = LLMatcher(guidance, output_format.grammar(), log_level=0, limits=LLParserLimits(verbose_errors=False))
+    if matcher.is_error():
+        raise FormatError(f"{output_format._where()}: {_describe(output_format.kind, matcher.get_error())}",
                           output_format.param)
     never = (tokenizer.unknown_id,) if isinstance(tokenizer, CharTokenizer) else ()
-    compiled = CompiledFormat(output_format, grammar, guidance, tokenizer.eot_id, never)
+    compiled = CompiledFormat(output_format, matcher, guidance.vocab_size, tokenizer.eot_id, never)
     if not compiled.constraint().allowed().any():
         raise FormatError(f"{output_format._where()}: no token of the run's {tokenizer.kind} tokenizer can begin "
                           "this format (it needs characters the vocabulary lacks)", output_format.param)
@@ -244,6 +242,8 @@ def _describe(kind: FormatKind, message: str) -> str:
     message = _one_line(message)
     if kind in ("json_schema", "json_object") and message.startswith("Unimplemented keys"):
         return f"this server cannot enforce the schema keywords {message.split(':', 1)[1].strip()} (unsupported)"
+    if kind == "regex" and "regex parse error" in message:  # keep the parser's reason, not its excerpt
+        message = re.sub(r" \d+ \|.*$", "", message.split(" error: ")[-1])
     what = {"json_schema": "not a usable JSON schema", "json_object": "not a usable JSON schema",
             "regex": "the regex does not compile", "grammar": "the grammar does not parse",
             "choice": "the choices do not compile"}[kind]
