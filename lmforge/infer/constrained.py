@@ -7,9 +7,9 @@ the format is complete, so an answer that ends by itself always parses. An answe
 
 The grammar engine is llguidance (the `serve` extra): it takes an arbitrary vocabulary as the bytes of each
 token, so lmforge's character tokenizer works as well as byte-level BPE and GPT-2's tiktoken encoding, and it
-computes a mask in tens of microseconds without precompiling the grammar against the vocabulary. (xgrammar and
-outlines-core build their token tables from Hugging Face or tiktoken vocabularies and precompile each schema,
-which costs more per new schema; llguidance compiles JSON schemas, regexes and Lark grammars lazily.)
+builds its lexer lazily while decoding, so a new schema per request needs no pass over the vocabulary (xgrammar
+compiles each grammar against the vocabulary first; outlines-core builds a per-regex index over it and has no
+context-free grammars). docs/serve.md, "Structured outputs", says more.
 
 `OutputFormat` names what an answer must be; `compile_format` checks it against a run's tokenizer (a
 `FormatError` naming what is wrong, for a 400 or a command-line error) and returns a `CompiledFormat`, which
