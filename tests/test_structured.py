@@ -5,6 +5,7 @@ one-line error on the command line) while the server keeps serving."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import re
@@ -19,8 +20,9 @@ from openai import BadRequestError, OpenAI
 from serve_fixtures import LiveServer, ServeProcess, http
 
 from lmforge.config.load import dumps_config, load_config
-from lmforge.data.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
+from lmforge.data.tokenizer import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
 from lmforge.infer.batched import generate_batch
+from lmforge.infer.chat import MODEL_PROMPT, chat
 from lmforge.infer.constrained import FormatError, OutputFormat, compile_format
 from lmforge.infer.generate import generate
 from lmforge.infer.load import load_run
@@ -317,3 +319,49 @@ def test_sample_bad_formats_are_one_line_errors(capsys, char_run, tmp_path):
                           "does not compile")
     assert_one_line_error(*run_cli(capsys, "sample", char_run, "--regex", "a", "--json-schema", unsupported)[::2],
                           "not both")
+
+
+def test_chat_replies_follow_the_schema(char_run):
+    schema = SCHEMAS[3]
+    lines = iter(["Who are you?", "And now?"])
+
+    def read_or_end(prompt: str) -> str:  # two turns, then end of input
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    chat(char_run, max_new_tokens=200, device="cpu", read_line=read_or_end, out=out,
+         output_format=OutputFormat("json_schema", schema, param="--json-schema"))
+    replies = [line.removeprefix(MODEL_PROMPT) for line in out.getvalue().splitlines()
+               if line.startswith(MODEL_PROMPT)]
+    assert len(replies) == 2
+    for reply in replies:
+        jsonschema.validate(json.loads(reply), schema)
+
+
+def test_a_tiktoken_vocabulary_is_constrained_too():
+    """The GPT-2 kind goes through llguidance's tiktoken reader; tiktoken's GPT-2 files need a download, so a small
+    byte-level encoding of the same kind stands in for them."""
+    import tiktoken
+
+    ranks = {bytes([byte]): byte for byte in range(256)}
+    for merged in (b"ab", b"abc", b"12", b'{"'):
+        ranks[merged] = len(ranks)
+    encoding = tiktoken.Encoding("tiny", pat_str=r"\S+|\s+", mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": len(ranks)})
+    tokenizer = object.__new__(GPT2Tokenizer)
+    tokenizer.encoding, tokenizer.vocab_size, tokenizer.eot_id = encoding, encoding.n_vocab, encoding.eot_token
+    output = compile_format(tokenizer, OutputFormat("regex", r"(abc|12){2,3}-[a-c]"))
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        constraint, tokens = output.constraint(), []
+        while True:
+            logits = constraint.mask(torch.randn(tokenizer.vocab_size, generator=generator))
+            token = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+            constraint.accept(token)
+            if token == tokenizer.eot_id:
+                break
+            tokens.append(token)
+        assert re.fullmatch(r"(abc|12){2,3}-[a-c]", tokenizer.decode(tokens))
