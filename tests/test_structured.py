@@ -365,3 +365,15 @@ def test_a_tiktoken_vocabulary_is_constrained_too():
                 break
             tokens.append(token)
         assert re.fullmatch(r"(abc|12){2,3}-[a-c]", tokenizer.decode(tokens))
+
+
+def test_an_answer_the_vocabulary_cannot_finish_fails_by_name(tmp_path):
+    """The format can begin ('"') but its one value needs a 'z' this char tokenizer lacks: the answer fails with an
+    error naming why (the server's 500, the command line's one line), never an answer outside the format."""
+    loaded = load_run(make_random_run(tmp_path / "few-chars", CharTokenizer('"ab{}:')))
+    output = compile_format(loaded.tokenizer, OutputFormat("json_schema", {"enum": ["az"]}, param="response_format"))
+    with pytest.raises(RuntimeError, match="response_format: no token of the run's tokenizer can continue"):
+        generate_batch(loaded.model, loaded.tokenizer, [[0]], 10, stop_token=loaded.tokenizer.eot_id,
+                       constraints=[output.constraint()])
+    with pytest.raises(FormatError, match="the format needs characters the vocabulary lacks"):
+        list(generate(loaded.model, [0], 10, constraint=output.constraint()))

@@ -130,7 +130,7 @@ class GrammarConstraint:
         known = min(logits.numel(), self.vocab_size)
         allowed[:known] = self.allowed()[:known]
         if not allowed.any():
-            raise RuntimeError(self._stuck())
+            raise FormatError(self._stuck(), self.format.param)
         return logits.masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
 
     def accept(self, token: int) -> None:
@@ -144,9 +144,9 @@ class GrammarConstraint:
     def _stuck(self) -> str:
         error = self.matcher.get_error()
         if error:
-            return f"the {self.format.kind} constraint failed: {_one_line(error)}"
-        return (f"no token of the run's tokenizer can continue the {self.format.kind} format here (it needs "
-                "characters the vocabulary lacks)")
+            return f"{self.format._where()}: the constraint failed: {_one_line(error)}"
+        return (f"{self.format._where()}: no token of the run's tokenizer can continue the answer here (the format "
+                "needs characters the vocabulary lacks)")
 
 
 def format_from_flags(json_schema: str | None, regex: str | None) -> OutputFormat | None:
