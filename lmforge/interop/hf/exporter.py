@@ -39,9 +39,10 @@ def hf_config(config: ModelConfig, architecture: Architecture, eot_id: int, dtyp
                 "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": mlp_hidden_size(config),
                 "activation_function": "gelu_new", "layer_norm_epsilon": norm_eps(config), "resid_pdrop": 0.0,
                 "embd_pdrop": 0.0, "attn_pdrop": 0.0, **common}
-    # Qwen3's q_norm and k_norm take rms_norm_eps too, where lmforge's QK-norm uses the dtype's epsilon
-    # (F.rms_norm's eps=None: 1.2e-7 in fp32): a relative change of about (norm_eps - 1.2e-7) / (2 * mean
-    # square of a head's query or key), under 1e-5 for heads of mean square above 0.05 at the default 1e-6.
+    # Qwen3's q_norm and k_norm take rms_norm_eps too, where lmforge's QK-norm adds the dtype's epsilon
+    # (F.rms_norm's eps=None: 1.2e-7 in fp32): each query and key changes by about (norm_eps - 1.2e-7) / (2 *
+    # its mean square). Largest at lmforge's init (mean square about 0.012): logits then differ by about 7e-6
+    # at the default norm_eps = 1e-6, and 9e-5 at 1e-5 (tests/test_export_hf.py measures the first).
     return {"hidden_size": config.n_embd, "intermediate_size": mlp_hidden_size(config),
             "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
             "num_key_value_heads": config.n_kv_head or config.n_head, "head_dim": config.n_embd // config.n_head,
