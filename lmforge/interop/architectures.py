@@ -16,7 +16,7 @@ from lmforge.config.load import load_config
 from lmforge.config.sections import ModelConfig
 from lmforge.errors import UserError
 from lmforge.run.checkpoints import resolve_checkpoint
-from lmforge.run.directory import read_config
+from lmforge.run.directory import CONFIG_FILE, read_config
 
 FORMATS = ("hf", "gguf")
 
@@ -108,7 +108,14 @@ def check_export(path: str | Path) -> dict[str, str]:
     """`export --check`: `export_report` for the model of a config TOML, or of a run (or a checkpoint inside
     one), before training it or before exporting it."""
     path = Path(path)
-    config = read_config(resolve_checkpoint(path)[0]) if path.is_dir() else load_config(path)
+    if not path.exists():
+        raise UserError(f"{path} not found: export --check takes a config TOML, a run or a checkpoint in one")
+    if (path / CONFIG_FILE).is_file():  # a run, checkpoints or not yet
+        config = read_config(path)
+    elif path.is_dir():
+        config = read_config(resolve_checkpoint(path)[0])
+    else:
+        config = load_config(path)
     if config.finetune is not None and config.finetune.labels:  # the fine-tuned model builder's own rule
         return {fmt: "refused: a classify run predicts labels (its head is a classifier over finetune.labels), "
                      "not next tokens; no language-model architecture holds it" for fmt in FORMATS}
