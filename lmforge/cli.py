@@ -60,6 +60,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not config_path.is_file():
             raise UserError(f"no run to resume in {args.out} (it has no {CONFIG_FILE})")
     config = load_config(config_path, args.overrides)
+    if args.check_export:
+        from lmforge.interop.architectures import export_report
+
+        for fmt, verdict in export_report(config.model).items():
+            print(f"export --format {fmt}: {verdict}")
     if config.finetune is not None:
         if args.init_from is None or any(canonical_key(key).startswith("finetune.") for key in args.overrides):
             raise UserError("[finetune] settings (--finetune.KEY, --lora.KEY) are for lmforge finetune, not train")
@@ -263,6 +268,11 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    if args.check:
+        print_export_check(args)
+        return
+    if args.format is None or args.out is None:
+        raise UserError("export needs --format and --out (or --check, to see which formats the model exports to)")
     if args.format == "hf":
         from lmforge.interop.hf import export_hf
 
@@ -272,6 +282,19 @@ def cmd_export(args: argparse.Namespace) -> None:
 
         model_file, tokenizer_file = export_llmc(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite)
         print(f"wrote {model_file} and {tokenizer_file}")
+
+
+def print_export_check(args: argparse.Namespace) -> None:
+    """export --check: one line per format (only --format's, if given), the architecture or the refusal."""
+    from lmforge.interop.architectures import FORMATS, check_export
+
+    if args.out is not None:
+        raise UserError("export --check writes nothing; drop --out (or drop --check to export)")
+    if args.format is not None and args.format not in FORMATS:
+        raise UserError(f"export --check covers {' and '.join(FORMATS)}, not --format {args.format}")
+    for fmt, verdict in check_export(args.run).items():
+        if args.format in (None, fmt):
+            print(f"{fmt}: {verdict}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

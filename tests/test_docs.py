@@ -201,7 +201,7 @@ def test_refused_commands_are_told_apart():
     """The check can fail: a misspelt key, an unknown flag and a missing argument are all caught."""
     assert "optim.lr" in parse_problem(("train", "--data", "D", "--out", "R", "--optim.lrr", "3e-3"))
     assert parse_problem(("sample", "RUN", "--tempreature", "0.5")) is not None
-    assert parse_problem(("export", "RUN", "--out", "hf")) is not None  # --format is required
+    assert parse_problem(("import", "gpt2")) is not None  # --out is required
     assert parse_problem(("train", "--config", "configs/no-such-preset.toml", "--data", "D", "--out", "R"))
     assert parse_problem(("sample", "RUN", "--temperature", "0.5")) is None
 

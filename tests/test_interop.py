@@ -1,4 +1,5 @@
-"""Interoperability: Hugging Face GPT-2 and Llama in and out, llm.c's model and tokenizer files, and training
+"""Interoperability: Hugging Face GPT-2 and Llama in and out (every exported architecture against transformers:
+test_export_hf.py), llm.c's model and tokenizer files, and training
 from imported weights on llm.c shards made elsewhere. Tiny random models built here; nothing downloaded."""
 
 from __future__ import annotations
@@ -122,27 +123,6 @@ def native_run(root: Path, model_config: ModelConfig, tokenizer) -> Path:
         if model.lm_head is not None:
             model.lm_head.weight[model_config.vocab_size :] = 0
     return write_run(root, model_config, tokenizer.to_dict(), model.state_dict(), origin="test")
-
-
-@pytest.mark.parametrize("style", ["gpt2", "gpt2-untied", "llama"])
-def test_export_native_model_matches_transformers(style, tmp_path, capsys):
-    tokenizer = CharTokenizer("\n !,.?abcdefghijklmnopqrstuvwxyzéï")
-    options = dict(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=4, n_embd=32,
-                   tie_embeddings=style != "gpt2-untied")
-    if style == "llama":
-        options.update(position="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, tie_embeddings=False,
-                       bias=False, rope_theta=1000.0)
-    run = native_run(tmp_path / "run", ModelConfig(**options), tokenizer)
-    code, _, err = run_cli(capsys, "export", run, "--format", "hf", "--out", tmp_path / "hf")
-    assert code == 0, err
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    ours = load_run(run).model
-    tokens = torch.tensor([tokenizer.encode(TEXT)[:32]])
-    with torch.no_grad():
-        torch.testing.assert_close(hf(tokens).logits, ours(tokens)[0])
-    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")  # char kind: one id per character
-    assert hf_tokenizer.encode(TEXT) == tokenizer.encode(TEXT)
-    assert hf_tokenizer.decode(tokenizer.encode(TEXT)) == TEXT
 
 
 @pytest.fixture(scope="module")

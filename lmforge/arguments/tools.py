@@ -29,10 +29,14 @@ def add_import(commands: Commands) -> argparse.ArgumentParser:
 
 def add_export(commands: Commands) -> argparse.ArgumentParser:
     p = commands.add_parser("export", help="write a run's model for Hugging Face transformers or llm.c")
-    p.add_argument("run", help="run directory or a checkpoint directory inside one")
-    p.add_argument("--format", required=True, choices=("hf", "llmc"))
-    p.add_argument("--out", required=True, help="hf: a directory; llmc: the model file (its tokenizer file "
-                                                "goes beside it as NAME_tokenizer.bin)")
+    p.add_argument("run", help="run directory or a checkpoint directory inside one (with --check: also a "
+                               "config TOML)")
+    p.add_argument("--format", choices=("hf", "llmc"), help="required unless --check")
+    p.add_argument("--out", help="hf: a directory; llmc: the model file (its tokenizer file goes beside it as "
+                                 "NAME_tokenizer.bin); required unless --check")
+    p.add_argument("--check", action="store_true",
+                   help="write nothing: print, per format (hf, gguf), the architecture the model exports to or "
+                        "why it cannot")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p

@@ -55,6 +55,9 @@ def add_train(commands: Commands) -> argparse.ArgumentParser:
     add_config_flag(p, "--parallel", "train.parallel",
                     help="sets train.parallel, under torchrun: ddp (default) or fsdp (shards parameters and "
                          "optimizer state)")
+    p.add_argument("--check-export", action="store_true",
+                   help="first print, per export format (hf, gguf), the architecture the model will export to "
+                        "or why it cannot (as export --check does)")
     p.add_argument("--quiet", action="store_true")
     return p
 

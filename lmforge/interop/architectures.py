@@ -10,9 +10,13 @@ by one line naming the option(s) in the way and the nearest exportable choice.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from lmforge.config.load import load_config
 from lmforge.config.sections import ModelConfig
 from lmforge.errors import UserError
+from lmforge.run.checkpoints import resolve_checkpoint
+from lmforge.run.directory import CONFIG_FILE, read_config
 
 FORMATS = ("hf", "gguf")
 
@@ -98,3 +102,21 @@ def export_report(config: ModelConfig) -> dict[str, str]:
             continue
         report[fmt] = architecture.hf_class if fmt == "hf" else f"llama.cpp '{architecture.name}'"
     return report
+
+
+def check_export(path: str | Path) -> dict[str, str]:
+    """`export --check`: `export_report` for the model of a config TOML, or of a run (or a checkpoint inside
+    one), before training it or before exporting it."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} not found: export --check takes a config TOML, a run or a checkpoint in one")
+    if (path / CONFIG_FILE).is_file():  # a run, checkpoints or not yet
+        config = read_config(path)
+    elif path.is_dir():
+        config = read_config(resolve_checkpoint(path)[0])
+    else:
+        config = load_config(path)
+    if config.finetune is not None and config.finetune.labels:  # the fine-tuned model builder's own rule
+        return {fmt: "refused: a classify run predicts labels (its head is a classifier over finetune.labels), "
+                     "not next tokens; no language-model architecture holds it" for fmt in FORMATS}
+    return export_report(config.model)
