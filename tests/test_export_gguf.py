@@ -32,7 +32,8 @@ ARCHITECTURES = {
 
 
 def corpus_texts() -> list[str]:
-    return [TEXT, "the cat sat on the mat. It's 3 o'clock, déjà vu — café.\n" * 3, "ROMEO: what light?\n" * 4]
+    return [TEXT, "the cat sat on the mat. It's 3 o'clock, déjà vu — café.\n" * 3, "ROMEO: what light?\n" * 4,
+            "SYSTEM: USER: ASSISTANT:"]  # the chat template's markers, for the fine-tuning tests
 
 
 def char_tokenizer() -> CharTokenizer:
@@ -296,3 +297,41 @@ def test_a_full_disk_leaves_no_partial_file(tmp_path):
                              file_size_limit=20_000)
     assert_one_line_error(code, err, "m.gguf")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
+
+
+def finetune(base: Path, out: Path, task: str, records: list[dict], *flags: str) -> Path:
+    import json
+
+    from lmforge.cli import main
+
+    data = out.parent / f"{task}-data"
+    data.mkdir()
+    for split in ("train", "val"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+    assert main(["finetune", str(base), "--task", task, "--data", str(data), "--out", str(out), "--max-steps", "3",
+                 "--train.eval_every", "3", "--train.device", "cpu", "--quiet", *flags]) == 0
+    return out
+
+
+def test_a_lora_run_exports_merged(tmp_path, capsys):
+    """A LoRA run's GGUF is the base with the adapters merged in: llama.cpp computes the fine-tuned logits, not
+    the base's; its Modelfile carries the run's chat template."""
+    tokenizer = char_tokenizer()
+    base = make_run(tmp_path / "base", "arcee", tokenizer)
+    records = [{"prompt": "what light?", "response": "café"}, {"prompt": "ROMEO:", "response": "soft"}] * 4
+    run = finetune(base, tmp_path / "lora", "sft", records, "--method", "lora", "--optim.lr", "0.05")
+    export(capsys, run, tmp_path / "m.gguf", "--ollama")
+    ids = tokenizer.encode(TEXT)[:24]
+    tuned = lmforge_logits(run, ids)
+    assert np.abs(tuned - lmforge_logits(base, ids)).max() > 1e-2  # the adapters changed the model
+    np.testing.assert_allclose(llama_logits(llama(tmp_path / "m.gguf", logits_all=True), ids), tuned, atol=1e-3,
+                               rtol=0)
+
+
+def test_a_classify_run_is_refused_naming_why(tmp_path, capsys):
+    base = make_run(tmp_path / "base", "arcee", char_tokenizer())
+    records = [{"text": "the cat sat", "label": "cat"}, {"text": "the dog sat", "label": "dog"}] * 3
+    run = finetune(base, tmp_path / "classify", "classify", records)
+    code, _, err = run_cli(capsys, "export", run, "--format", "gguf", "--out", tmp_path / "m.gguf")
+    assert_one_line_error(code, err, "classify", "not next tokens")
+    assert not (tmp_path / "m.gguf").exists()
