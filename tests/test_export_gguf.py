@@ -33,7 +33,8 @@ ARCHITECTURES = {
 
 def corpus_texts() -> list[str]:
     return [TEXT, "the cat sat on the mat. It's 3 o'clock, déjà vu — café.\n" * 3, "ROMEO: what light?\n" * 4,
-            "SYSTEM: USER: ASSISTANT:"]  # the chat template's markers, for the fine-tuning tests
+            "SYSTEM: USER: ASSISTANT:",  # the chat template's markers, for the fine-tuning tests
+            "<|endoftext|>\t\r\n the quick brown fox jumps over the lazy dog 0123456789"]
 
 
 def char_tokenizer() -> CharTokenizer:
@@ -50,7 +51,7 @@ def gpt2_tokenizer(monkeypatch) -> GPT2Tokenizer:
     import tiktoken
 
     ranks = {bytes([byte]): byte for byte in range(256)}
-    for token in (b"th", b"the", b" t", b" the", b"at", b" c", b" cat", b"ca", b"ig", b"ight", b"igh", b" l",
+    for token in (b"th", b"the", b" t", b" the", b"at", b" c", b" cat", b"ca", b"ig", b"igh", b"ight", b" l",
                   b"\xc3\xa9", b"caf", b"caf\xc3\xa9", b"'s", b"  ", b"\n\n"):
         ranks[token] = len(ranks)
     encoding = tiktoken.Encoding("gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
@@ -137,8 +138,9 @@ def test_llama_cpp_tokenizes_as_lmforge(kind, tmp_path, capsys, monkeypatch):
     run = make_run(tmp_path / "run", "arcee", tokenizer)
     export(capsys, run, tmp_path / "m.gguf")
     model = llama(tmp_path / "m.gguf", vocab_only=True)
-    texts = [TEXT, "<|endoftext|> is text here", "a  b   c\t\td\r\n", " café", "'s 's's", "12345 x", "é"]
+    texts = [TEXT, "<|endoftext|> is text, here", "a  b   c\t\td\r\n", " café", "'s 's's", "1234 x", "é"]
     for text in texts:
+        assert not tokenizer.unknown_characters(text)
         expected = tokenizer.encode(text)
         assert model.tokenize(text.encode(), add_bos=False, special=False) == expected, text
         assert model.detokenize(expected).decode() == tokenizer.decode(expected), text
