@@ -4,6 +4,8 @@ bad input is one line and leaves nothing behind."""
 
 from __future__ import annotations
 
+import errno
+import os
 import re
 from pathlib import Path
 
@@ -240,6 +242,7 @@ def test_ollama_modelfile_holds_the_chat_template(tmp_path, capsys):
     assert "USER:\n{{ .Content }}\n\n" in template and template.endswith("ASSISTANT:\n")
     assert "{{ .Content }}<|endoftext|>\n\n" in template  # an assistant turn ends with end-of-text
     assert 'PARAMETER stop """<|endoftext|>"""' in modelfile and 'PARAMETER stop """\n\nUSER:\n"""' in modelfile
+    assert "\nPARAMETER num_ctx 64\n" in modelfile and "\nPARAMETER repeat_penalty 1\n" in modelfile
     export(capsys, run, tmp_path / "out" / "n.gguf")
     assert (tmp_path / "out" / "Modelfile").read_text() == modelfile  # written only on request
 
@@ -314,10 +317,10 @@ def test_a_corrupt_checkpoint_is_one_line(tmp_path, capsys):
 
 def test_a_full_disk_leaves_no_partial_file(tmp_path):
     run = make_run(tmp_path / "run", "arcee", char_tokenizer())
-    code, _, err = child_cli("export", run, "--format", "gguf", "--out", tmp_path / "m.gguf", "--ollama",
+    code, _, err = child_cli("export", run, "--format", "gguf", "--out", tmp_path / "new" / "m.gguf", "--ollama",
                              file_size_limit=20_000)
-    assert_one_line_error(code, err, "m.gguf")
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]
+    assert_one_line_error(code, err, "m.gguf", os.strerror(errno.EFBIG), "it needs")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]  # nor the directory it made
 
 
 def finetune(base: Path, out: Path, task: str, records: list[dict], *flags: str) -> Path:

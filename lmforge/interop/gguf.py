@@ -31,7 +31,7 @@ from lmforge.config.sections import ModelConfig
 from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
-from lmforge.files import check_output, move_into_place, writing
+from lmforge.files import check_output, move_into_place, removing_new_parents, writing
 from lmforge.infer.load import load_run
 from lmforge.interop.architectures import Architecture, architecture_for
 from lmforge.interop.gguf_vocab import PRE_TOKENIZER, gguf_vocab
@@ -178,7 +178,8 @@ def modelfile_text(gguf_name: str, template: ChatTemplate, eot_text: str, block_
              f'TEMPLATE """{{{{- range .Messages }}}}{turns}{{{{ end }}}}{{{{ end }}}}{markers["assistant"]}"""',
              *(f'PARAMETER stop """{stop}"""' for stop in stops),
              f"PARAMETER num_ctx {block_size}",
-             "PARAMETER temperature 0.8"]
+             "# lmforge sample's defaults: temperature 0.8, no top-k, top-p or repetition penalty (Ollama's are on)",
+             "PARAMETER temperature 0.8", "PARAMETER top_k 0", "PARAMETER top_p 1", "PARAMETER repeat_penalty 1"]
     return "\n".join(lines) + "\n"
 
 
@@ -212,10 +213,11 @@ def export_gguf(run: str | Path, out: str | Path, *, dtype: str = "f32", ollama:
                         "llama.cpp needs one token per row: cannot export to gguf")
     writer = gguf_writer(config, architecture, tokenizer, dtype, loaded.run_dir.name)
     weights = {name: tensor.detach().cpu() for name, tensor in loaded.model.state_dict().items()}
-    kept_f32 = []
+    kept_f32, arrays = [], []
     for name, tensor in gguf_tensors(config, architecture, weights).items():
         array, quantization, kept = stored(tensor, dtype)
         writer.add_tensor(name, array, raw_dtype=quantization)
+        arrays.append(np.ascontiguousarray(array))
         if kept:
             kept_f32.append(name)
     contents = {}
@@ -223,17 +225,31 @@ def export_gguf(run: str | Path, out: str | Path, *, dtype: str = "f32", ollama:
         contents[modelfile] = modelfile_text(out.name, loaded.chat_template, getattr(tokenizer, "eot_text", None)
                                              or "<|endoftext|>", config.block_size)
     temporaries = {path: path.with_name(f".{path.name}.tmp") for path in (out, *contents)}
-    with writing(out, *temporaries.values(), needed=sum(info.nbytes for info in writer.tensors[0].values())):
+    with removing_new_parents(out.parent), writing(out, *temporaries.values(),
+                                                   needed=sum(array.nbytes for array in arrays)):
         out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            writer.write_header_to_file(temporaries[out])
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        finally:
-            writer.close()
+        write_gguf(writer, arrays, temporaries[out])
         for path, text in contents.items():
             temporaries[path].write_text(text, encoding="utf-8")
-    for path, temporary in temporaries.items():
-        with writing(path, *temporaries.values()):
-            move_into_place(temporary, path)
+        for path, temporary in temporaries.items():
+            with writing(path, *temporaries.values()):
+                move_into_place(temporary, path)
     return GGUFExport(out, modelfile, kept_f32)
+
+
+def write_gguf(writer, arrays: list[np.ndarray], path: Path) -> None:
+    """The writer's header, metadata and tensor table, then the tensors' data (`arrays`, in the order they were
+    added), each at the file's alignment. The data is written here with file.write rather than by the writer
+    (numpy's tofile), whose failure on a full disk carries no error number for the one-line message."""
+    try:
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+    finally:
+        writer.close()
+    alignment = writer.data_alignment
+    with open(path, "ab") as file:
+        for array in [None, *arrays]:
+            if array is not None:
+                file.write(array.data)
+            file.write(bytes(-file.tell() % alignment))
