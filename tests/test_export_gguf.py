@@ -163,6 +163,11 @@ def test_llama_cpp_tokenizes_as_lmforge(kind, tmp_path, capsys, monkeypatch):
         assert model.detokenize(expected).decode() == tokenizer.decode(expected), text
     if kind != "char":  # byte-level tokenizers merge: the check is not only one token per character
         assert len(tokenizer.encode(TEXT)) < len(TEXT)
+    else:  # U+FFFD is the unknown id's token in both; another unknown character is dropped by llama.cpp (as the
+        # docs say), where lmforge, when allowed, reads it as the unknown id
+        assert model.tokenize("a\ufffdb".encode(), add_bos=False) == tokenizer.encode("a\ufffdb")
+        assert tokenizer.encode("a\ufffdb")[1] == tokenizer.unknown_id
+        assert model.tokenize("aΩb".encode(), add_bos=False) == tokenizer.encode("ab")
     assert model.token_eos() == model.token_bos() == tokenizer.eot_id
 
 
