@@ -29,7 +29,7 @@ import torch
 
 from lmforge.config.sections import ModelConfig
 from lmforge.data.template import ChatTemplate
-from lmforge.data.tokenizer import Tokenizer
+from lmforge.data.tokenizer import EOT_TEXT, Tokenizer
 from lmforge.errors import UserError
 from lmforge.files import check_output, move_into_place, removing_new_parents, writing
 from lmforge.infer.load import load_run
@@ -222,8 +222,8 @@ def export_gguf(run: str | Path, out: str | Path, *, dtype: str = "f32", ollama:
             kept_f32.append(name)
     contents = {}
     if modelfile is not None:
-        contents[modelfile] = modelfile_text(out.name, loaded.chat_template, getattr(tokenizer, "eot_text", None)
-                                             or "<|endoftext|>", config.block_size)
+        contents[modelfile] = modelfile_text(out.name, loaded.chat_template, getattr(tokenizer, "eot_text", EOT_TEXT),
+                                             config.block_size)
     temporaries = {path: path.with_name(f".{path.name}.tmp") for path in (out, *contents)}
     with removing_new_parents(out.parent), writing(out, *temporaries.values(),
                                                    needed=sum(array.nbytes for array in arrays)):
@@ -247,9 +247,8 @@ def write_gguf(writer, arrays: list[np.ndarray], path: Path) -> None:
         writer.write_ti_data_to_file()
     finally:
         writer.close()
-    alignment = writer.data_alignment
     with open(path, "ab") as file:
-        for array in [None, *arrays]:
-            if array is not None:
-                file.write(array.data)
-            file.write(bytes(-file.tell() % alignment))
+        file.write(bytes(-file.tell() % writer.data_alignment))  # the data section starts aligned
+        for array in arrays:
+            file.write(array.data)
+            file.write(bytes(-file.tell() % writer.data_alignment))
