@@ -4,6 +4,9 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LLAMA_CPP_SPEC ?= llama-cpp-python[server]==0.3.36
+LLAMA_CPP_STAMP := $(VENV)/.llama-cpp
+LLAMA_CPP_LOG := $(VENV)/llama-cpp-build.log
 DEMO_DATA ?= data/shakespeare-char
 DEMO_RUN ?= runs/shakespeare-char
 DEMO_TIME ?= 100
@@ -25,6 +28,20 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# llama.cpp through llama-cpp-python, compiled from source once per venv (cmake and a C++ compiler; minutes):
+# the GGUF export tests load their files in it. A failed build is remembered in the stamp, its output kept in
+# $(LLAMA_CPP_LOG), and those tests skip saying so (delete the stamp to try again). In CI
+# (LMFORGE_REQUIRE_LLAMA_CPP=1) a failed build fails here.
+$(LLAMA_CPP_STAMP): $(STAMP)
+	@echo "building $(LLAMA_CPP_SPEC) (once per venv; output in $(LLAMA_CPP_LOG))"
+	@if $(BIN)/python -m pip install "$(LLAMA_CPP_SPEC)" > $(LLAMA_CPP_LOG) 2>&1; then \
+		echo built > $@; \
+	elif [ -n "$$LMFORGE_REQUIRE_LLAMA_CPP" ]; then \
+		tail -n 30 $(LLAMA_CPP_LOG); echo "llama-cpp-python failed to build (see $(LLAMA_CPP_LOG))" >&2; exit 1; \
+	else \
+		echo failed > $@; echo "llama-cpp-python failed to build (see $(LLAMA_CPP_LOG)); its tests will skip" >&2; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/lmforge prepare --source shakespeare --tokenizer char --val-fraction 0.1 --out $(DEMO_DATA) --overwrite
@@ -53,7 +70,7 @@ learn-figures: $(STAMP)
 tasks: $(STAMP)
 	$(BIN)/python benchmarks/finetune.py --pretrain-seconds $(TASKS_PRETRAIN) --finetune-seconds $(TASKS_FINETUNE) --work $(TASKS_WORK)
 
-test: $(STAMP)
+test: $(STAMP) $(LLAMA_CPP_STAMP)
 	$(BIN)/python -m pytest
 
 # Rewrite tests/golden/losses.json from fresh runs. Only on purpose, when a change is meant to move the

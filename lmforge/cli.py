@@ -273,14 +273,19 @@ def cmd_export(args: argparse.Namespace) -> None:
         return
     if args.format is None or args.out is None:
         raise UserError("export needs --format and --out (or --check, to see which formats the model exports to)")
-    if args.format == "hf":
+    if args.ollama and args.format != "gguf":
+        raise UserError(f"--ollama writes a Modelfile for a GGUF file; it needs --format gguf, not {args.format}")
+    if args.format == "gguf":
+        print_gguf_export(args)
+    elif args.format == "hf":
         from lmforge.interop.hf import export_hf
 
-        print(f"wrote {export_hf(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite)}")
+        print(f"wrote {export_hf(args.run, args.out, dtype=args.dtype or 'fp32', overwrite=args.overwrite)}")
     else:
         from lmforge.interop.llmc import export_llmc
 
-        model_file, tokenizer_file = export_llmc(args.run, args.out, dtype=args.dtype, overwrite=args.overwrite)
+        model_file, tokenizer_file = export_llmc(args.run, args.out, dtype=args.dtype or "fp32",
+                                                 overwrite=args.overwrite)
         print(f"wrote {model_file} and {tokenizer_file}")
 
 
@@ -295,6 +300,18 @@ def print_export_check(args: argparse.Namespace) -> None:
     for fmt, verdict in check_export(args.run).items():
         if args.format in (None, fmt):
             print(f"{fmt}: {verdict}")
+
+
+def print_gguf_export(args: argparse.Namespace) -> None:
+    from lmforge.extras import require_extra
+
+    require_extra("gguf")
+    from lmforge.interop.gguf import export_gguf
+
+    done = export_gguf(args.run, args.out, dtype=args.dtype or "f32", ollama=args.ollama, overwrite=args.overwrite)
+    print(f"wrote {done.path}" + (f" and {done.modelfile}" if done.modelfile else ""))
+    if done.kept_f32:
+        print(f"kept in f32 (rows not a multiple of 32, Q8_0's block): {', '.join(done.kept_f32)}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:

@@ -16,6 +16,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "serve": ("fastapi", "uvicorn", "prometheus_client", "llguidance"),
     "tasks": ("peft", "sklearn", "sacrebleu"),
     "lab": ("optuna",),
+    "gguf": ("gguf",),
 }
 
 

@@ -207,3 +207,18 @@ def prepare_and_train(root: Path, corpus: Path, *train_flags: str) -> SimpleName
     assert main(["train", "--config", str(config), "--data", str(data), "--out", str(run), "--quiet",
                  *train_flags]) == 0
     return SimpleNamespace(root=root, config=config, data=data, run=run, corpus=corpus)
+
+
+def require_llama_cpp():
+    """The llama_cpp module (llama-cpp-python), or the test skips with one line saying why. `make test` builds it
+    once per venv; where the build failed its log says why. In CI (LMFORGE_REQUIRE_LLAMA_CPP set) it must be
+    there: the test fails instead of skipping."""
+    try:
+        import llama_cpp
+    except Exception as err:  # not installed, or its compiled library fails to load
+        reason = (f"llama-cpp-python is not importable ({type(err).__name__}: {err}); `make test` builds it "
+                  "(see .venv/llama-cpp-build.log)")
+        if os.environ.get("LMFORGE_REQUIRE_LLAMA_CPP"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return llama_cpp

@@ -34,6 +34,7 @@ def cli_without(packages: list[str], *argv: object) -> tuple[int, str, str]:
     ("serve", ["serve", "{root}/run", "--port", "0"]),
     ("tasks", ["finetune", "{root}/run", "--task", "classify", "--data", "{root}/task", "--out", "{root}/out"]),
     ("lab", ["sweep", "--data", "{root}/data", "--out", "{root}/out", "--param", "optim.lr=1e-3,1e-2"]),
+    ("gguf", ["export", "{root}/run", "--format", "gguf", "--out", "{root}/out"]),
 ])
 @pytest.mark.parametrize("missing", [0, -1], ids=["first", "last"])
 def test_a_command_without_its_extra_names_the_install(extra, argv, missing, tmp_path):

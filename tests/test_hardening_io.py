@@ -118,6 +118,7 @@ FULL_DISK = {
     "compare": lambda b, out: ["compare", b.run, "--out", out],
     "export hf": lambda b, out: ["export", b.run, "--format", "hf", "--out", out],
     "export llmc": lambda b, out: ["export", b.run, "--format", "llmc", "--out", out / "m.bin"],
+    "export gguf": lambda b, out: ["export", b.run, "--format", "gguf", "--out", out / "m.gguf", "--ollama"],
     "import": lambda b, out: ["import", b.hf, "--out", out],
 }
 

@@ -73,6 +73,7 @@ FILE_COMMANDS = {
                                       "--windows", "1", "--out", out],
     "plot next-token": lambda b, out: ["plot", "next-token", b.run, "--out", out],
     "export llmc": lambda b, out: ["export", b.run, "--format", "llmc", "--out", out],
+    "export gguf": lambda b, out: ["export", b.run, "--format", "gguf", "--out", out],
 }
 PLOTS = [name for name in FILE_COMMANDS if name.startswith("plot")]
 

@@ -28,16 +28,20 @@ def add_import(commands: Commands) -> argparse.ArgumentParser:
 
 
 def add_export(commands: Commands) -> argparse.ArgumentParser:
-    p = commands.add_parser("export", help="write a run's model for Hugging Face transformers or llm.c")
+    p = commands.add_parser("export", help="write a run's model for Hugging Face transformers, llama.cpp (gguf) "
+                                           "or llm.c")
     p.add_argument("run", help="run directory or a checkpoint directory inside one (with --check: also a "
                                "config TOML)")
-    p.add_argument("--format", choices=("hf", "llmc"), help="required unless --check")
-    p.add_argument("--out", help="hf: a directory; llmc: the model file (its tokenizer file goes beside it as "
-                                 "NAME_tokenizer.bin); required unless --check")
+    p.add_argument("--format", choices=("hf", "gguf", "llmc"), help="required unless --check")
+    p.add_argument("--out", help="hf: a directory; gguf: the .gguf file; llmc: the model file (its tokenizer file "
+                                 "goes beside it as NAME_tokenizer.bin); required unless --check")
     p.add_argument("--check", action="store_true",
                    help="write nothing: print, per format (hf, gguf), the architecture the model exports to or "
                         "why it cannot")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    # One flag for every format; each format checks its own choices, with one line naming them.
+    p.add_argument("--dtype", default=None, help="hf, llmc: fp32 (default) or bf16; gguf: f32 (default), f16 or "
+                                                 "q8_0")
+    p.add_argument("--ollama", action="store_true", help="gguf: also write an Ollama Modelfile beside the file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p
 

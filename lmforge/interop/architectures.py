@@ -87,6 +87,9 @@ def architecture_for(config: ModelConfig, fmt: str = "hf") -> Architecture:
     if architecture.biases == "none" and config.bias:
         raise UserError(f"model.bias = true has no {architecture.name} equivalent ({architecture.name}'s MLP has "
                         "no biases); nearest exportable: model.bias = false")
+    if fmt == "gguf" and architecture.name == "arcee" and config.bias:
+        raise UserError("model.bias = true has no gguf equivalent (llama.cpp's arcee loads no biases for the "
+                        "attention output or the MLP); nearest exportable: model.bias = false")
     return architecture
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from lmforge.config.sections import ModelConfig
+from lmforge.data.bytelevel import byte_characters
 from lmforge.data.shards import HEADER_INTS
 from lmforge.data.tokenizer import EOT_TEXT, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
@@ -127,19 +128,6 @@ def bpe_token_bytes(tokenizer: Tokenizer) -> list[bytes]:
         else:
             pieces.append(token.encode("utf-8") if token in special else hf.decode([index]).encode("utf-8"))
     return pieces
-
-
-def byte_characters() -> list[str]:
-    """GPT-2's printable stand-in for each byte 0..255 (byte-level BPE's alphabet)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    characters, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            characters[byte] = chr(byte)
-        else:
-            characters[byte] = chr(256 + extra)
-            extra += 1
-    return [characters[byte] for byte in range(256)]
 
 
 def tokenizer_bytes(tokenizer: Tokenizer) -> bytes:

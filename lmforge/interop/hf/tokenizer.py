@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lmforge.data.bytelevel import merges_from_ranks, spell_bytes
 from lmforge.data.tokenizer import EOT_TEXT, BPETokenizer, Tokenizer
 from lmforge.errors import UserError
-from lmforge.interop.llmc import byte_characters
 
 
 def tokenizer_from_hf(folder: Path, cfg: dict) -> dict:
@@ -56,34 +56,17 @@ def char_tokenizer_json(tokenizer_dict: dict) -> dict:
     return json.loads(hf.to_str())
 
 
-def bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
-    """The pieces byte-pair encoding leaves of `token` when only merges ranked below max_rank exist."""
-    parts = [bytes([byte]) for byte in token]
-    while True:
-        candidates = [(ranks.get(parts[i] + parts[i + 1], max_rank), i) for i in range(len(parts) - 1)]
-        rank, i = min(candidates, default=(max_rank, 0))
-        if rank >= max_rank:
-            return parts
-        parts[i : i + 2] = [parts[i] + parts[i + 1]]
-
-
 def tiktoken_json(tokenizer: Tokenizer) -> dict:
-    """GPT-2's tiktoken encoding as a tokenizers file: tiktoken keeps only each token's rank, and a token's
-    merge is the last step of encoding it with the lower-ranked tokens alone."""
+    """GPT-2's tiktoken encoding as a tokenizers file: tiktoken keeps only each token's rank; the merges are
+    the ones those ranks imply (data/bytelevel.py)."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
     encoding = tokenizer.encoding
     special = {encoding.encode_single_token(text) for text in encoding.special_tokens_set}
     ranks = {encoding.decode_single_token_bytes(i): i for i in range(encoding.n_vocab) if i not in special}
-    spell = byte_characters()
-    text = {token: "".join(spell[byte] for byte in token) for token in ranks}
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
-        if len(token) > 1:
-            first, second = bpe_parts(ranks, token, rank)
-            merges.append((text[first], text[second]))
-    hf = HFTokenizer(models.BPE({text[token]: rank for token, rank in ranks.items()}, merges))
+    merges = [(spell_bytes(first), spell_bytes(second)) for first, second in merges_from_ranks(ranks)]
+    hf = HFTokenizer(models.BPE({spell_bytes(token): rank for token, rank in ranks.items()}, merges))
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's split pattern
     hf.decoder = decoders.ByteLevel()
     hf.add_special_tokens(sorted(encoding.special_tokens_set, key=encoding.encode_single_token))
