@@ -15,6 +15,15 @@ The batched cache per architecture (`BatchedEngine.cache_kind`):
 - "none" (bigram, Bengio's MLP): no state to carry; each row recomputes its window, one row at a time
   (`batches_decoding` is False).
 
+Seeded batch invariance: a row's arithmetic must not depend on who else is decoding, or a seeded request's
+draws would see slightly different probabilities beside other requests than alone. CPU and GPU matrix products
+give each row the same bits only at the same shape (a product of 1 row and one of 16 round differently), and
+attention over a longer padded span rounds differently too. So a decode step that holds a seeded request at a
+positive temperature runs at one fixed shape (`_decode_fixed`): every slot (a free one decodes a dummy token that
+nothing reads) plus an anchor cache row whose length makes every row attend over the whole context under its
+mask. Its rows then get the same logits, bit for bit, alone or among any others; each request draws from its
+own torch.Generator seeded with its seed, so its tokens are the same too. Other steps run only the active rows.
+
 Text: each row's `TextStream` (lmforge/infer/decode.py) turns its tokens into text deltas that never end inside
 a multi-byte character or a possible stop string, and finds stop strings.
 """
@@ -119,7 +128,8 @@ class BatchedEngine:
             else "none"
         self.batches_decoding = self.cache_kind != "none"
         self._check_memory(probe)
-        self.cache = model.new_cache(max_batch, self.device, self.dtype) if self.cache_kind == "kv" else None
+        # The last cache row is the anchor of fixed-shape steps (`_decode_fixed`), never a request's.
+        self.cache = model.new_cache(max_batch + 1, self.device, self.dtype) if self.cache_kind == "kv" else None
         self.hidden: tuple[torch.Tensor, ...] | None = None  # recurrent: (layers, slots, width) per part
         self.rows: dict[int, _Row] = {}
         self.waiting: deque[GenerationRequest] = deque()
@@ -262,6 +272,8 @@ class BatchedEngine:
 
     def _decode(self, rows: list[_Row]) -> torch.Tensor:
         """Next-token logits (rows, vocab) after feeding each row its last sampled token."""
+        if self.batches_decoding and any(_needs_fixed_shape(row.request) for row in rows):
+            return self._decode_fixed(rows)
         tokens = torch.tensor([[row.next_token] for row in rows], device=self.device)
         if self.cache_kind == "kv":
             logits, _ = self.model(tokens, cache=self.cache.select([row.slot for row in rows]))
@@ -281,6 +293,28 @@ class BatchedEngine:
         for row in rows:
             row.length += 1
         return logits
+
+    def _decode_fixed(self, rows: list[_Row]) -> torch.Tensor:
+        """`_decode` at the one shape every step of this engine shares, whoever is active: all `max_batch` slots
+        (and, for a transformer, the anchor row at the end of the context, so that every row attends over the
+        whole context under its own mask). A row's logits are then the same bits alone or beside any others."""
+        tokens = torch.zeros((self.max_batch + (self.cache_kind == "kv"), 1), dtype=torch.long)
+        slots = [row.slot for row in rows]
+        tokens[slots, 0] = torch.tensor([row.next_token for row in rows])
+        tokens = tokens.to(self.device)
+        if self.cache_kind == "kv":
+            for slot in range(self.max_batch):
+                if slot not in self.rows:
+                    self.cache.reset(slot)  # a free slot decodes a dummy token from position 0
+            self.cache.lengths[self.max_batch] = self.block_size - 1  # the anchor: the span is the whole context
+            logits, _ = self.model(tokens, cache=self.cache)
+        else:
+            state = RecurrentState(hidden=self.hidden if len(self.hidden) == 2 else self.hidden[0])
+            logits, _ = self.model(tokens, cache=state)
+            self.hidden = state.hidden if isinstance(state.hidden, tuple) else (state.hidden,)
+        for row in rows:
+            row.length += 1
+        return logits[slots, -1]
 
     def _sampled(self, row: _Row, logits: torch.Tensor, event: GenerationEvent | None = None,
                  greedy_token: int | None = None) -> None:
@@ -332,6 +366,11 @@ class BatchedEngine:
         row.finished = True
         self.rows.pop(row.slot, None)
         _deliver(row.request, event)
+
+
+def _needs_fixed_shape(request: GenerationRequest) -> bool:
+    """A seeded request that samples: its tokens must not depend on the batch it shares."""
+    return request.seed is not None and request.temperature > 0
 
 
 def _top(logprobs: torch.Tensor, count: int) -> TopLogprobs:
