@@ -72,6 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
+    from lmforge.hardware import set_decoding_threads
     from lmforge.infer.decode import stream_text
     from lmforge.infer.generate import generate
     from lmforge.infer.load import load_run
@@ -89,6 +90,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             raise UserError(f"cannot read --prompt-file: {err}") from None
     loaded = load_run(args.run, device=args.device, engine=args.engine)
     model, tokenizer = loaded.model, loaded.tokenizer
+    set_decoding_threads(args.threads, loaded.config.model.n_embd, loaded.device)
     note_unknown("sample", tokenizer, tokenizer.check_known(prompt, allow_unknown=args.allow_unknown))
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     # The batched engine keeps each row's whole context in its cache and cannot slide it as `generate` does:
