@@ -5,9 +5,10 @@ torch releases the GIL inside its kernels, so the event loop keeps answering whi
 submits every choice of one HTTP request together; each choice's events arrive on one shared queue as
 (choice index, event). `cancel` marks choices whose client left: the engine drops them at its next step.
 
-The hand-off to the event loop is one wake-up per step, not one per event (`Handoff`): waking the loop is a
-write to its self-pipe, and each such write lets the loop thread take the GIL from the engine in the middle of
-its step; profiled on the demo model, the engine thread spent more time in those writes than in the model.
+The hand-off to the event loop is one wake-up per step, after it, not one per event (`Handoff`): waking the
+loop is a write to its self-pipe, and each such write lets the loop thread take the GIL from the engine in the
+middle of its step; profiled on the demo model at 1 client, the engine thread spent more time in those writes
+than in the model's matrix products.
 """
 
 from __future__ import annotations
@@ -87,31 +88,46 @@ class Scheduler:
             except Exception:  # a bug in a step: fail what is in flight, keep serving new requests
                 log.exception("engine step failed")
                 self.engine.fail_all("internal error in the generation engine")
+            self._flush()
         self.engine.fail_all("the server stopped before this request finished")
+        self._flush()
+
+    def _flush(self) -> None:
+        with self.handoffs_lock:
+            handoffs = list(self.handoffs.values())
+        for handoff in handoffs:
+            handoff.flush()
 
 
 class Handoff:
-    """Events from the engine's thread to queues on one event loop, with at most one wake-up of the loop in
-    flight: the first event after a delivery schedules the next delivery, the events after it (the other rows
-    of the same step) join it."""
+    """Events from the engine's thread to queues on one event loop: each is held until the engine's step ends
+    (`flush`), then one wake-up of the loop delivers every event of that step."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.lock = threading.Lock()
         self.pending: list[tuple[asyncio.Queue, tuple[int, GenerationEvent]]] = []
-        self.scheduled = False
 
     def forward_to(self, queue: asyncio.Queue, index: int) -> Callable[[GenerationEvent], None]:
         def emit(event: GenerationEvent) -> None:
+            if self.loop.is_closed():
+                raise RuntimeError("the event loop is closed")  # the engine cancels the request
             with self.lock:
                 self.pending.append((queue, (index, event)))
-                if not self.scheduled:
-                    self.loop.call_soon_threadsafe(self._deliver)  # raises once the loop is closed: cancels
-                    self.scheduled = True
         return emit
 
-    def _deliver(self) -> None:
+    def flush(self) -> None:
+        """Hand the events held so far to the loop (on the engine's thread, after a step)."""
         with self.lock:
-            pending, self.pending, self.scheduled = self.pending, [], False
-        for queue, item in pending:
-            queue.put_nowait(item)
+            if not self.pending:
+                return
+            pending, self.pending = self.pending, []
+        try:
+            self.loop.call_soon_threadsafe(_deliver, pending)
+        except RuntimeError:  # the loop closed since: nobody is left to read these
+            pass
+
+
+def _deliver(pending: list[tuple[asyncio.Queue, tuple[int, GenerationEvent]]]) -> None:
+    for queue, item in pending:
+        queue.put_nowait(item)
