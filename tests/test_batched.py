@@ -8,7 +8,7 @@ import torch
 from lmforge.data.tokenizer import BPETokenizer, CharTokenizer
 from lmforge.infer.batched import BatchedEngine, GenerationRequest, generate_batch
 from lmforge.infer.decode import TextStream
-from lmforge.infer.generate import generate
+from lmforge.infer.generate import generate, sample_next, sample_rows
 from lmforge.model.factory import build_model
 
 TOKENIZER = CharTokenizer("abcdefghijklmnopqrstuvwxyz .,")
@@ -149,6 +149,22 @@ def test_seeded_sampled_tokens_are_the_same_alone_and_among_fifteen_others(arch,
                            enumerate(requests[1:16])]  # half greedy, half sampled without a seed
     among_others, _ = run_engine(model, [requests[0], *unseeded_neighbours])
     assert tokens_and_logprobs(among_others[0]) == alone[0]
+
+
+def test_sampling_rows_together_draws_what_each_row_draws_alone():
+    """The batched sampler gives each row the token it gets sampled alone (as `generate` samples), whatever the
+    other rows' temperature, top-k and top-p."""
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)) * 3
+    params = [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8), (0.0, None, None), (1.0, 3, 0.5), (2.0, 40, 1.0)]
+    drawn = set()
+    for trial in range(40):
+        seeds = [100 * trial + row for row in range(len(params))]
+        alone = [sample_next(row_logits, temperature=t, top_k=k, top_p=p, generator=torch.Generator().manual_seed(seed))
+                 for row_logits, (t, k, p), seed in zip(logits, params, seeds, strict=True)]
+        together = sample_rows(logits, *zip(*params, strict=True), [torch.Generator().manual_seed(s) for s in seeds])
+        assert together == alone
+        drawn.update(enumerate(together))
+    assert len(drawn) > 3 * len(params)  # the draws really vary
 
 
 def test_cancelled_and_finished_rows_free_their_slots_for_waiting_requests(tiny_config):

@@ -43,7 +43,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.hardware import available_memory_bytes
 from lmforge.infer.decode import TextStream
-from lmforge.infer.generate import sample_next
+from lmforge.infer.generate import sample_rows
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.gpt import KVCache
 from lmforge.model.recurrent import RecurrentState
@@ -215,9 +215,14 @@ class BatchedEngine:
                 return
             self.counters.steps += 1
             self.counters.rows_per_step = (self.counters.rows_per_step + [len(active)])[-64:]
-            greedy = logits.argmax(-1).tolist()  # one device sync for every greedy row, not one per row
-            for row, row_logits, best in zip(active, logits, greedy, strict=True):
-                self._sampled(row, row_logits, greedy_token=best)
+            try:
+                tokens = self._sample(active, logits)  # every row at once: one device sync, a few operations
+            except Exception as err:
+                for row in active:
+                    self._finish(row, GenerationEvent(finish_reason="error", error=f"{type(err).__name__}: {err}"))
+                return
+            for row, row_logits, token in zip(active, logits, tokens, strict=True):
+                self._sampled(row, row_logits, token)
 
     def fail_all(self, message: str) -> None:
         """End every waiting and active request with an error (the engine is stopping)."""
@@ -244,7 +249,7 @@ class BatchedEngine:
                 event.finish_reason = "length"
                 self._finish(row, event)
                 return
-            self._sampled(row, logits[0, -1], event)
+            self._sampled(row, logits[0, -1], self._sample([row], logits[0, -1:])[0], event)
         except Exception as err:  # this request's failure is its own
             self._finish(row, GenerationEvent(finish_reason="error", error=f"{type(err).__name__}: {err}"))
 
@@ -316,21 +321,17 @@ class BatchedEngine:
             row.length += 1
         return logits[slots, -1]
 
-    def _sampled(self, row: _Row, logits: torch.Tensor, event: GenerationEvent | None = None,
-                 greedy_token: int | None = None) -> None:
-        """Sample the row's next token from its logits (at temperature 0: `greedy_token`, their argmax, when the
-        caller has it), report it, and finish the row if it is done."""
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Each row's next token from its logits (rows, vocab), with its own sampling values and generator."""
+        requests = [row.request for row in rows]
+        return sample_rows(logits, [r.temperature for r in requests], [r.top_k for r in requests],
+                           [r.top_p for r in requests], [row.generator for row in rows])
+
+    def _sampled(self, row: _Row, logits: torch.Tensor, token: int, event: GenerationEvent | None = None) -> None:
+        """Report the row's sampled token (with its log-probabilities from `logits` when asked), and finish the
+        row if it is done."""
         event = event or GenerationEvent()
         request = row.request
-        try:
-            if request.temperature == 0 and greedy_token is not None:
-                token = greedy_token
-            else:
-                token = sample_next(logits, temperature=request.temperature, top_k=request.top_k,
-                                    top_p=request.top_p, generator=row.generator)
-        except Exception as err:
-            self._finish(row, GenerationEvent(finish_reason="error", error=f"{type(err).__name__}: {err}"))
-            return
         row.generated += 1
         self.counters.generated_tokens += 1
         if request.logprobs is not None:

@@ -21,25 +21,47 @@ from lmforge.model.recurrent import RecurrentState
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
                 generator: torch.Generator | None) -> int:
-    """One token id from logits (vocab,): greedy at temperature 0, else softmax(logits / T), optionally
-    kept to the k likeliest tokens and to the smallest set whose probability reaches top_p (the likeliest token
-    always stays). Defined for every value SamplingParams allows (lmforge/infer/sampling.py): the logits are
-    shifted so that their maximum is 0 before the division, in float64, so a tiny temperature sends every other
-    logit to -inf instead of turning the maximum into inf - inf = NaN."""
-    if temperature == 0:
-        return int(logits.argmax())
-    logits = logits.double()
-    logits = (logits - logits.max()) / temperature
-    if top_k is not None and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probabilities = sorted_logits.softmax(-1)
-        drop = probabilities.cumsum(-1) - probabilities >= top_p  # tokens entirely beyond the nucleus
-        drop[0] = False  # the likeliest token is kept however small top_p is
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    """One token id from logits (vocab,): `sample_rows` for one row."""
+    return sample_rows(logits[None], [temperature], [top_k], [top_p], [generator])[0]
+
+
+def sample_rows(logits: torch.Tensor, temperatures: Sequence[float], top_ks: Sequence[int | None],
+                top_ps: Sequence[float | None], generators: Sequence[torch.Generator | None]) -> list[int]:
+    """One token id per row of logits (rows, vocab), each row with its own sampling values and generator: greedy
+    at temperature 0, else softmax(logits / T), optionally kept to the k likeliest tokens (and any tied with the
+    k-th) and then to the smallest set whose probability reaches top_p (the likeliest token always stays).
+
+    Defined for every value SamplingParams allows (lmforge/infer/sampling.py): the logits are shifted so that
+    their maximum is 0 before the division, in float64, so a tiny temperature sends every other logit to -inf
+    instead of turning the maximum into inf - inf = NaN. Each sampled row draws exactly one uniform number from
+    its own generator (inverse CDF over its tokens, likeliest first), so a row's token depends on its logits and
+    its generator alone: the same one row at a time (`generate`) or many at once (the batched engine), in a
+    handful of tensor operations for all rows rather than a dozen per row."""
+    tokens = logits.argmax(-1).tolist()  # greedy rows keep these
+    sampled = [row for row, temperature in enumerate(temperatures) if temperature != 0]
+    if not sampled:
+        return tokens
+    device = logits.device
+    logits = logits[sampled].double() if len(sampled) < len(tokens) else logits.double()
+    vocab = logits.size(-1)
+    scale = torch.tensor([temperatures[row] for row in sampled], dtype=torch.float64, device=device)
+    logits = (logits - logits.max(-1, keepdim=True).values) / scale[:, None]
+    ordered, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    kth = torch.tensor([min(top_ks[row] or vocab, vocab) - 1 for row in sampled], device=device)
+    ordered = ordered.masked_fill(ordered < ordered.gather(1, kth[:, None]), float("-inf"))
+    probabilities = ordered.softmax(-1)
+    nucleus = torch.tensor([2.0 if top_ps[row] is None else top_ps[row] for row in sampled], dtype=torch.float64,
+                           device=device)  # 2: no cut (the mass before a token never reaches it)
+    drop = probabilities.cumsum(-1) - probabilities >= nucleus[:, None]  # tokens entirely beyond the nucleus
+    drop[:, 0] = False  # the likeliest token is kept however small top_p is
+    cumulative = ordered.masked_fill(drop, float("-inf")).softmax(-1).cumsum(-1)
+    uniform = torch.cat([torch.rand(1, generator=generators[row], dtype=torch.float64, device=device)
+                         for row in sampled])
+    # The first token whose cumulative probability passes the draw; dropped tokens add nothing, so never are.
+    position = (cumulative < uniform[:, None] * cumulative[:, -1:]).sum(-1, keepdim=True)
+    for row, token in zip(sampled, order.gather(1, position)[:, 0].tolist(), strict=True):
+        tokens[row] = token
+    return tokens
 
 
 @torch.no_grad()
