@@ -1,0 +1,70 @@
+"""The server's engine thread: how its events reach the event loop, and the threads it decodes with."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from lmforge.errors import UserError
+from lmforge.hardware import SMALL_DECODE_WIDTH, set_decoding_threads
+from lmforge.infer.batched import BatchedEngine, GenerationRequest
+from lmforge.serve.scheduler import Scheduler
+from tests.conftest import PATIENCE, assert_one_line_error, run_cli
+from tests.test_batched import ARCHS, PROMPTS, TOKENIZER, tiny_model
+
+
+def test_each_engine_step_wakes_the_event_loop_once_for_all_its_events(tiny_config):
+    """Four requests decoded together: every step's four tokens reach their queue through one wake-up of the
+    event loop (each wake-up lets the loop take the GIL from the engine mid-step), and none is lost."""
+    engine = BatchedEngine(tiny_model(tiny_config, ARCHS["gpt-learned"]), TOKENIZER, max_batch=4)
+    scheduler = Scheduler(engine, max_queue=16)
+    tokens_each = 5
+
+    async def serve() -> tuple[int, list]:
+        loop = asyncio.get_running_loop()
+        wake_ups = 0
+        call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def counted(callback, *args):
+            nonlocal wake_ups
+            wake_ups += 1
+            return call_soon_threadsafe(callback, *args)
+
+        loop.call_soon_threadsafe = counted
+        queue: asyncio.Queue = asyncio.Queue()
+        scheduler.submit([GenerationRequest(TOKENIZER.encode(prompt), tokens_each, lambda event: None,
+                                            temperature=0) for prompt in PROMPTS[:4]], queue)
+        scheduler.start()
+        events, finished = [], 0
+        while finished < 4:
+            index, event = await asyncio.wait_for(queue.get(), PATIENCE)
+            events.append((index, event))
+            finished += event.finish_reason is not None
+        scheduler.stop(drain_timeout=0)
+        return wake_ups, events
+
+    wake_ups, events = asyncio.run(serve())
+    assert sorted(index for index, event in events) == [i for i in range(4) for _ in range(tokens_each)]
+    assert max(engine.counters.rows_per_step) == 4
+    assert wake_ups == engine.counters.steps == tokens_each - 1  # the first tokens came with the first step's
+
+
+def test_a_small_model_decodes_on_one_thread_unless_told(tiny_config):
+    before = torch.get_num_threads()
+    try:
+        assert set_decoding_threads(None, SMALL_DECODE_WIDTH, torch.device("cpu")) == 1
+        assert set_decoding_threads(2, SMALL_DECODE_WIDTH, torch.device("cpu")) == 2
+        torch.set_num_threads(before)
+        assert set_decoding_threads(None, SMALL_DECODE_WIDTH + 1, torch.device("cpu")) == before
+        with pytest.raises(UserError, match="--threads"):
+            set_decoding_threads(0, 64, torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_flag_refuses_a_count_below_one(capsys, tmp_path):
+    for command in ("sample", "serve"):
+        code, _, err = run_cli(capsys, command, tmp_path, "--threads", "0")
+        assert_one_line_error(code, err, "--threads")
