@@ -37,12 +37,12 @@ def sample_rows(logits: torch.Tensor, temperatures: Sequence[float], top_ks: Seq
     its own generator (inverse CDF over its tokens, likeliest first), so a row's token depends on its logits and
     its generator alone: the same one row at a time (`generate`) or many at once (the batched engine), in a
     handful of tensor operations for all rows rather than a dozen per row."""
-    tokens = logits.argmax(-1).tolist()  # greedy rows keep these
+    tokens = logits.argmax(-1)  # greedy rows keep these
     sampled = [row for row, temperature in enumerate(temperatures) if temperature != 0]
     if not sampled:
-        return tokens
+        return tokens.tolist()
     device = logits.device
-    logits = logits[sampled].double() if len(sampled) < len(tokens) else logits.double()
+    logits = logits[sampled].double() if len(sampled) < len(temperatures) else logits.double()
     vocab = logits.size(-1)
     scale = torch.tensor([temperatures[row] for row in sampled], dtype=torch.float64, device=device)
     logits = (logits - logits.max(-1, keepdim=True).values) / scale[:, None]
@@ -59,9 +59,8 @@ def sample_rows(logits: torch.Tensor, temperatures: Sequence[float], top_ks: Seq
                          for row in sampled])
     # The first token whose cumulative probability passes the draw; dropped tokens add nothing, so never are.
     position = (cumulative < uniform[:, None] * cumulative[:, -1:]).sum(-1, keepdim=True)
-    for row, token in zip(sampled, order.gather(1, position)[:, 0].tolist(), strict=True):
-        tokens[row] = token
-    return tokens
+    tokens[sampled] = order.gather(1, position)[:, 0]
+    return tokens.tolist()  # the one wait for the device
 
 
 @torch.no_grad()
