@@ -34,32 +34,45 @@ def sample_rows(logits: torch.Tensor, temperatures: Sequence[float], top_ks: Seq
     Defined for every value SamplingParams allows (lmforge/infer/sampling.py): the logits are shifted so that
     their maximum is 0 before the division, in float64, so a tiny temperature sends every other logit to -inf
     instead of turning the maximum into inf - inf = NaN. Each sampled row draws exactly one uniform number from
-    its own generator (inverse CDF over its tokens, likeliest first), so a row's token depends on its logits and
-    its generator alone: the same one row at a time (`generate`) or many at once (the batched engine), in a
-    handful of tensor operations for all rows rather than a dozen per row."""
-    tokens = logits.argmax(-1)  # greedy rows keep these
+    its own generator and takes the token where its cumulative probability (in vocabulary order) passes it, so a
+    row's token depends on its logits and its generator alone: the same one row at a time (`generate`) or many at
+    once (the batched engine). A cut-off a row does not ask for leaves its logits exactly as they are, so it does
+    not matter whether another row of the batch asked for one; the cut-offs are skipped when no row asks."""
     sampled = [row for row, temperature in enumerate(temperatures) if temperature != 0]
+    every_row = len(sampled) == len(temperatures)
+    tokens = None if every_row else logits.argmax(-1)  # greedy rows keep these
     if not sampled:
         return tokens.tolist()
     device = logits.device
-    logits = logits[sampled].double() if len(sampled) < len(temperatures) else logits.double()
+    logits = logits.double() if every_row else logits[sampled].double()
     vocab = logits.size(-1)
-    scale = torch.tensor([temperatures[row] for row in sampled], dtype=torch.float64, device=device)
-    logits = (logits - logits.max(-1, keepdim=True).values) / scale[:, None]
-    ordered, order = torch.sort(logits, dim=-1, descending=True, stable=True)
-    kth = torch.tensor([min(top_ks[row] or vocab, vocab) - 1 for row in sampled], device=device)
-    ordered = ordered.masked_fill(ordered < ordered.gather(1, kth[:, None]), float("-inf"))
-    probabilities = ordered.softmax(-1)
-    nucleus = torch.tensor([2.0 if top_ps[row] is None else top_ps[row] for row in sampled], dtype=torch.float64,
-                           device=device)  # 2: no cut (the mass before a token never reaches it)
-    drop = probabilities.cumsum(-1) - probabilities >= nucleus[:, None]  # tokens entirely beyond the nucleus
-    drop[:, 0] = False  # the likeliest token is kept however small top_p is
-    cumulative = ordered.masked_fill(drop, float("-inf")).softmax(-1).cumsum(-1)
-    uniform = torch.cat([torch.rand(1, generator=generators[row], dtype=torch.float64, device=device)
-                         for row in sampled])
-    # The first token whose cumulative probability passes the draw; dropped tokens add nothing, so never are.
-    position = (cumulative < uniform[:, None] * cumulative[:, -1:]).sum(-1, keepdim=True)
-    tokens[sampled] = order.gather(1, position)[:, 0]
+    scales = [temperatures[row] for row in sampled]
+    scale = scales[0] if len(set(scales)) == 1 else torch.tensor(scales, dtype=torch.float64, device=device)[:, None]
+    logits = (logits - logits.max(-1, keepdim=True).values) / scale
+    kept = [min(top_ks[row] or vocab, vocab) for row in sampled]
+    if min(kept) < vocab:
+        kth = torch.tensor([k - 1 for k in kept], device=device)[:, None]
+        logits = logits.masked_fill(logits < logits.sort(dim=-1, descending=True).values.gather(1, kth), float("-inf"))
+    nucleus = [top_ps[row] or 1.0 for row in sampled]
+    if min(nucleus) < 1:
+        ordered, order = logits.sort(dim=-1, descending=True, stable=True)
+        probabilities = ordered.softmax(-1)
+        # Tokens entirely beyond the nucleus; a row at 1 drops nothing (its mass before a token stays below 1).
+        drop = probabilities.cumsum(-1) - probabilities >= torch.tensor(nucleus, dtype=torch.float64,
+                                                                        device=device)[:, None]
+        drop[:, 0] = False  # the likeliest token is kept however small top_p is
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    cumulative = logits.softmax(-1).cumsum(-1)
+    draws = [torch.rand(1, generator=generators[row], dtype=torch.float64, device=device) for row in sampled]
+    uniform = draws[0] if len(draws) == 1 else torch.cat(draws)
+    total = cumulative[:, -1:]
+    # The first token whose cumulative probability exceeds the draw: one of positive probability, never a dropped
+    # one (the draw stays below the total, in case u * total rounds up to it).
+    target = torch.minimum(uniform[:, None] * total, total * (1 - 2**-52))
+    drawn = (cumulative <= target).sum(-1)
+    if every_row:
+        return drawn.tolist()
+    tokens[sampled] = drawn
     return tokens.tolist()  # the one wait for the device
 
 
