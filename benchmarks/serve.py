@@ -269,32 +269,30 @@ def measure_transformers(run: str, device: str, batch: int, max_tokens: int, pro
 
 def measure_generate(run: str, device: str, threads: int | None, max_tokens: int, prompts: list[str]) -> Level:
     """lmforge's own one-prompt generation (what `lmforge sample` runs, at its decoding threads), in this
-    process: the latency the server at one client should match. Restores torch's thread count after."""
+    process: the latency the server at one client should match."""
     import torch
 
-    from lmforge.hardware import set_decoding_threads
+    from lmforge.hardware import decoding_threads
     from lmforge.infer.generate import generate
     from lmforge.infer.load import load_run
 
     loaded = load_run(run, device=device)
     model, tokenizer = loaded.model, loaded.tokenizer
-    threads_before = torch.get_num_threads()
-    set_decoding_threads(threads, loaded.config.model.n_embd, loaded.device)
     generator = torch.Generator(device=model.wte.weight.device).manual_seed(0)
-    list(generate(model, tokenizer.encode(prompts[0]), 4, generator=generator))  # warm-up
     level = Level("lmforge sample (generate, no server)", 1)
-    for index in range(3):
-        started = last = time.perf_counter()
-        tokens = generate(model, tokenizer.encode(prompts[index % len(prompts)]), max_tokens, temperature=1.0,
-                          generator=generator)
-        for count, _ in enumerate(tokens):
-            now = time.perf_counter()
-            (level.gaps if count else level.ttft).append(now - last)
-            last = now
-            level.tokens += 1
-        level.requests += 1
-        level.seconds += last - started
-    torch.set_num_threads(threads_before)
+    with decoding_threads(threads, loaded.config.model.n_embd, loaded.device):
+        list(generate(model, tokenizer.encode(prompts[0]), 4, generator=generator))  # warm-up
+        for index in range(3):
+            started = last = time.perf_counter()
+            tokens = generate(model, tokenizer.encode(prompts[index % len(prompts)]), max_tokens, temperature=1.0,
+                              generator=generator)
+            for count, _ in enumerate(tokens):
+                now = time.perf_counter()
+                (level.gaps if count else level.ttft).append(now - last)
+                last = now
+                level.tokens += 1
+            level.requests += 1
+            level.seconds += last - started
     return level
 
 

@@ -72,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
-    from lmforge.hardware import set_decoding_threads
+    from lmforge.hardware import decoding_threads
     from lmforge.infer.decode import stream_text
     from lmforge.infer.generate import generate
     from lmforge.infer.load import load_run
@@ -90,27 +90,27 @@ def cmd_sample(args: argparse.Namespace) -> None:
             raise UserError(f"cannot read --prompt-file: {err}") from None
     loaded = load_run(args.run, device=args.device, engine=args.engine)
     model, tokenizer = loaded.model, loaded.tokenizer
-    set_decoding_threads(args.threads, loaded.config.model.n_embd, loaded.device)
     note_unknown("sample", tokenizer, tokenizer.check_known(prompt, allow_unknown=args.allow_unknown))
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
-    # The batched engine keeps each row's whole context in its cache and cannot slide it as `generate` does:
-    # samples longer than the context run one at a time.
-    if (args.num_samples > 1 and args.engine == "torch"
-            and len(prompt_ids) + args.max_new_tokens <= model.config.block_size):
-        print_batched_samples(model, tokenizer, prompt, prompt_ids, args)
-        return
-    generator = torch.Generator(device=loaded.device).manual_seed(args.seed)
-    for index in range(args.num_samples):
-        if args.num_samples > 1:
-            print(f"--- sample {index + 1} ---")
-        sys.stdout.write(prompt)
-        tokens = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, generator=generator, stop_token=tokenizer.eot_id,
-                          use_cache=args.engine == "torch")
-        for piece in stream_text(tokenizer, tokens):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+    with decoding_threads(args.threads, loaded.config.model.n_embd, loaded.device):
+        # The batched engine keeps each row's whole context in its cache and cannot slide it as `generate` does:
+        # samples longer than the context run one at a time.
+        if (args.num_samples > 1 and args.engine == "torch"
+                and len(prompt_ids) + args.max_new_tokens <= model.config.block_size):
+            print_batched_samples(model, tokenizer, prompt, prompt_ids, args)
+            return
+        generator = torch.Generator(device=loaded.device).manual_seed(args.seed)
+        for index in range(args.num_samples):
+            if args.num_samples > 1:
+                print(f"--- sample {index + 1} ---")
+            sys.stdout.write(prompt)
+            tokens = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, generator=generator, stop_token=tokenizer.eot_id,
+                              use_cache=args.engine == "torch")
+            for piece in stream_text(tokenizer, tokens):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
 
 
 def note_unknown(command: str, tokenizer: Tokenizer, allowed: list[str]) -> None:

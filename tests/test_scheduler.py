@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lmforge.errors import UserError
-from lmforge.hardware import SMALL_DECODE_WIDTH, set_decoding_threads
+from lmforge.hardware import SMALL_DECODE_WIDTH, decoding_threads
 from lmforge.infer.batched import BatchedEngine, GenerationRequest
 from lmforge.serve.scheduler import Scheduler
 from tests.conftest import PATIENCE, assert_one_line_error, run_cli
@@ -51,17 +51,19 @@ def test_each_engine_step_wakes_the_event_loop_once_for_all_its_events(tiny_conf
     assert wake_ups == engine.counters.steps == tokens_each - 1  # the first tokens came with the first step's
 
 
-def test_a_small_model_decodes_on_one_thread_unless_told(tiny_config):
+def test_a_small_model_decodes_on_one_thread_unless_told_and_the_count_comes_back_after():
     before = torch.get_num_threads()
-    try:
-        assert set_decoding_threads(None, SMALL_DECODE_WIDTH, torch.device("cpu")) == 1
-        assert set_decoding_threads(2, SMALL_DECODE_WIDTH, torch.device("cpu")) == 2
-        torch.set_num_threads(before)
-        assert set_decoding_threads(None, SMALL_DECODE_WIDTH + 1, torch.device("cpu")) == before
-        with pytest.raises(UserError, match="--threads"):
-            set_decoding_threads(0, 64, torch.device("cpu"))
-    finally:
-        torch.set_num_threads(before)
+    cpu = torch.device("cpu")
+    with decoding_threads(None, SMALL_DECODE_WIDTH, cpu) as threads:
+        assert threads == torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with decoding_threads(2, SMALL_DECODE_WIDTH, cpu) as threads:
+        assert threads == torch.get_num_threads() == 2
+    with decoding_threads(None, SMALL_DECODE_WIDTH + 1, cpu) as threads:
+        assert threads == before
+    with pytest.raises(UserError, match="--threads"), decoding_threads(0, 64, cpu):
+        pass
+    assert torch.get_num_threads() == before
 
 
 def test_threads_flag_refuses_a_count_below_one(capsys, tmp_path):
