@@ -70,3 +70,25 @@ def test_threads_flag_refuses_a_count_below_one(capsys, tmp_path):
     for command in ("sample", "serve"):
         code, _, err = run_cli(capsys, command, tmp_path, "--threads", "0")
         assert_one_line_error(code, err, "--threads")
+
+
+def test_seeded_choices_served_together_are_the_answers_each_seed_gets_alone(tmp_path):
+    """Over HTTP: eight seeded choices of one request (choice i draws with seed + i), decoded in one batch, are
+    the texts that eight requests with those seeds get one at a time."""
+    import serve_fixtures
+
+    from lmforge.serve.cli import build_app
+
+    run = serve_fixtures.make_run(tmp_path / "tiny-seeded", **{"model.init_std": "0.3"})
+    app = build_app(run, device="cpu", max_batch=8)
+    body = {"model": "tiny-seeded", "prompt": "we read", "max_tokens": 20, "temperature": 1.0, "top_p": 0.9,
+            "top_k": 20}
+    with serve_fixtures.LiveServer(app) as server:
+        url = f"{server.url}/v1/completions"
+        together = serve_fixtures.http.post(url, json={**body, "n": 8, "seed": 40}).json()["choices"]
+        batch_sizes = list(server.engine.counters.rows_per_step)
+        alone = [serve_fixtures.http.post(url, json={**body, "seed": 40 + i}).json()["choices"][0]["text"]
+                 for i in range(8)]
+    assert max(batch_sizes) == 8  # the choices really shared their steps
+    assert len(set(alone)) > 4  # the seeds give different answers
+    assert [choice["text"] for choice in sorted(together, key=lambda choice: choice["index"])] == alone
