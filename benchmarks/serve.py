@@ -1,20 +1,31 @@
-"""Serving throughput and latency: `lmforge serve` under 1, 4, 16 and 64 concurrent streaming clients, against
-peers in the same run, and a bounded soak. Loopback only; run it alone (it owns the CPU or GPU while it runs).
+"""Serving throughput and latency: `lmforge serve` under 1, 4 and 16 concurrent streaming clients beside `lmforge
+sample` (in-process generation, one stream) in the same run, the issue's goals as ratios, peers, and a bounded
+soak. Loopback only; run it alone (it owns the CPU or GPU while it runs).
 
-    python benchmarks/serve.py RUN [--clients 1,4,16,64] [--requests 2] [--max-tokens 64] [--device auto]
-                               [--skip-peers] [--soak 2000]
+    python benchmarks/serve.py RUN [--clients 1,4,16] [--requests 2] [--max-tokens 64] [--device auto]
+                               [--threads N] [--seeded] [--skip-peers] [--peer llama-cpp --gguf FILE]
+                               [--soak 2000]
 
 Each client sends --requests streamed /v1/completions one after another (temperature 1, so answers differ
-and rarely stop early). Per request: time to first token (TTFT, from sending to the first text event) and
-the gaps between text events (inter-token latency: the server sends one event per token, merging only
-where a token ends inside a multi-byte character). Aggregate tokens/s is every client's generated tokens
-(the `usage` of each stream) over the wall time of the whole level.
+and rarely stop early; with --seeded each carries a seed, which makes the server decode at its fixed,
+batch-invariant shape: the cost of the seed guarantee). Per request: time to first token (TTFT, from sending to
+the first text event) and the gaps between text events (inter-token latency: the server sends one event per
+token, merging only where a token ends inside a multi-byte character). Aggregate tokens/s is every client's
+generated tokens (the `usage` of each stream) over the wall time of the whole level. `lmforge sample` is
+`generate` in this process, at the decoding threads `lmforge sample` would use; its tokens/s is one stream's.
 
-Peers, same run, same machine, same prompt and token counts:
+The goals of issue 22, printed as ratios of this run: 1-client tokens/s >= 0.8x `lmforge sample`'s, 1-client
+inter-token latency p50 <= 1.25x, 16-client aggregate tokens/s >= 5x one `lmforge sample` stream. The load
+average (1 minute) is printed before and after: a number measured on a busy machine is not a result.
+
+Peers, same run, same machine, same prompt and token counts (not with --skip-peers):
 - `lmforge serve --max-batch 1`: the same server decoding one request at a time;
 - Hugging Face transformers `generate` on `lmforge export RUN --format hf` at batch 1 and at batch 16
   (left-padded prompts of mixed lengths), greedy, exactly --max-tokens new tokens; its TTFT is the time of a
   one-token generate, its inter-token latency (total - TTFT) / (tokens - 1).
+- `--peer llama-cpp --gguf FILE`: llama-cpp-python's OpenAI-compatible server (`python -m llama_cpp.server`) on
+  the GGUF export of the same run, under the same client load at every level (goals: at 16 clients lmforge's
+  aggregate >= llama.cpp's, at 1 client >= 0.8x). It tokenizes the prompts itself, with the GGUF's tokenizer.
 
 The soak (--soak N, 0 to skip) sends N requests from 64 clients to the batched server: streamed, streamed
 and dropped after the first event, non-streamed, and malformed (bad JSON, wrong types, unknown model,
@@ -36,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -98,28 +110,27 @@ def rss_mb(pid: int) -> float:
 
 
 class Server:
-    """`lmforge serve RUN` on a free loopback port, as a subprocess, until closed (SIGTERM, then wait)."""
+    """An OpenAI-compatible server started by `command(port)` on a free loopback port, as a subprocess, until
+    closed (SIGTERM, then wait); ready once `ready_path` answers 200. `model` is its first /v1/models entry."""
 
-    def __init__(self, run: str, max_batch: int, device: str, log: Path):
+    def __init__(self, command: Callable[[int], list[str]], log: Path, ready_path: str = "/health"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log.open("w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "lmforge", "serve", run, "--port", str(self.port), "--max-batch", str(max_batch),
-             "--device", device, "--max-queue", "4096"], stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command(self.port), stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                sys.exit(f"lmforge serve exited with {self.process.returncode}; see {log}")
+                sys.exit(f"{command(self.port)[2]} exited with {self.process.returncode}; see {log}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}{ready_path}", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
         else:
             self.close()
-            sys.exit(f"lmforge serve did not answer /health within 180 s; see {log}")
+            sys.exit(f"the server did not answer {ready_path} within 180 s; see {log}")
         self.model = httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"][0]
 
     def close(self) -> None:
@@ -129,6 +140,28 @@ class Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
         self.log.close()
+
+
+def lmforge_server(run: str, max_batch: int, device: str, threads: int | None, log: Path) -> Server:
+    """`lmforge serve RUN`."""
+    def command(port: int) -> list[str]:
+        return [sys.executable, "-m", "lmforge", "serve", run, "--port", str(port), "--max-batch", str(max_batch),
+                "--device", device, "--max-queue", "4096", *(["--threads", str(threads)] if threads else [])]
+    return Server(command, log)
+
+
+def llama_cpp_server(gguf: str, context: int, log: Path) -> Server:
+    """llama-cpp-python's OpenAI-compatible server on a GGUF file. Without --interrupt_requests False, each new
+    request would cut the stream in flight short; its n_threads stays llama.cpp's own default."""
+    try:
+        import llama_cpp  # noqa: F401  (only to refuse early, with the install line)
+    except ImportError:
+        sys.exit("--peer llama-cpp needs llama-cpp-python: pip install 'llama-cpp-python[server]'")
+
+    def command(port: int) -> list[str]:
+        return [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1", "--port",
+                str(port), "--n_ctx", str(context), "--interrupt_requests", "False"]
+    return Server(command, log, ready_path="/v1/models")
 
 
 async def stream_one(client: httpx.AsyncClient, url: str, body: dict, level: Level) -> None:
@@ -161,7 +194,7 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict, level: Lev
 
 
 async def measure_server(server: Server, peer: str, clients: int, requests: int, max_tokens: int,
-                         prompts: list[str]) -> Level:
+                         prompts: list[str], seeded: bool = False) -> Level:
     level = Level(peer, clients)
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
@@ -169,8 +202,10 @@ async def measure_server(server: Server, peer: str, clients: int, requests: int,
         async def one_client(index: int) -> None:
             for turn in range(requests):
                 body = {"model": server.model["id"], "prompt": prompts[(index + turn) % len(prompts)],
-                        "max_tokens": max_tokens, "temperature": 1.0, "stream": True, "seed": index * 1000 + turn,
+                        "max_tokens": max_tokens, "temperature": 1.0, "stream": True,
                         "stream_options": {"include_usage": True}}
+                if seeded:
+                    body["seed"] = index * 1000 + turn
                 await stream_one(client, server.url, body, level)
 
         started = time.perf_counter()
@@ -232,30 +267,32 @@ def measure_transformers(run: str, device: str, batch: int, max_tokens: int, pro
     return level
 
 
-def measure_generate(run: str, device: str, max_tokens: int, prompts: list[str]) -> Level:
-    """lmforge's own one-prompt generation (what `lmforge sample` runs), in this process: the latency the
-    server at one client should match."""
+def measure_generate(run: str, device: str, threads: int | None, max_tokens: int, prompts: list[str]) -> Level:
+    """lmforge's own one-prompt generation (what `lmforge sample` runs, at its decoding threads), in this
+    process: the latency the server at one client should match."""
     import torch
 
+    from lmforge.hardware import decoding_threads
     from lmforge.infer.generate import generate
     from lmforge.infer.load import load_run
 
     loaded = load_run(run, device=device)
     model, tokenizer = loaded.model, loaded.tokenizer
     generator = torch.Generator(device=model.wte.weight.device).manual_seed(0)
-    list(generate(model, tokenizer.encode(prompts[0]), 4, generator=generator))  # warm-up
     level = Level("lmforge sample (generate, no server)", 1)
-    for index in range(3):
-        started = last = time.perf_counter()
-        tokens = generate(model, tokenizer.encode(prompts[index % len(prompts)]), max_tokens, temperature=1.0,
-                          generator=generator)
-        for count, _ in enumerate(tokens):
-            now = time.perf_counter()
-            (level.gaps if count else level.ttft).append(now - last)
-            last = now
-            level.tokens += 1
-        level.requests += 1
-        level.seconds += last - started
+    with decoding_threads(threads, loaded.config.model.n_embd, loaded.device):
+        list(generate(model, tokenizer.encode(prompts[0]), 4, generator=generator))  # warm-up
+        for index in range(3):
+            started = last = time.perf_counter()
+            tokens = generate(model, tokenizer.encode(prompts[index % len(prompts)]), max_tokens, temperature=1.0,
+                              generator=generator)
+            for count, _ in enumerate(tokens):
+                now = time.perf_counter()
+                (level.gaps if count else level.ttft).append(now - last)
+                last = now
+                level.tokens += 1
+            level.requests += 1
+            level.seconds += last - started
     return level
 
 
@@ -342,46 +379,95 @@ def row(level: Level, base: Level | None) -> str:
             + " | ".join(f"{value:.1f}" for value in ms) + f" | {level.errors} |")
 
 
+def goal_lines(measured: dict[tuple[str, int], Level], server: str, sample: Level, levels: list[int]) -> list[str]:
+    """The goals of issue 22 as ratios of this run (a goal whose client count was not measured is left out)."""
+    lines = []
+    if (server, 1) in measured:
+        alone = measured[server, 1]
+        lines.append(f"1 client tokens/s / lmforge sample: {rate(alone) / rate(sample):.2f} (goal >= 0.8)")
+        lines.append(f"1 client inter-token latency p50 / lmforge sample: "
+                     f"{percentile(alone.gaps, 0.5) / percentile(sample.gaps, 0.5):.2f} (goal <= 1.25)")
+    if (server, 16) in measured:
+        lines.append(f"16 clients' aggregate tokens/s / one lmforge sample stream: "
+                     f"{rate(measured[server, 16]) / rate(sample):.2f} (goal >= 5)")
+    return lines
+
+
+def peer_lines(measured: dict[tuple[str, int], Level], server: str, peer: str, levels: list[int]) -> list[str]:
+    """lmforge serve's aggregate tokens/s over the peer server's, at each client count (goals: >= 0.8 at 1 client,
+    >= 1 at 16)."""
+    goals = {1: " (goal >= 0.8)", 16: " (goal >= 1)"}
+    return [f"tokens/s at {clients} clients, {server} / {peer}: "
+            f"{rate(measured[server, clients]) / rate(measured[peer, clients]):.2f}{goals.get(clients, '')}"
+            for clients in levels]
+
+
+def load_average() -> str:
+    return f"{os.getloadavg()[0]:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="a run directory")
-    parser.add_argument("--clients", default="1,4,16,64", help="concurrency levels, comma-separated")
+    parser.add_argument("--clients", default="1,4,16", help="concurrency levels, comma-separated")
     parser.add_argument("--requests", type=int, default=2, help="streamed requests per client per level")
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--max-batch", type=int, default=64, help="the batched server's --max-batch")
+    parser.add_argument("--max-batch", type=int, default=16, help="the batched server's --max-batch")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--skip-peers", action="store_true", help="only the batched server")
+    parser.add_argument("--threads", type=int, help="--threads for lmforge serve and sample (default: theirs)")
+    parser.add_argument("--seeded", action="store_true", help="every request carries a seed (batch-invariant)")
+    parser.add_argument("--skip-peers", action="store_true", help="no --max-batch 1 server, no transformers")
+    parser.add_argument("--peer", choices=["llama-cpp"], help="a peer server under the same client load")
+    parser.add_argument("--gguf", help="the GGUF export of RUN, for --peer llama-cpp (lmforge export)")
     parser.add_argument("--soak", type=int, default=0, help="soak requests (the issue asks 2000); 0 skips it")
     parser.add_argument("--hang-seconds", type=float, default=120.0, help="a soak request taking longer is hung")
     args = parser.parse_args()
+    if (args.peer is None) != (args.gguf is None):
+        parser.error("--peer llama-cpp and --gguf FILE go together")
     levels = [int(value) for value in args.clients.split(",")]
     prompts = fitting_prompts(args.run, args.max_tokens)
     work = Path(tempfile.mkdtemp(prefix="lmforge-serve-bench-"))
+    load_before = load_average()
 
     measured: dict[tuple[str, int], Level] = {}
     rows: list[str] = []
     soak_result = None
-    batched, one_at_a_time = "lmforge serve", "lmforge serve --max-batch 1"
-    servers = [(batched, args.max_batch)] + ([] if args.skip_peers else [(one_at_a_time, 1)])
-    for name, max_batch in servers:
-        server = Server(args.run, max_batch, args.device, work / f"serve-{max_batch}.log")
+    batched, one_at_a_time, llama = "lmforge serve", "lmforge serve --max-batch 1", "llama.cpp server"
+    servers = [(batched, lambda: lmforge_server(args.run, args.max_batch, args.device, args.threads,
+                                                work / "serve.log"))]
+    if not args.skip_peers:
+        servers.append((one_at_a_time, lambda: lmforge_server(args.run, 1, args.device, args.threads,
+                                                              work / "serve-1.log")))
+    model = None
+    for name, start in servers:
+        server = start()
+        model = model or server.model
         try:
             asyncio.run(measure_server(server, name, 1, 1, 4, prompts))  # warm-up: first-call allocations
             for clients in levels:
-                level = asyncio.run(measure_server(server, name, clients, args.requests, args.max_tokens, prompts))
+                level = asyncio.run(measure_server(server, name, clients, args.requests, args.max_tokens, prompts,
+                                                   args.seeded))
                 measured[name, clients] = level
                 rows.append(row(level, measured[name, levels[0]]))
             if args.soak and name == batched:
                 soak_result = asyncio.run(soak(server, args.soak, args.max_tokens, prompts, args.hang_seconds))
-            model = server.model
         finally:
             server.close()
-    ratios = []
+    sample = measure_generate(args.run, args.device, args.threads, args.max_tokens, prompts)
+    rows.append(row(sample, None))
+    ratios = goal_lines(measured, batched, sample, levels)
+    if args.peer:
+        server = llama_cpp_server(args.gguf, model["context_length"], work / "llama-cpp.log")
+        try:
+            asyncio.run(measure_server(server, llama, 1, 1, 4, prompts))
+            for clients in levels:
+                measured[llama, clients] = asyncio.run(measure_server(server, llama, clients, args.requests,
+                                                                      args.max_tokens, prompts, args.seeded))
+                rows.append(row(measured[llama, clients], measured[llama, levels[0]]))
+        finally:
+            server.close()
+        ratios += peer_lines(measured, batched, llama, levels)
     if not args.skip_peers:
-        sample = measure_generate(args.run, args.device, args.max_tokens, prompts)
-        rows.append(row(sample, None))
-        ratios.append(f"inter-token latency p50 at 1 client / lmforge sample: "
-                      f"{percentile(measured[batched, levels[0]].gaps, 0.5) / percentile(sample.gaps, 0.5):.2f}")
         for clients in levels:
             ratios.append(f"tokens/s at {clients} clients, batched / --max-batch 1: "
                           f"{rate(measured[batched, clients]) / rate(measured[one_at_a_time, clients]):.2f}")
@@ -398,7 +484,8 @@ def main() -> None:
 
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, device {args.device}; model {model['id']} (context {model.get('context_length')}), "
-          f"{args.max_tokens} new tokens per request, {args.requests} requests per client")
+          f"{args.max_tokens} new tokens per request, {args.requests} requests per client"
+          f"{', seeded' if args.seeded else ''}; load average {load_before} before, {load_average()} after")
     print(f"command: python benchmarks/serve.py {' '.join(sys.argv[1:])}\n")
     print("| server | clients (batch) | requests | tokens | tokens/s | vs 1 client | TTFT p50 ms | TTFT p99 ms "
           "| ITL p50 ms | ITL p99 ms | errors |")

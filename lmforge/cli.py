@@ -78,6 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
+    from lmforge.hardware import decoding_threads
     from lmforge.infer.constrained import compile_format, format_from_flags
     from lmforge.infer.decode import stream_text
     from lmforge.infer.generate import generate
@@ -101,25 +102,26 @@ def cmd_sample(args: argparse.Namespace) -> None:
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
     output = None if output_format is None else compile_format(tokenizer, output_format)
     constraints = [None if output is None else output.constraint() for _ in range(args.num_samples)]
-    # The batched engine keeps each row's whole context in its cache and cannot slide it as `generate` does:
-    # samples longer than the context run one at a time.
-    if (args.num_samples > 1 and args.engine == "torch"
-            and len(prompt_ids) + args.max_new_tokens <= model.config.block_size):
-        print_batched_samples(model, tokenizer, prompt, prompt_ids, args, constraints)
-        return
-    generator = torch.Generator(device=loaded.device).manual_seed(args.seed)
-    for index, constraint in enumerate(constraints):
-        if args.num_samples > 1:
-            print(f"--- sample {index + 1} ---")
-        sys.stdout.write(prompt)
-        tokens = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, generator=generator, stop_token=tokenizer.eot_id,
-                          use_cache=args.engine == "torch", constraint=constraint)
-        for piece in stream_text(tokenizer, tokens):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        note_unfinished(index, constraint)
+    with decoding_threads(args.threads, loaded.config.model.n_embd, loaded.device):
+        # The batched engine keeps each row's whole context in its cache and cannot slide it as `generate` does:
+        # samples longer than the context run one at a time.
+        if (args.num_samples > 1 and args.engine == "torch"
+                and len(prompt_ids) + args.max_new_tokens <= model.config.block_size):
+            print_batched_samples(model, tokenizer, prompt, prompt_ids, args, constraints)
+            return
+        generator = torch.Generator(device=loaded.device).manual_seed(args.seed)
+        for index, constraint in enumerate(constraints):
+            if args.num_samples > 1:
+                print(f"--- sample {index + 1} ---")
+            sys.stdout.write(prompt)
+            tokens = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, generator=generator, stop_token=tokenizer.eot_id,
+                              use_cache=args.engine == "torch", constraint=constraint)
+            for piece in stream_text(tokenizer, tokens):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            note_unfinished(index, constraint)
 
 
 def note_unfinished(index: int, constraint: GrammarConstraint | None) -> None:

@@ -8,7 +8,7 @@ import torch
 from lmforge.data.tokenizer import BPETokenizer, CharTokenizer
 from lmforge.infer.batched import BatchedEngine, GenerationRequest, generate_batch
 from lmforge.infer.decode import TextStream
-from lmforge.infer.generate import generate
+from lmforge.infer.generate import generate, sample_next, sample_rows
 from lmforge.model.factory import build_model
 
 TOKENIZER = CharTokenizer("abcdefghijklmnopqrstuvwxyz .,")
@@ -108,6 +108,63 @@ def test_seeded_sampling_matches_generate_with_the_same_seed(tiny_config):
     batched = generate_batch(model, TOKENIZER, prompts, MAX_TOKENS, temperature=0.9, top_k=10, top_p=0.9,
                              seeds=seeds)
     assert [c.tokens for c in batched] == alone
+
+
+# Twenty prompts of mixed lengths for the seeded-invariance test: more than one batch of 16, so requests join
+# as others leave.
+SEEDED_PROMPTS = [" ".join(PROMPTS[i % 5].split()[: 1 + i % 3]) + "," * (i // 5) for i in range(20)]
+SEEDED_SAMPLING = {"temperature": 1.0, "top_k": 12, "top_p": 0.95}
+
+
+def run_engine(model, requests: list[dict], max_batch: int = 16) -> tuple[list[list], BatchedEngine]:
+    """Each request's events (every token's log-probabilities over the whole vocabulary included)."""
+    engine = BatchedEngine(model, TOKENIZER, max_batch=max_batch)
+    events: list[list] = [[] for _ in requests]
+    for request, received in zip(requests, events, strict=True):
+        engine.submit(GenerationRequest(emit=received.append, logprobs=TOKENIZER.vocab_size, **request))
+    while engine.has_work():
+        engine.step()
+    return events, engine
+
+
+def tokens_and_logprobs(events: list) -> tuple[list[int], list[list]]:
+    return [event.token for event in events], [sorted(event.top_logprobs) for event in events]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_seeded_sampled_tokens_are_the_same_alone_and_among_fifteen_others(arch, tiny_config):
+    """A seeded request at temperature 1 with top-k and top-p gets the same tokens, and bit for bit the same
+    log-probabilities, alone and decoded beside 15 others (seeded ones, or unseeded and greedy ones)."""
+    model = tiny_model(tiny_config, ARCHS[arch])
+    requests = [{"prompt": TOKENIZER.encode(prompt), "max_tokens": MAX_TOKENS, "seed": 1000 + index,
+                 **SEEDED_SAMPLING} for index, prompt in enumerate(SEEDED_PROMPTS)]
+    alone = [tokens_and_logprobs(run_engine(model, [request])[0][0]) for request in requests]
+    assert len({tuple(tokens) for tokens, _ in alone}) > 10  # the draws differ from request to request
+
+    together, engine = run_engine(model, requests)
+    assert max(engine.counters.rows_per_step) == 16
+    assert [tokens_and_logprobs(events) for events in together] == alone
+
+    unseeded_neighbours = [{**request, "seed": None, "temperature": index % 2} for index, request in
+                           enumerate(requests[1:16])]  # half greedy, half sampled without a seed
+    among_others, _ = run_engine(model, [requests[0], *unseeded_neighbours])
+    assert tokens_and_logprobs(among_others[0]) == alone[0]
+
+
+def test_sampling_rows_together_draws_what_each_row_draws_alone():
+    """The batched sampler gives each row the token it gets sampled alone (as `generate` samples), whatever the
+    other rows' temperature, top-k and top-p."""
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(0)) * 3
+    params = [(1.0, None, None), (0.7, 5, None), (1.3, None, 0.8), (0.0, None, None), (1.0, 3, 0.5), (2.0, 40, 1.0)]
+    drawn = set()
+    for trial in range(40):
+        seeds = [100 * trial + row for row in range(len(params))]
+        alone = [sample_next(row_logits, temperature=t, top_k=k, top_p=p, generator=torch.Generator().manual_seed(seed))
+                 for row_logits, (t, k, p), seed in zip(logits, params, seeds, strict=True)]
+        together = sample_rows(logits, *zip(*params, strict=True), [torch.Generator().manual_seed(s) for s in seeds])
+        assert together == alone
+        drawn.update(enumerate(together))
+    assert len(drawn) > 3 * len(params)  # the draws really vary
 
 
 def test_cancelled_and_finished_rows_free_their_slots_for_waiting_requests(tiny_config):

@@ -9,6 +9,7 @@ from lmforge.arguments.flags import (
     MAX_NEW_TOKENS,
     MAX_SAMPLES,
     NEW_TOKENS,
+    POSITIVE_INT,
     PROBABILITY,
     SEED,
     TEMPERATURE,
@@ -22,6 +23,8 @@ from lmforge.serve.cli import API_KEY_ENV, DEFAULT_MAX_CONNECTIONS, MAX_BODY_BYT
 
 Commands = argparse._SubParsersAction
 RUN_HELP = "run directory or a checkpoint directory inside one"
+THREADS_HELP = ("torch intra-op threads for decoding (default: 1 on a CPU for a model at most 512 wide, "
+                "else one per core; see docs/serve.md)")
 TOP_P_HELP = "sample among the most likely tokens that make up this probability, in (0, 1]"
 
 
@@ -45,6 +48,7 @@ def add_sample(commands: Commands) -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=size_flag(MAX_SAMPLES), default=1,
                    help=f"samples to generate (at most {MAX_SAMPLES})")
     p.add_argument("--seed", type=SEED, default=1337)
+    p.add_argument("--threads", type=POSITIVE_INT, help=THREADS_HELP)
     add_allow_unknown(p)
     add_output_format(p)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -121,4 +125,5 @@ def add_serve(commands: Commands) -> argparse.ArgumentParser:
                    help="seconds an idle connection stays open between requests")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds SIGTERM waits for requests")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=POSITIVE_INT, help=THREADS_HELP)
     return p

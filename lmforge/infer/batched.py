@@ -15,6 +15,15 @@ The batched cache per architecture (`BatchedEngine.cache_kind`):
 - "none" (bigram, Bengio's MLP): no state to carry; each row recomputes its window, one row at a time
   (`batches_decoding` is False).
 
+Seeded batch invariance: a row's arithmetic must not depend on who else is decoding, or a seeded request's
+draws would see slightly different probabilities beside other requests than alone. CPU and GPU matrix products
+give each row the same bits only at the same shape (a product of 1 row and one of 16 round differently), and
+attention over a longer padded span rounds differently too. So a decode step that holds a seeded request at a
+positive temperature runs at one fixed shape (`_decode_fixed`): every slot (a free one decodes a dummy token that
+nothing reads) plus an anchor cache row whose length makes every row attend over the whole context under its
+mask. Its rows then get the same logits, bit for bit, alone or among any others; each request draws from its
+own torch.Generator seeded with its seed, so its tokens are the same too. Other steps run only the active rows.
+
 Text: each row's `TextStream` (lmforge/infer/decode.py) turns its tokens into text deltas that never end inside
 a multi-byte character or a possible stop string, and finds stop strings.
 """
@@ -34,7 +43,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.hardware import available_memory_bytes
 from lmforge.infer.decode import TextStream
-from lmforge.infer.generate import TokenConstraint, sample_next
+from lmforge.infer.generate import TokenConstraint, sample_rows
 from lmforge.infer.sampling import SamplingParams
 from lmforge.model.gpt import KVCache
 from lmforge.model.recurrent import RecurrentState
@@ -120,7 +129,8 @@ class BatchedEngine:
             else "none"
         self.batches_decoding = self.cache_kind != "none"
         self._check_memory(probe)
-        self.cache = model.new_cache(max_batch, self.device, self.dtype) if self.cache_kind == "kv" else None
+        # The last cache row is the anchor of fixed-shape steps (`_decode_fixed`), never a request's.
+        self.cache = model.new_cache(max_batch + 1, self.device, self.dtype) if self.cache_kind == "kv" else None
         self.hidden: tuple[torch.Tensor, ...] | None = None  # recurrent: (layers, slots, width) per part
         self.rows: dict[int, _Row] = {}
         self.waiting: deque[GenerationRequest] = deque()
@@ -206,9 +216,17 @@ class BatchedEngine:
                 return
             self.counters.steps += 1
             self.counters.rows_per_step = (self.counters.rows_per_step + [len(active)])[-64:]
-            greedy = logits.argmax(-1).tolist()  # one device sync for every greedy row, not one per row
-            for row, row_logits, best in zip(active, logits, greedy, strict=True):
-                self._sampled(row, row_logits, greedy_token=best)
+            active, logits, allowed = self._allowed(active, logits)
+            if not active:
+                return
+            try:
+                tokens = self._sample(active, allowed)  # every row at once: one device sync, a few operations
+            except Exception as err:
+                for row in active:
+                    self._finish(row, GenerationEvent(finish_reason="error", error=f"{type(err).__name__}: {err}"))
+                return
+            for row, row_logits, token in zip(active, logits, tokens, strict=True):
+                self._sampled(row, row_logits, token)
 
     def fail_all(self, message: str) -> None:
         """End every waiting and active request with an error (the engine is stopping)."""
@@ -235,7 +253,9 @@ class BatchedEngine:
                 event.finish_reason = "length"
                 self._finish(row, event)
                 return
-            self._sampled(row, logits[0, -1], event)
+            rows, last, allowed = self._allowed([row], logits[0, -1:])
+            if rows:  # else its constraint could not go on, and it is finished
+                self._sampled(row, last[0], self._sample(rows, allowed)[0], event)
         except Exception as err:  # this request's failure is its own
             self._finish(row, GenerationEvent(finish_reason="error", error=f"{type(err).__name__}: {err}"))
 
@@ -263,6 +283,8 @@ class BatchedEngine:
 
     def _decode(self, rows: list[_Row]) -> torch.Tensor:
         """Next-token logits (rows, vocab) after feeding each row its last sampled token."""
+        if self.batches_decoding and any(_needs_fixed_shape(row.request) for row in rows):
+            return self._decode_fixed(rows)
         tokens = torch.tensor([[row.next_token] for row in rows], device=self.device)
         if self.cache_kind == "kv":
             logits, _ = self.model(tokens, cache=self.cache.select([row.slot for row in rows]))
@@ -283,24 +305,65 @@ class BatchedEngine:
             row.length += 1
         return logits
 
-    def _sampled(self, row: _Row, logits: torch.Tensor, event: GenerationEvent | None = None,
-                 greedy_token: int | None = None) -> None:
-        """Sample the row's next token from its logits (at temperature 0: `greedy_token`, their argmax, when the
-        caller has it), report it, and finish the row if it is done."""
+    def _decode_fixed(self, rows: list[_Row]) -> torch.Tensor:
+        """`_decode` at the one shape every step of this engine shares, whoever is active: all `max_batch` slots
+        (and, for a transformer, the anchor row at the end of the context, so that every row attends over the
+        whole context under its own mask). A row's logits are then the same bits alone or beside any others."""
+        tokens = torch.zeros((self.max_batch + (self.cache_kind == "kv"), 1), dtype=torch.long)
+        slots = [row.slot for row in rows]
+        tokens[slots, 0] = torch.tensor([row.next_token for row in rows])
+        tokens = tokens.to(self.device)
+        if self.cache_kind == "kv":
+            for slot in range(self.max_batch):
+                if slot not in self.rows:
+                    self.cache.reset(slot)  # a free slot decodes a dummy token from position 0
+            self.cache.lengths[self.max_batch] = self.block_size - 1  # the anchor: the span is the whole context
+            logits, _ = self.model(tokens, cache=self.cache)
+        else:
+            state = RecurrentState(hidden=self.hidden if len(self.hidden) == 2 else self.hidden[0])
+            logits, _ = self.model(tokens, cache=state)
+            self.hidden = state.hidden if isinstance(state.hidden, tuple) else (state.hidden,)
+        for row in rows:
+            row.length += 1
+        return logits[slots, -1]
+
+    def _allowed(self, rows: list[_Row], logits: torch.Tensor) -> tuple[list[_Row], torch.Tensor, torch.Tensor]:
+        """The rows (with their logits) and, for each, the logits its constraint allows (-inf elsewhere; the
+        logits themselves for a row without one). A row whose constraint cannot go on is finished with the
+        error and left out."""
+        if all(row.request.constraint is None for row in rows):
+            return rows, logits, logits
+        kept, raw, allowed = [], [], []
+        for row, row_logits in zip(rows, logits, strict=True):
+            try:
+                masked = row_logits if row.request.constraint is None else row.request.constraint.mask(row_logits)
+            except Exception as err:
+                self._finish(row, GenerationEvent(finish_reason="error", error=f"{type(err).__name__}: {err}"))
+                continue
+            kept.append(row)
+            raw.append(row_logits)
+            allowed.append(masked)
+        if not kept:
+            return [], logits[:0], logits[:0]
+        return kept, torch.stack(raw), torch.stack(allowed)
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Each row's next token from its logits (rows, vocab), with its own sampling values and generator."""
+        requests = [row.request for row in rows]
+        return sample_rows(logits, [r.temperature for r in requests], [r.top_k for r in requests],
+                           [r.top_p for r in requests], [row.generator for row in rows])
+
+    def _sampled(self, row: _Row, logits: torch.Tensor, token: int, event: GenerationEvent | None = None) -> None:
+        """Report the row's sampled token (with its log-probabilities from `logits` when asked), and finish the
+        row if it is done."""
         event = event or GenerationEvent()
         request = row.request
-        try:
-            allowed_logits = logits if request.constraint is None else request.constraint.mask(logits)
-            if request.temperature == 0 and greedy_token is not None and request.constraint is None:
-                token = greedy_token
-            else:
-                token = sample_next(allowed_logits, temperature=request.temperature, top_k=request.top_k,
-                                    top_p=request.top_p, generator=row.generator)
-            if request.constraint is not None:
+        if request.constraint is not None:
+            try:
                 request.constraint.accept(token)
-        except Exception as err:
-            self._finish(row, GenerationEvent(finish_reason="error", error=f"{type(err).__name__}: {err}"))
-            return
+            except Exception as err:
+                self._finish(row, GenerationEvent(finish_reason="error", error=f"{type(err).__name__}: {err}"))
+                return
         row.generated += 1
         self.counters.generated_tokens += 1
         if request.logprobs is not None:
@@ -336,6 +399,11 @@ class BatchedEngine:
         row.finished = True
         self.rows.pop(row.slot, None)
         _deliver(row.request, event)
+
+
+def _needs_fixed_shape(request: GenerationRequest) -> bool:
+    """A seeded request that samples: its tokens must not depend on the batch it shares."""
+    return request.seed is not None and request.temperature > 0
 
 
 def _top(logprobs: torch.Tensor, count: int) -> TopLogprobs:

@@ -31,25 +31,59 @@ class TokenConstraint(Protocol):
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,
                 generator: torch.Generator | None) -> int:
-    """One token id from logits (vocab,): greedy at temperature 0, else softmax(logits / T), optionally
-    kept to the k likeliest tokens and to the smallest set whose probability reaches top_p (the likeliest token
-    always stays). Defined for every value SamplingParams allows (lmforge/infer/sampling.py): the logits are
-    shifted so that their maximum is 0 before the division, in float64, so a tiny temperature sends every other
-    logit to -inf instead of turning the maximum into inf - inf = NaN."""
-    if temperature == 0:
-        return int(logits.argmax())
-    logits = logits.double()
-    logits = (logits - logits.max()) / temperature
-    if top_k is not None and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probabilities = sorted_logits.softmax(-1)
-        drop = probabilities.cumsum(-1) - probabilities >= top_p  # tokens entirely beyond the nucleus
-        drop[0] = False  # the likeliest token is kept however small top_p is
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+    """One token id from logits (vocab,): `sample_rows` for one row."""
+    return sample_rows(logits[None], [temperature], [top_k], [top_p], [generator])[0]
+
+
+def sample_rows(logits: torch.Tensor, temperatures: Sequence[float], top_ks: Sequence[int | None],
+                top_ps: Sequence[float | None], generators: Sequence[torch.Generator | None]) -> list[int]:
+    """One token id per row of logits (rows, vocab), each row with its own sampling values and generator: greedy
+    at temperature 0, else softmax(logits / T), optionally kept to the k likeliest tokens (and any tied with the
+    k-th) and then to the smallest set whose probability reaches top_p (the likeliest token always stays).
+
+    Defined for every value SamplingParams allows (lmforge/infer/sampling.py): the logits are shifted so that
+    their maximum is 0 before the division, in float64, so a tiny temperature sends every other logit to -inf
+    instead of turning the maximum into inf - inf = NaN. Each sampled row draws exactly one uniform number from
+    its own generator and takes the token where its cumulative probability (in vocabulary order) passes it, so a
+    row's token depends on its logits and its generator alone: the same one row at a time (`generate`) or many at
+    once (the batched engine). A cut-off a row does not ask for leaves its logits exactly as they are, so it does
+    not matter whether another row of the batch asked for one; the cut-offs are skipped when no row asks."""
+    sampled = [row for row, temperature in enumerate(temperatures) if temperature != 0]
+    every_row = len(sampled) == len(temperatures)
+    tokens = None if every_row else logits.argmax(-1)  # greedy rows keep these
+    if not sampled:
+        return tokens.tolist()
+    device = logits.device
+    logits = logits.double() if every_row else logits[sampled].double()
+    vocab = logits.size(-1)
+    scales = [temperatures[row] for row in sampled]
+    scale = scales[0] if len(set(scales)) == 1 else torch.tensor(scales, dtype=torch.float64, device=device)[:, None]
+    logits = (logits - logits.max(-1, keepdim=True).values) / scale
+    kept = [min(top_ks[row] or vocab, vocab) for row in sampled]
+    if min(kept) < vocab:
+        kth = torch.tensor([k - 1 for k in kept], device=device)[:, None]
+        logits = logits.masked_fill(logits < logits.sort(dim=-1, descending=True).values.gather(1, kth), float("-inf"))
+    nucleus = [top_ps[row] or 1.0 for row in sampled]
+    if min(nucleus) < 1:
+        ordered, order = logits.sort(dim=-1, descending=True, stable=True)
+        probabilities = ordered.softmax(-1)
+        # Tokens entirely beyond the nucleus; a row at 1 drops nothing (its mass before a token stays below 1).
+        drop = probabilities.cumsum(-1) - probabilities >= torch.tensor(nucleus, dtype=torch.float64,
+                                                                        device=device)[:, None]
+        drop[:, 0] = False  # the likeliest token is kept however small top_p is
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    cumulative = logits.softmax(-1).cumsum(-1)
+    draws = [torch.rand(1, generator=generators[row], dtype=torch.float64, device=device) for row in sampled]
+    uniform = draws[0] if len(draws) == 1 else torch.cat(draws)
+    total = cumulative[:, -1:]
+    # The first token whose cumulative probability exceeds the draw: one of positive probability, never a dropped
+    # one (the draw stays below the total, in case u * total rounds up to it).
+    target = torch.minimum(uniform[:, None] * total, total * (1 - 2**-52))
+    drawn = (cumulative <= target).sum(-1)
+    if every_row:
+        return drawn.tolist()
+    tokens[sampled] = drawn
+    return tokens.tolist()  # the one wait for the device
 
 
 @torch.no_grad()

@@ -136,6 +136,8 @@ def run_server(args: argparse.Namespace) -> None:
 
     import uvicorn
 
+    from lmforge.hardware import decoding_threads
+
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     sock = bind(args.host, args.port)
     try:
@@ -158,8 +160,11 @@ def run_server(args: argparse.Namespace) -> None:
             if sig == signal.SIGTERM:
                 self._captured_signals.remove(sig)
 
+    engine = app.state.server.engine
     host, port = sock.getsockname()[:2]
     model = app.state.server.model_card()
-    print(f"lmforge serve: {model['id']} ({model['arch']}, context {model['context_length']}) on "
-          f"http://{host}:{port}  (API at /v1, Ctrl-C or SIGTERM to stop)", file=sys.stderr, flush=True)
-    DrainingServer(config).run(sockets=[sock])
+    with decoding_threads(args.threads, engine.model.config.n_embd, engine.device) as threads:
+        print(f"lmforge serve: {model['id']} ({model['arch']}, context {model['context_length']}, {threads} "
+              f"decoding thread{'s' if threads > 1 else ''}) on http://{host}:{port}  (API at /v1, Ctrl-C or "
+              "SIGTERM to stop)", file=sys.stderr, flush=True)
+        DrainingServer(config).run(sockets=[sock])
