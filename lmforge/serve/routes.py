@@ -3,9 +3,10 @@ schemas.py, read within the server's limits) and the app's `Server` as dependenc
 
 | route | what |
 |---|---|
-| GET /v1/models, /v1/models/{id} | the one model: its context length and how it batches |
+| GET /v1/models, /v1/models/{id} | the one model: its context length and how it batches (a classifier: its labels) |
 | POST /v1/completions | prompt (string, list, token ids), echo, logprobs, n, stop, seed, stream, top_k |
 | POST /v1/chat/completions | messages through the run's chat template (lmforge.data.template) |
+| POST /v1/classify, /classify | a classify run's labels with probabilities for each input (vLLM's shape) |
 | GET /tokenizer_info, POST /tokenize, /detokenize | the run's tokenizer (lm-eval's remote tokenizer) |
 | GET /health, /metrics, / | liveness, Prometheus text, the playground (lmforge/serve/static/index.html) |
 """
@@ -18,10 +19,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
+from lmforge.serve.classify import classification
 from lmforge.serve.errors import model_not_found
 from lmforge.serve.responses import ChatCompletion, TextCompletion, respond
 from lmforge.serve.schemas import (
     ChatCompletionRequest,
+    ClassifyRequest,
     CompletionRequest,
     DetokenizeRequest,
     RequestT,
@@ -125,6 +128,16 @@ async def chat_completions(request: Annotated[ChatCompletionRequest, body(ChatCo
     completion = ChatCompletion(server.settings.model_name, len(requests), len(prompt))
     return await respond(completion, server.events(requests, arrived), stream=request.stream,
                          include_usage=request.include_usage)
+
+
+@router.post("/v1/classify")
+@router.post("/classify")  # vLLM's path
+async def classify(request: Annotated[ClassifyRequest, body(ClassifyRequest)], server: ServerDep) -> dict:
+    sequences = request.token_ids(server.tokenizer, server.context)
+    server.metrics.prompt_tokens.inc(sum(len(ids) for ids in sequences))
+    probabilities = await server.classifier.classify(sequences)
+    return classification(server.settings.model_name, server.classifier.labels, probabilities,
+                          sum(len(ids) for ids in sequences))
 
 
 @router.get("/", include_in_schema=False)

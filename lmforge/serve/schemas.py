@@ -25,10 +25,12 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.infer.sampling import SamplingError, SamplingParams
 from lmforge.serve.errors import ApiError, model_not_found
+from lmforge.tasks.kinds import encode_texts
 
 if TYPE_CHECKING:
     from lmforge.serve.server import ServeSettings
 
+GENERATOR, CLASSIFIER = "generator", "classifier"  # what a served model does: generate text, or predict labels
 MAX_STOP_STRINGS = 4
 MAX_LOGPROBS = 20
 MAX_N = 64
@@ -49,6 +51,7 @@ class ApiRequest(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
     UNSUPPORTED: ClassVar[dict[str, str]] = {}
+    serves: ClassVar[str | None] = None  # GENERATOR or CLASSIFIER: the model the route needs (None: either)
 
     @model_validator(mode="before")
     @classmethod
@@ -87,6 +90,7 @@ ALLOW_UNKNOWN = "true or false (true: read unknown characters as the unknown tok
 class SamplingRequest(ApiRequest):
     """What completions and chat completions share: the model, how many tokens, how to sample, how to answer."""
 
+    serves = GENERATOR
     model: str = Field(description="a string naming the model (GET /v1/models lists it)")
     max_tokens: int | None = Field(None, ge=0, description="an integer, 0 or more")
     max_completion_tokens: int | None = Field(None, ge=0, description="an integer, 0 or more")
@@ -105,10 +109,7 @@ class SamplingRequest(ApiRequest):
     @field_validator("model")
     @classmethod
     def _served(cls, model: str, info: ValidationInfo) -> str:
-        served = _settings(info).model_name
-        if model != served:
-            raise refusal(model_not_found(model, served))
-        return model
+        return served_model(model, info)
 
     @field_validator("max_tokens", "max_completion_tokens")
     @classmethod
@@ -188,6 +189,49 @@ class ChatCompletionRequest(SamplingRequest):
         return conversation_ids(self.messages, self.allow_unknown, tokenizer, template)
 
 
+class ClassifyRequest(ApiRequest):
+    """POST /v1/classify (and vLLM's /classify): texts for a classify run to label."""
+
+    serves = CLASSIFIER
+    UNSUPPORTED = {"response_format": "by a classifier: it answers labels with their probabilities"}
+    model: str = Field(description="a string naming the model (GET /v1/models lists it)")
+    input: str | Annotated[list[str], Field(min_length=1)] = Field(
+        description="a string or a non-empty list of strings (the texts to classify)")
+    allow_unknown: bool = Field(False, description=ALLOW_UNKNOWN)
+
+    @field_validator("model")
+    @classmethod
+    def _served(cls, model: str, info: ValidationInfo) -> str:
+        return served_model(model, info)
+
+    @field_validator("input")
+    @classmethod
+    def _texts_to_queue(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
+        """At most --max-queue texts (more could never all wait at once: retrying cannot help), none empty."""
+        texts = [value] if isinstance(value, str) else value
+        limit = _settings(info).max_queue
+        if len(texts) > limit:
+            raise refusal(ApiError(400, f"'input' holds {len(texts)} texts, more than the {limit} this server "
+                                        "queues at once (lmforge serve --max-queue); send fewer per request",
+                                   param="input", code="too_many_inputs"))
+        empty = next((index for index, text in enumerate(texts) if not text), None)
+        if empty is not None:
+            where = "" if isinstance(value, str) else f" (input[{empty}])"
+            raise refusal(ApiError(400, f"'input' must hold non-empty texts to classify{where}", param="input"))
+        return value
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else self.input
+
+    def token_ids(self, tokenizer: Tokenizer, block_size: int) -> list[list[int]]:
+        """Each text as token ids, a text longer than the context cut to its last `block_size` tokens, as
+        `lmforge predict` reads it."""
+        for text in self.texts:
+            check_known(tokenizer, text, self.allow_unknown, "input")
+        return encode_texts(tokenizer, self.texts, block_size)[0]
+
+
 class TokenizeRequest(ApiRequest):
     """POST /tokenize: a prompt, or the messages of a chat through the run's template."""
 
@@ -224,6 +268,14 @@ def conversation_ids(messages: list[ChatMessage], allow_unknown: bool, tokenizer
         check_known(tokenizer, message.content, allow_unknown, "messages")
     ids, _ = template.encode([m.as_dict() for m in messages], tokenizer, add_generation_prompt=True)
     return ids
+
+
+def served_model(model: str, info: ValidationInfo) -> str:
+    """The request's `model`: the served one, else a 404 naming it."""
+    served = _settings(info).model_name
+    if model != served:
+        raise refusal(model_not_found(model, served))
+    return model
 
 
 def check_known(tokenizer: Tokenizer, text: str, allow_unknown: bool, param: str) -> None:
