@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 
@@ -151,6 +152,42 @@ def test_a_client_leaving_mid_stream_frees_its_slot(live_server):
         assert engine.active_count() == 0 and engine.counters.cancelled == cancelled + 1
     finally:
         engine.step = step
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {PATIENCE} s for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("route, body", [("/v1/completions", {"prompt": "a"}),
+                                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]})])
+def test_a_client_leaving_before_its_whole_answer_frees_its_slot(live_server, route, body):
+    engine = live_server.engine
+    gate = threading.Event()  # holds the engine in the request's first forward pass until the client has left
+
+    def hold(module, args) -> None:  # a pre-hook's return value would replace the forward's arguments
+        gate.wait(PATIENCE)
+
+    hook = engine.model.register_forward_pre_hook(hold)
+    cancelled = engine.counters.cancelled
+    payload = json.dumps({"model": "tiny-served", "max_tokens": 20, "temperature": 0, **body}).encode()
+    host, port = live_server.url.removeprefix("http://").split(":")
+    try:
+        with socket.create_connection((host, int(port))) as connection:
+            connection.sendall(f"POST {route} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                               f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+            wait_until(lambda: engine.active_count() == 1, "the request to take a slot")
+        wait_until(lambda: all(row.request.cancelled for row in list(engine.rows.values())),
+                   "the server to cancel the request of the client that left")
+    finally:
+        gate.set()
+        hook.remove()
+    wait_until(lambda: engine.active_count() == 0, "the slot to be freed")
+    assert engine.counters.cancelled == cancelled + 1
+    metrics = http.get(live_server.url + "/metrics").text
+    assert f'lmforge_requests_total{{endpoint="{route}",status="499"}}' in metrics
 
 
 def error(response: httpx.Response) -> dict:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from lmforge.serve.classify import classification
 from lmforge.serve.errors import model_not_found
@@ -31,7 +31,7 @@ from lmforge.serve.schemas import (
     TokenizeRequest,
     fit_max_tokens,
 )
-from lmforge.serve.server import Server, get_server
+from lmforge.serve.server import Server, get_server, unless_client_leaves
 
 STATIC_DIR = Path(__file__).parent / "static"
 router = APIRouter()
@@ -100,7 +100,7 @@ async def detokenize(request: Annotated[DetokenizeRequest, body(DetokenizeReques
 
 @router.post("/v1/completions")
 async def completions(request: Annotated[CompletionRequest, body(CompletionRequest)], server: ServerDep,
-                      arrived: Arrival) -> Response:
+                      arrived: Arrival, connection: Request) -> Response:
     sampling = request.to_sampling_params()
     prompts = request.prompt_ids(server.tokenizer)
     max_tokens = request.max_tokens_per_choice
@@ -112,13 +112,13 @@ async def completions(request: Annotated[CompletionRequest, body(CompletionReque
     completion = TextCompletion(server.tokenizer, server.settings.model_name,
                                 [prompts[i // request.n] for i in range(len(requests))],
                                 sum(len(prompt) for prompt in prompts), echo=request.echo, logprobs=request.logprobs)
-    return await respond(completion, server.events(requests, arrived), stream=request.stream,
-                         include_usage=request.include_usage)
+    return await unless_client_leaves(connection, respond(completion, server.events(requests, arrived),
+                                                          stream=request.stream, include_usage=request.include_usage))
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Annotated[ChatCompletionRequest, body(ChatCompletionRequest)],
-                           server: ServerDep, arrived: Arrival) -> Response:
+                           server: ServerDep, arrived: Arrival, connection: Request) -> Response:
     sampling = request.to_sampling_params()
     prompt = request.prompt_ids(server.tokenizer, server.template)
     max_tokens = fit_max_tokens(len(prompt), request.requested_tokens, server.context,
@@ -126,18 +126,24 @@ async def chat_completions(request: Annotated[ChatCompletionRequest, body(ChatCo
     requests = server.requests_for([prompt], request, sampling, max_tokens,
                                    stop=server.template.stop_texts() + request.stop_texts)
     completion = ChatCompletion(server.settings.model_name, len(requests), len(prompt))
-    return await respond(completion, server.events(requests, arrived), stream=request.stream,
-                         include_usage=request.include_usage)
+    return await unless_client_leaves(connection, respond(completion, server.events(requests, arrived),
+                                                          stream=request.stream, include_usage=request.include_usage))
 
 
 @router.post("/v1/classify")
 @router.post("/classify")  # vLLM's path
-async def classify(request: Annotated[ClassifyRequest, body(ClassifyRequest)], server: ServerDep) -> dict:
+async def classify(request: Annotated[ClassifyRequest, body(ClassifyRequest)], server: ServerDep,
+                   connection: Request) -> Response:
     sequences = request.token_ids(server.tokenizer, server.context)
-    server.metrics.prompt_tokens.inc(sum(len(ids) for ids in sequences))
-    probabilities = await server.classifier.classify(sequences)
-    return classification(server.settings.model_name, server.classifier.labels, probabilities,
-                          sum(len(ids) for ids in sequences))
+    prompt_tokens = sum(len(ids) for ids in sequences)
+    server.metrics.prompt_tokens.inc(prompt_tokens)
+
+    async def answer() -> Response:
+        probabilities = await server.classifier.classify(sequences)
+        return JSONResponse(classification(server.settings.model_name, server.classifier.labels, probabilities,
+                                           prompt_tokens))
+
+    return await unless_client_leaves(connection, answer())
 
 
 @router.get("/", include_in_schema=False)

@@ -6,13 +6,16 @@ depth and time limits, then validated as its pydantic model, on a route for what
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 
 from fastapi import Request
+from fastapi.responses import Response
 from starlette.datastructures import Headers
 
 from lmforge.data.template import ChatTemplate
@@ -20,11 +23,12 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.infer.batched import BatchedEngine, GenerationEvent, GenerationRequest
 from lmforge.infer.sampling import SamplingParams
 from lmforge.serve.classify import ClassifyEngine
-from lmforge.serve.errors import ApiError
+from lmforge.serve.errors import CLIENT_CLOSED_REQUEST, ApiError
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.scheduler import Scheduler
 from lmforge.serve.schemas import CLASSIFIER, GENERATOR, RequestT, SamplingRequest, validate_request
 
+log = logging.getLogger("lmforge.serve")
 MAX_JSON_DEPTH = 32  # the deepest request is a list of messages (3 levels); deeper bodies are probes
 
 
@@ -169,6 +173,37 @@ class Server:
             unfinished = [r for r, done in zip(requests, finished, strict=True) if not done]
             if unfinished:
                 self.scheduler.cancel(unfinished)
+
+
+async def unless_client_leaves(connection: Request, answer: Awaitable[Response]) -> Response:
+    """`answer`, awaited while watching the connection: a client that goes away first has its work cancelled
+    (its generation's slots freed, its inputs to classify dropped) and is counted with a 499. A streamed answer
+    watches its own connection once it has started (responses.py); this covers the wait before it, and the
+    whole of an answer sent at once."""
+    work = asyncio.ensure_future(answer)
+    gone = asyncio.ensure_future(_disconnected(connection))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the handler itself is cancelled (the server is stopping)
+        gone.cancel()
+        work.cancel()
+        raise
+    gone.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):  # nobody is left to tell how it ended
+        await work
+    log.info("%s %s: the client disconnected before its answer was ready", connection.method, connection.url.path)
+    return ApiError(CLIENT_CLOSED_REQUEST, "the client closed the connection before its answer was ready",
+                    code="client_closed_request").response()
+
+
+async def _disconnected(connection: Request) -> None:
+    """Returns once the client has closed the connection (the request's body has been read whole, so the
+    next ASGI message is the disconnect)."""
+    while (await connection.receive())["type"] != "http.disconnect":
+        pass
 
 
 def get_server(request: Request) -> Server:
