@@ -136,6 +136,34 @@ def test_echo_with_max_tokens_0_returns_the_prompts_logprobs(live_server, served
     assert answer["usage"]["completion_tokens"] == 0
 
 
+def test_chat_logprobs_are_the_completion_logprobs_of_its_prompt_streamed_or_not(live_server, served_run):
+    tokenizer = load_run(served_run).tokenizer
+    messages = [{"role": "user", "content": "Hello there"}]
+    prompt, _ = ChatTemplate().encode(messages, tokenizer, add_generation_prompt=True)
+    api = client(live_server)
+    asked = dict(model="tiny-served", messages=messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+    chat = api.chat.completions.create(**asked).choices[0]
+    chunks = list(api.chat.completions.create(**asked, stream=True))
+    streamed = [entry for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
+                for entry in chunk.choices[0].logprobs.content]
+    completion = api.completions.create(model="tiny-served", prompt=prompt, max_tokens=12, temperature=0,
+                                        logprobs=3, stop=ChatTemplate().stop_texts()).choices[0]
+    expected = completion.logprobs
+    for content in (chat.logprobs.content, streamed):
+        assert [entry.token for entry in content] == expected.tokens
+        assert [entry.logprob for entry in content] == pytest.approx(expected.token_logprobs, abs=1e-5)
+        for entry, top in zip(content, expected.top_logprobs, strict=True):
+            assert entry.bytes == list(entry.token.encode())
+            assert {alternative.token: alternative.logprob for alternative in entry.top_logprobs} == \
+                pytest.approx(top, abs=1e-5)
+    assert chat.message.content == completion.text
+    plain = api.chat.completions.create(**{**asked, "top_logprobs": None}).choices[0]
+    assert [entry.token for entry in plain.logprobs.content] == expected.tokens
+    assert all(entry.top_logprobs == [] for entry in plain.logprobs.content)
+    assert api.chat.completions.create(**{**asked, "logprobs": False, "top_logprobs": None}).choices[0].logprobs \
+        is None
+
+
 def test_a_client_leaving_mid_stream_frees_its_slot(live_server):
     engine = live_server.engine
     step = engine.step

@@ -5,7 +5,7 @@ schemas.py, read within the server's limits) and the app's `Server` as dependenc
 |---|---|
 | GET /v1/models, /v1/models/{id} | the one model: its context length and how it batches (a classifier: its labels) |
 | POST /v1/completions | prompt (string, list, token ids), echo, logprobs, n, stop, seed, stream, top_k |
-| POST /v1/chat/completions | messages through the run's chat template (lmforge.data.template) |
+| POST /v1/chat/completions | messages through the run's chat template (lmforge.data.template), logprobs |
 | POST /v1/classify, /classify | a classify run's labels with probabilities for each input (vLLM's shape) |
 | GET /tokenizer_info, POST /tokenize, /detokenize | the run's tokenizer (lm-eval's remote tokenizer) |
 | GET /health, /metrics, / | liveness, Prometheus text, the playground (lmforge/serve/static/index.html) |
@@ -124,8 +124,10 @@ async def chat_completions(request: Annotated[ChatCompletionRequest, body(ChatCo
     max_tokens = fit_max_tokens(len(prompt), request.requested_tokens, server.context,
                                 server.settings.max_tokens_limit)
     requests = server.requests_for([prompt], request, sampling, max_tokens,
-                                   stop=server.template.stop_texts() + request.stop_texts)
-    completion = ChatCompletion(server.settings.model_name, len(requests), len(prompt))
+                                   stop=server.template.stop_texts() + request.stop_texts,
+                                   logprobs=request.alternatives)
+    completion = ChatCompletion(server.settings.model_name, len(requests), len(prompt),
+                                logprobs_of=server.tokenizer if request.logprobs else None)
     return await unless_client_leaves(connection, respond(completion, server.events(requests, arrived),
                                                           stream=request.stream, include_usage=request.include_usage))
 

@@ -180,10 +180,23 @@ class CompletionRequest(SamplingRequest):
 class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions."""
 
-    UNSUPPORTED = {**{key: NOT_SUPPORTED for key in ("presence_penalty", "frequency_penalty", "logit_bias", "tools",
-                                                     "functions", "response_format")},
-                   "logprobs": "for chat completions; use /v1/completions with logprobs"}
+    UNSUPPORTED = {key: NOT_SUPPORTED for key in ("presence_penalty", "frequency_penalty", "logit_bias", "tools",
+                                                  "functions", "response_format")}
     messages: Annotated[list[ChatMessage], Field(min_length=1)] = Field(description=MESSAGES)
+    logprobs: bool = Field(False, description="true or false (true: each reply token's log-probability)")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=f"an integer from 0 to {MAX_LOGPROBS} "
+                                                                              "(alternatives per token) or null")
+
+    @model_validator(mode="after")
+    def _top_logprobs_with_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise refusal(ApiError(400, "'top_logprobs' needs \"logprobs\": true", param="top_logprobs"))
+        return self
+
+    @property
+    def alternatives(self) -> int | None:
+        """The alternatives reported with each token's log-probability; None: no log-probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def prompt_ids(self, tokenizer: Tokenizer, template: ChatTemplate) -> list[int]:
         return conversation_ids(self.messages, self.allow_unknown, tokenizer, template)
