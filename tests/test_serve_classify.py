@@ -4,7 +4,6 @@ and /v1/classify refuses a language model, and every bad body is a 400 in OpenAI
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,12 +12,11 @@ from openai import BadRequestError, OpenAI
 from serve_fixtures import LiveServer, ServeProcess, http
 
 from lmforge.serve.cli import build_app
-from lmforge.tasks.finetune import finetune_command
 from lmforge.tasks.predict import predict
 
 served_run = serve_fixtures.served_run
 live_server = serve_fixtures.live_server
-WORDS = ("cat", "dog", "tree")
+WORDS = serve_fixtures.CLASSIFY_LABELS
 MAX_BATCH, MAX_QUEUE = 4, 12
 # Different lengths (padding within a batch), one text longer than the 64-token context (cut to its end, as
 # predict cuts it), and more texts than one batch holds.
@@ -26,24 +24,9 @@ TEXTS = ["the cat sat on a mat", "a dog", "the tree sat on a mat by the dog, and
          "x" * 90 + " the dog", "the cat", "dog dog dog", "mat"]
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-
-
 @pytest.fixture(scope="module")
 def classify_run(tmp_path_factory) -> Path:
-    """A classify run fine-tuned for a few steps from the tiny served model: labels cat, dog, tree."""
-    root = tmp_path_factory.mktemp("classify")
-    base = serve_fixtures.make_run(root / "base")
-    for split in ("train", "val"):
-        write_jsonl(root / "data" / f"{split}.jsonl",
-                    [{"text": f"the {word} sat on a mat", "label": word} for word in WORDS * 3])
-    out = root / "genre"
-    finetune_command(str(base), task="classify", data=str(root / "data"), out=str(out), quiet=True,
-                     overrides={"train.max_steps": "4", "train.eval_every": "2", "train.batch_size": "4",
-                                "train.device": "cpu"})
-    return out
+    return serve_fixtures.make_classify_run(tmp_path_factory.mktemp("classify"))
 
 
 @pytest.fixture(scope="module")
