@@ -4,6 +4,10 @@ and /v1/classify refuses a language model, and every bad body is a 400 in OpenAI
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from serve_fixtures import LiveServer, ServeProcess, http
 
 from lmforge.serve.cli import build_app
 from lmforge.tasks.predict import predict
+from tests.conftest import PATIENCE
 
 served_run = serve_fixtures.served_run
 live_server = serve_fixtures.live_server
@@ -139,3 +144,77 @@ def test_lmforge_serve_serves_a_classify_run_and_logs_nothing_for_bad_bodies(tmp
         assert answer.status_code == 200
         assert answer.json()["data"][0]["label"] == predict(str(classify_run), "the dog")["label"]
         assert server.log() == before
+
+
+class HeldForward:
+    """Holds the classifier's forward passes until `release` (a forward pre-hook waiting on an event), noting
+    each batch's size: what arrives meanwhile waits, as it would behind a slow batch."""
+
+    def __init__(self, server: LiveServer):
+        self.engine = server.engine
+        self.gate = threading.Event()
+        self.sizes: list[int] = []
+
+    def hold(self, module, args) -> None:  # a pre-hook's return value would replace the forward's arguments
+        self.sizes.append(len(args[0]))
+        self.gate.wait(PATIENCE)
+
+    def __enter__(self) -> HeldForward:
+        self.hook = self.engine.model.register_forward_pre_hook(self.hold)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.gate.set()
+        self.hook.remove()
+
+
+def in_background(work) -> tuple[threading.Thread, list]:
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(work()), daemon=True)
+    thread.start()
+    return thread, results
+
+
+def test_inputs_of_concurrent_requests_share_a_batch_and_each_gets_its_own(classifier):
+    alone = [post(classifier, "/v1/classify", {"model": "genre", "input": texts})[1]["data"]
+             for texts in (TEXTS[:2], TEXTS[2:4])]
+    with HeldForward(classifier) as held:
+        first, _ = in_background(lambda: post(classifier, "/v1/classify", {"model": "genre", "input": TEXTS[4]}))
+        wait_until(lambda: held.sizes == [1], "the first request's batch")
+        threads = [in_background(lambda texts=texts: post(classifier, "/v1/classify",
+                                                           {"model": "genre", "input": texts}))
+                   for texts in (TEXTS[:2], TEXTS[2:4])]
+        wait_until(lambda: classifier.engine.waiting_count() == 4, "both requests to wait")
+        held.gate.set()
+        for thread, _ in [(first, None), *threads]:
+            thread.join(PATIENCE)
+    assert held.sizes == [1, 4]  # the two waiting requests went through the model together
+    for (_, [(status, body)]), expected in zip(threads, alone, strict=True):
+        assert status == 200
+        assert [row["probs"] for row in body["data"]] == [pytest.approx(row["probs"], abs=1e-5) for row in expected]
+
+
+def test_a_full_queue_is_a_429_and_a_client_that_leaves_has_its_waiting_inputs_dropped(classifier):
+    engine = classifier.engine
+    payload = json.dumps({"model": "genre", "input": ["the cat"] * MAX_QUEUE}).encode()
+    host, port = classifier.url.removeprefix("http://").split(":")
+    with HeldForward(classifier) as held:
+        with socket.create_connection((host, int(port))) as connection:
+            connection.sendall(f"POST /v1/classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                               f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+            wait_until(lambda: held.sizes == [MAX_BATCH] and engine.waiting_count() == MAX_QUEUE - MAX_BATCH,
+                       "one batch computing, the rest waiting")
+            status, body = post(classifier, "/v1/classify", {"model": "genre", "input": ["the dog"] * (MAX_BATCH + 1)})
+            assert status == 429 and body["error"]["code"] == "queue_full" and "--max-queue" in body["error"]["message"]
+        wait_until(lambda: all(item.dropped for item in list(engine.waiting)), "the inputs of the client that left "
+                                                                              "to be dropped")
+    wait_until(lambda: not engine.has_work(), "the engine to be idle")
+    assert held.sizes == [MAX_BATCH]  # nothing the client left behind went through the model
+    assert post(classifier, "/v1/classify", {"model": "genre", "input": "the dog"})[0] == 200
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {PATIENCE} s for {what}"
+        time.sleep(0.01)
