@@ -92,6 +92,10 @@ def test_models_lists_the_classifier_with_its_labels(classifier):
     assert card.id == "genre"
     assert card.task == "classifier" and card.labels == sorted(WORDS)
     assert card.batching == {"max_batch": MAX_BATCH}
+    # The openai client has no classify method; its generic post reaches the route (as docs/serve.md shows).
+    answer = OpenAI(base_url=classifier.url + "/v1", api_key="unused", max_retries=0).post(
+        "/classify", body={"model": "genre", "input": "the cat"}, cast_to=object)
+    assert answer["data"][0]["label"] in WORDS and answer["data"][0]["num_classes"] == 3
 
 
 def test_the_text_routes_refuse_a_classifier(classifier):
@@ -218,3 +222,14 @@ def wait_until(condition, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"waited {PATIENCE} s for {what}"
         time.sleep(0.01)
+
+
+def test_a_recurrent_classifier_is_served_as_predict_reads_it(tmp_path):
+    run = serve_fixtures.make_classify_run(tmp_path, **{"model.arch": "lstm"})
+    with LiveServer(build_app(run, device="cpu", max_batch=MAX_BATCH)) as server:
+        status, body = post(server, "/v1/classify", {"model": "genre", "input": TEXTS})
+    assert status == 200
+    for text, row in zip(TEXTS, body["data"], strict=True):
+        expected = predict(str(run), text)
+        assert row["label"] == expected["label"]
+        assert row["probs"] == pytest.approx([expected["probabilities"][label] for label in sorted(WORDS)], abs=1e-5)
