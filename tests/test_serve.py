@@ -189,8 +189,11 @@ def wait_until(condition, what: str) -> None:
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("route, body", [("/v1/completions", {"prompt": "a"}),
-                                         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]})])
+@pytest.mark.parametrize("route, body", [
+    ("/v1/completions", {"prompt": "a"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]}),
+    ("/v1/completions", {"prompt": "a", "stream": True}),  # gone before its first token: no stream started yet
+])
 def test_a_client_leaving_before_its_whole_answer_frees_its_slot(live_server, route, body):
     engine = live_server.engine
     gate = threading.Event()  # holds the engine in the request's first forward pass until the client has left
