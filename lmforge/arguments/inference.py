@@ -90,7 +90,7 @@ def add_predict(commands: Commands) -> argparse.ArgumentParser:
 def add_serve(commands: Commands) -> argparse.ArgumentParser:
     """The server's flags; their values are checked by lmforge/serve/cli.py, which also serves Python callers."""
     p = commands.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API with a playground page "
-                                                 "(a classify run: its labels at /v1/classify)")
+                                          "(a classify run: its labels at /v1/classify)")
     p.add_argument("run", help=RUN_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
