@@ -9,6 +9,7 @@ Use the fixtures from a test module with `import serve_fixtures` and `live_serve
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import string
@@ -56,6 +57,25 @@ def make_run(run_dir: Path, seed: int = 0, **overrides: str) -> Path:
     tokenizer.save(run_dir / "tokenizer.json")
     save_checkpoint(run_dir, 0, model.state_dict(), [], {"step": 0})
     return run_dir
+
+
+CLASSIFY_LABELS = ("cat", "dog", "tree")
+
+
+def make_classify_run(root: Path, **overrides: str) -> Path:
+    """A classify run (ROOT/genre) fine-tuned for a few steps from a tiny random run: labels cat, dog, tree."""
+    from lmforge.tasks.finetune import finetune_command
+
+    base = make_run(root / "base", **overrides)
+    for split in ("train", "val"):
+        rows = [{"text": f"the {label} sat on a mat", "label": label} for label in CLASSIFY_LABELS * 3]
+        (root / "data").mkdir(parents=True, exist_ok=True)
+        (root / "data" / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = root / "genre"
+    finetune_command(str(base), task="classify", data=str(root / "data"), out=str(out), quiet=True,
+                     overrides={"train.max_steps": "4", "train.eval_every": "2", "train.batch_size": "4",
+                                "train.device": "cpu"})
+    return out
 
 
 class LiveServer:

@@ -1,5 +1,6 @@
 """The playground page (GET /) in a real browser: Playwright drives Debian's chromium through a chat and a
-completion streamed from the server, the stop button, and the API key; it saves a screenshot.
+completion streamed from the server, the stop button, the API key, and a classifier's labels; it saves a
+screenshot.
 
 Playwright's own browser download is not reachable here, so the test launches the system chromium
 (`apt-get install chromium`; .ci/run installs it). Without it, or without the playwright package, the tests
@@ -18,8 +19,9 @@ import pytest
 
 import lmforge
 from lmforge.serve.cli import build_app
+from lmforge.tasks.predict import predict
 from tests.conftest import PATIENCE
-from tests.serve_fixtures import LiveServer, make_run
+from tests.serve_fixtures import CLASSIFY_LABELS, LiveServer, make_classify_run, make_run
 
 PAGE = Path(lmforge.__file__).parent / "serve" / "static" / "index.html"
 API_KEY = "playground-test-key"  # the server under test must require this key (lmforge serve --api-key)
@@ -143,3 +145,36 @@ def test_stop_ends_a_long_answer_and_the_page_takes_the_next_one(page):
     page.wait_for_function(FINISHED)
     assert page.text_content("#status").startswith("done")
     assert page.locator(".turn.assistant").count() == 1
+
+
+@pytest.fixture(scope="module")
+def classify_server(tmp_path_factory):
+    """`lmforge serve`'s app on a tiny classify run (labels cat, dog, tree), behind API_KEY."""
+    run = make_classify_run(tmp_path_factory.mktemp("playground-classify"))
+    with LiveServer(build_app(run, device="cpu", api_key=API_KEY)) as server:
+        yield server.url, run
+
+
+def test_a_classifier_gets_the_classify_mode_with_a_bar_per_label(browser, classify_server):
+    url, run = classify_server
+    page = browser.new_page(viewport={"width": 1100, "height": 720})
+    page.set_default_timeout(PATIENCE * 1000)
+    page.goto(url)
+    page.fill("#api-key", API_KEY)
+    page.dispatch_event("#api-key", "change")
+    page.wait_for_function("() => document.getElementById('mode').value === 'classify'")
+    assert page.locator("#mode option").all_text_contents() == ["classify"]
+    assert page.is_hidden("#temperature") and page.is_hidden("#max-tokens")
+    page.fill("#prompt", "the dog sat")
+    page.press("#prompt", "Enter")
+    page.wait_for_function(FINISHED)
+    expected = predict(str(run), "the dog sat")
+    ranked = sorted(CLASSIFY_LABELS, key=lambda label: -expected["probabilities"][label])
+    assert page.text_content("#status") == f"done · {expected['label']}"
+    assert page.locator(".labels .label").all_text_contents() == ranked
+    assert page.text_content(".labels .predicted") == expected["label"]
+    shown = page.locator(".labels .probability").all_text_contents()
+    assert shown == [f"{100 * expected['probabilities'][label]:.1f}%" for label in ranked]
+    widths = page.eval_on_selector_all(".labels .bar", "bars => bars.map(bar => bar.style.width)")
+    assert widths == shown
+    page.close()

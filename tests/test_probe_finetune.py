@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.tasks.finetune import FinetuneTask
-from tests.conftest import assert_one_line_error, checksums, prepare_and_train, records, run_cli, start_child_cli
+from tests.conftest import assert_one_line_error, checksums, prepare_and_train, records, run_cli
 
 FAST = ["--max-steps", "2", "--train.eval_every", "2", "--train.batch_size", "4", "--train.device", "cpu", "--quiet"]
 WORDS = ("cat", "dog", "tree")
@@ -136,12 +136,6 @@ def test_a_classify_run_is_refused_by_name_where_text_is_needed(tmp_path, classi
     assert_one_line_error(code, err, "classify")
     assert checksums(classify_run) == before
     assert not (tmp_path / "p.png").exists() and not (tmp_path / "hf").exists()
-
-
-def test_serve_refuses_a_classify_run_by_name(classify_run):
-    child = start_child_cli("serve", classify_run, "--device", "cpu")
-    _, err = child.communicate(timeout=120)
-    assert_one_line_error(child.returncode, err, "classify")
 
 
 def test_report_of_a_classify_run_says_why_it_has_no_sample(tmp_path, classify_run, capsys):

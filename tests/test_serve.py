@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 
@@ -135,6 +136,34 @@ def test_echo_with_max_tokens_0_returns_the_prompts_logprobs(live_server, served
     assert answer["usage"]["completion_tokens"] == 0
 
 
+def test_chat_logprobs_are_the_completion_logprobs_of_its_prompt_streamed_or_not(live_server, served_run):
+    tokenizer = load_run(served_run).tokenizer
+    messages = [{"role": "user", "content": "Hello there"}]
+    prompt, _ = ChatTemplate().encode(messages, tokenizer, add_generation_prompt=True)
+    api = client(live_server)
+    asked = dict(model="tiny-served", messages=messages, max_tokens=12, temperature=0, logprobs=True, top_logprobs=3)
+    chat = api.chat.completions.create(**asked).choices[0]
+    chunks = list(api.chat.completions.create(**asked, stream=True))
+    streamed = [entry for chunk in chunks if chunk.choices and chunk.choices[0].logprobs
+                for entry in chunk.choices[0].logprobs.content]
+    completion = api.completions.create(model="tiny-served", prompt=prompt, max_tokens=12, temperature=0,
+                                        logprobs=3, stop=ChatTemplate().stop_texts()).choices[0]
+    expected = completion.logprobs
+    for content in (chat.logprobs.content, streamed):
+        assert [entry.token for entry in content] == expected.tokens
+        assert [entry.logprob for entry in content] == pytest.approx(expected.token_logprobs, abs=1e-5)
+        for entry, top in zip(content, expected.top_logprobs, strict=True):
+            assert entry.bytes == list(entry.token.encode())
+            assert {alternative.token: alternative.logprob for alternative in entry.top_logprobs} == \
+                pytest.approx(top, abs=1e-5)
+    assert chat.message.content == completion.text
+    plain = api.chat.completions.create(**{**asked, "top_logprobs": None}).choices[0]
+    assert [entry.token for entry in plain.logprobs.content] == expected.tokens
+    assert all(entry.top_logprobs == [] for entry in plain.logprobs.content)
+    assert api.chat.completions.create(**{**asked, "logprobs": False, "top_logprobs": None}).choices[0].logprobs \
+        is None
+
+
 def test_a_client_leaving_mid_stream_frees_its_slot(live_server):
     engine = live_server.engine
     step = engine.step
@@ -151,6 +180,45 @@ def test_a_client_leaving_mid_stream_frees_its_slot(live_server):
         assert engine.active_count() == 0 and engine.counters.cancelled == cancelled + 1
     finally:
         engine.step = step
+
+
+def wait_until(condition, what: str) -> None:
+    deadline = time.monotonic() + PATIENCE
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {PATIENCE} s for {what}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/v1/completions", {"prompt": "a"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]}),
+    ("/v1/completions", {"prompt": "a", "stream": True}),  # gone before its first token: no stream started yet
+])
+def test_a_client_leaving_before_its_whole_answer_frees_its_slot(live_server, route, body):
+    engine = live_server.engine
+    gate = threading.Event()  # holds the engine in the request's first forward pass until the client has left
+
+    def hold(module, args) -> None:  # a pre-hook's return value would replace the forward's arguments
+        gate.wait(PATIENCE)
+
+    hook = engine.model.register_forward_pre_hook(hold)
+    cancelled = engine.counters.cancelled
+    payload = json.dumps({"model": "tiny-served", "max_tokens": 20, "temperature": 0, **body}).encode()
+    host, port = live_server.url.removeprefix("http://").split(":")
+    try:
+        with socket.create_connection((host, int(port))) as connection:
+            connection.sendall(f"POST {route} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                               f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+            wait_until(lambda: engine.active_count() == 1, "the request to take a slot")
+        wait_until(lambda: all(row.request.cancelled for row in list(engine.rows.values())),
+                   "the server to cancel the request of the client that left")
+    finally:
+        gate.set()
+        hook.remove()
+    wait_until(lambda: engine.active_count() == 0, "the slot to be freed")
+    assert engine.counters.cancelled == cancelled + 1
+    metrics = http.get(live_server.url + "/metrics").text
+    assert f'lmforge_requests_total{{endpoint="{route}",status="499"}}' in metrics
 
 
 def error(response: httpx.Response) -> dict:

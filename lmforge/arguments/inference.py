@@ -103,14 +103,16 @@ def add_predict(commands: Commands) -> argparse.ArgumentParser:
 
 def add_serve(commands: Commands) -> argparse.ArgumentParser:
     """The server's flags; their values are checked by lmforge/serve/cli.py, which also serves Python callers."""
-    p = commands.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API with a playground page")
+    p = commands.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API with a playground page "
+                                          "(a classify run: its labels at /v1/classify)")
     p.add_argument("run", help=RUN_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on the API (default: ${API_KEY_ENV})")
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together in one forward pass")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="requests decoded (or texts classified) together in one forward pass")
     p.add_argument("--max-queue", type=int, default=256,
-                   help=f"requests waiting for a slot before 429 (at most {MAX_QUEUE})")
+                   help=f"requests (or texts to classify) waiting for a slot before 429 (at most {MAX_QUEUE})")
     p.add_argument("--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask")
     p.add_argument("--max-body-bytes", type=int, default=1_000_000,
                    help=f"largest request body (else 413; at most {MAX_BODY_BYTES})")

@@ -23,13 +23,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmforge.data.template import ChatTemplate
 from lmforge.infer.batched import BatchedEngine
+from lmforge.serve.classify import ClassifyEngine
 from lmforge.serve.errors import ApiError, add_error_handlers
 from lmforge.serve.routes import STATIC_DIR, router
 from lmforge.serve.server import Server, ServeSettings
 
 PUBLIC_PATHS = ("/", "/health", "/metrics")
-COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
-                 "/detokenize", "/tokenizer_info", "/")
+COUNTED_PATHS = ("/v1/completions", "/v1/chat/completions", "/v1/classify", "/classify", "/v1/models", "/health",
+                 "/metrics", "/tokenize", "/detokenize", "/tokenizer_info", "/")
 
 
 class Guard:
@@ -77,7 +78,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await asyncio.to_thread(server.scheduler.stop, server.settings.drain_timeout)
 
 
-def create_app(engine: BatchedEngine, template: ChatTemplate, settings: ServeSettings) -> FastAPI:
+def create_app(engine: BatchedEngine | ClassifyEngine, template: ChatTemplate, settings: ServeSettings) -> FastAPI:
     """The FastAPI app serving one engine."""
     server = Server(engine, template, settings)
     app = FastAPI(title="lmforge", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)

@@ -59,10 +59,13 @@ def build_app(run: str | Path, *, device: str = "auto", api_key: str | None = No
               max_queue: int = 256, max_tokens_limit: int = 4096, max_body_bytes: int = 1_000_000,
               body_timeout: float = 30.0, drain_timeout: float = 30.0):
     """The app serving a run, named after its directory (checks the options, loads the model; the engine
-    refuses a batch whose cache does not fit in memory)."""
+    refuses a batch whose cache does not fit in memory). A classify run is served as a classifier
+    (/v1/classify), any other as a language model."""
     from lmforge.infer.batched import BatchedEngine
     from lmforge.infer.load import load_run
+    from lmforge.model.heads import Classifier
     from lmforge.serve.app import create_app
+    from lmforge.serve.classify import ClassifyEngine
     from lmforge.serve.server import ServeSettings
 
     check_api_key(api_key)
@@ -72,8 +75,11 @@ def build_app(run: str | Path, *, device: str = "auto", api_key: str | None = No
     check_count("--max-body-bytes", max_body_bytes, MAX_BODY_BYTES)
     check_seconds("--body-timeout", body_timeout)
     check_seconds("--drain-timeout", drain_timeout, zero=True)
-    loaded = load_run(run, device=device, chat_template=True)
-    engine = BatchedEngine(loaded.model, loaded.tokenizer, max_batch=max_batch)
+    loaded = load_run(run, device=device, language_model=False, chat_template=True)
+    if isinstance(loaded.model, Classifier):
+        engine = ClassifyEngine(loaded.model, loaded.tokenizer, loaded.device, max_batch, max_queue)
+    else:
+        engine = BatchedEngine(loaded.model, loaded.tokenizer, max_batch=max_batch)
     settings = ServeSettings(model_name=loaded.run_dir.resolve().name, api_key=api_key, max_batch=max_batch,
                              max_queue=max_queue, max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes,
                              body_timeout=body_timeout, drain_timeout=drain_timeout)
@@ -134,6 +140,7 @@ def server_config(app, *, header_timeout: float = 10.0, keep_alive_timeout: floa
 def run_server(args: argparse.Namespace) -> None:
     import signal
 
+    import torch
     import uvicorn
 
     from lmforge.hardware import decoding_threads
@@ -160,10 +167,10 @@ def run_server(args: argparse.Namespace) -> None:
             if sig == signal.SIGTERM:
                 self._captured_signals.remove(sig)
 
-    engine = app.state.server.engine
+    server = app.state.server
     host, port = sock.getsockname()[:2]
-    model = app.state.server.model_card()
-    with decoding_threads(args.threads, engine.model.config.n_embd, engine.device) as threads:
+    model = server.model_card()
+    with decoding_threads(args.threads, server.model_config.n_embd, torch.device(server.engine.device)) as threads:
         print(f"lmforge serve: {model['id']} ({model['arch']}, context {model['context_length']}, {threads} "
               f"decoding thread{'s' if threads > 1 else ''}) on http://{host}:{port}  (API at /v1, Ctrl-C or "
               "SIGTERM to stop)", file=sys.stderr, flush=True)

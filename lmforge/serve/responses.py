@@ -147,11 +147,41 @@ class TextCompletion(Completion):
                           usage=self.usage())
 
 
+def chat_token_logprob(tokenizer: Tokenizer, token: int, logprob: float | None, top: TopLogprobs | None) -> dict:
+    """One token of a chat choice's `logprobs.content`: its text, log-probability, UTF-8 bytes and the likeliest
+    alternatives (OpenAI's shape)."""
+
+    def entry(token_id: int, value: float | None) -> dict:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+    return {**entry(token, logprob), "top_logprobs": [entry(t, value) for t, value in top or []]}
+
+
 class ChatCompletion(Completion):
-    """/v1/chat/completions: each choice's reply as an assistant message."""
+    """/v1/chat/completions: each choice's reply as an assistant message; with `logprobs_of` (the tokenizer, when
+    the request asks for logprobs) the log-probability of every token generated, as /v1/completions reports
+    them (the end-of-text token and the tokens of a stop text included)."""
 
     id_prefix = "chatcmpl"
     chunk_object = "chat.completion.chunk"
+
+    def __init__(self, model_name: str, choices: int, prompt_tokens: int, *, logprobs_of: Tokenizer | None = None):
+        super().__init__(model_name, choices, prompt_tokens)
+        self.tokenizer = logprobs_of
+        self.logprobs: list[list[dict]] = [[] for _ in range(choices)]
+
+    def _logprobs(self, event: GenerationEvent) -> list[dict]:
+        if self.tokenizer is None or event.token is None:
+            return []
+        return [chat_token_logprob(self.tokenizer, event.token, event.logprob, event.top_logprobs)]
+
+    def _logprobs_body(self, content: list[dict]) -> dict | None:
+        return None if self.tokenizer is None else {"content": content, "refusal": None}
+
+    def add(self, index: int, event: GenerationEvent) -> None:
+        super().add(index, event)
+        self.logprobs[index] += self._logprobs(event)
 
     def opening(self) -> list[dict]:
         return [self.chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -160,8 +190,10 @@ class ChatCompletion(Completion):
     def render(self, index: int, event: GenerationEvent) -> list[dict]:
         self.completion_tokens += event.token is not None
         chunks = []
-        if event.text:
-            chunks.append(self.chunk([{"index": index, "delta": {"content": event.text}, "logprobs": None,
+        logprobs = self._logprobs(event)
+        if event.text or logprobs:  # a token whose text is held back (a stop text may begin) still has its logprob
+            chunks.append(self.chunk([{"index": index, "delta": {"content": event.text},
+                                       "logprobs": self._logprobs_body(logprobs) if logprobs else None,
                                        "finish_reason": None}]))
         if event.finish_reason:
             chunks.append(self.chunk([{"index": index, "delta": {}, "logprobs": None,
@@ -169,8 +201,9 @@ class ChatCompletion(Completion):
         return chunks
 
     def whole(self) -> dict:
-        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": self.finish[i]} for i, text in enumerate(self.texts)]
+        choices = [{"index": i, "message": {"role": "assistant", "content": text},
+                    "logprobs": self._logprobs_body(self.logprobs[i]), "finish_reason": self.finish[i]}
+                   for i, text in enumerate(self.texts)]
         return {**self.chunk(choices, usage=self.usage()), "object": "chat.completion"}
 
 

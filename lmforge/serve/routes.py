@@ -3,10 +3,11 @@ schemas.py, read within the server's limits) and the app's `Server` as dependenc
 
 | route | what |
 |---|---|
-| GET /v1/models, /v1/models/{id} | the one model: its context length and how it batches |
+| GET /v1/models, /v1/models/{id} | the one model: its context length and how it batches (a classifier: its labels) |
 | POST /v1/completions | prompt (string, list, token ids), echo, logprobs, n, stop, seed, stream, top_k |
-| POST /v1/chat/completions | messages through the run's chat template (lmforge.data.template) |
+| POST /v1/chat/completions | messages through the run's chat template (lmforge.data.template), logprobs |
 | (both completion routes) | response_format json_object, json_schema; structured_outputs regex, grammar, choice |
+| POST /v1/classify, /classify | a classify run's labels with probabilities for each input (vLLM's shape) |
 | GET /tokenizer_info, POST /tokenize, /detokenize | the run's tokenizer (lm-eval's remote tokenizer) |
 | GET /health, /metrics, / | liveness, Prometheus text, the playground (lmforge/serve/static/index.html) |
 """
@@ -17,14 +18,16 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from lmforge.infer.constrained import CompiledFormat, FormatError, compile_format
+from lmforge.serve.classify import classification
 from lmforge.serve.errors import ApiError, model_not_found
 from lmforge.serve.responses import ChatCompletion, TextCompletion, respond
 from lmforge.serve.schemas import (
     ChatCompletionRequest,
+    ClassifyRequest,
     CompletionRequest,
     DetokenizeRequest,
     RequestT,
@@ -32,7 +35,7 @@ from lmforge.serve.schemas import (
     TokenizeRequest,
     fit_max_tokens,
 )
-from lmforge.serve.server import Server, get_server
+from lmforge.serve.server import Server, get_server, unless_client_leaves
 
 STATIC_DIR = Path(__file__).parent / "static"
 router = APIRouter()
@@ -113,7 +116,7 @@ async def detokenize(request: Annotated[DetokenizeRequest, body(DetokenizeReques
 
 @router.post("/v1/completions")
 async def completions(request: Annotated[CompletionRequest, body(CompletionRequest)], server: ServerDep,
-                      arrived: Arrival) -> Response:
+                      arrived: Arrival, connection: Request) -> Response:
     sampling = request.to_sampling_params()
     prompts = request.prompt_ids(server.tokenizer)
     max_tokens = request.max_tokens_per_choice
@@ -127,13 +130,13 @@ async def completions(request: Annotated[CompletionRequest, body(CompletionReque
     completion = TextCompletion(server.tokenizer, server.settings.model_name,
                                 [prompts[i // request.n] for i in range(len(requests))],
                                 sum(len(prompt) for prompt in prompts), echo=request.echo, logprobs=request.logprobs)
-    return await respond(completion, server.events(requests, arrived), stream=request.stream,
-                         include_usage=request.include_usage)
+    return await unless_client_leaves(connection, respond(completion, server.events(requests, arrived),
+                                                          stream=request.stream, include_usage=request.include_usage))
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Annotated[ChatCompletionRequest, body(ChatCompletionRequest)],
-                           server: ServerDep, arrived: Arrival) -> Response:
+                           server: ServerDep, arrived: Arrival, connection: Request) -> Response:
     sampling = request.to_sampling_params()
     prompt = request.prompt_ids(server.tokenizer, server.template)
     max_tokens = fit_max_tokens(len(prompt), request.requested_tokens, server.context,
@@ -143,10 +146,27 @@ async def chat_completions(request: Annotated[ChatCompletionRequest, body(ChatCo
     # a grammar's answer, and cutting it there would break it.
     turn_stops = server.template.stop_texts() if output is None else []
     requests = server.requests_for([prompt], request, sampling, max_tokens, stop=turn_stops + request.stop_texts,
-                                   output=output)
-    completion = ChatCompletion(server.settings.model_name, len(requests), len(prompt))
-    return await respond(completion, server.events(requests, arrived), stream=request.stream,
-                         include_usage=request.include_usage)
+                                   logprobs=request.alternatives, output=output)
+    completion = ChatCompletion(server.settings.model_name, len(requests), len(prompt),
+                                logprobs_of=server.tokenizer if request.logprobs else None)
+    return await unless_client_leaves(connection, respond(completion, server.events(requests, arrived),
+                                                          stream=request.stream, include_usage=request.include_usage))
+
+
+@router.post("/v1/classify")
+@router.post("/classify")  # vLLM's path
+async def classify(request: Annotated[ClassifyRequest, body(ClassifyRequest)], server: ServerDep,
+                   connection: Request) -> Response:
+    sequences = request.token_ids(server.tokenizer, server.context)
+    prompt_tokens = sum(len(ids) for ids in sequences)
+    server.metrics.prompt_tokens.inc(prompt_tokens)
+
+    async def answer() -> Response:
+        probabilities = await server.classifier.classify(sequences)
+        return JSONResponse(classification(server.settings.model_name, server.classifier.labels, probabilities,
+                                           prompt_tokens))
+
+    return await unless_client_leaves(connection, answer())
 
 
 @router.get("/", include_in_schema=False)

@@ -27,10 +27,12 @@ from lmforge.errors import UserError
 from lmforge.infer.constrained import OutputFormat
 from lmforge.infer.sampling import SamplingError, SamplingParams
 from lmforge.serve.errors import ApiError, model_not_found
+from lmforge.tasks.kinds import encode_texts
 
 if TYPE_CHECKING:
     from lmforge.serve.server import ServeSettings
 
+GENERATOR, CLASSIFIER = "generator", "classifier"  # what a served model does: generate text, or predict labels
 MAX_STOP_STRINGS = 4
 MAX_LOGPROBS = 20
 MAX_N = 64
@@ -51,6 +53,7 @@ class ApiRequest(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="ignore")
     UNSUPPORTED: ClassVar[dict[str, str]] = {}
+    serves: ClassVar[str | None] = None  # GENERATOR or CLASSIFIER: the model the route needs (None: either)
 
     @model_validator(mode="before")
     @classmethod
@@ -94,6 +97,7 @@ ALLOW_UNKNOWN = "true or false (true: read unknown characters as the unknown tok
 class SamplingRequest(ApiRequest):
     """What completions and chat completions share: the model, how many tokens, how to sample, how to answer."""
 
+    serves = GENERATOR
     model: str = Field(description="a string naming the model (GET /v1/models lists it)")
     max_tokens: int | None = Field(None, ge=0, description="an integer, 0 or more")
     max_completion_tokens: int | None = Field(None, ge=0, description="an integer, 0 or more")
@@ -114,10 +118,7 @@ class SamplingRequest(ApiRequest):
     @field_validator("model")
     @classmethod
     def _served(cls, model: str, info: ValidationInfo) -> str:
-        served = _settings(info).model_name
-        if model != served:
-            raise refusal(model_not_found(model, served))
-        return model
+        return served_model(model, info)
 
     @field_validator("max_tokens", "max_completion_tokens")
     @classmethod
@@ -201,13 +202,69 @@ class CompletionRequest(SamplingRequest):
 class ChatCompletionRequest(SamplingRequest):
     """POST /v1/chat/completions."""
 
-    UNSUPPORTED = {**{key: NOT_SUPPORTED for key in ("presence_penalty", "frequency_penalty", "logit_bias", "tools",
-                                                     "functions")},
-                   "logprobs": "for chat completions; use /v1/completions with logprobs"}
+    UNSUPPORTED = {key: NOT_SUPPORTED for key in ("presence_penalty", "frequency_penalty", "logit_bias", "tools",
+                                                  "functions")}
     messages: Annotated[list[ChatMessage], Field(min_length=1)] = Field(description=MESSAGES)
+    logprobs: bool = Field(False, description="true or false (true: each reply token's log-probability)")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description=f"an integer from 0 to {MAX_LOGPROBS} "
+                                                                              "(alternatives per token) or null")
+
+    @model_validator(mode="after")
+    def _top_logprobs_with_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise refusal(ApiError(400, "'top_logprobs' needs \"logprobs\": true", param="top_logprobs"))
+        return self
+
+    @property
+    def alternatives(self) -> int | None:
+        """The alternatives reported with each token's log-probability; None: no log-probabilities."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def prompt_ids(self, tokenizer: Tokenizer, template: ChatTemplate) -> list[int]:
         return conversation_ids(self.messages, self.allow_unknown, tokenizer, template)
+
+
+class ClassifyRequest(ApiRequest):
+    """POST /v1/classify (and vLLM's /classify): texts for a classify run to label."""
+
+    serves = CLASSIFIER
+    UNSUPPORTED = {"response_format": "by a classifier: it answers labels with their probabilities"}
+    model: str = Field(description="a string naming the model (GET /v1/models lists it)")
+    input: str | Annotated[list[str], Field(min_length=1)] = Field(
+        description="a string or a non-empty list of strings (the texts to classify)")
+    allow_unknown: bool = Field(False, description=ALLOW_UNKNOWN)
+
+    @field_validator("model")
+    @classmethod
+    def _served(cls, model: str, info: ValidationInfo) -> str:
+        return served_model(model, info)
+
+    @field_validator("input")
+    @classmethod
+    def _texts_to_queue(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
+        """At most --max-queue texts (more could never all wait at once: retrying cannot help), none empty."""
+        texts = [value] if isinstance(value, str) else value
+        limit = _settings(info).max_queue
+        if len(texts) > limit:
+            raise refusal(ApiError(400, f"'input' holds {len(texts)} texts, more than the {limit} this server "
+                                        "queues at once (lmforge serve --max-queue); send fewer per request",
+                                   param="input", code="too_many_inputs"))
+        empty = next((index for index, text in enumerate(texts) if not text), None)
+        if empty is not None:
+            where = "" if isinstance(value, str) else f" (input[{empty}])"
+            raise refusal(ApiError(400, f"'input' must hold non-empty texts to classify{where}", param="input"))
+        return value
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else self.input
+
+    def token_ids(self, tokenizer: Tokenizer, block_size: int) -> list[list[int]]:
+        """Each text as token ids, a text longer than the context cut to its last `block_size` tokens, as
+        `lmforge predict` reads it."""
+        for text in self.texts:
+            check_known(tokenizer, text, self.allow_unknown, "input")
+        return encode_texts(tokenizer, self.texts, block_size)[0]
 
 
 class TokenizeRequest(ApiRequest):
@@ -295,6 +352,14 @@ def _structured_outputs(value: dict) -> OutputFormat:
         raise ApiError(400, f"'structured_outputs' {key} must be {what}, got {_shown(source)}",
                        param="structured_outputs")
     return OutputFormat(STRUCTURED_KINDS[key], source, param="structured_outputs")
+
+
+def served_model(model: str, info: ValidationInfo) -> str:
+    """The request's `model`: the served one, else a 404 naming it."""
+    served = _settings(info).model_name
+    if model != served:
+        raise refusal(model_not_found(model, served))
+    return model
 
 
 def check_known(tokenizer: Tokenizer, text: str, allow_unknown: bool, param: str) -> None:

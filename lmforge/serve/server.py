@@ -1,30 +1,36 @@
 """What every route shares (`Server`, kept on `app.state.server` and handed to routes by `get_server`): the
-engine's scheduler, the tokenizer and chat template, the settings, the metrics; and the one way a request body
-is read (`Server.read_request`: JSON within the size, depth and time limits, then validated as its pydantic
-model)."""
+engine's scheduler (or, serving a classify run, the classifier's engine), the tokenizer and chat template, the
+settings, the metrics; and the one way a request body is read (`Server.read_request`: JSON within the size,
+depth and time limits, then validated as its pydantic model, on a route for what the served model does)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
+import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 
 from fastapi import Request
+from fastapi.responses import Response
 from starlette.datastructures import Headers
 
+from lmforge.config.sections import ModelConfig
 from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import Tokenizer
 from lmforge.infer.batched import BatchedEngine, GenerationEvent, GenerationRequest
 from lmforge.infer.constrained import CompiledFormat
 from lmforge.infer.sampling import SamplingParams
-from lmforge.serve.errors import ApiError
+from lmforge.serve.classify import ClassifyEngine
+from lmforge.serve.errors import CLIENT_CLOSED_REQUEST, ApiError
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.scheduler import Scheduler
-from lmforge.serve.schemas import RequestT, SamplingRequest, validate_request
+from lmforge.serve.schemas import CLASSIFIER, GENERATOR, RequestT, SamplingRequest, validate_request
 
+log = logging.getLogger("lmforge.serve")
 MAX_JSON_DEPTH = 32  # the deepest request is a list of messages (3 levels); deeper bodies are probes
 
 
@@ -43,24 +49,51 @@ class ServeSettings:
 
 
 class Server:
-    """What the routes share: the engine's scheduler, the tokenizer and template, settings and metrics."""
+    """What the routes share: the engine's scheduler, the tokenizer and template, settings and metrics. A
+    classify run is served by a `ClassifyEngine` instead (`classifier`), which runs its own thread."""
 
-    def __init__(self, engine: BatchedEngine, template: ChatTemplate, settings: ServeSettings):
+    def __init__(self, engine: BatchedEngine | ClassifyEngine, template: ChatTemplate, settings: ServeSettings):
         self.engine = engine
         self.tokenizer: Tokenizer = engine.tokenizer
         self.template = template
         self.settings = settings
         self.context = engine.block_size
-        self.scheduler = Scheduler(engine, settings.max_queue)
+        self.classifier = engine if isinstance(engine, ClassifyEngine) else None
+        self.serves = GENERATOR if self.classifier is None else CLASSIFIER
+        # What the app starts and drains with itself: the thread that runs the model.
+        self.scheduler = Scheduler(engine, settings.max_queue) if self.classifier is None else self.classifier
         self.metrics = Metrics(engine.active_count, engine.waiting_count)
         self.created = int(time.time())
 
+    @property
+    def model_config(self) -> ModelConfig:
+        """The served transformer's [model] settings (a classifier's: its body's)."""
+        return self.classifier.model.body.config if self.classifier is not None else self.engine.model.config
+
     def model_card(self) -> dict:
-        return {"id": self.settings.model_name, "object": "model", "created": self.created, "owned_by": "lmforge",
-                "context_length": self.context, "max_model_len": self.context,
-                "arch": self.engine.model.config.arch, "vocab_size": self.tokenizer.vocab_size,
+        card = {"id": self.settings.model_name, "object": "model", "created": self.created, "owned_by": "lmforge",
+                "context_length": self.context, "max_model_len": self.context, "task": self.serves,
+                "vocab_size": self.tokenizer.vocab_size}
+        if self.classifier is not None:
+            return {**card, "arch": self.model_config.arch, "labels": self.classifier.labels,
+                    "batching": {"max_batch": self.classifier.max_batch}}
+        return {**card, "arch": self.model_config.arch,
                 "batching": {"continuous": True, "batched_decoding": self.engine.batches_decoding,
                              "cache": self.engine.cache_kind, "max_batch": self.engine.max_batch}}
+
+    def check_serves(self, kind: type[RequestT]) -> None:
+        """A 400 for a route the served model cannot answer: text from a classifier, labels from a language
+        model."""
+        name = self.settings.model_name
+        if kind.serves is None or kind.serves == self.serves:
+            return
+        if self.classifier is not None:
+            raise ApiError(400, f"'{name}' is a classifier (fine-tuned with --task classify): it predicts labels "
+                                "with their probabilities, not text; send its inputs to POST /v1/classify "
+                                '{"model": ..., "input": "text" or ["text", ...]}', code="model_classifies")
+        raise ApiError(400, f"'{name}' is a language model: it generates text (/v1/completions, "
+                            "/v1/chat/completions); /v1/classify needs a run fine-tuned with lmforge finetune "
+                            "--task classify", code="model_generates")
 
     def check_auth(self, headers: Headers) -> None:
         key = self.settings.api_key
@@ -73,7 +106,9 @@ class Server:
                            type="authentication_error", code="invalid_api_key")
 
     async def read_request(self, request: Request, kind: type[RequestT]) -> RequestT:
-        """The request's body as a `kind` (a 400 naming the field that is wrong, see schemas.py)."""
+        """The request's body as a `kind` (a 400 naming the field that is wrong, see schemas.py), on a route the
+        served model answers."""
+        self.check_serves(kind)
         return validate_request(kind, await self.read_json(request), self.settings)
 
     async def read_json(self, request: Request) -> dict:
@@ -148,6 +183,37 @@ class Server:
             unfinished = [r for r, done in zip(requests, finished, strict=True) if not done]
             if unfinished:
                 self.scheduler.cancel(unfinished)
+
+
+async def unless_client_leaves(connection: Request, answer: Awaitable[Response]) -> Response:
+    """`answer`, awaited while watching the connection: a client that goes away first has its work cancelled
+    (its generation's slots freed, its inputs to classify dropped) and is counted with a 499. A streamed answer
+    watches its own connection once it has started (responses.py); this covers the wait before it, and the
+    whole of an answer sent at once."""
+    work = asyncio.ensure_future(answer)
+    gone = asyncio.ensure_future(_disconnected(connection))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the handler itself is cancelled (the server is stopping)
+        gone.cancel()
+        work.cancel()
+        raise
+    gone.cancel()
+    if work.done():
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):  # nobody is left to tell how it ended
+        await work
+    log.info("%s %s: the client disconnected before its answer was ready", connection.method, connection.url.path)
+    return ApiError(CLIENT_CLOSED_REQUEST, "the client closed the connection before its answer was ready",
+                    code="client_closed_request").response()
+
+
+async def _disconnected(connection: Request) -> None:
+    """Returns once the client has closed the connection (the request's body has been read whole, so the
+    next ASGI message is the disconnect)."""
+    while (await connection.receive())["type"] != "http.disconnect":
+        pass
 
 
 def get_server(request: Request) -> Server:
