@@ -44,8 +44,9 @@ def check_engine(config: Config) -> None:
         return
     check_scratch_config(config.model)
     if train.threads:
-        raise UserError("the scratch engine's matrix products are NumPy's, whose threads train.threads does not "
-                        "set; leave it at 0 and set OMP_NUM_THREADS before starting instead")
+        raise UserError(f"the scratch engine does not support train.threads = {train.threads}: its matrix "
+                        "products are NumPy's, whose threads OMP_NUM_THREADS sets before the start; leave "
+                        "train.threads at 0")
     for option, value, supported in (("optim.name", config.optim.name, ("adamw",)),
                                      ("train.device", train.device, ("auto", "cpu")),
                                      ("train.precision", train.precision, ("auto", "fp32")),

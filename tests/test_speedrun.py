@@ -1,0 +1,80 @@
+"""The speedrun's options and tools: zero-initialised projections, intra-op threads, the wsd schedule in a run,
+and benchmarks/speedrun.py's statistics and table (the benchmark itself is run alone, never here)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmforge.errors import UserError
+from lmforge.model.gpt import GPT
+from lmforge.train.trainer import Trainer
+from tests.conftest import records
+
+RESIDUAL_PROJECTIONS = ("attn.proj.weight", "mlp.proj.weight")
+
+
+def residual_projections(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters()
+            if name.endswith(RESIDUAL_PROJECTIONS)}
+
+
+def test_zero_init_proj_starts_every_block_as_the_identity(tiny_config):
+    config = tiny_config(model__n_layer=2, model__zero_init_proj="true", model__vocab_size=40).model
+    torch.manual_seed(0)
+    model = GPT(config)
+    projections = residual_projections(model)
+    assert len(projections) == 2 * config.n_layer
+    assert all(not weight.any() for weight in projections.values())
+    # Every block adds zero to the residual stream, so the blocks' output is the embedding itself.
+    idx = torch.randint(0, 40, (2, 8))
+    seen = []
+    model.norm_f.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    model(idx)
+    torch.testing.assert_close(seen[0], model.wte(idx) + model.wpe(torch.arange(8)))
+    # The default keeps GPT-2's scaled normal init.
+    torch.manual_seed(0)
+    default = residual_projections(GPT(tiny_config(model__n_layer=2, model__vocab_size=40).model))
+    assert all(weight.std() > 0 for weight in default.values())
+
+
+def test_zero_init_proj_trains(tiny_config, tiny_data, tmp_path):
+    config = tiny_config(model__zero_init_proj="true", train__max_steps=30, train__log_every=1)
+    trainer = Trainer(config, tiny_data, tmp_path / "run", quiet=True)
+    trainer.run()
+    losses = [record["loss"] for record in records(tmp_path / "run", "train")]
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5
+    # The projections left zero: the gradient reaches them through the loss from the first step.
+    assert all(weight.abs().max() > 0 for weight in residual_projections(trainer.model).values())
+
+
+def test_zero_init_proj_is_refused_where_there_is_no_residual_projection(tiny_config):
+    with pytest.raises(UserError, match="model.zero_init_proj .* arch 'lstm'"):
+        tiny_config(model__arch="lstm", model__zero_init_proj="true")
+
+
+def test_train_threads_sets_torch_threads_and_the_scratch_engine_refuses_it(tiny_config, tiny_data, tmp_path):
+    before = torch.get_num_threads()
+    try:
+        Trainer(tiny_config(train__threads=2, train__max_steps=2), tiny_data, tmp_path / "run", quiet=True).run()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(UserError, match="scratch engine does not support train.threads = 1: .*OMP_NUM_THREADS"):
+        Trainer(tiny_config(train__threads=1, train__engine="scratch"), tiny_data, tmp_path / "scratch", quiet=True)
+    assert not (tmp_path / "scratch").exists()
+
+
+def test_wsd_run_holds_the_peak_then_decays_linearly_to_min_lr_ratio(tiny_config, tiny_data, tmp_path):
+    config = tiny_config(train__schedule="wsd", train__cooldown_fraction=0.5, train__min_lr_ratio=0.1,
+                         train__max_steps=20, train__warmup_steps=2, optim__lr=1e-2)
+    Trainer(config, tiny_data, tmp_path / "run", quiet=True).run()
+    lr = {record["step"]: record["lr"] for record in records(tmp_path / "run", "train")}
+    # The logged rate is the one step `step` used, at progress (step - 1) / 20.
+    assert [lr[step] for step in range(3, 11)] == pytest.approx([1e-2] * 8)
+    cooldown = [lr[step] for step in range(12, 21)]
+    assert all(later < earlier for earlier, later in zip(cooldown, cooldown[1:], strict=False))
+    assert lr[20] == pytest.approx(1e-2 * (0.1 + 0.9 * (1 - 19 / 20) / 0.5))
+    steps = list(range(12, 21))  # a straight line: equal decrements
+    decrements = [lr[a] - lr[b] for a, b in zip(steps, steps[1:], strict=False)]
+    assert decrements == pytest.approx([decrements[0]] * len(decrements))
