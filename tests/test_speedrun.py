@@ -3,13 +3,15 @@ and benchmarks/speedrun.py's statistics and table (the benchmark itself is run a
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from lmforge.errors import UserError
 from lmforge.model.gpt import GPT
 from lmforge.train.trainer import Trainer
-from tests.conftest import records
+from tests.conftest import TINY_RUN_TOML, records, run_cli
 
 RESIDUAL_PROJECTIONS = ("attn.proj.weight", "mlp.proj.weight")
 
@@ -78,3 +80,23 @@ def test_wsd_run_holds_the_peak_then_decays_linearly_to_min_lr_ratio(tiny_config
     steps = list(range(12, 21))  # a straight line: equal decrements
     decrements = [lr[a] - lr[b] for a, b in zip(steps, steps[1:], strict=False)]
     assert decrements == pytest.approx([decrements[0]] * len(decrements))
+
+
+ESTIMATE = re.compile(r"about (\d+) s of training on this machine \((\d+) ms per step over the first (\d+)\)")
+
+
+def test_training_says_once_per_launch_how_long_it_will_take(tiny_data, tmp_path, capsys):
+    config, run = tmp_path / "tiny.toml", tmp_path / "run"
+    config.write_text(TINY_RUN_TOML)
+    launches = [("--config", str(config), "--max-steps", "40"), ("--resume", "--max-steps", "60")]
+    # Logged every 3 steps: the first log at least 10 steps into the launch is step 12, then step 51 (40 + 11).
+    for steps, first_timed, flags in zip((40, 20), (12, 11), launches, strict=True):
+        code, out, _ = run_cli(capsys, "train", "--data", str(tiny_data), "--out", str(run), *flags,
+                               "--train.log_every", "3")
+        assert code == 0
+        estimates = ESTIMATE.findall(out)
+        assert len(estimates) == 1, out
+        seconds, milliseconds, timed = map(int, estimates[0])
+        assert timed == first_timed
+        # The estimate is this launch's steps at the pace measured so far (both figures rounded).
+        assert abs(seconds - milliseconds * steps / 1000) <= 0.5 + steps * 0.5 / 1000 + 1e-9

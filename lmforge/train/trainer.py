@@ -38,6 +38,10 @@ from lmforge.train.optim import set_lr
 from lmforge.train.schedule import limit_reached, lr_multiplier
 from lmforge.train.task import TrainingTask
 
+# A launch says how long it will take once it has timed this many steps (at the first logged step after them):
+# enough that the first step's one-off costs weigh little, few enough to be said within seconds.
+ESTIMATE_AFTER_STEPS = 10
+
 
 @dataclass
 class Progress:
@@ -253,6 +257,7 @@ class Trainer:
                    unit="step", dynamic_ncols=True, file=sys.stdout)
         launch_start = time.perf_counter() - progress.elapsed
         self.launch = (progress.step, progress.elapsed)
+        self.estimated = False  # the time this launch will take has been said
         self.window = (time.perf_counter(), 0)  # start and tokens of the span the next tokens/s measures
         self.loss: torch.Tensor | None = None
         try:
@@ -289,6 +294,8 @@ class Trainer:
                                  elapsed=self.progress.elapsed)
             self.log(record)
             self._update_bar(bar, record)
+            if not self.estimated and step - self.launch[0] >= ESTIMATE_AFTER_STEPS:
+                self._say_estimate(record, bar)
         evaluated = False
         if train.eval_every and step % train.eval_every == 0 and step < train.max_steps:  # else: the final one
             self.run_eval(bar=bar)
@@ -350,6 +357,24 @@ class Trainer:
         self.close()
         raise TrainingDiverged(f"training loss became {loss} at step {self.progress.step}; {kept}; "
                                f"lower optim.lr or raise train.warmup_steps and resume or restart")
+
+    def _say_estimate(self, record: TrainRecord, bar: tqdm) -> None:
+        """Once per launch: how long its training takes on this machine, at the pace of its steps so far (a fixed
+        number of steps, as `make demo` trains, takes longer on a busy or slower machine)."""
+        self.estimated = True
+        train = self.config.train
+        launch_step, launch_elapsed = self.launch
+        seconds_per_step = (record.elapsed - launch_elapsed) / (record.step - launch_step)
+        end_step = train.max_steps
+        if train.max_epochs > 0 and record.epoch > 0:
+            end_step = min(end_step, math.ceil(record.step * train.max_epochs / record.epoch))
+        remaining = max(end_step - record.step, 0) * seconds_per_step
+        if train.max_time > 0:
+            remaining = min(remaining, max(train.max_time - record.elapsed, 0.0))
+        message = (f"about {record.elapsed - launch_elapsed + remaining:.0f} s of training on this machine "
+                   f"({seconds_per_step * 1000:.0f} ms per step over the first {record.step - launch_step}), "
+                   f"then the final evaluation")
+        (bar.write(message) if not bar.disable else self.say(message))
 
     def _update_bar(self, bar: tqdm, record: TrainRecord) -> None:
         train = self.config.train
