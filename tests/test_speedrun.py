@@ -3,15 +3,21 @@ and benchmarks/speedrun.py's statistics and table (the benchmark itself is run a
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import json
+import math
 import re
+import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lmforge.errors import UserError
 from lmforge.model.gpt import GPT
 from lmforge.train.trainer import Trainer
-from tests.conftest import TINY_RUN_TOML, records, run_cli
+from tests.conftest import ROOT, TINY_RUN_TOML, records, run_cli
 
 RESIDUAL_PROJECTIONS = ("attn.proj.weight", "mlp.proj.weight")
 
@@ -100,3 +106,81 @@ def test_training_says_once_per_launch_how_long_it_will_take(tiny_data, tmp_path
         assert timed == first_timed
         # The estimate is this launch's steps at the pace measured so far (both figures rounded).
         assert abs(seconds - milliseconds * steps / 1000) <= 0.5 + steps * 0.5 / 1000 + 1e-9
+
+
+# ----- benchmarks/speedrun.py -----
+@functools.cache
+def speedrun_module():
+    """The script as a module (benchmarks/ is not a package); registered, as its dataclass needs."""
+    spec = importlib.util.spec_from_file_location("speedrun", ROOT / "benchmarks" / "speedrun.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# Student's t two-sided 5% and 1% critical values (any statistics table).
+@pytest.mark.parametrize(("t", "df", "p"), [(12.7062, 1, 0.05), (2.7764, 4, 0.05), (4.6041, 4, 0.01),
+                                            (2.2281, 10, 0.05), (1.9600, 1e9, 0.05), (0.0, 3, 1.0)])
+def test_t_distribution_p_values_match_the_tables(t, df, p):
+    assert speedrun_module().t_two_sided_p(t, df) == pytest.approx(p, abs=2e-5)
+
+
+def test_t_distribution_p_values_match_scipy_at_fractional_degrees_of_freedom():
+    stats = pytest.importorskip("scipy.stats")
+    speedrun = speedrun_module()
+    for t in (0.3, 1.0, 2.5, 7.0, -3.0):
+        for df in (1.3, 2.0, 3.7, 8.2, 40.0):
+            assert speedrun.t_two_sided_p(t, df) == pytest.approx(2 * stats.t.sf(abs(t), df), rel=1e-9, abs=1e-12)
+
+
+def test_welch_sees_a_steady_difference_and_not_noise():
+    welch = speedrun_module().welch
+    t, df, p = welch([2.30, 2.31, 2.29], [2.40, 2.42, 2.41])
+    assert t < 0 and 2 <= df <= 4 and p < 0.001
+    assert welch([2.30, 2.40, 2.35], [2.36, 2.29, 2.41])[2] > 0.5
+    assert all(math.isnan(value) for value in welch([2.3], [2.4, 2.5]))
+
+
+TINY_SETTINGS = ["model.n_layer=1", "model.n_embd=16", "model.n_head=2", "model.block_size=16",
+                 "train.batch_size=4", "train.warmup_steps=2", "train.device=cpu", "train.compile=false"]
+
+
+def test_speedrun_runs_both_budgets_per_seed_and_tests_each_ablation(tiny_data, tmp_path, capsys, monkeypatch):
+    speedrun = speedrun_module()
+    # This shared machine is never quiet, and one-second runs vary in pace: neither may mark the runs here.
+    monkeypatch.setattr(speedrun.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+    monkeypatch.setattr(speedrun, "SLOW_RUN", 0.0)
+    argv = ["--data", str(tiny_data), "--work", str(tmp_path), "--seconds", "1", "--tokens", "640", "--seeds", "2",
+            "--ablation", "untied", "--ignore-load", *[item for pair in TINY_SETTINGS for item in ("--set", pair)]]
+    speedrun.main(argv)
+    out = capsys.readouterr().out
+    runs = json.loads((tmp_path / "speedrun.json").read_text())
+    assert {(run["arm"], run["budget"], run["seed"]) for run in runs} == {
+        (arm, budget, seed) for arm in ("baseline", "untied") for budget in ("time", "tokens") for seed in (1337, 1338)}
+    for run in runs:
+        if run["budget"] == "tokens":  # 640 tokens of 4 x 16 per step
+            assert (run["steps"], run["tokens"]) == (10, 640)
+        else:
+            assert run["train_s"] >= 1.0
+    # The untied arm has its own head; the baseline ties it (the override reached the run).
+    assert "lm_head.weight" in load_file(tmp_path / "untied-tokens-1337" / "checkpoints" / "step_0000010" /
+                                         "model.safetensors")
+    # Seeds differ, and the score is `lmforge eval`'s on the whole held-out split.
+    seeds = [run["bits_per_char"] for run in runs if run["arm"] == "baseline" and run["budget"] == "tokens"]
+    assert seeds[0] != seeds[1]
+    code, evaluated, _ = run_cli(capsys, "eval", str(tmp_path / "baseline-tokens-1337"), "--data", str(tiny_data))
+    assert code == 0 and json.loads(evaluated)["loss"] / math.log(2) == pytest.approx(seeds[0], rel=1e-5)
+    table = [line for line in out.splitlines() if line.startswith("| untied |")]
+    assert len(table) == 2 and all(re.search(r"\| 0\.\d{3} \|$|\| 1\.000 \|$", line) for line in table), out
+    assert "0 of 8 runs shared the CPU" in out
+
+
+def test_speedrun_refuses_a_busy_machine_and_a_bad_setting(monkeypatch, tmp_path):
+    speedrun = speedrun_module()
+    monkeypatch.setattr(speedrun.os, "getloadavg", lambda: (3.2, 2.0, 1.0))
+    with pytest.raises(SystemExit, match="load average is 3.20: something else is running"):
+        speedrun.main(["--work", str(tmp_path)])
+    with pytest.raises(UserError, match="model.n_layr"):
+        speedrun.main(["--work", str(tmp_path), "--ignore-load", "--set", "model.n_layr=2"])
+    assert not list(tmp_path.iterdir())  # refused before any work
