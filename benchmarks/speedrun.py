@@ -37,7 +37,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -228,13 +227,14 @@ def number(value: float, form: str) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| arm | budget | runs (shared) | steps | tokens/s | bits/char mean ± sd | − baseline | Welch t (df) | p |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| arm | budget | runs (shared) | steps | tokens/s | bits/char mean ± sd | − baseline | Welch t (df) "
+             "| p |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in sorted(rows, key=lambda row: (row["budget"] != "time", row["arm"] != "baseline", row["arm"])):
-        lines.append(f"| {row['arm']} | {row['budget']} | {row['n']} ({row['shared']}) | {number(row['steps'], ',.0f')} "
-                     f"| {number(row['tokens_per_s'], ',.0f')} | {number(row['mean'], '.4f')} ± {number(row['sd'], '.4f')} "
-                     f"| {number(row['difference'], '+.4f')} | {number(row['t'], '.2f')} ({number(row['df'], '.1f')}) "
-                     f"| {number(row['p'], '.3f')} |")
+        cells = [row["arm"], row["budget"], f"{row['n']} ({row['shared']})", number(row["steps"], ",.0f"),
+                 number(row["tokens_per_s"], ",.0f"), f"{number(row['mean'], '.4f')} ± {number(row['sd'], '.4f')}",
+                 number(row["difference"], "+.4f"), f"{number(row['t'], '.2f')} ({number(row['df'], '.1f')})",
+                 number(row["p"], ".3f")]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
