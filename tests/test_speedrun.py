@@ -1,5 +1,6 @@
 """The speedrun's options and tools: zero-initialised projections, intra-op threads, the wsd schedule in a run,
-and benchmarks/speedrun.py's statistics and table (the benchmark itself is run alone, never here)."""
+the weight average (train.ema_decay), the trainer's time estimate, and benchmarks/speedrun.py's statistics and
+table (the benchmark itself, at its real budgets, is run alone, never here)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from safetensors.torch import load_file
 
 from lmforge.errors import UserError
 from lmforge.model.gpt import GPT
+from lmforge.run import directory as rundir
+from lmforge.train.ema import WeightAverage, decay_at
 from lmforge.train.trainer import Trainer
-from tests.conftest import ROOT, TINY_RUN_TOML, records, run_cli
+from tests.conftest import ROOT, TINY_RUN_TOML, records, run_cli, train_losses
 
 RESIDUAL_PROJECTIONS = ("attn.proj.weight", "mlp.proj.weight")
 
@@ -184,3 +187,56 @@ def test_speedrun_refuses_a_busy_machine_and_a_bad_setting(monkeypatch, tmp_path
     with pytest.raises(UserError, match="model.n_layr"):
         speedrun.main(["--work", str(tmp_path), "--ignore-load", "--set", "model.n_layr=2"])
     assert not list(tmp_path.iterdir())  # refused before any work
+
+
+# ----- train.ema_decay -----
+def test_weight_average_follows_the_ramped_decay_and_swaps_in_and_out_exactly():
+    model = torch.nn.Linear(3, 2)
+    average = WeightAverage(model, ema_decay=0.9)
+    start = [param.detach().clone() for param in model.parameters()]
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    average.update(step=1)  # the ramp: (1 + 1) / (10 + 1) of the old average
+    expected = [old * (2 / 11) + (old + 1.0) * (9 / 11) for old in start]
+    for got, want in zip(average.average, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert decay_at(1000, 0.9) == 0.9
+    trained = [param.detach().clone() for param in model.parameters()]
+    with average.swapped_in():
+        for param, want in zip(model.parameters(), expected, strict=True):
+            torch.testing.assert_close(param.detach(), want)
+    assert all(torch.equal(param, weights) for param, weights in zip(model.parameters(), trained, strict=True))
+
+
+def test_ema_run_evaluates_and_saves_the_average_and_resumes_exactly(tiny_config, tiny_data, tmp_path, capsys):
+    options = dict(train__ema_decay=0.8, train__schedule="constant", train__checkpoint_every=4,
+                   train__eval_every=0, optim__lr=3e-2)
+    Trainer(tiny_config(train__max_steps=8, **options), tiny_data, tmp_path / "whole", quiet=True).run()
+    Trainer(tiny_config(train__max_steps=4, **options), tiny_data, tmp_path / "halves", quiet=True).run()
+    Trainer(tiny_config(train__max_steps=8, **options), tiny_data, tmp_path / "halves", resume=True,
+            quiet=True).run()
+    whole, halves = train_losses(tmp_path / "whole"), train_losses(tmp_path / "halves")
+    assert [halves[step] for step in range(5, 9)] == [whole[step] for step in range(5, 9)]  # bit for bit
+    checkpoint = rundir.checkpoint_dir(tmp_path / "whole", 8)
+    for name in ("model.safetensors", "training.safetensors"):
+        saved_whole, saved_halves = load_file(checkpoint / name), load_file(
+            rundir.checkpoint_dir(tmp_path / "halves", 8) / name)
+        assert all(torch.equal(saved_whole[key], saved_halves[key]) for key in saved_whole), name
+    averaged, trained = load_file(checkpoint / "model.safetensors"), load_file(checkpoint / "training.safetensors")
+    assert not torch.equal(averaged["blocks.0.mlp.fc.weight"], trained["blocks.0.mlp.fc.weight"])
+    # The run's final evaluation is of the average, and so is every reader's (model.safetensors).
+    final = [record for record in records(tmp_path / "whole", "eval") if record["final"]][-1]
+    code, out, _ = run_cli(capsys, "eval", str(tmp_path / "whole"), "--data", str(tiny_data))
+    assert code == 0 and json.loads(out)["loss"] == pytest.approx(final["val_loss"], rel=1e-6)
+    # Off, a checkpoint has no second set of weights.
+    Trainer(tiny_config(train__max_steps=2), tiny_data, tmp_path / "plain", quiet=True).run()
+    assert not (rundir.checkpoint_dir(tmp_path / "plain", 2) / "training.safetensors").exists()
+
+
+def test_ema_reaches_the_scratch_engine_forward(tiny_config, tiny_data, tmp_path, capsys):
+    config = tiny_config(train__engine="scratch", train__ema_decay=0.8, train__max_steps=6, optim__lr=3e-2)
+    Trainer(config, tiny_data, tmp_path / "run", quiet=True).run()
+    final = [record for record in records(tmp_path / "run", "eval") if record["final"]][-1]
+    code, out, _ = run_cli(capsys, "eval", str(tmp_path / "run"), "--data", str(tiny_data))
+    assert code == 0 and json.loads(out)["loss"] == pytest.approx(final["val_loss"], rel=1e-5)

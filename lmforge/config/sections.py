@@ -141,6 +141,9 @@ class TrainConfig(Section):
     cooldown_fraction: float = number(0.2, at_least=0, at_most=1)
     min_lr_ratio: float = number(0.1, at_least=0, at_most=1)  # the lr at the end of decay, as a fraction of the peak
     grad_clip: float = number(1.0, at_least=0)  # 0: off
+    # an exponential moving average of the weights, for evaluations, samples and the checkpoints' weights
+    # (lmforge/train/ema.py); 0: off
+    ema_decay: float = number(0.0, at_least=0, below=1)
     eval_every: int = number(250, at_least=0)  # 0: only the final evaluation
     eval_tokens: int = number(65536, above=0)  # size of the fixed validation subset used during training
     sample_every: int = number(0, at_least=0)  # 0: no samples during training

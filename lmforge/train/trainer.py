@@ -12,6 +12,7 @@ lmforge/train/distributed.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -32,6 +33,7 @@ from lmforge.run import directory as rundir
 from lmforge.run import log as run_log
 from lmforge.run.log import EndRecord, EvalRecord, LogWriter, Record, TrainRecord
 from lmforge.train.distributed import start_cluster
+from lmforge.train.ema import WeightAverage
 from lmforge.train.engine import build_engine, engine_device
 from lmforge.train.language import LanguageModelling
 from lmforge.train.optim import set_lr
@@ -100,6 +102,7 @@ class Trainer:
         self.model = self.task.build_model(self.device)
         self.engine = build_engine(config, self.task.objective(self.model), self.device, self.precision,
                                    self.cluster, self.say)
+        self.average = self._weight_average()
         self.task.start_data(self.cluster, self.device, self.precision)
         self.progress = Progress()
         self.stop_signal: str | None = None
@@ -140,6 +143,18 @@ class Trainer:
         return self.task.loader
 
     # ----- set-up -----
+    def _weight_average(self) -> WeightAverage | None:
+        """train.ema_decay's average of the weights, where the run has one."""
+        ema_decay = self.config.train.ema_decay
+        if not ema_decay:
+            return None
+        if not isinstance(self.task, LanguageModelling):
+            raise UserError("train.ema_decay averages a pretraining run's weights; fine-tuning keeps them as "
+                            "trained: leave it at 0")
+        if self.cluster.distributed:
+            raise UserError("train.ema_decay is not implemented under torchrun yet; leave it at 0")
+        return WeightAverage(self.model, ema_decay)
+
     def _prepare_run_dir(self, resume: bool, overwrite: bool, inputs: list[str | Path]) -> tuple[Path, tuple] | None:
         """Take the run's lock (never where the run's `inputs` are), repair what an interrupted save left, refuse
         to clobber a previous run; return the checkpoint to resume from and its contents, if any."""
@@ -173,6 +188,14 @@ class Trainer:
     def _restore(self, path: Path, loaded: tuple) -> None:
         weights, optimizer_states, state, hidden = loaded
         self.task.load_weights(weights, path)
+        trained = run_checkpoints.read_training_weights(path)
+        if self.average is not None:  # model.safetensors held the average (or, from a run without one, the weights)
+            self.average.restart_from_model()
+            if trained is None:
+                self.say(f"{path} has no training weights (written without train.ema_decay): the average starts "
+                         "from its weights")
+        if trained is not None:
+            self.task.load_weights(trained, path)
         if len(optimizer_states) != len(self.optimizers):
             raise UserError(f"checkpoint {path} was written with another optim.name; resume with the same one")
         for optimizer, optimizer_state in zip(self.optimizers, optimizer_states, strict=True):
@@ -268,6 +291,8 @@ class Trainer:
                 lr = set_lr(self.optimizers, multiplier)
                 self.loss, grad_norm = self.engine.step(self.task.next_batch, self.task.accumulation,
                                                         train.grad_clip)
+                if self.average is not None:
+                    self.average.update(progress.step + 1)
                 tokens = self.task.tokens_read()
                 progress.step += 1
                 progress.tokens += tokens
@@ -393,8 +418,9 @@ class Trainer:
     def run_eval(self, *, final: bool = False, bar: tqdm | None = None) -> EvalRecord:
         """Evaluate, log it, keep track of the best by the task's metric (and of early stopping)."""
         progress = self.progress
-        record, message = self.task.evaluate(self.forward, final=final, step=progress.step, tokens=progress.tokens,
-                                             elapsed=progress.elapsed)
+        with self._averaged():
+            record, message = self.task.evaluate(self.forward, final=final, step=progress.step,
+                                                 tokens=progress.tokens, elapsed=progress.elapsed)
         key, higher = self.task.metric
         if better(getattr(record, key), progress.best_metric, higher):
             progress.best_metric, progress.best_step, progress.evals_without_improvement = \
@@ -409,11 +435,16 @@ class Trainer:
         return record
 
     def run_sample(self, bar: tqdm) -> None:
-        sample = self.task.sample(self.progress.step)
+        with self._averaged():
+            sample = self.task.sample(self.progress.step)
         if sample is None:
             return
         self.log(sample)
         (bar.write if not bar.disable else self.say)(f"--- sample at step {sample.step} ---\n{sample.text}\n---")
+
+    def _averaged(self) -> contextlib.AbstractContextManager:
+        """The model holds train.ema_decay's average inside the block, if the run keeps one."""
+        return self.average.swapped_in() if self.average is not None else contextlib.nullcontext()
 
     def save(self) -> Path | None:
         progress, last = self.progress, self.last_eval
@@ -423,7 +454,9 @@ class Trainer:
             progress.best_checkpoint_metric, progress.best_checkpoint_step = getattr(last, key), progress.step
         state = {"progress": vars(progress).copy(), "loader": self.task.data_state()}
         # Every rank takes part in gathering the shards (FSDP); rank 0 alone writes.
-        model_state = self.task.weights()
+        model_state, training_weights = self.task.weights(), None
+        if self.average is not None:  # readers (eval, sample, export, init_from) get the average
+            model_state, training_weights = self.average.averaged_state(model_state), model_state
         optimizer_states = [self.cluster.gather_optimizer(optimizer.state_dict()) for optimizer in self.optimizers]
         hidden_state = self.task.carried_state()
         self.saved = (progress.step, last)
@@ -432,7 +465,7 @@ class Trainer:
         self.saving = True
         try:
             path = run_checkpoints.save_checkpoint(self.run_dir, progress.step, model_state, optimizer_states,
-                                                   state, hidden_state)
+                                                   state, hidden_state, training_weights)
             for note in run_checkpoints.prune_checkpoints(self.run_dir, self.config.train.keep_last,
                                                           progress.best_checkpoint_step, self.kept_for_lora):
                 self.say(note)
