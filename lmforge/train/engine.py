@@ -209,6 +209,8 @@ def build_engine(config: Config, model: nn.Module, device: torch.device, precisi
     cluster = cluster or Cluster(device=device)
     if config.train.engine == "scratch":
         return ScratchEngine(model, config)
+    if config.train.threads:  # for the whole process: the trainer's evaluations and samples run on them too
+        torch.set_num_threads(config.train.threads)
     cluster.shard(model)
     optimizers = build_optimizers(model, config.optim, device, say)
     forward = torch.compile(model) if resolve_compile(config.train.compile, device) else model

@@ -96,8 +96,6 @@ class Trainer:
         device, self.precision = engine_device(config)
         self.cluster, self.device = start_cluster(train, device)  # torchrun: this rank's place and device
         configure_fast_math(self.device)
-        if train.threads:  # for the whole process: evaluation and samples run on the same threads
-            torch.set_num_threads(train.threads)
         torch.manual_seed(train.seed)  # the model's initial weights (a new head's, LoRA's adapters')
         self.model = self.task.build_model(self.device)
         self.engine = build_engine(config, self.task.objective(self.model), self.device, self.precision,
