@@ -14,7 +14,9 @@ run is `lmforge train` in a fresh process: `--max-time SECONDS` for the wall-tim
 TOKENS / tokens-per-step for the token budget (so a variant with another batch size still reads the same
 tokens); evaluations and checkpoints during training are off for every arm (train.eval_every = 0,
 train.checkpoint_every = 0), so the budget is spent training. The score is the trainer's final evaluation on
-the whole held-out split: bits per character = the loss in nats per token / ln 2 (one token per character).
+the whole held-out split, in bits per character as `lmforge eval` reports them (`bpc`: the loss in nats per
+token / ln 2, times the split's tokens per character; with the char tokenizer, one token per character but for
+the end-of-text token between documents).
 
 The machine: the 1-minute load average is printed before and after every run. The script refuses to start when
 the load says something else is running (at least one busy core: load >= 1.0; --ignore-load runs anyway and
@@ -44,6 +46,7 @@ from pathlib import Path
 import torch
 
 from lmforge.config.load import load_config
+from lmforge.infer.evaluate import bits_per_character
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shakespeare_demo import build_split, lmforge  # noqa: E402  (a sibling script, not a package)
@@ -169,7 +172,8 @@ def train_and_score(data: Path, run: Path, config: Path, overrides: dict[str, st
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     end = [r for r in records if r["kind"] == "end"][-1]
     final = [r for r in records if r["kind"] == "eval" and r["final"]][-1]
-    return end["step"], end["tokens"], end["elapsed"], final["val_loss"] / math.log(2)
+    val_split = json.loads((data / "meta.json").read_text())["splits"]["val"]
+    return end["step"], end["tokens"], end["elapsed"], bits_per_character(final["val_bpb"], val_split)
 
 
 def run_arm(arm: str, overrides: dict[str, str], args: argparse.Namespace, data: Path, work: Path,
@@ -183,15 +187,20 @@ def run_arm(arm: str, overrides: dict[str, str], args: argparse.Namespace, data:
         for index in range(args.seeds):
             seed = FIRST_SEED + index
             before = load_average()
-            steps, tokens, seconds, bpc = train_and_score(
-                data, work / f"{arm}-{budget}-{seed}", args.config, {**overrides, "train.seed": str(seed)}, flags)
+            try:
+                steps, tokens, seconds, bpc = train_and_score(
+                    data, work / f"{arm}-{budget}-{seed}", args.config, {**overrides, "train.seed": str(seed)},
+                    flags)
+            except SystemExit as failure:  # one arm's failure (torch.compile without a compiler) ends no other
+                say(f"  {arm:>14} {budget:>6} seed {seed}: FAILED, left out: {failure}")
+                continue
             run = Run(arm, budget, seed, steps, tokens, seconds, tokens / max(seconds, 1e-9), bpc, before,
                       load_average())
             run.shared = run.load_after > os.cpu_count() + LOAD_MARGIN
             runs.append(run)
             say(f"  {arm:>14} {budget:>6} seed {seed}: {steps:,} steps, {tokens:,} tokens, {seconds:.0f} s, "
                 f"{bpc:.4f} bits/char, load {before:.2f} -> {run.load_after:.2f}" + (" SHARED" if run.shared else ""))
-        fastest = max(run.tokens_per_s for run in runs if run.budget == budget)
+        fastest = max((run.tokens_per_s for run in runs if run.budget == budget), default=0.0)
         for run in runs:
             if run.budget == budget and run.tokens_per_s < SLOW_RUN * fastest:
                 run.shared = True

@@ -173,7 +173,7 @@ def test_speedrun_runs_both_budgets_per_seed_and_tests_each_ablation(tiny_data, 
     seeds = [run["bits_per_char"] for run in runs if run["arm"] == "baseline" and run["budget"] == "tokens"]
     assert seeds[0] != seeds[1]
     code, evaluated, _ = run_cli(capsys, "eval", str(tmp_path / "baseline-tokens-1337"), "--data", str(tiny_data))
-    assert code == 0 and json.loads(evaluated)["loss"] / math.log(2) == pytest.approx(seeds[0], rel=1e-5)
+    assert code == 0 and json.loads(evaluated)["bpc"] == pytest.approx(seeds[0], rel=1e-5)
     table = [line for line in out.splitlines() if line.startswith("| untied |")]
     assert len(table) == 2 and all(re.search(r"\| 0\.\d{3} \|$|\| 1\.000 \|$", line) for line in table), out
     assert "0 of 8 runs shared the CPU" in out
