@@ -85,6 +85,9 @@ class ModelConfig(Section):
     dropout: float = number(0.0, at_least=0, below=1)
     init: Literal["normal", "xavier", "kaiming"] = "normal"
     init_std: float = number(0.02, above=0)
+    # gpt: the projections that write into the residual stream (attn.proj, mlp.proj) start at zero, so every block
+    # starts as the identity (modded-nanogpt's choice); false: they follow model.init
+    zero_init_proj: bool = False
     # mlp, rnn only ("": tanh); gpt's MLP nonlinearity is model.mlp, and bigram, lstm, gru have none to choose
     activation: Activation = ""
     context: int = number(3, above=0, at_most=MAX_BLOCK)  # arch = mlp: how many previous tokens the Bengio MLP sees
@@ -94,6 +97,9 @@ class ModelConfig(Section):
         if self.activation and self.arch not in ACTIVATION_ARCHS:
             raise UserError(f"model.activation = '{self.activation}' does not apply to arch '{self.arch}': "
                             f"{FIXED_NONLINEARITY[self.arch]}; leave model.activation empty")
+        if self.zero_init_proj and self.arch != "gpt":
+            raise UserError(f"model.zero_init_proj applies to the transformer's residual projections; arch "
+                            f"'{self.arch}' has none: leave it false")
         if self.arch == "gpt":
             self.check_attention_shape()
 
@@ -135,6 +141,9 @@ class TrainConfig(Section):
     cooldown_fraction: float = number(0.2, at_least=0, at_most=1)
     min_lr_ratio: float = number(0.1, at_least=0, at_most=1)  # the lr at the end of decay, as a fraction of the peak
     grad_clip: float = number(1.0, at_least=0)  # 0: off
+    # an exponential moving average of the weights, for evaluations, samples and the checkpoints' weights
+    # (lmforge/train/ema.py); 0: off
+    ema_decay: float = number(0.0, at_least=0, below=1)
     eval_every: int = number(250, at_least=0)  # 0: only the final evaluation
     eval_tokens: int = number(65536, above=0)  # size of the fixed validation subset used during training
     sample_every: int = number(0, at_least=0)  # 0: no samples during training
@@ -145,6 +154,9 @@ class TrainConfig(Section):
     seed: int = number(1337, at_least=0, at_most=2**64 - 1)  # torch's generators take an unsigned 64-bit seed
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # intra-op threads of torch's CPU kernels; 0: torch's default (one per core). Small matrix products can be
+    # faster on fewer threads than cores (benchmarks/speedrun.py --ablation threads1 measures it)
+    threads: int = number(0, at_least=0, at_most=1024)
     compile: bool | None = None  # None ("auto" in TOML and on the command line): on for CUDA
     tensorboard: bool = False
     engine: Engine = "torch"  # torch (autograd) | scratch (NumPy, every backward by hand: lmforge/scratch)

@@ -6,7 +6,9 @@
 - xavier: matrices uniform in ±sqrt(6 / (fan_in + fan_out)), which keeps activation and gradient variance
   alike through tanh-like layers.
 - kaiming: matrices N(0, 2 / fan_in), which keeps activation variance through ReLU-like layers.
-Under every scheme embeddings are N(0, init_std), biases start at 0 and norm gains at 1; the rows that only
+With `model.zero_init_proj` those residual projections start at zero instead, under every scheme: each block
+then starts as the identity and the first updates shape the residual stream (modded-nanogpt's choice). Under
+every scheme embeddings are N(0, init_std), biases start at 0 and norm gains at 1; the rows that only
 pad the vocabulary start (and stay) at 0. The recurrent models' matrices (torch's LSTM and GRU included) follow
 the same schemes.
 """
@@ -35,6 +37,8 @@ def init_weights(model: nn.Module, config: ModelConfig) -> None:
             else:
                 std = residual_std if getattr(module, "residual", False) else config.init_std
                 nn.init.normal_(module.weight, std=std)
+            if config.zero_init_proj and getattr(module, "residual", False):
+                nn.init.zeros_(module.weight)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.RNNBase):  # torch's LSTM and GRU: input and hidden matrices of every layer

@@ -29,6 +29,7 @@ from lmforge.run.directory import (
     LORA_DEPENDENTS,
     OPTIMIZER_FILE,
     STATE_FILE,
+    TRAINING_WEIGHTS_FILE,
     WEIGHTS_FILE,
     checkpoint_dir,
     read_config,
@@ -114,14 +115,16 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor],
                     optimizer_states: list[dict], trainer_state: dict,
-                    hidden_state: dict[str, torch.Tensor] | None = None) -> Path:
+                    hidden_state: dict[str, torch.Tensor] | None = None,
+                    training_weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a complete checkpoint under a temporary name, then rename it into place; `optimizer_states` are
-    the optimizers' `state_dict()`s, `hidden_state` a recurrent model's carried state (global batch rows)."""
+    the optimizers' `state_dict()`s, `hidden_state` a recurrent model's carried state (global batch rows),
+    `training_weights` the weights as trained when `model_state` holds their average (train.ema_decay)."""
     final = checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
     tensors, groups = _flatten_optimizers(optimizer_states)
-    needed = sum(t.nelement() * t.element_size() for part in (model_state, tensors, hidden_state or {})
-                 for t in part.values())
+    needed = sum(t.nelement() * t.element_size()
+                 for part in (model_state, tensors, hidden_state or {}, training_weights or {}) for t in part.values())
     # A failure (disk full, read-only) deletes the partial checkpoint and ends in one line; earlier ones stay.
     with writing(final, tmp, needed=needed):
         remove_path(tmp)
@@ -130,6 +133,9 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
         save_file(tensors, tmp / OPTIMIZER_FILE)
         if hidden_state:
             save_file({k: v.contiguous() for k, v in hidden_state.items()}, tmp / HIDDEN_FILE)
+        if training_weights:
+            save_file({k: v.detach().cpu().contiguous() for k, v in training_weights.items()},
+                      tmp / TRAINING_WEIGHTS_FILE)
         state = dict(trainer_state, optimizer_groups=groups, rng=rng_state())
         (tmp / STATE_FILE).write_text(json.dumps(state))
         for file in tmp.iterdir():
@@ -156,6 +162,13 @@ def read_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
         if not Path(checkpoint).is_dir():
             raise removed_meanwhile(checkpoint) from None
         raise
+
+
+def read_training_weights(checkpoint: Path) -> dict[str, torch.Tensor] | None:
+    """The weights as trained of a checkpoint written with train.ema_decay (its model.safetensors holds their
+    average), or None for one without."""
+    path = Path(checkpoint) / TRAINING_WEIGHTS_FILE
+    return load_safetensors(path, f"checkpoint {checkpoint}") if path.is_file() else None
 
 
 def removed_meanwhile(checkpoint: Path) -> UserError:

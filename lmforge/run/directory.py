@@ -66,7 +66,9 @@ WEIGHTS_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 HIDDEN_FILE = "hidden.safetensors"
-CHECKPOINT_FILES = (WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE, HIDDEN_FILE)
+# train.ema_decay: the weights as trained, which resume continues; model.safetensors holds their average
+TRAINING_WEIGHTS_FILE = "training.safetensors"
+CHECKPOINT_FILES = (WEIGHTS_FILE, OPTIMIZER_FILE, STATE_FILE, HIDDEN_FILE, TRAINING_WEIGHTS_FILE)
 LOCK_FILE = ".lock"  # held (fcntl) by the one process writing the run: lock_run
 # LoRA runs on this run's checkpoints, one small JSON file each ({"run", "checkpoint"}): pruning keeps those
 # checkpoints, as the LoRA runs' own checkpoints hold only adapters (record_lora_dependent).

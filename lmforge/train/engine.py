@@ -43,6 +43,10 @@ def check_engine(config: Config) -> None:
     if train.engine != "scratch":
         return
     check_scratch_config(config.model)
+    if train.threads:
+        raise UserError(f"the scratch engine does not support train.threads = {train.threads}: its matrix "
+                        "products are NumPy's, whose threads OMP_NUM_THREADS sets before the start; leave "
+                        "train.threads at 0")
     for option, value, supported in (("optim.name", config.optim.name, ("adamw",)),
                                      ("train.device", train.device, ("auto", "cpu")),
                                      ("train.precision", train.precision, ("auto", "fp32")),
@@ -205,6 +209,8 @@ def build_engine(config: Config, model: nn.Module, device: torch.device, precisi
     cluster = cluster or Cluster(device=device)
     if config.train.engine == "scratch":
         return ScratchEngine(model, config)
+    if config.train.threads:  # for the whole process: the trainer's evaluations and samples run on them too
+        torch.set_num_threads(config.train.threads)
     cluster.shard(model)
     optimizers = build_optimizers(model, config.optim, device, say)
     forward = torch.compile(model) if resolve_compile(config.train.compile, device) else model

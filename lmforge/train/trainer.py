@@ -12,6 +12,7 @@ lmforge/train/distributed.py).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import signal
@@ -32,11 +33,16 @@ from lmforge.run import directory as rundir
 from lmforge.run import log as run_log
 from lmforge.run.log import EndRecord, EvalRecord, LogWriter, Record, TrainRecord
 from lmforge.train.distributed import start_cluster
+from lmforge.train.ema import WeightAverage
 from lmforge.train.engine import build_engine, engine_device
 from lmforge.train.language import LanguageModelling
 from lmforge.train.optim import set_lr
 from lmforge.train.schedule import limit_reached, lr_multiplier
 from lmforge.train.task import TrainingTask
+
+# A launch says how long it will take once it has timed this many steps (at the first logged step after them):
+# enough that the first step's one-off costs weigh little, few enough to be said within seconds.
+ESTIMATE_AFTER_STEPS = 10
 
 
 @dataclass
@@ -94,6 +100,7 @@ class Trainer:
         self.model = self.task.build_model(self.device)
         self.engine = build_engine(config, self.task.objective(self.model), self.device, self.precision,
                                    self.cluster, self.say)
+        self.average = self._weight_average()
         self.task.start_data(self.cluster, self.device, self.precision)
         self.progress = Progress()
         self.stop_signal: str | None = None
@@ -134,6 +141,18 @@ class Trainer:
         return self.task.loader
 
     # ----- set-up -----
+    def _weight_average(self) -> WeightAverage | None:
+        """train.ema_decay's average of the weights, where the run has one."""
+        ema_decay = self.config.train.ema_decay
+        if not ema_decay:
+            return None
+        if not isinstance(self.task, LanguageModelling):
+            raise UserError("train.ema_decay averages a pretraining run's weights; fine-tuning keeps them as "
+                            "trained: leave it at 0")
+        if self.cluster.distributed:
+            raise UserError("train.ema_decay is not implemented under torchrun yet; leave it at 0")
+        return WeightAverage(self.model, ema_decay)
+
     def _prepare_run_dir(self, resume: bool, overwrite: bool, inputs: list[str | Path]) -> tuple[Path, tuple] | None:
         """Take the run's lock (never where the run's `inputs` are), repair what an interrupted save left, refuse
         to clobber a previous run; return the checkpoint to resume from and its contents, if any."""
@@ -167,6 +186,14 @@ class Trainer:
     def _restore(self, path: Path, loaded: tuple) -> None:
         weights, optimizer_states, state, hidden = loaded
         self.task.load_weights(weights, path)
+        trained = run_checkpoints.read_training_weights(path)
+        if self.average is not None:  # model.safetensors held the average (or, from a run without one, the weights)
+            self.average.restart_from_model()
+            if trained is None:
+                self.say(f"{path} has no training weights (written without train.ema_decay): the average starts "
+                         "from its weights")
+        if trained is not None:
+            self.task.load_weights(trained, path)
         if len(optimizer_states) != len(self.optimizers):
             raise UserError(f"checkpoint {path} was written with another optim.name; resume with the same one")
         for optimizer, optimizer_state in zip(self.optimizers, optimizer_states, strict=True):
@@ -251,6 +278,7 @@ class Trainer:
                    unit="step", dynamic_ncols=True, file=sys.stdout)
         launch_start = time.perf_counter() - progress.elapsed
         self.launch = (progress.step, progress.elapsed)
+        self.estimated = False  # the time this launch will take has been said
         self.window = (time.perf_counter(), 0)  # start and tokens of the span the next tokens/s measures
         self.loss: torch.Tensor | None = None
         try:
@@ -261,6 +289,8 @@ class Trainer:
                 lr = set_lr(self.optimizers, multiplier)
                 self.loss, grad_norm = self.engine.step(self.task.next_batch, self.task.accumulation,
                                                         train.grad_clip)
+                if self.average is not None:
+                    self.average.update(progress.step + 1)
                 tokens = self.task.tokens_read()
                 progress.step += 1
                 progress.tokens += tokens
@@ -287,6 +317,8 @@ class Trainer:
                                  elapsed=self.progress.elapsed)
             self.log(record)
             self._update_bar(bar, record)
+            if not self.estimated and step - self.launch[0] >= ESTIMATE_AFTER_STEPS:
+                self._say_estimate(record, bar)
         evaluated = False
         if train.eval_every and step % train.eval_every == 0 and step < train.max_steps:  # else: the final one
             self.run_eval(bar=bar)
@@ -349,6 +381,24 @@ class Trainer:
         raise TrainingDiverged(f"training loss became {loss} at step {self.progress.step}; {kept}; "
                                f"lower optim.lr or raise train.warmup_steps and resume or restart")
 
+    def _say_estimate(self, record: TrainRecord, bar: tqdm) -> None:
+        """Once per launch: how long its training takes on this machine, at the pace of its steps so far (a fixed
+        number of steps, as `make demo` trains, takes longer on a busy or slower machine)."""
+        self.estimated = True
+        train = self.config.train
+        launch_step, launch_elapsed = self.launch
+        seconds_per_step = (record.elapsed - launch_elapsed) / (record.step - launch_step)
+        end_step = train.max_steps
+        if train.max_epochs > 0 and record.epoch > 0:
+            end_step = min(end_step, math.ceil(record.step * train.max_epochs / record.epoch))
+        remaining = max(end_step - record.step, 0) * seconds_per_step
+        if train.max_time > 0:
+            remaining = min(remaining, max(train.max_time - record.elapsed, 0.0))
+        message = (f"about {record.elapsed - launch_elapsed + remaining:.0f} s of training on this machine "
+                   f"({seconds_per_step * 1000:.0f} ms per step over the first {record.step - launch_step}), "
+                   f"then the final evaluation")
+        (bar.write(message) if not bar.disable else self.say(message))
+
     def _update_bar(self, bar: tqdm, record: TrainRecord) -> None:
         train = self.config.train
         if train.max_time > 0:  # when the clock will end the run first, show the steps it leaves room for
@@ -366,8 +416,9 @@ class Trainer:
     def run_eval(self, *, final: bool = False, bar: tqdm | None = None) -> EvalRecord:
         """Evaluate, log it, keep track of the best by the task's metric (and of early stopping)."""
         progress = self.progress
-        record, message = self.task.evaluate(self.forward, final=final, step=progress.step, tokens=progress.tokens,
-                                             elapsed=progress.elapsed)
+        with self._averaged():
+            record, message = self.task.evaluate(self.forward, final=final, step=progress.step,
+                                                 tokens=progress.tokens, elapsed=progress.elapsed)
         key, higher = self.task.metric
         if better(getattr(record, key), progress.best_metric, higher):
             progress.best_metric, progress.best_step, progress.evals_without_improvement = \
@@ -382,11 +433,16 @@ class Trainer:
         return record
 
     def run_sample(self, bar: tqdm) -> None:
-        sample = self.task.sample(self.progress.step)
+        with self._averaged():
+            sample = self.task.sample(self.progress.step)
         if sample is None:
             return
         self.log(sample)
         (bar.write if not bar.disable else self.say)(f"--- sample at step {sample.step} ---\n{sample.text}\n---")
+
+    def _averaged(self) -> contextlib.AbstractContextManager:
+        """The model holds train.ema_decay's average inside the block, if the run keeps one."""
+        return self.average.swapped_in() if self.average is not None else contextlib.nullcontext()
 
     def save(self) -> Path | None:
         progress, last = self.progress, self.last_eval
@@ -396,7 +452,9 @@ class Trainer:
             progress.best_checkpoint_metric, progress.best_checkpoint_step = getattr(last, key), progress.step
         state = {"progress": vars(progress).copy(), "loader": self.task.data_state()}
         # Every rank takes part in gathering the shards (FSDP); rank 0 alone writes.
-        model_state = self.task.weights()
+        model_state, training_weights = self.task.weights(), None
+        if self.average is not None:  # readers (eval, sample, export, init_from) get the average
+            model_state, training_weights = self.average.averaged_state(model_state), model_state
         optimizer_states = [self.cluster.gather_optimizer(optimizer.state_dict()) for optimizer in self.optimizers]
         hidden_state = self.task.carried_state()
         self.saved = (progress.step, last)
@@ -405,7 +463,7 @@ class Trainer:
         self.saving = True
         try:
             path = run_checkpoints.save_checkpoint(self.run_dir, progress.step, model_state, optimizer_states,
-                                                   state, hidden_state)
+                                                   state, hidden_state, training_weights)
             for note in run_checkpoints.prune_checkpoints(self.run_dir, self.config.train.keep_last,
                                                           progress.best_checkpoint_step, self.kept_for_lora):
                 self.say(note)
