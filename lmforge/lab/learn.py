@@ -25,10 +25,13 @@ from lmforge.infer import load as run_loader
 from lmforge.model.gpt import GPT
 from lmforge.plots import new_figure, png_bytes
 from lmforge.run.checkpoints import resolve_checkpoint
-from lmforge.run.directory import LOG_FILE
+from lmforge.run.directory import CHECKPOINT_PREFIX, LOG_FILE
 from lmforge.run.log import read_log
 
 TINY_TEXT = "to be, or not to be, that is the question"
+# The chapters' illustrations come from runs of 600 steps and more (make demo trains about 780): a run with fewer
+# shows little of what the text describes (near-uniform attention, a loss far above the quoted one).
+COURSE_STEPS = 600
 STEPS = tuple(10.0**-exponent for exponent in range(1, 15))  # h = 1e-1 ... 1e-14
 
 
@@ -38,6 +41,22 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[torch
     than next tokens, is refused by name."""
     loaded = run_loader.load_run(run, device=device)
     return loaded.model, loaded.config, loaded.tokenizer
+
+
+def trained_steps(run: str | Path) -> int:
+    """The step of the checkpoint the course loads (a run's newest): the log's last training line can be a few
+    steps earlier, since the trainer logs every train.log_every steps."""
+    return int(resolve_checkpoint(run)[1].name.removeprefix(CHECKPOINT_PREFIX))
+
+
+def course_run_check(run: str | Path, assumed_steps: int = COURSE_STEPS) -> str:
+    """One line on whether `run` is trained as long as the course assumes, and if not, the command that is."""
+    steps = trained_steps(run)
+    if steps >= assumed_steps:
+        return f"{run}: {steps} steps, trained as long as the course assumes (at least {assumed_steps})"
+    return (f"{run} is barely trained ({steps} steps; the course assumes at least {assumed_steps}): train longer "
+            f"with make demo, or lmforge train --config configs/shakespeare-char.toml --data DATA --out {run} "
+            f"--max-steps 780 --overwrite")
 
 
 def recorded_data_dir(run: str | Path) -> Path | None:
