@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))  # this checkout's lmforge, whatever is installed
 
 from lmforge.cli import main  # noqa: E402  (after the path is set)
 
-LEARNING_RATES = {"small": "1e-4", "right": "1e-2", "large": "1"}  # AdamW on configs/mlp.toml, constant rate
+# AdamW on configs/mlp.toml, constant rate; each run is named for its rate, which the curves' legend then shows.
+LEARNING_RATES = {"lr-1e-4": "1e-4", "lr-1e-2": "1e-2", "lr-1": "1"}
 PROMPT = "O Romeo, Romeo! wherefore art thou "
 
 
