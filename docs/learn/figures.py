@@ -4,8 +4,11 @@ Each figure is the output of an `lmforge` command, run here in one process throu
 point (lmforge.cli.main), so the pictures are exactly what a reader's commands draw:
 
   prepare the built-in corpus (if missing) · train configs/gpt.toml for --steps steps · plot activations,
-  derivative, landscape and next-token · configs/mlp.toml at three learning rates and `compare` · an
-  eight-trial `sweep` of its learning rate · `report` (its attention maps).
+  derivative, landscape (of that run, and of the same model after one step) and next-token · configs/mlp.toml
+  at three learning rates and `compare` · an eight-trial `sweep` of its learning rate · `report` (its attention
+  maps).
+
+One figure is drawn by Python, as chapter 6 draws it: the gradient picture (lmforge.lab.learn.plot_gradient_field).
 
 About six minutes on a 2-core CPU with the defaults (on a busy machine, OMP_NUM_THREADS=1 is much faster).
 tests/test_learn.py runs it with tiny settings, so the commands cannot rot.
@@ -22,8 +25,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # this checkout's lmforge, whatever is installed
 
 from lmforge.cli import main  # noqa: E402  (after the path is set)
+from lmforge.lab.learn import plot_gradient_field  # noqa: E402
 
-LEARNING_RATES = {"small": "1e-4", "right": "1e-2", "large": "1"}  # AdamW on configs/mlp.toml, constant rate
+# AdamW on configs/mlp.toml, constant rate; each run is named for its rate, which the curves' legend then shows.
+LEARNING_RATES = {"lr-1e-4": "1e-4", "lr-1e-2": "1e-2", "lr-1": "1"}
 PROMPT = "O Romeo, Romeo! wherefore art thou "
 
 
@@ -49,8 +54,15 @@ def make_figures(out: Path, data: Path, runs: Path, *, steps: int, trio_steps: i
     # The figures replace the committed ones: --overwrite.
     lmforge("plot", "activations", "--out", str(out / "activations.png"), "--overwrite")
     lmforge("plot", "derivative", "--out", str(out / "derivative.png"), "--overwrite")
+    plot_gradient_field(out / "gradient.png", overwrite=True)  # chapter 6 calls it from Python, as here
     lmforge("plot", "landscape", str(run), "--points", str(landscape_points), "--out", str(out / "landscape.png"),
             "--overwrite")
+    # The same picture for the same model after one step (a 1/50 warmup rate): where training starts.
+    untrained = runs / "gpt-untrained"
+    lmforge("train", "--config", config, "--data", str(data), "--out", str(untrained), "--max-steps", "1",
+            "--overwrite", "--quiet")
+    lmforge("plot", "landscape", str(untrained), "--points", str(landscape_points), "--out",
+            str(out / "landscape-untrained.png"), "--overwrite")
     lmforge("plot", "next-token", str(run), "--prompt", prompt, "--out", str(out / "next-token.png"), "--overwrite")
 
     for name, rate in LEARNING_RATES.items():

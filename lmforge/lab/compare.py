@@ -15,6 +15,7 @@ from matplotlib.ticker import EngFormatter
 from lmforge.errors import UserError
 from lmforge.files import check_output, write_atomic, writing
 from lmforge.plots import new_figure, png_bytes
+from lmforge.run.directory import read_config
 from lmforge.run.log import last_per_step, read_log
 
 COLUMNS = ("run", "architecture", "parameters", "tokens seen", "wall time (s)", "tokens/s", "best val loss",
@@ -38,7 +39,7 @@ def summarize(run: Path) -> dict:
             "tokens/s": end.tokens / end.elapsed if end.elapsed > 0 else math.nan,
             "best val loss": min(record.val_loss for record in log.evals),
             "val bits/byte": final.val_bpb, "epochs": end.tokens / start.train_tokens,
-            "evals": evals}
+            "evals": evals, "vocab_size": read_config(run).model.vocab_size}
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -90,11 +91,21 @@ def _curves(rows: list[dict], x_key: str, label: str, log: bool) -> bytes:
         final = [r for r in row["evals"] if r.final]  # on the whole split: not the same measure
         axes.plot([getattr(r, x_key) for r in final], [r.val_loss for r in final], "*", markersize=10,
                   color=line.get_color())
+    # A model that knows nothing guesses uniformly: ln V nats, where every run starts. A diverging run climbs
+    # far above it and would squash the others into the bottom of the frame, so the frame stops a little above.
+    uniform = max(math.log(row["vocab_size"]) for row in rows)
+    axes.axhline(uniform, color="gray", linestyle="--", linewidth=1, label=f"uniform guess, ln V = {uniform:.2f}")
+    highest = max((r.val_loss for row in rows for r in row["evals"] if math.isfinite(r.val_loss)), default=uniform)
+    if highest > 1.15 * uniform:
+        axes.set_ylim(top=1.15 * uniform)
+        axes.set_title(f"Validation loss against {label} (frame cut at {1.15 * uniform:.1f}; the table has every "
+                       "loss)", fontsize=10)
+    else:
+        axes.set_title(f"Validation loss against {label}")
     if log:
         axes.set_xscale("log")
     axes.set_xlabel(label + (" (log scale)" if log else ""))
     axes.set_ylabel("val loss (nats per token)")
-    axes.set_title(f"Validation loss against {label}")
     axes.xaxis.set_major_formatter(EngFormatter())
     axes.grid(alpha=0.3)
     axes.legend(title="★ final evaluation (whole validation split)")

@@ -40,17 +40,26 @@ def histograms_png(tensors: dict[str, torch.Tensor], title: str) -> bytes:
 
 
 def attention_png(weights: torch.Tensor, labels: list[str], layer: int) -> bytes:
-    """weights (n_head, T, T), row = query position, column = key position; labels: the tokens as text."""
+    """weights (n_head, T, T), row = query position, column = key position; labels: the tokens as text. Two
+    heads per row, large enough to read the tokens, one colour scale for all."""
     heads = weights.size(0)
-    columns = min(4, heads)
+    columns = min(2, heads)
     rows = math.ceil(heads / columns)
-    size = max(2.5, 0.12 * len(labels))
-    figure = new_figure(size * columns, size * rows + 0.5)
-    figure.suptitle(f"Attention of layer {layer}, every head (row: query token, column: key token)")
+    size = max(3.5, 0.17 * len(labels))
+    figure = new_figure(size * columns + 1.2, size * rows + 0.8)
+    figure.suptitle(f"Attention weights of layer {layer} (layers counted from 0), every head\n"
+                    "row: the query token, column: the key token it reads; above the diagonal is the future")
+    shown = None
     for head in range(heads):
         axes = figure.add_subplot(rows, columns, head + 1)
-        axes.imshow(weights[head].cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
-        axes.set_title(f"head {head}", fontsize=9)
-        axes.set_xticks(range(len(labels)), labels, fontsize=6, rotation=90)
-        axes.set_yticks(range(len(labels)), labels, fontsize=6)
+        shown = axes.imshow(weights[head].cpu().numpy(), cmap="viridis", vmin=0, vmax=1)
+        axes.set_title(f"head {head}", fontsize=10)
+        axes.set_xticks(range(len(labels)), [visible(label) for label in labels], fontsize=8, rotation=90)
+        axes.set_yticks(range(len(labels)), [visible(label) for label in labels], fontsize=8)
+    figure.colorbar(shown, ax=figure.axes, label="attention weight (each row sums to 1)", shrink=0.8)
     return png_bytes(figure)
+
+
+def visible(token: str) -> str:
+    """A token as a tick label: a space as ␣, a newline as \\n."""
+    return repr(token)[1:-1].replace(" ", "␣")

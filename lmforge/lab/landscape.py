@@ -14,6 +14,7 @@ The loss is measured on a fixed set of validation windows spread evenly over the
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,13 @@ def plot_landscape(run: str | Path, out: str | Path, *, data: str | Path | None 
     if int(inputs.max()) >= config.model.vocab_size:
         raise UserError(f"{data_dir} has token ids beyond the run's vocabulary ({config.model.vocab_size}): "
                         "it was prepared with another tokenizer")
+    started = time.perf_counter()
+    with torch.no_grad():
+        model(inputs, targets)
+    evaluations = points + points * points
+    # The one line a reader sees before minutes of work (the progress bar shows only on a terminal).
+    print(f"loss landscape: {evaluations} evaluations of the loss on {len(inputs)} windows, about "
+          f"{math.ceil(evaluations * (time.perf_counter() - started))} s", flush=True)
     landscape = loss_landscape(model, inputs, targets, points=points, span=span, seed=seed)
 
     figure = new_figure(12, 5)

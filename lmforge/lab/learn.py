@@ -25,10 +25,13 @@ from lmforge.infer import load as run_loader
 from lmforge.model.gpt import GPT
 from lmforge.plots import new_figure, png_bytes
 from lmforge.run.checkpoints import resolve_checkpoint
-from lmforge.run.directory import LOG_FILE
+from lmforge.run.directory import CHECKPOINT_PREFIX, LOG_FILE
 from lmforge.run.log import read_log
 
 TINY_TEXT = "to be, or not to be, that is the question"
+# The chapters' illustrations come from runs of 600 steps and more (make demo trains about 780): a run with fewer
+# shows little of what the text describes (near-uniform attention, a loss far above the quoted one).
+COURSE_STEPS = 600
 STEPS = tuple(10.0**-exponent for exponent in range(1, 15))  # h = 1e-1 ... 1e-14
 
 
@@ -38,6 +41,22 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[torch
     than next tokens, is refused by name."""
     loaded = run_loader.load_run(run, device=device)
     return loaded.model, loaded.config, loaded.tokenizer
+
+
+def trained_steps(run: str | Path) -> int:
+    """The step of the checkpoint the course loads (a run's newest): the log's last training line can be a few
+    steps earlier, since the trainer logs every train.log_every steps."""
+    return int(resolve_checkpoint(run)[1].name.removeprefix(CHECKPOINT_PREFIX))
+
+
+def course_run_check(run: str | Path, assumed_steps: int = COURSE_STEPS) -> str:
+    """One line on whether `run` is trained as long as the course assumes, and if not, the command that is."""
+    steps = trained_steps(run)
+    if steps >= assumed_steps:
+        return f"{run}: {steps} steps, trained as long as the course assumes (at least {assumed_steps})"
+    return (f"{run} is barely trained ({steps} steps; the course assumes at least {assumed_steps}): train longer "
+            f"with make demo, or lmforge train --config configs/shakespeare-char.toml --data DATA --out {run} "
+            f"--max-steps 780 --overwrite")
 
 
 def recorded_data_dir(run: str | Path) -> Path | None:
@@ -161,4 +180,56 @@ def plot_difference_errors(out: str | Path, overwrite: bool = False) -> Path:
     axes.invert_xaxis()  # h shrinks to the right, as in the limit
     axes.grid(alpha=0.3, which="both")
     axes.legend()
+    return write_png(figure, out)
+
+
+# ----- the gradient descent chapter: a surface of two weights with a local and a global minimum -----
+
+
+def two_weight_loss(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """L(w1, w2) = (w1² − 1)² + 0.3·w1 + w2²: two valleys along w1, the deeper (global) one near w1 = −1, the
+    shallower (local) one near w1 = +1."""
+    return (w1**2 - 1) ** 2 + 0.3 * w1 + w2**2
+
+
+def two_weight_gradient(w1: float, w2: float) -> tuple[float, float]:
+    """The vector of partial derivatives (∂L/∂w1, ∂L/∂w2), by hand."""
+    return 4 * w1 * (w1**2 - 1) + 0.3, 2 * w2
+
+
+def descend(start: tuple[float, float], lr: float = 0.05, steps: int = 60) -> list[tuple[float, float]]:
+    """The points gradient descent visits on two_weight_loss from `start`."""
+    path = [start]
+    for _ in range(steps):
+        w1, w2 = path[-1]
+        g1, g2 = two_weight_gradient(w1, w2)
+        path.append((w1 - lr * g1, w2 - lr * g2))
+    return path
+
+
+def plot_gradient_field(out: str | Path, starts: tuple[tuple[float, float], ...] = ((1.6, 1.2), (-0.2, 1.4)),
+                        overwrite: bool = False) -> Path:
+    """Contours of two_weight_loss, its negative gradient as arrows, and gradient descent from each start."""
+    out = check_png_out(out, overwrite)
+    figure = new_figure(7.5, 5.5)
+    axes = figure.subplots()
+    grid = torch.linspace(-1.8, 1.8, 121)
+    w1, w2 = torch.meshgrid(grid, grid, indexing="xy")
+    filled = axes.contourf(w1, w2, two_weight_loss(w1, w2), levels=30, cmap="viridis")
+    figure.colorbar(filled, ax=axes, label="L(w₁, w₂)")
+    arrows = torch.linspace(-1.6, 1.6, 11)
+    a1, a2 = torch.meshgrid(arrows, arrows, indexing="xy")
+    g1, g2 = two_weight_gradient(a1, a2)
+    axes.quiver(a1, a2, -g1, -g2, color="white", alpha=0.7, angles="xy")
+    for start in starts:
+        path = descend(start)
+        axes.plot([p[0] for p in path], [p[1] for p in path], "o-", color="orange", markersize=2.5)
+        axes.plot(*start, "ko", markersize=5)
+    axes.plot(-1.036, 0, "r*", markersize=14, label="global minimum")
+    axes.plot(0.960, 0, "w*", markersize=14, markeredgecolor="k", label="local minimum")
+    axes.set_xlabel("w₁")
+    axes.set_ylabel("w₂")
+    axes.set_title("−gradient (arrows) and gradient descent (orange) from two starts")
+    axes.set_aspect("equal")
+    axes.legend(loc="upper left")
     return write_png(figure, out)

@@ -328,6 +328,7 @@ def sweep(config_path: str | Path | None, data_dir: str | Path, out: str | Path,
     say = objective.say
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     if finished < trials:
+        say(f"sweep: {trials - finished} trial(s) to run into {out}, one line as each starts and ends")
         # Optuna logs each trial's result (INFO) and a failed trial's traceback (WARNING) before re-raising
         # the error: lmforge reports the error itself, in one line, and each trial's result when not quiet.
         verbosity = optuna.logging.get_verbosity()
@@ -391,7 +392,9 @@ def _param_plot(rows: list[dict], param: Param) -> bytes:
         values = [row[param.key] for row in chosen]
         if param.values is not None and not all(isinstance(v, int | float) for v in param.values):
             values = [param.values.index(value) for value in values]  # categories at positions 0, 1, ...
-        axes.plot(values, [row["val_loss"] for row in chosen], marker, linestyle="none", label=state)
+        # A pruned trial's loss is that of the evaluation that stopped it, early in its run: not a final loss.
+        label = "complete (final loss)" if state == "complete" else "pruned (loss when stopped early)"
+        axes.plot(values, [row["val_loss"] for row in chosen], marker, linestyle="none", label=label)
     if param.values is not None and not all(isinstance(v, int | float) for v in param.values):
         axes.set_xticks(range(len(param.values)), [str(v) for v in param.values])
     elif param.log:
