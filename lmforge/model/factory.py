@@ -11,7 +11,7 @@ from lmforge.model.mlp import BengioMLP
 from lmforge.model.recurrent import RECURRENT_ARCHS, RecurrentLM
 
 # One class per model.arch choice (lmforge/config/ declares them; a test keeps the two lists equal).
-MODELS: dict[str, type[nn.Module]] = {"gpt": GPT, "bigram": Bigram, "mlp": BengioMLP,
+MODELS: dict[str, type[nn.Module]] = {"gpt": GPT, "encoder": GPT, "bigram": Bigram, "mlp": BengioMLP,
                                       **dict.fromkeys(RECURRENT_ARCHS, RecurrentLM)}
 ARCHS = tuple(MODELS)
 

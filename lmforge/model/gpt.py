@@ -1,4 +1,8 @@
-"""One configurable decoder-only transformer: GPT-2 by default, the modern choices as small branches.
+"""One configurable transformer: GPT-2 by default, the modern choices as small branches.
+
+`model.arch = "gpt"` is the decoder (causal attention: a position sees itself and what came before);
+`model.arch = "encoder"` is the same blocks with bidirectional attention (every position sees every other, the
+BERT family), trained by masked-language modelling (lmforge/model/masking.py) instead of next-token prediction.
 
 GPT-2 style: learned positions, LayerNorm with bias, GELU MLP 4x, tied embedding and head. Options:
 rotary positions, RMSNorm, SwiGLU or ReLU² MLP, QK-norm, grouped-query attention (`n_kv_head`), untied
@@ -24,6 +28,7 @@ from lmforge.model.activations import activation
 from lmforge.model.init import init_weights
 
 VOCAB_MULTIPLE = 64
+TRANSFORMER_ARCHS = ("gpt", "encoder")  # the model.arch choices this class builds
 
 
 def padded_vocab_size(vocab_size: int) -> int:
@@ -147,6 +152,7 @@ class Attention(nn.Module):
         self.head_size = config.n_embd // config.n_head
         self.qk_norm = config.qk_norm
         self.dropout = config.dropout
+        self.causal = config.arch == "gpt"  # the encoder attends both ways
         qkv_size = (self.n_head + 2 * self.n_kv_head) * self.head_size
         self.qkv = nn.Linear(config.n_embd, qkv_size, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -168,12 +174,14 @@ class Attention(nn.Module):
         return q, k, v
 
     def probabilities(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """The causal attention probabilities (B, H, T, T) for x (B, T, C) with no cache: what SDPA computes
-        inside and never returns, written out for the report (GPT.attention_maps)."""
+        """The attention probabilities (B, H, T, T) for x (B, T, C) with no cache (causal for the decoder): what
+        SDPA computes inside and never returns, written out for the report (GPT.attention_maps)."""
         q, k, _ = self.heads(x, rotary)
         k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         scores = q.float() @ k.float().transpose(-2, -1) / self.head_size**0.5
         visible = torch.ones(x.size(1), x.size(1), dtype=torch.bool, device=x.device).tril()
+        if not self.causal:
+            return scores.softmax(-1)
         return scores.masked_fill(~visible, float("-inf")).softmax(-1)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
@@ -189,7 +197,7 @@ class Attention(nn.Module):
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         dropout = self.dropout if self.training else 0.0
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.causal)
         else:  # new tokens after cached ones, each row at its own position
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(batch, length, width))
@@ -238,9 +246,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.arch != "gpt":  # the values themselves were checked when the config was made (lmforge/config/)
-            raise UserError(f"GPT builds model.arch 'gpt', not '{config.arch}' (lmforge.model.factory.build_model "
-                            "builds every arch)")
+        if config.arch not in TRANSFORMER_ARCHS:  # the values were checked when the config was made (lmforge/config/)
+            raise UserError(f"GPT builds model.arch 'gpt' or 'encoder', not '{config.arch}' "
+                            "(lmforge.model.factory.build_model builds every arch)")
         self.config = config
         self.vocab_size = config.vocab_size
         self.padded_vocab_size = padded_vocab_size(config.vocab_size)
@@ -261,6 +269,9 @@ class GPT(nn.Module):
         return self.wte.weight if self.lm_head is None else self.lm_head.weight
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        if self.config.arch == "encoder":  # a cache holds the past for the next token; an encoder sees the future
+            raise UserError("model.arch = encoder does not generate text (it fills in masked tokens); sample, chat "
+                            "and serve take a decoder (model.arch = gpt)")
         return KVCache.empty(self.config, batch, device, dtype)
 
     @torch.no_grad()

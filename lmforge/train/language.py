@@ -48,11 +48,14 @@ def settle_config(config: Config, tokenizer: Tokenizer) -> Config:
     and checked against the tokenizer; the caller's config is left as it was."""
     config = copy.deepcopy(config)
     model = config.model
+    reserved = 1 if model.arch == "encoder" else 0  # the encoder's mask id, after the tokenizer's (model/masking.py)
+    needed = tokenizer.vocab_size + reserved
     if model.vocab_size == 0:
-        model.vocab_size = tokenizer.vocab_size
-    elif model.vocab_size < tokenizer.vocab_size:
+        model.vocab_size = needed
+    elif model.vocab_size < needed:
         raise UserError(f"model.vocab_size {model.vocab_size} is smaller than the data's tokenizer "
-                        f"({tokenizer.vocab_size}); leave it at 0 to take the tokenizer's")
+                        f"({tokenizer.vocab_size}" + (" + the encoder's mask token" if reserved else "")
+                        + "); leave it at 0 to take the tokenizer's")
     return config
 
 
