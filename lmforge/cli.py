@@ -73,7 +73,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     import torch
 
     from lmforge.infer.decode import stream_text
-    from lmforge.infer.generate import generate
+    from lmforge.infer.generate import check_generates, generate
     from lmforge.infer.load import load_run
 
     if args.prompt is not None and args.prompt_file is not None:
@@ -88,6 +88,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         except OSError as err:
             raise UserError(f"cannot read --prompt-file: {err}") from None
     loaded = load_run(args.run, device=args.device, engine=args.engine)
+    check_generates(loaded.config.model, "sample")
     model, tokenizer = loaded.model, loaded.tokenizer
     note_unknown("sample", tokenizer, tokenizer.check_known(prompt, allow_unknown=args.allow_unknown))
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
@@ -168,10 +169,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
     split = meta["splits"][args.split]
     check_token_ids(args.data, config.model.vocab_size, (args.split,))
     windows = TokenWindows(args.data, args.split, config.model.block_size)
+    precision = resolve_precision("fp32" if device.type == "cpu" else config.train.precision, device)
+    if config.model.arch == "encoder":
+        from lmforge.infer.evaluate import MASKED_LM_NOTE, check_no_mask_token, evaluate_masked_lm
+        from lmforge.model.masking import mask_token_id
+
+        check_no_mask_token(args.data, mask_token_id(config.model), (args.split,))
+        result = evaluate_masked_lm(loaded.model, windows, mask_id=mask_token_id(config.model),
+                                    batch_size=args.batch_size, device=device, precision=precision)
+        print(f"lmforge eval: note: {MASKED_LM_NOTE}", file=sys.stderr)
+        print(json.dumps({**result, "checkpoint": str(loaded.checkpoint)}))
+        return
     result = evaluate(loaded.model, windows, batch_size=args.batch_size, max_windows=None, device=device,
-                      precision=resolve_precision("fp32" if device.type == "cpu" else config.train.precision,
-                                                  device),
-                      bytes_per_token=split["bytes"] / split["tokens"] if split["bytes"] else None)
+                      precision=precision, bytes_per_token=split["bytes"] / split["tokens"] if split["bytes"] else None)
     result["bpc"] = bits_per_character(result["bpb"], split)
     result["checkpoint"] = str(loaded.checkpoint)
     print(json.dumps(result))

@@ -3,6 +3,9 @@ that take it or refuse it."""
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -10,15 +13,17 @@ from safetensors.torch import load_file
 
 from lmforge.config.load import load_config
 from lmforge.data.datadir import describe_data
+from lmforge.data.loader import TokenWindows, to_batch
 from lmforge.data.shards import shard_header, shard_name
 from lmforge.errors import UserError
+from lmforge.infer.evaluate import check_no_mask_token, pseudo_perplexity
 from lmforge.infer.load import load_run
+from lmforge.interop.architectures import architecture_for
 from lmforge.model.factory import build_model
 from lmforge.model.masking import IGNORE, chosen_count, mask_token_id, mask_tokens
 from lmforge.run import directory as rundir
-from lmforge.train.masked import check_no_mask_token
 from lmforge.train.trainer import Trainer
-from tests.conftest import TINY_OVERRIDES, records, train_losses
+from tests.conftest import TINY_OVERRIDES, assert_one_line_error, records, run_cli, train_losses
 
 
 def encoder_config(**overrides: object):
@@ -127,12 +132,12 @@ def test_shards_holding_the_mask_id_are_refused(tmp_path):
         (data / shard_name(split, 0)).write_bytes(shard_header(len(tokens), 50258) + tokens.tobytes())
     config = encoder_config(model__vocab_size=50258)
     with pytest.raises(UserError, match="reserves for its mask token"):
-        check_no_mask_token(data, config)
+        check_no_mask_token(data, mask_token_id(config.model))
     tokens[7] = 3
     (data / shard_name("train", 0)).write_bytes(shard_header(len(tokens), 50258) + tokens.tobytes())
     with pytest.raises(UserError, match="reserves for its mask token"):  # the val split still holds it
-        check_no_mask_token(data, config)
-    check_no_mask_token(data, config, ("train",))
+        check_no_mask_token(data, mask_token_id(config.model))
+    check_no_mask_token(data, mask_token_id(config.model), ("train",))
 
 
 def test_a_literal_mask_in_text_is_ordinary_characters(tiny_data):
@@ -141,3 +146,62 @@ def test_a_literal_mask_in_text_is_ordinary_characters(tiny_data):
     text = "the cat sat [MASK] <mask>"
     ids = tokenizer.encode(text)
     assert mask_token_id(config.model) not in ids and max(ids) < tokenizer.vocab_size
+
+
+# ---- the commands on an encoder run ----
+
+@pytest.fixture(scope="module")
+def encoder_run(tiny_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("encoder") / "run"
+    Trainer(encoder_config(model__vocab_size=0), tiny_data, run, quiet=True).run()
+    return run
+
+
+def test_eval_reports_the_masked_loss_and_the_pseudo_perplexity(encoder_run, tiny_data, capsys):
+    code, out, err = run_cli(capsys, "eval", encoder_run, "--data", tiny_data, "--device", "cpu")
+    assert code == 0, err
+    result = json.loads(out)
+    assert "loss" not in result  # nothing a reader could line up against a decoder's loss by its name
+    windows = result["masked_lm_tokens"] // chosen_count(16)  # each window has its chosen positions scored
+    assert windows > 0 and result["pseudo_tokens"] == min(1024, windows * 16)
+    assert result["pseudo_perplexity"] == pytest.approx(math.exp(result["pseudo_loss"]))
+    assert len(err.strip().splitlines()) == 1 and "comparable to a decoder" in err
+    # The same masked loss as the final evaluation of the training run (the same fixed masks, the whole split).
+    final = [r for r in records(encoder_run, "eval") if r["final"]][-1]
+    assert result["masked_lm_loss"] == pytest.approx(final["val_loss"], rel=1e-5)
+
+
+def test_the_pseudo_perplexity_masks_each_token_alone(encoder_run, tiny_data):
+    loaded = load_run(encoder_run)
+    mask_id = mask_token_id(loaded.config.model)
+    windows = TokenWindows(tiny_data, "val", loaded.config.model.block_size)
+    result = pseudo_perplexity(loaded.model, windows, mask_id=mask_id, device=torch.device("cpu"),
+                               precision="fp32", batch_size=5, max_tokens=32)
+    total = 0.0
+    for window in range(2):
+        tokens, _ = to_batch(windows.gather(np.array([window])), torch.device("cpu"))
+        for position in range(16):
+            masked = tokens.clone()
+            masked[0, position] = mask_id
+            with torch.no_grad():
+                logits, _ = loaded.model(masked)
+            total -= torch.log_softmax(logits[0, position].double(), -1)[tokens[0, position]].item()
+    assert result["pseudo_tokens"] == 32
+    assert result["pseudo_loss"] == pytest.approx(total / 32, rel=1e-5)
+
+
+@pytest.mark.parametrize("command", [["sample"], ["sample", "--num-samples", "2"], ["chat"], ["serve"]])
+def test_commands_that_generate_refuse_an_encoder(encoder_run, capsys, command):
+    code, out, err = run_cli(capsys, command[0], encoder_run, *command[1:], "--device", "cpu")
+    assert_one_line_error(code, err, "model.arch = encoder does not generate text", command[0])
+    assert out == ""
+
+
+@pytest.mark.parametrize("fmt", ["hf", "llmc"])
+def test_export_refuses_an_encoder_by_name(encoder_run, tmp_path, capsys, fmt):
+    code, _, err = run_cli(capsys, "export", encoder_run, "--format", fmt, "--out", tmp_path / "out")
+    assert_one_line_error(code, err, "encoder")
+    assert not (tmp_path / "out").exists()
+    for fmt_name in ("hf", "gguf"):
+        with pytest.raises(UserError, match="model.arch = encoder: a bidirectional encoder has no"):
+            architecture_for(encoder_config().model, fmt_name)

@@ -10,12 +10,38 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lmforge.data.datadir import check_token_ids
 from lmforge.data.loader import TokenWindows, eval_batches, eval_window_count, to_batch
+from lmforge.errors import UserError
 from lmforge.hardware import autocast
 from lmforge.model.masking import IGNORE, mask_tokens
 
-EVAL_MASK_SEED = 0  # every masked evaluation draws the same masks, so evaluations at different steps compare
+EVAL_MASK_SEED = 0  # + a window's index: its masks in every masked evaluation, so evaluations compare
 PSEUDO_PERPLEXITY_TOKENS = 1024  # tokens scored one at a time: each costs a whole forward
+MASKED_LM_NOTE = ("masked_lm_loss: nats per chosen token, 15% of each window masked (fixed seed) and predicted from "
+                  "both sides; pseudo_perplexity: exp of the mean loss of each token masked alone, given every other "
+                  "token of its window. Neither is comparable to a decoder's loss or perplexity, which predict each "
+                  "token from the tokens before it only")
+
+
+def mask_windows(tokens: torch.Tensor, window_ids: np.ndarray, mask_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs, targets) of masked-LM evaluation for windows (B, T) whose split indices are window_ids[:B]: each
+    window masked by a generator seeded with its own index, never the training generator, so a window's masks do
+    not depend on the batch size, the number of ranks or when the evaluation runs."""
+    masked = [mask_tokens(tokens[row : row + 1], mask_id, torch.Generator().manual_seed(EVAL_MASK_SEED + int(window)))
+              for row, window in enumerate(window_ids[: len(tokens)])]
+    return torch.cat([inputs for inputs, _ in masked]), torch.cat([targets for _, targets in masked])
+
+
+def check_no_mask_token(data_dir, mask_id: int, splits: tuple[str, ...] | None = None) -> None:
+    """The data's ids must all come before an encoder's reserved mask id: a shard that holds it (made with a
+    larger vocabulary, or corrupt) would be read as masks the model is asked to fill in."""
+    try:
+        check_token_ids(data_dir, mask_id, *(() if splits is None else (splits,)))
+    except UserError:
+        raise UserError(f"{data_dir} holds token id {mask_id} or beyond, which the encoder reserves for its mask "
+                        "token (the tokenizer's ids come before it): prepare the data with the run's tokenizer, "
+                        "or leave model.vocab_size at 0") from None
 
 
 @torch.no_grad()
@@ -27,10 +53,10 @@ def evaluate(model: nn.Module, windows: TokenWindows, *, batch_size: int, max_wi
     windows and the sums are added up, so every rank returns the loss over all of them.
 
     With `mask_id` (an encoder), the masked-LM loss instead: each window masked as in training
-    (lmforge/model/masking.py) from a generator of its own, seeded the same at every evaluation, and the loss
+    (lmforge/model/masking.py) by `mask_windows`, the same masks at every evaluation, and the loss
     over the chosen positions only; no bits per byte (the loss covers 15% of the tokens, each seeing both
     sides, so it measures no compression of the text)."""
-    generator = torch.Generator().manual_seed(EVAL_MASK_SEED) if mask_id is not None else None
+    window_ids = np.arange(rank, eval_window_count(windows, max_windows), world_size)  # eval_batches' order
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -39,7 +65,7 @@ def evaluate(model: nn.Module, windows: TokenWindows, *, batch_size: int, max_wi
     for inputs, targets in eval_batches(windows, batch_size, max_windows, rank=rank, world_size=world_size,
                                         device=device):
         if mask_id is not None:
-            inputs, targets = mask_tokens(inputs, mask_id, generator)
+            inputs, targets = mask_windows(inputs, window_ids[batches * batch_size :], mask_id)
         with autocast(device, precision):
             _, loss = model(inputs, targets)
         scored = int((targets != IGNORE).sum())
@@ -101,3 +127,14 @@ def bits_per_character(bits_per_byte: float | None, split: dict) -> float | None
     if bits_per_byte is None or not split.get("chars"):
         return None
     return bits_per_byte * split["bytes"] / split["chars"]
+
+
+def evaluate_masked_lm(model: nn.Module, windows: TokenWindows, *, mask_id: int, batch_size: int,
+                       device: torch.device, precision: str) -> dict:
+    """What `lmforge eval` reports for an encoder: the masked-LM loss over the whole split and the
+    pseudo-perplexity over its first windows (MASKED_LM_NOTE says what each is)."""
+    masked = evaluate(model, windows, batch_size=batch_size, max_windows=None, device=device, precision=precision,
+                      bytes_per_token=None, mask_id=mask_id)
+    pseudo = pseudo_perplexity(model, windows, mask_id=mask_id, device=device, precision=precision,
+                               batch_size=batch_size)
+    return {"masked_lm_loss": masked["loss"], "masked_lm_tokens": masked["tokens"], **pseudo}

@@ -15,8 +15,19 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from lmforge.config.sections import ModelConfig
+from lmforge.errors import UserError
 from lmforge.model.gpt import KVCache
 from lmforge.model.recurrent import RecurrentState
+
+
+def check_generates(config: ModelConfig, command: str) -> None:
+    """Refuse, by name, a model that does not write text: an encoder predicts masked tokens from both sides, so
+    it has no next token to sample."""
+    if config.arch == "encoder":
+        raise UserError(f"{command}: model.arch = encoder does not generate text (it fills in masked tokens from "
+                        "both sides, so there is no next token to sample); use lmforge eval on it, fine-tune it "
+                        "with --task classify, or sample from a decoder (model.arch = gpt)")
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,

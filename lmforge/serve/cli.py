@@ -61,6 +61,7 @@ def build_app(run: str | Path, *, device: str = "auto", api_key: str | None = No
     """The app serving a run, named after its directory (checks the options, loads the model; the engine
     refuses a batch whose cache does not fit in memory)."""
     from lmforge.infer.batched import BatchedEngine
+    from lmforge.infer.generate import check_generates
     from lmforge.infer.load import load_run
     from lmforge.serve.app import create_app
     from lmforge.serve.server import ServeSettings
@@ -73,6 +74,7 @@ def build_app(run: str | Path, *, device: str = "auto", api_key: str | None = No
     check_seconds("--body-timeout", body_timeout)
     check_seconds("--drain-timeout", drain_timeout, zero=True)
     loaded = load_run(run, device=device, chat_template=True)
+    check_generates(loaded.config.model, "serve")
     engine = BatchedEngine(loaded.model, loaded.tokenizer, max_batch=max_batch)
     settings = ServeSettings(model_name=loaded.run_dir.resolve().name, api_key=api_key, max_batch=max_batch,
                              max_queue=max_queue, max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes,

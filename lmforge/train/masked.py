@@ -5,7 +5,8 @@ differs is each batch and the evaluation. A batch is the loader's windows with 1
 (lmforge/model/masking.py) and the original tokens as targets at those positions only. The masks are drawn
 from torch's global generator, which the trainer seeds with train.seed and saves in every checkpoint, so a
 resumed run draws exactly the masks the uninterrupted one would have. The evaluation is the masked-LM loss on
-the val split under masks of its own fixed seed (the same at every evaluation), never the training generator.
+the val split, each window under masks seeded by its own index (the same at every evaluation, whatever the
+batch size), never by the training generator.
 """
 
 from __future__ import annotations
@@ -16,27 +17,10 @@ import torch
 from torch import nn
 
 from lmforge.config.sections import Config
-from lmforge.data.datadir import check_token_ids
-from lmforge.errors import UserError
-from lmforge.infer.evaluate import evaluate
+from lmforge.infer.evaluate import check_no_mask_token, evaluate
 from lmforge.model.masking import mask_token_id, mask_tokens
 from lmforge.run.log import EvalRecord, SampleRecord
 from lmforge.train.language import LanguageModelling
-
-NOT_COMPARABLE = ("a masked-LM loss predicts 15% of the tokens from both sides, so it is not comparable to a "
-                  "decoder's next-token loss")
-
-
-def check_no_mask_token(data_dir: str | Path, config: Config, splits: tuple[str, ...] | None = None) -> None:
-    """The data's ids must all come before the encoder's reserved mask id: a shard that holds it (made with a
-    larger vocabulary, or corrupt) would be read as masks the model is asked to fill in."""
-    mask_id = mask_token_id(config.model)
-    try:
-        check_token_ids(data_dir, mask_id, *(() if splits is None else (splits,)))
-    except UserError:
-        raise UserError(f"{data_dir} holds token id {mask_id} or beyond, which the encoder reserves for its mask "
-                        "token (the tokenizer's ids come before it): prepare the data with the run's tokenizer, "
-                        "or leave model.vocab_size at 0") from None
 
 
 class MaskedLanguageModelling(LanguageModelling):
@@ -45,8 +29,8 @@ class MaskedLanguageModelling(LanguageModelling):
     def __init__(self, config: Config, data_dir: str | Path, run_dir: Path, *, resume: bool,
                  init_from: str | Path | None):
         super().__init__(config, data_dir, run_dir, resume=resume, init_from=init_from)
-        check_no_mask_token(self.data_dir, self.config)
         self.mask_id = mask_token_id(self.config.model)
+        check_no_mask_token(self.data_dir, self.mask_id)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next windows, masked: (inputs, targets), the targets IGNORE outside the chosen positions."""
