@@ -20,10 +20,13 @@ from lmforge.infer.evaluate import check_no_mask_token, pseudo_perplexity
 from lmforge.infer.load import load_run
 from lmforge.interop.architectures import architecture_for
 from lmforge.model.factory import build_model
+from lmforge.model.heads import Classifier, pad_right
 from lmforge.model.masking import IGNORE, chosen_count, mask_token_id, mask_tokens
 from lmforge.run import directory as rundir
+from lmforge.tasks.finetune import finetune_command
 from lmforge.train.trainer import Trainer
 from tests.conftest import TINY_OVERRIDES, assert_one_line_error, records, run_cli, train_losses
+from tests.test_finetune import TOKENIZER, make_base, task_data
 
 
 def encoder_config(**overrides: object):
@@ -205,3 +208,45 @@ def test_export_refuses_an_encoder_by_name(encoder_run, tmp_path, capsys, fmt):
     for fmt_name in ("hf", "gguf"):
         with pytest.raises(UserError, match="model.arch = encoder: a bidirectional encoder has no"):
             architecture_for(encoder_config().model, fmt_name)
+
+
+# ---- fine-tuning ----
+
+@pytest.fixture(scope="module")
+def encoder_base(tmp_path_factory):
+    return make_base(tmp_path_factory.mktemp("encoder-base") / "run", "encoder", vocab_size=TOKENIZER.vocab_size + 1)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_classify_on_an_encoder_pools_the_passage_and_learns(tmp_path, encoder_base, method):
+    data = task_data(tmp_path / "data", "classify", count=12)
+    result = finetune_command(str(encoder_base), task="classify", data=str(data), out=str(tmp_path / "run"),
+                              method=method, quiet=True,
+                              overrides={"train.max_steps": "80", "train.eval_every": "40", "optim.lr": "1e-2",
+                                         "train.device": "cpu"})
+    assert result["best"] == 1.0  # "cat", "dog", "tree" differ in one word
+    model = load_run(tmp_path / "run", language_model=False).model
+    assert isinstance(model, Classifier) and model.body.config.arch == "encoder"
+    # The pooled state is the mean over the real tokens: the head applied to it by hand gives the same logits.
+    ids, lengths = pad_right([TOKENIZER.encode("the dog sat"), TOKENIZER.encode("a cat")], TOKENIZER.eot_id, "cpu")
+    with torch.no_grad():
+        alone = [model.body.hidden_states(ids[row : row + 1, : lengths[row]]).mean(1) for row in range(2)]
+        torch.testing.assert_close(model(ids, lengths), model.score(torch.cat(alone)), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["sft", "translate", "qa"])
+def test_text_tasks_refuse_an_encoder_by_name(tmp_path, encoder_base, capsys, task):
+    data = task_data(tmp_path / "data", task, count=4)
+    code, _, err = run_cli(capsys, "finetune", encoder_base, "--task", task, "--data", data,
+                           "--out", tmp_path / "run", "--train.device", "cpu", "--quiet")
+    assert_one_line_error(code, err, f"the {task} task needs a model that writes text", "model.arch = encoder")
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_task_and_predict_refuse_to_generate_from_an_encoder(tmp_path, encoder_base, capsys):
+    data = task_data(tmp_path / "data", "sft", count=4)
+    code, _, err = run_cli(capsys, "eval", encoder_base, "--task", "sft", "--data", data, "--split", "val",
+                           "--device", "cpu")
+    assert_one_line_error(code, err, "model.arch = encoder")
+    code, _, err = run_cli(capsys, "predict", encoder_base, "--text", "the cat", "--device", "cpu")
+    assert_one_line_error(code, err, "model.arch = encoder")

@@ -185,10 +185,10 @@ class Attention(nn.Module):
         return scores.masked_fill(~visible, float("-inf")).softmax(-1)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
-                cache_step: CacheStep | None, layer: int) -> torch.Tensor:
+                cache_step: CacheStep | None, layer: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.heads(x, rotary)
-        mask = None
+        mask = key_mask  # (B, 1, 1, T): the keys an encoder's padded rows attend to (their real tokens)
         if cache_step is not None:
             k, v = cache_step.extend(layer, k, v)
             mask = cache_step.mask
@@ -198,7 +198,7 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.causal)
-        else:  # new tokens after cached ones, each row at its own position
+        else:  # new tokens after cached ones, each row at its own position; or an encoder's padded rows
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(batch, length, width))
 
@@ -238,8 +238,8 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
-                cache_step: CacheStep | None, layer: int) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm_1(x), rotary, cache_step, layer))
+                cache_step: CacheStep | None, layer: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm_1(x), rotary, cache_step, layer, key_mask))
         return x + self.dropout(self.mlp(self.norm_2(x)))
 
 
@@ -250,6 +250,7 @@ class GPT(nn.Module):
             raise UserError(f"GPT builds model.arch 'gpt' or 'encoder', not '{config.arch}' "
                             "(lmforge.model.factory.build_model builds every arch)")
         self.config = config
+        self.causal = config.arch == "gpt"
         self.vocab_size = config.vocab_size
         self.padded_vocab_size = padded_vocab_size(config.vocab_size)
         self.wte = nn.Embedding(self.padded_vocab_size, config.n_embd)
@@ -289,11 +290,19 @@ class GPT(nn.Module):
             hook.remove()
         return maps[0]
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, lengths: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         """The final normed states (B, T, n_embd) that the head reads, for token ids idx (B, T). With a cache,
-        each row of idx continues its own cached tokens, at its own positions, and the cache grows by T."""
+        each row of idx continues its own cached tokens, at its own positions, and the cache grows by T. An
+        encoder's right-padded rows give their real `lengths` (B,), so that no position attends to the padding
+        (a decoder's positions never see later ones, padding included, and need none)."""
         batch, length = idx.shape
         cache_step = None
+        key_mask = None
+        if lengths is not None:
+            if self.causal:
+                raise ValueError("lengths are for an encoder's padded rows; a decoder never attends to later padding")
+            key_mask = (torch.arange(length, device=idx.device) < lengths[:, None])[:, None, None]
         if cache is None:
             if length > self.config.block_size:
                 raise ValueError(f"sequence of {length} tokens exceeds block_size {self.config.block_size}")
@@ -311,7 +320,7 @@ class GPT(nn.Module):
                 rotary = rotary[0][:, None], rotary[1][:, None]
         x = self.dropout(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rotary, cache_step, layer)
+            x = block(x, rotary, cache_step, layer, key_mask)
         if cache_step is not None:
             cache_step.advance()
         return self.norm_f(x)

@@ -106,7 +106,11 @@ class TaskKind:
 
     # ----- training -----
     def check_arch(self, arch: str) -> None:
-        """Refuse a base model this kind cannot fine-tune."""
+        """Refuse a base model this kind cannot fine-tune or be asked: the text kinds need one that writes."""
+        if arch == "encoder":
+            raise UserError(f"the {self.name} task needs a model that writes text; model.arch = encoder does not "
+                            "generate (it reads a passage both ways): use --task classify on it, or a decoder "
+                            "(model.arch = gpt) for this task")
 
     def loss(self, model: nn.Module, inputs, targets: torch.Tensor) -> torch.Tensor:
         """The training loss of a batch as `examples.next_batch` makes it: next-token loss on trained targets."""
