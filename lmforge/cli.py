@@ -229,10 +229,11 @@ def mfu_text(mfu: float | None, peak_tflops: float) -> str:
 
 
 def cmd_gradcheck(args: argparse.Namespace) -> None:
-    from lmforge.scratch.gradcheck import check_layers, check_model
+    from lmforge.scratch.gradcheck import check_layers, check_model, tiny_model_config
 
     both = not args.layers and args.model is None
-    results = (check_layers() if args.layers or both else []) + (check_model() if args.model or both else [])
+    models = [check_model(), check_model(tiny_model_config("encoder"))] if args.model or both else []
+    results = (check_layers() if args.layers or both else []) + [check for model in models for check in model]
     print(f"{'case':<14} {'tensor':<28} {'reference':<26} {'worst rel. error':>16} {'tolerance':>10}")
     for r in results:
         print(f"{r.case:<14} {r.tensor:<28} {r.reference:<26} {r.error:>16.2e} {r.tolerance:>10.0e}"

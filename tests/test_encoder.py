@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.config.load import load_config
+from lmforge.config.sections import OptimConfig
 from lmforge.data.datadir import describe_data
 from lmforge.data.loader import TokenWindows, to_batch
 from lmforge.data.shards import shard_header, shard_name
@@ -20,13 +21,18 @@ from lmforge.infer.evaluate import check_no_mask_token, pseudo_perplexity
 from lmforge.infer.load import load_run
 from lmforge.interop.architectures import architecture_for
 from lmforge.model.factory import build_model
+from lmforge.model.gpt import GPT
 from lmforge.model.heads import Classifier, pad_right
 from lmforge.model.masking import IGNORE, chosen_count, mask_token_id, mask_tokens
 from lmforge.run import directory as rundir
+from lmforge.scratch import layers as scratch_layers
+from lmforge.scratch.gradcheck import check_model, tiny_model_config
 from lmforge.tasks.finetune import finetune_command
+from lmforge.train.engine import TorchEngine
 from lmforge.train.trainer import Trainer
 from tests.conftest import TINY_OVERRIDES, assert_one_line_error, records, run_cli, train_losses
 from tests.test_finetune import TOKENIZER, make_base, task_data
+from tests.test_scratch import engines_side_by_side
 
 
 def encoder_config(**overrides: object):
@@ -250,3 +256,49 @@ def test_eval_task_and_predict_refuse_to_generate_from_an_encoder(tmp_path, enco
     assert_one_line_error(code, err, "model.arch = encoder")
     code, _, err = run_cli(capsys, "predict", encoder_base, "--text", "the cat", "--device", "cpu")
     assert_one_line_error(code, err, "model.arch = encoder")
+
+
+# ---- the scratch engine ----
+
+def test_the_scratch_encoder_matches_the_torch_encoder_and_finite_differences():
+    config = tiny_model_config("encoder")
+    results = check_model(config)
+    names = {name for name, _ in GPT(config).named_parameters()}
+    assert {r.case for r in results} == {"encoder"}
+    for reference, tolerance in (("torch autograd (float64)", 1e-8), ("torch autograd (float32)", 1e-4),
+                                 ("finite difference", 1e-6)):  # the GPT's tolerances (tests/test_scratch.py)
+        checked = {r.tensor: r.error for r in results if r.reference == reference}
+        assert set(checked) == names | ({"logits", "loss"} if reference.startswith("torch") else set())
+        assert max(checked.values()) < tolerance, (reference, checked)
+
+
+def test_the_scratch_attention_without_a_mask_sees_later_tokens():
+    qkv = np.random.default_rng(0).standard_normal((1, 4, 12))
+    _, (_, _, _, causal, _) = scratch_layers.attention_forward(qkv, 2)
+    _, (_, _, _, bidirectional, _) = scratch_layers.attention_forward(qkv, 2, causal=False)
+    assert (causal[..., 0, 1:] == 0).all() and (bidirectional[..., 0, 1:] > 0).all()
+
+
+def test_masked_lm_steps_are_the_same_in_both_engines():
+    config = encoder_config(model__n_layer=2).model
+    optim = OptimConfig(lr=3e-3, weight_decay=0.1)
+    torch_model, optimizers, engine = engines_side_by_side(config, optim)
+    mask_id = mask_token_id(config)
+    tokens = torch.randint(0, mask_id, (4, config.block_size), generator=torch.Generator().manual_seed(1))
+    batch = mask_tokens(tokens, mask_id, torch.Generator().manual_seed(2))
+    torch_engine = TorchEngine(torch_model, optimizers, device=torch.device("cpu"), precision="fp32")
+    for _ in range(5):
+        torch_loss, torch_norm = torch_engine.step(lambda: batch, 1, grad_clip=1.0)
+        scratch_loss, scratch_norm = engine.step(lambda: batch, 1, grad_clip=1.0)
+        assert scratch_loss.item() == pytest.approx(torch_loss.item(), abs=1e-4)
+        assert scratch_norm.item() == pytest.approx(torch_norm.item(), rel=1e-4)
+    weights = dict(torch_model.named_parameters())
+    for name, value in engine.optimizer.params.items():
+        np.testing.assert_allclose(value, weights[name].detach().numpy(), atol=1e-5)
+
+
+def test_an_encoder_trains_on_the_scratch_engine(tiny_data, tmp_path):
+    Trainer(encoder_config(model__vocab_size=0, train__engine="scratch", train__max_steps=3), tiny_data,
+            tmp_path / "run", quiet=True).run()
+    assert len(train_losses(tmp_path / "run")) == 3
+    assert records(tmp_path / "run", "eval")[-1]["final"]
