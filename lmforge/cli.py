@@ -88,7 +88,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         except OSError as err:
             raise UserError(f"cannot read --prompt-file: {err}") from None
     loaded = load_run(args.run, device=args.device, engine=args.engine)
-    check_generates(loaded.config.model, "sample")
+    check_generates(loaded.config.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     note_unknown("sample", tokenizer, tokenizer.check_known(prompt, allow_unknown=args.allow_unknown))
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]

@@ -202,7 +202,7 @@ def test_the_pseudo_perplexity_masks_each_token_alone(encoder_run, tiny_data):
 @pytest.mark.parametrize("command", [["sample"], ["sample", "--num-samples", "2"], ["chat"], ["serve"]])
 def test_commands_that_generate_refuse_an_encoder(encoder_run, capsys, command):
     code, out, err = run_cli(capsys, command[0], encoder_run, *command[1:], "--device", "cpu")
-    assert_one_line_error(code, err, "model.arch = encoder does not generate text", command[0])
+    assert_one_line_error(code, err, "model.arch = encoder does not generate text", f"lmforge {command[0]}: error")
     assert out == ""
 
 
@@ -302,3 +302,12 @@ def test_an_encoder_trains_on_the_scratch_engine(tiny_data, tmp_path):
             tmp_path / "run", quiet=True).run()
     assert len(train_losses(tmp_path / "run")) == 3
     assert records(tmp_path / "run", "eval")[-1]["final"]
+
+
+def test_the_report_of_an_encoder_shows_its_maps_and_no_sample(encoder_run, capsys):
+    code, _, err = run_cli(capsys, "report", encoder_run)
+    assert code == 0, err
+    report = (encoder_run / "report" / "report.md").read_text()
+    assert "An encoder fills in masked tokens from both sides and does not generate" in report
+    assert (encoder_run / "report" / "attention.png").is_file()
+    assert (encoder_run / "report" / "gradients.png").is_file()

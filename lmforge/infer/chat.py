@@ -84,7 +84,7 @@ def chat(run: str | Path, sampling: SamplingParams = DEFAULT_SAMPLING, *, max_ne
     if max_new_tokens <= 0:
         raise UserError("--max-new-tokens must be positive")
     loaded = load_run(run, device=device, chat_template=True)
-    check_generates(loaded.config.model, "chat")
+    check_generates(loaded.config.model)
     model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.chat_template
     stop_texts = template.stop_texts()
     block_size = loaded.config.model.block_size

@@ -21,11 +21,11 @@ from lmforge.model.gpt import KVCache
 from lmforge.model.recurrent import RecurrentState
 
 
-def check_generates(config: ModelConfig, command: str) -> None:
+def check_generates(config: ModelConfig) -> None:
     """Refuse, by name, a model that does not write text: an encoder predicts masked tokens from both sides, so
     it has no next token to sample."""
     if config.arch == "encoder":
-        raise UserError(f"{command}: model.arch = encoder does not generate text (it fills in masked tokens from "
+        raise UserError("model.arch = encoder does not generate text (it fills in masked tokens from "
                         "both sides, so there is no next token to sample); use lmforge eval on it, fine-tune it "
                         "with --task classify, or sample from a decoder (model.arch = gpt)")
 

@@ -74,7 +74,7 @@ def build_app(run: str | Path, *, device: str = "auto", api_key: str | None = No
     check_seconds("--body-timeout", body_timeout)
     check_seconds("--drain-timeout", drain_timeout, zero=True)
     loaded = load_run(run, device=device, chat_template=True)
-    check_generates(loaded.config.model, "serve")
+    check_generates(loaded.config.model)
     engine = BatchedEngine(loaded.model, loaded.tokenizer, max_batch=max_batch)
     settings = ServeSettings(model_name=loaded.run_dir.resolve().name, api_key=api_key, max_batch=max_batch,
                              max_queue=max_queue, max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes,
