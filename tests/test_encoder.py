@@ -29,6 +29,7 @@ from lmforge.scratch import layers as scratch_layers
 from lmforge.scratch.gradcheck import check_model, tiny_model_config
 from lmforge.tasks.finetune import finetune_command
 from lmforge.train.engine import TorchEngine
+from lmforge.train.masked import MaskedLanguageModelling
 from lmforge.train.trainer import Trainer
 from tests.conftest import TINY_OVERRIDES, assert_one_line_error, records, run_cli, train_losses
 from tests.test_finetune import TOKENIZER, make_base, task_data
@@ -42,10 +43,15 @@ def encoder_config(**overrides: object):
 
 # ---- the model ----
 
-@pytest.mark.parametrize("arch", ["encoder", "gpt"])
-def test_the_encoder_attends_both_ways_and_the_decoder_only_backwards(arch):
+MODERN = dict(model__position="rope", model__norm="rmsnorm", model__mlp="swiglu", model__qk_norm=True,
+              model__n_kv_head=1, model__bias=False)
+
+
+@pytest.mark.parametrize("arch,options", [("encoder", {}), ("gpt", {}), ("encoder", MODERN), ("gpt", MODERN)],
+                         ids=["encoder", "gpt", "encoder-modern", "gpt-modern"])
+def test_the_encoder_attends_both_ways_and_the_decoder_only_backwards(arch, options):
     torch.manual_seed(0)
-    model = build_model(encoder_config(model__arch=arch).model).eval()
+    model = build_model(encoder_config(model__arch=arch, **options).model).eval()
     tokens = torch.randint(0, 39, (1, 12))
     changed = tokens.clone()
     changed[0, 9] = (tokens[0, 9] + 1) % 39  # a later token
@@ -311,3 +317,24 @@ def test_the_report_of_an_encoder_shows_its_maps_and_no_sample(encoder_run, caps
     assert "An encoder fills in masked tokens from both sides and does not generate" in report
     assert (encoder_run / "report" / "attention.png").is_file()
     assert (encoder_run / "report" / "gradients.png").is_file()
+
+
+def test_each_rank_masks_its_own_rows_of_the_global_batch():
+    from types import SimpleNamespace
+
+    config = encoder_config()
+    tokens = torch.randint(0, 39, (4, 16), generator=torch.Generator().manual_seed(3))
+    masked = {}
+    for rank in (0, 1):
+        task = MaskedLanguageModelling.__new__(MaskedLanguageModelling)
+        task.mask_id = mask_token_id(config.model)
+        task.cluster = SimpleNamespace(world_size=2, rank=rank)
+        task.loader = SimpleNamespace(next_batch=lambda: (tokens, None))
+        torch.manual_seed(7)  # every rank's generator starts the same, as the trainer seeds it
+        masked[rank] = task.next_batch()
+    torch.manual_seed(7)
+    global_inputs, global_targets = mask_tokens(tokens.repeat(2, 1), mask_token_id(config.model))
+    for rank in (0, 1):
+        assert torch.equal(masked[rank][1], global_targets[rank * 4 : (rank + 1) * 4])
+        assert torch.equal(masked[rank][0], global_inputs[rank * 4 : (rank + 1) * 4])
+    assert not torch.equal(masked[0][1] != IGNORE, masked[1][1] != IGNORE)  # the ranks chose other positions

@@ -4,7 +4,8 @@ The same data, loader, checkpoints and run files as next-token pretraining (lmfo
 differs is each batch and the evaluation. A batch is the loader's windows with 15% of the positions masked
 (lmforge/model/masking.py) and the original tokens as targets at those positions only. The masks are drawn
 from torch's global generator, which the trainer seeds with train.seed and saves in every checkpoint, so a
-resumed run draws exactly the masks the uninterrupted one would have. The evaluation is the masked-LM loss on
+resumed run draws exactly the masks the uninterrupted one would have (under torchrun each rank keeps its own
+rows of the global batch's masks). The evaluation is the masked-LM loss on
 the val split, each window under masks seeded by its own index (the same at every evaluation, whatever the
 batch size), never by the training generator.
 """
@@ -35,7 +36,13 @@ class MaskedLanguageModelling(LanguageModelling):
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next windows, masked: (inputs, targets), the targets IGNORE outside the chosen positions."""
         tokens, _ = self.loader.next_batch()  # the next-token targets are not this task's
-        return mask_tokens(tokens, self.mask_id)
+        world, rank, rows = self.cluster.world_size, self.cluster.rank, tokens.size(0)
+        if world == 1:
+            return mask_tokens(tokens, self.mask_id)
+        # Every rank starts from the same seed: each draws the masks of the whole global batch, so the generators
+        # stay in step, and keeps its own rows' (the same masks on every rank would repeat one pattern N times).
+        inputs, targets = mask_tokens(tokens.repeat(world, 1), self.mask_id)
+        return inputs[rank * rows : (rank + 1) * rows], targets[rank * rows : (rank + 1) * rows]
 
     def evaluate(self, forward: nn.Module, *, final: bool, step: int, tokens: int, elapsed: float
                  ) -> tuple[EvalRecord, str]:
