@@ -4,6 +4,7 @@ for an encoder the masked-LM loss (`mask_id`) and the pseudo-perplexity."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ def mask_windows(tokens: torch.Tensor, window_ids: np.ndarray, mask_id: int) -> 
     return torch.cat([inputs for inputs, _ in masked]), torch.cat([targets for _, targets in masked])
 
 
-def check_no_mask_token(data_dir, mask_id: int, splits: tuple[str, ...] | None = None) -> None:
+def check_no_mask_token(data_dir: str | Path, mask_id: int, splits: tuple[str, ...] | None = None) -> None:
     """The data's ids must all come before an encoder's reserved mask id: a shard that holds it (made with a
     larger vocabulary, or corrupt) would be read as masks the model is asked to fill in."""
     try:

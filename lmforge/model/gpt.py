@@ -179,9 +179,9 @@ class Attention(nn.Module):
         q, k, _ = self.heads(x, rotary)
         k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         scores = q.float() @ k.float().transpose(-2, -1) / self.head_size**0.5
-        visible = torch.ones(x.size(1), x.size(1), dtype=torch.bool, device=x.device).tril()
         if not self.causal:
             return scores.softmax(-1)
+        visible = torch.ones(x.size(1), x.size(1), dtype=torch.bool, device=x.device).tril()
         return scores.masked_fill(~visible, float("-inf")).softmax(-1)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
@@ -270,7 +270,7 @@ class GPT(nn.Module):
         return self.wte.weight if self.lm_head is None else self.lm_head.weight
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-        if self.config.arch == "encoder":  # a cache holds the past for the next token; an encoder sees the future
+        if not self.causal:  # a cache holds the past for the next token; an encoder reads the future too
             raise UserError("model.arch = encoder does not generate text (it fills in masked tokens); sample, chat "
                             "and serve take a decoder (model.arch = gpt)")
         return KVCache.empty(self.config, batch, device, dtype)
