@@ -105,8 +105,10 @@ def test_the_loss_covers_the_masked_positions_only():
 
 # ---- training ----
 
-def test_an_encoder_trains_resumes_exactly_and_loads(tiny_data, tmp_path):
-    options = dict(train__schedule="constant", train__checkpoint_every=4, model__dropout=0.1, model__vocab_size=0)
+@pytest.mark.parametrize("variant", [{}, {"train__tokens_per_step": 2 * 4 * 16}], ids=["adamw", "accumulation"])
+def test_an_encoder_trains_resumes_exactly_and_loads(tiny_data, tmp_path, variant):
+    options = dict(train__schedule="constant", train__checkpoint_every=4, model__dropout=0.1, model__vocab_size=0,
+                   **variant)
     Trainer(encoder_config(train__max_steps=8, **options), tiny_data, tmp_path / "whole", quiet=True).run()
     Trainer(encoder_config(train__max_steps=4, **options), tiny_data, tmp_path / "halves", quiet=True).run()
     resumed = Trainer(encoder_config(train__max_steps=8, **options), tiny_data, tmp_path / "halves", resume=True,
