@@ -171,10 +171,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     windows = TokenWindows(args.data, args.split, config.model.block_size)
     precision = resolve_precision("fp32" if device.type == "cpu" else config.train.precision, device)
     if config.model.arch == "encoder":
-        from lmforge.infer.evaluate import MASKED_LM_NOTE, check_no_mask_token, evaluate_masked_lm
-        from lmforge.model.masking import mask_token_id
+        from lmforge.infer.evaluate import MASKED_LM_NOTE, check_no_reserved_ids, evaluate_masked_lm
+        from lmforge.model.masking import MASK_WORDS, mask_token_id
 
-        check_no_mask_token(args.data, mask_token_id(config.model), (args.split,))
+        check_no_reserved_ids(args.data, mask_token_id(config.model), MASK_WORDS, (args.split,))
         result = evaluate_masked_lm(loaded.model, windows, mask_id=mask_token_id(config.model),
                                     batch_size=args.batch_size, device=device, precision=precision)
         print(f"lmforge eval: note: {MASKED_LM_NOTE}", file=sys.stderr)

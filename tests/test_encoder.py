@@ -17,13 +17,13 @@ from lmforge.data.datadir import describe_data
 from lmforge.data.loader import TokenWindows, to_batch
 from lmforge.data.shards import shard_header, shard_name
 from lmforge.errors import UserError
-from lmforge.infer.evaluate import check_no_mask_token, pseudo_perplexity
+from lmforge.infer.evaluate import check_no_reserved_ids, pseudo_perplexity
 from lmforge.infer.load import load_run
 from lmforge.interop.architectures import architecture_for
 from lmforge.model.factory import build_model
 from lmforge.model.gpt import GPT
 from lmforge.model.heads import Classifier, pad_right
-from lmforge.model.masking import IGNORE, chosen_count, mask_token_id, mask_tokens
+from lmforge.model.masking import IGNORE, MASK_WORDS, chosen_count, mask_token_id, mask_tokens
 from lmforge.run import directory as rundir
 from lmforge.scratch import layers as scratch_layers
 from lmforge.scratch.gradcheck import check_model, tiny_model_config
@@ -148,13 +148,13 @@ def test_shards_holding_the_mask_id_are_refused(tmp_path):
     for split in ("train", "val"):
         (data / shard_name(split, 0)).write_bytes(shard_header(len(tokens), 50258) + tokens.tobytes())
     config = encoder_config(model__vocab_size=50258)
-    with pytest.raises(UserError, match="reserves for its mask token"):
-        check_no_mask_token(data, mask_token_id(config.model))
+    with pytest.raises(UserError, match="reserves for the encoder.s mask token"):
+        check_no_reserved_ids(data, mask_token_id(config.model), MASK_WORDS)
     tokens[7] = 3
     (data / shard_name("train", 0)).write_bytes(shard_header(len(tokens), 50258) + tokens.tobytes())
-    with pytest.raises(UserError, match="reserves for its mask token"):  # the val split still holds it
-        check_no_mask_token(data, mask_token_id(config.model))
-    check_no_mask_token(data, mask_token_id(config.model), ("train",))
+    with pytest.raises(UserError, match="reserves for the encoder.s mask token"):  # the val split still holds it
+        check_no_reserved_ids(data, mask_token_id(config.model), MASK_WORDS)
+    check_no_reserved_ids(data, mask_token_id(config.model), MASK_WORDS, ("train",))
 
 
 def test_a_literal_mask_in_text_is_ordinary_characters(tiny_data):

@@ -48,13 +48,14 @@ class Section:
         """Rules between keys of this section; none unless a section says otherwise."""
 
 
-Arch = Literal["gpt", "bigram", "mlp", "rnn", "lstm", "gru", "encoder"]
+Arch = Literal["gpt", "bigram", "mlp", "rnn", "lstm", "gru", "encoder", "encoder-decoder"]
 Activation = Literal["", "tanh", "relu", "gelu", "sigmoid"]
 # The archs whose nonlinearity model.activation chooses; every other arch has its own, fixed or set elsewhere.
 ACTIVATION_ARCHS = ("mlp", "rnn")
 FIXED_NONLINEARITY = {
     "gpt": "its MLP's nonlinearity is chosen by model.mlp (gelu, swiglu or relu2)",
     "encoder": "its MLP's nonlinearity is chosen by model.mlp (gelu, swiglu or relu2)",
+    "encoder-decoder": "its MLP's nonlinearity is chosen by model.mlp (gelu, swiglu or relu2)",
     "bigram": "a lookup table has no hidden layer",
     "lstm": "its gates are fixed sigmoids and tanh (torch's built-in cell)",
     "gru": "its gates are fixed sigmoids and tanh (torch's built-in cell)",
@@ -63,8 +64,8 @@ FIXED_NONLINEARITY = {
 
 @dataclass
 class ModelConfig(Section):
-    # gpt | bigram | mlp (Bengio) | rnn (Elman) | lstm | gru | encoder (BERT-style, masked LM):
-    # lmforge/model/factory.py
+    # gpt | bigram | mlp (Bengio) | rnn (Elman) | lstm | gru | encoder (BERT-style, masked LM) |
+    # encoder-decoder (T5-style, span corruption): lmforge/model/factory.py
     arch: Arch = "gpt"
     vocab_size: int = number(0, at_least=0, at_most=MAX_VOCAB)  # 0: taken from the prepared data's tokenizer
     block_size: int = number(256, above=0, at_most=MAX_BLOCK)  # context length in tokens
@@ -97,7 +98,7 @@ class ModelConfig(Section):
         if self.activation and self.arch not in ACTIVATION_ARCHS:
             raise UserError(f"model.activation = '{self.activation}' does not apply to arch '{self.arch}': "
                             f"{FIXED_NONLINEARITY[self.arch]}; leave model.activation empty")
-        if self.arch in ("gpt", "encoder"):
+        if self.arch in ("gpt", "encoder", "encoder-decoder"):
             self.check_attention_shape()
 
     def check_attention_shape(self) -> None:

@@ -145,14 +145,15 @@ class CacheStep:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, causal: bool | None = None):
         super().__init__()
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head or config.n_head
         self.head_size = config.n_embd // config.n_head
         self.qk_norm = config.qk_norm
         self.dropout = config.dropout
-        self.causal = config.arch == "gpt"  # the encoder attends both ways
+        # the decoder's self-attention is causal, the encoder's attends both ways (None: as model.arch says)
+        self.causal = config.arch == "gpt" if causal is None else causal
         qkv_size = (self.n_head + 2 * self.n_kv_head) * self.head_size
         self.qkv = nn.Linear(config.n_embd, qkv_size, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -229,10 +230,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, causal: bool | None = None):
         super().__init__()
         self.norm_1 = norm_layer(config, config.n_embd)
-        self.attn = Attention(config)
+        self.attn = Attention(config, causal)
         self.norm_2 = norm_layer(config, config.n_embd)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)

@@ -26,6 +26,7 @@ MASK_FRACTION = 0.15  # of each sequence's positions, chosen for the loss
 REPLACE_WITH_MASK = 0.8  # of the chosen: the input becomes the mask token
 REPLACE_WITH_RANDOM = 0.1  # of the chosen: a random token; the rest keep their own
 IGNORE = -100  # torch's cross-entropy ignore index: a target that adds nothing to the loss or its gradient
+MASK_WORDS = "the encoder's mask token"  # what the reserved id is, in messages
 
 
 def mask_token_id(config: ModelConfig) -> int:

@@ -12,14 +12,15 @@ batch size), never by the training generator.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from lmforge.config.sections import Config
-from lmforge.infer.evaluate import check_no_mask_token, evaluate
-from lmforge.model.masking import mask_token_id, mask_tokens
+from lmforge.infer.evaluate import check_no_reserved_ids, evaluate, mask_windows
+from lmforge.model.masking import MASK_WORDS, mask_token_id, mask_tokens
 from lmforge.run.log import EvalRecord, SampleRecord
 from lmforge.train.language import LanguageModelling
 
@@ -31,7 +32,7 @@ class MaskedLanguageModelling(LanguageModelling):
                  init_from: str | Path | None):
         super().__init__(config, data_dir, run_dir, resume=resume, init_from=init_from)
         self.mask_id = mask_token_id(self.config.model)
-        check_no_mask_token(self.data_dir, self.mask_id)
+        check_no_reserved_ids(self.data_dir, self.mask_id, MASK_WORDS)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next windows, masked: (inputs, targets), the targets IGNORE outside the chosen positions."""
@@ -51,7 +52,8 @@ class MaskedLanguageModelling(LanguageModelling):
         max_windows = None if final else max(1, config.train.eval_tokens // config.model.block_size)
         result = evaluate(forward, self.val_windows, batch_size=config.train.batch_size, max_windows=max_windows,
                           device=self.device, precision=self.precision, bytes_per_token=None,
-                          rank=self.cluster.rank, world_size=self.cluster.world_size, mask_id=self.mask_id)
+                          rank=self.cluster.rank, world_size=self.cluster.world_size,
+                          corrupt=partial(mask_windows, mask_id=self.mask_id))
         record = EvalRecord(step=step, tokens=tokens, val_loss=result["loss"], val_ppl=result["perplexity"],
                             elapsed=elapsed, final=final)
         message = (f"step {step}: val masked-LM loss {result['loss']:.4f} (exp: {result['perplexity']:.2f})"
