@@ -180,6 +180,21 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"lmforge eval: note: {MASKED_LM_NOTE}", file=sys.stderr)
         print(json.dumps({**result, "checkpoint": str(loaded.checkpoint)}))
         return
+    if config.model.arch == "encoder-decoder":
+        from functools import partial
+
+        from lmforge.infer.evaluate import SPAN_NOTE, check_no_reserved_ids, span_windows
+        from lmforge.model.spans import first_sentinel
+
+        check_no_reserved_ids(args.data, first_sentinel(config.model), "the encoder-decoder's sentinel and start "
+                              "tokens", (args.split,))
+        result = evaluate(loaded.model, windows, batch_size=args.batch_size, max_windows=None, device=device,
+                          precision=precision, bytes_per_token=None,
+                          corrupt=partial(span_windows, config=config.model))
+        print(f"lmforge eval: note: {SPAN_NOTE}", file=sys.stderr)
+        print(json.dumps({"span_loss": result["loss"], "span_tokens": result["tokens"],
+                          "checkpoint": str(loaded.checkpoint)}))
+        return
     result = evaluate(loaded.model, windows, batch_size=args.batch_size, max_windows=None, device=device,
                       precision=precision, bytes_per_token=split["bytes"] / split["tokens"] if split["bytes"] else None)
     result["bpc"] = bits_per_character(result["bpb"], split)

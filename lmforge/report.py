@@ -241,6 +241,8 @@ def _fresh_sample_section(run: Path, loaded: LoadedRun | UserError) -> str:
         return f"{title}\n\nThe run's config could not be read: {err}"
     if finetune is not None and task_kind(finetune.task).labelled:
         return f"{title}\n\nA classify run predicts labels, not text, so no fresh sample (lmforge predict {run})."
+    if read_config(run).model.arch == "encoder-decoder":
+        return f"{title}\n\nGenerating from an encoder-decoder is not implemented yet, so no fresh sample."
     if read_config(run).model.arch == "encoder":
         return (f"{title}\n\nAn encoder fills in masked tokens from both sides and does not generate, so no fresh "
                 f"sample (lmforge eval {run} --data DATA reports its masked-LM loss and pseudo-perplexity).")
@@ -263,7 +265,7 @@ def _inside_section(run: Path, out: Path, log: RunLog, attention_layer: int, loa
     import torch
 
     from lmforge.data.loader import TokenWindows, to_batch
-    from lmforge.infer.evaluate import mask_windows
+    from lmforge.infer.evaluate import mask_windows, span_windows
     from lmforge.lab.inside import attention_png, histograms_png, layer_gradients
     from lmforge.model.masking import mask_token_id
     from lmforge.run.checkpoints import list_checkpoints
@@ -291,6 +293,8 @@ def _inside_section(run: Path, out: Path, log: RunLog, attention_layer: int, loa
         inputs, targets = to_batch(windows.gather(ids), torch.device("cpu"))
         if config.model.arch == "encoder":  # the loss it trains on: masked LM, with evaluation's fixed masks
             inputs, targets = mask_windows(inputs, ids, mask_token_id(config.model))
+        elif config.model.arch == "encoder-decoder":  # span corruption, with evaluation's fixed spans
+            inputs, targets = span_windows(inputs, ids, config.model)
         grads = layer_gradients(model, inputs, targets)
         write_atomic(out / "gradients.png", histograms_png(grads, f"Gradients per layer at {checkpoint.name}"))
         lines += ["", "![Gradient histograms per layer](gradients.png)"]

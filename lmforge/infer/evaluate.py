@@ -23,6 +23,9 @@ from lmforge.model.masking import IGNORE, mask_tokens
 from lmforge.model.spans import corrupt_spans
 
 EVAL_MASK_SEED = 0  # + a window's index: its masks (or spans) in every evaluation, so evaluations compare
+SPAN_NOTE = ("span_loss: nats per target token of span corruption, 15% of each window hidden in spans (fixed seed) "
+             "that the decoder writes after sentinels, given the rest of the window; not comparable to a decoder's "
+             "next-token loss, which predicts every token from the tokens before it only")
 # A pretraining objective's (inputs, targets) for windows (B, T), given their indices in the split
 Corruption = Callable[[torch.Tensor, np.ndarray], tuple[Any, torch.Tensor]]
 PSEUDO_PERPLEXITY_TOKENS = 1024  # tokens scored one at a time: each costs a whole forward

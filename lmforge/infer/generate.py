@@ -24,6 +24,9 @@ from lmforge.model.recurrent import RecurrentState
 def check_generates(config: ModelConfig) -> None:
     """Refuse, by name, a model that does not write text: an encoder predicts masked tokens from both sides, so
     it has no next token to sample."""
+    if config.arch == "encoder-decoder":
+        raise UserError("model.arch = encoder-decoder: generating from a prompt is not implemented yet (the "
+                        "model is pretrained by span corruption only); lmforge eval reports its loss")
     if config.arch == "encoder":
         raise UserError("model.arch = encoder does not generate text (it fills in masked tokens from "
                         "both sides, so there is no next token to sample); use lmforge eval on it, fine-tune it "

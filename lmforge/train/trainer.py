@@ -2,9 +2,9 @@
 
 One loop for every kind of training: a `Trainer` runs a task, which says what it trains on and how it is
 measured: pretraining's (`LanguageModelling`, lmforge/train/language.py; an encoder's `MaskedLanguageModelling`,
-lmforge/train/masked.py) or a fine-tuning task's (lmforge/tasks/finetune.py). One step = `accumulation`
-micro-batches whose gradients add up to one global batch, then one clipped optimizer update at the scheduled
-rate. Around the loop, the same for every task: the run's
+lmforge/train/masked.py; an encoder-decoder's `SpanCorruption`, lmforge/train/spans.py) or a fine-tuning task's
+(lmforge/tasks/finetune.py). One step = `accumulation` micro-batches whose gradients add up to one global batch,
+then one clipped optimizer update at the scheduled rate. Around the loop, the same for every task: the run's
 lock and leftover repair, signals, the progress bar, the log, evaluations (the best checkpoint by the task's
 metric is kept; `patience` evaluations without improvement stop the run early), samples, atomic checkpoints
 and exact resume. Under torchrun every rank runs this same loop on its slice of each batch (DDP or FSDP:
@@ -38,6 +38,7 @@ from lmforge.train.language import LanguageModelling
 from lmforge.train.masked import MaskedLanguageModelling
 from lmforge.train.optim import set_lr
 from lmforge.train.schedule import limit_reached, lr_multiplier
+from lmforge.train.spans import SpanCorruption
 from lmforge.train.task import TrainingTask
 
 
@@ -83,7 +84,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.quiet = quiet
         if task is None:
-            pretraining = MaskedLanguageModelling if config.model.arch == "encoder" else LanguageModelling
+            pretraining = {"encoder": MaskedLanguageModelling,
+                           "encoder-decoder": SpanCorruption}.get(config.model.arch, LanguageModelling)
             task = pretraining(config, data_dir, self.run_dir, resume=resume, init_from=init_from)
         self.task = task
         self.config = config = self.task.config
