@@ -69,6 +69,8 @@ CASES = {
     # masked LM: the masks come from the trainer's seeded generator, so they are pinned too
     "torch-encoder-adamw": {"model": {"arch": "encoder"}},
     "scratch-encoder-adamw": {"model": {"arch": "encoder"}, "train": {"engine": "scratch"}},
+    # span corruption: the spans, too, come from the trainer's seeded generator
+    "torch-encoder-decoder-adamw": {"model": {"arch": "encoder-decoder"}},
 }
 
 # Fine-tuning from a base trained like torch-gpt-adamw on the golden text plus the chat template's markers
