@@ -34,7 +34,7 @@ from lmforge.scratch.layers import (
 def check_scratch_config(config: ModelConfig) -> None:
     """Refuse, naming the option, every model setting the scratch engine does not implement."""
     if config.arch not in ("gpt", "encoder"):
-        raise UserError(f"the scratch engine implements the GPT-2 transformer (and its encoder) only, not "
+        raise UserError(f"the scratch engine implements the GPT-2 transformer only (as a decoder or an encoder), not "
                         f"model.arch = '{config.arch}'; use --engine torch")
     unsupported = [
         ("model.position", config.position, "learned"),
