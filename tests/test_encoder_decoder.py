@@ -140,3 +140,27 @@ def test_the_report_and_bench_take_an_encoder_decoder(seq2seq_run, capsys):
     assert "Generating from an encoder-decoder is not implemented yet" in report
     code, out, err = run_cli(capsys, "bench", "--config", seq2seq_run / "config.toml", "--steps", "1")
     assert code == 0, err
+
+
+def test_each_rank_corrupts_its_own_rows_of_the_global_batch():
+    from types import SimpleNamespace
+
+    from lmforge.train.spans import SpanCorruption
+
+    config = seq2seq_config()
+    tokens = torch.randint(0, 30, (3, 16), generator=torch.Generator().manual_seed(3))
+    corrupted = {}
+    for rank in (0, 1):
+        task = SpanCorruption.__new__(SpanCorruption)
+        task.config, task.cluster = config, SimpleNamespace(world_size=2, rank=rank)
+        task.loader = SimpleNamespace(next_batch=lambda: (tokens, None))
+        torch.manual_seed(7)  # every rank's generator starts the same, as the trainer seeds it
+        corrupted[rank] = task.next_batch()
+    torch.manual_seed(7)
+    (source, decoder_input), target = corrupt_spans(tokens.repeat(2, 1), config.model)
+    for rank in (0, 1):
+        rows = slice(rank * 3, (rank + 1) * 3)
+        (rank_source, rank_input), rank_target = corrupted[rank]
+        assert torch.equal(rank_source, source[rows]) and torch.equal(rank_input, decoder_input[rows])
+        assert torch.equal(rank_target, target[rows])
+    assert not torch.equal(corrupted[0][0][0], corrupted[1][0][0])  # the ranks' spans fall elsewhere

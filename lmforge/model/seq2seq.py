@@ -36,15 +36,14 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.proj.residual = True
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
         q = self.q(x).view(batch, length, self.n_head, self.head_size).transpose(1, 2)
         k, v = (part.view(batch, memory.size(1), self.n_head, self.head_size).transpose(1, 2)
                 for part in self.kv(memory).chunk(2, dim=-1))
         if self.qk_norm:
             q, k = F.rms_norm(q, (self.head_size,)), F.rms_norm(k, (self.head_size,))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=memory_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -62,9 +61,9 @@ class DecoderBlock(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None, memory: torch.Tensor,
-                memory_mask: torch.Tensor | None, layer: int) -> torch.Tensor:
+                layer: int) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.norm_1(x), rotary, None, layer))
-        x = x + self.dropout(self.cross(self.norm_cross(x), memory, memory_mask))
+        x = x + self.dropout(self.cross(self.norm_cross(x), memory))
         return x + self.dropout(self.mlp(self.norm_2(x)))
 
 
@@ -107,14 +106,12 @@ class EncoderDecoder(nn.Module):
             return self.dropout(x + self.wpe(positions)), None
         return self.dropout(x), (self.rope_cos[positions], self.rope_sin[positions])
 
-    def encode(self, source: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """The encoder's final states (B, S, C) for source ids (B, S), right-padded rows of `lengths` if given."""
-        key_mask = None
-        if lengths is not None:
-            key_mask = (torch.arange(source.size(1), device=source.device) < lengths[:, None])[:, None, None]
+    def encode(self, source: torch.Tensor) -> torch.Tensor:
+        """The encoder's final states (B, S, C) for source ids (B, S). (Span corruption's sources all have one
+        length; padded sources, as fine-tuning will bring, need the encoder's key mask, GPT.hidden_states'.)"""
         x, rotary = self._embed(source)
         for layer, block in enumerate(self.encoder):
-            x = block(x, rotary, None, layer, key_mask)
+            x = block(x, rotary, None, layer)
         return self.norm_encoder(x)
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor | None = None
@@ -126,7 +123,7 @@ class EncoderDecoder(nn.Module):
         memory = self.encode(source)
         x, rotary = self._embed(decoder_input)
         for layer, block in enumerate(self.decoder):
-            x = block(x, rotary, memory, None, layer)
+            x = block(x, rotary, memory, layer)
         logits = F.linear(self.norm_f(x), self.head_weight())[..., : self.vocab_size]
         if targets is None:
             return logits, None
