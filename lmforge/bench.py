@@ -15,6 +15,7 @@ import torch
 from lmforge.config.sections import Config
 from lmforge.hardware import PeakFlops, configure_fast_math, peak_memory_mb, synchronize
 from lmforge.model.factory import build_model
+from lmforge.model.spans import corrupt_spans
 from lmforge.train.engine import build_engine, engine_device
 from lmforge.train.language import accumulation_steps
 
@@ -41,6 +42,8 @@ def bench(config: Config, steps: int = 10, warmup: int = 2, say: Callable[[str],
     windows = torch.randint(0, config.model.vocab_size, shape, device=device)
 
     def next_batch():
+        if config.model.arch == "encoder-decoder":  # its batches are a source, a decoder input and a target
+            return corrupt_spans(windows[:, :-1], config.model)
         return windows[:, :-1], windows[:, 1:]
 
     def run(count: int, micro_steps: int = accumulation) -> None:

@@ -81,7 +81,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     from lmforge.hardware import decoding_threads
     from lmforge.infer.constrained import compile_format, format_from_flags
     from lmforge.infer.decode import stream_text
-    from lmforge.infer.generate import generate
+    from lmforge.infer.generate import check_generates, generate
     from lmforge.infer.load import load_run
 
     if args.prompt is not None and args.prompt_file is not None:
@@ -97,6 +97,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
             raise UserError(f"cannot read --prompt-file: {err}") from None
     output_format = format_from_flags(args.json_schema, args.regex)
     loaded = load_run(args.run, device=args.device, engine=args.engine)
+    check_generates(loaded.config.model)
     model, tokenizer = loaded.model, loaded.tokenizer
     note_unknown("sample", tokenizer, tokenizer.check_known(prompt, allow_unknown=args.allow_unknown))
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
@@ -192,10 +193,34 @@ def cmd_eval(args: argparse.Namespace) -> None:
     split = meta["splits"][args.split]
     check_token_ids(args.data, config.model.vocab_size, (args.split,))
     windows = TokenWindows(args.data, args.split, config.model.block_size)
+    precision = resolve_precision("fp32" if device.type == "cpu" else config.train.precision, device)
+    if config.model.arch == "encoder":
+        from lmforge.infer.evaluate import MASKED_LM_NOTE, check_no_reserved_ids, evaluate_masked_lm
+        from lmforge.model.masking import MASK_WORDS, mask_token_id
+
+        check_no_reserved_ids(args.data, mask_token_id(config.model), MASK_WORDS, (args.split,))
+        result = evaluate_masked_lm(loaded.model, windows, mask_id=mask_token_id(config.model),
+                                    batch_size=args.batch_size, device=device, precision=precision)
+        print(f"lmforge eval: note: {MASKED_LM_NOTE}", file=sys.stderr)
+        print(json.dumps({**result, "checkpoint": str(loaded.checkpoint)}))
+        return
+    if config.model.arch == "encoder-decoder":
+        from functools import partial
+
+        from lmforge.infer.evaluate import SPAN_NOTE, check_no_reserved_ids, span_windows
+        from lmforge.model.spans import first_sentinel
+
+        check_no_reserved_ids(args.data, first_sentinel(config.model), "the encoder-decoder's sentinel and start "
+                              "tokens", (args.split,))
+        result = evaluate(loaded.model, windows, batch_size=args.batch_size, max_windows=None, device=device,
+                          precision=precision, bytes_per_token=None,
+                          corrupt=partial(span_windows, config=config.model))
+        print(f"lmforge eval: note: {SPAN_NOTE}", file=sys.stderr)
+        print(json.dumps({"span_loss": result["loss"], "span_tokens": result["tokens"],
+                          "checkpoint": str(loaded.checkpoint)}))
+        return
     result = evaluate(loaded.model, windows, batch_size=args.batch_size, max_windows=None, device=device,
-                      precision=resolve_precision("fp32" if device.type == "cpu" else config.train.precision,
-                                                  device),
-                      bytes_per_token=split["bytes"] / split["tokens"] if split["bytes"] else None)
+                      precision=precision, bytes_per_token=split["bytes"] / split["tokens"] if split["bytes"] else None)
     result["bpc"] = bits_per_character(result["bpb"], split)
     result["checkpoint"] = str(loaded.checkpoint)
     print(json.dumps(result))
@@ -243,10 +268,11 @@ def mfu_text(mfu: float | None, peak_tflops: float) -> str:
 
 
 def cmd_gradcheck(args: argparse.Namespace) -> None:
-    from lmforge.scratch.gradcheck import check_layers, check_model
+    from lmforge.scratch.gradcheck import check_layers, check_model, tiny_model_config
 
     both = not args.layers and args.model is None
-    results = (check_layers() if args.layers or both else []) + (check_model() if args.model or both else [])
+    models = [check_model(), check_model(tiny_model_config("encoder"))] if args.model or both else []
+    results = (check_layers() if args.layers or both else []) + [check for model in models for check in model]
     print(f"{'case':<14} {'tensor':<28} {'reference':<26} {'worst rel. error':>16} {'tolerance':>10}")
     for r in results:
         print(f"{r.case:<14} {r.tensor:<28} {r.reference:<26} {r.error:>16.2e} {r.tolerance:>10.0e}"

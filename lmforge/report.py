@@ -241,6 +241,11 @@ def _fresh_sample_section(run: Path, loaded: LoadedRun | UserError) -> str:
         return f"{title}\n\nThe run's config could not be read: {err}"
     if finetune is not None and task_kind(finetune.task).labelled:
         return f"{title}\n\nA classify run predicts labels, not text, so no fresh sample (lmforge predict {run})."
+    if read_config(run).model.arch == "encoder-decoder":
+        return f"{title}\n\nGenerating from an encoder-decoder is not implemented yet, so no fresh sample."
+    if read_config(run).model.arch == "encoder":
+        return (f"{title}\n\nAn encoder fills in masked tokens from both sides and does not generate, so no fresh "
+                f"sample (lmforge eval {run} --data DATA reports its masked-LM loss and pseudo-perplexity).")
     if isinstance(loaded, UserError):  # the rest of the report still stands without the sample
         return f"{title}\n\nThe newest checkpoint could not be loaded: {loaded}"
     model, tokenizer, checkpoint = loaded.model, loaded.tokenizer, loaded.checkpoint
@@ -260,7 +265,9 @@ def _inside_section(run: Path, out: Path, log: RunLog, attention_layer: int, loa
     import torch
 
     from lmforge.data.loader import TokenWindows, to_batch
+    from lmforge.infer.evaluate import mask_windows, span_windows
     from lmforge.lab.inside import attention_png, histograms_png, layer_gradients
+    from lmforge.model.masking import mask_token_id
     from lmforge.run.checkpoints import list_checkpoints
 
     title = "## Inside the model"
@@ -283,10 +290,15 @@ def _inside_section(run: Path, out: Path, log: RunLog, attention_layer: int, loa
         lines += ["", f"No gradient histograms: the run's data directory ({data or 'not logged'}) cannot be read."]
     else:
         ids = np.arange(min(GRADIENT_WINDOWS, windows.num_windows))
-        grads = layer_gradients(model, *to_batch(windows.gather(ids), torch.device("cpu")))
+        inputs, targets = to_batch(windows.gather(ids), torch.device("cpu"))
+        if config.model.arch == "encoder":  # the loss it trains on: masked LM, with evaluation's fixed masks
+            inputs, targets = mask_windows(inputs, ids, mask_token_id(config.model))
+        elif config.model.arch == "encoder-decoder":  # span corruption, with evaluation's fixed spans
+            inputs, targets = span_windows(inputs, ids, config.model)
+        grads = layer_gradients(model, inputs, targets)
         write_atomic(out / "gradients.png", histograms_png(grads, f"Gradients per layer at {checkpoint.name}"))
         lines += ["", "![Gradient histograms per layer](gradients.png)"]
-    if config.model.arch == "gpt":
+    if config.model.arch in ("gpt", "encoder"):  # the encoder's maps have no causal mask: every cell is filled
         n_layer = config.model.n_layer
         if not -n_layer <= attention_layer < n_layer:
             raise UserError(f"--attention-layer {attention_layer}: the model has {n_layer} layers (0 to {n_layer - 1})")

@@ -83,7 +83,7 @@ BAD_VALUES = [  # (key, command-line value, what the message says beyond the key
     ("model.init_std", "0", "positive"),
     ("model.rope_theta", "-10", "positive"),
     ("model.norm_eps", "-1e-5", "0 or more"),
-    ("model.arch", "transformer", "choose gpt, bigram, mlp, rnn, lstm or gru"),
+    ("model.arch", "transformer", "choose gpt, bigram, mlp, rnn, lstm, gru, encoder or encoder-decoder"),
     ("model.mlp", "geglu", "unknown model.mlp 'geglu'"),
     ("model.activation", "swish", "choose tanh, relu, gelu or sigmoid (or \"\" for the default)"),
     ("model.vocab_size", str(2**63), "in [0, 1048576]"),

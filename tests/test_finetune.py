@@ -167,7 +167,8 @@ def test_classify_and_sft_on_other_architectures(tmp_path, arch):
 
 # ----- the classification head -----
 @pytest.mark.parametrize("arch,changes", [("gpt", {}), ("gpt", {"position": "rope"}), ("lstm", {}),
-                                          ("rnn", {}), ("mlp", {})])
+                                          ("rnn", {}), ("mlp", {}), ("encoder", {}),
+                                          ("encoder", {"position": "rope"})])
 def test_padding_does_not_change_a_texts_logits(arch, changes):
     torch.manual_seed(0)
     model = Classifier(build_model(tiny_model_config(arch, **changes)), ["a", "b", "c"]).eval()

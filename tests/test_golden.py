@@ -66,6 +66,11 @@ CASES = {
     "scratch-gpt-adamw": {"train": {"engine": "scratch"}},
     "torch-gpt-muon": {"optim": {"name": "muon", "muon_lr": 0.02, "muon_momentum": 0.95}},
     "torch-lstm-adamw": {"model": {"arch": "lstm", "n_layer": 1}},
+    # masked LM: the masks come from the trainer's seeded generator, so they are pinned too
+    "torch-encoder-adamw": {"model": {"arch": "encoder"}},
+    "scratch-encoder-adamw": {"model": {"arch": "encoder"}, "train": {"engine": "scratch"}},
+    # span corruption: the spans, too, come from the trainer's seeded generator
+    "torch-encoder-decoder-adamw": {"model": {"arch": "encoder-decoder"}},
 }
 
 # Fine-tuning from a base trained like torch-gpt-adamw on the golden text plus the chat template's markers
@@ -294,3 +299,6 @@ def test_the_engines_agree_on_the_golden_losses_to_float32_rounding():
     torch_losses, scratch_losses = cases["torch-gpt-adamw"]["train_loss"], cases["scratch-gpt-adamw"]["train_loss"]
     assert scratch_losses == pytest.approx(torch_losses, abs=1e-4)
     assert torch_losses[-1] < torch_losses[0] - 0.5  # the runs learn: a stuck loss would pin nothing
+    encoder = cases["torch-encoder-adamw"]["train_loss"], cases["scratch-encoder-adamw"]["train_loss"]
+    assert encoder[1] == pytest.approx(encoder[0], abs=1e-4)
+    assert len(set(encoder[0])) == STEPS  # the masked losses move from step to step

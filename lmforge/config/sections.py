@@ -48,12 +48,14 @@ class Section:
         """Rules between keys of this section; none unless a section says otherwise."""
 
 
-Arch = Literal["gpt", "bigram", "mlp", "rnn", "lstm", "gru"]
+Arch = Literal["gpt", "bigram", "mlp", "rnn", "lstm", "gru", "encoder", "encoder-decoder"]
 Activation = Literal["", "tanh", "relu", "gelu", "sigmoid"]
 # The archs whose nonlinearity model.activation chooses; every other arch has its own, fixed or set elsewhere.
 ACTIVATION_ARCHS = ("mlp", "rnn")
 FIXED_NONLINEARITY = {
     "gpt": "its MLP's nonlinearity is chosen by model.mlp (gelu, swiglu or relu2)",
+    "encoder": "its MLP's nonlinearity is chosen by model.mlp (gelu, swiglu or relu2)",
+    "encoder-decoder": "its MLP's nonlinearity is chosen by model.mlp (gelu, swiglu or relu2)",
     "bigram": "a lookup table has no hidden layer",
     "lstm": "its gates are fixed sigmoids and tanh (torch's built-in cell)",
     "gru": "its gates are fixed sigmoids and tanh (torch's built-in cell)",
@@ -62,7 +64,9 @@ FIXED_NONLINEARITY = {
 
 @dataclass
 class ModelConfig(Section):
-    arch: Arch = "gpt"  # gpt | bigram | mlp (Bengio) | rnn (Elman) | lstm | gru: lmforge/model/factory.py
+    # gpt | bigram | mlp (Bengio) | rnn (Elman) | lstm | gru | encoder (BERT-style, masked LM) |
+    # encoder-decoder (T5-style, span corruption): lmforge/model/factory.py
+    arch: Arch = "gpt"
     vocab_size: int = number(0, at_least=0, at_most=MAX_VOCAB)  # 0: taken from the prepared data's tokenizer
     block_size: int = number(256, above=0, at_most=MAX_BLOCK)  # context length in tokens
     n_layer: int = number(6, above=0, at_most=MAX_LAYERS)
@@ -98,9 +102,9 @@ class ModelConfig(Section):
             raise UserError(f"model.activation = '{self.activation}' does not apply to arch '{self.arch}': "
                             f"{FIXED_NONLINEARITY[self.arch]}; leave model.activation empty")
         if self.zero_init_proj and self.arch != "gpt":
-            raise UserError(f"model.zero_init_proj applies to the transformer's residual projections; arch "
-                            f"'{self.arch}' has none: leave it false")
-        if self.arch == "gpt":
+            raise UserError(f"model.zero_init_proj is implemented for the decoder transformer (arch gpt) only, not "
+                            f"arch '{self.arch}': leave it false")
+        if self.arch in ("gpt", "encoder", "encoder-decoder"):
             self.check_attention_shape()
 
     def check_attention_shape(self) -> None:

@@ -22,7 +22,7 @@ from lmforge.data.tokenizer import name_characters
 from lmforge.errors import UserError
 from lmforge.infer.constrained import CompiledFormat, OutputFormat, compile_format
 from lmforge.infer.decode import TextStream
-from lmforge.infer.generate import generate
+from lmforge.infer.generate import check_generates, generate
 from lmforge.infer.load import load_run
 from lmforge.infer.sampling import SamplingError, SamplingParams
 
@@ -89,6 +89,7 @@ def chat(run: str | Path, sampling: SamplingParams = DEFAULT_SAMPLING, *, max_ne
     if max_new_tokens <= 0:
         raise UserError("--max-new-tokens must be positive")
     loaded = load_run(run, device=device, chat_template=True)
+    check_generates(loaded.config.model)
     model, tokenizer, template = loaded.model, loaded.tokenizer, loaded.chat_template
     output = None if output_format is None else compile_format(tokenizer, output_format)
     stop_texts = template.stop_texts()

@@ -16,6 +16,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from lmforge.config.sections import ModelConfig
+from lmforge.errors import UserError
 from lmforge.model.gpt import KVCache
 from lmforge.model.recurrent import RecurrentState
 
@@ -27,6 +29,18 @@ class TokenConstraint(Protocol):
     def mask(self, logits: torch.Tensor) -> torch.Tensor: ...
 
     def accept(self, token: int) -> None: ...
+
+
+def check_generates(config: ModelConfig) -> None:
+    """Refuse, by name, a model that does not write text: an encoder predicts masked tokens from both sides, so
+    it has no next token to sample."""
+    if config.arch == "encoder-decoder":
+        raise UserError("model.arch = encoder-decoder: generating from a prompt is not implemented yet (the "
+                        "model is pretrained by span corruption only); lmforge eval reports its loss")
+    if config.arch == "encoder":
+        raise UserError("model.arch = encoder does not generate text (it fills in masked tokens from "
+                        "both sides, so there is no next token to sample); use lmforge eval on it, fine-tune it "
+                        "with --task classify, or sample from a decoder (model.arch = gpt)")
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None,

@@ -62,6 +62,10 @@ def differences(config: ModelConfig, architecture: Architecture) -> list[str]:
 def architecture_for(config: ModelConfig, fmt: str = "hf") -> Architecture:
     """The architecture that computes exactly this model in format `fmt` (hf or gguf); a UserError naming the
     option(s) in the way and the nearest exportable choice when there is none."""
+    if config.arch == "encoder":  # upstream causal-LM classes would read it with a causal mask: other numbers
+        raise UserError(f"model.arch = encoder: a bidirectional encoder has no {fmt} export (the exported "
+                        "architectures are causal decoders, which would compute other numbers, and a BERT-style "
+                        "export is not implemented); export a decoder (model.arch = gpt)")
     if config.arch != "gpt":
         raise UserError(f"model.arch = {config.arch}: export covers the transformer (model.arch = gpt) only; "
                         "no runtime has this model")

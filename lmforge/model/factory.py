@@ -9,10 +9,11 @@ from lmforge.model.bigram import Bigram
 from lmforge.model.gpt import GPT
 from lmforge.model.mlp import BengioMLP
 from lmforge.model.recurrent import RECURRENT_ARCHS, RecurrentLM
+from lmforge.model.seq2seq import EncoderDecoder
 
 # One class per model.arch choice (lmforge/config/ declares them; a test keeps the two lists equal).
-MODELS: dict[str, type[nn.Module]] = {"gpt": GPT, "bigram": Bigram, "mlp": BengioMLP,
-                                      **dict.fromkeys(RECURRENT_ARCHS, RecurrentLM)}
+MODELS: dict[str, type[nn.Module]] = {"gpt": GPT, "encoder": GPT, "encoder-decoder": EncoderDecoder,
+                                      "bigram": Bigram, "mlp": BengioMLP, **dict.fromkeys(RECURRENT_ARCHS, RecurrentLM)}
 ARCHS = tuple(MODELS)
 
 

@@ -1,4 +1,8 @@
-"""One configurable decoder-only transformer: GPT-2 by default, the modern choices as small branches.
+"""One configurable transformer: GPT-2 by default, the modern choices as small branches.
+
+`model.arch = "gpt"` is the decoder (causal attention: a position sees itself and what came before);
+`model.arch = "encoder"` is the same blocks with bidirectional attention (every position sees every other, the
+BERT family), trained by masked-language modelling (lmforge/model/masking.py) instead of next-token prediction.
 
 GPT-2 style: learned positions, LayerNorm with bias, GELU MLP 4x, tied embedding and head. Options:
 rotary positions, RMSNorm, SwiGLU or ReLU² MLP, QK-norm, grouped-query attention (`n_kv_head`), untied
@@ -24,6 +28,7 @@ from lmforge.model.activations import activation
 from lmforge.model.init import init_weights
 
 VOCAB_MULTIPLE = 64
+TRANSFORMER_ARCHS = ("gpt", "encoder")  # the model.arch choices this class builds
 
 
 def padded_vocab_size(vocab_size: int) -> int:
@@ -140,13 +145,15 @@ class CacheStep:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, causal: bool | None = None):
         super().__init__()
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head or config.n_head
         self.head_size = config.n_embd // config.n_head
         self.qk_norm = config.qk_norm
         self.dropout = config.dropout
+        # the decoder's self-attention is causal, the encoder's attends both ways (None: as model.arch says)
+        self.causal = config.arch == "gpt" if causal is None else causal
         qkv_size = (self.n_head + 2 * self.n_kv_head) * self.head_size
         self.qkv = nn.Linear(config.n_embd, qkv_size, bias=config.bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
@@ -168,19 +175,21 @@ class Attention(nn.Module):
         return q, k, v
 
     def probabilities(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """The causal attention probabilities (B, H, T, T) for x (B, T, C) with no cache: what SDPA computes
-        inside and never returns, written out for the report (GPT.attention_maps)."""
+        """The attention probabilities (B, H, T, T) for x (B, T, C) with no cache (causal for the decoder): what
+        SDPA computes inside and never returns, written out for the report (GPT.attention_maps)."""
         q, k, _ = self.heads(x, rotary)
         k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         scores = q.float() @ k.float().transpose(-2, -1) / self.head_size**0.5
+        if not self.causal:
+            return scores.softmax(-1)
         visible = torch.ones(x.size(1), x.size(1), dtype=torch.bool, device=x.device).tril()
         return scores.masked_fill(~visible, float("-inf")).softmax(-1)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
-                cache_step: CacheStep | None, layer: int) -> torch.Tensor:
+                cache_step: CacheStep | None, layer: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.heads(x, rotary)
-        mask = None
+        mask = key_mask  # (B, 1, 1, T): the keys an encoder's padded rows attend to (their real tokens)
         if cache_step is not None:
             k, v = cache_step.extend(layer, k, v)
             mask = cache_step.mask
@@ -189,8 +198,8 @@ class Attention(nn.Module):
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         dropout = self.dropout if self.training else 0.0
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
-        else:  # new tokens after cached ones, each row at its own position
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=self.causal)
+        else:  # new tokens after cached ones, each row at its own position; or an encoder's padded rows
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(batch, length, width))
 
@@ -221,27 +230,28 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + attention(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, causal: bool | None = None):
         super().__init__()
         self.norm_1 = norm_layer(config, config.n_embd)
-        self.attn = Attention(config)
+        self.attn = Attention(config, causal)
         self.norm_2 = norm_layer(config, config.n_embd)
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
-                cache_step: CacheStep | None, layer: int) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm_1(x), rotary, cache_step, layer))
+                cache_step: CacheStep | None, layer: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm_1(x), rotary, cache_step, layer, key_mask))
         return x + self.dropout(self.mlp(self.norm_2(x)))
 
 
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        if config.arch != "gpt":  # the values themselves were checked when the config was made (lmforge/config/)
-            raise UserError(f"GPT builds model.arch 'gpt', not '{config.arch}' (lmforge.model.factory.build_model "
-                            "builds every arch)")
+        if config.arch not in TRANSFORMER_ARCHS:  # the values were checked when the config was made (lmforge/config/)
+            raise UserError(f"GPT builds model.arch 'gpt' or 'encoder', not '{config.arch}' "
+                            "(lmforge.model.factory.build_model builds every arch)")
         self.config = config
+        self.causal = config.arch == "gpt"
         self.vocab_size = config.vocab_size
         self.padded_vocab_size = padded_vocab_size(config.vocab_size)
         self.wte = nn.Embedding(self.padded_vocab_size, config.n_embd)
@@ -261,6 +271,9 @@ class GPT(nn.Module):
         return self.wte.weight if self.lm_head is None else self.lm_head.weight
 
     def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        if not self.causal:  # a cache holds the past for the next token; an encoder reads the future too
+            raise UserError("model.arch = encoder does not generate text (it fills in masked tokens); sample, chat "
+                            "and serve take a decoder (model.arch = gpt)")
         return KVCache.empty(self.config, batch, device, dtype)
 
     @torch.no_grad()
@@ -278,11 +291,19 @@ class GPT(nn.Module):
             hook.remove()
         return maps[0]
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None, lengths: torch.Tensor | None = None
+                      ) -> torch.Tensor:
         """The final normed states (B, T, n_embd) that the head reads, for token ids idx (B, T). With a cache,
-        each row of idx continues its own cached tokens, at its own positions, and the cache grows by T."""
+        each row of idx continues its own cached tokens, at its own positions, and the cache grows by T. An
+        encoder's right-padded rows give their real `lengths` (B,), so that no position attends to the padding
+        (a decoder's positions never see later ones, padding included, and need none)."""
         batch, length = idx.shape
         cache_step = None
+        key_mask = None
+        if lengths is not None:
+            if self.causal:
+                raise ValueError("lengths are for an encoder's padded rows; a decoder never attends to later padding")
+            key_mask = (torch.arange(length, device=idx.device) < lengths[:, None])[:, None, None]
         if cache is None:
             if length > self.config.block_size:
                 raise ValueError(f"sequence of {length} tokens exceeds block_size {self.config.block_size}")
@@ -300,7 +321,7 @@ class GPT(nn.Module):
                 rotary = rotary[0][:, None], rotary[1][:, None]
         x = self.dropout(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rotary, cache_step, layer)
+            x = block(x, rotary, cache_step, layer, key_mask)
         if cache_step is not None:
             cache_step.advance()
         return self.norm_f(x)

@@ -1,4 +1,5 @@
-"""The classification head: a language model's last hidden state at a text's last token, mapped to labels.
+"""The classification head: a language model's last hidden state at a text's last token (an encoder's: the mean
+over the text), mapped to labels.
 
 As in Raschka's LLMs-from-scratch (chapter 6), the model reads a text and the hidden state at its last real
 token, which in a causal model has seen the whole text, goes through a new linear layer with one output per
@@ -6,6 +7,12 @@ label; the language-model head is not computed. Texts in a batch are padded on t
 state at a position never depends on later positions, so padding cannot change a text's logits. A text
 longer than the context keeps its last `block_size` tokens (the end of a passage is what the last position
 summarises best).
+
+An encoder (`model.arch = "encoder"`) has no position that has read the whole text more than another: every
+position sees every other. Its passage is pooled instead: the mean of the states at the real tokens, the padding
+hidden from attention (GPT.hidden_states' `lengths`) and left out of the mean, so a text's logits do not depend on
+what it is batched with either. Mean pooling needs no extra reserved token (a leading summary token would); on
+a tiny case it tied with reading the first position's state (docs/families.md), so the simpler readout stays.
 
 `train_only_last_blocks` freezes all but the last N blocks (plus the final norm and the heads): the cheaper
 fine-tuning that chapter compares with training everything.
@@ -24,7 +31,7 @@ from lmforge.model.gpt import GPT
 from lmforge.model.mlp import BengioMLP
 from lmforge.model.recurrent import RecurrentLM
 
-CLASSIFY_ARCHS = ("gpt", "rnn", "lstm", "gru", "mlp")  # bigram: its "state" is one token's table row
+CLASSIFY_ARCHS = ("gpt", "encoder", "rnn", "lstm", "gru", "mlp")  # bigram: its "state" is one token's table row
 
 
 def check_classify_arch(arch: str) -> None:
@@ -70,6 +77,10 @@ class Classifier(nn.Module):
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Label logits (B, labels) for right-padded token ids idx (B, T) whose real lengths are `lengths`."""
+        if isinstance(self.body, GPT) and not self.body.causal:  # an encoder: the mean over its real tokens
+            states = self.body.hidden_states(idx, lengths=lengths)
+            real = torch.arange(idx.size(1), device=idx.device) < lengths[:, None]
+            return self.score((states * real[..., None]).sum(1) / lengths[:, None])
         states = hidden_states(self.body, idx)
         last = states[torch.arange(idx.size(0), device=idx.device), lengths - 1]
         return self.score(last)

@@ -1,4 +1,6 @@
-"""The whole GPT-2 model, forward and backward, over a dict of NumPy arrays named as the torch engine's.
+"""The whole GPT-2 model, forward and backward, over a dict of NumPy arrays named as the torch engine's; with
+`model.arch = "encoder"` the same model with bidirectional attention (its masked-LM targets IGNORE the positions
+not chosen, which the cross-entropy leaves out).
 
 Parameters are `wte.weight` (padded vocabulary V_pad x C; only the first vocab_size rows are ever used, so
 the padding rows get zero gradient), `wpe.weight`, `blocks.{i}.{norm_1,attn.qkv,attn.proj,norm_2,mlp.fc,
@@ -31,9 +33,9 @@ from lmforge.scratch.layers import (
 
 def check_scratch_config(config: ModelConfig) -> None:
     """Refuse, naming the option, every model setting the scratch engine does not implement."""
-    if config.arch != "gpt":
-        raise UserError(f"the scratch engine implements the GPT-2 transformer only, not model.arch = "
-                        f"'{config.arch}'; use --engine torch")
+    if config.arch not in ("gpt", "encoder"):
+        raise UserError(f"the scratch engine implements the GPT-2 transformer only (as a decoder or an encoder), not "
+                        f"model.arch = '{config.arch}'; use --engine torch")
     unsupported = [
         ("model.position", config.position, "learned"),
         ("model.norm", config.norm, "layernorm"),
@@ -66,7 +68,8 @@ def gpt_forward(params: dict[str, np.ndarray], idx: np.ndarray, config: ModelCon
         p = f"blocks.{i}."
         h1, norm_1 = layernorm_forward(x, params[p + "norm_1.weight"], params[p + "norm_1.bias"])
         qkv = linear_forward(h1, params[p + "attn.qkv.weight"], params[p + "attn.qkv.bias"])
-        heads, attention = attention_forward(qkv.reshape(batch, length, -1), config.n_head)
+        heads, attention = attention_forward(qkv.reshape(batch, length, -1), config.n_head,
+                                             causal=config.arch == "gpt")
         heads = heads.reshape(rows, channels)
         x = x + linear_forward(heads, params[p + "attn.proj.weight"], params[p + "attn.proj.bias"])
         h2, norm_2 = layernorm_forward(x, params[p + "norm_2.weight"], params[p + "norm_2.bias"])

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lmforge.config.sections import ModelConfig
+from lmforge.model.masking import IGNORE
 from lmforge.scratch import layers as L
 from lmforge.scratch.gpt import gpt_backward, gpt_forward
 
@@ -89,8 +90,16 @@ def _layer_cases(rng: np.random.Generator) -> list[LayerCase]:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return y.transpose(1, 2).reshape(batch, length, channels)
 
-    def attention_backward(x, r):
-        return {"qkv": L.attention_backward(r, L.attention_forward(x["qkv"], n_head)[1])}
+    def attention_backward(x, r, causal=True):
+        return {"qkv": L.attention_backward(r, L.attention_forward(x["qkv"], n_head, causal)[1])}
+
+    def bidirectional_attention_torch(t):
+        q, k, v = t["qkv"].view(batch, length, 3, n_head, -1).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return y.transpose(1, 2).reshape(batch, length, channels)
+
+    masked_targets = np.where(rng.random(rows) < 0.3, targets, IGNORE)  # masked LM: some rows score nothing
+    masked_targets[0] = targets[0]
 
     def layernorm_backward(x, r):
         dx, dw, db = L.layernorm_backward(r, L.layernorm_forward(x["x"], x["w"], x["b"])[1], x["w"])
@@ -144,6 +153,14 @@ def _layer_cases(rng: np.random.Generator) -> list[LayerCase]:
         LayerCase("cross_entropy", {"logits": rng.standard_normal((rows, vocab)) * 2},
                   lambda x: np.array(L.cross_entropy_forward(x["logits"], targets)[0]), cross_entropy_backward,
                   lambda t: F.cross_entropy(t["logits"], torch.from_numpy(targets))),
+        LayerCase("bidir_attention", {"qkv": rng.standard_normal((batch, length, 3 * channels))},
+                  lambda x: L.attention_forward(x["qkv"], n_head, causal=False)[0],
+                  lambda x, r: attention_backward(x, r, causal=False), bidirectional_attention_torch),
+        LayerCase("masked_lm_loss", {"logits": rng.standard_normal((rows, vocab)) * 2},
+                  lambda x: np.array(L.cross_entropy_forward(x["logits"], masked_targets)[0]),
+                  lambda x, r: {"logits": r * L.cross_entropy_backward(
+                      L.cross_entropy_forward(x["logits"], masked_targets)[1], masked_targets)},
+                  lambda t: F.cross_entropy(t["logits"], torch.from_numpy(masked_targets))),
     ]
 
 
@@ -168,10 +185,10 @@ def check_layers(seed: int = 0) -> list[Check]:
     return results
 
 
-def tiny_model_config() -> ModelConfig:
+def tiny_model_config(arch: str = "gpt") -> ModelConfig:
     # init_std 0.3, not 0.02: with GPT-2's small weights the inner layers' gradients are so small that
     # the finite differences' rounding error (about 1e-16 * loss / h) would swamp them
-    return ModelConfig(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, init_std=0.3)
+    return ModelConfig(arch=arch, vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=8, init_std=0.3)
 
 
 def model_gradients(params: dict[str, np.ndarray], idx: np.ndarray, targets: np.ndarray, config: ModelConfig
@@ -201,6 +218,9 @@ def torch_reference(config: ModelConfig, dtype: type, seed: int = 0, batch: int 
     generator = np.random.default_rng(seed)
     idx = generator.integers(0, config.vocab_size, (batch, config.block_size))
     targets = generator.integers(0, config.vocab_size, (batch, config.block_size))
+    if config.arch == "encoder":  # masked LM: only some positions are scored
+        targets = np.where(generator.random(targets.shape) < 0.3, targets, IGNORE)
+        targets[:, 0] = idx[:, 0]
     logits, _ = model(torch.from_numpy(idx))
     # The loss outside the model: the torch engine upcasts logits to float32 for it, float64 must stay float64
     loss = F.cross_entropy(logits.reshape(-1, config.vocab_size), torch.from_numpy(targets).reshape(-1))
@@ -214,19 +234,20 @@ def check_model(config: ModelConfig | None = None, seed: int = 0, finite_differe
     """The whole model: scratch gradients against central differences (float64) and against the torch
     engine's autograd, in float64 and float32."""
     config = config or tiny_model_config()
+    case = "model" if config.arch == "gpt" else config.arch
     results = []
     for dtype in (np.float64, np.float32):
         params, idx, targets, logits, loss, torch_grads = torch_reference(config, dtype, seed)
         ours_logits, ours_loss, grads = model_gradients(params, idx, targets, config)
         tolerance = TORCH_TOLERANCE[dtype]
         kind = f"torch autograd ({np.dtype(dtype).name})"
-        results.append(Check("model", "logits", kind, relative_error(ours_logits, logits), tolerance))
-        results.append(Check("model", "loss", kind, abs(ours_loss - loss) / abs(loss), tolerance))
+        results.append(Check(case, "logits", kind, relative_error(ours_logits, logits), tolerance))
+        results.append(Check(case, "loss", kind, abs(ours_loss - loss) / abs(loss), tolerance))
         for name in params:
-            results.append(Check("model", name, kind, relative_error(grads[name], torch_grads[name]), tolerance))
+            results.append(Check(case, name, kind, relative_error(grads[name], torch_grads[name]), tolerance))
         if finite_differences and dtype is np.float64:
             for name, value in params.items():
                 numeric = finite_difference(lambda p=params, i=idx, t=targets: gpt_forward(p, i, config, t)[1], value)
-                results.append(Check("model", name, "finite difference", relative_error(grads[name], numeric),
+                results.append(Check(case, name, "finite difference", relative_error(grads[name], numeric),
                                      FD_TOLERANCE))
     return results

@@ -1,4 +1,5 @@
-"""Every layer of GPT-2 as a forward/backward pair of plain NumPy functions, the chain rule written out.
+"""Every layer of GPT-2 (and of the encoder: attention without its mask) as a forward/backward pair of plain
+NumPy functions, the chain rule written out.
 
 Each `*_backward` sits right under its `*_forward`. It takes the gradient of the loss with respect to the
 forward's output (`dout`, same shape as the output) and whatever the forward kept (its `cache`), and returns
@@ -12,6 +13,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from lmforge.model.masking import IGNORE
 
 # Python floats, not NumPy scalars: a float64 NumPy scalar would promote float32 arrays to float64
 GELU_SCALE = math.sqrt(2.0 / math.pi)
@@ -137,15 +140,17 @@ def layernorm_backward(dout: np.ndarray, cache: tuple, w: np.ndarray
     return dx, (dout * xhat).sum(axis=0), dout.sum(axis=0)
 
 
-def attention_forward(qkv: np.ndarray, n_head: int) -> tuple[np.ndarray, tuple]:
-    # (B, T, 3C) fused q, k, v -> (B, T, C): per head, softmax(q k^T / sqrt(D) + causal mask) v
+def attention_forward(qkv: np.ndarray, n_head: int, causal: bool = True) -> tuple[np.ndarray, tuple]:
+    # (B, T, 3C) fused q, k, v -> (B, T, C): per head, softmax(q k^T / sqrt(D) + causal mask) v; an encoder
+    # (causal False) has no mask: every position attends to every other, and the backward is the same
     batch, length, three_c = qkv.shape
     channels = three_c // 3
     heads = qkv.reshape(batch, length, 3, n_head, channels // n_head).transpose(2, 0, 3, 1, 4)
     q, k, v = heads[0], heads[1], heads[2]  # (B, H, T, D) each
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = (q @ k.transpose(0, 1, 3, 2)) * scale  # (B, H, T, T)
-    scores[..., np.triu(np.ones((length, length), dtype=bool), k=1)] = -np.inf  # no peeking at the future
+    if causal:
+        scores[..., np.triu(np.ones((length, length), dtype=bool), k=1)] = -np.inf  # no peeking at the future
     att = softmax_forward(scores)
     y = att @ v  # (B, H, T, D)
     return y.transpose(0, 2, 1, 3).reshape(batch, length, channels), (q, k, v, att, scale)
@@ -169,18 +174,22 @@ def attention_backward(dout: np.ndarray, cache: tuple) -> np.ndarray:
 
 
 def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray) -> tuple[float, np.ndarray]:
-    # (N, V) logits, (N,) targets -> mean over rows of logsumexp(logits) - logits[target]; keeps the softmax
+    # (N, V) logits, (N,) targets -> mean over scored rows of logsumexp(logits) - logits[target]; keeps the
+    # softmax. A target of IGNORE (masked LM: a position not chosen) scores nothing, as in torch.
     shifted = logits - logits.max(axis=-1, keepdims=True)
     probs = np.exp(shifted)
     sums = probs.sum(axis=-1, keepdims=True)
     probs /= sums
-    rows = np.arange(len(targets))
-    return float((np.log(sums[:, 0]) - shifted[rows, targets]).mean()), probs
+    rows = np.flatnonzero(targets != IGNORE)
+    return float((np.log(sums[rows, 0]) - shifted[rows, targets[rows]]).mean()), probs
 
 
 def cross_entropy_backward(probs: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    # d loss / d logits = (softmax - onehot(target)) / N: the probabilities, minus 1 at the right answer
-    dlogits = probs.copy()
-    dlogits[np.arange(len(targets)), targets] -= 1
-    dlogits /= len(targets)
+    # d loss / d logits = (softmax - onehot(target)) / N over the N scored rows: the probabilities, minus 1 at
+    # the right answer; an ignored row's gradient is exactly zero
+    scored = targets != IGNORE
+    rows = np.flatnonzero(scored)
+    dlogits = probs * scored[:, None]
+    dlogits[rows, targets[rows]] -= 1
+    dlogits /= len(rows)
     return dlogits

@@ -62,6 +62,7 @@ def build_app(run: str | Path, *, device: str = "auto", api_key: str | None = No
     refuses a batch whose cache does not fit in memory). A classify run is served as a classifier
     (/v1/classify), any other as a language model."""
     from lmforge.infer.batched import BatchedEngine
+    from lmforge.infer.generate import check_generates
     from lmforge.infer.load import load_run
     from lmforge.model.heads import Classifier
     from lmforge.serve.app import create_app
@@ -79,6 +80,7 @@ def build_app(run: str | Path, *, device: str = "auto", api_key: str | None = No
     if isinstance(loaded.model, Classifier):
         engine = ClassifyEngine(loaded.model, loaded.tokenizer, loaded.device, max_batch, max_queue)
     else:
+        check_generates(loaded.config.model)
         engine = BatchedEngine(loaded.model, loaded.tokenizer, max_batch=max_batch)
     settings = ServeSettings(model_name=loaded.run_dir.resolve().name, api_key=api_key, max_batch=max_batch,
                              max_queue=max_queue, max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes,

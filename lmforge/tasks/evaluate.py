@@ -55,6 +55,7 @@ def evaluate_task(loaded: LoadedRun, task: str, data: str | Path, *, split: str 
     records = read_records(path, task)
     finetune = loaded.config.finetune
     kind.check_run(loaded.run_dir, finetune)
+    kind.check_arch(loaded.config.model.arch)
     tokenizer = loaded.tokenizer
     tokenizer.check_known_data(record_texts(records, kind, path), str(path), allow_unknown=allow_unknown,
                                advice="; fix the data, or pass --allow-unknown to read each as the unknown token")

@@ -44,6 +44,12 @@ def translate_prompt(source: str) -> str:
     return source + TRANSLATE_SEPARATOR
 
 
+def refuse_encoder_decoder(task: str, arch: str) -> None:
+    if arch == "encoder-decoder":  # the source to the encoder, the target to the decoder: examples not written yet
+        raise UserError(f"the {task} task: fine-tuning or asking model.arch = encoder-decoder is not implemented yet "
+                        "(it is pretrained by span corruption only); use a decoder (model.arch = gpt)")
+
+
 class TaskKind:
     """What every task kind answers; the defaults are a chat task's (sft, qa)."""
 
@@ -106,7 +112,12 @@ class TaskKind:
 
     # ----- training -----
     def check_arch(self, arch: str) -> None:
-        """Refuse a base model this kind cannot fine-tune."""
+        """Refuse a base model this kind cannot fine-tune or be asked: the text kinds need one that writes."""
+        refuse_encoder_decoder(self.name, arch)
+        if arch == "encoder":
+            raise UserError(f"the {self.name} task needs a model that writes text; model.arch = encoder does not "
+                            "generate (it reads a passage both ways): use --task classify on it, or a decoder "
+                            "(model.arch = gpt) for this task")
 
     def loss(self, model: nn.Module, inputs, targets: torch.Tensor) -> torch.Tensor:
         """The training loss of a batch as `examples.next_batch` makes it: next-token loss on trained targets."""
@@ -168,6 +179,7 @@ class Classify(TaskKind):
         return {}
 
     def check_arch(self, arch: str) -> None:
+        refuse_encoder_decoder(self.name, arch)
         check_classify_arch(arch)
 
     def loss(self, model: nn.Module, inputs, targets: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ def predict(run: str, text: str, *, context: str | None = None, max_new_tokens: 
     model, tokenizer, checkpoint, finetune = loaded.model, loaded.tokenizer, loaded.checkpoint, loaded.config.finetune
     kind = task_kind(finetune.task if finetune else "sft")
     kind.check_run(run, finetune)
+    kind.check_arch(loaded.config.model.arch)
     if context is not None and not kind.takes_context:
         raise UserError(f"--context is for qa runs; {run} was fine-tuned for {kind.name}")
     if max_new_tokens is not None and kind.labelled:

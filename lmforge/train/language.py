@@ -25,6 +25,7 @@ from lmforge.infer.generate import generate
 from lmforge.infer.load import load_run
 from lmforge.model.factory import build_model
 from lmforge.model.recurrent import RECURRENT_ARCHS
+from lmforge.model.spans import reserved_ids
 from lmforge.run import checkpoints as run_checkpoints
 from lmforge.run import directory as rundir
 from lmforge.run.log import EvalRecord, SampleRecord, StartRecord
@@ -48,11 +49,18 @@ def settle_config(config: Config, tokenizer: Tokenizer) -> Config:
     and checked against the tokenizer; the caller's config is left as it was."""
     config = copy.deepcopy(config)
     model = config.model
+    # ids after the tokenizer's: the encoder's mask (model/masking.py), the encoder-decoder's sentinels and start
+    # token (model/spans.py)
+    reserved, what = {"encoder": (1, "the encoder's mask token"),
+                      "encoder-decoder": (reserved_ids(model.block_size), "the encoder-decoder's sentinel and start "
+                                          "tokens")}.get(model.arch, (0, ""))
+    needed = tokenizer.vocab_size + reserved
     if model.vocab_size == 0:
-        model.vocab_size = tokenizer.vocab_size
-    elif model.vocab_size < tokenizer.vocab_size:
+        model.vocab_size = needed
+    elif model.vocab_size < needed:
         raise UserError(f"model.vocab_size {model.vocab_size} is smaller than the data's tokenizer "
-                        f"({tokenizer.vocab_size}); leave it at 0 to take the tokenizer's")
+                        f"({tokenizer.vocab_size}" + (f" + {reserved} for {what}" if reserved else "")
+                        + "); leave it at 0 to take the tokenizer's")
     return config
 
 

@@ -1,7 +1,8 @@
 """The training loop, steps 4-8 of the recipe: forward, loss, backward, update, and iterate over the data.
 
 One loop for every kind of training: a `Trainer` runs a task, which says what it trains on and how it is
-measured: pretraining's (`LanguageModelling`, lmforge/train/language.py) or a fine-tuning task's
+measured: pretraining's (`LanguageModelling`, lmforge/train/language.py; an encoder's `MaskedLanguageModelling`,
+lmforge/train/masked.py; an encoder-decoder's `SpanCorruption`, lmforge/train/spans.py) or a fine-tuning task's
 (lmforge/tasks/finetune.py). One step = `accumulation` micro-batches whose gradients add up to one global batch,
 then one clipped optimizer update at the scheduled rate. Around the loop, the same for every task: the run's
 lock and leftover repair, signals, the progress bar, the log, evaluations (the best checkpoint by the task's
@@ -36,8 +37,10 @@ from lmforge.train.distributed import start_cluster
 from lmforge.train.ema import WeightAverage
 from lmforge.train.engine import build_engine, engine_device
 from lmforge.train.language import LanguageModelling
+from lmforge.train.masked import MaskedLanguageModelling
 from lmforge.train.optim import set_lr
 from lmforge.train.schedule import limit_reached, lr_multiplier
+from lmforge.train.spans import SpanCorruption
 from lmforge.train.task import TrainingTask
 
 # A launch says how long it will take once it has timed this many steps (at the first logged step after them):
@@ -87,7 +90,9 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.quiet = quiet
         if task is None:
-            task = LanguageModelling(config, data_dir, self.run_dir, resume=resume, init_from=init_from)
+            pretraining = {"encoder": MaskedLanguageModelling,
+                           "encoder-decoder": SpanCorruption}.get(config.model.arch, LanguageModelling)
+            task = pretraining(config, data_dir, self.run_dir, resume=resume, init_from=init_from)
         self.task = task
         self.config = config = self.task.config
         self.tokenizer = self.task.tokenizer
