@@ -12,7 +12,9 @@ batch-invariant shape: the cost of the seed guarantee). Per request: time to fir
 the first text event) and the gaps between text events (inter-token latency: the server sends one event per
 token, merging only where a token ends inside a multi-byte character). Aggregate tokens/s is every client's
 generated tokens (the `usage` of each stream) over the wall time of the whole level. `lmforge sample` is
-`generate` in this process, at the decoding threads `lmforge sample` would use; its tokens/s is one stream's.
+`generate` in this process, at the decoding threads `lmforge sample` would use, --requests prompts one after
+another, measured before the servers start and again after they stop (it varies between the two by up to half on
+a 2-core VM); its tokens/s is one stream's, and the goals are judged against the faster of the two.
 
 The goals of issue 22, printed as ratios of this run: 1-client tokens/s >= 0.8x `lmforge sample`'s, 1-client
 inter-token latency p50 <= 1.25x, 16-client aggregate tokens/s >= 5x one `lmforge sample` stream. The load
@@ -267,9 +269,10 @@ def measure_transformers(run: str, device: str, batch: int, max_tokens: int, pro
     return level
 
 
-def measure_generate(run: str, device: str, threads: int | None, max_tokens: int, prompts: list[str]) -> Level:
+def measure_generate(run: str, device: str, threads: int | None, max_tokens: int, prompts: list[str], requests: int,
+                     when: str) -> Level:
     """lmforge's own one-prompt generation (what `lmforge sample` runs, at its decoding threads), in this
-    process: the latency the server at one client should match."""
+    process, `requests` prompts one after another: the latency the server at one client should match."""
     import torch
 
     from lmforge.hardware import decoding_threads
@@ -279,10 +282,10 @@ def measure_generate(run: str, device: str, threads: int | None, max_tokens: int
     loaded = load_run(run, device=device)
     model, tokenizer = loaded.model, loaded.tokenizer
     generator = torch.Generator(device=model.wte.weight.device).manual_seed(0)
-    level = Level("lmforge sample (generate, no server)", 1)
+    level = Level(f"lmforge sample (generate, no server; {when})", 1)
     with decoding_threads(threads, loaded.config.model.n_embd, loaded.device):
         list(generate(model, tokenizer.encode(prompts[0]), 4, generator=generator))  # warm-up
-        for index in range(3):
+        for index in range(requests):
             started = last = time.perf_counter()
             tokens = generate(model, tokenizer.encode(prompts[index % len(prompts)]), max_tokens, temperature=1.0,
                               generator=generator)
@@ -432,6 +435,8 @@ def main() -> None:
     measured: dict[tuple[str, int], Level] = {}
     rows: list[str] = []
     soak_result = None
+    sample_before = measure_generate(args.run, args.device, args.threads, args.max_tokens, prompts, args.requests,
+                                     "before the servers")
     batched, one_at_a_time, llama = "lmforge serve", "lmforge serve --max-batch 1", "llama.cpp server"
     servers = [(batched, lambda: lmforge_server(args.run, args.max_batch, args.device, args.threads,
                                                 work / "serve.log"))]
@@ -453,8 +458,10 @@ def main() -> None:
                 soak_result = asyncio.run(soak(server, args.soak, args.max_tokens, prompts, args.hang_seconds))
         finally:
             server.close()
-    sample = measure_generate(args.run, args.device, args.threads, args.max_tokens, prompts)
-    rows.append(row(sample, None))
+    sample_after = measure_generate(args.run, args.device, args.threads, args.max_tokens, prompts, args.requests,
+                                    "after them")
+    rows += [row(sample_before, None), row(sample_after, None)]
+    sample = max(sample_before, sample_after, key=rate)  # the model's own speed: the stricter reference
     ratios = goal_lines(measured, batched, sample, levels)
     if args.peer:
         server = llama_cpp_server(args.gguf, model["context_length"], work / "llama-cpp.log")
