@@ -328,6 +328,32 @@ def test_a_full_disk_leaves_no_partial_file(tmp_path):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["run"]  # nor the directory it made
 
 
+def test_a_file_written_there_during_the_export_is_kept_and_the_export_refused(tmp_path, capsys, monkeypatch):
+    """Two exports at once (or any process) may write the output while this one works: the check is made again
+    before the move, so the file that arrived first stays whole and the later export says so, exit 2, leaving no
+    temporary. Each export writes its own temporary, so neither writes into the other's."""
+    import lmforge.interop.gguf as gguf_module
+
+    run = make_run(tmp_path / "run", "arcee", char_tokenizer())
+    out = tmp_path / "m.gguf"
+    first = run_cli(capsys, "export", run, "--format", "gguf", "--out", tmp_path / "first.gguf")
+    assert first[0] == 0
+    write_gguf = gguf_module.write_gguf
+    temporaries = []
+
+    def another_export_finishes_meanwhile(writer, arrays, path):
+        temporaries.append(path.name)
+        write_gguf(writer, arrays, path)
+        (tmp_path / "first.gguf").rename(out)
+
+    monkeypatch.setattr(gguf_module, "write_gguf", another_export_finishes_meanwhile)
+    before = checksums(tmp_path)
+    code, _, err = run_cli(capsys, "export", run, "--format", "gguf", "--out", out)
+    assert_one_line_error(code, err, "m.gguf", "already exists", "--overwrite")
+    assert checksums(tmp_path) == {name.replace("first.gguf", "m.gguf"): digest for name, digest in before.items()}
+    assert temporaries == [f".m.gguf.{os.getpid()}.tmp"]
+
+
 def finetune(base: Path, out: Path, task: str, records: list[dict], *flags: str) -> Path:
     import json
 

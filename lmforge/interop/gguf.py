@@ -21,6 +21,7 @@ multiple of 32 numbers (Q8_0's block), the others stay f32 (each export says whi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -224,13 +225,19 @@ def export_gguf(run: str | Path, out: str | Path, *, dtype: str = "f32", ollama:
     if modelfile is not None:
         contents[modelfile] = modelfile_text(out.name, loaded.chat_template, getattr(tokenizer, "eot_text", EOT_TEXT),
                                              config.block_size)
-    temporaries = {path: path.with_name(f".{path.name}.tmp") for path in (out, *contents)}
+    # One temporary per process: two exports to the same place never write into each other's file.
+    temporaries = {path: path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in (out, *contents)}
     with removing_new_parents(out.parent), writing(out, *temporaries.values(),
                                                    needed=sum(array.nbytes for array in arrays)):
         out.parent.mkdir(parents=True, exist_ok=True)
         write_gguf(writer, arrays, temporaries[out])
         for path, text in contents.items():
             temporaries[path].write_text(text, encoding="utf-8")
+        # Checked again now that the files are ready: another process may have written one meanwhile.
+        check_owned(out, overwrite, run, starts_with=GGUF_MAGIC, what="a GGUF file")
+        if modelfile is not None:
+            check_owned(modelfile, overwrite, run, starts_with=MODELFILE_HEADER.encode(),
+                        what="a Modelfile lmforge wrote")
         for path, temporary in temporaries.items():
             with writing(path, *temporaries.values()):
                 move_into_place(temporary, path)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -112,7 +113,8 @@ def export_hf(run: str | Path, out: str | Path, *, dtype: str = "fp32", overwrit
              "generation_config.json": {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.eot_id,
                                         "pad_token_id": tokenizer.eot_id},
              **hf_tokenizer_files(tokenizer, config.model.block_size)}
-    temporary = out.with_name(f".tmp-{out.name}")
+    # One temporary per process: two exports to the same place never write into (or delete) each other's.
+    temporary = out.with_name(f".tmp-{out.name}.{os.getpid()}")
     with writing(out, temporary, needed=sum(tensor.nbytes for tensor in tensors.values())):
         remove_path(temporary)
         temporary.mkdir(parents=True)
