@@ -231,6 +231,10 @@ BAD_FORMATS = [
     ({"structured_outputs": {"choice": []}}, "structured_outputs", "choice"),
     ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a"}}, "structured_outputs",
      "not both"),
+    # Other servers' fields would be ignored like any unknown field, and the answer not held to them.
+    ({"guided_regex": "[a-z]+"}, "guided_regex", '"structured_outputs": {"regex": ...}'),
+    ({"grammar": 'start: "a"'}, "grammar", '"structured_outputs": {"grammar": ...}'),
+    ({"json_schema": {"type": "object"}}, "json_schema", '"structured_outputs": {"json": ...}'),
 ]
 
 

@@ -90,6 +90,10 @@ RESPONSE_FORMAT = ('an object: {"type": "text"}, {"type": "json_object"} or {"ty
 STRUCTURED_OUTPUTS = ('an object with one of "json" (a JSON schema), "regex" (a pattern), "grammar" (a Lark grammar) '
                       'or "choice" (a list of strings)')
 STRUCTURED_KINDS = {"json": "json_schema", "regex": "regex", "grammar": "grammar", "choice": "choice"}
+# Other servers' names for a format (vLLM's before structured_outputs, llama.cpp's server's): a request carrying one
+# would otherwise have it ignored, as every unknown field is, and get an answer not held to it.
+OTHER_FORMAT_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_grammar": "grammar",
+                       "guided_choice": "choice", "json_schema": "json", "regex": "regex", "grammar": "grammar"}
 MESSAGES = f"a non-empty list of {{role, content}} objects, role one of {', '.join(ROLES)} and content a string"
 ALLOW_UNKNOWN = "true or false (true: read unknown characters as the unknown token)"
 
@@ -393,6 +397,12 @@ def fit_max_tokens(prompt_tokens: int, requested: int | None, context: int, limi
 
 def validate_request(kind: type[RequestT], data: dict, settings: ServeSettings) -> RequestT:
     """`data` as a `kind`, or the first thing wrong with it as an ApiError."""
+    if issubclass(kind, SamplingRequest):
+        for field, key in OTHER_FORMAT_FIELDS.items():
+            if field in data:
+                raise ApiError(400, f"'{field}' is another server's field for a format, which this server does not "
+                                    f"read (the answer would not follow it): send \"structured_outputs\": "
+                                    f"{{\"{key}\": ...}} or \"response_format\"", param=field)
     try:
         return kind.model_validate(data, context=settings)
     except ValidationError as err:
