@@ -48,11 +48,13 @@ RequestT = TypeVar("RequestT", bound="ApiRequest")
 
 
 class ApiRequest(BaseModel):
-    """A request body: strict JSON types, null as "not given", unknown keys ignored, and the OpenAI options in
-    UNSUPPORTED (each with how to say so) refused unless they hold their no-op value."""
+    """A request body: strict JSON types, null as "not given", unknown keys ignored, the OpenAI options in
+    UNSUPPORTED (each with how to say so) refused unless they hold their no-op value, and the other servers' keys
+    in FOREIGN refused whatever they hold (ignored, they would change the answer unnoticed)."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
     UNSUPPORTED: ClassVar[dict[str, str]] = {}
+    FOREIGN: ClassVar[dict[str, str]] = {}
     serves: ClassVar[str | None] = None  # GENERATOR or CLASSIFIER: the model the route needs (None: either)
 
     @model_validator(mode="before")
@@ -66,6 +68,9 @@ class ApiRequest(BaseModel):
             if value in (None, 0, "", {}, []) or (key == "best_of" and value == given.get("n", 1)):
                 continue
             raise refusal(ApiError(400, f"'{key}' is not supported {how}", param=key))
+        for key, how in cls.FOREIGN.items():
+            if key in data:  # even null: the sender meant a format
+                raise refusal(ApiError(400, f"'{key}' is not supported {how}", param=key))
         return given
 
 
@@ -90,10 +95,13 @@ RESPONSE_FORMAT = ('an object: {"type": "text"}, {"type": "json_object"} or {"ty
 STRUCTURED_OUTPUTS = ('an object with one of "json" (a JSON schema), "regex" (a pattern), "grammar" (a Lark grammar) '
                       'or "choice" (a list of strings)')
 STRUCTURED_KINDS = {"json": "json_schema", "regex": "regex", "grammar": "grammar", "choice": "choice"}
-# Other servers' names for a format (vLLM's before structured_outputs, llama.cpp's server's): a request carrying one
-# would otherwise have it ignored, as every unknown field is, and get an answer not held to it.
-OTHER_FORMAT_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_grammar": "grammar",
-                       "guided_choice": "choice", "json_schema": "json", "regex": "regex", "grammar": "grammar"}
+# Other servers' names for a format (vLLM's before structured_outputs, llama.cpp's server's): refused, since a
+# request carrying one would otherwise have it ignored, as every unknown field is, and get an answer not held to it.
+OTHER_FORMAT_FIELDS = {field: (f'by this server, which would not hold the answer to it: send "structured_outputs": '
+                               f'{{"{key}": ...}} or "response_format"')
+                       for field, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                                          ("guided_grammar", "grammar"), ("guided_choice", "choice"),
+                                          ("json_schema", "json"), ("regex", "regex"), ("grammar", "grammar"))}
 MESSAGES = f"a non-empty list of {{role, content}} objects, role one of {', '.join(ROLES)} and content a string"
 ALLOW_UNKNOWN = "true or false (true: read unknown characters as the unknown token)"
 
@@ -102,6 +110,7 @@ class SamplingRequest(ApiRequest):
     """What completions and chat completions share: the model, how many tokens, how to sample, how to answer."""
 
     serves = GENERATOR
+    FOREIGN = OTHER_FORMAT_FIELDS
     model: str = Field(description="a string naming the model (GET /v1/models lists it)")
     max_tokens: int | None = Field(None, ge=0, description="an integer, 0 or more")
     max_completion_tokens: int | None = Field(None, ge=0, description="an integer, 0 or more")
@@ -397,12 +406,6 @@ def fit_max_tokens(prompt_tokens: int, requested: int | None, context: int, limi
 
 def validate_request(kind: type[RequestT], data: dict, settings: ServeSettings) -> RequestT:
     """`data` as a `kind`, or the first thing wrong with it as an ApiError."""
-    if issubclass(kind, SamplingRequest):
-        for field, key in OTHER_FORMAT_FIELDS.items():
-            if field in data:
-                raise ApiError(400, f"'{field}' is another server's field for a format, which this server does not "
-                                    f"read (the answer would not follow it): send \"structured_outputs\": "
-                                    f"{{\"{key}\": ...}} or \"response_format\"", param=field)
     try:
         return kind.model_validate(data, context=settings)
     except ValidationError as err:
