@@ -202,10 +202,15 @@ def export_gguf(run: str | Path, out: str | Path, *, dtype: str = "f32", ollama:
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype} is not a gguf type; choose one of {', '.join(DTYPES)}")
     out = Path(out)
-    check_owned(out, overwrite, run, starts_with=GGUF_MAGIC, what="a GGUF file")
     modelfile = out.parent / MODELFILE if ollama else None
-    if modelfile is not None:
-        check_owned(modelfile, overwrite, run, starts_with=MODELFILE_HEADER.encode(), what="a Modelfile lmforge wrote")
+
+    def check_outputs() -> None:
+        check_owned(out, overwrite, run, starts_with=GGUF_MAGIC, what="a GGUF file")
+        if modelfile is not None:
+            check_owned(modelfile, overwrite, run, starts_with=MODELFILE_HEADER.encode(),
+                        what="a Modelfile lmforge wrote")
+
+    check_outputs()
     loaded = load_run(run, chat_template=ollama)
     config, tokenizer = loaded.config.model, loaded.tokenizer
     architecture = architecture_for(config, "gguf")
@@ -233,11 +238,7 @@ def export_gguf(run: str | Path, out: str | Path, *, dtype: str = "f32", ollama:
         write_gguf(writer, arrays, temporaries[out])
         for path, text in contents.items():
             temporaries[path].write_text(text, encoding="utf-8")
-        # Checked again now that the files are ready: another process may have written one meanwhile.
-        check_owned(out, overwrite, run, starts_with=GGUF_MAGIC, what="a GGUF file")
-        if modelfile is not None:
-            check_owned(modelfile, overwrite, run, starts_with=MODELFILE_HEADER.encode(),
-                        what="a Modelfile lmforge wrote")
+        check_outputs()  # again, now that the files are ready: another process may have written one meanwhile
         for path, temporary in temporaries.items():
             with writing(path, *temporaries.values()):
                 move_into_place(temporary, path)
