@@ -132,11 +132,18 @@ def removing_new_parents(path: Path) -> Iterator[None]:
         raise
 
 
+def temporary_beside(path: Path) -> Path:
+    """The temporary a write to `path` goes through before its move into place: `.NAME.PID.tmp`, one per
+    process, so that two processes writing one output never write into each other's temporary (the later
+    move wins whole, or the output check refuses it). run/directory.py recognises the `.*.tmp` names."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write `data` (text as UTF-8) to `path` through `.{name}.tmp`."""
+    """Write `data` (text as UTF-8) to `path` through its `temporary_beside`."""
     path = Path(path)
     data = data.encode("utf-8") if isinstance(data, str) else data
-    temporary = path.with_name(f".{path.name}.tmp")
+    temporary = temporary_beside(path)
     with writing(path, temporary, needed=len(data)):
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary.write_bytes(data)

@@ -315,3 +315,19 @@ def test_an_integer_range_must_hold_allowed_whole_numbers(spec, fragment, base, 
                            "--param", spec)
     assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "s").exists()
+
+
+def test_a_write_never_goes_through_another_process_s_temporary(tmp_path):
+    """Two processes writing one output (two exports, two `tasks make`, two saves of a tokenizer) each write
+    their own temporary: the other's half-written file is never renamed into place as ours, nor clobbered."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "tokenizer.json"
+    theirs = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; "
+                             "from lmforge.files import temporary_beside; print(temporary_beside(Path(sys.argv[1])))",
+                             str(path)], capture_output=True, text=True, check=True).stdout.strip()
+    Path(theirs).write_text('{"half": ')  # the other process is in the middle of its write
+    write_atomic(path, '{"whole": true}')
+    assert json.loads(path.read_text()) == {"whole": True}
+    assert Path(theirs).read_text() == '{"half": '

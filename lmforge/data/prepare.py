@@ -63,7 +63,7 @@ PIECE_CHARS = 1 << 18  # longer documents are trained on and encoded in pieces o
 CHUNK_CHARS = 1 << 21  # characters per unit of work handed to an encoding worker
 LOCK_FILE = ".lock"  # held by the one prepare writing --out (files.take_directory_lock)
 OUR_FILE = re.compile(r"^(meta\.json|tokenizer\.json|(train|val)_\d{6}\.bin)$")
-OUR_TEMPORARY = re.compile(r"^\.(meta\.json|tokenizer\.json|(train|val)_\d{6}\.bin)\.tmp$")
+OUR_TEMPORARY = re.compile(r"^\.(meta\.json|tokenizer\.json|(train|val)_\d{6}\.bin)(\.\d+)?\.tmp$")
 
 
 @dataclass

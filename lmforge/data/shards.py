@@ -15,7 +15,7 @@ from types import TracebackType
 import numpy as np
 
 from lmforge.errors import UserError
-from lmforge.files import writing
+from lmforge.files import temporary_beside, writing
 
 SPLITS = ("train", "val")
 HEADER_INTS = 256  # llm.c's header size, for its shards and its model and tokenizer files
@@ -89,7 +89,7 @@ class ShardWriter:
         return self.out_dir / shard_name(self.split, len(self.paths))
 
     def _open(self) -> None:
-        self._temporary = self.out_dir / f".{shard_name(self.split, len(self.paths))}.tmp"
+        self._temporary = temporary_beside(self.out_dir / shard_name(self.split, len(self.paths)))
         self._file = open(self._temporary, "wb")
         self._file.write(shard_header(0, self.vocab_size))
         self._in_shard = 0

@@ -21,7 +21,6 @@ multiple of 32 numbers (Q8_0's block), the others stay f32 (each export says whi
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from lmforge.config.sections import ModelConfig
 from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import EOT_TEXT, Tokenizer
 from lmforge.errors import UserError
-from lmforge.files import check_output, move_into_place, removing_new_parents, writing
+from lmforge.files import check_output, move_into_place, removing_new_parents, temporary_beside, writing
 from lmforge.infer.load import load_run
 from lmforge.interop.architectures import Architecture, architecture_for
 from lmforge.interop.gguf_vocab import PRE_TOKENIZER, gguf_vocab
@@ -231,7 +230,7 @@ def export_gguf(run: str | Path, out: str | Path, *, dtype: str = "f32", ollama:
         contents[modelfile] = modelfile_text(out.name, loaded.chat_template, getattr(tokenizer, "eot_text", EOT_TEXT),
                                              config.block_size)
     # One temporary per process: two exports to the same place never write into each other's file.
-    temporaries = {path: path.with_name(f".{path.name}.{os.getpid()}.tmp") for path in (out, *contents)}
+    temporaries = {path: temporary_beside(path) for path in (out, *contents)}
     with removing_new_parents(out.parent), writing(out, *temporaries.values(),
                                                    needed=sum(array.nbytes for array in arrays)):
         out.parent.mkdir(parents=True, exist_ok=True)

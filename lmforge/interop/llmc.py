@@ -25,7 +25,7 @@ from lmforge.data.bytelevel import byte_characters
 from lmforge.data.shards import HEADER_INTS
 from lmforge.data.tokenizer import EOT_TEXT, Tokenizer, load_tokenizer
 from lmforge.errors import UserError
-from lmforge.files import check_output, move_into_place, writing
+from lmforge.files import check_output, move_into_place, temporary_beside, writing
 from lmforge.infer.load import load_run
 from lmforge.inputs import refuse_special_file
 from lmforge.model.gpt import mlp_hidden_size, norm_eps, padded_vocab_size
@@ -166,7 +166,7 @@ def export_llmc(run: str | Path, out: str | Path, *, dtype: str = "fp32", overwr
     model, config, tokenizer = loaded.model, loaded.config, loaded.tokenizer
     weights = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     contents = {out: model_bytes(config.model, weights, dtype), vocab_file: tokenizer_bytes(tokenizer)}
-    temporaries = {path: path.with_name(f".{path.name}.tmp") for path in contents}
+    temporaries = {path: temporary_beside(path) for path in contents}
     for path, data in contents.items():
         with writing(path, *temporaries.values(), needed=len(data)):
             path.parent.mkdir(parents=True, exist_ok=True)

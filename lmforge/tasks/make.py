@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from lmforge.errors import UserError
-from lmforge.files import check_output, remove_path, removing_new_parents, replace_output, writing
+from lmforge.files import check_output, remove_path, removing_new_parents, replace_output, temporary_beside, writing
 from lmforge.tasks.builtin import BUILTIN, builtin_task
 from lmforge.tasks.plays import SPLITS
 from lmforge.tasks.task_readme import baseline_scores, readme
@@ -25,7 +25,7 @@ def make_task(name: str, out: str | Path, overwrite: bool = False) -> dict[str, 
     out = Path(out)
     check_output(out, overwrite, directory=True, owned=TASK_FILES)
     splits = task.make()
-    temporary = out.with_name(f".{out.name}.tmp")
+    temporary = temporary_beside(out)
     with removing_new_parents(out.parent):
         with writing(out, temporary):
             remove_path(temporary)
