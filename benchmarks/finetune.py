@@ -1,7 +1,9 @@
 """Fine-tuning measured (issue 12): does pretraining transfer to tasks, and what does LoRA cost and give?
 
     python benchmarks/finetune.py [--base RUN] [--pretrain-seconds 300] [--finetune-seconds 120]
-                                  [--long-pretrain-seconds 0] [--work DIR] [--only genre,folio,next-line,lora]
+                                  [--long-pretrain-seconds 0] [--work DIR]
+                                  [--only genre,folio,next-line,lora,encoder,encoder-decoder]
+                                  [--pretrain-args '--model.block_size 320 --train.batch_size 6' (the default)]
                                   [--finetune-args '--lr 1e-3 --finetune.patience 0' (the default)]
 
 Run it alone on the machine (two cores): every figure is a time budget. The base is `--base RUN` (e.g. the
@@ -16,6 +18,13 @@ run `make demo` trains), or else the demo's preset (configs/shakespeare-char.tom
    pretrained 10x longer when --long-pretrain-seconds is given.
 4. LoRA against full fine-tuning on genre (classify) and modernize (sft): trainable parameters, median step
    time, peak resident memory of the fine-tuning process, and the task metric on the test split.
+5. The families (issue 23), each pretrained for --pretrain-seconds from the same preset with only model.arch
+   changed: genre with a BERT-style encoder (masked-LM pretraining, the classifier pools the whole passage),
+   folio with a T5-style encoder-decoder (span corruption; the source to the encoder, the target to the
+   decoder), beside the decoder's rows of 1 and 2.
+
+--pretrain-args are extra `lmforge train` flags for every base (the default gives the model a context of 320
+characters, so that a genre passage, 200-320 characters, is read whole rather than cut to its last 128).
 
 Prints one Markdown table with the command, date and machine, for benchmarks/RESULTS.md.
 """
@@ -53,15 +62,24 @@ def lmforge(*args: str) -> tuple[str, float]:
     return done.stdout, float(peak[-1].split("=")[1]) if peak else float("nan")
 
 
-def pretrain(work: Path, name: str, seconds: float) -> Path:
+def pretrain(work: Path, name: str, seconds: float, *extra: str) -> Path:
+    """The demo's preset trained `seconds` on the built-in corpus, with `extra` train flags."""
     data = work / "data"
     if not data.exists():
         lmforge("prepare", "--source", "shakespeare", "--tokenizer", "char", "--val-fraction", "0.1",
                 "--out", str(data), "--quiet")
     run = work / name
     lmforge("train", "--config", str(ROOT / "configs" / "shakespeare-char.toml"), "--data", str(data),
-            "--out", str(run), "--max-time", str(seconds), "--overwrite", "--quiet")
+            "--out", str(run), "--max-time", str(seconds), "--overwrite", "--quiet", *extra)
     return run
+
+
+def pretrained_result(run: Path) -> str:
+    """Steps and final validation loss of a base `pretrain` trained (a masked-LM or span loss for the encoder
+    and the encoder-decoder: each family's own objective, not comparable with the others')."""
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    final = [r for r in records if r["kind"] == "eval"][-1]
+    return f"{final['step']} steps; final val loss {final['val_loss']:.3f} nats per predicted token"
 
 
 def random_init_copy(base: Path, out: Path) -> Path:
@@ -108,7 +126,9 @@ def main() -> None:
     parser.add_argument("--finetune-seconds", type=float, default=120)
     parser.add_argument("--long-pretrain-seconds", type=float, default=0, help="e.g. 3000: next-line after 10x")
     parser.add_argument("--work", help="keep runs and data here (default: a temporary directory)")
-    parser.add_argument("--only", default="genre,folio,next-line,lora")
+    parser.add_argument("--only", default="genre,folio,next-line,lora,encoder,encoder-decoder")
+    parser.add_argument("--pretrain-args", default="--model.block_size 320 --train.batch_size 6",
+                        help="extra train flags for every pretrained base")
     # The fine-tuning default for full runs (lr 1e-4) is gentle for these tiny models: measured here, a 60 s
     # char model fine-tuned 90 s on folio reached BLEU 57 at 1e-3 (copy: 42), and stayed near 0 at 1e-4.
     # Early stopping is off so that every arm trains for the whole budget (with the default patience, genre's
@@ -119,7 +139,14 @@ def main() -> None:
     parts = set(args.only.split(","))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="lmforge-finetune-"))
     work.mkdir(parents=True, exist_ok=True)
-    base = Path(args.base) if args.base else pretrain(work, "pretrained", args.pretrain_seconds)
+    pretrain_args = args.pretrain_args.split()
+    decoder_parts = {"genre", "folio", "next-line", "lora"}
+    base = Path(args.base) if args.base else \
+        pretrain(work, "pretrained", args.pretrain_seconds, *pretrain_args) if parts & decoder_parts else None
+    encoder = pretrain(work, "pretrained-encoder", args.pretrain_seconds, *pretrain_args, "--model.arch",
+                       "encoder") if "encoder" in parts else None
+    t5 = pretrain(work, "pretrained-encoder-decoder", args.pretrain_seconds, *pretrain_args, "--model.arch",
+                  "encoder-decoder") if "encoder-decoder" in parts else None
     tasks = work / "tasks"
     for name in ("genre", "folio", "next-line", "modernize"):
         if not (tasks / name).exists():
@@ -131,6 +158,10 @@ def main() -> None:
     def add(measure: str, model: str, result: str) -> None:
         rows.append((measure, model, result))
         print(f"{measure} | {model} | {result}", file=sys.stderr, flush=True)
+
+    for run in (base, encoder, t5):
+        if run is not None and not (run is base and args.base):
+            add("pretraining", f"{run.name}, {args.pretrain_seconds:.0f} s", pretrained_result(run))
 
     def classify_result(scores: dict) -> str:
         return f"accuracy {scores['accuracy']:.3f}, macro F1 {scores['macro_f1']:.3f}"
@@ -180,6 +211,18 @@ def main() -> None:
                 add(f"{name} {method}", f"{cost['steps']} steps in {seconds:.0f} s",
                     f"{cost['trainable']:,} of {cost['params']:,} parameters train; "
                     f"step {cost['step_s'] * 1000:.0f} ms; peak RSS {cost['peak_mb']:.0f} MiB; {metric}")
+
+    if "encoder" in parts:
+        genre = tasks / "genre"
+        finetune(encoder, "classify", genre, work / "genre-encoder", seconds, *extra)
+        add("genre", f"encoder (masked LM) pretrained, fine-tuned {seconds:.0f} s",
+            classify_result(evaluate(work / "genre-encoder", "classify", genre / "test.jsonl")))
+    if "encoder-decoder" in parts:
+        folio = tasks / "folio"
+        finetune(t5, "translate", folio, work / "folio-encoder-decoder", seconds, *extra)
+        scores = evaluate(work / "folio-encoder-decoder", "translate", folio / "test.jsonl")
+        add("folio", f"encoder-decoder (span corruption) pretrained, fine-tuned {seconds:.0f} s",
+            f"BLEU {scores['bleu']:.1f}, chrF {scores['chrf']:.1f}")
 
     print(f"command: python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:])}")
     print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.platform()}, "
