@@ -19,7 +19,6 @@ from lmforge.model.spans import corrupt_spans, first_sentinel, reserved_ids, spa
 from lmforge.run import directory as rundir
 from lmforge.train.trainer import Trainer
 from tests.conftest import TINY_OVERRIDES, assert_one_line_error, records, run_cli, train_losses
-from tests.test_finetune import TOKENIZER, make_base, task_data
 
 
 def seq2seq_config(**overrides: object):
@@ -207,7 +206,7 @@ def test_bad_sampling_input_is_one_line(seq2seq_run, capsys, flags):
     assert_one_line_error(code, err)
 
 
-def test_export_scratch_and_fine_tuning_refuse_it_by_name(seq2seq_run, tiny_data, tmp_path, capsys):
+def test_export_and_the_scratch_engine_refuse_it_by_name(seq2seq_run, tiny_data, tmp_path, capsys):
     code, _, err = run_cli(capsys, "export", seq2seq_run, "--format", "hf", "--out", tmp_path / "hf")
     assert_one_line_error(code, err, "encoder-decoder")
     with pytest.raises(Exception, match="encoder-decoder"):
@@ -215,13 +214,6 @@ def test_export_scratch_and_fine_tuning_refuse_it_by_name(seq2seq_run, tiny_data
     code, _, err = run_cli(capsys, "train", "--config", seq2seq_run / "config.toml", "--data", tiny_data, "--out",
                            tmp_path / "scratch", "--engine", "scratch")
     assert_one_line_error(code, err, "model.arch = 'encoder-decoder'", "use --engine torch")
-    base = make_base(tmp_path / "base", "encoder-decoder", vocab_size=TOKENIZER.vocab_size + reserved_ids(24))
-    for task in ("classify", "translate"):
-        code, _, err = run_cli(capsys, "finetune", base, "--task", task, "--data",
-                               task_data(tmp_path / f"{task}-data", task, 4), "--out", tmp_path / task,
-                               "--train.device", "cpu", "--quiet")
-        assert_one_line_error(code, err, f"the {task} task", "model.arch = encoder-decoder")
-        assert not (tmp_path / task).exists()
 
 
 def test_the_report_and_bench_take_an_encoder_decoder(seq2seq_run, capsys):
