@@ -129,10 +129,15 @@ def test_lora_adapts_both_stacks_and_cross_attention_and_resumes_exactly(tmp_pat
     assert len(train_losses(whole)) == 6 and train_losses(cut) == train_losses(whole)
 
 
-def test_sft_fine_tunes_an_encoder_decoder(tmp_path, base):
+def test_sft_fine_tunes_an_encoder_decoder(tmp_path, base, capsys):
     out = tmp_path / "run"
-    finetune_command(str(base), task="sft", data=str(task_data(tmp_path / "data", "sft")), out=str(out), quiet=True,
+    data = task_data(tmp_path / "data", "sft")
+    finetune_command(str(base), task="sft", data=str(data), out=str(out), quiet=True,
                      overrides={"train.max_steps": "2", "train.eval_every": "2", "train.device": "cpu"})
+    code, result, err = run_cli(capsys, "eval", out, "--task", "sft", "--data", data / "val.jsonl", "--device", "cpu",
+                                "--batch-size", "5")
+    assert code == 0, err  # eval scores the tokens fine-tuning's evaluation scored
+    assert json.loads(result)["loss"] == pytest.approx(log_records(out, "eval")[-1]["val_loss"], rel=1e-5)
     loaded = load_run(out, language_model=False, chat_template=True)
     prompt = loaded.chat_template.encode([{"role": "user", "content": "say cat"}], TOKENIZER,
                                          add_generation_prompt=True)[0]

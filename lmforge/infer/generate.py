@@ -205,6 +205,8 @@ def greedy_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tok
     token per row per forward; a row whose window is full slides it as `generate` does), an encoder-decoder's
     right-padded sources through one encoder pass and its decoder rows in step. Other models (recurrent,
     bigram, MLP, the scratch engine) write one prompt at a time."""
+    if not all(prompts):
+        raise ValueError("generation needs prompts of at least one token (e.g. the end-of-text id)")
     if not isinstance(model, GPT | EncoderDecoder):
         return [list(generate(model, prompt, limit, temperature=0.0, stop_token=stop_token))
                 for prompt, limit in zip(prompts, max_new_tokens, strict=True)]
