@@ -160,8 +160,11 @@ def test_the_source_changes_what_the_decoder_writes_and_sampling_is_seeded():
         first = [model((torch.tensor([s]), torch.tensor([[start_token(model.config)]])))[0][0, -1].softmax(-1)
                  for s in (source, other)]
     assert (first[0] - first[1]).abs().sum() > 1e-3  # the decoder reads the encoder
-    assert list(generate(model, [7] * 5 + source, 8, temperature=0.0)) == \
-        list(generate(model, source[-16:] if len(source) > 16 else [7] * 5 + source, 8, temperature=0.0))
+    long_source = [7] * 9 + source  # 19 tokens: the encoder reads the last 16, as the decoder's window keeps its last
+    assert list(generate(model, long_source, 8, temperature=0.0)) == list(generate(model, long_source[-16:], 8,
+                                                                                    temperature=0.0))
+    assert greedy_batch(model, [long_source], [8], stop_token=None, batch_size=1) == \
+        [list(generate(model, long_source[-16:], 8, temperature=0.0))]
 
 
 def test_batched_greedy_equals_each_source_alone():

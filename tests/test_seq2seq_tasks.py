@@ -98,7 +98,7 @@ def test_fine_tuning_learns_to_copy_and_predict_and_eval_generate_from_it(tmp_pa
     alone = [generate_reply(loaded.model, TOKENIZER, TOKENIZER.encode(translate_prompt(r["source"])),
                             2 * len(TOKENIZER.encode(r["source"])) + 16).strip() for r in records]
     assert [row["prediction"] for row in rows] == alone  # batched equals one at a time
-    assert json.loads(out_text)["chrf"] > json.loads(out_text)["copy_chrf"] - 60  # it copies something
+    assert json.loads(out_text)["chrf"] > 50  # it learned to copy (chrF 92 here; the untrained base writes noise)
 
 
 def test_lora_adapts_both_stacks_and_cross_attention_and_resumes_exactly(tmp_path, base):
