@@ -250,3 +250,16 @@ def test_each_rank_corrupts_its_own_rows_of_the_global_batch():
         assert torch.equal(rank_source, source[rows]) and torch.equal(rank_input, decoder_input[rows])
         assert torch.equal(rank_target, target[rows])
     assert not torch.equal(corrupted[0][0][0], corrupted[1][0][0])  # the ranks' spans fall elsewhere
+
+
+def test_plot_next_token_shows_the_decoders_first_token_from_the_source(seq2seq_run, tmp_path, capsys):
+    from lmforge.lab.next_token import next_token_logits
+
+    code, _, err = run_cli(capsys, "plot", "next-token", seq2seq_run, "--prompt", "to be", "--out",
+                           tmp_path / "next.png")
+    assert code == 0 and (tmp_path / "next.png").is_file(), err
+    model = lively_model()
+    source = [3, 1, 4, 1, 5]
+    logits = next_token_logits(model, source)
+    assert (logits[first_sentinel(model.config):] == float("-inf")).all()
+    assert int(logits.argmax()) == next(generate(model, source, 1, temperature=0.0))
