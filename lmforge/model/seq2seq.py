@@ -4,6 +4,10 @@ The encoder is `n_layer` of the transformer's blocks (lmforge/model/gpt.py) atte
 the decoder is `n_layer` blocks whose causal self-attention over the target is followed by cross-attention, in
 which each target position queries the encoder's final states. One embedding (and the head tied to it) and one
 set of positions serve both sides, as in T5. It is pretrained by span corruption (lmforge/model/spans.py).
+`forward` is training's (teacher-forced); generation (lmforge/infer/generate.py) runs its parts: `encode` once per
+source, `source_keys_values` once (each block's cross-attention keys and values), then `decode` a token at a time
+with the decoder's self-attention in a KVCache. Right-padded sources give their lengths, and the padding is hidden
+from the encoder's attention and the cross-attention alike.
 
 Every block option of the transformer applies (positions, norms, MLPs, QK-norm, grouped-query self-attention);
 the cross-attention has plain multi-head attention without positions, as T5's has no position bias. Parameter
