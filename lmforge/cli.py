@@ -97,16 +97,19 @@ def cmd_sample(args: argparse.Namespace) -> None:
             raise UserError(f"cannot read --prompt-file: {err}") from None
     output_format = format_from_flags(args.json_schema, args.regex)
     loaded = load_run(args.run, device=args.device, engine=args.engine)
-    check_generates(loaded.config.model)
+    check_generates(loaded.config.model, from_source=True)
     model, tokenizer = loaded.model, loaded.tokenizer
     note_unknown("sample", tokenizer, tokenizer.check_known(prompt, allow_unknown=args.allow_unknown))
     prompt_ids = tokenizer.encode(prompt) if prompt else [tokenizer.eot_id]
+    from_source = loaded.config.model.arch == "encoder-decoder"
+    if from_source:
+        note_source_limits(len(prompt_ids), args.max_new_tokens, model.config.block_size)
     output = None if output_format is None else compile_format(tokenizer, output_format)
     constraints = [None if output is None else output.constraint() for _ in range(args.num_samples)]
     with decoding_threads(args.threads, loaded.config.model.n_embd, loaded.device):
         # The batched engine keeps each row's whole context in its cache and cannot slide it as `generate` does:
         # samples longer than the context run one at a time.
-        if (args.num_samples > 1 and args.engine == "torch"
+        if (args.num_samples > 1 and args.engine == "torch" and not from_source
                 and len(prompt_ids) + args.max_new_tokens <= model.config.block_size):
             print_batched_samples(model, tokenizer, prompt, prompt_ids, args, constraints)
             return
@@ -114,7 +117,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         for index, constraint in enumerate(constraints):
             if args.num_samples > 1:
                 print(f"--- sample {index + 1} ---")
-            sys.stdout.write(prompt)
+            if not from_source:  # a decoder continues the prompt; an encoder-decoder writes a target from it
+                sys.stdout.write(prompt)
             tokens = generate(model, prompt_ids, args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, generator=generator, stop_token=tokenizer.eot_id,
                               use_cache=args.engine == "torch", constraint=constraint)
@@ -123,6 +127,17 @@ def cmd_sample(args: argparse.Namespace) -> None:
                 sys.stdout.flush()
             sys.stdout.write("\n")
             note_unfinished(index, constraint)
+
+
+def note_source_limits(source_tokens: int, max_new_tokens: int, block_size: int) -> None:
+    """An encoder-decoder reads its prompt as the source, at most its context; its decoder writes at most its
+    context: say on stderr what a longer prompt or --max-new-tokens meets."""
+    if source_tokens > block_size:
+        print(f"lmforge sample: note: the prompt is {source_tokens} tokens; the encoder reads its last "
+              f"{block_size} (its context)", file=sys.stderr)
+    if max_new_tokens > block_size:
+        print(f"lmforge sample: note: an encoder-decoder writes at most {block_size} tokens (its decoder's context), "
+              f"fewer than --max-new-tokens {max_new_tokens}", file=sys.stderr)
 
 
 def note_unfinished(index: int, constraint: GrammarConstraint | None) -> None:

@@ -241,8 +241,6 @@ def _fresh_sample_section(run: Path, loaded: LoadedRun | UserError) -> str:
         return f"{title}\n\nThe run's config could not be read: {err}"
     if finetune is not None and task_kind(finetune.task).labelled:
         return f"{title}\n\nA classify run predicts labels, not text, so no fresh sample (lmforge predict {run})."
-    if read_config(run).model.arch == "encoder-decoder":
-        return f"{title}\n\nGenerating from an encoder-decoder is not implemented yet, so no fresh sample."
     if read_config(run).model.arch == "encoder":
         return (f"{title}\n\nAn encoder fills in masked tokens from both sides and does not generate, so no fresh "
                 f"sample (lmforge eval {run} --data DATA reports its masked-LM loss and pseudo-perplexity).")

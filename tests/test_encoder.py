@@ -214,6 +214,12 @@ def test_commands_that_generate_refuse_an_encoder(encoder_run, capsys, command):
     assert out == ""
 
 
+def test_plot_next_token_refuses_an_encoder(encoder_run, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "plot", "next-token", encoder_run, "--out", tmp_path / "next.png")
+    assert_one_line_error(code, err, "model.arch = encoder does not generate text")
+    assert not (tmp_path / "next.png").exists()
+
+
 @pytest.mark.parametrize("fmt", ["hf", "llmc"])
 def test_export_refuses_an_encoder_by_name(encoder_run, tmp_path, capsys, fmt):
     code, _, err = run_cli(capsys, "export", encoder_run, "--format", fmt, "--out", tmp_path / "out")

@@ -1,6 +1,6 @@
 """The encoder-decoder (`model.arch = "encoder-decoder"`): span corruption, the two attention masks and the
-bridge between them, pretraining through the one trainer, and what it refuses (it does not generate or
-fine-tune yet)."""
+bridge between them, pretraining through the one trainer, generating from a source (cached and batched, each
+equal to a full recompute), and what it refuses."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from lmforge.config.load import load_config
+from lmforge.infer.generate import generate, greedy_batch
 from lmforge.infer.load import load_run
 from lmforge.interop.architectures import architecture_for
 from lmforge.model.factory import build_model
@@ -18,7 +19,6 @@ from lmforge.model.spans import corrupt_spans, first_sentinel, reserved_ids, spa
 from lmforge.run import directory as rundir
 from lmforge.train.trainer import Trainer
 from tests.conftest import TINY_OVERRIDES, assert_one_line_error, records, run_cli, train_losses
-from tests.test_finetune import TOKENIZER, make_base, task_data
 
 
 def seq2seq_config(**overrides: object):
@@ -110,13 +110,106 @@ def test_eval_reports_the_span_loss_of_the_final_evaluation(seq2seq_run, tiny_da
     assert result["span_loss"] == pytest.approx(final["val_loss"], rel=1e-5)  # same spans, another batch size
 
 
-@pytest.mark.parametrize("command", [["sample"], ["chat"], ["serve"]])
-def test_generation_is_refused_by_name(seq2seq_run, capsys, command):
-    code, out, err = run_cli(capsys, command[0], seq2seq_run, "--device", "cpu")
-    assert_one_line_error(code, err, "model.arch = encoder-decoder: generating from a prompt is not implemented")
+def lively_model(**options):
+    """A tiny random encoder-decoder whose weights are large enough that greedy decoding varies (at the usual
+    init's small weights every source gives one repeated token, which would prove little)."""
+    torch.manual_seed(0)
+    model = build_model(seq2seq_config(**options).model).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2:
+                param.normal_(0, 0.5)
+    return model
 
 
-def test_export_scratch_and_fine_tuning_refuse_it_by_name(seq2seq_run, tiny_data, tmp_path, capsys):
+def naive_greedy(model, source: list[int], count: int) -> list[int]:
+    """The reference: the whole decoder input run afresh for each token, reserved ids left out of the argmax."""
+    written = [start_token(model.config)]
+    with torch.no_grad():
+        for _ in range(count):
+            logits = model((torch.tensor([source]), torch.tensor([written])))[0][0, -1]
+            written.append(int(logits[: first_sentinel(model.config)].argmax()))
+    return written[1:]
+
+
+@pytest.mark.parametrize("options", [{}, {"model__position": "rope", "model__norm": "rmsnorm", "model__mlp": "swiglu",
+                                      "model__qk_norm": True, "model__n_kv_head": 1}],
+                         ids=["gpt2", "modern"])
+def test_cached_generation_equals_a_full_recompute_and_never_writes_a_reserved_id(options):
+    model = lively_model(**options)
+    source = torch.randint(0, 30, (11,), generator=torch.Generator().manual_seed(2)).tolist()
+    reference = naive_greedy(model, source, 16)
+    assert len(set(reference)) > 3
+    assert list(generate(model, source, 40, temperature=0.0)) == reference  # stops at the decoder's 16 positions
+    assert list(generate(model, source, 40, temperature=0.0, use_cache=False)) == reference
+    with torch.no_grad():  # make the sentinels and the start token the likeliest: they are still never written
+        model.wte.weight[first_sentinel(model.config) : model.vocab_size] *= 50
+    for temperature in (0.0, 1.0):
+        written = list(generate(model, source, 16, temperature=temperature, generator=torch.Generator().manual_seed(1)))
+        assert len(written) == 16 and max(written) < first_sentinel(model.config)
+
+
+def test_the_source_changes_what_the_decoder_writes_and_sampling_is_seeded():
+    model = lively_model()
+    source = torch.randint(0, 30, (10,), generator=torch.Generator().manual_seed(2)).tolist()
+    draws = [list(generate(model, source, 12, temperature=1.0, generator=torch.Generator().manual_seed(seed)))
+             for seed in (5, 5, 6)]
+    assert draws[0] == draws[1] and draws[0] != draws[2]
+    other = [token + 1 for token in source]
+    with torch.no_grad():
+        first = [model((torch.tensor([s]), torch.tensor([[start_token(model.config)]])))[0][0, -1].softmax(-1)
+                 for s in (source, other)]
+    assert (first[0] - first[1]).abs().sum() > 1e-3  # the decoder reads the encoder
+    long_source = [7] * 9 + source  # 19 tokens: the encoder reads the last 16, as the decoder's window keeps its last
+    assert list(generate(model, long_source, 8, temperature=0.0)) == list(generate(model, long_source[-16:], 8,
+                                                                                    temperature=0.0))
+    assert greedy_batch(model, [long_source], [8], stop_token=None, batch_size=1) == \
+        [list(generate(model, long_source[-16:], 8, temperature=0.0))]
+
+
+def test_batched_greedy_equals_each_source_alone():
+    model = lively_model()
+    generator = torch.Generator().manual_seed(2)
+    sources = [torch.randint(0, 30, (length,), generator=generator).tolist()
+               for length in (3, 16, 9, 1, 22)]  # the last one is cut to its last 16
+    limits = [16, 4, 0, 9, 16]
+    written = list(generate(model, sources[0], 16, temperature=0.0))
+    stop = next(token for token in written if written.index(token) >= 2)  # the first row stops there
+    alone = [list(generate(model, source, limit, temperature=0.0, stop_token=stop))
+             for source, limit in zip(sources, limits, strict=True)]
+    for batch_size in (1, 2, 5):
+        assert greedy_batch(model, sources, limits, stop_token=stop, batch_size=batch_size) == alone
+    assert alone[2] == [] and any(0 < len(reply) < limit for reply, limit in zip(alone, limits, strict=True))
+
+
+def test_sample_writes_from_the_prompt_and_chat_and_serve_refuse_it(seq2seq_run, capsys):
+    def sample(*flags):
+        return run_cli(capsys, "sample", seq2seq_run, "--device", "cpu", "--temperature", "0", *flags)
+
+    code, out, err = sample("--prompt", "to be", "--max-new-tokens", "10")
+    assert code == 0 and err == "", err
+    loaded = load_run(seq2seq_run)
+    expected = loaded.tokenizer.decode(list(generate(loaded.model, loaded.tokenizer.encode("to be"), 10,
+                                                     temperature=0.0, stop_token=loaded.tokenizer.eot_id)))
+    assert out == expected + "\n"  # the target alone: the prompt is the source, not continued
+    long_prompt = "the king is dead and the king is ours"
+    code, out, err = sample("--prompt", long_prompt, "--max-new-tokens", "100", "--num-samples", "2")
+    assert code == 0 and "encoder reads its last 16" in err and "writes at most 16 tokens" in err
+    code, cut_out, _ = sample("--prompt", long_prompt[-16:], "--max-new-tokens", "100", "--num-samples", "2")
+    assert out == cut_out  # a long source keeps its last tokens
+    for command in ("chat", "serve"):
+        code, out, err = run_cli(capsys, command, seq2seq_run, "--device", "cpu")
+        assert_one_line_error(code, err, "model.arch = encoder-decoder: chat and serve are not built for it")
+
+
+@pytest.mark.parametrize("flags", [["--max-new-tokens", "-1"], ["--temperature", "nan"], ["--top-p", "0"],
+                                   ["--engine", "scratch"], ["--prompt", "\u2603\u2603"]])
+def test_bad_sampling_input_is_one_line(seq2seq_run, capsys, flags):
+    code, _, err = run_cli(capsys, "sample", seq2seq_run, "--device", "cpu", *flags)
+    assert_one_line_error(code, err)
+
+
+def test_export_and_the_scratch_engine_refuse_it_by_name(seq2seq_run, tiny_data, tmp_path, capsys):
     code, _, err = run_cli(capsys, "export", seq2seq_run, "--format", "hf", "--out", tmp_path / "hf")
     assert_one_line_error(code, err, "encoder-decoder")
     with pytest.raises(Exception, match="encoder-decoder"):
@@ -124,20 +217,13 @@ def test_export_scratch_and_fine_tuning_refuse_it_by_name(seq2seq_run, tiny_data
     code, _, err = run_cli(capsys, "train", "--config", seq2seq_run / "config.toml", "--data", tiny_data, "--out",
                            tmp_path / "scratch", "--engine", "scratch")
     assert_one_line_error(code, err, "model.arch = 'encoder-decoder'", "use --engine torch")
-    base = make_base(tmp_path / "base", "encoder-decoder", vocab_size=TOKENIZER.vocab_size + reserved_ids(24))
-    for task in ("classify", "translate"):
-        code, _, err = run_cli(capsys, "finetune", base, "--task", task, "--data",
-                               task_data(tmp_path / f"{task}-data", task, 4), "--out", tmp_path / task,
-                               "--train.device", "cpu", "--quiet")
-        assert_one_line_error(code, err, f"the {task} task", "model.arch = encoder-decoder")
-        assert not (tmp_path / task).exists()
 
 
 def test_the_report_and_bench_take_an_encoder_decoder(seq2seq_run, capsys):
     code, _, err = run_cli(capsys, "report", seq2seq_run)
     assert code == 0, err
     report = (seq2seq_run / "report" / "report.md").read_text()
-    assert "Generating from an encoder-decoder is not implemented yet" in report
+    assert "## Fresh sample" in report and "not implemented" not in report
     code, out, err = run_cli(capsys, "bench", "--config", seq2seq_run / "config.toml", "--steps", "1")
     assert code == 0, err
 
@@ -164,3 +250,16 @@ def test_each_rank_corrupts_its_own_rows_of_the_global_batch():
         assert torch.equal(rank_source, source[rows]) and torch.equal(rank_input, decoder_input[rows])
         assert torch.equal(rank_target, target[rows])
     assert not torch.equal(corrupted[0][0][0], corrupted[1][0][0])  # the ranks' spans fall elsewhere
+
+
+def test_plot_next_token_shows_the_decoders_first_token_from_the_source(seq2seq_run, tmp_path, capsys):
+    from lmforge.lab.next_token import next_token_logits
+
+    code, _, err = run_cli(capsys, "plot", "next-token", seq2seq_run, "--prompt", "to be", "--out",
+                           tmp_path / "next.png")
+    assert code == 0 and (tmp_path / "next.png").is_file(), err
+    model = lively_model()
+    source = [3, 1, 4, 1, 5]
+    logits = next_token_logits(model, source)
+    assert (logits[first_sentinel(model.config):] == float("-inf")).all()
+    assert int(logits.argmax()) == next(generate(model, source, 1, temperature=0.0))

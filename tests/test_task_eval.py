@@ -207,13 +207,17 @@ def test_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys):
 
 
 def test_translate_prompts_plain_runs_with_the_separator_and_chat_runs_with_the_modernize_request(run, monkeypatch):
-    import lmforge.tasks.predict as predict_module
+    import lmforge.infer.generate as generate_module
     from lmforge.tasks.evaluate import evaluate_generation
     from lmforge.tasks.kinds import task_kind
 
     prompts = []
-    monkeypatch.setattr(predict_module, "generate_reply",
-                        lambda model, tokenizer, prompt, limit: prompts.append(tokenizer.decode(prompt)) or "x")
+
+    def greedy_batch(model, batch, limits, *, stop_token, batch_size):
+        prompts.extend(TOKENIZER.decode(prompt) for prompt in batch)
+        return [[] for _ in batch]
+
+    monkeypatch.setattr(generate_module, "greedy_batch", greedy_batch)
     model = load_run(run, language_model=False).model
     records = [{"source": "a cat", "target": "the cat"}]
     evaluate_generation(model, TOKENIZER, records, task_kind("translate"), ChatTemplate(), None)

@@ -39,7 +39,8 @@ def add_output_format(parser: argparse.ArgumentParser) -> None:
 def add_sample(commands: Commands) -> argparse.ArgumentParser:
     p = commands.add_parser("sample", help="generate text from a trained run")
     p.add_argument("run", help=RUN_HELP)
-    p.add_argument("--prompt", help="text the samples continue (default: none, start from end-of-text)")
+    p.add_argument("--prompt", help="text the samples continue (an encoder-decoder: the source it writes "
+                   "from; default: none, start from end-of-text)")
     p.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
     p.add_argument("--max-new-tokens", type=NEW_TOKENS, default=500)
     p.add_argument("--temperature", type=TEMPERATURE, default=0.8, help="0 means greedy decoding")

@@ -6,6 +6,15 @@ cache: once the window is full, every new token slides it by one, and the window
 afresh (positions shift, so cached keys no longer apply). A recurrent model's cache is its hidden state
 (RecurrentState): the prompt goes in once, then one token per step, and the state carries the whole history.
 Models without a cache (bigram, Bengio's MLP) recompute the window.
+
+An encoder-decoder (`model.arch = "encoder-decoder"`) writes from a source: the prompt is the source, which the
+encoder reads once (its last block_size tokens, as a decoder's window keeps its last ones); the decoder starts
+from its start token and writes at most block_size tokens (its positions), its self-attention cached in a
+KVCache and its cross-attention's keys and values of the source computed once. The reserved ids (span
+corruption's sentinels, the start token: lmforge/model/spans.py) are never drawn.
+
+`greedy_batch` is greedy decoding of many prompts at once, each row exactly what `generate` at temperature 0
+writes alone (task evaluation: lmforge/tasks/evaluate.py).
 """
 
 from __future__ import annotations
@@ -18,8 +27,10 @@ from torch import nn
 
 from lmforge.config.sections import ModelConfig
 from lmforge.errors import UserError
-from lmforge.model.gpt import KVCache
+from lmforge.model.gpt import GPT, KVCache
 from lmforge.model.recurrent import RecurrentState
+from lmforge.model.seq2seq import EncoderDecoder
+from lmforge.model.spans import first_sentinel, start_token
 
 
 class TokenConstraint(Protocol):
@@ -31,12 +42,14 @@ class TokenConstraint(Protocol):
     def accept(self, token: int) -> None: ...
 
 
-def check_generates(config: ModelConfig) -> None:
+def check_generates(config: ModelConfig, *, from_source: bool = False) -> None:
     """Refuse, by name, a model that does not write text: an encoder predicts masked tokens from both sides, so
-    it has no next token to sample."""
-    if config.arch == "encoder-decoder":
-        raise UserError("model.arch = encoder-decoder: generating from a prompt is not implemented yet (the "
-                        "model is pretrained by span corruption only); lmforge eval reports its loss")
+    it has no next token to sample. An encoder-decoder writes from a source (`sample` passes `from_source`);
+    `chat` and `serve`, whose conversations and batched engine continue one growing text, refuse it."""
+    if config.arch == "encoder-decoder" and not from_source:
+        raise UserError("model.arch = encoder-decoder: chat and serve are not built for it (they continue one "
+                        "growing text; it writes a target from a source): use lmforge sample RUN --prompt SOURCE, "
+                        "or fine-tune it with --task translate and use lmforge predict")
     if config.arch == "encoder":
         raise UserError("model.arch = encoder does not generate text (it fills in masked tokens from "
                         "both sides, so there is no next token to sample); use lmforge eval on it, fine-tune it "
@@ -106,9 +119,15 @@ def generate(model: nn.Module, prompt: Sequence[int], max_new_tokens: int, *, te
              stop_token: int | None = None, use_cache: bool = True, constraint: TokenConstraint | None = None
              ) -> Iterator[int]:
     """Yield up to max_new_tokens new token ids after the prompt (stopping after stop_token, not
-    yielding it); with a `constraint`, each token is drawn among those it allows."""
+    yielding it); with a `constraint`, each token is drawn among those it allows. An encoder-decoder writes
+    from the prompt as its source (`generate_from_source`)."""
     if not prompt:
         raise ValueError("generation needs a prompt of at least one token (e.g. the end-of-text id)")
+    if isinstance(model, EncoderDecoder):
+        yield from generate_from_source(model, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, generator=generator, stop_token=stop_token,
+                                        use_cache=use_cache, constraint=constraint)
+        return
     was_training = model.training
     model.eval()
     device = model.wte.weight.device
@@ -136,3 +155,133 @@ def generate(model: nn.Module, prompt: Sequence[int], max_new_tokens: int, *, te
             yield token
     finally:
         model.train(was_training)
+
+
+def without_reserved(model: EncoderDecoder, logits: torch.Tensor) -> torch.Tensor:
+    """The decoder's next-token logits (..., vocab) with the reserved ids (sentinels, start) at -inf."""
+    return logits.index_fill(-1, torch.arange(first_sentinel(model.config), model.vocab_size, device=logits.device),
+                             float("-inf"))
+
+
+@torch.no_grad()
+def generate_from_source(model: EncoderDecoder, source: Sequence[int], max_new_tokens: int, *,
+                         temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                         generator: torch.Generator | None = None, stop_token: int | None = None,
+                         use_cache: bool = True, constraint: TokenConstraint | None = None) -> Iterator[int]:
+    """An encoder-decoder's target for a source (its last block_size tokens), token by token: up to
+    max_new_tokens and at most block_size tokens, stopping after stop_token (not yielded). Without the cache,
+    the decoder recomputes its whole input at each token (the reference the cache is checked against)."""
+    was_training = model.training
+    model.eval()
+    device = model.wte.weight.device
+    block_size = model.config.block_size
+    memory = model.encode(torch.tensor([list(source)[-block_size:]], device=device))
+    keys_values = model.source_keys_values(memory)
+    tokens = [start_token(model.config)]
+    cache = model.new_cache(1, device, model.wte.weight.dtype) if use_cache else None
+    try:
+        for _ in range(min(max_new_tokens, block_size)):
+            decoder_input = tokens if cache is None else tokens[-1:]
+            logits = without_reserved(model, model.decode(torch.tensor([decoder_input], device=device), keys_values,
+                                                          cache=cache)[0, -1])
+            if constraint is not None:
+                logits = constraint.mask(logits)
+            token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if constraint is not None:
+                constraint.accept(token)
+            if token == stop_token:
+                return
+            tokens.append(token)
+            yield token
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def greedy_batch(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int], *,
+                 stop_token: int | None, batch_size: int) -> list[list[int]]:
+    """Each prompt's greedy continuation (as `generate` at temperature 0 writes it alone), `batch_size` prompts
+    at a time: a decoder's rows through one KVCache with a length per row (each prompt filled alone, then one
+    token per row per forward; a row whose window is full slides it as `generate` does), an encoder-decoder's
+    right-padded sources through one encoder pass and its decoder rows in step. Other models (recurrent,
+    bigram, MLP, the scratch engine) write one prompt at a time."""
+    if not all(prompts):
+        raise ValueError("generation needs prompts of at least one token (e.g. the end-of-text id)")
+    if not isinstance(model, GPT | EncoderDecoder):
+        return [list(generate(model, prompt, limit, temperature=0.0, stop_token=stop_token))
+                for prompt, limit in zip(prompts, max_new_tokens, strict=True)]
+    was_training = model.training
+    model.eval()
+    write = _greedy_from_sources if isinstance(model, EncoderDecoder) else _greedy_decoder
+    try:
+        replies = []
+        for start in range(0, len(prompts), batch_size):
+            replies += write(model, [list(p) for p in prompts[start : start + batch_size]],
+                             list(max_new_tokens[start : start + batch_size]), stop_token)
+        return replies
+    finally:
+        model.train(was_training)
+
+
+def _greedy_decoder(model: GPT, prompts: list[list[int]], limits: list[int], stop_token: int | None
+                    ) -> list[list[int]]:
+    device, block_size = model.wte.weight.device, model.config.block_size
+    cache = model.new_cache(len(prompts), device, model.wte.weight.dtype)
+    tokens = [prompt[-block_size:] for prompt in prompts]
+    replies: list[list[int]] = [[] for _ in prompts]
+    active = [row for row, limit in enumerate(limits) if limit > 0]
+    logits: dict[int, torch.Tensor] = {}
+    while active:
+        # A row with no cached tokens (its first step) or a full window runs its window alone, as `generate` does.
+        alone = [row for row in active if cache.lengths[row] in (0, block_size)]
+        for row in alone:
+            cache.reset(row)
+            logits[row] = model(torch.tensor([tokens[row][-block_size:]], device=device),
+                                cache=cache.select([row]))[0][0, -1]
+        stepped = [row for row in active if row not in alone]
+        if stepped:
+            last = torch.tensor([[tokens[row][-1]] for row in stepped], device=device)
+            for row, row_logits in zip(stepped, model(last, cache=cache.select(stepped))[0][:, -1], strict=True):
+                logits[row] = row_logits
+        drawn = torch.stack([logits[row] for row in active]).argmax(-1).tolist()
+        still = []
+        for row, token in zip(active, drawn, strict=True):
+            if token == stop_token:
+                continue
+            tokens[row].append(token)
+            replies[row].append(token)
+            if len(replies[row]) < limits[row]:
+                still.append(row)
+        active = still
+    return replies
+
+
+def _greedy_from_sources(model: EncoderDecoder, sources: list[list[int]], limits: list[int],
+                         stop_token: int | None) -> list[list[int]]:
+    device, block_size = model.wte.weight.device, model.config.block_size
+    sources = [source[-block_size:] for source in sources]
+    lengths = torch.tensor([len(source) for source in sources], device=device)
+    padded = torch.zeros(len(sources), max(map(len, sources)), dtype=torch.long, device=device)
+    for row, source in enumerate(sources):
+        padded[row, : len(source)] = torch.tensor(source, device=device)
+    keys_values = model.source_keys_values(model.encode(padded, lengths))
+    source_mask = model.source_mask(padded, lengths)
+    cache = model.new_cache(len(sources), device, model.wte.weight.dtype)
+    last = torch.full((len(sources), 1), start_token(model.config), dtype=torch.long, device=device)
+    replies: list[list[int]] = [[] for _ in sources]
+    limits = [min(limit, block_size) for limit in limits]
+    writing = [limit > 0 for limit in limits]
+    # Every row steps together (one decoder length for all); a finished row's further tokens are not kept.
+    while any(writing):
+        logits = without_reserved(model, model.decode(last, keys_values, source_mask, cache)[:, -1])
+        drawn = logits.argmax(-1)
+        for row, token in enumerate(drawn.tolist()):
+            if not writing[row]:
+                continue
+            if token == stop_token:
+                writing[row] = False
+                continue
+            replies[row].append(token)
+            writing[row] = len(replies[row]) < limits[row]
+        last = drawn[:, None]
+    return replies

@@ -5,7 +5,8 @@ Temperature divides the logits before the softmax: below 1 it sharpens the distr
 and it never changes the order of the tokens, so the same tokens are drawn in every panel. Top-k keeps the k
 likeliest tokens; top-p keeps the smallest set of likeliest tokens whose probability reaches p (the rule of
 lmforge.infer.generate.sample_next), so its size depends on the temperature. Each cut-off is marked on its own,
-as `lmforge sample --top-k` or `--top-p` would apply it alone.
+as `lmforge sample --top-k` or `--top-p` would apply it alone. An encoder-decoder's next token is the first one its
+decoder writes from the prompt as its source (its reserved ids, never drawn, at probability 0).
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from pathlib import Path
 import torch
 
 from lmforge.data.tokenizer import Tokenizer
+from lmforge.infer.generate import check_generates, without_reserved
 from lmforge.infer.load import load_run
 from lmforge.infer.sampling import SamplingParams
 from lmforge.lab.learn import check_png_out, write_png
+from lmforge.model.seq2seq import EncoderDecoder
+from lmforge.model.spans import start_token
 from lmforge.plots import new_figure
 
 TEMPERATURES = (0.5, 1.0, 2.0)
@@ -35,6 +39,9 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str, allow_unknown: bool = False) -
 def next_token_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     """Logits (vocab,) for the token after `ids` (its last block_size tokens: the model's context)."""
     window = ids[-model.config.block_size:]
+    if isinstance(model, EncoderDecoder):
+        start = torch.tensor([[start_token(model.config)]])
+        return without_reserved(model, model((torch.tensor([window]), start))[0][0, -1]).float()
     logits, _ = model(torch.tensor([window]))
     return logits[0, -1].float()
 
@@ -60,6 +67,7 @@ def plot_next_token(run: str | Path, out: str | Path, *, prompt: str, top_k: int
     out = check_png_out(out, overwrite, inputs=(run,))
     SamplingParams(top_k=top_k, top_p=top_p)  # the cut-offs marked are ones `lmforge sample` accepts
     loaded = load_run(run)
+    check_generates(loaded.config.model, from_source=True)
     model, tokenizer = loaded.model, loaded.tokenizer
     ids = prompt_ids(tokenizer, prompt, allow_unknown)
     logits = next_token_logits(model, ids)

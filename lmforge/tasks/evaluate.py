@@ -170,8 +170,8 @@ def evaluate_sft(model: nn.Module, tokenizer: Tokenizer, records: Sequence[dict]
     """Mean next-token loss over the assistant turns' tokens, encoded exactly as fine-tuning encodes them
     (`examples.task_loss`), and its exponential; with_replies: also each conversation's greedy reply to its
     turns before the last assistant turn."""
+    from lmforge.infer.generate import greedy_batch
     from lmforge.tasks.examples import task_loss
-    from lmforge.tasks.predict import generate_reply
 
     sft = task_kind("sft")
     result = task_loss(model, tokenizer, list(records), "sft", template=template, batch_size=batch_size,
@@ -180,33 +180,35 @@ def evaluate_sft(model: nn.Module, tokenizer: Tokenizer, records: Sequence[dict]
     if result["untrainable"]:
         print(f"note: {result['untrainable']} conversations kept no reply within the context and were not scored",
               file=sys.stderr)
-    rows = []
-    for record in records:
-        reference = [m for m in sft.messages(record) if m["role"] == "assistant"][-1]["content"]
-        reply = None
-        if with_replies:
-            prompt = sft.prompt_ids(record, tokenizer, template)
-            reply = generate_reply(model, tokenizer, prompt, max_new_tokens or model.config.block_size)
-        rows.append({"prediction": reply, "reference": reference})
+    references = [[m for m in sft.messages(record) if m["role"] == "assistant"][-1]["content"] for record in records]
+    replies: list[str | None] = [None] * len(records)
+    if with_replies:
+        prompts = [sft.prompt_ids(record, tokenizer, template) for record in records]
+        limit = max_new_tokens or model.config.block_size
+        written = greedy_batch(model, prompts, [limit] * len(prompts), stop_token=tokenizer.eot_id,
+                               batch_size=batch_size)
+        replies = [tokenizer.decode(ids) for ids in written]
+    rows = [{"prediction": reply, "reference": reference} for reply, reference in zip(replies, references, strict=True)]
     return {"loss": result["loss"], "perplexity": result["perplexity"]}, rows
 
 
 def evaluate_generation(model: nn.Module, tokenizer: Tokenizer, records: Sequence[dict], kind: TaskKind, template,
-                        max_new_tokens: int | None, *, chat: bool = False) -> tuple[dict, list[dict]]:
+                        max_new_tokens: int | None, *, chat: bool = False, batch_size: int = 1
+                        ) -> tuple[dict, list[dict]]:
     """translate and qa: each record's greedy reply (without surrounding whitespace), scored by the kind against
     its target (BLEU, chrF, beside the score of copying the source) or its answers (SQuAD exact match and F1).
-    `chat`: the run was fine-tuned on chat (sft), so a translate source is asked as CHAT_TRANSLATE_PROMPT."""
-    from lmforge.tasks.predict import generate_reply
+    `chat`: the run was fine-tuned on chat (sft), so a translate source is asked as CHAT_TRANSLATE_PROMPT. The
+    replies are written `batch_size` records at a time (`greedy_batch`: each the reply `generate` writes alone)."""
+    from lmforge.infer.generate import greedy_batch
 
     asked = kind.asked_as(chat)
     block_size = model.config.block_size
-    replies, cut = [], 0
-    for record in records:
-        prompt = asked.prompt_ids(record, tokenizer, template)
-        cut += len(prompt) > block_size
-        limit = kind.reply_tokens(record, tokenizer) if max_new_tokens is None else max_new_tokens
-        replies.append(generate_reply(model, tokenizer, prompt, limit).strip())
-    note_truncated(cut, len(records), "prompts")
+    prompts = [asked.prompt_ids(record, tokenizer, template) for record in records]
+    limits = [kind.reply_tokens(record, tokenizer) if max_new_tokens is None else max_new_tokens
+              for record in records]
+    note_truncated(sum(len(prompt) > block_size for prompt in prompts), len(records), "prompts")
+    written = greedy_batch(model, prompts, limits, stop_token=tokenizer.eot_id, batch_size=batch_size)
+    replies = [tokenizer.decode(ids).strip() for ids in written]
     scores, references = kind.generation_scores(replies, records)
     return scores, [{"prediction": p, "reference": r} for p, r in zip(replies, references, strict=True)]
 

@@ -7,6 +7,12 @@ evaluation scores exactly the tokens training trains on (each kind's `encode`, l
   a qa record becomes a user turn "Context: ...\\nQuestion: ..." and its first answer).
 - translate: `source + TRANSLATE_SEPARATOR + target + end-of-text`, the loss on the target and end-of-text.
 A target not trained on is IGNORE, which cross-entropy skips: its loss and gradient are exactly zero.
+
+An encoder-decoder (`model.arch = "encoder-decoder"`) reads the same encoding split in two: the ids before the
+first trained one (the source and separator, the chat turns up to the assistant marker) are the encoder's
+source, the rest the decoder's target, which it writes after its start token (teacher-forced), the loss on the
+trained targets (the reply and its end). A source longer than the context keeps its last tokens, a target its
+first ones.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.hardware import autocast
 from lmforge.model.heads import classify_ids, pad_right
+from lmforge.model.spans import start_token
 from lmforge.tasks.kinds import TaskKind, task_kind
 
 IGNORE = -100  # cross_entropy's ignore_index: a target that is not trained on
@@ -39,6 +46,8 @@ class Examples:
     trained: list[list[bool]] = field(default_factory=list)
     truncated: int = 0  # examples cut from the left to fit the context
     untrainable: int = 0  # examples left without a trained token by that cut (dropped)
+    sources: list[int] = field(default_factory=list)  # an encoder-decoder's: how many of each example's ids are source
+    start_id: int | None = None  # an encoder-decoder's start token (None: a decoder's examples)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -49,11 +58,12 @@ class Examples:
 
 
 def encode_examples(records: list[dict], task: str, tokenizer: Tokenizer, block_size: int,
-                    labels: list[str], template: ChatTemplate, origin: Path) -> Examples:
+                    labels: list[str], template: ChatTemplate, origin: Path, start_id: int | None = None) -> Examples:
     """Encode a split, keeping each example's last tokens when it is longer than the context (classify:
-    block_size tokens; the others: block_size + 1, as inputs and targets are shifted by one)."""
+    block_size tokens; the others: block_size + 1, as inputs and targets are shifted by one). `start_id`: an
+    encoder-decoder's start token, its examples split into source and target (see the module docstring)."""
     kind = task_kind(task)
-    examples = Examples(ids=[])
+    examples = Examples(ids=[], start_id=start_id)
     limit = block_size if kind.labelled else block_size + 1
     index = {label: i for i, label in enumerate(labels)}
     for number, record in enumerate(records, start=1):
@@ -69,6 +79,17 @@ def encode_examples(records: list[dict], task: str, tokenizer: Tokenizer, block_
             # what follows the last trained token (the template's turn end) is never a target: keep the room
             end = max((i + 1 for i, keep in enumerate(trained) if keep), default=len(ids))
             ids, trained = ids[:end], trained[:end]
+        if start_id is not None:
+            split = trained.index(True)
+            source, target = ids[:split], ids[split:]
+            if len(source) > block_size or len(target) > block_size:
+                examples.truncated += 1
+            ids, trained = source[-block_size:] + target[:block_size], \
+                [False] * len(source[-block_size:]) + trained[split:][:block_size]
+            examples.sources.append(min(split, block_size))
+            examples.trained.append(trained)
+            examples.ids.append(ids)
+            continue
         if len(ids) > limit:
             ids, trained, examples.truncated = ids[-limit:], trained[-limit:], examples.truncated + 1
         if not kind.labelled:
@@ -118,17 +139,37 @@ def lm_batch(examples: Examples, rows: list[int], pad_id: int, device: torch.dev
     return idx, target
 
 
+def seq2seq_batch(examples: Examples, rows: list[int], pad_id: int, device: torch.device
+                  ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """An encoder-decoder's ((sources (B, S), decoder inputs (B, T), source lengths (B,)), targets (B, T)), both
+    right-padded: the decoder input is the start token, then the target but its last token; a target not trained
+    on (or padding) is IGNORE."""
+    sources, decoder_inputs, targets = [], [], []
+    for row in rows:
+        ids, trained, split = examples.ids[row], examples.trained[row], examples.sources[row]
+        sources.append(ids[:split])
+        decoder_inputs.append([examples.start_id] + ids[split:-1])
+        targets.append([t if keep else IGNORE for t, keep in zip(ids[split:], trained[split:], strict=True)])
+    source, lengths = pad_right(sources, pad_id, device)
+    decoder_input, _ = pad_right(decoder_inputs, pad_id, device)
+    target, _ = pad_right(targets, IGNORE, device)
+    return (source, decoder_input, lengths), target
+
+
 def training_batch(examples: Examples, rows: list[int], pad_id: int, device: torch.device) -> tuple:
     """(inputs, targets) of these examples as the kind's `loss` takes them: labelled examples (classify) are
-    ((ids, lengths), label indices); the others `lm_batch`'s."""
+    ((ids, lengths), label indices); an encoder-decoder's `seq2seq_batch`'s; the others `lm_batch`'s."""
     if examples.labels:
         inputs = pad_right([examples.ids[row] for row in rows], pad_id, device)
         return inputs, torch.tensor([examples.labels[row] for row in rows], device=device)
+    if examples.start_id is not None:
+        return seq2seq_batch(examples, rows, pad_id, device)
     return lm_batch(examples, rows, pad_id, device)
 
 
-def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy over the trained targets only (IGNORE elsewhere contributes exactly 0)."""
+def lm_loss(model: nn.Module, inputs, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy over the trained targets only (IGNORE elsewhere contributes exactly 0); inputs are
+    a decoder's ids or an encoder-decoder's `seq2seq_batch` inputs."""
     logits, _ = model(inputs)
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
                            reduction=reduction)
@@ -164,8 +205,8 @@ def evaluate_split(model: nn.Module, examples: Examples, task: str, batch_size: 
                         "val_ppl": math.exp(min(loss, 50.0))}
             total, count = 0.0, 0
             for start in range(0, len(examples), batch_size):
-                inputs, targets = lm_batch(examples, list(range(start, min(start + batch_size, len(examples)))),
-                                           pad_id, device)
+                inputs, targets = training_batch(examples, list(range(start, min(start + batch_size, len(examples)))),
+                                                 pad_id, device)
                 total += lm_loss(model, inputs, targets, reduction="sum").item()
                 count += int((targets != IGNORE).sum())
     finally:
@@ -178,7 +219,9 @@ def task_loss(model: nn.Module, tokenizer: Tokenizer, records: list[dict], task:
               batch_size: int, device: torch.device | str, origin: Path = Path("records")) -> dict:
     """The mean loss (and perplexity) on the tokens an sft, qa or translate run trains on, over these
     records: `eval --task sft` reads this. Also how many records were cut to the context."""
-    examples = encode_examples(records, task, tokenizer, model.config.block_size, [], template, origin)
+    config = model.config
+    start_id = start_token(config) if config.arch == "encoder-decoder" else None
+    examples = encode_examples(records, task, tokenizer, config.block_size, [], template, origin, start_id)
     device = torch.device(device)
     result = evaluate_split(model, examples, task, batch_size, tokenizer.eot_id, device, "fp32")
     return {"loss": result["val_loss"], "perplexity": result["val_ppl"], "truncated": examples.truncated,

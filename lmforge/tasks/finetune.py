@@ -36,6 +36,7 @@ from lmforge.infer.load import LoadedRun, load_run, lora_base
 from lmforge.model import lora
 from lmforge.model.factory import build_model
 from lmforge.model.finetuned import build_finetune_model
+from lmforge.model.spans import start_token
 from lmforge.run import checkpoints as run_checkpoints
 from lmforge.run import directory as rundir
 from lmforge.run.log import EvalRecord, StartRecord
@@ -151,13 +152,17 @@ class FinetuneTask:
                 raise UserError(f"{train_file}: classify needs at least two labels, found {labels}")
             finetune.labels = labels
         block_size = self.config.model.block_size
+        # an encoder-decoder's examples: the prompt to the encoder, the reply to the decoder after its start token
+        start_id = start_token(self.config.model) if self.config.model.arch == "encoder-decoder" else None
         encoded = [encode_examples(records, kind.name, self.tokenizer, block_size, finetune.labels, self.template,
-                                   origin)
+                                   origin, start_id)
                    for records, origin in ((train_records, train_file), (val_records, val_file))]
         splits = ("training", "validation")
         say(f"data: {len(encoded[0])} training and {len(encoded[1])} validation examples"
             + "".join(f"; {e.truncated} {split} examples longer than the context ({block_size} tokens) kept "
-                      "their last tokens" for e, split in zip(encoded, splits, strict=True) if e.truncated)
+                      + ("their source's last and their target's first tokens" if start_id is not None
+                         else "their last tokens")
+                      for e, split in zip(encoded, splits, strict=True) if e.truncated)
             + "".join(f"; {e.untrainable} {split} examples had no reply left after that and were dropped"
                       for e, split in zip(encoded, splits, strict=True) if e.untrainable))
         return encoded[0], encoded[1]

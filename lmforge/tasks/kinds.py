@@ -44,10 +44,14 @@ def translate_prompt(source: str) -> str:
     return source + TRANSLATE_SEPARATOR
 
 
-def refuse_encoder_decoder(task: str, arch: str) -> None:
-    if arch == "encoder-decoder":  # the source to the encoder, the target to the decoder: examples not written yet
-        raise UserError(f"the {task} task: fine-tuning or asking model.arch = encoder-decoder is not implemented yet "
-                        "(it is pretrained by span corruption only); use a decoder (model.arch = gpt)")
+def refuse_encoder_decoder(kind: TaskKind, arch: str) -> None:
+    """An encoder-decoder does a kind whose record is a prompt and a reply (the prompt to the encoder, the reply
+    to the decoder: lmforge/tasks/examples.py); the others are refused by name."""
+    if arch == "encoder-decoder" and not kind.encoder_decoder:
+        raise UserError(f"the {kind.name} task: model.arch = encoder-decoder is fine-tuned and asked for translate and "
+                        f"sft only (its encoder reads a prompt, its decoder writes the reply); use a decoder "
+                        f"(model.arch = gpt){' or an encoder (model.arch = encoder)' if kind.labelled else ''} "
+                        f"for {kind.name}")
 
 
 class TaskKind:
@@ -62,6 +66,7 @@ class TaskKind:
     accepts_messages: ClassVar[bool] = False  # a record may be {"messages": [...]} instead of its fields
     metric: ClassVar[tuple[str, bool]] = ("val_loss", False)  # the log key that picks the best checkpoint, higher?
     metric_words: ClassVar[str] = "loss on the trained tokens"
+    encoder_decoder: ClassVar[bool] = False  # an encoder-decoder does it (the prompt its source, the reply its target)
 
     # ----- records -----
     def shape(self) -> str:
@@ -113,7 +118,7 @@ class TaskKind:
     # ----- training -----
     def check_arch(self, arch: str) -> None:
         """Refuse a base model this kind cannot fine-tune or be asked: the text kinds need one that writes."""
-        refuse_encoder_decoder(self.name, arch)
+        refuse_encoder_decoder(self, arch)
         if arch == "encoder":
             raise UserError(f"the {self.name} task needs a model that writes text; model.arch = encoder does not "
                             "generate (it reads a passage both ways): use --task classify on it, or a decoder "
@@ -146,7 +151,8 @@ class TaskKind:
         """`eval --task`'s metrics on the records, and one prediction row per record."""
         from lmforge.tasks.evaluate import evaluate_generation
 
-        return evaluate_generation(model, tokenizer, records, self, template, max_new_tokens, chat=chat)
+        return evaluate_generation(model, tokenizer, records, self, template, max_new_tokens, chat=chat,
+                                   batch_size=batch_size)
 
     def generation_scores(self, replies: list[str], records: Sequence[dict]) -> tuple[dict, list]:
         """The metrics of greedy replies against the records' references, and those references."""
@@ -179,7 +185,7 @@ class Classify(TaskKind):
         return {}
 
     def check_arch(self, arch: str) -> None:
-        refuse_encoder_decoder(self.name, arch)
+        refuse_encoder_decoder(self, arch)
         check_classify_arch(arch)
 
     def loss(self, model: nn.Module, inputs, targets: torch.Tensor) -> torch.Tensor:
@@ -201,7 +207,7 @@ class Classify(TaskKind):
 
 class Sft(TaskKind):
     name, fields = "sft", ("prompt", "response")
-    accepts_messages = True
+    accepts_messages, encoder_decoder = True, True
 
     def shape(self) -> str:
         return "prompt, response (or messages)"
@@ -222,11 +228,13 @@ class Sft(TaskKind):
 
 class Translate(TaskKind):
     name, fields = "translate", ("source", "target")
-    template = "translate"
+    template, encoder_decoder = "translate", True
 
     def check_record(self, record: dict) -> None:
         if not record["source"]:
             raise UserError("'source' is empty")
+        if not record["target"]:  # nothing to learn but to stop at once, nothing to score a reply against
+            raise UserError("'target' is empty")
 
     def read_texts(self, record: dict) -> list[str]:
         return [record["source"]]

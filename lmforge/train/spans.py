@@ -6,6 +6,8 @@ its noise spans replaced by sentinels, the decoder writes the spans. The spans a
 generator, which the trainer seeds and checkpoints, so a resumed run continues exactly (under torchrun each
 rank keeps its own rows of the global batch's spans). The evaluation is the loss on the val split's targets,
 each window's spans seeded by its own index (the same at every evaluation), never by the training generator.
+Samples during training are written as next-token pretraining writes them (from an end-of-text source: the
+encoder-decoder writes from it as lmforge/infer/generate.py says).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 from lmforge.config.sections import Config
 from lmforge.infer.evaluate import check_no_reserved_ids, evaluate, span_windows
 from lmforge.model.spans import corrupt_spans, first_sentinel
-from lmforge.run.log import EvalRecord, SampleRecord
+from lmforge.run.log import EvalRecord
 from lmforge.train.language import LanguageModelling
 
 
@@ -57,7 +59,3 @@ class SpanCorruption(LanguageModelling):
         message = (f"step {step}: val span-corruption loss {result['loss']:.4f} (exp: {result['perplexity']:.2f})"
                    + (" (full validation split)" if final else ""))
         return record, message
-
-    def sample(self, step: int) -> SampleRecord | None:
-        """No samples during training: generation from a prompt is not implemented for the encoder-decoder yet."""
-        return None
