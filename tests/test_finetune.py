@@ -30,7 +30,7 @@ from lmforge.tasks.kinds import encode_texts, task_kind
 from lmforge.tasks.predict import predict
 from lmforge.train.trainer import Trainer
 
-CHARS = "".join(sorted(set(string.ascii_letters + string.digits + " .,:;!'\n=>")))
+CHARS = "".join(sorted(set(string.ascii_letters + string.digits + " .,:;!'\n-")))
 TOKENIZER = CharTokenizer(CHARS)
 FAST = ["--max-steps", "4", "--train.eval_every", "2", "--train.batch_size", "4", "--train.device", "cpu",
         "--quiet"]
@@ -239,7 +239,7 @@ def test_translate_trains_on_the_target_and_end_of_text_only():
                                ChatTemplate(), Path("x"))
     ids, trained = examples.ids[0], examples.trained[0]
     assert TOKENIZER.decode(i for i, t in zip(ids, trained, strict=True) if t) == "the cat<|endoftext|>"
-    assert TOKENIZER.decode(ids) == "a cat\n=>\nthe cat<|endoftext|>"
+    assert TOKENIZER.decode(ids) == "a cat\n--\nthe cat<|endoftext|>"
 
 
 def test_task_loss_is_the_mean_over_trained_tokens():

@@ -40,7 +40,7 @@ def task_data(directory: Path, task: str, count: int = 8) -> Path:
 
 @pytest.fixture(scope="module")
 def lower(tmp_path_factory, tiny_corpus):
-    """A run trained on the lower-case tiny corpus: its char tokenizer has no capitals, no '=' or '>'."""
+    """A run trained on the lower-case tiny corpus: its char tokenizer has no capitals, no '-'."""
     return prepare_and_train(tmp_path_factory.mktemp("lower"), tiny_corpus)
 
 
@@ -50,7 +50,7 @@ def base(tmp_path_factory, tiny_corpus):
     root = tmp_path_factory.mktemp("base")
     corpus = root / "corpus"
     shutil.copytree(tiny_corpus, corpus)
-    (corpus / "markers.txt").write_text("SYSTEM:\nUSER:\nASSISTANT:\n=>\n")
+    (corpus / "markers.txt").write_text("SYSTEM:\nUSER:\nASSISTANT:\n--\n")
     return prepare_and_train(root, corpus)
 
 
@@ -107,7 +107,7 @@ def test_unknown_characters_and_unseen_labels_name_the_line(tmp_path, classify_r
 
 
 # ----- D15: the template's own text -----
-@pytest.mark.parametrize("task, named", [("sft", "'U'"), ("translate", "'='")])
+@pytest.mark.parametrize("task, named", [("sft", "'U'"), ("translate", "'-'")])
 def test_template_text_a_lower_case_tokenizer_cannot_encode_is_refused(tmp_path, lower, capsys, task, named):
     out = tmp_path / "run"
     code, _, err = run_cli(capsys, "finetune", lower.run, "--task", task, "--data", task_data(tmp_path / "d", task),

@@ -22,7 +22,7 @@ from lmforge.model.factory import build_model
 from lmforge.run.checkpoints import save_checkpoint
 from lmforge.tasks import metrics
 
-TOKENIZER = CharTokenizer("".join(sorted(set(string.ascii_letters + string.digits + " .,:;!'?\n=>"))))
+TOKENIZER = CharTokenizer("".join(sorted(set(string.ascii_letters + string.digits + " .,:;!'?\n-"))))
 KEYS = {"classify": {"accuracy", "macro_precision", "macro_recall", "macro_f1", "per_class", "confusion"},
         "translate": {"bleu", "chrf", "copy_bleu", "copy_chrf"}, "qa": {"exact_match", "f1"},
         "choice": {"acc", "acc_norm", "acc_centered"}, "sft": {"loss", "perplexity"}}
@@ -222,4 +222,4 @@ def test_translate_prompts_plain_runs_with_the_separator_and_chat_runs_with_the_
     records = [{"source": "a cat", "target": "the cat"}]
     evaluate_generation(model, TOKENIZER, records, task_kind("translate"), ChatTemplate(), None)
     evaluate_generation(model, TOKENIZER, records, task_kind("translate"), ChatTemplate(), None, chat=True)
-    assert prompts == ["a cat\n=>\n", "USER:\nModernize: a cat\n\nASSISTANT:\n"]
+    assert prompts == ["a cat\n--\n", "USER:\nModernize: a cat\n\nASSISTANT:\n"]

@@ -244,3 +244,24 @@ def test_the_task_vocabulary_is_the_registry_s():
              for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
              if branching.search(line)]
     assert found == []
+
+
+def test_a_char_run_of_the_built_in_corpus_can_read_every_built_in_task(made):
+    """The demo's model (a char tokenizer trained on the built-in corpus) fine-tunes on every built-in task:
+    the text each task kind wraps around a record (the translate separator, the chat template) and the
+    records' own texts hold no character outside its vocabulary."""
+    from lmforge.data.corpus import Cleaner, CorpusStats, read_texts, resolve_source
+    from lmforge.data.template import ChatTemplate
+    from lmforge.data.tokenizer import CharTokenizer
+    from lmforge.tasks.kinds import task_kind
+
+    stats = CorpusStats()
+    cleaned = Cleaner(stats).clean(read_texts(resolve_source("shakespeare"), "text", stats))
+    known = set(CharTokenizer.train(text for text, _ in cleaned).chars)
+    for name, directory in made.items():
+        kind = task_kind(builtin.BUILTIN[name].task)
+        for what, text in kind.wrapper_texts(ChatTemplate()).items():
+            assert set(text) <= known, f"{name}: {what} {text!r} has {set(text) - known}"
+        for records in read_split_records(directory, kind.name).values():
+            unknown = {char for record in records for text in kind.read_texts(record) for char in text} - known
+            assert not unknown, f"{name}: records hold {unknown}"

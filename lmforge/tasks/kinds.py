@@ -30,8 +30,10 @@ from lmforge.data.tokenizer import Tokenizer
 from lmforge.errors import UserError
 from lmforge.model.heads import Classifier, check_classify_arch, classify_ids
 
-# A translate record as a model reads it: source, this separator, then the target (ended by end-of-text).
-TRANSLATE_SEPARATOR = "\n=>\n"
+# A translate record as a model reads it: source, this separator, then the target (ended by end-of-text). Its
+# characters are ones the built-in corpus has, so a char run pretrained on it (the demo's) can fine-tune for
+# translate; a line of two dashes alone is not in that corpus.
+TRANSLATE_SEPARATOR = "\n--\n"
 # A qa record as the user turn of a chat; its first answer is the assistant turn.
 QA_PROMPT = "Context: {context}\nQuestion: {question}"
 # A translate record put to a chat (sft) run, as `eval --task translate` does: the request the built-in
