@@ -5,9 +5,9 @@ tokens), the end record (tokens seen, wall time) and the evaluations (best val l
 whole validation split for bits per byte). Epochs are tokens seen / training tokens.
 
 Only next-token losses are ranked against each other. An encoder's masked-LM loss, an encoder-decoder's span loss
-and a fine-tuning run's task loss answer other questions (an encoder predicts a hidden token from both sides, far
-easier than from the tokens before it alone): their rows carry their loss in columns of their own, marked †, and
-come after the next-token rows, unranked.
+and a fine-tuning run's task loss answer other questions on other tokens (an encoder predicts 15% of the tokens,
+each from both sides): their rows carry their loss in columns of their own, marked †, and come after the
+next-token rows, unranked.
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ OTHER_OBJECTIVES = {"encoder": ("masked tokens", "masked-LM loss, nats per maske
 OWN_LOSS, OWN_BITS = "best val loss, own objective †", "val bits/predicted token †"
 COLUMNS = ("run", "architecture", "trained to predict", "parameters", "tokens seen", "wall time (s)", "tokens/s",
            "best val loss", "val bits/byte", OWN_LOSS, OWN_BITS, "epochs")
-FOOTNOTE = ("† Not a next-token loss, so not ranked against the next-token rows (nor against each other): an "
-            "encoder's masked-LM loss is in nats per masked token (15% of each window hidden, each predicted from "
-            "both sides), an encoder-decoder's span loss in nats per target token (the spans hidden behind sentinels, "
-            "sentinels included, written given the rest of the window), a fine-tuning run's loss is its task's. Both "
-            "pretraining questions are easier than the next token given only the tokens before it. Bits per predicted "
-            "token: the final evaluation's loss / ln 2.")
+FOOTNOTE = ("† Not a next-token loss, so ranked against nothing: an encoder's masked-LM loss is in nats per masked "
+            "token (15% of each window hidden, each predicted from both sides), an encoder-decoder's span loss in nats "
+            "per target token (the spans hidden behind sentinels, sentinels included), a fine-tuning run's loss is its "
+            "task's. Each answers another question than the next token given the tokens before it, on other tokens. "
+            "Bits per predicted token: the final evaluation's loss / ln 2.")
 
 
 def objective(arch: str, task: str | None) -> tuple[str, str | None]:
