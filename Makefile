@@ -15,7 +15,7 @@ DEMO_RUN ?= runs/shakespeare-char
 DEMO_STEPS ?= 800
 LAB_TIME ?= 60
 LAB_RUNS ?= runs/lab
-LAB_ARCHS ?= bigram mlp rnn lstm gru gpt
+LAB_ARCHS ?= bigram mlp rnn lstm gru gpt encoder encoder-decoder
 TASKS_PRETRAIN ?= 300
 TASKS_FINETUNE ?= 120
 TASKS_WORK ?= runs/tasks
@@ -54,7 +54,9 @@ demo: $(STAMP)
 	$(BIN)/lmforge report $(DEMO_RUN)
 
 # Every architecture on the built-in corpus for the same wall-time budget (configs/ARCH.toml), then the
-# comparison. Timings are shared-CPU sensitive: run it alone (flock /tmp/lmforge-cpu.lock make lab).
+# comparison. The encoder (masked LM) and the encoder-decoder (span corruption) get rows of their own objective's
+# loss, unranked against the next-token models (docs/lab.md). Timings are shared-CPU sensitive: run it alone
+# (flock /tmp/lmforge-cpu.lock make lab).
 lab: $(STAMP)
 	test -f $(DEMO_DATA)/meta.json || $(BIN)/lmforge prepare --source shakespeare --tokenizer char --val-fraction 0.1 --out $(DEMO_DATA) --overwrite
 	for arch in $(LAB_ARCHS); do \

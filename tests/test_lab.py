@@ -4,6 +4,7 @@ table matches the logs, the sweep searches and resumes, and the pictures show so
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -205,12 +206,88 @@ def test_compare_tables_the_numbers_of_the_run_logs(tiny_data, tiny_config, tmp_
         start, end = records(run, "start")[0], records(run, "end")[0]
         evals = records(run, "eval")
         cells = rows[run.name]
-        assert cells[1] == run.name and cells[2] == f"{start['params']:,}" and cells[3] == f"{end['tokens']:,}"
-        assert cells[4] == f"{end['elapsed']:.1f}"
-        assert cells[5] == f"{end['tokens'] / end['elapsed']:,.0f}"
-        assert cells[6] == f"{min(e['val_loss'] for e in evals):.4f}"
-        assert cells[7] == f"{evals[-1]['val_bpb']:.4f}" and evals[-1]["final"]
-        assert cells[8].strip(" |") == f"{end['tokens'] / start['train_tokens']:.2f}"
+        assert cells[1] == run.name and cells[2] == "next token"
+        assert cells[3] == f"{start['params']:,}" and cells[4] == f"{end['tokens']:,}"
+        assert cells[5] == f"{end['elapsed']:.1f}"
+        assert cells[6] == f"{end['tokens'] / end['elapsed']:,.0f}"
+        assert cells[7] == f"{min(e['val_loss'] for e in evals):.4f}"
+        assert cells[8] == f"{evals[-1]['val_bpb']:.4f}" and evals[-1]["final"]
+        assert cells[9].strip(" |") == f"{end['tokens'] / start['train_tokens']:.2f}"
+    assert "†" not in table  # next-token runs only: no column or note for other objectives
+    for name in ("val_loss_vs_tokens.png", "val_loss_vs_time.png"):
+        assert_picture(tmp_path / "cmp" / name)
+
+
+def makefile_lab_archs() -> list[str]:
+    from pathlib import Path
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text(encoding="utf-8")
+    return re.search(r"^LAB_ARCHS \?= (.+)$", makefile, re.M).group(1).split()
+
+
+def test_make_lab_races_every_architecture_from_its_own_preset():
+    from pathlib import Path
+
+    from lmforge.config.load import load_config
+
+    archs = makefile_lab_archs()
+    assert sorted(archs) == sorted(ARCHS)  # the encoder and the encoder-decoder included
+    for arch in archs:
+        assert load_config(Path(__file__).resolve().parents[1] / "configs" / f"{arch}.toml").model.arch == arch
+
+
+def table_rows(table: str) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """(the runs in the table's order, each run's cells by column name) of compare.md's table."""
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[1:]]
+    return [row[0] for row in rows], {row[0]: dict(zip(header, row, strict=True)) for row in rows}
+
+
+def test_the_lab_tables_an_encoder_and_an_encoder_decoder_by_their_own_loss_unranked(tiny_data, tiny_config,
+                                                                                     tmp_path, capsys):
+    import json
+
+    from lmforge.data.loader import TokenWindows
+    from lmforge.infer.evaluate import evaluate
+
+    runs = {}
+    for arch in ("encoder", "encoder-decoder", "gpt", "bigram"):  # given in this order; ranked as the test says
+        config = tiny_config(model__arch=arch, train__max_steps=40, train__eval_every=20)
+        Trainer(config, tiny_data, tmp_path / arch, quiet=True).run()
+        runs[arch] = tmp_path / arch
+    assert main(["compare", *map(str, runs.values()), "--out", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    order, rows = table_rows(table)
+    next_token = sorted(("gpt", "bigram"), key=lambda arch: records(runs[arch], "eval")[-1]["val_bpb"])
+    assert order == [*next_token, "encoder", "encoder-decoder"]  # next-token rows ranked, then the others
+    for arch in next_token:
+        assert rows[arch]["trained to predict"] == "next token"
+        assert rows[arch]["best val loss, own objective †"] == rows[arch]["val bits/predicted token †"] == "-"
+    assert rows["encoder"]["trained to predict"] == "masked tokens"
+    assert rows["encoder-decoder"]["trained to predict"] == "spans behind sentinels"
+    assert "† Not a next-token loss" in table and "masked-LM loss is in nats per masked token" in table
+    from lmforge.lab.compare import objective
+
+    assert objective("gpt", "classify") == ("the classify task", "classify task loss")  # a fine-tuned run's too
+
+    capsys.readouterr()
+    for arch, key in (("encoder", "masked_lm_loss"), ("encoder-decoder", "span_loss")):
+        row, evals = rows[arch], records(runs[arch], "eval")
+        assert row["best val loss"] == row["val bits/byte"] == "-"  # never in the next-token columns
+        assert row["best val loss, own objective †"] == f"{min(e['val_loss'] for e in evals):.4f}"
+        # The bits are the objective's own loss, as `lmforge eval` recomputes it from the checkpoint (not the
+        # next-token loss of the same model, which the check below tells apart).
+        assert main(["eval", str(runs[arch]), "--data", str(tiny_data)]) == 0
+        own = json.loads(capsys.readouterr().out)[key]
+        assert float(row["val bits/predicted token †"]) == pytest.approx(own / math.log(2), abs=2e-4)
+        if arch == "encoder":
+            loaded = load_run(runs[arch])
+            windows = TokenWindows(tiny_data, "val", loaded.config.model.block_size)
+            next_token_loss = evaluate(loaded.model, windows, batch_size=4, max_windows=None,
+                                       device=torch.device("cpu"), precision="fp32", bytes_per_token=None)["loss"]
+            # Early in training both sit near the unigram plateau, yet apart by far more than the match's tolerance.
+            assert abs(next_token_loss - own) / math.log(2) > 50 * 2e-4, (next_token_loss, own)
     for name in ("val_loss_vs_tokens.png", "val_loss_vs_time.png"):
         assert_picture(tmp_path / "cmp" / name)
 

@@ -333,3 +333,34 @@ def test_a_recurrent_run_has_no_attention_and_the_course_says_so(tiny_data, tiny
     Trainer(tiny_config(model__arch="gru", train__max_steps=1), tiny_data, tmp_path / "gru", quiet=True).run()
     with pytest.raises(UserError, match="'gru' run, which has no attention"):
         load_transformer(tmp_path / "gru")
+
+
+def test_the_measured_masks_are_each_familys_and_the_measurement_reads_the_model(monkeypatch):
+    from lmforge.lab.families import another_token, family_masks, tiny_model, what_changes
+
+    line = "Good night, good night!"
+    masks = {mask.title.split(":")[0]: mask for mask in family_masks(line, span_seed=3)}
+    assert list(masks) == ["GPT (decoder)", "BERT (encoder)", "T5 encoder", "T5 decoder", "T5 cross-attention"]
+    length, source, target = len(line), len(masks["T5 encoder"].columns), len(masks["T5 decoder"].rows)
+    assert source < length and masks["T5 encoder"].columns.count("<0>") == 1  # the source has its spans hidden
+    expected = {"GPT (decoder)": torch.ones(length, length).tril(), "BERT (encoder)": torch.ones(length, length),
+                "T5 encoder": torch.ones(source, source), "T5 decoder": torch.ones(target, target).tril(),
+                "T5 cross-attention": torch.ones(target, source)}
+    for name, mask in masks.items():
+        assert torch.equal(mask.seen, expected[name].bool()), name
+        assert len(mask.rows) == mask.seen.size(0) and len(mask.columns) == mask.seen.size(1)
+    # What is measured is the model's own attention, not its name: an encoder whose one attention is made causal
+    # shows the decoder's triangle.
+    ids = torch.tensor([[ord(character) % 20 for character in line]])
+    encoder = tiny_model("encoder", 21, length)
+    encoder.blocks[0].attn.causal = True
+    assert torch.equal(what_changes(lambda idx: encoder(idx)[0], ids, another_token(20)),
+                       torch.ones(length, length).tril().bool())
+    # The cross-attention's map is its own, not the encoder's passed on: cross-attention that reads the first source
+    # state alone shows one column (a source token would reach every state through the encoder's full attention).
+    from lmforge.model.seq2seq import CrossAttention
+
+    original = CrossAttention.forward
+    monkeypatch.setattr(CrossAttention, "forward", lambda self, x, memory: original(self, x, memory[:, :1]))
+    cross = family_masks(line, span_seed=3)[-1].seen
+    assert cross[:, 0].all() and not cross[:, 1:].any()

@@ -8,7 +8,9 @@ point (lmforge.cli.main), so the pictures are exactly what a reader's commands d
   at three learning rates and `compare` · an eight-trial `sweep` of its learning rate · `report` (its attention
   maps).
 
-One figure is drawn by Python, as chapter 6 draws it: the gradient picture (lmforge.lab.learn.plot_gradient_field).
+Two figures are drawn by Python: the gradient picture, as chapter 6 draws it (lmforge.lab.learn.plot_gradient_field),
+and the three transformer families' masks of chapter 11, measured on seeded one-layer models
+(lmforge.lab.families.plot_family_masks; no training).
 
 About six minutes on a 2-core CPU with the defaults (on a busy machine, OMP_NUM_THREADS=1 is much faster).
 tests/test_learn.py runs it with tiny settings, so the commands cannot rot.
@@ -25,11 +27,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # this checkout's lmforge, whatever is installed
 
 from lmforge.cli import main  # noqa: E402  (after the path is set)
+from lmforge.lab.families import plot_family_masks  # noqa: E402
 from lmforge.lab.learn import plot_gradient_field  # noqa: E402
 
 # AdamW on configs/mlp.toml, constant rate; each run is named for its rate, which the curves' legend then shows.
 LEARNING_RATES = {"lr-1e-4": "1e-4", "lr-1e-2": "1e-2", "lr-1": "1"}
 PROMPT = "O Romeo, Romeo! wherefore art thou "
+FAMILY_LINE = PROMPT + "Romeo?"  # chapter 11's line
 
 
 def lmforge(*argv: str) -> None:
@@ -55,6 +59,7 @@ def make_figures(out: Path, data: Path, runs: Path, *, steps: int, trio_steps: i
     lmforge("plot", "activations", "--out", str(out / "activations.png"), "--overwrite")
     lmforge("plot", "derivative", "--out", str(out / "derivative.png"), "--overwrite")
     plot_gradient_field(out / "gradient.png", overwrite=True)  # chapter 6 calls it from Python, as here
+    plot_family_masks(out / "masks.png", FAMILY_LINE, overwrite=True)
     lmforge("plot", "landscape", str(run), "--points", str(landscape_points), "--out", str(out / "landscape.png"),
             "--overwrite")
     # The same picture for the same model after one step (a 1/50 warmup rate): where training starts.
