@@ -396,6 +396,7 @@ def test_sigterm_drains_a_streaming_request_and_exits_0(served_run):
             rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]" and not any('"error"' in line for line in rest)  # it finished
         assert process.wait(timeout=PATIENCE) == 0
+        assert "did not stop" not in process.stderr.read()  # the engine process stopped when told, not killed
         assert serve_fixtures.gone(engine)  # it stopped with the server
         wait_until(lambda: all(serve_fixtures.gone(child) for child in children), "no process of the server left")
     finally:

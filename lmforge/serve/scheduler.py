@@ -197,8 +197,10 @@ class Scheduler:
         """The engine's end of the pipe closed: expected once told to stop, else it died."""
         if self.loop is not None:
             self.loop.remove_reader(self.conn.fileno())
-        self.process.join(1.0)  # its pipe closes as it exits
         if not self.stopping:
+            # Its pipe closes as it exits: the exit code comes next. (Once stopping, only `stop` waits for the
+            # process: of two threads waiting, one reaps it and the other would take it for still running.)
+            self.process.join(1.0)
             self.dead = f"its process {self.pid} exited with code {self.process.exitcode}"
             log.error("lmforge serve: the generation engine stopped unexpectedly (%s); generation requests get 503 "
                       "until the server is restarted", self.dead)
