@@ -428,6 +428,15 @@ def test_ctrl_c_in_a_terminal_stops_the_server_and_its_engine_process(served_run
         process.kill()
 
 
+def test_a_killed_server_leaves_no_engine_process_behind(served_run, tmp_path):
+    """SIGKILL gives the server no time to stop its engine: the engine process sees its pipe close and exits."""
+    with serve_fixtures.ServeProcess(served_run, tmp_path / "serve.log") as server:
+        engine = serve_fixtures.engine_pid(server.process.pid)
+        server.process.kill()
+        server.process.wait()
+        wait_until(lambda: serve_fixtures.gone(engine), "the engine process to exit")
+
+
 def test_serve_refuses_a_missing_run_and_a_busy_port_in_one_line(served_run, tmp_path, capsys):
     from lmforge.cli import main
     from lmforge.serve.cli import bind
