@@ -4,4 +4,7 @@ import sys
 
 from lmforge.cli import main
 
-sys.exit(main())
+# Guarded: `lmforge serve` starts its engine process with the "spawn" method, which imports this module again
+# there (as __mp_main__), where it must not run the command line a second time.
+if __name__ == "__main__":
+    sys.exit(main())

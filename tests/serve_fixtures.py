@@ -10,6 +10,7 @@ Use the fixtures from a test module with `import serve_fixtures` and `live_serve
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import string
@@ -29,6 +30,7 @@ from lmforge.data.tokenizer import CharTokenizer
 from lmforge.model.factory import build_model
 from lmforge.run.checkpoints import save_checkpoint
 from lmforge.serve.cli import bind, build_app
+from lmforge.serve.worker import load_engine
 from tests.conftest import PATIENCE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,6 +106,54 @@ class LiveServer:
     @property
     def engine(self):
         return self.app.state.server.engine
+
+
+def new_gate(open_: bool = True):
+    """An event the engine process can wait on (tests hold the engine still with it)."""
+    gate = multiprocessing.get_context("spawn").Event()
+    if open_:
+        gate.set()
+    return gate
+
+
+def held_engine(gate, pause: float, run: str, device: str, max_batch: int):
+    """`load_engine` for the engine process of `build_app(..., engine_loader=partial(held_engine, gate, pause))`:
+    each forward pass first waits for `gate` (while it is clear, the engine stands still mid-step) and each step
+    first sleeps `pause` seconds (a slow engine)."""
+    engine = load_engine(run, device, max_batch)
+
+    def hold(module, args) -> None:  # a pre-hook's return value would replace the forward's arguments
+        gate.wait(PATIENCE)
+
+    engine.model.register_forward_pre_hook(hold)
+    step = engine.step
+
+    def slow_step() -> None:
+        time.sleep(pause)
+        step()
+
+    engine.step = slow_step
+    return engine
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes `pid` started that are still there (Linux: /proc/PID/task/*/children)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += [int(child) for child in (task / "children").read_text().split()]
+    return children
+
+
+def engine_pid(server_pid: int) -> int:
+    """The engine process of the server process `server_pid` (its other child is multiprocessing's resource
+    tracker)."""
+    (pid,) = [pid for pid in child_pids(server_pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return pid
+
+
+def gone(pid: int) -> bool:
+    """Whether no process `pid` exists any more (neither running nor a zombie waiting to be reaped)."""
+    return not Path(f"/proc/{pid}").exists()
 
 
 @pytest.fixture(scope="session")

@@ -60,12 +60,14 @@ def test_load_run_gives_every_part_of_the_run_in_one_object(tiny_run):
     assert load_run(tiny_run).chat_template is None  # read only when asked: sample and eval never need it
 
 
-def test_serve_resolves_and_loads_the_run_once_with_its_template(tiny_run, monkeypatch):
+def test_serve_resolves_the_run_once_with_its_template_and_leaves_the_weights_to_its_engine(tiny_run, monkeypatch):
+    """The server process reads the run's config, tokenizer and template; the model loads in the engine process
+    only (which reads its weights once: load_run, as every command)."""
     from lmforge.serve.cli import build_app
 
     counts = count_loads(monkeypatch)
     app = build_app(tiny_run, device="cpu")
-    assert (counts.weights, counts.listings) == (1, 1)
+    assert (counts.weights, counts.listings) == (0, 1)
     assert app.state.server.template.markers["user"] == "Q: "
 
 

@@ -1,4 +1,4 @@
-"""The server's engine thread: how its events reach the event loop, and the threads it decodes with."""
+"""The server's engine process: how its events reach the event loop, and the threads it decodes with."""
 
 from __future__ import annotations
 
@@ -9,46 +9,41 @@ import torch
 
 from lmforge.errors import UserError
 from lmforge.hardware import SMALL_DECODE_WIDTH, decoding_threads
-from lmforge.infer.batched import BatchedEngine, GenerationRequest
-from lmforge.serve.scheduler import Scheduler
+from lmforge.infer.batched import GenerationRequest
 from tests.conftest import PATIENCE, assert_one_line_error, run_cli
-from tests.test_batched import ARCHS, PROMPTS, TOKENIZER, tiny_model
+from tests.test_batched import PROMPTS
 
 
-def test_each_engine_step_wakes_the_event_loop_once_for_all_its_events(tiny_config):
-    """Four requests decoded together: every step's four tokens reach their queue through one wake-up of the
-    event loop (each wake-up lets the loop take the GIL from the engine mid-step), and none is lost."""
-    engine = BatchedEngine(tiny_model(tiny_config, ARCHS["gpt-learned"]), TOKENIZER, max_batch=4)
-    scheduler = Scheduler(engine, max_queue=16)
+def test_each_engine_step_reaches_the_event_loop_in_one_message_and_stop_ends_the_process(tmp_path):
+    """Four requests decoded together in the engine process: every step's four tokens come in one message (read
+    by the event loop when the pipe is readable), none is lost, and stopping ends the process."""
+    import serve_fixtures
+
+    from lmforge.serve.cli import build_app
+
+    run = serve_fixtures.make_run(tmp_path / "tiny-steps")
+    scheduler = build_app(run, device="cpu", max_batch=4).state.server.scheduler
     tokens_each = 5
 
     async def serve() -> tuple[int, list]:
-        loop = asyncio.get_running_loop()
-        wake_ups = 0
-        call_soon_threadsafe = loop.call_soon_threadsafe
-
-        def counted(callback, *args):
-            nonlocal wake_ups
-            wake_ups += 1
-            return call_soon_threadsafe(callback, *args)
-
-        loop.call_soon_threadsafe = counted
-        queue: asyncio.Queue = asyncio.Queue()
-        scheduler.submit([GenerationRequest(TOKENIZER.encode(prompt), tokens_each, lambda event: None,
-                                            temperature=0) for prompt in PROMPTS[:4]], queue)
         scheduler.start()
+        queue: asyncio.Queue = asyncio.Queue()
+        scheduler.submit([GenerationRequest(scheduler.tokenizer.encode(prompt),
+                                            tokens_each, None, temperature=0) for prompt in PROMPTS[:4]], queue)
         events, finished = [], 0
         while finished < 4:
             index, event = await asyncio.wait_for(queue.get(), PATIENCE)
             events.append((index, event))
             finished += event.finish_reason is not None
+        messages = scheduler.messages
         scheduler.stop(drain_timeout=0)
-        return wake_ups, events
+        return messages, events
 
-    wake_ups, events = asyncio.run(serve())
+    messages, events = asyncio.run(serve())
     assert sorted(index for index, event in events) == [i for i in range(4) for _ in range(tokens_each)]
-    assert max(engine.counters.rows_per_step) == 4
-    assert wake_ups == engine.counters.steps == tokens_each - 1  # the first tokens came with the first step's
+    assert max(scheduler.counters.rows_per_step) == 4
+    assert messages == scheduler.counters.steps == tokens_each - 1  # the first tokens came with the first step's
+    assert serve_fixtures.gone(scheduler.pid)
 
 
 def test_a_small_model_decodes_on_one_thread_unless_told_and_the_count_comes_back_after():

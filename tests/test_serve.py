@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import threading
 import time
+from functools import partial
 
 import httpx
 import pytest
@@ -164,22 +166,27 @@ def test_chat_logprobs_are_the_completion_logprobs_of_its_prompt_streamed_or_not
         is None
 
 
-def test_a_client_leaving_mid_stream_frees_its_slot(live_server):
-    engine = live_server.engine
-    step = engine.step
-    engine.step = lambda: (time.sleep(0.02), step())  # 60 tokens would take over a second
+@pytest.fixture(scope="module")
+def held_server(served_run):
+    """A server whose engine process waits for `held_server.gate` in every forward pass (set: it runs) and sleeps
+    20 ms before each step, so that a client can leave mid-answer."""
+    gate = serve_fixtures.new_gate()
+    app = build_app(served_run, device="cpu", max_batch=4,
+                    engine_loader=partial(serve_fixtures.held_engine, gate, 0.02))
+    with LiveServer(app) as server:
+        server.gate = gate
+        yield server
+
+
+def test_a_client_leaving_mid_stream_frees_its_slot(held_server):
+    engine = held_server.engine
     cancelled = engine.counters.cancelled
-    try:
-        body = {"model": "tiny-served", "prompt": "a", "max_tokens": 60, "temperature": 0, "stream": True}
-        with http.stream("POST", live_server.url + "/v1/completions", json=body) as response:
-            next(response.iter_lines())  # the first event: the request holds a slot
-            assert engine.active_count() == 1
-        deadline = time.monotonic() + PATIENCE
-        while engine.active_count() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert engine.active_count() == 0 and engine.counters.cancelled == cancelled + 1
-    finally:
-        engine.step = step
+    body = {"model": "tiny-served", "prompt": "a", "max_tokens": 60, "temperature": 0, "stream": True}
+    with http.stream("POST", held_server.url + "/v1/completions", json=body) as response:
+        next(response.iter_lines())  # the first event: the request holds a slot
+        assert engine.active_count() == 1
+    wait_until(lambda: engine.active_count() == 0 and engine.counters.cancelled == cancelled + 1,
+               "the engine to drop the request of the client that left")
 
 
 def wait_until(condition, what: str) -> None:
@@ -194,31 +201,33 @@ def wait_until(condition, what: str) -> None:
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}]}),
     ("/v1/completions", {"prompt": "a", "stream": True}),  # gone before its first token: no stream started yet
 ])
-def test_a_client_leaving_before_its_whole_answer_frees_its_slot(live_server, route, body):
-    engine = live_server.engine
-    gate = threading.Event()  # holds the engine in the request's first forward pass until the client has left
-
-    def hold(module, args) -> None:  # a pre-hook's return value would replace the forward's arguments
-        gate.wait(PATIENCE)
-
-    hook = engine.model.register_forward_pre_hook(hold)
+def test_a_client_leaving_before_its_whole_answer_frees_its_slot(held_server, route, body):
+    engine, gate = held_server.engine, held_server.gate
+    gate.clear()  # the engine stops in the request's first forward pass until the client has left
     cancelled = engine.counters.cancelled
     payload = json.dumps({"model": "tiny-served", "max_tokens": 20, "temperature": 0, **body}).encode()
-    host, port = live_server.url.removeprefix("http://").split(":")
+    host, port = held_server.url.removeprefix("http://").split(":")
+    closed = f'lmforge_requests_total{{endpoint="{route}",status="499"}}'
+    closed_before = _counted(held_server, closed)
     try:
         with socket.create_connection((host, int(port))) as connection:
             connection.sendall(f"POST {route} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
                                f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-            wait_until(lambda: engine.active_count() == 1, "the request to take a slot")
-        wait_until(lambda: all(row.request.cancelled for row in list(engine.rows.values())),
-                   "the server to cancel the request of the client that left")
+            wait_until(engine.has_work, "the request to reach the engine")
+        # The 499 is counted after the server has sent the engine the cancel.
+        wait_until(lambda: _counted(held_server, closed) == closed_before + 1, "the server to see the client leave")
     finally:
         gate.set()
-        hook.remove()
-    wait_until(lambda: engine.active_count() == 0, "the slot to be freed")
-    assert engine.counters.cancelled == cancelled + 1
-    metrics = http.get(live_server.url + "/metrics").text
-    assert f'lmforge_requests_total{{endpoint="{route}",status="499"}}' in metrics
+    wait_until(lambda: engine.active_count() == 0 and not engine.has_work(), "the slot to be freed")
+    wait_until(lambda: engine.counters.cancelled == cancelled + 1, "the engine to count the cancel")
+
+
+def _counted(server: LiveServer, line: str) -> float:
+    """The value of a metrics line (0 when it is not there yet)."""
+    for row in http.get(server.url + "/metrics").text.splitlines():
+        if row.startswith(line):
+            return float(row.split()[-1])
+    return 0.0
 
 
 def error(response: httpx.Response) -> dict:
@@ -253,18 +262,16 @@ def test_prompt_too_long_names_both_numbers(live_server):
 
 
 def test_a_full_queue_answers_429_with_retry_after(served_run):
-    app = build_app(served_run, device="cpu", max_batch=1, max_queue=1)
+    gate = serve_fixtures.new_gate(open_=False)  # the engine holds still until the test lets it go
+    app = build_app(served_run, device="cpu", max_batch=1, max_queue=1,
+                    engine_loader=partial(serve_fixtures.held_engine, gate, 0))
     engine = app.state.server.engine
-    step, gate = engine.step, threading.Event()
-    engine.step = lambda: (gate.wait(PATIENCE), step())  # the engine holds still until the test lets it go
     with LiveServer(app) as server:
         body = {"model": "tiny-served", "prompt": "a", "max_tokens": 5}
         waiting = threading.Thread(target=httpx.post, args=(server.url + "/v1/completions",),
                                    kwargs={"json": body, "timeout": PATIENCE})
         waiting.start()
-        deadline = time.monotonic() + PATIENCE
-        while engine.waiting_count() < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: engine.waiting_count() >= 1, "the first request to wait")
         response = http.post(server.url + "/v1/completions", json=body)
         gate.set()
         waiting.join()
@@ -275,6 +282,41 @@ def test_a_full_queue_answers_429_with_retry_after(served_run):
     assert 'lmforge_requests_total{endpoint="/v1/completions",status="429"} 1.0' in metrics
     assert 'lmforge_requests_total{endpoint="/v1/completions",status="200"} 2.0' in metrics
     assert "lmforge_time_to_first_token_seconds_count 2.0" in metrics
+
+
+def test_stopping_the_server_ends_its_engine_process(served_run):
+    app = build_app(served_run, device="cpu")
+    pid = app.state.server.engine.pid
+    assert pid in serve_fixtures.child_pids(os.getpid())
+    with LiveServer(app) as server:
+        assert http.post(server.url + "/v1/completions", json={"model": "tiny-served", "prompt": "a",
+                                                                "max_tokens": 3}).status_code == 200
+    assert serve_fixtures.gone(pid)
+
+
+def test_an_engine_process_that_dies_fails_its_requests_and_says_so(served_run, caplog):
+    """The engine process killed mid-answer: the stream in flight ends with an error event, later requests get a
+    503 and /health says so, in OpenAI's shape; the log says it in one line; nothing hangs."""
+    gate = serve_fixtures.new_gate(open_=False)
+    app = build_app(served_run, device="cpu", engine_loader=partial(serve_fixtures.held_engine, gate, 0))
+    engine = app.state.server.engine
+    body = {"model": "tiny-served", "prompt": "a", "max_tokens": 10}
+    with LiveServer(app) as server, caplog.at_level("ERROR", logger="lmforge.serve"):
+        waiting = {}
+        thread = threading.Thread(target=lambda: waiting.update(answer=http.post(
+            server.url + "/v1/completions", json=body)))
+        thread.start()
+        wait_until(engine.has_work, "the request to reach the engine")
+        os.kill(engine.pid, signal.SIGKILL)
+        thread.join(PATIENCE)
+        failed = waiting["answer"]
+        assert failed.status_code == 500 and "stopped unexpectedly" in error(failed)["message"]
+        refused = http.post(server.url + "/v1/completions", json={**body, "stream": True})
+        assert refused.status_code == 503 and error(refused)["code"] == "engine_stopped"
+        assert http.get(server.url + "/health").status_code == 503
+    said = [record.getMessage() for record in caplog.records if "stopped unexpectedly" in record.getMessage()]
+    assert len(said) == 1 and "\n" not in said[0] and str(engine.pid) in said[0]
+    assert serve_fixtures.gone(engine.pid)
 
 
 def test_an_api_key_is_required_on_the_api_but_not_on_health(served_run):
@@ -343,6 +385,8 @@ def test_sigterm_drains_a_streaming_request_and_exits_0(served_run):
     try:
         line = process.stderr.readline()
         url = line.split(" on ")[1].split()[0]
+        children = serve_fixtures.child_pids(process.pid)  # the engine process and multiprocessing's helper
+        engine = serve_fixtures.engine_pid(process.pid)
         body = {"model": "tiny-served", "prompt": "a", "max_tokens": 50, "temperature": 1, "stream": True,
                 "stop": None}
         with http.stream("POST", url + "/v1/completions", json=body, timeout=PATIENCE) as response:
@@ -352,8 +396,45 @@ def test_sigterm_drains_a_streaming_request_and_exits_0(served_run):
             rest = [line for line in lines if line]
         assert rest[-1] == "data: [DONE]" and not any('"error"' in line for line in rest)  # it finished
         assert process.wait(timeout=PATIENCE) == 0
+        assert "did not stop" not in process.stderr.read()  # the engine process stopped when told, not killed
+        assert serve_fixtures.gone(engine)  # it stopped with the server
+        wait_until(lambda: all(serve_fixtures.gone(child) for child in children), "no process of the server left")
     finally:
         process.kill()
+
+
+def test_ctrl_c_in_a_terminal_stops_the_server_and_its_engine_process(served_run):
+    """Ctrl-C reaches every process of the terminal's group: the engine process ignores it, the server drains,
+    stops it and exits 130 (as every command does after Ctrl-C)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(served_run), "--port", "0",
+                                "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        url = process.stderr.readline().split(" on ")[1].split()[0]
+        children = serve_fixtures.child_pids(process.pid)
+        engine = serve_fixtures.engine_pid(process.pid)
+        assert http.post(url + "/v1/completions", json={"model": "tiny-served", "prompt": "a",
+                                                         "max_tokens": 3}).status_code == 200
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=PATIENCE) == 130
+        assert serve_fixtures.gone(engine)
+        wait_until(lambda: all(serve_fixtures.gone(child) for child in children), "no process of the server left")
+        assert "Traceback" not in process.stderr.read()
+    finally:
+        process.kill()
+
+
+def test_a_killed_server_leaves_no_engine_process_behind(served_run, tmp_path):
+    """SIGKILL gives the server no time to stop its engine: the engine process sees its pipe close and exits."""
+    with serve_fixtures.ServeProcess(served_run, tmp_path / "serve.log") as server:
+        engine = serve_fixtures.engine_pid(server.process.pid)
+        server.process.kill()
+        server.process.wait()
+        wait_until(lambda: serve_fixtures.gone(engine), "the engine process to exit")
 
 
 def test_serve_refuses_a_missing_run_and_a_busy_port_in_one_line(served_run, tmp_path, capsys):

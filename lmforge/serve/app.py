@@ -1,12 +1,12 @@
 """The HTTP app: OpenAI-compatible completions and chat completions over one batched engine, plus the
 playground page, health, Prometheus metrics and the tokenizer endpoints evaluation harnesses use.
 
-`create_app` builds it from an engine, the chat template and the settings: the routes (routes.py) on their
-router, the errors in OpenAI's shape (errors.py), the `Guard` in front, and the `Server` the routes share on
-`app.state.server`. With an API key every route except /, /static, /health and /metrics needs
-`Authorization: Bearer KEY`. Request bodies are read within the server's limits (`Server.read_json`: JSON,
-size, depth, time); the connections themselves are guarded in transport.py (request-head deadline, connection
-cap).
+`create_app` builds it from an engine (the scheduler of the engine process, or a classifier's engine), the chat
+template and the settings: the routes (routes.py) on their router, the errors in OpenAI's shape (errors.py), the
+`Guard` in front, and the `Server` the routes share on `app.state.server`. With an API key every route except /,
+/static, /health and /metrics needs `Authorization: Bearer KEY`. Request bodies are read within the server's
+limits (`Server.read_json`: JSON, size, depth, time); the connections themselves are guarded in transport.py
+(request-head deadline, connection cap).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lmforge.data.template import ChatTemplate
-from lmforge.infer.batched import BatchedEngine
 from lmforge.serve.classify import ClassifyEngine
 from lmforge.serve.errors import ApiError, add_error_handlers
 from lmforge.serve.routes import STATIC_DIR, router
+from lmforge.serve.scheduler import Scheduler
 from lmforge.serve.server import Server, ServeSettings
 
 PUBLIC_PATHS = ("/", "/health", "/metrics")
@@ -71,15 +71,17 @@ class Guard:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """The scheduler's thread runs while the app does; at shutdown it drains (up to --drain-timeout)."""
+    """The engine's messages are read while the app runs (a classifier's thread runs); at shutdown it drains (up
+    to --drain-timeout) and the engine process stops."""
     server: Server = app.state.server
     server.scheduler.start()
     yield
     await asyncio.to_thread(server.scheduler.stop, server.settings.drain_timeout)
 
 
-def create_app(engine: BatchedEngine | ClassifyEngine, template: ChatTemplate, settings: ServeSettings) -> FastAPI:
-    """The FastAPI app serving one engine."""
+def create_app(engine: Scheduler | ClassifyEngine, template: ChatTemplate, settings: ServeSettings) -> FastAPI:
+    """The FastAPI app serving one engine: a language model's in its own process (the scheduler started it), a
+    classifier's in this one."""
     server = Server(engine, template, settings)
     app = FastAPI(title="lmforge", lifespan=_lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server

@@ -4,17 +4,20 @@ The flags are declared with every other command's (lmforge/arguments/inference.p
 where Python callers of `build_app` reach the same checks.
 
 SIGTERM drains: uvicorn stops accepting connections, in-flight requests finish (up to --drain-timeout
-seconds), the engine stops, and the process exits 0.
+seconds), the engine process stops, and the server exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import resource
 import socket
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from lmforge.errors import UserError
@@ -57,17 +60,22 @@ def check_api_key(api_key: str | None) -> None:
 
 def build_app(run: str | Path, *, device: str = "auto", api_key: str | None = None, max_batch: int = 16,
               max_queue: int = 256, max_tokens_limit: int = 4096, max_body_bytes: int = 1_000_000,
-              body_timeout: float = 30.0, drain_timeout: float = 30.0):
-    """The app serving a run, named after its directory (checks the options, loads the model; the engine
-    refuses a batch whose cache does not fit in memory). A classify run is served as a classifier
-    (/v1/classify), any other as a language model."""
-    from lmforge.infer.batched import BatchedEngine
-    from lmforge.infer.generate import check_generates
+              body_timeout: float = 30.0, drain_timeout: float = 30.0, threads: int | None = None,
+              engine_loader: Callable | None = None):
+    """The app serving a run, named after its directory (checks the options, starts the engine). A classify run
+    is served as a classifier (/v1/classify) in this process; any other as a language model, whose engine process
+    loads the model (the engine refuses a batch whose cache does not fit in memory), decodes on `threads` torch
+    threads (`hardware.decoding_threads`), and is ready when this returns. `engine_loader` (tests) replaces
+    worker.load_engine: a picklable function of the same arguments."""
+    from lmforge.data.template import load_chat_template
     from lmforge.infer.load import load_run
-    from lmforge.model.heads import Classifier
+    from lmforge.run.checkpoints import resolve_checkpoint
+    from lmforge.run.directory import read_config, read_tokenizer
     from lmforge.serve.app import create_app
     from lmforge.serve.classify import ClassifyEngine
+    from lmforge.serve.scheduler import Scheduler
     from lmforge.serve.server import ServeSettings
+    from lmforge.serve.worker import load_engine
 
     check_api_key(api_key)
     check_count("--max-batch", max_batch)
@@ -76,16 +84,18 @@ def build_app(run: str | Path, *, device: str = "auto", api_key: str | None = No
     check_count("--max-body-bytes", max_body_bytes, MAX_BODY_BYTES)
     check_seconds("--body-timeout", body_timeout)
     check_seconds("--drain-timeout", drain_timeout, zero=True)
-    loaded = load_run(run, device=device, language_model=False, chat_template=True)
-    if isinstance(loaded.model, Classifier):
+    run_dir, _ = resolve_checkpoint(Path(run))
+    config = read_config(run_dir)
+    if config.finetune is not None and config.finetune.labels:  # a classifier: labels, not next tokens
+        loaded = load_run(run, device=device, language_model=False, chat_template=True)
         engine = ClassifyEngine(loaded.model, loaded.tokenizer, loaded.device, max_batch, max_queue)
     else:
-        check_generates(loaded.config.model)
-        engine = BatchedEngine(loaded.model, loaded.tokenizer, max_batch=max_batch)
-    settings = ServeSettings(model_name=loaded.run_dir.resolve().name, api_key=api_key, max_batch=max_batch,
+        load = partial(engine_loader or load_engine, str(run), device, max_batch)
+        engine = Scheduler.launch(load, threads, read_tokenizer(run_dir), config.model, max_queue)
+    settings = ServeSettings(model_name=run_dir.resolve().name, api_key=api_key, max_batch=max_batch,
                              max_queue=max_queue, max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes,
                              body_timeout=body_timeout, drain_timeout=drain_timeout)
-    return create_app(engine, loaded.chat_template, settings)
+    return create_app(engine, load_chat_template(run_dir), settings)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -153,7 +163,7 @@ def run_server(args: argparse.Namespace) -> None:
         app = build_app(args.run, device=args.device, api_key=api_key, max_batch=args.max_batch,
                         max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
                         max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout,
-                        drain_timeout=args.drain_timeout)
+                        drain_timeout=args.drain_timeout, threads=args.threads)
         config = server_config(app, header_timeout=args.header_timeout, keep_alive_timeout=args.keep_alive_timeout,
                                max_connections=args.max_connections, drain_timeout=args.drain_timeout)
     except BaseException:
@@ -172,7 +182,11 @@ def run_server(args: argparse.Namespace) -> None:
     server = app.state.server
     host, port = sock.getsockname()[:2]
     model = server.model_card()
-    with decoding_threads(args.threads, server.model_config.n_embd, torch.device(server.engine.device)) as threads:
+    if server.classifier is None:  # the engine process set its own threads
+        threads_in_use = contextlib.nullcontext(server.engine.threads)
+    else:
+        threads_in_use = decoding_threads(args.threads, server.model_config.n_embd, torch.device(server.engine.device))
+    with threads_in_use as threads:
         print(f"lmforge serve: {model['id']} ({model['arch']}, context {model['context_length']}, {threads} "
               f"decoding thread{'s' if threads > 1 else ''}) on http://{host}:{port}  (API at /v1, Ctrl-C or "
               "SIGTERM to stop)", file=sys.stderr, flush=True)

@@ -19,11 +19,9 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 
-from lmforge.infer.constrained import CompiledFormat, FormatError, compile_format
 from lmforge.serve.classify import classification
-from lmforge.serve.errors import ApiError, model_not_found
+from lmforge.serve.errors import model_not_found
 from lmforge.serve.responses import ChatCompletion, TextCompletion, respond
 from lmforge.serve.schemas import (
     ChatCompletionRequest,
@@ -31,7 +29,6 @@ from lmforge.serve.schemas import (
     CompletionRequest,
     DetokenizeRequest,
     RequestT,
-    SamplingRequest,
     TokenizeRequest,
     fit_max_tokens,
 )
@@ -60,22 +57,13 @@ def body(kind: type[RequestT]):
     return Depends(read)
 
 
-async def output_format(request: SamplingRequest, server: Server) -> CompiledFormat | None:
-    """The request's format (response_format or structured_outputs) checked against the run's tokenizer, or None;
-    compiled off the event loop (a large grammar takes a while). What llguidance cannot use is a 400 naming it."""
-    requested = request.output_format()
-    if requested is None:
-        return None
-    try:
-        return await run_in_threadpool(compile_format, server.tokenizer, requested)
-    except FormatError as err:
-        raise ApiError(400, str(err), param=err.param, code="invalid_format") from None
-
-
 @router.get("/health")
-async def health(server: ServerDep) -> dict:
-    return {"status": "ok", "model": server.settings.model_name, "active": server.engine.active_count(),
-            "queued": server.engine.waiting_count()}
+async def health(server: ServerDep) -> Response:
+    """200 while the server can answer; 503 once its engine process has died (generation cannot)."""
+    dead = server.classifier is None and server.scheduler.dead is not None
+    return JSONResponse({"status": "engine stopped" if dead else "ok", "model": server.settings.model_name,
+                         "active": server.engine.active_count(), "queued": server.engine.waiting_count()},
+                        status_code=503 if dead else 200)
 
 
 @router.get("/metrics")
@@ -123,14 +111,14 @@ async def completions(request: Annotated[CompletionRequest, body(CompletionReque
     for prompt in prompts:
         fit_max_tokens(len(prompt), max_tokens, server.context, server.settings.max_tokens_limit)
     with_logprobs = request.logprobs is not None
-    output = await output_format(request, server)
+    # The format is checked against the run and compiled in the engine process: one it cannot use is a 400.
+    output = request.output_format()
     requests = server.requests_for(prompts, request, sampling, max_tokens, stop=request.stop_texts,
-                                   logprobs=request.logprobs, prompt_logprobs=request.echo and with_logprobs,
-                                   output=output)
+                                   logprobs=request.logprobs, prompt_logprobs=request.echo and with_logprobs)
     completion = TextCompletion(server.tokenizer, server.settings.model_name,
                                 [prompts[i // request.n] for i in range(len(requests))],
                                 sum(len(prompt) for prompt in prompts), echo=request.echo, logprobs=request.logprobs)
-    return await unless_client_leaves(connection, respond(completion, server.events(requests, arrived),
+    return await unless_client_leaves(connection, respond(completion, server.events(requests, arrived, output),
                                                           stream=request.stream, include_usage=request.include_usage))
 
 
@@ -141,15 +129,15 @@ async def chat_completions(request: Annotated[ChatCompletionRequest, body(ChatCo
     prompt = request.prompt_ids(server.tokenizer, server.template)
     max_tokens = fit_max_tokens(len(prompt), request.requested_tokens, server.context,
                                 server.settings.max_tokens_limit)
-    output = await output_format(request, server)
+    output = request.output_format()
     # A constrained reply ends where its format does; the template's turn markers could be inside a regex's or
     # a grammar's answer, and cutting it there would break it.
     turn_stops = server.template.stop_texts() if output is None else []
     requests = server.requests_for([prompt], request, sampling, max_tokens, stop=turn_stops + request.stop_texts,
-                                   logprobs=request.alternatives, output=output)
+                                   logprobs=request.alternatives)
     completion = ChatCompletion(server.settings.model_name, len(requests), len(prompt),
                                 logprobs_of=server.tokenizer if request.logprobs else None)
-    return await unless_client_leaves(connection, respond(completion, server.events(requests, arrived),
+    return await unless_client_leaves(connection, respond(completion, server.events(requests, arrived, output),
                                                           stream=request.stream, include_usage=request.include_usage))
 
 

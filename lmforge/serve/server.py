@@ -1,7 +1,8 @@
 """What every route shares (`Server`, kept on `app.state.server` and handed to routes by `get_server`): the
-engine's scheduler (or, serving a classify run, the classifier's engine), the tokenizer and chat template, the
-settings, the metrics; and the one way a request body is read (`Server.read_request`: JSON within the size,
-depth and time limits, then validated as its pydantic model, on a route for what the served model does)."""
+scheduler of the engine process (or, serving a classify run, the classifier's engine), the tokenizer and chat
+template, the settings, the metrics; and the one way a request body is read (`Server.read_request`: JSON within
+the size, depth and time limits, then validated as its pydantic model, on a route for what the served model
+does)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from starlette.datastructures import Headers
 from lmforge.config.sections import ModelConfig
 from lmforge.data.template import ChatTemplate
 from lmforge.data.tokenizer import Tokenizer
-from lmforge.infer.batched import BatchedEngine, GenerationEvent, GenerationRequest
-from lmforge.infer.constrained import CompiledFormat
+from lmforge.infer.batched import GenerationEvent, GenerationRequest
+from lmforge.infer.constrained import OutputFormat
 from lmforge.infer.sampling import SamplingParams
 from lmforge.serve.classify import ClassifyEngine
 from lmforge.serve.errors import CLIENT_CLOSED_REQUEST, ApiError
@@ -49,10 +50,11 @@ class ServeSettings:
 
 
 class Server:
-    """What the routes share: the engine's scheduler, the tokenizer and template, settings and metrics. A
-    classify run is served by a `ClassifyEngine` instead (`classifier`), which runs its own thread."""
+    """What the routes share: the scheduler of the engine process (as `engine` and `scheduler`), the tokenizer
+    and template, settings and metrics. A classify run is served by a `ClassifyEngine` instead (`classifier`),
+    which runs its own thread in this process."""
 
-    def __init__(self, engine: BatchedEngine | ClassifyEngine, template: ChatTemplate, settings: ServeSettings):
+    def __init__(self, engine: Scheduler | ClassifyEngine, template: ChatTemplate, settings: ServeSettings):
         self.engine = engine
         self.tokenizer: Tokenizer = engine.tokenizer
         self.template = template
@@ -60,15 +62,15 @@ class Server:
         self.context = engine.block_size
         self.classifier = engine if isinstance(engine, ClassifyEngine) else None
         self.serves = GENERATOR if self.classifier is None else CLASSIFIER
-        # What the app starts and drains with itself: the thread that runs the model.
-        self.scheduler = Scheduler(engine, settings.max_queue) if self.classifier is None else self.classifier
+        # What the app starts and drains with itself: what runs the model.
+        self.scheduler = engine
         self.metrics = Metrics(engine.active_count, engine.waiting_count)
         self.created = int(time.time())
 
     @property
     def model_config(self) -> ModelConfig:
         """The served transformer's [model] settings (a classifier's: its body's)."""
-        return self.classifier.model.body.config if self.classifier is not None else self.engine.model.config
+        return self.classifier.model.body.config if self.classifier is not None else self.engine.model_config
 
     def model_card(self) -> dict:
         card = {"id": self.settings.model_name, "object": "model", "created": self.created, "owned_by": "lmforge",
@@ -143,31 +145,32 @@ class Server:
 
     def requests_for(self, prompts: list[list[int]], request: SamplingRequest, sampling: SamplingParams,
                      max_tokens: int, *, stop: list[str], logprobs: int | None = None,
-                     prompt_logprobs: bool = False, output: CompiledFormat | None = None
-                     ) -> list[GenerationRequest]:
-        """One engine request per choice: each prompt n times (choice i of a seeded call draws with seed + i),
-        each choice in its own place in the `output` format when there is one."""
+                     prompt_logprobs: bool = False) -> list[GenerationRequest]:
+        """One engine request per choice: each prompt n times (choice i of a seeded call draws with seed + i)."""
         requests = []
         for prompt in prompts:
             for copy in range(request.n):
                 requests.append(GenerationRequest(
                     prompt, max_tokens, emit=_unset, temperature=sampling.temperature, top_k=sampling.top_k,
                     top_p=sampling.top_p, seed=request.seed_of_choice(copy), stop=stop,
-                    stop_token=self.tokenizer.eot_id, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                    constraint=None if output is None else output.constraint()))
+                    stop_token=self.tokenizer.eot_id, logprobs=logprobs, prompt_logprobs=prompt_logprobs))
         return requests
 
-    async def events(self, requests: list[GenerationRequest], arrived: float
+    async def events(self, requests: list[GenerationRequest], arrived: float, output: OutputFormat | None = None
                      ) -> AsyncIterator[tuple[int, GenerationEvent]]:
-        """The events of all choices as they come, recording metrics; leaving early cancels the unfinished."""
+        """The events of all choices as they come, recording metrics; leaving early cancels the unfinished. Every
+        choice follows `output` when given (compiled in the engine process: one it cannot use raises the 400)."""
         queue: asyncio.Queue = asyncio.Queue()
-        self.scheduler.submit(requests, queue)
+        self.scheduler.submit(requests, queue, output)
         self.metrics.prompt_tokens.inc(sum(len(r.prompt) for r in requests))
         last_token = [None] * len(requests)
         finished = [False] * len(requests)
         try:
             while not all(finished):
                 index, event = await queue.get()
+                if isinstance(event, ApiError):
+                    finished[index] = True
+                    raise event
                 if event.token is not None:
                     now = time.monotonic()
                     self.metrics.completion_tokens.inc()
