@@ -361,6 +361,7 @@ def test_the_measured_masks_are_each_familys_and_the_measurement_reads_the_model
     from lmforge.model.seq2seq import CrossAttention
 
     original = CrossAttention.forward
-    monkeypatch.setattr(CrossAttention, "forward", lambda self, x, memory: original(self, x, memory[:, :1]))
+    monkeypatch.setattr(CrossAttention, "forward", lambda self, x, keys_values, source_mask=None: original(
+        self, x, tuple(part[:, :, :1] for part in keys_values)))
     cross = family_masks(line, span_seed=3)[-1].seen
     assert cross[:, 0].all() and not cross[:, 1:].any()
