@@ -145,16 +145,23 @@ def generate(model: nn.Module, prompt: Sequence[int], max_new_tokens: int, *, te
                 logits, _ = model(torch.tensor([window], device=device), cache=cache)
             else:
                 logits, _ = model(torch.tensor([window[-1:]], device=device), cache=cache)
-            next_logits = logits[0, -1] if constraint is None else constraint.mask(logits[0, -1])
-            token = sample_next(next_logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            if constraint is not None:
-                constraint.accept(token)
+            token = draw(logits[0, -1], constraint, temperature=temperature, top_k=top_k, top_p=top_p,
+                         generator=generator)
             if token == stop_token:
                 return
             tokens.append(token)
             yield token
     finally:
         model.train(was_training)
+
+
+def draw(logits: torch.Tensor, constraint: TokenConstraint | None, **sampling) -> int:
+    """The next token from `logits` (vocab,), among those `constraint` allows, which is told of the draw."""
+    if constraint is None:
+        return sample_next(logits, **sampling)
+    token = sample_next(constraint.mask(logits), **sampling)
+    constraint.accept(token)
+    return token
 
 
 def without_reserved(model: EncoderDecoder, logits: torch.Tensor) -> torch.Tensor:
@@ -184,11 +191,7 @@ def generate_from_source(model: EncoderDecoder, source: Sequence[int], max_new_t
             decoder_input = tokens if cache is None else tokens[-1:]
             logits = without_reserved(model, model.decode(torch.tensor([decoder_input], device=device), keys_values,
                                                           cache=cache)[0, -1])
-            if constraint is not None:
-                logits = constraint.mask(logits)
-            token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            if constraint is not None:
-                constraint.accept(token)
+            token = draw(logits, constraint, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             if token == stop_token:
                 return
             tokens.append(token)
