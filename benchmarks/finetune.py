@@ -14,8 +14,9 @@ run `make demo` trains), or else the demo's preset (configs/shakespeare-char.tom
    same architecture from random initialisation fine-tuned for the same time, of TF-IDF + logistic regression
    trained on the same train split, and of the majority class.
 2. folio: test BLEU and chrF of the pretrained model fine-tuned (translate) against copying the source.
-3. next-line: zero-shot acc and acc_norm of the pretrained model against chance (25%), and of a model
-   pretrained 10x longer when --long-pretrain-seconds is given.
+3. next-line: zero-shot acc and acc_norm of the pretrained model against chance (25%), each with its one-sided
+   exact binomial p-value over the test split, and of a model pretrained 10x longer when --long-pretrain-seconds
+   is given.
 4. LoRA against full fine-tuning on genre (classify) and modernize (sft): trainable parameters, median step
    time, peak resident memory of the fine-tuning process, and the task metric on the test split.
 5. The families (issue 23), each pretrained for --pretrain-seconds from the same preset with only model.arch
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import shutil
 import statistics
@@ -119,6 +121,15 @@ def evaluate(run: Path, task: str, data: Path) -> dict:
     return json.loads(printed)
 
 
+def above_chance_p(accuracy: float, questions: int, chance: float) -> float:
+    """The one-sided p-value of `accuracy` over `questions` against guessing: P(X >= correct) for X ~
+    Binomial(questions, chance), exactly (each term in log space, so that 500 questions do not underflow)."""
+    correct = round(accuracy * questions)
+    terms = [math.lgamma(questions + 1) - math.lgamma(k + 1) - math.lgamma(questions - k + 1)
+             + k * math.log(chance) + (questions - k) * math.log(1 - chance) for k in range(correct, questions + 1)]
+    return sum(math.exp(term) for term in terms)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", help="a pretrained run (default: train the demo preset here)")
@@ -192,13 +203,18 @@ def main() -> None:
         add("folio", "copy the source", f"BLEU {scores['copy_bleu']:.1f}, chrF {scores['copy_chrf']:.1f}")
     if "next-line" in parts:
         test = tasks / "next-line" / "test.jsonl"
-        scores = evaluate(base, "choice", test)
-        add("next-line", "pretrained, zero-shot", f"acc {scores['acc']:.3f}, acc_norm {scores['acc_norm']:.3f}")
+        questions = sum(1 for line in test.read_text().splitlines() if line.strip())
+
+        def choice_result(scores: dict) -> str:
+            return (f"acc {scores['acc']:.3f} (p {above_chance_p(scores['acc'], questions, 0.25):.2g}), "
+                    f"acc_norm {scores['acc_norm']:.3f} (p {above_chance_p(scores['acc_norm'], questions, 0.25):.2g}),"
+                    f" {questions} questions")
+
+        add("next-line", "pretrained, zero-shot", choice_result(evaluate(base, "choice", test)))
         if args.long_pretrain_seconds:
             longer = pretrain(work, "pretrained-long", args.long_pretrain_seconds)
-            scores = evaluate(longer, "choice", test)
             add("next-line", f"pretrained {args.long_pretrain_seconds:.0f} s, zero-shot",
-                f"acc {scores['acc']:.3f}, acc_norm {scores['acc_norm']:.3f}")
+                choice_result(evaluate(longer, "choice", test)))
         add("next-line", "chance", "acc 0.250, acc_norm 0.250")
     if "lora" in parts:
         for name, task in (("genre", "classify"), ("modernize", "sft")):

@@ -11,10 +11,17 @@ and rarely stop early; with --seeded each carries a seed, which makes the server
 batch-invariant shape: the cost of the seed guarantee). Per request: time to first token (TTFT, from sending to
 the first text event) and the gaps between text events (inter-token latency: the server sends one event per
 token, merging only where a token ends inside a multi-byte character). Aggregate tokens/s is every client's
-generated tokens (the `usage` of each stream) over the wall time of the whole level. `lmforge sample` is
-`generate` in this process, at the decoding threads `lmforge sample` would use, --requests prompts one after
-another, measured before the servers start and again after they stop (it varies between the two by up to half on
-a 2-core VM); its tokens/s is one stream's, and the goals are judged against the faster of the two.
+generated tokens (the `usage` of each stream) over the wall time of the whole level. The clients are aiohttp
+(its HTTP parser is C): with httpx's (Python) the clients took 0.34-0.50 ms of CPU per token against aiohttp's
+0.16-0.18, on the same two cores as the server (the soak, which times nothing, uses httpx). Also per level: the CPU
+milliseconds per generated token of the server's processes (lmforge: the HTTP server and its engine process) and
+of this process (the clients; for `sample`, the model itself). On a 2-core machine the clients and the server's
+HTTP side share the cores with the model, so where a server's CPU goes is part of what its clients see.
+
+`lmforge sample` is `generate` in this process, at the decoding threads `lmforge sample` would use, --requests
+prompts one after another, measured before the servers start and again after they stop (it varies between the two
+by up to half on a 2-core VM); its tokens/s is one stream's, and the goals are judged against the faster of the
+two.
 
 The goals of issue 22, printed as ratios of this run: 1-client tokens/s >= 0.8x `lmforge sample`'s, 1-client
 inter-token latency p50 <= 1.25x, 16-client aggregate tokens/s >= 5x one `lmforge sample` stream. The load
@@ -41,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import random
@@ -54,6 +62,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 PROMPT_CHOICES = ["ROMEO:", "JULIET:\nO Romeo,", "First Citizen:\nBefore we proceed any further, hear me speak.",
@@ -88,6 +97,8 @@ class Level:
     ttft: list[float] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
     errors: int = 0
+    server_cpu: float = float("nan")  # CPU seconds of the server's processes (lmforge: the server and its engine)
+    client_cpu: float = float("nan")  # CPU seconds of this process: the clients (or, for sample, the model)
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -95,6 +106,27 @@ def percentile(values: list[float], fraction: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user and system) used so far by a process and every process it started, from /proc (Linux):
+    `lmforge serve` is a server process and its engine process."""
+    parents: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # it ended meanwhile
+                continue
+            parents[int(entry.name)] = int(fields[1])
+            used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tree, total = {pid}, 0.0
+    for child in sorted(parents):  # children have larger pids than their parents here (no pid wrap-around)
+        if child in tree or parents[child] in tree:
+            tree.add(child)
+            total += used[child]
+    return total
 
 
 def free_port() -> int:
@@ -166,18 +198,18 @@ def llama_cpp_server(gguf: str, context: int, log: Path) -> Server:
     return Server(command, log, ready_path="/v1/models")
 
 
-async def stream_one(client: httpx.AsyncClient, url: str, body: dict, level: Level) -> None:
+async def stream_one(session: aiohttp.ClientSession, url: str, body: dict, level: Level) -> None:
     """One streamed completion, its TTFT and inter-token gaps added to `level`."""
     started = time.perf_counter()
     last = None
     events, usage_tokens = 0, None
-    async with client.stream("POST", f"{url}/v1/completions", json=body) as response:
-        if response.status_code != 200:
-            await response.aread()
+    async with session.post(f"{url}/v1/completions", json=body) as response:
+        if response.status != 200:
+            await response.read()
             level.errors += 1
             return
-        async for line in response.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        async for line in response.content:  # one server-sent line at a time
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                 continue
             event = json.loads(line[6:])
             if event.get("usage"):
@@ -198,8 +230,8 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict, level: Lev
 async def measure_server(server: Server, peer: str, clients: int, requests: int, max_tokens: int,
                          prompts: list[str], seeded: bool = False) -> Level:
     level = Level(peer, clients)
-    limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=clients + 8)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as session:
 
         async def one_client(index: int) -> None:
             for turn in range(requests):
@@ -208,11 +240,14 @@ async def measure_server(server: Server, peer: str, clients: int, requests: int,
                         "stream_options": {"include_usage": True}}
                 if seeded:
                     body["seed"] = index * 1000 + turn
-                await stream_one(client, server.url, body, level)
+                await stream_one(session, server.url, body, level)
 
+        server_cpu, client_cpu = tree_cpu_seconds(server.process.pid), time.process_time()
         started = time.perf_counter()
         await asyncio.gather(*(one_client(index) for index in range(clients)))
         level.seconds = time.perf_counter() - started
+        level.server_cpu = tree_cpu_seconds(server.process.pid) - server_cpu
+        level.client_cpu = time.process_time() - client_cpu
     return level
 
 
@@ -285,6 +320,7 @@ def measure_generate(run: str, device: str, threads: int | None, max_tokens: int
     level = Level(f"lmforge sample (generate, no server; {when})", 1)
     with decoding_threads(threads, loaded.config.model.n_embd, loaded.device):
         list(generate(model, tokenizer.encode(prompts[0]), 4, generator=generator))  # warm-up
+        level.client_cpu = -time.process_time()
         for index in range(requests):
             started = last = time.perf_counter()
             tokens = generate(model, tokenizer.encode(prompts[index % len(prompts)]), max_tokens, temperature=1.0,
@@ -296,6 +332,7 @@ def measure_generate(run: str, device: str, threads: int | None, max_tokens: int
                 level.tokens += 1
             level.requests += 1
             level.seconds += last - started
+        level.client_cpu += time.process_time()
     return level
 
 
@@ -378,8 +415,11 @@ def row(level: Level, base: Level | None) -> str:
     ratio = f"{rate(level) / rate(base):.2f}x" if base and base.tokens else "-"
     ms = [1000 * percentile(values, q) for values, q in
           ((level.ttft, 0.5), (level.ttft, 0.99), (level.gaps, 0.5), (level.gaps, 0.99))]
+    cpu = [1000 * seconds / level.tokens if level.tokens else float("nan")
+           for seconds in (level.server_cpu, level.client_cpu)]
     return (f"| {level.peer} | {level.clients} | {level.requests} | {level.tokens} | {rate(level):,.0f} | {ratio} | "
-            + " | ".join(f"{value:.1f}" for value in ms) + f" | {level.errors} |")
+            + " | ".join(f"{value:.1f}" for value in ms) + " | "
+            + " | ".join("-" if math.isnan(value) else f"{value:.2f}" for value in cpu) + f" | {level.errors} |")
 
 
 def goal_lines(measured: dict[tuple[str, int], Level], server: str, sample: Level, levels: list[int]) -> list[str]:
@@ -495,8 +535,8 @@ def main() -> None:
           f"{', seeded' if args.seeded else ''}; load average {load_before} before, {load_average()} after")
     print(f"command: python benchmarks/serve.py {' '.join(sys.argv[1:])}\n")
     print("| server | clients (batch) | requests | tokens | tokens/s | vs 1 client | TTFT p50 ms | TTFT p99 ms "
-          "| ITL p50 ms | ITL p99 ms | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| ITL p50 ms | ITL p99 ms | server CPU ms/token | client CPU ms/token | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     if ratios:
         print("\n" + "\n".join(ratios))

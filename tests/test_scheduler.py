@@ -87,3 +87,29 @@ def test_seeded_choices_served_together_are_the_answers_each_seed_gets_alone(tmp
     assert max(batch_sizes) == 8  # the choices really shared their steps
     assert len(set(alone)) > 4  # the seeds give different answers
     assert [choice["text"] for choice in sorted(together, key=lambda choice: choice["index"])] == alone
+
+
+def report_ctrl_c_disposition(conn) -> None:
+    """A spawned process's first act: whether Ctrl-C is ignored in it (before anything of its own could set it)."""
+    import signal
+
+    conn.send(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+
+def test_the_engine_process_ignores_ctrl_c_from_its_first_instruction_and_the_server_keeps_its_own():
+    """Ctrl-C while the engine process still imports torch must not print a traceback from it: the process starts
+    with SIGINT ignored (set in the server around the start, inherited across exec), and the server's own
+    handler is back once it has started."""
+    import multiprocessing
+    import signal
+
+    from lmforge.serve.scheduler import start_ignoring_ctrl_c
+
+    before = signal.getsignal(signal.SIGINT)
+    context = multiprocessing.get_context("spawn")
+    conn, child_conn = context.Pipe()
+    process = context.Process(target=report_ctrl_c_disposition, args=(child_conn,))
+    start_ignoring_ctrl_c(process)
+    assert conn.poll(PATIENCE) and conn.recv() is True
+    process.join(PATIENCE)
+    assert signal.getsignal(signal.SIGINT) is before

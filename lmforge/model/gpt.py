@@ -110,7 +110,10 @@ class KVCache:
         mask = None
         if any(starts):  # new token t of row b sees that row's cached tokens and new tokens up to itself
             mask = (torch.arange(span, device=device) <= positions[:, :, None])[:, None]
-        return CacheStep(self, rows, torch.tensor(rows, device=device), positions, span, mask)
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        return CacheStep(self, rows, torch.tensor(rows, device=device), positions, span, mask,
+                         slice(rows[0], rows[0] + len(rows)) if consecutive else None,
+                         starts[0] if len(set(starts)) == 1 else None)
 
 
 @dataclass(frozen=True)
@@ -125,17 +128,26 @@ class CacheStep:
     positions: torch.Tensor
     span: int
     mask: torch.Tensor | None
+    # The common cases as plain slices (a view and a copy instead of gathering and scattering by index): the rows
+    # when they are consecutive cache rows (one request's own, or every row), their start when all rows share it.
+    consecutive: slice | None
+    start: int | None
 
     def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys and values (B, H_kv, T, D) of one layer; return all that the new tokens attend
         over."""
         keys, values = self.cache.keys[layer], self.cache.values[layer]
-        keys[self.row_index[:, None], :, self.positions] = k.transpose(1, 2)
-        values[self.row_index[:, None], :, self.positions] = v.transpose(1, 2)
+        if self.consecutive is not None and self.start is not None:
+            new = slice(self.start, self.start + k.size(2))
+            keys[self.consecutive, :, new] = k
+            values[self.consecutive, :, new] = v
+        else:
+            keys[self.row_index[:, None], :, self.positions] = k.transpose(1, 2)
+            values[self.row_index[:, None], :, self.positions] = v.transpose(1, 2)
         if self.mask is None:
             return k, v
-        if self.cache.rows is None:  # every row in order: a view, no copy
-            return keys[:, :, : self.span], values[:, :, : self.span]
+        if self.consecutive is not None:  # a view, no copy
+            return keys[self.consecutive, :, : self.span], values[self.consecutive, :, : self.span]
         return keys[self.row_index, :, : self.span], values[self.row_index, :, : self.span]
 
     def advance(self) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import signal
 import threading
 import time
 import weakref
@@ -89,7 +90,7 @@ class Scheduler:
         conn, child_conn = context.Pipe()
         process = context.Process(target=run_engine, args=(child_conn, load, threads), name="lmforge-engine",
                                   daemon=True)
-        process.start()
+        start_ignoring_ctrl_c(process)
         child_conn.close()
         try:
             kind, body = conn.recv()
@@ -157,18 +158,27 @@ class Scheduler:
         except OSError:  # the engine is gone: its end of the pipe reads as closed, and _receive says so
             pass
 
-    def _receive(self) -> None:
-        """The engine's messages so far: deliver each step's events to their queues."""
+    def _receive(self) -> bool:
+        """The engine's next message: deliver its step's events to their queues; False at the end of the pipe.
+        (The event loop calls this while the pipe is readable, so one message per call reads them all without
+        polling the pipe in between: a poll builds a selector each time.)"""
         if self.conn.closed:
-            return
+            return False
         try:
-            while self.conn.poll(0):
-                _, events, report = self.conn.recv()
-                self._deliver(events, report)
+            _, events, report = self.conn.recv()
         except (EOFError, OSError):
             self._engine_gone()
+            return False
+        self._deliver(events, StepReport(*report))
+        return True
 
-    def _deliver(self, events: list[tuple[int, GenerationEvent | Refusal]], report: StepReport) -> None:
+    def _receive_rest(self) -> None:
+        """Every message the engine sent before it exited, to the end of the pipe (nothing is left to wait for)."""
+        while self._receive():
+            pass
+
+    def _deliver(self, events: list[tuple[int, tuple | Refusal]], report: StepReport) -> None:
+        """Each event (its fields: worker.wire_event) to its request's queue."""
         self.messages += 1
         self.report = report
         counters = self.counters
@@ -176,16 +186,16 @@ class Scheduler:
         counters.prompt_tokens, counters.generated_tokens = report.prompt_tokens, report.generated_tokens
         if report.rows:
             counters.rows_per_step = (counters.rows_per_step + list(report.rows))[-64:]
-        for request_id, event in events:
+        for request_id, fields in events:
             pending = self.pending.get(request_id)
             if pending is None:
                 continue
-            if isinstance(event, Refusal):
-                item = ApiError(event.status, event.message, param=event.param, code=event.code)
+            if isinstance(fields, Refusal):
+                item = ApiError(fields.status, fields.message, param=fields.param, code=fields.code)
                 self._forget(request_id)
             else:
-                item = event
-                if event.finish_reason:
+                item = GenerationEvent(*fields)
+                if item.finish_reason:
                     self._forget(request_id)
             pending.queue.put_nowait((pending.index, item))
 
@@ -238,7 +248,7 @@ class Scheduler:
             self.process.kill()
             self.process.join(STOP_WAIT)
         if self.loop is not None and not self.loop.is_closed():
-            self._on_loop(self._receive)  # what the engine sent last; then the loop lets go of the pipe
+            self._on_loop(self._receive_rest)  # what the engine sent last; then the loop lets go of the pipe
         self._finalizer()
 
     def _on_loop(self, work: Callable[[], None]) -> None:
@@ -256,6 +266,21 @@ class Scheduler:
         except RuntimeError:  # the loop has closed meanwhile
             return
         done.wait(STOP_WAIT)
+
+
+def start_ignoring_ctrl_c(process: multiprocessing.process.BaseProcess) -> None:
+    """Start a spawned process with SIGINT ignored from its first instruction: Ctrl-C in a terminal reaches every
+    process of the group, and the engine, still importing torch, would print a KeyboardInterrupt traceback (the
+    server stops it after draining). An ignored signal stays ignored across exec, and Python then installs no
+    handler of its own. The server ignores Ctrl-C only while it starts the process (milliseconds)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        process.start()
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process.start()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _end_process(process: multiprocessing.process.BaseProcess, conn) -> None:

@@ -1,5 +1,9 @@
 """The server's connections: how long a client may take to send a request's head, and how many connections
-are served at once (uvicorn's h11 protocol with both added).
+are served at once (uvicorn's httptools protocol with both added).
+
+httptools (llhttp, in C) rather than uvicorn's h11 protocol (pure Python): a streamed completion writes one event
+per token, and h11's framing was a measurable share of the server's CPU per token (benchmarks/RESULTS.md, serving
+round 4).
 
 uvicorn closes a keep-alive connection that sits idle between requests (--keep-alive-timeout), but waits
 forever for a request head that never finishes, so half-open connections pile up; and its concurrency limit
@@ -16,13 +20,13 @@ import json
 from http import HTTPStatus
 
 from fastapi.responses import JSONResponse
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from lmforge.serve.errors import ApiError
 
 
-class GuardedH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request head and a cap on connections (set by
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline for each request head and a cap on connections (set by
     `guarded_protocol`)."""
 
     header_timeout: float
@@ -75,9 +79,9 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def guarded_protocol(header_timeout: float, max_connections: int) -> type[GuardedH11Protocol]:
+def guarded_protocol(header_timeout: float, max_connections: int) -> type[GuardedHttpToolsProtocol]:
     """The protocol class to give uvicorn (`uvicorn.Config(http=...)`) for these limits."""
-    return type("GuardedH11Protocol", (GuardedH11Protocol,),
+    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,),
                 {"header_timeout": header_timeout, "max_connections": max_connections})
 
 
