@@ -2,7 +2,7 @@
 sample` (in-process generation, one stream) in the same run, the issue's goals as ratios, peers, and a bounded
 soak. Loopback only; run it alone (it owns the CPU or GPU while it runs).
 
-    python benchmarks/serve.py RUN [--clients 1,4,16] [--requests 2] [--max-tokens 64] [--device auto]
+    python benchmarks/serve.py RUN [--clients 1,4,16] [--requests 8] [--rounds 3] [--max-tokens 64] [--device auto]
                                [--threads N] [--seeded] [--skip-peers] [--peer llama-cpp --gguf FILE]
                                [--soak 2000]
 
@@ -19,13 +19,18 @@ of this process (the clients; for `sample`, the model itself). On a 2-core machi
 HTTP side share the cores with the model, so where a server's CPU goes is part of what its clients see.
 
 `lmforge sample` is `generate` in this process, at the decoding threads `lmforge sample` would use, --requests
-prompts one after another, measured before the servers start and again after they stop (it varies between the two
-by up to half on a 2-core VM); its tokens/s is one stream's, and the goals are judged against the faster of the
-two.
+prompts one after another; its tokens/s is one stream's.
 
-The goals of issue 22, printed as ratios of this run: 1-client tokens/s >= 0.8x `lmforge sample`'s, 1-client
-inter-token latency p50 <= 1.25x, 16-client aggregate tokens/s >= 5x one `lmforge sample` stream. The load
-average (1 minute) is printed before and after: a number measured on a busy machine is not a result.
+Rounds: this machine's speed drifts (a 2-core VM's `sample` moved by up to half within one run), so a ratio of
+figures measured minutes apart measures the drift as much as the server. The goals' figures are therefore
+measured in --rounds rounds, each round `sample`, then every client level with lmforge serve and the peer server
+(both started once, the idle one waiting) back to back; each table row pools its level's rounds, and each ratio
+is printed pooled and then per round, so its spread shows. The extra peers (--max-batch 1, transformers) are
+context, measured once after the rounds.
+
+The goals of issue 22: 1-client tokens/s >= 0.8x `lmforge sample`'s, 1-client inter-token latency p50 <= 1.25x,
+16-client aggregate tokens/s >= 5x one `lmforge sample` stream. The load average (1 minute) is printed before
+and after: a number measured on a busy machine is not a result.
 
 Peers, same run, same machine, same prompt and token counts (not with --skip-peers):
 - `lmforge serve --max-batch 1`: the same server decoding one request at a time;
@@ -304,36 +309,42 @@ def measure_transformers(run: str, device: str, batch: int, max_tokens: int, pro
     return level
 
 
-def measure_generate(run: str, device: str, threads: int | None, max_tokens: int, prompts: list[str], requests: int,
-                     when: str) -> Level:
+class InProcess:
     """lmforge's own one-prompt generation (what `lmforge sample` runs, at its decoding threads), in this
-    process, `requests` prompts one after another: the latency the server at one client should match."""
-    import torch
+    process: the latency the server at one client should match. The model is loaded once."""
 
-    from lmforge.hardware import decoding_threads
-    from lmforge.infer.generate import generate
-    from lmforge.infer.load import load_run
+    def __init__(self, run: str, device: str, threads: int | None):
+        import torch
 
-    loaded = load_run(run, device=device)
-    model, tokenizer = loaded.model, loaded.tokenizer
-    generator = torch.Generator(device=model.wte.weight.device).manual_seed(0)
-    level = Level(f"lmforge sample (generate, no server; {when})", 1)
-    with decoding_threads(threads, loaded.config.model.n_embd, loaded.device):
-        list(generate(model, tokenizer.encode(prompts[0]), 4, generator=generator))  # warm-up
-        level.client_cpu = -time.process_time()
-        for index in range(requests):
-            started = last = time.perf_counter()
-            tokens = generate(model, tokenizer.encode(prompts[index % len(prompts)]), max_tokens, temperature=1.0,
-                              generator=generator)
-            for count, _ in enumerate(tokens):
-                now = time.perf_counter()
-                (level.gaps if count else level.ttft).append(now - last)
-                last = now
-                level.tokens += 1
-            level.requests += 1
-            level.seconds += last - started
-        level.client_cpu += time.process_time()
-    return level
+        from lmforge.infer.load import load_run
+
+        self.loaded = load_run(run, device=device)
+        self.threads = threads
+        self.generator = torch.Generator(device=self.loaded.model.wte.weight.device).manual_seed(0)
+
+    def measure(self, max_tokens: int, prompts: list[str], requests: int) -> Level:
+        """`requests` prompts one after another."""
+        from lmforge.hardware import decoding_threads
+        from lmforge.infer.generate import generate
+
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        level = Level("lmforge sample (generate, no server)", 1)
+        with decoding_threads(self.threads, self.loaded.config.model.n_embd, self.loaded.device):
+            list(generate(model, tokenizer.encode(prompts[0]), 4, generator=self.generator))  # warm-up
+            level.client_cpu = -time.process_time()
+            for index in range(requests):
+                started = last = time.perf_counter()
+                tokens = generate(model, tokenizer.encode(prompts[index % len(prompts)]), max_tokens,
+                                  temperature=1.0, generator=self.generator)
+                for count, _ in enumerate(tokens):
+                    now = time.perf_counter()
+                    (level.gaps if count else level.ttft).append(now - last)
+                    last = now
+                    level.tokens += 1
+                level.requests += 1
+                level.seconds += last - started
+            level.client_cpu += time.process_time()
+        return level
 
 
 MALFORMED = [
@@ -407,6 +418,9 @@ async def soak(server: Server, requests: int, max_tokens: int, prompts: list[str
             "rss_before_mb": rss_before, "rss_after_mb": rss_mb(server.process.pid)}
 
 
+SAMPLE = "lmforge sample (generate, no server)"
+
+
 def rate(level: Level) -> float:
     return level.tokens / level.seconds if level.seconds else float("nan")
 
@@ -422,27 +436,49 @@ def row(level: Level, base: Level | None) -> str:
             + " | ".join("-" if math.isnan(value) else f"{value:.2f}" for value in cpu) + f" | {level.errors} |")
 
 
-def goal_lines(measured: dict[tuple[str, int], Level], server: str, sample: Level, levels: list[int]) -> list[str]:
-    """The goals of issue 22 as ratios of this run (a goal whose client count was not measured is left out)."""
+def pooled(levels: list[Level]) -> Level:
+    """One level's measurements of every round, together."""
+    total = Level(levels[0].peer, levels[0].clients, server_cpu=0.0, client_cpu=0.0)
+    for level in levels:
+        total.requests += level.requests
+        total.tokens += level.tokens
+        total.seconds += level.seconds
+        total.ttft += level.ttft
+        total.gaps += level.gaps
+        total.errors += level.errors
+        total.server_cpu += level.server_cpu
+        total.client_cpu += level.client_cpu
+    return total
+
+
+def ratio_line(what: str, value: Callable[[dict], float], rounds: list[dict], goal: str = "") -> str:
+    """A ratio over every round pooled, then its value in each round (measured minutes apart, each side of it
+    within seconds of the other)."""
+    each = ", ".join(f"{value(measured):.2f}" for measured in rounds)
+    together = {key: pooled([measured[key] for measured in rounds]) for key in rounds[0]}
+    return f"{what}: {value(together):.2f} (rounds: {each}){f'; goal {goal}' if goal else ''}"
+
+
+def goal_lines(rounds: list[dict], server: str, peer: str | None, levels: list[int]) -> list[str]:
+    """The goals of issue 22 as ratios (a goal whose client count was not measured is left out)."""
+    sample = (SAMPLE, 1)
     lines = []
-    if (server, 1) in measured:
-        alone = measured[server, 1]
-        lines.append(f"1 client tokens/s / lmforge sample: {rate(alone) / rate(sample):.2f} (goal >= 0.8)")
-        lines.append(f"1 client inter-token latency p50 / lmforge sample: "
-                     f"{percentile(alone.gaps, 0.5) / percentile(sample.gaps, 0.5):.2f} (goal <= 1.25)")
-    if (server, 16) in measured:
-        lines.append(f"16 clients' aggregate tokens/s / one lmforge sample stream: "
-                     f"{rate(measured[server, 16]) / rate(sample):.2f} (goal >= 5)")
+    if 1 in levels:
+        lines.append(ratio_line("1 client tokens/s / lmforge sample",
+                                lambda m: rate(m[server, 1]) / rate(m[sample]), rounds, ">= 0.8"))
+        lines.append(ratio_line("1 client inter-token latency p50 / lmforge sample",
+                                lambda m: percentile(m[server, 1].gaps, 0.5) / percentile(m[sample].gaps, 0.5),
+                                rounds, "<= 1.25"))
+    if 16 in levels:
+        lines.append(ratio_line("16 clients' aggregate tokens/s / one lmforge sample stream",
+                                lambda m: rate(m[server, 16]) / rate(m[sample]), rounds, ">= 5"))
+    if peer:
+        goals = {1: ">= 0.8", 16: ">= 1"}
+        for clients in levels:
+            lines.append(ratio_line(f"tokens/s at {clients} clients, {server} / {peer}",
+                                    lambda m, c=clients: rate(m[server, c]) / rate(m[peer, c]), rounds,
+                                    goals.get(clients, "")))
     return lines
-
-
-def peer_lines(measured: dict[tuple[str, int], Level], server: str, peer: str, levels: list[int]) -> list[str]:
-    """lmforge serve's aggregate tokens/s over the peer server's, at each client count (goals: >= 0.8 at 1 client,
-    >= 1 at 16)."""
-    goals = {1: " (goal >= 0.8)", 16: " (goal >= 1)"}
-    return [f"tokens/s at {clients} clients, {server} / {peer}: "
-            f"{rate(measured[server, clients]) / rate(measured[peer, clients]):.2f}{goals.get(clients, '')}"
-            for clients in levels]
 
 
 def load_average() -> str:
@@ -453,7 +489,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", help="a run directory")
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels, comma-separated")
-    parser.add_argument("--requests", type=int, default=2, help="streamed requests per client per level")
+    parser.add_argument("--requests", type=int, default=8, help="streamed requests per client per level and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of sample and every server at every level")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16, help="the batched server's --max-batch")
     parser.add_argument("--device", default="auto")
@@ -472,52 +509,46 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lmforge-serve-bench-"))
     load_before = load_average()
 
-    measured: dict[tuple[str, int], Level] = {}
-    rows: list[str] = []
-    soak_result = None
-    sample_before = measure_generate(args.run, args.device, args.threads, args.max_tokens, prompts, args.requests,
-                                     "before the servers")
     batched, one_at_a_time, llama = "lmforge serve", "lmforge serve --max-batch 1", "llama.cpp server"
-    servers = [(batched, lambda: lmforge_server(args.run, args.max_batch, args.device, args.threads,
-                                                work / "serve.log"))]
-    if not args.skip_peers:
-        servers.append((one_at_a_time, lambda: lmforge_server(args.run, 1, args.device, args.threads,
-                                                              work / "serve-1.log")))
-    model = None
-    for name, start in servers:
-        server = start()
-        model = model or server.model
-        try:
+    in_process = InProcess(args.run, args.device, args.threads)
+    servers = {batched: lmforge_server(args.run, args.max_batch, args.device, args.threads, work / "serve.log")}
+    model = servers[batched].model
+    rounds: list[dict[tuple[str, int], Level]] = []
+    soak_result = None
+    try:
+        if args.peer:
+            servers[llama] = llama_cpp_server(args.gguf, model["context_length"], work / "llama-cpp.log")
+        for name, server in servers.items():
             asyncio.run(measure_server(server, name, 1, 1, 4, prompts))  # warm-up: first-call allocations
+        for _ in range(args.rounds):
+            measured = {(SAMPLE, 1): in_process.measure(args.max_tokens, prompts, args.requests)}
             for clients in levels:
-                level = asyncio.run(measure_server(server, name, clients, args.requests, args.max_tokens, prompts,
-                                                   args.seeded))
-                measured[name, clients] = level
-                rows.append(row(level, measured[name, levels[0]]))
-            if args.soak and name == batched:
-                soak_result = asyncio.run(soak(server, args.soak, args.max_tokens, prompts, args.hang_seconds))
-        finally:
+                for name, server in servers.items():
+                    measured[name, clients] = asyncio.run(measure_server(server, name, clients, args.requests,
+                                                                         args.max_tokens, prompts, args.seeded))
+            rounds.append(measured)
+        if args.soak:
+            soak_result = asyncio.run(soak(servers[batched], args.soak, args.max_tokens, prompts, args.hang_seconds))
+    finally:
+        for server in servers.values():
             server.close()
-    sample_after = measure_generate(args.run, args.device, args.threads, args.max_tokens, prompts, args.requests,
-                                    "after them")
-    rows += [row(sample_before, None), row(sample_after, None)]
-    sample = max(sample_before, sample_after, key=rate)  # the model's own speed: the stricter reference
-    ratios = goal_lines(measured, batched, sample, levels)
-    if args.peer:
-        server = llama_cpp_server(args.gguf, model["context_length"], work / "llama-cpp.log")
+    together = {key: pooled([measured[key] for measured in rounds]) for key in rounds[0]}
+    rows = [row(together[SAMPLE, 1], None)]
+    for name in servers:
+        rows += [row(together[name, clients], together[name, levels[0]]) for clients in levels]
+    ratios = goal_lines(rounds, batched, llama if args.peer else None, levels)
+
+    if not args.skip_peers:  # measured once, after the rounds: context, not goals
+        server = lmforge_server(args.run, 1, args.device, args.threads, work / "serve-1.log")
         try:
-            asyncio.run(measure_server(server, llama, 1, 1, 4, prompts))
             for clients in levels:
-                measured[llama, clients] = asyncio.run(measure_server(server, llama, clients, args.requests,
-                                                                      args.max_tokens, prompts, args.seeded))
-                rows.append(row(measured[llama, clients], measured[llama, levels[0]]))
+                level = asyncio.run(measure_server(server, one_at_a_time, clients, args.requests, args.max_tokens,
+                                                   prompts, args.seeded))
+                rows.append(row(level, None))
+                ratios.append(f"tokens/s at {clients} clients, batched (all rounds) / --max-batch 1: "
+                              f"{rate(together[batched, clients]) / rate(level):.2f}")
         finally:
             server.close()
-        ratios += peer_lines(measured, batched, llama, levels)
-    if not args.skip_peers:
-        for clients in levels:
-            ratios.append(f"tokens/s at {clients} clients, batched / --max-batch 1: "
-                          f"{rate(measured[batched, clients]) / rate(measured[one_at_a_time, clients]):.2f}")
         for batch in (1, 16):
             try:
                 level = measure_transformers(args.run, args.device, batch, args.max_tokens, prompts, work)
@@ -525,13 +556,14 @@ def main() -> None:
                 ratios.append(f"transformers peer: not measured, the run has no HF export ({refused})")
                 break
             rows.append(row(level, None))
-            if (batched, batch) in measured:
-                ratios.append(f"tokens/s, lmforge serve at {batch} clients / transformers batch {batch}: "
-                              f"{rate(measured[batched, batch]) / rate(level):.2f}")
+            if (batched, batch) in together:
+                ratios.append(f"tokens/s, lmforge serve at {batch} clients (all rounds) / transformers batch "
+                              f"{batch}: {rate(together[batched, batch]) / rate(level):.2f}")
 
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, device {args.device}; model {model['id']} (context {model.get('context_length')}), "
-          f"{args.max_tokens} new tokens per request, {args.requests} requests per client"
+          f"{args.max_tokens} new tokens per request, {args.requests} requests per client per round, "
+          f"{args.rounds} rounds"
           f"{', seeded' if args.seeded else ''}; load average {load_before} before, {load_average()} after")
     print(f"command: python benchmarks/serve.py {' '.join(sys.argv[1:])}\n")
     print("| server | clients (batch) | requests | tokens | tokens/s | vs 1 client | TTFT p50 ms | TTFT p99 ms "

@@ -247,13 +247,17 @@ def _fresh_sample_section(run: Path, loaded: LoadedRun | UserError) -> str:
     if isinstance(loaded, UserError):  # the rest of the report still stands without the sample
         return f"{title}\n\nThe newest checkpoint could not be loaded: {loaded}"
     model, tokenizer, checkpoint = loaded.model, loaded.tokenizer, loaded.checkpoint
-    ids = list(generate(model, [tokenizer.eot_id], FRESH_TOKENS, temperature=FRESH_TEMPERATURE,
+    # An encoder-decoder's decoder writes at most its context; a decoder's window slides on.
+    from_source = model.config.arch == "encoder-decoder"
+    count = min(FRESH_TOKENS, model.config.block_size) if from_source else FRESH_TOKENS
+    ids = list(generate(model, [tokenizer.eot_id], count, temperature=FRESH_TEMPERATURE,
                         top_k=FRESH_TOP_K, generator=torch.Generator().manual_seed(FRESH_SEED),
                         stop_token=tokenizer.eot_id))
     text = tokenizer.decode(ids) or "(empty: the model ended the text at once)"
     settings = f"temperature {FRESH_TEMPERATURE}, top-k {FRESH_TOP_K}, seed {FRESH_SEED}"
-    return (f"{title}\n\nFrom checkpoint `{checkpoint.name}`, an empty prompt, {settings}, "
-            f"up to {FRESH_TOKENS} tokens:\n\n{_fenced(text)}")
+    prompt = "an empty source (end-of-text alone)" if from_source else "an empty prompt"
+    return (f"{title}\n\nFrom checkpoint `{checkpoint.name}`, {prompt}, {settings}, "
+            f"up to {count} tokens:\n\n{_fenced(text)}")
 
 
 def _inside_section(run: Path, out: Path, log: RunLog, attention_layer: int, loaded: LoadedRun | UserError

@@ -224,6 +224,8 @@ def test_the_report_and_bench_take_an_encoder_decoder(seq2seq_run, capsys):
     assert code == 0, err
     report = (seq2seq_run / "report" / "report.md").read_text()
     assert "## Fresh sample" in report and "not implemented" not in report
+    block_size = seq2seq_config().model.block_size  # the decoder writes at most its context, and the report says so
+    assert "an empty source (end-of-text alone), temperature" in report and f"up to {block_size} tokens" in report
     code, out, err = run_cli(capsys, "bench", "--config", seq2seq_run / "config.toml", "--steps", "1")
     assert code == 0, err
 

@@ -17,6 +17,7 @@ import uvicorn
 from serve_fixtures import ServeProcess
 
 from lmforge.serve.cli import MAX_BODY_BYTES, MAX_QUEUE, open_files_limit
+from lmforge.serve.transport import MAX_HEAD_BYTES
 from tests.conftest import PATIENCE, assert_one_line_error, run_cli, start_child_cli
 
 served_run = serve_fixtures.served_run
@@ -130,6 +131,18 @@ def test_request_heads_that_never_finish_are_answered_408_and_closed(probe_serve
         with sock:
             assert read_to_end(sock) == b""  # nothing started, nothing to answer
     assert httpx.get(probe_server.url + "/health", timeout=WAIT).status_code == 200
+    assert_quiet_log(probe_server)
+
+
+def test_a_request_head_over_16_kb_is_answered_431_and_closed_before_it_ends(probe_server):
+    with connect(probe_server) as sock:  # a header that never ends, arriving faster than the head's deadline
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nX-Padding: " + b"a" * (MAX_HEAD_BYTES + 1))
+        head, _, body = read_to_end(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 431") and b"connection: close" in head.lower()
+    assert json.loads(body)["error"]["code"] == "head_too_large"
+    with connect(probe_server) as sock:  # a head just under the limit is served
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\nX-Padding: " + b"a" * (MAX_HEAD_BYTES - 100) + b"\r\n\r\n")
+        assert read_response(sock)[0] == 200
     assert_quiet_log(probe_server)
 
 

@@ -66,9 +66,13 @@ def architecture_for(config: ModelConfig, fmt: str = "hf") -> Architecture:
         raise UserError(f"model.arch = encoder: a bidirectional encoder has no {fmt} export (the exported "
                         "architectures are causal decoders, which would compute other numbers, and a BERT-style "
                         "export is not implemented); export a decoder (model.arch = gpt)")
+    if config.arch == "encoder-decoder":
+        raise UserError(f"model.arch = encoder-decoder: a T5-style {fmt} export is not implemented (the exported "
+                        "architectures are causal decoders); lmforge sample and predict run it, or export a "
+                        "decoder (model.arch = gpt)")
     if config.arch != "gpt":
         raise UserError(f"model.arch = {config.arch}: export covers the transformer (model.arch = gpt) only; "
-                        "no runtime has this model")
+                        "transformers and llama.cpp have no bigram, MLP or RNN language model to load it into")
     if config.logit_softcap > 0:
         raise UserError(f"model.logit_softcap = {config.logit_softcap} has no {fmt} equivalent (transformers' and "
                         "llama.cpp's GPT-2, Llama, Arcee and Qwen3 have no soft-cap); nearest exportable: "

@@ -1,5 +1,5 @@
-"""The server's connections: how long a client may take to send a request's head, and how many connections
-are served at once (uvicorn's httptools protocol with both added).
+"""The server's connections: how long a client may take to send a request's head, how large the head may be,
+and how many connections are served at once (uvicorn's httptools protocol with these added).
 
 httptools (llhttp, in C) rather than uvicorn's h11 protocol (pure Python): a streamed completion writes one event
 per token, and h11's framing was a measurable share of the server's CPU per token (benchmarks/RESULTS.md, serving
@@ -8,8 +8,10 @@ round 4).
 uvicorn closes a keep-alive connection that sits idle between requests (--keep-alive-timeout), but waits
 forever for a request head that never finishes, so half-open connections pile up; and its concurrency limit
 answers in plain text. Here a connection that has not sent a whole request head within --header-timeout
-seconds is closed (answered 408 in OpenAI's shape if it had started one), and a connection beyond
---max-connections is answered 503 in OpenAI's shape and closed. The body has its own deadline where the app
+seconds is closed (answered 408 in OpenAI's shape if it had started one), a head larger than MAX_HEAD_BYTES is
+answered 431 and closed (llhttp sets no limit of its own, so headers would pile up in memory until the deadline;
+h11 stopped at the same 16 kB), and a connection beyond --max-connections is answered 503 in OpenAI's shape and
+closed. The body has its own deadline where the app
 reads it (--body-timeout, Server.read_json).
 """
 
@@ -24,10 +26,12 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from lmforge.serve.errors import ApiError
 
+MAX_HEAD_BYTES = 16 * 1024  # a request line and headers; an OpenAI client sends well under 2 kB
+
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline for each request head and a cap on connections (set by
-    `guarded_protocol`)."""
+    """uvicorn's httptools protocol with a deadline and a size limit for each request head, and a cap on
+    connections (set by `guarded_protocol`)."""
 
     header_timeout: float
     max_connections: int
@@ -44,6 +48,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(data)
         if self._in_request():
             self._cancel_deadline()
+        elif not self.transport.is_closing():
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._cancel_deadline()
+                self.transport.write(_raw_response(ApiError(
+                    431, f"the request line and headers are over {MAX_HEAD_BYTES} bytes", code="head_too_large")))
+                self.transport.close()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -61,6 +72,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _await_head(self) -> None:
         self._cancel_deadline()
         self.head_started = False
+        self.head_bytes = 0
         self.head_deadline = self.loop.call_later(self.header_timeout, self._head_overdue)
 
     def _cancel_deadline(self) -> None:
