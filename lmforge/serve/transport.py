@@ -2,8 +2,8 @@
 and how many connections are served at once (uvicorn's httptools protocol with these added).
 
 httptools (llhttp, in C) rather than uvicorn's h11 protocol (pure Python): a streamed completion writes one event
-per token, and h11's framing was a measurable share of the server's CPU per token (benchmarks/RESULTS.md, serving
-round 4).
+per token, and h11's framing showed in the server's profile at every token (with uvloop and the engine pipe's
+changes: benchmarks/RESULTS.md, serving round 4).
 
 uvicorn closes a keep-alive connection that sits idle between requests (--keep-alive-timeout), but waits
 forever for a request head that never finishes, so half-open connections pile up; and its concurrency limit
@@ -11,8 +11,7 @@ answers in plain text. Here a connection that has not sent a whole request head 
 seconds is closed (answered 408 in OpenAI's shape if it had started one), a head larger than MAX_HEAD_BYTES is
 answered 431 and closed (llhttp sets no limit of its own, so headers would pile up in memory until the deadline;
 h11 stopped at the same 16 kB), and a connection beyond --max-connections is answered 503 in OpenAI's shape and
-closed. The body has its own deadline where the app
-reads it (--body-timeout, Server.read_json).
+closed. The body has its own deadline where the app reads it (--body-timeout, Server.read_json).
 """
 
 from __future__ import annotations
