@@ -30,7 +30,7 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import NamedTuple
@@ -79,10 +79,12 @@ class StepReport(NamedTuple):
     rows: tuple[int, ...]  # the batch size of each step since the last report
 
 
+EVENT_FIELDS = tuple(field.name for field in fields(GenerationEvent))  # a field added there travels too
+
+
 def wire_event(event: GenerationEvent) -> tuple:
     """An event as the tuple of its fields, in their order (`GenerationEvent(*fields)` on the other side)."""
-    return (event.text, event.token, event.is_stop_token, event.logprob, event.top_logprobs, event.prompt_logprobs,
-            event.finish_reason, event.error)
+    return tuple(getattr(event, name) for name in EVENT_FIELDS)
 
 
 def load_engine(run: str | Path, device: str, max_batch: int) -> BatchedEngine:
