@@ -14,9 +14,9 @@ run `make demo` trains), or else the demo's preset (configs/shakespeare-char.tom
    same architecture from random initialisation fine-tuned for the same time, of TF-IDF + logistic regression
    trained on the same train split, and of the majority class.
 2. folio: test BLEU and chrF of the pretrained model fine-tuned (translate) against copying the source.
-3. next-line: zero-shot acc and acc_norm of the pretrained model against chance (25%), each with its one-sided
-   exact binomial p-value over the test split, and of a model pretrained 10x longer when --long-pretrain-seconds
-   is given.
+3. next-line: zero-shot acc, acc_norm and acc_pmi of the pretrained model against chance (25%), each with its
+   one-sided exact binomial p-value over the test split, and of a model pretrained 10x longer when
+   --long-pretrain-seconds is given.
 4. LoRA against full fine-tuning on genre (classify) and modernize (sft): trainable parameters, median step
    time, peak resident memory of the fine-tuning process, and the task metric on the test split.
 5. The families (issue 23), each pretrained for --pretrain-seconds from the same preset with only model.arch
@@ -206,16 +206,15 @@ def main() -> None:
         questions = sum(1 for line in test.read_text().splitlines() if line.strip())
 
         def choice_result(scores: dict) -> str:
-            return (f"acc {scores['acc']:.3f} (p {above_chance_p(scores['acc'], questions, 0.25):.2g}), "
-                    f"acc_norm {scores['acc_norm']:.3f} (p {above_chance_p(scores['acc_norm'], questions, 0.25):.2g}),"
-                    f" {questions} questions")
+            return ", ".join(f"{name} {scores[name]:.3f} (p {above_chance_p(scores[name], questions, 0.25):.2g})"
+                             for name in ("acc", "acc_norm", "acc_pmi")) + f", {questions} questions"
 
         add("next-line", "pretrained, zero-shot", choice_result(evaluate(base, "choice", test)))
         if args.long_pretrain_seconds:
             longer = pretrain(work, "pretrained-long", args.long_pretrain_seconds)
             add("next-line", f"pretrained {args.long_pretrain_seconds:.0f} s, zero-shot",
                 choice_result(evaluate(longer, "choice", test)))
-        add("next-line", "chance", "acc 0.250, acc_norm 0.250")
+        add("next-line", "chance", "0.250")
     if "lora" in parts:
         for name, task in (("genre", "classify"), ("modernize", "sft")):
             for method in ("full", "lora"):

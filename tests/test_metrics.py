@@ -91,15 +91,22 @@ def test_squad_normalisation_exact_match_and_token_f1():
     assert scores == pytest.approx({"exact_match": 50.0, "f1": 100 * (1 + 2 / 3) / 2})
 
 
-def test_choice_scores_by_sum_by_mean_and_chance_centred():
+def test_choice_scores_by_sum_by_mean_by_pmi_and_chance_centred():
     log_likelihoods = [[-1.0, -2.0, -9.0], [-5.0, -6.0, -4.0]]
     tokens = [[1, 4, 9], [2, 2, 2]]
+    # after the premise alone: item 0's choice 2 is rare on its own (-20), so it gains most from the context
+    premise = [[-1.5, -2.5, -20.0], [-4.0, -5.0, -4.5]]
     labels = [1, 2]
-    # item 0: sums pick choice 0 (wrong); means -1, -0.5, -1 pick choice 1 (right). item 1: both pick 2.
+    # item 0: sums pick choice 0 (wrong); means -1, -0.5, -1 pick choice 1 (right); PMI 0.5, 0.5, 11 picks 2
+    # (wrong). item 1: sums and means pick 2; PMI -1, -1, 0.5 picks 2 (right).
     assert metrics.best_choices(log_likelihoods, tokens) == ([0, 2], [1, 2])
-    scores = metrics.choice_scores(log_likelihoods, tokens, labels)
+    assert metrics.pmi_choices(log_likelihoods, premise) == [2, 2]
+    scores = metrics.choice_scores(log_likelihoods, tokens, premise, labels)
     chance = 1 / 3
-    assert scores == pytest.approx({"acc": 0.5, "acc_norm": 1.0, "acc_centered": (0.5 - chance) / (1 - chance)})
+    assert scores == pytest.approx({"acc": 0.5, "acc_norm": 1.0, "acc_centered": (0.5 - chance) / (1 - chance),
+                                    "acc_pmi": 0.5})
+    with pytest.raises(ValueError):
+        metrics.choice_scores(log_likelihoods, tokens, premise[:1], labels)
 
 
 def test_baselines():

@@ -25,7 +25,7 @@ from lmforge.tasks import metrics
 TOKENIZER = CharTokenizer("".join(sorted(set(string.ascii_letters + string.digits + " .,:;!'?\n-"))))
 KEYS = {"classify": {"accuracy", "macro_precision", "macro_recall", "macro_f1", "per_class", "confusion"},
         "translate": {"bleu", "chrf", "copy_bleu", "copy_chrf"}, "qa": {"exact_match", "f1"},
-        "choice": {"acc", "acc_norm", "acc_centered"}, "sft": {"loss", "perplexity"}}
+        "choice": {"acc", "acc_norm", "acc_centered", "acc_pmi"}, "sft": {"loss", "perplexity"}}
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +92,15 @@ def test_choice_equals_a_direct_computation(run, tmp_path, capsys):
     by_sum = [max(range(len(s)), key=s.__getitem__) for s in log_likelihoods]
     by_mean = [max(range(len(s)), key=lambda i, s=s, n=n: s[i] / n[i])
                for s, n in zip(log_likelihoods, lengths, strict=True)]
+    # acc_pmi's baseline: each choice after the context's last character alone (the end-of-text token if none)
+    alone = [[direct_log_likelihood(model, record["context"][-1:], c, 24)[0] for c in record["choices"]]
+             for record in CHOICES]
+    by_pmi = [max(range(len(s)), key=lambda i, s=s, a=a: s[i] - a[i])
+              for s, a in zip(log_likelihoods, alone, strict=True)]
     labels = [record["label"] for record in CHOICES]
     acc = sum(p == y for p, y in zip(by_sum, labels, strict=True)) / len(labels)
     acc_norm = sum(p == y for p, y in zip(by_mean, labels, strict=True)) / len(labels)
+    acc_pmi = sum(p == y for p, y in zip(by_pmi, labels, strict=True)) / len(labels)
     chance = sum(1 / len(r["choices"]) for r in CHOICES) / len(CHOICES)
     for batch_size in ("1", "5"):  # batches mix choices of different lengths, right-padded
         predictions = tmp_path / f"choice-{batch_size}.jsonl"
@@ -102,8 +108,10 @@ def test_choice_equals_a_direct_computation(run, tmp_path, capsys):
         assert scores["acc"] == pytest.approx(acc)
         assert scores["acc_norm"] == pytest.approx(acc_norm)
         assert scores["acc_centered"] == pytest.approx((acc - chance) / (1 - chance))
-        assert read_jsonl(predictions) == [{"prediction": s, "prediction_norm": m, "reference": y}
-                                           for s, m, y in zip(by_sum, by_mean, labels, strict=True)]
+        assert scores["acc_pmi"] == pytest.approx(acc_pmi)
+        assert read_jsonl(predictions) == [
+            {"prediction": s, "prediction_norm": m, "prediction_pmi": p, "reference": y}
+            for s, m, p, y in zip(by_sum, by_mean, by_pmi, labels, strict=True)]
 
 
 def test_choice_log_likelihoods_match_per_choice(run):

@@ -215,7 +215,7 @@ BUILTIN = {
         f"alike, both lines are {FOLIO_LINE_CHARS[0]}-{FOLIO_LINE_CHARS[1]} characters, and the Folio line "
         "uses only characters of the modern corpus."),
     "next-line": BuiltinTask(
-        "next-line", "choice", "acc, acc_norm, acc_centered", "chance 25%",
+        "next-line", "choice", "acc, acc_norm, acc_centered, acc_pmi", "chance 25%",
         make_next_line,
         f"HellaSwag-style multiple choice: {NEXT_LINE_CONTEXT} lines of a play as context; the true next line "
         "and three distractor lines from elsewhere in the same play (random order). Zero-shot."),

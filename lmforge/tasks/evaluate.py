@@ -4,13 +4,15 @@
     translate  bleu, chrf, copy_bleu, copy_chrf   (greedy decoding after source + TRANSLATE_SEPARATOR; a run
                fine-tuned on chat is asked CHAT_TRANSLATE_PROMPT, the built-in modernize task's request)
     qa         exact_match, f1   (greedy reply to the QA_PROMPT chat turn, SQuAD v1.1 normalisation)
-    choice     acc, acc_norm, acc_centered   (zero-shot: each choice's summed log-probability given the context)
+    choice     acc, acc_norm, acc_centered, acc_pmi   (zero-shot: each choice's summed log-probability given the
+               context; acc_pmi: minus its log-probability after the context's last token alone)
     sft        loss, perplexity   (next-token loss on the assistant turns only, per token)
 
 Models are prompted exactly as fine-tuning trained them (each kind's `prompt_ids`: lmforge/tasks/kinds.py). A
 text longer than the context keeps its last tokens; how many were cut is said on stderr, not in the metrics.
 With a predictions file, one JSON object per record, in input order: {"prediction", "reference"} (the label, the
-target text, the answers, the correct choice index; choice adds "prediction_norm", acc_norm's pick).
+target text, the answers, the correct choice index; choice adds "prediction_norm" and "prediction_pmi", the picks
+of acc_norm and acc_pmi).
 """
 
 from __future__ import annotations
@@ -99,12 +101,15 @@ def evaluate_classify(model: nn.Module, tokenizer: Tokenizer, records: Sequence[
     return scores, [{"prediction": p, "reference": r} for p, r in zip(predicted, references, strict=True)]
 
 
-def completion_sequences(tokenizer: Tokenizer, context: str, choices: Sequence[str], block_size: int
-                         ) -> tuple[list[list[int]], list[int], int]:
+def completion_sequences(tokenizer: Tokenizer, context: str, choices: Sequence[str], block_size: int, *,
+                         premise_only: bool = False) -> tuple[list[list[int]], list[int], int]:
     """For each choice, the token ids context + choice (each encoded alone, as llm.c's HellaSwag does; an
     empty context is the end-of-text token) cut to their last block_size + 1, and how many of the last ids are
-    the choice's (scored). Also how many sequences were cut."""
+    the choice's (scored). Also how many sequences were cut. premise_only: the context's last token alone
+    stands before each choice (what every choice follows: acc_pmi's baseline)."""
     context_ids = tokenizer.encode(context) or [tokenizer.eot_id]
+    if premise_only:
+        context_ids = context_ids[-1:]
     sequences, scored, cut = [], [], 0
     for choice in choices:
         choice_ids = tokenizer.encode(choice)
@@ -142,26 +147,32 @@ def sequence_log_likelihoods(model: nn.Module, sequences: Sequence[Sequence[int]
 
 def evaluate_choice(model: nn.Module, tokenizer: Tokenizer, records: Sequence[dict], batch_size: int,
                     device: str | torch.device) -> tuple[dict, list[dict]]:
-    sequences, scored, owners, cut = [], [], [], 0
-    for index, record in enumerate(records):
-        ids, counts, cut_here = completion_sequences(tokenizer, record["context"], record["choices"],
-                                                     model.config.block_size)
-        sequences += ids
-        scored += counts
-        owners += [index] * len(ids)
-        cut += cut_here
-    note_truncated(cut, len(sequences), "context + choice sequences")
-    totals = sequence_log_likelihoods(model, sequences, scored, tokenizer.eot_id, batch_size, device)
-    log_likelihoods: list[list[float]] = [[] for _ in records]
-    token_counts: list[list[int]] = [[] for _ in records]
-    for owner, total, count in zip(owners, totals, scored, strict=True):
-        log_likelihoods[owner].append(total)
-        token_counts[owner].append(count)
+    def per_record(premise_only: bool) -> tuple[list[list[float]], list[list[int]], int]:
+        sequences, scored, owners, cut = [], [], [], 0
+        for index, record in enumerate(records):
+            ids, counts, cut_here = completion_sequences(tokenizer, record["context"], record["choices"],
+                                                         model.config.block_size, premise_only=premise_only)
+            sequences += ids
+            scored += counts
+            owners += [index] * len(ids)
+            cut += cut_here
+        totals = sequence_log_likelihoods(model, sequences, scored, tokenizer.eot_id, batch_size, device)
+        log_likelihoods: list[list[float]] = [[] for _ in records]
+        token_counts: list[list[int]] = [[] for _ in records]
+        for owner, total, count in zip(owners, totals, scored, strict=True):
+            log_likelihoods[owner].append(total)
+            token_counts[owner].append(count)
+        return log_likelihoods, token_counts, cut
+
+    log_likelihoods, token_counts, cut = per_record(premise_only=False)
+    note_truncated(cut, sum(len(record["choices"]) for record in records), "context + choice sequences")
+    premise_log_likelihoods, _, _ = per_record(premise_only=True)
     labels = [record["label"] for record in records]
     by_sum, by_mean = metrics.best_choices(log_likelihoods, token_counts)
-    rows = [{"prediction": s, "prediction_norm": m, "reference": label}
-            for s, m, label in zip(by_sum, by_mean, labels, strict=True)]
-    return metrics.choice_scores(log_likelihoods, token_counts, labels), rows
+    by_pmi = metrics.pmi_choices(log_likelihoods, premise_log_likelihoods)
+    rows = [{"prediction": s, "prediction_norm": m, "prediction_pmi": p, "reference": label}
+            for s, m, p, label in zip(by_sum, by_mean, by_pmi, labels, strict=True)]
+    return metrics.choice_scores(log_likelihoods, token_counts, premise_log_likelihoods, labels), rows
 
 
 def evaluate_sft(model: nn.Module, tokenizer: Tokenizer, records: Sequence[dict], template, batch_size: int,

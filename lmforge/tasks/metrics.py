@@ -97,28 +97,43 @@ def best_choices(log_likelihoods: Sequence[Sequence[float]], completion_tokens: 
                  ) -> tuple[list[int], list[int]]:
     """Each item's chosen index by summed log-likelihood, and by mean log-likelihood per completion token
     (the first of tied choices wins)."""
-    by_sum, by_mean = [], []
-    for scores, lengths in zip(log_likelihoods, completion_tokens, strict=True):
-        by_sum.append(max(range(len(scores)), key=lambda i: scores[i]))
-        by_mean.append(max(range(len(scores)), key=lambda i: scores[i] / lengths[i]))
-    return by_sum, by_mean
+    return (_argmax_each(log_likelihoods),
+            _argmax_each([[score / length for score, length in zip(scores, lengths, strict=True)]
+                          for scores, lengths in zip(log_likelihoods, completion_tokens, strict=True)]))
+
+
+def pmi_choices(log_likelihoods: Sequence[Sequence[float]], premise_log_likelihoods: Sequence[Sequence[float]]
+                ) -> list[int]:
+    """Each item's chosen index by pointwise mutual information with the context: the choice's log-likelihood
+    after the context minus after the premise alone (the context's last token), so how common a choice's words
+    are on their own cancels (Holtzman et al. 2021, "Surface Form Competition")."""
+    return _argmax_each([[given - alone for given, alone in zip(scores, premise, strict=True)]
+                         for scores, premise in zip(log_likelihoods, premise_log_likelihoods, strict=True)])
+
+
+def _argmax_each(rows: Sequence[Sequence[float]]) -> list[int]:
+    return [max(range(len(row)), key=row.__getitem__) for row in rows]
 
 
 def choice_scores(log_likelihoods: Sequence[Sequence[float]], completion_tokens: Sequence[Sequence[int]],
-                  labels: Sequence[int]) -> dict:
+                  premise_log_likelihoods: Sequence[Sequence[float]], labels: Sequence[int]) -> dict:
     """Multiple-choice accuracy from each choice's summed log-likelihood given the context.
 
     acc: the choice with the highest summed log-likelihood; acc_norm: the highest mean log-likelihood per
     completion TOKEN (llm.c's HellaSwag: the lowest average loss over the completion's tokens; with a character
     tokenizer that is per character); acc_centered: (acc - chance) / (1 - chance), chance being the mean of
-    1 / number of choices, so 0 is guessing and 1 is perfect.
+    1 / number of choices, so 0 is guessing and 1 is perfect; acc_pmi: the highest log-likelihood after the
+    context minus after the premise alone (`pmi_choices`; premise_log_likelihoods are the latter).
     """
-    if not (len(log_likelihoods) == len(completion_tokens) == len(labels)) or not labels:
-        raise ValueError("choice scores need one list of log-likelihoods, token counts and a label per item")
+    if not (len(log_likelihoods) == len(completion_tokens) == len(premise_log_likelihoods) == len(labels)) \
+            or not labels:
+        raise ValueError("choice scores need log-likelihoods with and without the context, token counts and a label "
+                         "per item")
     by_sum, by_mean = best_choices(log_likelihoods, completion_tokens)
     acc = accuracy(by_sum, labels)
     chance = sum(1 / len(scores) for scores in log_likelihoods) / len(labels)
-    return {"acc": acc, "acc_norm": accuracy(by_mean, labels), "acc_centered": (acc - chance) / (1 - chance)}
+    return {"acc": acc, "acc_norm": accuracy(by_mean, labels), "acc_centered": (acc - chance) / (1 - chance),
+            "acc_pmi": accuracy(pmi_choices(log_likelihoods, premise_log_likelihoods), labels)}
 
 
 def majority_baseline(train_labels: Sequence[str], count: int) -> list[str]:
