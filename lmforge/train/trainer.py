@@ -302,6 +302,7 @@ class Trainer:
                 self.window = (self.window[0], self.window[1] + tokens)
                 progress.elapsed = time.perf_counter() - launch_start
                 self._between_steps(lr, grad_norm, bar)
+            progress.elapsed = elapsed  # the clock when the run stopped: a time budget is spent in full
         finally:
             bar.close()
         return reason
