@@ -1,13 +1,13 @@
 """Fine-tuning measured (issue 12): does pretraining transfer to tasks, and what does LoRA cost and give?
 
-    python benchmarks/finetune.py [--base RUN] [--pretrain-seconds 300] [--finetune-seconds 120]
+    python benchmarks/finetune.py [--base RUN | --config PRESET] [--pretrain-seconds 300] [--finetune-seconds 120]
                                   [--long-pretrain-seconds 0] [--work DIR]
                                   [--only genre,folio,next-line,lora,encoder,encoder-decoder]
                                   [--pretrain-args '--model.block_size 320 --train.batch_size 6' (the default)]
                                   [--finetune-args '--lr 1e-3 --finetune.patience 0' (the default)]
 
 Run it alone on the machine (two cores): every figure is a time budget. The base is `--base RUN` (e.g. the
-run `make demo` trains), or else the demo's preset (configs/shakespeare-char.toml) trained here for
+run `make demo` trains), or else --config (the demo's preset, configs/shakespeare-char.toml) trained here for
 --pretrain-seconds on the built-in corpus. Then, with the built-in tasks (`lmforge tasks make`):
 
 1. genre: test accuracy and macro F1 of the pretrained model fine-tuned (full) for --finetune-seconds, of the
@@ -64,14 +64,14 @@ def lmforge(*args: str) -> tuple[str, float]:
     return done.stdout, float(peak[-1].split("=")[1]) if peak else float("nan")
 
 
-def pretrain(work: Path, name: str, seconds: float, *extra: str) -> Path:
-    """The demo's preset trained `seconds` on the built-in corpus, with `extra` train flags."""
+def pretrain(work: Path, config: Path, name: str, seconds: float, *extra: str) -> Path:
+    """The preset `config` trained `seconds` on the built-in corpus, with `extra` train flags."""
     data = work / "data"
     if not data.exists():
         lmforge("prepare", "--source", "shakespeare", "--tokenizer", "char", "--val-fraction", "0.1",
                 "--out", str(data), "--quiet")
     run = work / name
-    lmforge("train", "--config", str(ROOT / "configs" / "shakespeare-char.toml"), "--data", str(data),
+    lmforge("train", "--config", str(config), "--data", str(data),
             "--out", str(run), "--max-time", str(seconds), "--overwrite", "--quiet", *extra)
     return run
 
@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument("--long-pretrain-seconds", type=float, default=0, help="e.g. 3000: next-line after 10x")
     parser.add_argument("--work", help="keep runs and data here (default: a temporary directory)")
     parser.add_argument("--only", default="genre,folio,next-line,lora,encoder,encoder-decoder")
+    parser.add_argument("--config", type=Path, default=ROOT / "configs" / "shakespeare-char.toml",
+                        help="the preset every base is pretrained from (default: the demo's; --base replaces the "
+                             "decoder's)")
     parser.add_argument("--pretrain-args", default="--model.block_size 320 --train.batch_size 6",
                         help="extra train flags for every pretrained base")
     # The fine-tuning default for full runs (lr 1e-4) is gentle for these tiny models: measured here, a 60 s
@@ -152,12 +155,14 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     pretrain_args = args.pretrain_args.split()
     decoder_parts = {"genre", "folio", "next-line", "lora"}
-    base = Path(args.base) if args.base else \
-        pretrain(work, "pretrained", args.pretrain_seconds, *pretrain_args) if parts & decoder_parts else None
-    encoder = pretrain(work, "pretrained-encoder", args.pretrain_seconds, *pretrain_args, "--model.arch",
-                       "encoder") if "encoder" in parts else None
-    t5 = pretrain(work, "pretrained-encoder-decoder", args.pretrain_seconds, *pretrain_args, "--model.arch",
-                  "encoder-decoder") if "encoder-decoder" in parts else None
+
+    def pretrained(name: str, *extra: str) -> Path:
+        return pretrain(work, args.config, name, args.pretrain_seconds, *pretrain_args, *extra)
+
+    base = Path(args.base) if args.base else pretrained("pretrained") if parts & decoder_parts else None
+    encoder = pretrained("pretrained-encoder", "--model.arch", "encoder") if "encoder" in parts else None
+    t5 = pretrained("pretrained-encoder-decoder", "--model.arch", "encoder-decoder") \
+        if "encoder-decoder" in parts else None
     tasks = work / "tasks"
     for name in ("genre", "folio", "next-line", "modernize"):
         if not (tasks / name).exists():
@@ -211,7 +216,7 @@ def main() -> None:
 
         add("next-line", "pretrained, zero-shot", choice_result(evaluate(base, "choice", test)))
         if args.long_pretrain_seconds:
-            longer = pretrain(work, "pretrained-long", args.long_pretrain_seconds)
+            longer = pretrain(work, args.config, "pretrained-long", args.long_pretrain_seconds, *pretrain_args)
             add("next-line", f"pretrained {args.long_pretrain_seconds:.0f} s, zero-shot",
                 choice_result(evaluate(longer, "choice", test)))
         add("next-line", "chance", "0.250")

@@ -248,8 +248,8 @@ def test_train_check_export_prints_the_report_first(tiny_data, tmp_path, capsys)
                                  "--train.eval_tokens", "32", "--train.device", "cpu", "--train.compile", "false",
                                  "--quiet")
     assert code == 0, err
-    assert printed.splitlines()[:2] == ["export --format hf: Qwen3ForCausalLM",
-                                        "export --format gguf: llama.cpp 'qwen3'"]
+    assert printed.splitlines()[:2] == ["export --format hf: ArceeForCausalLM",
+                                        "export --format gguf: llama.cpp 'arcee'"]
 
 
 # ----- bad input -----

@@ -34,8 +34,8 @@ from tests.conftest import assert_one_line_error, run_cli
 # The demo preset's shape (configs/shakespeare-char.toml), with a longer context so that a nested answer and the
 # chat template's prompt fit together; random weights, as "whatever the model" asks.
 DEMO_SHAPE = {"model.n_layer": "4", "model.n_head": "4", "model.n_embd": "128", "model.block_size": "256",
-              "model.position": "rope", "model.norm": "rmsnorm", "model.mlp": "swiglu", "model.qk_norm": "true",
-              "model.bias": "false", "train.device": "cpu", "train.precision": "fp32", "train.compile": "false"}
+              "model.position": "rope", "model.norm": "rmsnorm", "model.mlp": "relu2", "model.bias": "false",
+              "train.device": "cpu", "train.precision": "fp32", "train.compile": "false"}
 # Printable ASCII: JSON's brackets and quotes included (the Shakespeare corpus has none of them).
 PRINTABLE = "".join(sorted(set(string.printable) - set("\t\r\x0b\x0c")))
 BPE_TEXT = ('{"name": "Ada", "age": 36, "tags": ["red", "blue"], "ok": true, "score": 9.5, "when": null} '

@@ -16,7 +16,7 @@ from lmforge.lab.learn import check_png_out
 from lmforge.model.activations import ACTIVATIONS
 from lmforge.plots import new_figure, png_bytes
 
-# A transformer MLP nonlinearity (model.mlp = "relu2", the lab preset's), written as gpt.py's MLP computes it.
+# The transformer's MLP nonlinearity (model.mlp = "relu2", the demo's), written as gpt.py's MLP computes it.
 PLOTTED = {**ACTIVATIONS, "relu² (model.mlp)": lambda z: F.relu(z).square()}
 
 
