@@ -410,9 +410,11 @@ def test_ctrl_c_in_a_terminal_stops_the_server_and_its_engine_process(served_run
     import sys
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # SIGINT at its default, as in a terminal: a test run started in the background (a job in a non-interactive
+    # shell) inherits it ignored, and the server would inherit that and rightly keep running through Ctrl-C.
     process = subprocess.Popen([sys.executable, "-m", "lmforge", "serve", str(served_run), "--port", "0",
                                 "--device", "cpu"], stderr=subprocess.PIPE, text=True, env=env,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         url = process.stderr.readline().split(" on ")[1].split()[0]
         children = serve_fixtures.child_pids(process.pid)
