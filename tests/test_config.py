@@ -137,8 +137,10 @@ def test_every_numeric_key_enforces_its_declared_range(dotted):
     if bound.below is not None:
         edges_and_outsides.append((bound.below - step, bound.below))
     # A bigram has no attention heads: a width or head count at its edge is not also refused by the
-    # transformer's rule between them (tested below), so the key's own range is what is tested here.
-    alone = {"model.arch": "bigram"} if dotted.startswith("model.") else {}
+    # transformer's rule between them (tested below), so the key's own range is what is tested here. The
+    # decoder's own options are tested on the decoder.
+    arch = "gpt" if dotted in ("model.multi_token",) else "bigram"
+    alone = {"model.arch": arch} if dotted.startswith("model.") else {}
     for edge, outside in edges_and_outsides:
         assert value_of(load_config(None, {**alone, dotted: str(edge)}), dotted) == edge
         refused(dotted, lambda outside=outside: load_config(None, {**alone, dotted: str(outside)}))

@@ -31,7 +31,9 @@ ARCHITECTURES = {
     "gpt2": dict(position="learned", norm="layernorm", mlp="gelu", bias=True),
     "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu", bias=True, n_kv_head=2, tie_embeddings=False),
     "arcee": dict(position="rope", norm="rmsnorm", mlp="relu2", bias=False),
-    "qwen3": dict(position="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, n_kv_head=2),
+    # with multi-token heads, which only training reads: the export leaves them out
+    "qwen3": dict(position="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False, n_kv_head=2,
+                  multi_token=2),
 }
 
 
@@ -292,6 +294,7 @@ def test_wrong_flags_are_one_line(flags, fragments, tmp_path, capsys):
     (dict(bias=True), ["model.bias = true", "arcee", "nearest exportable: model.bias = false"]),
     (dict(logit_softcap=30.0), ["model.logit_softcap"]),
     (dict(qk_norm=True), ["model.qk_norm = true", "nearest exportable"]),
+    (dict(value_embeddings=True), ["model.value_embeddings = true", "nearest exportable"]),
 ])
 def test_a_model_llama_cpp_cannot_compute_is_refused(options, fragments, tmp_path, capsys):
     run = make_run(tmp_path / "run", "arcee", char_tokenizer(), **options)

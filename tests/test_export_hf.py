@@ -32,7 +32,7 @@ PROMPT = "ROMEO:"
 NEW_TOKENS = 32
 BLOCK_SIZE = 64  # the whole TEXT and PROMPT + 32 new tokens fit: learned positions never slide
 # Every option export must carry over, spread across the four shapes: untied heads, biases on and off,
-# rope_theta, norm_eps, grouped-query attention, an MLP width of one's own.
+# rope_theta, norm_eps, grouped-query attention, an MLP width of one's own, multi-token heads.
 SHAPES = {
     "gpt2": dict(tie_embeddings=False, norm_eps=1e-4),
     "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2, bias=True, rope_theta=500.0,
@@ -40,7 +40,7 @@ SHAPES = {
     "arcee": dict(position="rope", norm="rmsnorm", mlp="relu2", n_kv_head=1, bias=False, tie_embeddings=False,
                   rope_theta=1000.0, mlp_hidden=48),
     "qwen3": dict(position="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, n_kv_head=2, bias=False,
-                  rope_theta=2000.0),
+                  rope_theta=2000.0, multi_token=2),  # multi-token heads: training's alone, left out
 }
 HF_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "arcee": "ArceeForCausalLM",
               "qwen3": "Qwen3ForCausalLM"}
@@ -204,6 +204,7 @@ def test_qk_norm_epsilon_gap_is_within_tolerance_at_lmforge_init(tokenizers, tmp
     (dict(position="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=True),
      ("model.bias = true", "qwen3", "nearest exportable: model.bias = false")),
     (dict(arch="rnn"), ("model.arch = rnn",)),
+    (dict(value_embeddings=True), ("model.value_embeddings = true", "nearest exportable")),
 ])
 def test_architecture_refusals_name_the_option_and_the_nearest_choice(options, fragments):
     config = ModelConfig(vocab_size=10, block_size=8, n_layer=1, n_head=4, n_embd=16, **options)

@@ -1,4 +1,5 @@
-"""The speedrun's options and tools: zero-initialised projections, intra-op threads, the wsd schedule in a run,
+"""The speedrun's options and tools: zero-initialised projections, value embeddings, multi-token prediction, the
+batch-size and context warmups, intra-op threads, the wsd schedule in a run,
 the weight average (train.ema_decay), the trainer's time estimate, and benchmarks/speedrun.py's statistics and
 table (the benchmark itself, at its real budgets, is run alone, never here)."""
 
@@ -19,6 +20,8 @@ from lmforge.errors import UserError
 from lmforge.model.gpt import GPT
 from lmforge.run import directory as rundir
 from lmforge.train.ema import WeightAverage, decay_at
+from lmforge.train.optim import hidden_matrices
+from lmforge.train.schedule import warmup_divisor
 from lmforge.train.trainer import Trainer
 from tests.conftest import ROOT, TINY_RUN_TOML, records, run_cli, train_losses
 
@@ -109,6 +112,183 @@ def test_training_says_once_per_launch_how_long_it_will_take(tiny_data, tmp_path
         assert timed == first_timed
         # The estimate is this launch's steps at the pace measured so far (both figures rounded).
         assert abs(seconds - milliseconds * steps / 1000) <= 0.5 + steps * 0.5 / 1000 + 1e-9
+
+
+# ----- model.value_embeddings -----
+def randomise(parameters, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in parameters:
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+
+
+def test_value_embeddings_start_at_zero_and_then_add_to_each_layers_values(tiny_config):
+    plain_config = tiny_config(model__n_layer=2, model__n_kv_head=1, model__position="rope",
+                               model__vocab_size=40).model
+    config = tiny_config(model__n_layer=2, model__n_kv_head=1, model__position="rope", model__vocab_size=40,
+                         model__value_embeddings="true").model
+    plain, model = GPT(plain_config), GPT(config)
+    assert set(model.state_dict()) - set(plain.state_dict()) == {"value_embeds.0.weight", "value_embeds.1.weight"}
+    # One table per layer, as wide as its (grouped) values; the model starts as the plain one computes.
+    assert tuple(model.value_embeds[0].weight.shape) == (40, config.n_embd // config.n_head)
+    assert not any(table.weight.any() for table in model.value_embeds)
+    model.load_state_dict(plain.state_dict(), strict=False)
+    idx = torch.randint(0, 40, (2, 9))
+    torch.testing.assert_close(model(idx)[0], plain(idx)[0])
+    # Then: layer l's values are its projection's plus the token's row of table l (a hook on the projection
+    # adds the same rows to the plain model's values, by hand).
+    randomise(model.value_embeds.parameters())
+    width = config.n_embd
+    for layer, block in enumerate(plain.blocks):
+        table = model.value_embeds[layer].weight
+        block.attn.qkv.register_forward_hook(lambda module, inputs, output, table=table: torch.cat(
+            (output[..., : width + table.size(1)], output[..., width + table.size(1):] + table[idx]), dim=-1))
+    torch.testing.assert_close(model(idx)[0], plain(idx)[0])
+
+
+def test_value_embeddings_give_the_same_logits_with_and_without_the_kv_cache(tiny_config):
+    model = GPT(tiny_config(model__n_layer=2, model__vocab_size=40, model__position="rope",
+                            model__value_embeddings="true").model).eval()
+    randomise(model.value_embeds.parameters())
+    idx = torch.randint(0, 40, (2, 10))
+    cache = model.new_cache(2, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        full = model(idx)[0]
+        pieces = [model(idx[:, start:end], cache=cache)[0] for start, end in ((0, 6), (6, 8), (8, 10))]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_value_embeddings_train_and_are_refused_where_nothing_computes_them(tiny_config, tiny_data, tmp_path):
+    trainer = Trainer(tiny_config(model__value_embeddings="true", train__max_steps=30, train__log_every=1),
+                      tiny_data, tmp_path / "run", quiet=True)
+    trainer.run()
+    losses = [record["loss"] for record in records(tmp_path / "run", "train")]
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5
+    assert all(table.weight.abs().max() > 0 for table in trainer.model.value_embeds)  # they learned
+    # AdamW trains them, as it trains every embedding; Muon takes only the matrices inside the blocks.
+    assert not any(name.startswith("value_embeds") for name in hidden_matrices(trainer.model))
+    with pytest.raises(UserError, match="scratch engine does not support model.value_embeddings"):
+        Trainer(tiny_config(model__value_embeddings="true", train__engine="scratch"), tiny_data,
+                tmp_path / "scratch", quiet=True)
+    with pytest.raises(UserError, match="model.value_embeddings .* arch 'encoder'"):
+        tiny_config(model__arch="encoder", model__value_embeddings="true")
+
+
+# ----- model.multi_token -----
+def test_multi_token_loss_is_the_next_token_loss_with_the_extra_heads_gradient(tiny_config):
+    config = tiny_config(model__n_layer=2, model__vocab_size=40, model__multi_token=2,
+                         model__multi_token_weight=0.3, model__logit_softcap=5).model
+    model = GPT(config).train()
+    randomise(model.ahead.parameters(), seed=1)
+    idx, targets = torch.randint(0, 40, (3, 12)), torch.randint(0, 40, (3, 12))
+    targets[0, 4] = -100  # an ignored target is ignored by every head
+    _, loss = model(idx, targets)
+    loss.backward()
+    trained = {name: param.grad.clone() for name, param in model.named_parameters()}
+    # The value: the next-token loss alone, as evaluation (model.eval()) reports it.
+    with torch.no_grad():
+        model.eval()
+        assert loss.item() == pytest.approx(model(idx, targets)[1].item(), rel=1e-6)
+        model.train()
+    # The gradient: that of next-token loss + 0.3 x the mean over k = 1, 2 of head k's loss on the token k
+    # places further on, written out here from the parts.
+    model.zero_grad()
+    states = model.hidden_states(idx)
+    head = model.head_weight()[:40]
+    logits = 5 * torch.tanh(states @ head.T / 5)
+    total = torch.nn.functional.cross_entropy(logits.reshape(-1, 40), targets.reshape(-1))
+    extra = []
+    for k, projection in ((1, model.ahead[0]), (2, model.ahead[1])):
+        shifted = states[:, :-k] + states[:, :-k] @ projection.weight.T
+        shifted = shifted / shifted.pow(2).mean(-1, keepdim=True).add(torch.finfo(torch.float32).eps).sqrt()
+        extra.append(torch.nn.functional.cross_entropy((5 * torch.tanh(shifted @ head.T / 5)).reshape(-1, 40),
+                                                       targets[:, k:].reshape(-1)))
+    (total + 0.3 * sum(extra) / 2).backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(trained[name], param.grad, atol=1e-6, rtol=1e-4, msg=name)
+    assert all(trained[f"ahead.{k}.weight"].abs().max() > 0 for k in (0, 1))
+
+
+def test_multi_token_trains_and_is_refused_where_nothing_computes_it(tiny_config, tiny_data, tmp_path):
+    Trainer(tiny_config(model__multi_token=2, train__max_steps=30, train__log_every=1), tiny_data,
+            tmp_path / "run", quiet=True).run()
+    losses = [record["loss"] for record in records(tmp_path / "run", "train")]
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5
+    with pytest.raises(UserError, match="scratch engine does not support model.multi_token"):
+        Trainer(tiny_config(model__multi_token=1, train__engine="scratch"), tiny_data, tmp_path / "scratch",
+                quiet=True)
+    with pytest.raises(UserError, match="model.multi_token .* arch 'lstm'"):
+        tiny_config(model__arch="lstm", model__multi_token=1)
+
+
+# ----- train.batch_warmup and train.context_warmup -----
+def test_warmup_stages_are_a_quarter_a_half_then_all():
+    assert [warmup_divisor(p, 0.3) for p in (0.0, 0.099, 0.1, 0.199, 0.2, 0.299, 0.3, 1.0)] == [4, 4, 2, 2, 2, 2, 1, 1]
+    assert warmup_divisor(0.0, 0.0) == 1
+
+
+def warmup_batches(tiny_config, tiny_data, tmp_path, **overrides):
+    """Each step's micro-batch (inputs, targets), a straight run of 12 steps."""
+    trainer = Trainer(tiny_config(train__max_steps=12, train__batch_size=8, **overrides), tiny_data,
+                      tmp_path / "run", quiet=True)
+    batches = []
+    next_batch = trainer.task.next_batch
+    trainer.task.next_batch = lambda: batches.append(next_batch()) or batches[-1]
+    trainer.run()
+    return trainer, batches
+
+
+def test_context_warmup_cuts_the_same_windows_into_shorter_sequences(tiny_config, tiny_data, tmp_path):
+    _, plain = warmup_batches(tiny_config, tiny_data, tmp_path / "plain")
+    trainer, warm = warmup_batches(tiny_config, tiny_data, tmp_path / "warm", train__context_warmup=0.5)
+    # Steps 0-1 (progress < 1/6): four sequences of 4 per window; steps 2-5: two of 8; then the whole 16.
+    assert [tuple(inputs.shape) for inputs, _ in warm] == [(32, 4)] * 2 + [(16, 8)] * 4 + [(8, 16)] * 6
+    for (inputs, targets), (warm_inputs, warm_targets) in zip(plain, warm, strict=True):  # the same tokens
+        assert torch.equal(warm_inputs.reshape(8, 16), inputs) and torch.equal(warm_targets.reshape(8, 16), targets)
+    assert [record["tokens"] for record in records(tmp_path / "warm" / "run", "train")][-1] == 12 * 8 * 16
+
+
+def test_batch_warmup_reads_fewer_windows_early_and_counts_them(tiny_config, tiny_data, tmp_path):
+    _, plain = warmup_batches(tiny_config, tiny_data, tmp_path / "plain")
+    trainer, warm = warmup_batches(tiny_config, tiny_data, tmp_path / "warm", train__batch_warmup=0.5)
+    assert [inputs.size(0) for inputs, _ in warm] == [2] * 2 + [4] * 4 + [8] * 6
+    # The windows in the same order, fewer per step: the loader's stream is the plain run's, re-cut.
+    assert torch.equal(torch.cat([inputs for inputs, _ in warm]), torch.cat([inputs for inputs, _ in plain])[:68])
+    assert trainer.task.loader.cursor == 68
+    assert [record["tokens"] for record in records(tmp_path / "warm" / "run", "train")][-1] == 68 * 16
+
+
+class StoppedAtStep5(Trainer):
+    """A run stopped at step 5 as a signal stops it (the schedule still spans the whole run's steps)."""
+
+    def stop_reason(self, elapsed: float) -> str | None:
+        if self.progress.step == 5:
+            self.stop_signal = "SIGINT"
+        return super().stop_reason(elapsed)
+
+
+def test_a_warmup_run_resumes_exactly(tiny_config, tiny_data, tmp_path):
+    config = tiny_config(train__batch_warmup=0.5, train__context_warmup=0.8, train__batch_size=8,
+                         train__max_steps=12)
+    straight = Trainer(config, tiny_data, tmp_path / "straight", quiet=True)
+    straight.run()
+    assert StoppedAtStep5(config, tiny_data, tmp_path / "resumed", quiet=True).run()["step"] == 5
+    resumed = Trainer(config, tiny_data, tmp_path / "resumed", resume=True, quiet=True)
+    resumed.run()
+    for name, param in straight.model.state_dict().items():
+        assert torch.equal(param, resumed.model.state_dict()[name]), name
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    (dict(model__arch="encoder", train__batch_warmup=0.2), "train.batch_warmup .* model.arch = encoder"),
+    (dict(model__arch="lstm", data__sequential="true", train__context_warmup=0.2),
+     "train.context_warmup .* data.sequential = true"),
+    (dict(model__block_size=18, train__context_warmup=0.2), r"model.block_size \(18\) must be a multiple of 4"),
+])
+def test_data_warmups_are_refused_where_they_do_not_apply(tiny_config, tiny_data, tmp_path, overrides, fragment):
+    with pytest.raises(UserError, match=fragment):
+        Trainer(tiny_config(**overrides), tiny_data, tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
 
 
 # ----- benchmarks/speedrun.py -----

@@ -92,6 +92,14 @@ class ModelConfig(Section):
     # gpt: the projections that write into the residual stream (attn.proj, mlp.proj) start at zero, so every block
     # starts as the identity (modded-nanogpt's choice); false: they follow model.init
     zero_init_proj: bool = False
+    # gpt: every layer adds a token embedding of its own to its attention values (the speedrun's "value
+    # embeddings"), each starting at zero; no runtime has them, so export refuses them
+    value_embeddings: bool = False
+    # gpt: multi-token prediction: while training, K extra heads each learn the token k + 1 places ahead
+    # (k = 1..K) from the final states, their mean loss weighted by multi_token_weight added to the gradient;
+    # evaluation, generation and export use the next-token head alone; 0: off
+    multi_token: int = number(0, at_least=0, at_most=16)
+    multi_token_weight: float = number(0.5, above=0)
     # mlp, rnn only ("": tanh); gpt's MLP nonlinearity is model.mlp, and bigram, lstm, gru have none to choose
     activation: Activation = ""
     context: int = number(3, above=0, at_most=MAX_BLOCK)  # arch = mlp: how many previous tokens the Bengio MLP sees
@@ -101,9 +109,12 @@ class ModelConfig(Section):
         if self.activation and self.arch not in ACTIVATION_ARCHS:
             raise UserError(f"model.activation = '{self.activation}' does not apply to arch '{self.arch}': "
                             f"{FIXED_NONLINEARITY[self.arch]}; leave model.activation empty")
-        if self.zero_init_proj and self.arch != "gpt":
-            raise UserError(f"model.zero_init_proj is implemented for the decoder transformer (arch gpt) only, not "
-                            f"arch '{self.arch}': leave it false")
+        for option, value, off in (("zero_init_proj", self.zero_init_proj, False),
+                                   ("value_embeddings", self.value_embeddings, False),
+                                   ("multi_token", self.multi_token, 0)):
+            if value != off and self.arch != "gpt":
+                raise UserError(f"model.{option} is implemented for the decoder transformer (arch gpt) only, not "
+                                f"arch '{self.arch}': leave it {str(off).lower()}")
         if self.arch in ("gpt", "encoder", "encoder-decoder"):
             self.check_attention_shape()
 
@@ -145,6 +156,12 @@ class TrainConfig(Section):
     cooldown_fraction: float = number(0.2, at_least=0, at_most=1)
     min_lr_ratio: float = number(0.1, at_least=0, at_most=1)  # the lr at the end of decay, as a fraction of the peak
     grad_clip: float = number(1.0, at_least=0)  # 0: off
+    # Data warmups over the first fraction of the run (measured as the lr schedule measures it), in three equal
+    # stages: a quarter, a half, then all (lmforge/train/schedule.py); pretraining a decoder only; 0: off.
+    # batch_warmup: a quarter of batch_size per micro-step, then half, then all (fewer tokens per early step).
+    # context_warmup: every window cut into four sequences, then two, then whole (the same tokens per step).
+    batch_warmup: float = number(0.0, at_least=0, at_most=1)
+    context_warmup: float = number(0.0, at_least=0, at_most=1)
     # an exponential moving average of the weights, for evaluations, samples and the checkpoints' weights
     # (lmforge/train/ema.py); 0: off
     ema_decay: float = number(0.0, at_least=0, below=1)

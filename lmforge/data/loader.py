@@ -119,10 +119,15 @@ class TrainLoader:
             ids[i] = self._epoch_order(epoch)[index]
         return ids
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        first = self.cursor + self.rank * self.batch_size
-        ids = self._window_ids(first, self.batch_size)
-        self.cursor += self.batch_size * self.world_size
+    def next_batch(self, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next micro-batch: `rows` windows on every rank (default: batch_size; a batch-size warmup asks
+        for fewer; the sequential streams are batch_size wide and take no other)."""
+        rows = self.batch_size if rows is None else rows
+        if self.sequential and rows != self.batch_size:
+            raise ValueError("sequential streams read batch_size rows per micro-batch")
+        first = self.cursor + self.rank * rows
+        ids = self._window_ids(first, rows)
+        self.cursor += rows * self.world_size
         return to_batch(self.windows.gather(ids), self.device)
 
     def state_dict(self) -> dict:

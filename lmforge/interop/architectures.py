@@ -77,6 +77,10 @@ def architecture_for(config: ModelConfig, fmt: str = "hf") -> Architecture:
         raise UserError(f"model.logit_softcap = {config.logit_softcap} has no {fmt} equivalent (transformers' and "
                         "llama.cpp's GPT-2, Llama, Arcee and Qwen3 have no soft-cap); nearest exportable: "
                         "model.logit_softcap = 0")
+    if config.value_embeddings:
+        raise UserError(f"model.value_embeddings = true has no {fmt} equivalent (no upstream architecture adds a "
+                        "per-layer token embedding to the attention values); nearest exportable: "
+                        "model.value_embeddings = false")
     nearest = min(ARCHITECTURES, key=lambda architecture: choice_distance(config, architecture))
     if choice_distance(config, nearest) > 0:
         options = (f"model.position = {config.position}, model.norm = {config.norm}, model.mlp = {config.mlp}, "

@@ -65,7 +65,7 @@ def check_llmc_model(config: ModelConfig) -> None:
     """Refuse, naming the option, a model llm.c's GPT-2 cannot compute."""
     gpt2 = {"arch": "gpt", "activation": "", "position": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True,
             "tie_embeddings": True,
-            "qk_norm": False, "logit_softcap": 0.0}
+            "qk_norm": False, "logit_softcap": 0.0, "value_embeddings": False}
     for key, value in gpt2.items():
         if getattr(config, key) != value:
             raise UserError(f"model.{key} = {getattr(config, key)}: llm.c's GPT-2 needs {key} = {value}; "

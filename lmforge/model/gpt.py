@@ -6,11 +6,14 @@ BERT family), trained by masked-language modelling (lmforge/model/masking.py) in
 
 GPT-2 style: learned positions, LayerNorm with bias, GELU MLP 4x, tied embedding and head. Options:
 rotary positions, RMSNorm, SwiGLU or ReLU² MLP, QK-norm, grouped-query attention (`n_kv_head`), untied
-head, no biases, logit soft-cap, dropout. The vocabulary is padded to a multiple of 64 inside the
+head, no biases, logit soft-cap, dropout; and two from the speedrun literature: value embeddings (a token
+embedding per layer added to the attention values) and multi-token prediction (extra heads that learn tokens
+further ahead while training; nothing else reads them). The vocabulary is padded to a multiple of 64 inside the
 embedding (faster matmuls); logits and losses only ever cover the real `vocab_size` tokens.
 
 Parameter names (`wte`, `wpe`, `blocks.{i}.norm_1`, `.attn.qkv`, `.attn.proj`, `.norm_2`, `.mlp.fc`,
-`.mlp.proj`, `norm_f`, `lm_head`) are the checkpoint format every engine and exporter reads.
+`.mlp.proj`, `norm_f`, `lm_head`; with the options, `value_embeds.{i}` and `ahead.{k}`) are the checkpoint
+format every engine and exporter reads.
 """
 
 from __future__ import annotations
@@ -171,14 +174,17 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.proj.residual = True  # init: scaled down by depth
 
-    def heads(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries (B, H, T, D), keys and values (B, H_kv, T, D) of x (B, T, C), normed and rotated."""
+    def heads(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
+              value_embedding: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, D), keys and values (B, H_kv, T, D) of x (B, T, C), normed and rotated; a layer's
+        value embedding of the tokens (B, T, H_kv * D) is added to its values."""
         batch, length, _ = x.shape
         q, k, v = self.qkv(x).split([self.n_head * self.head_size, self.n_kv_head * self.head_size,
                                      self.n_kv_head * self.head_size], dim=-1)
         q = q.view(batch, length, self.n_head, self.head_size).transpose(1, 2)  # (B, H, T, D)
         k = k.view(batch, length, self.n_kv_head, self.head_size).transpose(1, 2)
+        if value_embedding is not None:
+            v = v + value_embedding
         v = v.view(batch, length, self.n_kv_head, self.head_size).transpose(1, 2)
         if self.qk_norm:  # unit-RMS queries and keys keep attention logits bounded at high learning rates
             q, k = F.rms_norm(q, (self.head_size,)), F.rms_norm(k, (self.head_size,))
@@ -198,9 +204,10 @@ class Attention(nn.Module):
         return scores.masked_fill(~visible, float("-inf")).softmax(-1)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
-                cache_step: CacheStep | None, layer: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                cache_step: CacheStep | None, layer: int, key_mask: torch.Tensor | None = None,
+                value_embedding: torch.Tensor | None = None) -> torch.Tensor:
         batch, length, width = x.shape
-        q, k, v = self.heads(x, rotary)
+        q, k, v = self.heads(x, rotary, value_embedding)
         mask = key_mask  # (B, 1, 1, T): the keys an encoder's padded rows attend to (their real tokens)
         if cache_step is not None:
             k, v = cache_step.extend(layer, k, v)
@@ -251,8 +258,9 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None,
-                cache_step: CacheStep | None, layer: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.norm_1(x), rotary, cache_step, layer, key_mask))
+                cache_step: CacheStep | None, layer: int, key_mask: torch.Tensor | None = None,
+                value_embedding: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.norm_1(x), rotary, cache_step, layer, key_mask, value_embedding))
         return x + self.dropout(self.mlp(self.norm_2(x)))
 
 
@@ -273,11 +281,25 @@ class GPT(nn.Module):
         self.norm_f = norm_layer(config, config.n_embd)
         self.lm_head = None if config.tie_embeddings else \
             nn.Linear(config.n_embd, self.padded_vocab_size, bias=False)
+        # Value embeddings: one table per layer, as wide as the layer's values; zero at the start, so the model
+        # starts as it would without them.
+        kv_width = (config.n_kv_head or config.n_head) * (config.n_embd // config.n_head)
+        self.value_embeds = nn.ModuleList(nn.Embedding(config.vocab_size, kv_width) for _ in range(config.n_layer)) \
+            if config.value_embeddings else None
+        # Multi-token prediction: head k reads the final states through a residual projection of its own (zero
+        # at the start: it begins as the next-token head) and the shared unembedding, and learns token t + 1 + k.
+        self.ahead = nn.ModuleList(nn.Linear(config.n_embd, config.n_embd, bias=False)
+                                   for _ in range(config.multi_token))
         if config.position == "rope":
             cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         init_weights(self, config)
+        with torch.no_grad():
+            for table in self.value_embeds or ():
+                table.weight.zero_()
+            for projection in self.ahead:
+                projection.weight.zero_()
 
     def head_weight(self) -> torch.Tensor:
         return self.wte.weight if self.lm_head is None else self.lm_head.weight
@@ -333,25 +355,52 @@ class GPT(nn.Module):
                 rotary = rotary[0][:, None], rotary[1][:, None]
         x = self.dropout(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rotary, cache_step, layer, key_mask)
+            value_embedding = self.value_embeds[layer](idx) if self.value_embeds is not None else None
+            x = block(x, rotary, cache_step, layer, key_mask, value_embedding)
         if cache_step is not None:
             cache_step.advance()
         return self.norm_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab_size) for token ids idx (B, T); with targets, also the mean cross-entropy.
-        With a cache, idx continues the cached tokens of each row (see `hidden_states`)."""
-        logits = F.linear(self.hidden_states(idx, cache), self.head_weight())
+    def logits(self, states: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, vocab_size) of final states (B, T, n_embd): the head, soft-capped if the config says."""
+        logits = F.linear(states, self.head_weight())
         if self.padded_vocab_size != self.vocab_size:
             logits = logits[..., : self.vocab_size]
         if self.config.logit_softcap > 0:
             cap = self.config.logit_softcap
             logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().reshape(-1, self.vocab_size), targets.reshape(-1))
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab_size) for token ids idx (B, T); with targets, also the mean cross-entropy.
+        With a cache, idx continues the cached tokens of each row (see `hidden_states`). Training with
+        multi-token prediction, the loss's gradient also carries the extra heads' (`tokens_ahead_loss`); its
+        value stays the next-token loss, so training and validation losses measure the same thing."""
+        states = self.hidden_states(idx, cache)
+        logits = self.logits(states)
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().reshape(-1, self.vocab_size), targets.reshape(-1))
+        loss = self.cross_entropy(logits, targets)
+        if self.training and len(self.ahead) and targets.size(1) > 1:
+            extra = self.config.multi_token_weight * self.tokens_ahead_loss(states, targets)
+            loss = loss + (extra - extra.detach())
         return logits, loss
+
+    def tokens_ahead_loss(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy of the multi-token heads: head k (1..K) predicts, from the states at position
+        t, the target of position t + k (the token t + 1 + k), wherever the window still has one."""
+        losses = []
+        for k, projection in enumerate(self.ahead, start=1):
+            if k >= targets.size(1):
+                break
+            ahead = states[:, :-k]
+            ahead = F.rms_norm(ahead + projection(ahead), (ahead.size(-1),))
+            losses.append(self.cross_entropy(self.logits(ahead), targets[:, k:]))
+        return torch.stack(losses).mean()
 
     def num_params(self, include_embeddings: bool = True) -> int:
         """Trainable parameters, the vocabulary padding not counted; without embeddings: minus wte and wpe
@@ -363,14 +412,16 @@ class GPT(nn.Module):
             total -= self.wte.weight.numel() - padding
             if self.wpe is not None:
                 total -= self.wpe.weight.numel()
+            total -= sum(table.weight.numel() for table in self.value_embeds or ())
         return total
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token (forward + backward = 3x forward), as in the PaLM paper's MFU: 6 per
         weight of every matmul (the head included, at its padded size) plus 12 * layers * width * context for
-        the attention scores and the weighted sum."""
+        the attention scores and the weighted sum. Multi-token prediction's heads count too (a projection and the
+        head each): training computes them for (almost) every token."""
         matmul_weights = sum(p.numel() for name, p in self.named_parameters()
-                             if p.dim() == 2 and name.startswith("blocks."))
-        matmul_weights += self.head_weight().numel()
+                             if p.dim() == 2 and name.startswith(("blocks.", "ahead.")))
+        matmul_weights += (1 + len(self.ahead)) * self.head_weight().numel()
         config = self.config
         return 6 * matmul_weights + 12 * config.n_layer * config.n_embd * config.block_size

@@ -45,6 +45,8 @@ def check_scratch_config(config: ModelConfig) -> None:
         ("model.tie_embeddings", config.tie_embeddings, True),
         ("model.bias", config.bias, True),
         ("model.logit_softcap", config.logit_softcap, 0.0),
+        ("model.value_embeddings", config.value_embeddings, False),
+        ("model.multi_token", config.multi_token, 0),
         ("model.dropout", config.dropout, 0.0),
         ("model.norm_eps", config.norm_eps if config.norm_eps != LAYERNORM_EPS else 0.0, 0.0),
     ]

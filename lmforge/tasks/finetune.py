@@ -117,6 +117,10 @@ class FinetuneTask:
 
     def __init__(self, config: Config, base_run: str, data: Path, run_dir: Path, *, resume: bool, say):
         self.config, self.finetune = config, config.finetune
+        for option in ("batch_warmup", "context_warmup"):
+            if getattr(config.train, option):
+                raise UserError(f"train.{option} is a pretraining schedule; fine-tuning reads whole examples: "
+                                f"leave train.{option} = 0")
         self.kind = task_kind(self.finetune.task)
         self.metric, self.patience = self.kind.metric, self.finetune.patience
         self.data = data.resolve()
@@ -181,6 +185,9 @@ class FinetuneTask:
     # ----- the data -----
     def start_data(self, cluster: Cluster, device: torch.device, precision: str) -> None:
         self.device, self.precision = device, precision
+
+    def set_progress(self, progress: float) -> None:
+        """Fine-tuning has no data schedule."""
 
     def next_rows(self) -> list[int]:
         """The next batch's example indices: each epoch reads a fresh permutation (seeded by seed and epoch,

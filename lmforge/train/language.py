@@ -30,6 +30,7 @@ from lmforge.run import checkpoints as run_checkpoints
 from lmforge.run import directory as rundir
 from lmforge.run.log import EvalRecord, SampleRecord, StartRecord
 from lmforge.train.distributed import Cluster
+from lmforge.train.schedule import warmup_divisor
 
 
 def accumulation_steps(config: Config, world_size: int = 1) -> int:
@@ -64,6 +65,20 @@ def settle_config(config: Config, tokenizer: Tokenizer) -> Config:
     return config
 
 
+def check_data_warmups(config: Config) -> None:
+    """train.batch_warmup and train.context_warmup reshape a decoder's next-token batches: refused elsewhere."""
+    train, model = config.train, config.model
+    for option, value in (("batch_warmup", train.batch_warmup), ("context_warmup", train.context_warmup)):
+        if value and (model.arch != "gpt" or config.data.sequential):
+            raise UserError(f"train.{option} is implemented for pretraining the decoder transformer (model.arch = "
+                            f"gpt, data.sequential = false), not model.arch = {model.arch}"
+                            + (" with data.sequential = true" if config.data.sequential else "")
+                            + f": leave train.{option} = 0")
+    if train.context_warmup and model.block_size % 4:
+        raise UserError(f"train.context_warmup cuts each window into four sequences, then two: model.block_size "
+                        f"({model.block_size}) must be a multiple of 4")
+
+
 class LanguageModelling:
     """The trainer's task for pretraining (see the module docstring): a `TrainingTask` (lmforge/train/task.py)."""
 
@@ -95,6 +110,8 @@ class LanguageModelling:
         check_token_ids(self.data_dir, config.model.vocab_size)
         # Truncated BPTT: a recurrent model reading sequentially carries its hidden state from batch to batch.
         self.carries_state = config.model.arch in RECURRENT_ARCHS and config.data.sequential
+        check_data_warmups(config)
+        self.rows, self.pieces = config.train.batch_size, 1  # this step's micro-batch rows, sequences per window
 
     def build_model(self, device: torch.device) -> nn.Module:
         """The model (right after the trainer seeds the RNG, so its initial weights follow train.seed)."""
@@ -122,12 +139,24 @@ class LanguageModelling:
         self.accumulation = accumulation_steps(config, cluster.world_size)
         self.tokens_per_step = self.accumulation * train.batch_size * config.model.block_size * cluster.world_size
 
+    def set_progress(self, progress: float) -> None:
+        """The data warmups' stage for the next step, from where the run is (0 to 1, as the lr schedule has it)."""
+        train = self.config.train
+        if train.batch_warmup:
+            self.rows = max(1, train.batch_size // warmup_divisor(progress, train.batch_warmup))
+        if train.context_warmup:
+            self.pieces = warmup_divisor(progress, train.context_warmup)
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.loader.next_batch()
+        inputs, targets = self.loader.next_batch(self.rows)
+        if self.pieces > 1:  # each window's inputs and their targets cut into shorter sequences, side by side
+            length = inputs.size(1) // self.pieces
+            inputs, targets = inputs.reshape(-1, length), targets.reshape(-1, length)
+        return inputs, targets
 
     def tokens_read(self) -> int:
         """Training tokens of the step just taken."""
-        return self.tokens_per_step
+        return self.accumulation * self.rows * self.config.model.block_size * self.cluster.world_size
 
     @property
     def epoch(self) -> float:
@@ -202,6 +231,11 @@ class LanguageModelling:
                  "reset": "reset to zeros for every window (data.sequential = true carries it)"}
         say(f"data order: {start.data_order}" + (f"; {config.model.arch} hidden state "
             f"{state[start.recurrent_state]}" if start.recurrent_state else ""))
+        warmups = [f"{what} over the first {fraction:.0%} of the run" for what, fraction in (
+            ("batches of a quarter, then half the rows", train.batch_warmup),
+            ("sequences a quarter, then half the context long", train.context_warmup)) if fraction]
+        if warmups:
+            say("data warmup: " + "; ".join(warmups))
 
     def resume_hint(self, run_dir: Path) -> str:
         return f"lmforge train --resume --data {self.data_dir} --out {run_dir}"

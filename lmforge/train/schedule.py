@@ -32,6 +32,14 @@ def lr_multiplier(schedule: str, step: int, progress: float, *, warmup_steps: in
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
 
+def warmup_divisor(progress: float, fraction: float) -> int:
+    """How many times smaller a data warmup (train.batch_warmup, train.context_warmup) makes this step's batch
+    or sequences: 4 over the first third of the warmup's `fraction` of the run, 2 over the second, then 1."""
+    if progress >= fraction:
+        return 1
+    return 4 if progress < fraction / 3 else 2
+
+
 def limit_reached(train: TrainConfig, *, step: int, elapsed: float, epochs: float, interrupted: bool) -> str | None:
     """Why a training loop stops now (a signal, or the first of train.max_steps, max_time and max_epochs to be
     reached), or None to go on."""

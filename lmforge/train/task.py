@@ -38,6 +38,8 @@ class TrainingTask(Protocol):
 
     def start_data(self, cluster: Cluster, device: torch.device, precision: str) -> None: ...
 
+    def set_progress(self, progress: float) -> None: ...  # before each step: where the run is (0 to 1)
+
     def next_batch(self) -> tuple[Any, torch.Tensor]: ...
 
     def tokens_read(self) -> int: ...  # training tokens of the step just taken

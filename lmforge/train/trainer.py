@@ -288,7 +288,9 @@ class Trainer:
         self.loss: torch.Tensor | None = None
         try:
             while (reason := self.stop_reason(elapsed := self._agreed_elapsed(launch_start))) is None:
-                multiplier = lr_multiplier(train.schedule, progress.step, self.schedule_progress(elapsed),
+                fraction = self.schedule_progress(elapsed)
+                self.task.set_progress(fraction)  # the data warmups' stage
+                multiplier = lr_multiplier(train.schedule, progress.step, fraction,
                                            warmup_steps=train.warmup_steps, min_lr_ratio=train.min_lr_ratio,
                                            cooldown_fraction=train.cooldown_fraction)
                 lr = set_lr(self.optimizers, multiplier)
