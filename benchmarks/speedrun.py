@@ -62,8 +62,9 @@ LOAD_MARGIN = 1.5
 SLOW_RUN = 0.85  # a run below this fraction of its arm's best tokens/s lost time to something else
 
 # Each ablation: what it changes against the baseline config (`--section.key value` overrides), and why it is
-# a candidate at CPU scale (issue 20). The speedrun literature's choices that are not options yet (value
-# embeddings, multi-token prediction, batch-size and sequence-length schedules, document-aligned windows) are not.
+# a candidate at CPU scale (issue 20). Document-aligned windows are not an option: the built-in corpus's 42
+# documents make 0.12% of the windows straddle two (benchmarks/RESULTS.md). A batch warmup reads fewer tokens
+# per early step: its "tokens" budget is the baseline's number of steps, not its tokens.
 ABLATIONS: dict[str, tuple[dict[str, str], str]] = {
     "untied": ({"model.tie_embeddings": "false"}, "an output head of its own instead of the embedding's"),
     "softcap": ({"model.logit_softcap": "15"}, "logits = 15 tanh(logits / 15)"),
@@ -81,6 +82,11 @@ ABLATIONS: dict[str, tuple[dict[str, str], str]] = {
     "threads1": ({"train.threads": "1"}, "one intra-op thread instead of one per core"),
     "compile": ({"train.compile": "true"}, "torch.compile on the CPU"),
     "muon-lr-high": ({"optim.muon_lr": "0.03"}, "Muon's rate 0.03 instead of 0.02"),
+    "value-embeds": ({"model.value_embeddings": "true"}, "a token embedding per layer added to its attention values"),
+    "multi-token": ({"model.multi_token": "2"}, "two extra heads learn the tokens 2 and 3 places ahead (weight 0.5)"),
+    "batch-warmup": ({"train.batch_warmup": "0.3"}, "batches of 4, then 8 sequences over the first 30% of the run"),
+    "context-warmup": ({"train.context_warmup": "0.3"},
+                       "sequences of 32, then 64 tokens over the first 30% of the run (same tokens per step)"),
 }
 
 

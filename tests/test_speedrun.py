@@ -5,8 +5,10 @@ table (the benchmark itself, at its real budgets, is run alone, never here)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
+import io
 import json
 import math
 import re
@@ -16,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmforge.cli import main
 from lmforge.errors import UserError
 from lmforge.model.gpt import GPT
 from lmforge.run import directory as rundir
@@ -329,8 +332,20 @@ TINY_SETTINGS = ["model.n_layer=1", "model.n_embd=16", "model.n_head=2", "model.
                  "train.batch_size=4", "train.warmup_steps=2", "train.device=cpu", "train.compile=false"]
 
 
+def lmforge_in_process(*argv: str) -> str:
+    """The script's `lmforge` (a child process per command), in this process: the same commands without a Python
+    start-up each."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(list(argv))
+    if code:
+        sys.exit(f"lmforge {' '.join(argv)} failed with exit code {code}")
+    return out.getvalue()
+
+
 def test_speedrun_runs_both_budgets_per_seed_and_tests_each_ablation(tiny_data, tmp_path, capsys, monkeypatch):
     speedrun = speedrun_module()
+    monkeypatch.setattr(speedrun, "lmforge", lmforge_in_process)
     # This shared machine is never quiet, and one-second runs vary in pace: neither may mark the runs here.
     monkeypatch.setattr(speedrun.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
     monkeypatch.setattr(speedrun, "SLOW_RUN", 0.0)
