@@ -248,26 +248,38 @@ def test_ten_fine_tuning_steps_reproduce_the_golden_losses(case, finetune_result
     check_golden(case, finetune_results[case])
 
 
-def run_in_another_process(argv: list[str]) -> None:
-    """`lmforge ARGV` in a fresh Python process on one thread, as the goldens' own runs are."""
-    child = subprocess.run([sys.executable, "-m", "lmforge", *argv], capture_output=True, text=True, cwd=ROOT,
-                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, timeout=PATIENCE)
+# One fresh Python process runs every case after the other, as `lmforge ARGV` each, on one thread as the goldens'
+# own runs are: a Python start-up per case would cost more than the cases themselves.
+SECOND_PROCESS = """
+import json, sys
+from lmforge.cli import main
+for argv in json.loads(sys.argv[1]):
+    if main(argv) != 0:
+        sys.exit(f"lmforge {' '.join(argv)} failed")
+"""
+
+
+@pytest.fixture(scope="module")
+def second_process(golden_data, finetune_base, tmp_path_factory) -> dict[str, Path]:
+    """Each case's run (pretraining and fine-tuning) made again by one other process: {case: run directory}."""
+    root = tmp_path_factory.mktemp("golden-second")
+    commands = {case: train_command(case, golden_data, root) for case in CASES}
+    commands.update({case: finetune_command(case, finetune_base, root) for case in FINETUNE_CASES})
+    child = subprocess.run([sys.executable, "-c", SECOND_PROCESS, json.dumps([argv for argv, _ in commands.values()])],
+                           capture_output=True, text=True, cwd=ROOT, timeout=PATIENCE,
+                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert child.returncode == 0, child.stderr
+    return {case: run for case, (_, run) in commands.items()}
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_a_second_process_reproduces_the_losses_bit_for_bit(case, results, golden_data, tmp_path):
-    argv, run = train_command(case, golden_data, tmp_path)
-    run_in_another_process(argv)
-    assert result_of(run) == results[case]
+def test_a_second_process_reproduces_the_losses_bit_for_bit(case, results, second_process):
+    assert result_of(second_process[case]) == results[case]
 
 
 @pytest.mark.parametrize("case", FINETUNE_CASES)
-def test_a_second_process_reproduces_the_fine_tuning_losses_bit_for_bit(case, finetune_results, finetune_base,
-                                                                       tmp_path):
-    argv, run = finetune_command(case, finetune_base, tmp_path)
-    run_in_another_process(argv)
-    assert finetune_result_of(run) == finetune_results[case]
+def test_a_second_process_reproduces_the_fine_tuning_losses_bit_for_bit(case, finetune_results, second_process):
+    assert finetune_result_of(second_process[case]) == finetune_results[case]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -200,8 +200,8 @@ def test_max_epochs_stops_after_one_pass_over_every_window(tiny_data, tiny_confi
     seen: list[tuple[int, ...]] = []
     next_batch = trainer.loader.next_batch
 
-    def recording_next_batch():
-        batch = next_batch()
+    def recording_next_batch(rows=None):
+        batch = next_batch(rows)
         seen.extend(full_windows(*batch))
         return batch
 
