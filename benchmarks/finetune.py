@@ -20,9 +20,10 @@ run `make demo` trains), or else --config (the demo's preset, configs/shakespear
 4. LoRA against full fine-tuning on genre (classify) and modernize (sft): trainable parameters, median step
    time, peak resident memory of the fine-tuning process, and the task metric on the test split.
 5. The families (issue 23), each pretrained for --pretrain-seconds from the same preset with only model.arch
-   changed: genre with a BERT-style encoder (masked-LM pretraining, the classifier pools the whole passage),
-   folio with a T5-style encoder-decoder (span corruption; the source to the encoder, the target to the
-   decoder), beside the decoder's rows of 1 and 2.
+   changed (and the decoder's data warmups, train.context_warmup and train.batch_warmup, off): genre with a
+   BERT-style encoder (masked-LM pretraining, the classifier pools the whole passage), folio with a T5-style
+   encoder-decoder (span corruption; the source to the encoder, the target to the decoder), beside the
+   decoder's rows of 1 and 2.
 
 --pretrain-args are extra `lmforge train` flags for every base (the default gives the model a context of 320
 characters, so that a genre passage, 200-320 characters, is read whole rather than cut to its last 128).
@@ -160,8 +161,11 @@ def main() -> None:
         return pretrain(work, args.config, name, args.pretrain_seconds, *pretrain_args, *extra)
 
     base = Path(args.base) if args.base else pretrained("pretrained") if parts & decoder_parts else None
-    encoder = pretrained("pretrained-encoder", "--model.arch", "encoder") if "encoder" in parts else None
-    t5 = pretrained("pretrained-encoder-decoder", "--model.arch", "encoder-decoder") \
+    # The data warmups reshape a decoder's next-token windows; the other families' objectives take them whole.
+    whole_windows = ("--train.context_warmup", "0", "--train.batch_warmup", "0")
+    encoder = pretrained("pretrained-encoder", "--model.arch", "encoder", *whole_windows) \
+        if "encoder" in parts else None
+    t5 = pretrained("pretrained-encoder-decoder", "--model.arch", "encoder-decoder", *whole_windows) \
         if "encoder-decoder" in parts else None
     tasks = work / "tasks"
     for name in ("genre", "folio", "next-line", "modernize"):

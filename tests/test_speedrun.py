@@ -222,6 +222,8 @@ def test_multi_token_trains_and_is_refused_where_nothing_computes_it(tiny_config
                 quiet=True)
     with pytest.raises(UserError, match="model.multi_token .* arch 'lstm'"):
         tiny_config(model__arch="lstm", model__multi_token=1)
+    with pytest.raises(UserError, match="model.multi_token = 16: .* model.block_size = 16 never holds"):
+        tiny_config(model__multi_token=16)
 
 
 # ----- train.batch_warmup and train.context_warmup -----
@@ -287,6 +289,7 @@ def test_a_warmup_run_resumes_exactly(tiny_config, tiny_data, tmp_path):
     (dict(model__arch="lstm", data__sequential="true", train__context_warmup=0.2),
      "train.context_warmup .* data.sequential = true"),
     (dict(model__block_size=18, train__context_warmup=0.2), r"model.block_size \(18\) must be a multiple of 4"),
+    (dict(model__multi_token=4, train__context_warmup=0.2), "sequences of model.block_size / 4 = 4 tokens first"),
 ])
 def test_data_warmups_are_refused_where_they_do_not_apply(tiny_config, tiny_data, tmp_path, overrides, fragment):
     with pytest.raises(UserError, match=fragment):

@@ -115,6 +115,10 @@ class ModelConfig(Section):
             if value != off and self.arch != "gpt":
                 raise UserError(f"model.{option} is implemented for the decoder transformer (arch gpt) only, not "
                                 f"arch '{self.arch}': leave it {str(off).lower()}")
+        if self.multi_token >= self.block_size:
+            raise UserError(f"model.multi_token = {self.multi_token}: its last head learns the token "
+                            f"{self.multi_token + 1} places ahead, which a context of model.block_size = "
+                            f"{self.block_size} never holds; use a smaller model.multi_token")
         if self.arch in ("gpt", "encoder", "encoder-decoder"):
             self.check_attention_shape()
 
@@ -156,8 +160,8 @@ class TrainConfig(Section):
     cooldown_fraction: float = number(0.2, at_least=0, at_most=1)
     min_lr_ratio: float = number(0.1, at_least=0, at_most=1)  # the lr at the end of decay, as a fraction of the peak
     grad_clip: float = number(1.0, at_least=0)  # 0: off
-    # Data warmups over the first fraction of the run (measured as the lr schedule measures it), in three equal
-    # stages: a quarter, a half, then all (lmforge/train/schedule.py); pretraining a decoder only; 0: off.
+    # Data warmups over the first fraction of the run (measured as the lr schedule measures it): a quarter over
+    # its first third, a half over the rest, then all (lmforge/train/schedule.py); pretraining a decoder only; 0: off.
     # batch_warmup: a quarter of batch_size per micro-step, then half, then all (fewer tokens per early step).
     # context_warmup: every window cut into four sequences, then two, then whole (the same tokens per step).
     batch_warmup: float = number(0.0, at_least=0, at_most=1)

@@ -77,6 +77,10 @@ def check_data_warmups(config: Config) -> None:
     if train.context_warmup and model.block_size % 4:
         raise UserError(f"train.context_warmup cuts each window into four sequences, then two: model.block_size "
                         f"({model.block_size}) must be a multiple of 4")
+    if train.context_warmup and model.multi_token >= model.block_size // 4:
+        raise UserError(f"train.context_warmup trains on sequences of model.block_size / 4 = {model.block_size // 4} "
+                        f"tokens first, too short for model.multi_token = {model.multi_token}'s last head; use a "
+                        "smaller model.multi_token")
 
 
 class LanguageModelling:

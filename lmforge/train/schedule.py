@@ -34,7 +34,8 @@ def lr_multiplier(schedule: str, step: int, progress: float, *, warmup_steps: in
 
 def warmup_divisor(progress: float, fraction: float) -> int:
     """How many times smaller a data warmup (train.batch_warmup, train.context_warmup) makes this step's batch
-    or sequences: 4 over the first third of the warmup's `fraction` of the run, 2 over the second, then 1."""
+    or sequences: 4 over the first third of the warmup's `fraction` of the run, 2 over the other two thirds,
+    then 1."""
     if progress >= fraction:
         return 1
     return 4 if progress < fraction / 3 else 2
