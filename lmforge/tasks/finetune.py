@@ -52,6 +52,7 @@ from lmforge.tasks.finetune_config import configure
 from lmforge.tasks.kinds import TaskKind, task_kind
 from lmforge.tasks.records import data_file, read_records
 from lmforge.train.distributed import Cluster
+from lmforge.train.schedule import DATA_WARMUPS
 from lmforge.train.trainer import Trainer
 
 
@@ -117,7 +118,7 @@ class FinetuneTask:
 
     def __init__(self, config: Config, base_run: str, data: Path, run_dir: Path, *, resume: bool, say):
         self.config, self.finetune = config, config.finetune
-        for option in ("batch_warmup", "context_warmup"):
+        for option in DATA_WARMUPS:
             if getattr(config.train, option):
                 raise UserError(f"train.{option} is a pretraining schedule; fine-tuning reads whole examples: "
                                 f"leave train.{option} = 0")

@@ -30,7 +30,7 @@ from lmforge.run import checkpoints as run_checkpoints
 from lmforge.run import directory as rundir
 from lmforge.run.log import EvalRecord, SampleRecord, StartRecord
 from lmforge.train.distributed import Cluster
-from lmforge.train.schedule import warmup_divisor
+from lmforge.train.schedule import DATA_WARMUPS, warmup_divisor
 
 
 def accumulation_steps(config: Config, world_size: int = 1) -> int:
@@ -68,8 +68,8 @@ def settle_config(config: Config, tokenizer: Tokenizer) -> Config:
 def check_data_warmups(config: Config) -> None:
     """train.batch_warmup and train.context_warmup reshape a decoder's next-token batches: refused elsewhere."""
     train, model = config.train, config.model
-    for option, value in (("batch_warmup", train.batch_warmup), ("context_warmup", train.context_warmup)):
-        if value and (model.arch != "gpt" or config.data.sequential):
+    for option in DATA_WARMUPS:
+        if getattr(train, option) and (model.arch != "gpt" or config.data.sequential):
             raise UserError(f"train.{option} is implemented for pretraining the decoder transformer (model.arch = "
                             f"gpt, data.sequential = false), not model.arch = {model.arch}"
                             + (" with data.sequential = true" if config.data.sequential else "")

@@ -32,6 +32,11 @@ def lr_multiplier(schedule: str, step: int, progress: float, *, warmup_steps: in
     return min_lr_ratio + (1.0 - min_lr_ratio) * decay
 
 
+# The train keys of the data warmups: pretraining a decoder reshapes its batches by them (lmforge/train/language.py);
+# every other kind of training refuses them.
+DATA_WARMUPS = ("batch_warmup", "context_warmup")
+
+
 def warmup_divisor(progress: float, fraction: float) -> int:
     """How many times smaller a data warmup (train.batch_warmup, train.context_warmup) makes this step's batch
     or sequences: 4 over the first third of the warmup's `fraction` of the run, 2 over the other two thirds,
