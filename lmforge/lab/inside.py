@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+from matplotlib.ticker import LogLocator, MaxNLocator, NullLocator
 from torch import nn
 
 from lmforge.plots import new_figure, png_bytes
@@ -25,7 +27,9 @@ def layer_gradients(model: nn.Module, inputs: torch.Tensor, targets: torch.Tenso
 
 
 def histograms_png(tensors: dict[str, torch.Tensor], title: str) -> bytes:
-    """One histogram per named tensor (log-scaled counts), in a grid; the title line gives each tensor's std."""
+    """One histogram per named tensor (log-scaled counts), in a grid; the title line gives each tensor's std.
+    Counted by NumPy and drawn as one outline per tensor with a few ticks: a bar per bin and a log axis's minor
+    ticks cost matplotlib seconds per picture."""
     columns = min(4, len(tensors))
     rows = math.ceil(len(tensors) / columns)
     figure = new_figure(3.2 * columns, 2.4 * rows + 0.6)
@@ -33,7 +37,12 @@ def histograms_png(tensors: dict[str, torch.Tensor], title: str) -> bytes:
     for index, (name, tensor) in enumerate(tensors.items()):
         axes = figure.add_subplot(rows, columns, index + 1)
         values = tensor.detach().float().flatten().cpu().numpy()
-        axes.hist(values, bins=60, log=True)
+        counts, edges = np.histogram(values, bins=60)
+        axes.stairs(counts, edges, fill=True, baseline=0.5)  # a count of 1 stands above the baseline
+        axes.set_yscale("log")
+        axes.yaxis.set_major_locator(LogLocator(numticks=4))
+        axes.yaxis.set_minor_locator(NullLocator())
+        axes.xaxis.set_major_locator(MaxNLocator(4))
         axes.set_title(f"{name}\nstd {values.std():.2e}", fontsize=8)
         axes.tick_params(labelsize=7)
     return png_bytes(figure)
